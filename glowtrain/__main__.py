@@ -1,0 +1,6 @@
+"""`python -m glowtrain` runs the CLI (and is what torchrun launches)."""
+
+from glowtrain.cli import main
+
+if __name__ == "__main__":
+    main()

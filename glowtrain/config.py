@@ -1,0 +1,425 @@
+"""Run configuration: typed dataclasses mirroring the YAML sections, load/save, dotted overrides, validation.
+
+A config file has four sections (run, data, model, train); every key has a default, so a file
+only lists what it changes. `--set section.key=value` overrides are parsed with `yaml.safe_load`
+and type-checked like file values. The one-line meaning of each key lives in its field's
+metadata and feeds the shipped YAML comments, `describe_keys()` and the README.
+"""
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from glowtrain.errors import UserError
+
+Dataset = Literal["digits", "mnist", "fashion_mnist", "cifar10", "celeba", "folder"]
+
+# Datasets whose images have a fixed number of channels; celeba and folder may be read as 1 or 3.
+FIXED_CHANNELS = {"digits": 1, "mnist": 1, "fashion_mnist": 1, "cifar10": 3}
+
+
+def _opt(default: Any, help: str) -> Any:
+    """A dataclass field whose one-line meaning travels with it (the single source of key docs)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# Frozen: the rest of the code reads a config but never changes it; use dataclasses.replace.
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = _opt("digits", "run directory name under runs/")
+    seed: int = _opt(0, "seeds everything: init, data order, dequantisation noise")
+    device: str = _opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Dataset = _opt("digits", "which images to model")
+    root: str = _opt("data", "where datasets live (ignored for digits)")
+    image_size: int = _opt(8, "training resolution in pixels (square)")
+    channels: int = _opt(1, "1 greyscale or 3 RGB (folder/celeba); others fixed by the dataset")
+    n_bits: int = _opt(4, "bits per colour channel kept (1..8)")
+    download: bool = _opt(False, "torchvision sets: download when missing")
+    hflip: bool = _opt(False, "random horizontal flips in training")
+    test_fraction: float = _opt(0.1, "folder/celeba-folder: share held out for test (0 < f < 1)")
+    split_seed: int = _opt(0, "fixes the folder train/test split")
+    n_workers: int = _opt(0, "DataLoader worker processes (0 = load in the main process)")
+    on_bad_image: Literal["skip", "error"] = _opt("error", "what to do with an unreadable image in a folder")
+    cache: str = _opt("", "folder made by 'glowtrain prepare' to train from ('' = decode images)")
+
+    @property
+    def n_bins(self) -> int:
+        """Number of intensity levels per channel after dropping low bits."""
+        return 2**self.n_bits
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_levels: int = _opt(3, "L: levels, each a squeeze, K steps and a split")
+    n_steps: int = _opt(8, "K: flow steps per level")
+    hidden_channels: int = _opt(64, "width of the coupling networks")
+    coupling: Literal["affine", "additive"] = _opt("affine", "coupling layer type")
+    conv: Literal["lu", "plain", "shuffle", "reverse"] = _opt(
+        "lu", "channel mixing between couplings (1x1 conv or permutation)"
+    )
+    learn_top: bool = _opt(True, "learn the mean and scale of the top-level prior")
+    n_classes: int = _opt(0, ">0: class-conditional prior + classifier head")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = _opt(2000, "total optimiser steps")
+    batch_size: int = _opt(64, "images per optimiser step")
+    init_batch_size: int = _opt(256, "batch for the ActNorm data-dependent init")
+    eval_batch_size: int = _opt(256, "batch for test-set evaluation")
+    optimizer: Literal["adamax", "adam"] = _opt("adamax", "optimiser")
+    lr: float = _opt(1e-3, "peak learning rate")
+    weight_decay: float = _opt(0.0, "decoupled weight decay (0 = off)")
+    warmup_steps: int = _opt(100, "linear learning-rate warm-up from 0")
+    lr_schedule: Literal["constant", "cosine"] = _opt("constant", "learning rate after warm-up")
+    min_lr_ratio: float = _opt(0.0, "cosine floor as a fraction of lr")
+    grad_clip: float = _opt(50.0, "max global gradient norm (0 = off)")
+    ema_decay: float = _opt(0.999, "Polyak averaging of weights (0 = off); decay warmed up")
+    class_weight: float = _opt(0.01, "classification loss weight when n_classes > 0")
+    log_every: int = _opt(50, "steps between training-loss log lines")
+    eval_every: int = _opt(500, "steps between test-set evaluations")
+    sample_every: int = _opt(500, "steps between sample grids")
+    checkpoint_every: int = _opt(500, "steps between checkpoints")
+    sample_temperatures: list[float] = _opt([0.7, 1.0], "prior temperatures for sample grids")
+    n_samples: int = _opt(64, "images per sample grid")
+    max_bad_steps: int = _opt(10, "consecutive non-finite steps before rolling back to the last checkpoint")
+    amp: Literal["off", "bf16"] = _opt("off", "mixed precision for the forward pass")
+    compile: bool = _opt(False, "torch.compile the model")
+    memory_saving: bool = _opt(False, "recompute activations in backward to save memory (slower)")
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the training images."""
+        return (self.data.channels, self.data.image_size, self.data.image_size)
+
+
+_SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+_FIELDS: dict[str, dataclasses.Field] = {
+    f"{sec}.{f.name}": f for sec, cls in _SECTIONS.items() for f in dataclasses.fields(cls)
+}
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+# PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string; float fields accept such text.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def default_config() -> Config:
+    """The embedded default: a small Glow on the bundled 8x8 digits."""
+    return Config()
+
+
+def dotted_keys() -> list[str]:
+    """Every valid `section.key`, in file order."""
+    return list(_FIELDS)
+
+
+def _help(f: dataclasses.Field) -> str:
+    text = f.metadata["help"]
+    if get_origin(f.type) is Literal:
+        text += ": " + ", ".join(get_args(f.type))
+    return text
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """(dotted key, default repr, one-line meaning) for every key, for docs and `glowtrain info`."""
+    return [(key, repr(_default(f)), _help(f)) for key, f in _FIELDS.items()]
+
+
+# ---------------------------------------------------------------------------- type checking
+
+
+def _unknown_key(key: str, source: str) -> UserError:
+    """An unknown-key error with the nearest valid key, if any is close."""
+    keys = dotted_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    # A right name in the wrong section (or missing its section) is the likeliest slip.
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    close = same_leaf or difflib.get_close_matches(key, keys + list(_SECTIONS), n=1)
+    hint = f" — did you mean '{close[0]}'?" if close else ""
+    return UserError(f"unknown key '{key}' in {source}{hint}")
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool):  # bool is an int subclass; true/false is never meant as a number
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return None
+
+
+def _type_name(tp: Any) -> str:
+    names = {bool: "a boolean (true or false)", int: "an integer", float: "a float", str: "a string"}
+    return names.get(tp, "a list of floats")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the field type `tp`; return it converted (int -> float, number -> str)."""
+    if get_origin(tp) is Literal:
+        choices = get_args(tp)
+        if isinstance(value, str) and value in choices:
+            return value
+        # YAML 1.1 reads off/on/yes/no as booleans, so `amp: off` arrives as False.
+        hint = " (YAML reads off/on/yes/no as true/false — quote the word)" if isinstance(value, bool) else ""
+        raise UserError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}{hint}")
+    result: Any = None
+    if tp is bool:
+        result = value if isinstance(value, bool) else None
+    elif tp is int:
+        # 16.0 is refused too, not truncated, so a float given for a count always fails loudly.
+        result = value if isinstance(value, int) and not isinstance(value, bool) else None
+    elif tp is float:
+        result = _as_float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            result = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            result = str(value)  # `name: 123` means the name "123"
+    elif get_origin(tp) is list and isinstance(value, (list, tuple)):
+        items = [_as_float(v) for v in value]
+        result = None if any(v is None for v in items) else items
+    if result is None:
+        raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if any(isinstance(v, float) and not math.isfinite(v) for v in (result if isinstance(result, list) else [result])):
+        raise UserError(f"{key}: expected finite numbers, got {value!r}")
+    return result
+
+
+def _build(d: Any, source: str) -> Config:
+    """Config from nested mappings, type-checked but not yet range-checked."""
+    if not isinstance(d, Mapping):
+        raise UserError(f"{source} must be a mapping of sections (run, data, model, train), got {type(d).__name__}")
+    sections = {}
+    for sec, body in d.items():
+        if sec not in _SECTIONS:
+            raise _unknown_key(str(sec), source)
+        body = {} if body is None else body  # a section with every key commented out
+        if not isinstance(body, Mapping):
+            raise UserError(f"section '{sec}' in {source} must be a mapping of key: value, got {type(body).__name__}")
+        values = {}
+        for k, v in body.items():
+            key = f"{sec}.{k}"
+            if key not in _FIELDS:
+                raise _unknown_key(key, source)
+            values[k] = _coerce(key, v, _FIELDS[key].type)
+        sections[sec] = _SECTIONS[sec](**values)
+    return Config(**sections)
+
+
+def config_from_dict(d: dict, source: str = "config") -> Config:
+    """Validated Config from `{section: {key: value}}`; missing keys keep their defaults."""
+    cfg = _build(d, source)
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """`{section: {key: value}}` of plain Python types (a deep copy)."""
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------- overrides
+
+
+def _parse_override(text: str) -> tuple[str, Any, str]:
+    """`section.key=VALUE` -> (key, YAML-parsed value, raw value text)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    sec, dot, leaf = key.partition(".")
+    if not sep or not dot or not sec or not leaf:
+        raise UserError(
+            f"malformed override '{text}' — use the form --set section.key=value, e.g. --set train.lr=5e-4"
+        )
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise UserError(f"--set {text}: the value is not valid YAML ({_yaml_problem(e)})") from None
+    return key, value, raw.strip()
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """A new validated Config with each `section.key=VALUE` applied in order (later wins)."""
+    cfg = _apply(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def _apply(cfg: Config, overrides: Sequence[str]) -> Config:
+    if isinstance(overrides, str):  # a lone string would otherwise be applied character by character
+        overrides = [overrides]
+    changes: dict[str, dict[str, Any]] = {}
+    for text in overrides:
+        key, value, raw = _parse_override(text)
+        if key not in _FIELDS:
+            raise _unknown_key(key, f"--set {text}")
+        tp = _FIELDS[key].type
+        if tp is str and not isinstance(value, str):
+            value = raw  # `run.name=007` or `data.cache=` mean that text, not YAML's 7 or null
+        sec, leaf = key.split(".")
+        changes.setdefault(sec, {})[leaf] = _coerce(key, value, tp)
+    parts = {sec: dataclasses.replace(getattr(cfg, sec), **kv) for sec, kv in changes.items()}
+    return dataclasses.replace(cfg, **parts)
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"line {mark.line + 1}: {problem}" if mark is not None else problem
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file at `path` (if any), then `overrides`; validated once at the end."""
+    if path is None:
+        cfg = default_config()
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise UserError(f"config file not found: {path} — pass an existing YAML file to --config")
+        if p.is_dir():
+            raise UserError(f"config path {path} is a directory — pass a YAML file to --config")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {path} is not valid YAML ({_yaml_problem(e)})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read config file {path}: {e}") from None
+        if not isinstance(raw, Mapping):
+            got = "nothing (empty file)" if raw is None else f"a {type(raw).__name__}"
+            raise UserError(
+                f"config file {path} must be a YAML mapping of sections (run, data, model, train), got {got}"
+            )
+        cfg = _build(raw, str(path))
+    # Range checks wait until overrides are in, so an override can repair a file's value.
+    cfg = _apply(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def _yaml_value(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000)
+    return text.removesuffix("\n...\n").strip()  # a bare scalar gets an explicit document end
+
+
+def config_to_yaml(cfg: Config, header: str = "") -> str:
+    """YAML text listing every key with its meaning as a comment; `load_config` reads it back equal."""
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    rows: list[tuple[str, str]] = []
+    for sec in _SECTIONS:
+        rows.append((f"{sec}:", ""))
+        part = getattr(cfg, sec)
+        for f in dataclasses.fields(part):
+            rows.append((f"  {f.name}: {_yaml_value(getattr(part, f.name))}", _help(f)))
+    width = max(len(text) for text, _ in rows)
+    for text, help in rows:
+        lines.append(f"{text.ljust(width)}  # {help}" if help else text)
+    return "\n".join(lines) + "\n"
+
+
+def save_config(cfg: Config, path: str | os.PathLike, header: str = "") -> None:
+    """Write `cfg` as commented YAML, atomically (temp file + rename) so a crash leaves no half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same directory, so os.replace is an atomic rename; os.open (not mkstemp) so the umask, not
+    # 0600, decides the file's permissions.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(config_to_yaml(cfg, header))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise UserError(f"{key}={value!r} is not allowed — {rule}")
+
+
+def validate(cfg: Config) -> None:
+    """Raise UserError naming the first key whose value is of the wrong type or out of range."""
+    for sec in _SECTIONS:  # configs built in Python skip the loader's type checks
+        part = getattr(cfg, sec)
+        for f in dataclasses.fields(part):
+            key, value = f"{sec}.{f.name}", getattr(part, f.name)
+            if _coerce(key, value, f.type) != value:  # text such as "1e-3" passes _coerce but is no number
+                raise UserError(f"{key}: expected {_type_name(f.type)}, got {value!r} ({type(value).__name__})")
+    run, data, model, train = cfg.run, cfg.data, cfg.model, cfg.train
+
+    name = run.name
+    _require(bool(name) and name not in {".", ".."} and not re.search(r"[/\\]", name),
+             "run.name", name, "use a plain directory name (no slashes)")
+    _require(run.seed >= 0, "run.seed", run.seed, "use an integer >= 0")
+    _require(_DEVICE.fullmatch(run.device) is not None, "run.device", run.device,
+             "use auto, cpu, cuda, cuda:N or mps")
+
+    _require(1 <= data.n_bits <= 8, "data.n_bits", data.n_bits, "use an integer from 1 to 8")
+    _require(data.channels in (1, 3), "data.channels", data.channels, "use 1 (greyscale) or 3 (RGB)")
+    fixed = FIXED_CHANNELS.get(data.dataset)
+    _require(fixed is None or data.channels == fixed, "data.channels", data.channels,
+             f"{data.dataset} images have {fixed} channel{'s' if fixed != 1 else ''}; set data.channels={fixed}")
+    _require(data.image_size >= 1, "data.image_size", data.image_size, "use a positive size in pixels")
+    _require(0 < data.test_fraction < 1, "data.test_fraction", data.test_fraction,
+             "use a fraction strictly between 0 and 1")
+    _require(data.n_workers >= 0, "data.n_workers", data.n_workers, "use 0 or more worker processes")
+
+    for key in ("n_levels", "n_steps", "hidden_channels"):
+        _require(getattr(model, key) >= 1, f"model.{key}", getattr(model, key), "use an integer >= 1")
+    _require(model.n_classes >= 0, "model.n_classes", model.n_classes, "use 0 (unconditional) or the class count")
+    # Each level halves the spatial size with a squeeze, so the size must survive L halvings.
+    factor = 2**model.n_levels
+    if data.image_size % factor:
+        raise UserError(
+            f"data.image_size={data.image_size} is not divisible by 2**model.n_levels={factor}"
+            f" — use a multiple of {factor} or fewer levels"
+        )
+
+    positive = ("steps", "batch_size", "init_batch_size", "eval_batch_size", "n_samples", "max_bad_steps",
+                "log_every", "eval_every", "sample_every", "checkpoint_every")
+    for key in positive:
+        _require(getattr(train, key) >= 1, f"train.{key}", getattr(train, key), "use an integer >= 1")
+    _require(train.lr > 0, "train.lr", train.lr, "use a learning rate > 0")
+    _require(train.warmup_steps >= 0, "train.warmup_steps", train.warmup_steps, "use 0 or more steps")
+    for key in ("weight_decay", "grad_clip", "class_weight"):
+        _require(getattr(train, key) >= 0, f"train.{key}", getattr(train, key), "use a value >= 0 (0 = off)")
+    _require(0 <= train.min_lr_ratio <= 1, "train.min_lr_ratio", train.min_lr_ratio, "use a fraction from 0 to 1")
+    _require(0 <= train.ema_decay < 1, "train.ema_decay", train.ema_decay, "use a decay in [0, 1) (0 = off)")
+    temps = train.sample_temperatures
+    _require(len(temps) >= 1 and all(t >= 0 for t in temps), "train.sample_temperatures", temps,
+             "list at least one temperature, each >= 0")

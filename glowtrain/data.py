@@ -1,0 +1,366 @@
+"""Datasets (bundled digits, torchvision sets, image folders, uint8 caches) and step-exact batch loaders."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from glowtrain.errors import UserError
+
+if TYPE_CHECKING:
+    from glowtrain.config import DataConfig
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "celeba", "folder")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DIGITS_N_TRAIN = 1500
+DIGITS_SPLIT_SEED = 1234  # fixed so the digits test set never depends on run.seed
+CELEBA_CROP = 148  # centre crop of the 178x218 aligned faces, as in RealNVP and Glow
+CACHE_FORMAT = 1
+
+# name -> (torchvision class, folder under root where its files must be, native side)
+_TORCHVISION = {
+    "mnist": ("MNIST", "MNIST/raw", 28),
+    "fashion_mnist": ("FashionMNIST", "FashionMNIST/raw", 28),
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", 32),
+}
+_PIL_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def image_shape(data_cfg: DataConfig) -> tuple[int, int, int]:
+    """(C, H, W) of the images `build_dataset` yields, without touching disk."""
+    name, size = _check_name(data_cfg), int(data_cfg.image_size)
+    if name == "digits":
+        if size != 8:
+            raise UserError(f"the digits dataset is 8x8 but data.image_size is {size}; set data.image_size: 8")
+        return (1, 8, 8)
+    if size < 1:
+        raise UserError(f"data.image_size must be positive, got {size}")
+    if name in ("mnist", "fashion_mnist"):
+        return (1, size, size)
+    if name == "cifar10":
+        return (3, size, size)
+    if data_cfg.channels not in (1, 3):
+        raise UserError(f"data.channels must be 1 or 3, got {data_cfg.channels!r}")
+    return (int(data_cfg.channels), size, size)
+
+
+def n_classes(data_cfg: DataConfig) -> int:
+    """Number of class labels (0 when the dataset is unlabelled), without touching disk."""
+    return 0 if _check_name(data_cfg) in ("celeba", "folder") else 10
+
+
+def _check_name(data_cfg: DataConfig) -> str:
+    if data_cfg.dataset not in DATASETS:
+        raise UserError(f"unknown data.dataset {data_cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
+    return data_cfg.dataset
+
+
+class TensorImages(Dataset):
+    """Images held as one uint8 tensor (N, C, H, W) (in memory or memory-mapped) with int64 labels."""
+
+    def __init__(self, images: Tensor, labels: Tensor | None = None, n_classes: int = 0):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+        self.labels = torch.full((len(images),), -1, dtype=torch.int64) if labels is None else labels.long()
+        self.image_shape = tuple(images.shape[1:])
+        self.n_classes = n_classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+    def get_batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """(images uint8 (B, C, H, W), labels int64 (B,)) in one gather: no per-item Python."""
+        return self.images[indices], self.labels[indices]
+
+
+class ImageFiles(Dataset):
+    """Image files decoded lazily with PIL: centre-cropped, resized to a square, label -1."""
+
+    def __init__(self, paths: list[str], image_size: int, channels: int, crop: int | None = None,
+                 on_bad_image: str = "error"):
+        self.paths, self.image_size, self.channels = paths, image_size, channels
+        self.crop, self.on_bad_image = crop, on_bad_image  # crop None: the largest centred square
+        self.image_shape = (channels, image_size, image_size)
+        self.n_classes = 0
+        self._bad: set[int] = set()  # per process; remembered so a bad file is warned about once
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        # A bad file is replaced by the next readable one, so batch shapes never change.
+        for j in (k % len(self.paths) for k in range(i, i + len(self.paths))):
+            if j in self._bad:
+                continue
+            try:
+                return self._decode(self.paths[j]), -1
+            except _PIL_DECODE_ERRORS as e:
+                if self.on_bad_image != "skip":
+                    raise UserError(f"cannot read image {self.paths[j]} ({e}); fix or remove it, "
+                                    "or set data.on_bad_image: skip") from None
+                self._bad.add(j)
+                warnings.warn(f"skipping unreadable image {self.paths[j]} ({e})", stacklevel=2)
+        raise UserError(f"none of the {len(self.paths)} images is readable; check the files under data.root")
+
+    def _decode(self, path: str) -> Tensor:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
+            img = img.convert("RGB" if self.channels == 3 else "L")
+        w, h = img.size
+        side = min(w, h) if self.crop is None else min(self.crop, w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+        if side != self.image_size:
+            img = img.resize((self.image_size, self.image_size), Image.BICUBIC, reducing_gap=None)
+        array = np.asarray(img, dtype=np.uint8)  # (H, W) or (H, W, 3)
+        if array.ndim == 2:
+            return torch.from_numpy(array.copy()).unsqueeze(0)
+        return torch.from_numpy(array.transpose(2, 0, 1).copy())  # (3, H, W)
+
+
+def build_dataset(data_cfg: DataConfig, split: str) -> Dataset:
+    """The train or test split of the configured dataset; items are (uint8 (C, H, W), int label)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if data_cfg.cache:
+        return _load_cache(data_cfg, split)
+    return _build_uncached(data_cfg, split)
+
+
+def _build_uncached(data_cfg, split: str) -> Dataset:
+    shape = image_shape(data_cfg)  # validates the name and sizes first
+    name = data_cfg.dataset
+    if name == "digits":
+        return _digits(split)
+    if name in _TORCHVISION:
+        return _torchvision_set(data_cfg, split, shape)
+    if name == "celeba":
+        celeba = Path(data_cfg.root).expanduser() / "celeba"
+        if (celeba / "img_align_celeba").is_dir() and (celeba / "list_eval_partition.txt").is_file():
+            return _celeba_official(data_cfg, celeba, split)
+    paths = _split_paths(_find_images(data_cfg.root), data_cfg, split)
+    return ImageFiles(paths, shape[1], shape[0], None, data_cfg.on_bad_image)
+
+
+def _digits(split: str) -> TensorImages:
+    with resources.files("glowtrain").joinpath("assets").joinpath("digits.npz").open("rb") as f:
+        arrays = np.load(io.BytesIO(f.read()))
+        images, labels = arrays["images"], arrays["labels"]
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
+    idx = perm[:DIGITS_N_TRAIN] if split == "train" else perm[DIGITS_N_TRAIN:]
+    images = torch.from_numpy(images).unsqueeze(1)[idx]  # (N, 1, 8, 8)
+    return TensorImages(images, torch.from_numpy(labels)[idx], n_classes=10)
+
+
+def _torchvision_set(data_cfg, split: str, shape: tuple[int, int, int]) -> TensorImages:
+    import torchvision.datasets
+
+    cls_name, folder, native = _TORCHVISION[data_cfg.dataset]
+    root = os.path.normpath(os.path.expanduser(data_cfg.root))
+    where = os.path.join(root, folder)
+    try:
+        ds = getattr(torchvision.datasets, cls_name)(root, train=split == "train", download=data_cfg.download)
+    except (RuntimeError, OSError) as e:
+        if not data_cfg.download:
+            raise UserError(f"{cls_name} not found under {root}/ — set data.download: true "
+                            f"(or --set data.download=true) or put the files in {where}") from None
+        raise UserError(f"could not download {cls_name} into {root}/ ({e}); "
+                        f"put the files in {where} yourself") from None
+    # Whole arrays at once: per-item PIL conversion is far slower for these small sets.
+    data = ds.data if isinstance(ds.data, Tensor) else torch.from_numpy(np.asarray(ds.data))
+    images = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)  # (N, C, H, W)
+    labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+    size = shape[1]
+    if native == 28 and size == 32:
+        images = F.pad(images, (2, 2, 2, 2))  # the usual 32x32 MNIST: zero border, no resampling
+    elif size != native:
+        images = _resize(images, size)
+    return TensorImages(images.contiguous(), labels, n_classes=10)
+
+
+def _resize(images: Tensor, size: int, chunk: int = 4096) -> Tensor:
+    """Antialiased bilinear resize of uint8 (N, C, H, W), in chunks to bound the float copy."""
+    out = [F.interpolate(images[i:i + chunk].float(), size=(size, size), mode="bilinear",
+                         antialias=True, align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+           for i in range(0, len(images), chunk)]
+    return torch.cat(out)
+
+
+def _celeba_official(data_cfg, celeba: Path, split: str) -> ImageFiles:
+    # The official partition: 0 train, 1 validation (unused), 2 test.
+    wanted = "0" if split == "train" else "2"
+    lines = (celeba / "list_eval_partition.txt").read_text().split("\n")
+    names = [parts[0] for parts in (line.split() for line in lines) if len(parts) == 2 and parts[1] == wanted]
+    if not names:
+        raise UserError(f"no {split} images listed in {celeba / 'list_eval_partition.txt'}; "
+                        "restore the file or remove it to use data.root as a plain folder")
+    paths = [str(celeba / "img_align_celeba" / n) for n in sorted(names)]
+    c, s, _ = image_shape(data_cfg)
+    return ImageFiles(paths, s, c, CELEBA_CROP, data_cfg.on_bad_image)
+
+
+def _find_images(root: str) -> list[str]:
+    """Every image file under root, in a sorted order that is the same on every machine."""
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise UserError(f"image folder {base} does not exist; set data.root to a directory of images")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        # Hidden files include macOS "._x.jpg" resource forks, which are not images.
+        found += [os.path.join(dirpath, f) for f in filenames
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    if not found:
+        raise UserError(f"no images under {base}; data.root needs files ending in "
+                        f"{', '.join(IMAGE_EXTENSIONS)} (any case, any depth)")
+    return sorted(found, key=lambda p: Path(p).relative_to(base).as_posix())
+
+
+def _split_paths(paths: list[str], data_cfg, split: str) -> list[str]:
+    """The seeded train/test partition of paths: each split non-empty, each kept in sorted order."""
+    n = len(paths)
+    if n < 2:
+        raise UserError(f"found only {n} image under {data_cfg.root}; a train and a test split need at least 2")
+    n_test = min(max(round(n * data_cfg.test_fraction), 1), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(data_cfg.split_seed))
+    chosen = perm[:n_test] if split == "test" else perm[n_test:]
+    return [paths[i] for i in sorted(chosen.tolist())]
+
+
+# The cache is a directory: index.json, {split}.npy uint8 (N, C, H, W), {split}_labels.npy int64 (N,).
+def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True) -> dict:
+    """Decode both splits once into a uint8 cache directory at out_path; returns its index."""
+    from tqdm import tqdm
+
+    out = Path(out_path).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "index.json").unlink(missing_ok=True)  # the index is written last: it marks a complete cache
+    shape = image_shape(data_cfg)
+    index = {"format": CACHE_FORMAT, "dataset": data_cfg.dataset,
+             "root": str(Path(data_cfg.root).expanduser().resolve()), "image_size": shape[1],
+             "channels": shape[0], "image_shape": list(shape), "n_classes": n_classes(data_cfg), "splits": {}}
+    for split in ("train", "test"):
+        ds = _build_uncached(data_cfg, split)
+        n = len(ds)
+        # Written under a temporary name and renamed, so an interrupted run leaves no half cache.
+        tmp = out / f"{split}.npy.partial"
+        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *shape))
+        labels = np.empty(n, dtype=np.int64)
+        start = 0
+        bar = tqdm(total=n, desc=f"caching {split}", unit="img", disable=not progress)
+        for x, y in make_eval_batches(ds, 256, n_workers=data_cfg.n_workers):
+            images[start:start + len(x)] = x.numpy()
+            labels[start:start + len(x)] = y.numpy()
+            start += len(x)
+            bar.update(len(x))
+        bar.close()
+        images.flush()
+        del images
+        os.replace(tmp, out / f"{split}.npy")
+        np.save(out / f"{split}_labels.npy", labels)
+        index["splits"][split] = n
+    (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return index
+
+
+def _load_cache(data_cfg, split: str) -> TensorImages:
+    cache = Path(data_cfg.cache).expanduser()
+    try:
+        index = json.loads((cache / "index.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"no prepared cache at {cache}; run `glowtrain prepare` first or set data.cache: ''") from None
+    if index.get("dataset") != data_cfg.dataset or tuple(index.get("image_shape", ())) != image_shape(data_cfg):
+        raise UserError(f"the cache at {cache} holds {index.get('dataset')} at {index.get('image_shape')}, "
+                        f"not {data_cfg.dataset} at {list(image_shape(data_cfg))}; prepare it again")
+    # Copy-on-write mapping: pages load on demand and torch gets a writable array (no warning).
+    images = torch.from_numpy(np.load(cache / f"{split}.npy", mmap_mode="c"))
+    labels = torch.from_numpy(np.load(cache / f"{split}_labels.npy"))
+    return TensorImages(images, labels, n_classes=index["n_classes"])
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Infinite index batches addressed by global step, so resuming at a step is exact."""
+
+    def __init__(self, n_items: int, batch_size: int, seed: int, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        global_batch = batch_size * world_size
+        if batch_size < 1:
+            raise UserError(f"train.batch_size must be at least 1, got {batch_size}")
+        if n_items < global_batch:
+            raise UserError(f"train.batch_size {batch_size} x {world_size} process(es) needs {global_batch} "
+                            f"images but the dataset has {n_items}; lower train.batch_size")
+        self.n_items, self.batch_size, self.seed = n_items, batch_size, seed
+        self.start_step, self.rank, self.world_size = start_step, rank, world_size
+        self.batches_per_epoch = n_items // global_batch  # drop_last: every batch is full
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step, epoch, perm = self.start_step, None, None
+        global_batch = self.batch_size * self.world_size
+        while True:
+            e, position = divmod(step, self.batches_per_epoch)
+            if e != epoch:
+                epoch = e
+                perm = torch.randperm(self.n_items, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + e))
+            start = position * global_batch + self.rank * self.batch_size
+            yield perm[start:start + self.batch_size].tolist()
+            step += 1
+
+
+def make_train_batches(dataset, batch_size: int, seed: int, start_step: int = 0, *, n_workers: int = 0,
+                       pin_memory: bool = False, rank: int = 0,
+                       world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+    """Infinite (uint8 images, int64 labels) batches from step start_step on."""
+    sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, rank, world_size)
+    return _batches(dataset, sampler, n_workers, pin_memory, persistent=n_workers > 0)
+
+
+def make_eval_batches(dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, n_workers: int = 0,
+                      pin_memory: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+    """One ordered pass; rank r gets items r, r + world_size, ... (the last batch may be smaller)."""
+    mine = list(range(rank, len(dataset), world_size))
+    index_batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    return _batches(dataset, index_batches, n_workers, pin_memory, persistent=False)
+
+
+def _batches(dataset, index_batches: Iterable[list[int]], n_workers: int, pin_memory: bool,
+             persistent: bool) -> Iterator[tuple[Tensor, Tensor]]:
+    if hasattr(dataset, "get_batch"):
+        return _gathered(dataset, index_batches, pin_memory and torch.cuda.is_available())
+    loader = DataLoader(dataset, batch_sampler=index_batches, num_workers=n_workers,
+                        pin_memory=pin_memory and torch.cuda.is_available(),
+                        persistent_workers=persistent and n_workers > 0)
+    return _one_line_errors(loader)
+
+
+def _gathered(dataset, index_batches: Iterable[list[int]], pin: bool) -> Iterator[tuple[Tensor, Tensor]]:
+    # In-memory data: one gather per batch in this process beats DataLoader's per-item collate.
+    for indices in index_batches:
+        x, y = dataset.get_batch(torch.tensor(indices, dtype=torch.int64))
+        yield (x.pin_memory(), y.pin_memory()) if pin else (x, y)
+
+
+def _one_line_errors(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
+    # A worker re-raises UserError with its traceback prepended; keep only the user's one line.
+    try:
+        yield from loader
+    except UserError as e:
+        message = str(e).strip().splitlines()[-1] if str(e).strip() else str(e)
+        prefix = f"{UserError.__module__}.{UserError.__qualname__}: "
+        raise UserError(message.removeprefix(prefix)) from None

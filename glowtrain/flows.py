@@ -1,0 +1,290 @@
+"""The invertible layers of Glow (Kingma & Dhariwal 2018) and their exact log-determinants.
+
+Every layer maps `forward(x) -> (y, logdet)` with `logdet` of shape (N,) holding log|det dy/dx|
+per sample, and `reverse(y) -> x` is its exact inverse. Layers know nothing of priors or pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The affine coupling's scale lives in (SCALE_FLOOR, 1): reverse divides by it, and a floor keeps
+# that division bounded however the network saturates (sigmoid(h + 2) alone reaches 0 in float32).
+SCALE_FLOOR = 1e-4
+# Reverse clamps coupling outputs here so that extreme temperatures saturate instead of overflowing
+# to inf and then NaN; in-distribution activations are many orders of magnitude smaller.
+REVERSE_BOUND = 1e6
+
+
+def _sum_per_sample(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).sum(1)
+
+
+class ActNorm(nn.Module):
+    """Per-channel affine map y = (x + bias) * exp(logs), initialised from the first batch."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.logs = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        # A buffer, so a loaded state dict carries it and a restored model never re-initialises.
+        self.register_buffer("initialized", torch.tensor(False))
+        # Mirrors a True buffer so the hot path never reads a (possibly GPU) tensor on the host.
+        self._known_initialized = False
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Set bias and scale so that this batch comes out with zero mean and unit variance."""
+        x = x.detach().float() if x.dtype in (torch.float16, torch.bfloat16) else x.detach()
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        std = x.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
+        self.bias.copy_(-mean)
+        self.logs.copy_(-torch.log(std + 1e-6))
+        self.initialized.fill_(True)
+        self._known_initialized = True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._known_initialized = False
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _ensure_initialized(self, x: torch.Tensor) -> None:
+        if not self._known_initialized:
+            if bool(self.initialized):
+                self._known_initialized = True
+            else:
+                self.initialize(x)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The map alone, for use inside coupling networks where no log-det is needed."""
+        self._ensure_initialized(x)
+        return (x + self.bias) * torch.exp(self.logs)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.normalize(x)
+        logdet = self.logs.sum() * (x.shape[2] * x.shape[3])
+        return y, logdet.expand(x.shape[0])
+
+    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y * torch.exp(-self.logs) - self.bias
+
+
+class InvConv2d(nn.Module):
+    """Invertible 1x1 convolution; `lu=True` parametrises W = P L (U + diag(sign * exp(log_s)))."""
+
+    def __init__(self, channels: int, lu: bool = True):
+        super().__init__()
+        self.lu = lu
+        dtype = torch.get_default_dtype()
+        rotation = torch.linalg.qr(torch.randn(channels, channels, dtype=torch.float64))[0]
+        if lu:
+            perm, lower, upper = torch.linalg.lu(rotation)
+            diag = torch.diagonal(upper)
+            self.register_buffer("perm", perm.to(dtype))
+            self.register_buffer("sign_s", torch.sign(diag).to(dtype))
+            self.register_buffer("lower_mask", torch.tril(torch.ones(channels, channels, dtype=dtype), -1))
+            self.register_buffer("eye", torch.eye(channels, dtype=dtype))
+            self.lower = nn.Parameter(lower.to(dtype))
+            self.upper = nn.Parameter(torch.triu(upper, 1).to(dtype))
+            self.log_s = nn.Parameter(torch.log(torch.abs(diag)).to(dtype))
+        else:
+            self.weight = nn.Parameter(rotation.to(dtype))
+        self._inverse_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def _lu_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lower = self.lower * self.lower_mask + self.eye
+        upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
+        return lower, upper
+
+    def matrix(self) -> torch.Tensor:
+        """The (C, C) weight W."""
+        if not self.lu:
+            return self.weight
+        lower, upper = self._lu_factors()
+        return self.perm @ lower @ upper
+
+    def log_abs_det(self) -> torch.Tensor:
+        """log|det W| for one pixel."""
+        if self.lu:
+            return self.log_s.sum()
+        return torch.linalg.slogdet(self.weight.double())[1].to(self.weight.dtype)
+
+    def _compute_inverse(self) -> torch.Tensor:
+        # float64 throughout: a float32 inverse drifts visibly once 100 of them are chained.
+        if self.lu:
+            lower, upper = (f.double() for f in self._lu_factors())
+            eye = torch.eye(lower.shape[0], dtype=torch.float64, device=lower.device)
+            # W^-1 = U^-1 L^-1 P^T by two triangular solves.
+            lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+            inverse = torch.linalg.solve_triangular(upper, lower_inv, upper=True) @ self.perm.double().T
+        else:
+            inverse = torch.linalg.inv(self.weight.double())
+        return inverse
+
+    def inverse_matrix(self) -> torch.Tensor:
+        """W^-1, cached in eval mode until any parameter changes (in place or replaced)."""
+        params = tuple(self.parameters())
+        dtype = params[0].dtype
+        if self.training:
+            self._inverse_cache = None
+            return self._compute_inverse().to(dtype)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._inverse_cache is None or self._inverse_cache[0] != key:
+            with torch.no_grad():
+                self._inverse_cache = (key, self._compute_inverse().to(dtype))
+        return self._inverse_cache[1]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = self.matrix()
+        y = F.conv2d(x, weight.unsqueeze(-1).unsqueeze(-1))
+        logdet = self.log_abs_det() * (x.shape[2] * x.shape[3])
+        return y, logdet.expand(x.shape[0])
+
+    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(y, self.inverse_matrix().unsqueeze(-1).unsqueeze(-1))
+
+
+class Permute(nn.Module):
+    """Fixed channel permutation, `reverse` (RealNVP) or seeded `shuffle`; volume-preserving."""
+
+    def __init__(self, channels: int, mode: str = "reverse"):
+        super().__init__()
+        if mode == "reverse":
+            order = torch.arange(channels - 1, -1, -1)
+        elif mode == "shuffle":
+            order = torch.randperm(channels)
+        else:
+            raise ValueError(f"unknown permutation {mode!r}: use 'reverse' or 'shuffle'")
+        self.register_buffer("order", order)
+        self.register_buffer("inverse_order", torch.argsort(order))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x[:, self.order], x.new_zeros(x.shape[0])
+
+    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y[:, self.inverse_order]
+
+
+class ZeroConv2d(nn.Module):
+    """3x3 convolution starting at exactly zero, with a learned output scale exp(3 * logs)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+        self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) * torch.exp(self.logs * 3)
+
+
+class CouplingNet(nn.Module):
+    """The reference network: conv3x3, ActNorm, ReLU, conv1x1, ActNorm, ReLU, zero conv3x3."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, hidden_channels, 3, padding=1, bias=False)
+        self.norm_in = ActNorm(hidden_channels)
+        self.conv_mid = nn.Conv2d(hidden_channels, hidden_channels, 1, bias=False)
+        self.norm_mid = ActNorm(hidden_channels)
+        self.conv_out = ZeroConv2d(hidden_channels, out_channels)
+        nn.init.normal_(self.conv_in.weight, std=0.05)
+        nn.init.normal_(self.conv_mid.weight, std=0.05)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.norm_in.normalize(self.conv_in(x)))
+        h = F.relu(self.norm_mid.normalize(self.conv_mid(h)))
+        return self.conv_out(h)
+
+
+class Coupling(nn.Module):
+    """Half the channels condition an update of the other half: additive (NICE) or affine (RealNVP)."""
+
+    def __init__(self, channels: int, hidden_channels: int, affine: bool = True):
+        super().__init__()
+        if channels < 2:
+            raise ValueError(f"a coupling layer needs at least 2 channels, got {channels}")
+        self.affine = affine
+        self.n_kept = channels // 2
+        n_changed = channels - self.n_kept
+        self.net = CouplingNet(self.n_kept, n_changed * (2 if affine else 1), hidden_channels)
+
+    def _shift_and_log_scale(self, x_kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.net(x_kept)
+        # Interleaved channels, as the reference splits them ("cross").
+        shift, raw = h[:, 0::2], h[:, 1::2]
+        # Half-precision network outputs are widened: the log-det must not be computed in bf16.
+        raw = raw.float() if raw.dtype in (torch.float16, torch.bfloat16) else raw
+        scale = torch.sigmoid(raw + 2.0) * (1 - SCALE_FLOOR) + SCALE_FLOOR
+        return shift, torch.log(scale)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_kept, x_changed = x[:, : self.n_kept], x[:, self.n_kept :]
+        if not self.affine:
+            return torch.cat([x_kept, x_changed + self.net(x_kept)], 1), x.new_zeros(x.shape[0])
+        shift, log_scale = self._shift_and_log_scale(x_kept)
+        y_changed = (x_changed + shift) * torch.exp(log_scale)
+        return torch.cat([x_kept, y_changed], 1), _sum_per_sample(log_scale)
+
+    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        y_kept, y_changed = y[:, : self.n_kept], y[:, self.n_kept :]
+        if self.affine:
+            shift, log_scale = self._shift_and_log_scale(y_kept)
+            x_changed = y_changed * torch.exp(-log_scale) - shift
+        else:
+            x_changed = y_changed - self.net(y_kept)
+        return torch.cat([y_kept, x_changed.clamp(-REVERSE_BOUND, REVERSE_BOUND)], 1)
+
+
+class Squeeze(nn.Module):
+    """Space-to-depth: (N, C, H, W) -> (N, 4C, H/2, W/2); volume-preserving."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, c, h, w = x.shape
+        y = x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+        return y.reshape(n, c * 4, h // 2, w // 2), x.new_zeros(n)
+
+    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = y.shape
+        x = y.view(n, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+        return x.reshape(n, c // 4, h * 2, w * 2)
+
+
+class FlowSequence(nn.Module):
+    """Layers composed in order; log-dets add, and reverse runs the layers backwards."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logdet = x.new_zeros(x.shape[0])
+        for layer in self.layers:
+            x, layer_logdet = layer(x)
+            logdet = logdet + layer_logdet
+        return x, logdet
+
+    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        for layer in reversed(self.layers):
+            y = layer.reverse(y)
+        return y
+
+
+CONV_KINDS = ("lu", "plain", "shuffle", "reverse")
+COUPLING_KINDS = ("affine", "additive")
+
+
+def flow_step(channels: int, hidden_channels: int, coupling: str = "affine", conv: str = "lu") -> FlowSequence:
+    """One Glow step: ActNorm, then a channel mixing (1x1 conv or permutation), then a coupling."""
+    if coupling not in COUPLING_KINDS:
+        raise ValueError(f"unknown coupling {coupling!r}: use one of {', '.join(COUPLING_KINDS)}")
+    if conv in ("lu", "plain"):
+        mixing: nn.Module = InvConv2d(channels, lu=conv == "lu")
+    elif conv in ("shuffle", "reverse"):
+        mixing = Permute(channels, conv)
+    else:
+        raise ValueError(f"unknown conv {conv!r}: use one of {', '.join(CONV_KINDS)}")
+    return FlowSequence([ActNorm(channels), mixing, Coupling(channels, hidden_channels, coupling == "affine")])
+

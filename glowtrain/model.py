@@ -1,0 +1,234 @@
+"""The multi-scale Glow model: levels of flow steps, split priors, log-likelihood and sampling.
+
+Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions" (2018), with the
+multi-scale architecture of Dinh et al., "Density estimation using Real NVP" (2017).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glowtrain.flows import COUPLING_KINDS, CONV_KINDS, FlowSequence, Squeeze, ZeroConv2d, flow_step
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def _log_normal(z: torch.Tensor, mean: torch.Tensor, logs: torch.Tensor) -> torch.Tensor:
+    return -0.5 * (LOG_2PI + 2.0 * logs + (z - mean) ** 2 * torch.exp(-2.0 * logs))
+
+
+def gaussian_log_density(z: torch.Tensor, mean: torch.Tensor, logs: torch.Tensor) -> torch.Tensor:
+    """Sum over all but the batch dimension of log N(z; mean, exp(logs)^2)."""
+    return _log_normal(z, mean, logs).flatten(1).sum(1)
+
+
+def _check_architecture(image_shape, n_levels, n_steps, hidden_channels, coupling, conv, n_classes) -> None:
+    if len(image_shape) != 3 or any(int(d) < 1 for d in image_shape):
+        raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {tuple(image_shape)}")
+    for name, value, low in (("n_levels", n_levels, 1), ("n_steps", n_steps, 1),
+                             ("hidden_channels", hidden_channels, 1), ("n_classes", n_classes, 0)):
+        if int(value) < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}")
+    _, height, width = image_shape
+    factor = 2**n_levels
+    if height % factor or width % factor:
+        raise ValueError(
+            f"image size {height}x{width} is not divisible by 2**n_levels = {factor}: "
+            f"use a size that is a multiple of {factor} or fewer levels"
+        )
+    if coupling not in COUPLING_KINDS:
+        raise ValueError(f"unknown coupling {coupling!r}: use one of {', '.join(COUPLING_KINDS)}")
+    if conv not in CONV_KINDS:
+        raise ValueError(f"unknown conv {conv!r}: use one of {', '.join(CONV_KINDS)}")
+
+
+class Glow(nn.Module):
+    """L levels of (squeeze, K flow steps, split); the split-off halves and the top get Gaussian priors."""
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int],
+        n_levels: int = 3,
+        n_steps: int = 32,
+        hidden_channels: int = 512,
+        coupling: str = "affine",
+        conv: str = "lu",
+        learn_top: bool = True,
+        n_classes: int = 0,
+    ):
+        super().__init__()
+        _check_architecture(image_shape, n_levels, n_steps, hidden_channels, coupling, conv, n_classes)
+        self.hparams = dict(
+            image_shape=tuple(int(d) for d in image_shape), n_levels=int(n_levels), n_steps=int(n_steps),
+            hidden_channels=int(hidden_channels), coupling=coupling, conv=conv, learn_top=bool(learn_top),
+            n_classes=int(n_classes),
+        )
+        self.image_shape = self.hparams["image_shape"]
+        self.n_levels = n_levels
+        self.n_classes = n_classes
+        self.squeeze = Squeeze()
+        self.levels = nn.ModuleList()
+        self.split_priors = nn.ModuleList()
+        self.latent_shapes: list[tuple[int, int, int]] = []
+        channels, height, width = self.image_shape
+        for level in range(n_levels):
+            channels, height, width = channels * 4, height // 2, width // 2  # squeeze
+            self.levels.append(FlowSequence([flow_step(channels, hidden_channels, coupling, conv) for _ in range(n_steps)]))
+            if level < n_levels - 1:
+                n_kept = channels // 2
+                # The split-off half's mean and log-scale are predicted from the kept half.
+                self.split_priors.append(ZeroConv2d(n_kept, 2 * (channels - n_kept)))
+                self.latent_shapes.append((channels - n_kept, height, width))
+                channels = n_kept
+        self.latent_shapes.append((channels, height, width))
+        top = torch.zeros(1, 2 * channels, height, width)
+        if learn_top:
+            self.top_prior = nn.Parameter(top)
+        else:
+            self.register_buffer("top_prior", top)
+        if n_classes > 0:
+            self.label_prior = nn.Linear(n_classes, 2 * channels)
+            self.classifier = nn.Linear(channels, n_classes)
+            for layer in (self.label_prior, self.classifier):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    @property
+    def n_dims(self) -> int:
+        c, h, w = self.image_shape
+        return c * h * w
+
+    # --- the bijection -------------------------------------------------------------------------
+
+    def _flow(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Run the flow; return the latents, the kept halves that condition the split priors, and log|det|."""
+        logdet = x.new_zeros(x.shape[0])
+        zs, kept_halves = [], []
+        h = x
+        for index, level in enumerate(self.levels):
+            h, _ = self.squeeze(h)  # (N, 4C, H/2, W/2)
+            h, level_logdet = level(h)
+            logdet = logdet + level_logdet
+            if index < self.n_levels - 1:
+                n_kept = h.shape[1] // 2
+                h, z = h[:, :n_kept], h[:, n_kept:]
+                zs.append(z)
+                kept_halves.append(h)
+        zs.append(h)
+        return zs, kept_halves, logdet
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """x -> (latents from each split then the top latent, log|det dz/dx| per sample)."""
+        zs, _, logdet = self._flow(x)
+        return zs, logdet
+
+    def decode(self, zs: list[torch.Tensor], y: torch.Tensor | None = None) -> torch.Tensor:
+        """The exact inverse of encode; labels only shape the prior, so `y` is not needed here."""
+        if len(zs) != self.n_levels:
+            raise ValueError(f"decode needs {self.n_levels} latents (one per level), got {len(zs)}")
+        h = zs[-1]
+        for index in reversed(range(self.n_levels)):
+            if index < self.n_levels - 1:
+                h = torch.cat([h, zs[index]], 1)
+            h = self.squeeze.reverse(self.levels[index].reverse(h))
+        return h
+
+    # --- priors --------------------------------------------------------------------------------
+
+    def _top_params(self, n: int, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.top_prior.expand(n, -1, -1, -1)
+        if self.n_classes > 0 and y is not None:
+            h = h + self.label_prior(self._one_hot(y, h.dtype))[:, :, None, None]
+        return h.chunk(2, dim=1)
+
+    def _split_params(self, index: int, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split_priors[index](kept).chunk(2, dim=1)
+
+    def _one_hot(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        y = torch.as_tensor(y, device=self.top_prior.device)
+        if y.dtype.is_floating_point:  # already a (N, n_classes) distribution
+            return y.to(dtype)
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.n_classes):
+            raise ValueError(f"labels must lie in 0..{self.n_classes - 1}, got {y.tolist()}")
+        return F.one_hot(y.long(), self.n_classes).to(dtype)
+
+    def _top_log_density(self, z_top: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if self.n_classes == 0 or y is not None:
+            return gaussian_log_density(z_top, *self._top_params(z_top.shape[0], y))
+        # No label: the exact marginal over a uniform class prior, log (1/K) sum_k p(z | k).
+        labels = torch.arange(self.n_classes, device=z_top.device)
+        mean, logs = self._top_params(self.n_classes, labels)  # (K, C, H, W) each
+        z, mean, logs = z_top.unsqueeze(1), mean.unsqueeze(0), logs.unsqueeze(0)  # (N, 1, ...), (1, K, ...)
+        per_class = _log_normal(z, mean, logs).flatten(2).sum(2)  # (N, K)
+        return torch.logsumexp(per_class, 1) - math.log(self.n_classes)
+
+    def prior_log_density(self, zs: list[torch.Tensor], kept_halves: list[torch.Tensor], y=None) -> torch.Tensor:
+        """Sum of the log-densities of every latent under its prior."""
+        total = self._top_log_density(zs[-1], y)
+        for index, (z, kept) in enumerate(zip(zs[:-1], kept_halves)):
+            total = total + gaussian_log_density(z, *self._split_params(index, kept))
+        return total
+
+    # --- what users and the trainer call -------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log p(x) in nats per sample, class logits or None); the trainer's single entry point."""
+        zs, kept_halves, logdet = self._flow(x)
+        log_prob = self.prior_log_density(zs, kept_halves, y) + logdet
+        logits = self.classifier(zs[-1].mean(dim=(2, 3))) if self.n_classes > 0 else None
+        return log_prob, logits
+
+    def log_prob(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(x) in nats per sample; for a class-conditional model without `y`, marginal over classes."""
+        return self.forward(x, y)[0]
+
+    def class_logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.n_classes == 0:
+            raise ValueError("this model is not class-conditional (n_classes = 0)")
+        return self.forward(x)[1]
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor, y: torch.Tensor | None = None) -> "Glow":
+        """Data-dependent ActNorm initialisation from a batch; layers already initialised keep their values."""
+        self.forward(x, y)
+        return self
+
+    @property
+    def is_initialized(self) -> bool:
+        return all(bool(buf) for name, buf in self.named_buffers() if name.endswith("initialized"))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        temperature: float = 1.0,
+        y: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """n images from the prior with every standard deviation scaled by `temperature` (0: the means)."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        device = self.top_prior.device
+        if self.n_classes > 0 and y is None:
+            y = torch.randint(self.n_classes, (n,), generator=generator, device=device)
+        elif y is not None:
+            y = torch.as_tensor(y, device=device)
+            if y.shape[0] != n:
+                raise ValueError(f"got {y.shape[0]} labels for {n} samples")
+
+        def draw(mean: torch.Tensor, logs: torch.Tensor) -> torch.Tensor:
+            if temperature == 0:
+                return mean  # not mean + 0 * exp(logs) * noise, which is NaN wherever exp(logs) overflows
+            noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+            return mean + temperature * torch.exp(logs) * noise
+
+        h = draw(*self._top_params(n, y))
+        for index in reversed(range(self.n_levels)):
+            if index < self.n_levels - 1:
+                h = torch.cat([h, draw(*self._split_params(index, h))], 1)
+            h = self.squeeze.reverse(self.levels[index].reverse(h))
+        return h

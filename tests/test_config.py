@@ -1,0 +1,374 @@
+"""Config loading, overrides, validation messages and YAML round trips."""
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from glowtrain.config import (
+    Config,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    default_config,
+    describe_keys,
+    dotted_keys,
+    load_config,
+    save_config,
+    validate,
+)
+from glowtrain.errors import UserError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SHIPPED = sorted(CONFIGS.glob("*.yaml"))
+
+
+def raises(match: str):
+    return pytest.raises(UserError, match=match)
+
+
+def override(*items: str) -> Config:
+    return load_config(None, list(items))
+
+
+# ---------------------------------------------------------------------------- defaults and shipped files
+
+
+def test_defaults_load_and_validate():
+    cfg = load_config()
+    assert cfg == default_config() == Config()
+    validate(cfg)
+    assert cfg.data.dataset == "digits" and cfg.run.name == "digits"
+    assert cfg.image_shape == (1, 8, 8) and cfg.data.n_bins == 16
+
+
+def test_expected_configs_are_shipped():
+    names = {p.stem for p in SHIPPED}
+    assert {"digits", "mnist", "cifar10", "celeba", "celebahq256", "folder"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_config_loads_validates_and_names_its_run(path):
+    cfg = load_config(path)
+    validate(cfg)
+    assert cfg.run.name == path.stem
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_config_lists_every_key_with_a_comment(path):
+    raw = yaml.safe_load(path.read_text())
+    listed = [f"{sec}.{key}" for sec, body in raw.items() for key in body]
+    assert listed == dotted_keys()
+    for line in path.read_text().splitlines():
+        if line.startswith("  "):
+            assert "  # " in line, line
+
+
+def test_digits_yaml_equals_the_defaults():
+    assert load_config(CONFIGS / "digits.yaml") == default_config()
+
+
+def test_cifar10_yaml_follows_the_glow_paper_setup():
+    cfg = load_config(CONFIGS / "cifar10.yaml")
+    assert (cfg.model.n_levels, cfg.model.n_steps, cfg.model.hidden_channels) == (3, 32, 512)
+    assert (cfg.model.coupling, cfg.model.conv, cfg.data.n_bits) == ("affine", "lu", 8)
+    assert cfg.image_shape == (3, 32, 32) and cfg.data.hflip
+
+
+def test_config_objects_are_immutable_but_replaceable():
+    cfg = default_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0  # type: ignore[misc]
+    changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.5))
+    assert changed.train.lr == 0.5 and cfg.train.lr == 1e-3
+
+
+def test_default_lists_are_not_shared_between_configs():
+    a, b = default_config(), default_config()
+    a.train.sample_temperatures.append(0.1)
+    assert b.train.sample_temperatures == [0.7, 1.0]
+
+
+def test_describe_keys_covers_every_key_with_a_meaning():
+    rows = describe_keys()
+    assert [key for key, _, _ in rows] == dotted_keys()
+    assert all(meaning for _, _, meaning in rows)
+    assert dict((k, d) for k, d, _ in rows)["train.lr"] == "0.001"
+    assert "affine, additive" in dict((k, m) for k, _, m in rows)["model.coupling"]
+
+
+# ---------------------------------------------------------------------------- overrides
+
+
+def test_float_override_in_exponent_form_becomes_a_float():
+    cfg = override("train.lr=5e-4")
+    assert cfg.train.lr == 5e-4 and type(cfg.train.lr) is float
+
+
+def test_int_override_stays_an_int_and_int_is_accepted_for_float():
+    cfg = override("model.n_steps=16", "train.grad_clip=10")
+    assert cfg.model.n_steps == 16 and type(cfg.model.n_steps) is int
+    assert cfg.train.grad_clip == 10.0 and type(cfg.train.grad_clip) is float
+
+
+def test_list_override_accepts_ints_inside_and_converts_them():
+    cfg = override("train.sample_temperatures=[0.5,1]")
+    assert cfg.train.sample_temperatures == [0.5, 1.0]
+    assert all(type(t) is float for t in cfg.train.sample_temperatures)
+
+
+def test_string_override_keeps_the_text_as_written():
+    cfg = override("run.name=007", "data.cache=", "data.root=some/dir")
+    assert (cfg.run.name, cfg.data.cache, cfg.data.root) == ("007", "", "some/dir")
+
+
+def test_bool_and_literal_overrides():
+    cfg = override("data.hflip=true", "model.coupling=additive", "train.amp=bf16")
+    assert cfg.data.hflip is True and cfg.model.coupling == "additive" and cfg.train.amp == "bf16"
+
+
+def test_later_override_wins_and_overrides_beat_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.01\n")
+    cfg = load_config(path, ["train.lr=0.1", "train.lr=0.2"])
+    assert cfg.train.lr == 0.2
+
+
+def test_override_can_repair_a_file_value_before_range_checks(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  image_size: 30\n")
+    assert load_config(path, ["data.image_size=32"]).data.image_size == 32
+
+
+def test_apply_overrides_returns_a_new_config_and_leaves_the_old_one():
+    base = default_config()
+    cfg = apply_overrides(base, ["train.steps=3"])
+    assert cfg.train.steps == 3 and base.train.steps == 2000
+
+
+@pytest.mark.parametrize("text", ["train", "train.lr", "lr=0.1", ".lr=0.1", "train.=0.1", "=1"])
+def test_malformed_override_names_the_expected_form(text):
+    with raises(r"--set section\.key=value"):
+        override(text)
+
+
+def test_override_with_invalid_yaml_value_is_a_user_error():
+    with raises(r"train\.sample_temperatures=\[0\.5,.*not valid YAML"):
+        override("train.sample_temperatures=[0.5,")
+
+
+# ---------------------------------------------------------------------------- unknown keys and types
+
+
+def test_unknown_key_names_the_key_and_the_closest_valid_key():
+    with raises(r"unknown key 'train\.lrate' in .* — did you mean 'train\.lr'\?"):
+        override("train.lrate=1e-3")
+
+
+def test_unknown_key_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  nlevels: 3\n")
+    with raises(r"unknown key 'model\.nlevels' in .*bad\.yaml — did you mean 'model\.n_levels'"):
+        load_config(path)
+
+
+def test_unknown_section_suggests_the_section():
+    with raises(r"unknown key 'trian' in cfg — did you mean 'train'"):
+        config_from_dict({"trian": {"lr": 0.1}}, source="cfg")
+
+
+def test_key_in_the_wrong_section_suggests_the_right_one():
+    with raises(r"unknown key 'model\.lr'.*did you mean 'train\.lr'"):
+        config_from_dict({"model": {"lr": 0.1}})
+
+
+def test_unknown_key_far_from_any_key_has_no_hint():
+    with pytest.raises(UserError) as info:
+        override("zzz.qqqqq=1")
+    assert "unknown key 'zzz.qqqqq'" in str(info.value) and "did you mean" not in str(info.value)
+
+
+def test_wrong_type_message_names_key_value_and_expected_type():
+    with raises(r"^train\.lr: expected a float, got 'abc' \(str\)$"):
+        override("train.lr=abc")
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("model.n_steps", 16.0, "an integer"),  # integral floats are not silently truncated
+        ("model.n_steps", True, "an integer"),  # bool is not a number here
+        ("train.lr", False, "a float"),
+        ("data.hflip", 1, "a boolean"),
+        ("train.sample_temperatures", 0.7, "a list of floats"),
+        ("train.sample_temperatures", [0.7, "hot"], "a list of floats"),
+        ("run.name", None, "a string"),
+    ],
+)
+def test_wrong_types_are_rejected(key, value, expected):
+    sec, leaf = key.split(".")
+    with raises(f"{key}: expected {expected}"):
+        config_from_dict({sec: {leaf: value}})
+
+
+def test_literal_message_lists_the_choices():
+    with raises(r"model\.coupling: expected one of 'affine', 'additive', got 'afine'"):
+        override("model.coupling=afine")
+
+
+def test_yaml_boolean_words_for_literal_fields_get_a_quoting_hint(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  amp: off\n")
+    with raises("quote the word"):
+        load_config(path)
+
+
+def test_non_finite_floats_are_rejected():
+    with raises(r"train\.lr: expected finite"):
+        override("train.lr=.inf")
+
+
+def test_empty_section_keeps_defaults():
+    assert config_from_dict({"train": None}) == default_config()
+
+
+def test_non_mapping_section_and_top_level_are_rejected():
+    with raises(r"section 'train' in cfg must be a mapping"):
+        config_from_dict({"train": [1, 2]}, source="cfg")
+    with raises(r"cfg must be a mapping of sections"):
+        config_from_dict([1, 2], source="cfg")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------- range checks
+
+
+@pytest.mark.parametrize(
+    "item, key",
+    [
+        ("data.n_bits=0", "data.n_bits"),
+        ("data.n_bits=9", "data.n_bits"),
+        ("train.lr=0", "train.lr"),
+        ("train.lr=-0.001", "train.lr"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.init_batch_size=0", "train.init_batch_size"),
+        ("train.eval_batch_size=0", "train.eval_batch_size"),
+        ("train.steps=0", "train.steps"),
+        ("model.n_levels=0", "model.n_levels"),
+        ("model.n_steps=0", "model.n_steps"),
+        ("model.hidden_channels=0", "model.hidden_channels"),
+        ("model.n_classes=-1", "model.n_classes"),
+        ("train.sample_temperatures=[0.7,-0.1]", "train.sample_temperatures"),
+        ("train.sample_temperatures=[]", "train.sample_temperatures"),
+        ("train.ema_decay=1", "train.ema_decay"),
+        ("train.ema_decay=-0.1", "train.ema_decay"),
+        ("data.test_fraction=0", "data.test_fraction"),
+        ("data.test_fraction=1", "data.test_fraction"),
+        ("train.warmup_steps=-1", "train.warmup_steps"),
+        ("train.log_every=0", "train.log_every"),
+        ("train.eval_every=0", "train.eval_every"),
+        ("train.sample_every=0", "train.sample_every"),
+        ("train.checkpoint_every=0", "train.checkpoint_every"),
+        ("data.channels=2", "data.channels"),
+        ("run.device=gpu", "run.device"),
+        ("run.device=cuda:x", "run.device"),
+        ("run.name=a/b", "run.name"),
+        ("train.min_lr_ratio=1.5", "train.min_lr_ratio"),
+        ("train.grad_clip=-1", "train.grad_clip"),
+    ],
+)
+def test_out_of_range_values_are_rejected_naming_key_and_value(item, key):
+    value = item.split("=", 1)[1]
+    with pytest.raises(UserError) as info:
+        override(item)
+    message = str(info.value)
+    assert message.startswith(f"{key}=") and "not allowed —" in message
+    assert value.strip("[]").split(",")[-1] in message
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_valid_devices_are_accepted(device):
+    assert override(f"run.device={device}").run.device == device
+
+
+def test_boundary_values_are_accepted():
+    cfg = override("data.n_bits=1", "train.ema_decay=0", "train.warmup_steps=0", "model.n_classes=0",
+                   "train.sample_temperatures=[0]", "train.grad_clip=0")
+    assert cfg.data.n_bits == 1 and cfg.train.ema_decay == 0.0
+
+
+def test_image_size_must_survive_every_squeeze():
+    with raises(r"^data\.image_size=30 is not divisible by 2\*\*model\.n_levels=8 — "
+                r"use a multiple of 8 or fewer levels$"):
+        override("data.image_size=30")
+    assert override("data.image_size=16", "model.n_levels=4").data.image_size == 16
+
+
+def test_channels_must_match_a_fixed_channel_dataset():
+    with raises(r"data\.channels=1 .*cifar10 images have 3 channels"):
+        override("data.dataset=cifar10")
+    assert override("data.dataset=cifar10", "data.channels=3").image_shape == (3, 8, 8)
+
+
+def test_validate_catches_wrong_types_in_configs_built_in_python():
+    cfg = dataclasses.replace(default_config(), model=dataclasses.replace(default_config().model, n_steps="8"))
+    with raises(r"model\.n_steps: expected an integer"):
+        validate(cfg)
+    cfg = dataclasses.replace(default_config(), train=dataclasses.replace(default_config().train, lr="1e-3"))
+    with raises(r"train\.lr: expected a float, got '1e-3'"):
+        validate(cfg)
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def test_save_then_load_gives_an_equal_config(tmp_path):
+    cfg = override("run.name=x y", "train.lr=3e-5", "train.sample_temperatures=[0.5,0.6,1]", "train.amp=bf16",
+                   "data.cache=cache/a.npy", "data.dataset=celeba", "data.channels=3", "model.conv=shuffle",
+                   "run.device=cuda:0", "model.learn_top=false")
+    path = tmp_path / "sub" / "config.yaml"
+    save_config(cfg, path)
+    assert load_config(path) == cfg
+    assert config_to_dict(load_config(path)) == config_to_dict(cfg)
+
+
+def test_save_config_writes_atomically_leaving_no_temp_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("old")
+    save_config(default_config(), path)
+    assert load_config(path) == default_config()
+    assert os.listdir(tmp_path) == ["config.yaml"]
+
+
+def test_config_to_dict_is_plain_nested_dicts():
+    d = config_to_dict(default_config())
+    assert set(d) == {"run", "data", "model", "train"}
+    assert d["train"]["sample_temperatures"] == [0.7, 1.0] and type(d["train"]) is dict
+    assert config_from_dict(d) == default_config()
+
+
+def test_missing_file_tells_to_pass_an_existing_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with raises(r"config file not found: .*nope\.yaml — pass an existing YAML file to --config"):
+        load_config(missing)
+
+
+def test_file_that_is_not_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train: [1, 2\n  lr: :\n")
+    with raises(r"broken\.yaml is not valid YAML"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text", ["- 1\n- 2\n", "just text\n", ""])
+def test_file_that_is_not_a_mapping_names_the_file(tmp_path, text):
+    path = tmp_path / "list.yaml"
+    path.write_text(text)
+    with raises(r"list\.yaml must be a YAML mapping"):
+        load_config(path)
+
+
+def test_directory_as_config_is_a_user_error(tmp_path):
+    with raises("is a directory"):
+        load_config(tmp_path)

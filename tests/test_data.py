@@ -1,0 +1,428 @@
+"""Tests for glowtrain.data: the digits asset, folder/torchvision/CelebA datasets, caches and samplers."""
+
+import json
+import pickle
+import struct
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from glowtrain import data
+from glowtrain.config import DataConfig
+from glowtrain.errors import UserError
+
+
+def data_cfg(**overrides):
+    fields = dict(dataset="digits", root="data", image_size=8, channels=1, n_bits=5, download=False,
+                  hflip=False, test_fraction=0.1, split_seed=0, n_workers=0, on_bad_image="error", cache="")
+    fields.update(overrides)
+    return DataConfig(**fields)
+
+
+def write_image(path: Path, array: np.ndarray, fmt: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format=fmt)
+
+
+def random_image(rng, h, w, channels=3):
+    shape = (h, w, 3) if channels == 3 else (h, w)
+    return rng.integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def make_folder(root: Path, n: int, size=(12, 12), seed=0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    paths = [root / f"img{i:03d}.png" for i in range(n)]
+    for p in paths:
+        write_image(p, random_image(rng, *size))
+    return paths
+
+
+def all_items(ds):
+    return [ds[i] for i in range(len(ds))]
+
+
+class PlainDataset(Dataset):
+    """A dataset without get_batch, to force the DataLoader path."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        return self.inner[i]
+
+
+# ---------------------------------------------------------------- digits
+
+def test_digits_asset_holds_1797_uint8_8x8_images_scaled_from_0_16_with_labels_0_to_9():
+    with resources.files("glowtrain").joinpath("assets").joinpath("digits.npz").open("rb") as f:
+        arrays = np.load(f)
+        images, labels = arrays["images"], arrays["labels"]
+    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8
+    assert labels.shape == (1797,) and labels.dtype == np.uint8
+    allowed = {round(k * 255 / 16) for k in range(17)}
+    assert set(np.unique(images).tolist()) <= allowed
+    assert images.min() == 0 and images.max() == 255
+    counts = np.bincount(labels, minlength=10)
+    assert len(counts) == 10 and counts.min() >= 170
+
+
+def test_digits_split_is_1500_train_297_test_and_partitions_the_asset():
+    train, test = data.build_dataset(data_cfg(), "train"), data.build_dataset(data_cfg(), "test")
+    assert (len(train), len(test)) == (1500, 297)
+    assert train.image_shape == test.image_shape == (1, 8, 8) and train.n_classes == 10
+    with resources.files("glowtrain").joinpath("assets").joinpath("digits.npz").open("rb") as f:
+        asset = np.load(f)["images"]
+    # Rows as bytes: the two splits together are the asset exactly (as a multiset), so disjoint.
+    rows = sorted(x.numpy().tobytes() for x in torch.cat([train.images, test.images]))
+    assert rows == sorted(a.tobytes() for a in asset[:, None])
+
+
+def test_digits_split_is_stable_and_independent_of_config_seeds():
+    a = data.build_dataset(data_cfg(split_seed=0), "test")
+    b = data.build_dataset(data_cfg(split_seed=99), "test")
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    # Pinned: a change here silently changes every reported digits test bpd.
+    assert a.labels[:12].tolist() == [6, 5, 3, 8, 4, 0, 3, 3, 0, 1, 6, 8]
+
+
+def test_digits_items_are_uint8_chw_and_int_labels():
+    x, y = data.build_dataset(data_cfg(), "train")[0]
+    assert x.dtype == torch.uint8 and x.shape == (1, 8, 8) and isinstance(y, int) and 0 <= y <= 9
+
+
+def test_digits_at_another_image_size_is_a_user_error():
+    with pytest.raises(UserError, match="data.image_size: 8"):
+        data.image_shape(data_cfg(image_size=16))
+
+
+def test_image_shape_and_n_classes_need_no_files():
+    root = "/nonexistent/glowtrain"
+    assert data.image_shape(data_cfg(root=root)) == (1, 8, 8)
+    assert data.image_shape(data_cfg(dataset="mnist", image_size=32, root=root)) == (1, 32, 32)
+    assert data.image_shape(data_cfg(dataset="fashion_mnist", image_size=28, root=root)) == (1, 28, 28)
+    assert data.image_shape(data_cfg(dataset="cifar10", image_size=32, channels=1, root=root)) == (3, 32, 32)
+    assert data.image_shape(data_cfg(dataset="celeba", image_size=64, channels=3, root=root)) == (3, 64, 64)
+    assert data.image_shape(data_cfg(dataset="folder", image_size=16, channels=1, root=root)) == (1, 16, 16)
+    assert [data.n_classes(data_cfg(dataset=d)) for d in data.DATASETS] == [10, 10, 10, 10, 0, 0]
+    with pytest.raises(UserError, match="data.dataset"):
+        data.image_shape(data_cfg(dataset="imagenet"))
+
+
+# ---------------------------------------------------------------- folders
+
+def test_folder_finds_nested_images_with_any_case_extension_and_ignores_other_files(tmp_path):
+    rng = np.random.default_rng(0)
+    names = ["a.png", "b.PNG", "sub/c.Jpg", "sub/deeper/d.jpeg", "e.bmp", "f.WEBP", "sub/g.png"]
+    for name in names:
+        write_image(tmp_path / name, random_image(rng, 10, 14))
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "._a.png").write_bytes(b"macOS resource fork")
+    cfg = data_cfg(dataset="folder", root=str(tmp_path), image_size=8, channels=3, test_fraction=0.3)
+    train, test = data.build_dataset(cfg, "train"), data.build_dataset(cfg, "test")
+    found = {Path(p).relative_to(tmp_path).as_posix() for p in train.paths + test.paths}
+    assert found == set(names)
+    assert (len(train), len(test)) == (5, 2)
+    for x, y in all_items(train) + all_items(test):
+        assert x.shape == (3, 8, 8) and x.dtype == torch.uint8 and y == -1
+    assert train.image_shape == (3, 8, 8) and train.n_classes == 0
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_folder_converts_grey_and_colour_images_to_the_configured_channels(tmp_path, channels):
+    rng = np.random.default_rng(1)
+    write_image(tmp_path / "grey.png", random_image(rng, 9, 9, channels=1))
+    write_image(tmp_path / "rgb.png", random_image(rng, 9, 9))
+    rgba = np.concatenate([random_image(rng, 9, 9), np.full((9, 9, 1), 128, np.uint8)], axis=2)
+    write_image(tmp_path / "rgba.png", rgba)
+    cfg = data_cfg(dataset="folder", root=str(tmp_path), image_size=4, channels=channels, test_fraction=0.3)
+    items = all_items(data.build_dataset(cfg, "train")) + all_items(data.build_dataset(cfg, "test"))
+    assert len(items) == 3 and all(x.shape == (channels, 4, 4) for x, _ in items)
+
+
+def test_folder_centre_crops_to_a_square_without_resampling_at_the_crop_size(tmp_path):
+    rng = np.random.default_rng(2)
+    wide, tall = random_image(rng, 8, 12), random_image(rng, 14, 8)
+    write_image(tmp_path / "a_wide.png", wide)
+    write_image(tmp_path / "b_tall.png", tall)
+    cfg = data_cfg(dataset="folder", root=str(tmp_path), image_size=8, channels=3, test_fraction=0.5)
+    by_name = {Path(p).name: ds[i][0] for ds in (data.build_dataset(cfg, s) for s in ("train", "test"))
+               for i, p in enumerate(ds.paths)}
+    assert torch.equal(by_name["a_wide.png"], torch.from_numpy(wide[:, 2:10]).permute(2, 0, 1))
+    assert torch.equal(by_name["b_tall.png"], torch.from_numpy(tall[3:11]).permute(2, 0, 1))
+
+
+def test_folder_resize_keeps_the_centre_square_content(tmp_path):
+    # 30x10: a white 10x10 centre between black sides; after cropping only white is left.
+    array = np.zeros((10, 30), np.uint8)
+    array[:, 10:20] = 255
+    write_image(tmp_path / "a.png", array)
+    write_image(tmp_path / "b.png", array)
+    cfg = data_cfg(dataset="folder", root=str(tmp_path), image_size=5, channels=1)
+    x, _ = data.build_dataset(cfg, "train")[0]
+    assert x.shape == (1, 5, 5) and bool((x == 255).all())
+
+
+def test_folder_split_is_seeded_stable_disjoint_and_covers_every_image(tmp_path):
+    make_folder(tmp_path, 20)
+    cfg = data_cfg(dataset="folder", root=str(tmp_path), image_size=4, channels=3, test_fraction=0.25)
+    train, test = data.build_dataset(cfg, "train").paths, data.build_dataset(cfg, "test").paths
+    assert (len(train), len(test)) == (15, 5)
+    assert not set(train) & set(test) and len(set(train) | set(test)) == 20
+    assert train == sorted(train) and test == sorted(test)
+    assert data.build_dataset(cfg, "test").paths == test
+    other = data_cfg(**{**vars(cfg), "split_seed": 1})
+    assert data.build_dataset(other, "test").paths != test
+
+
+def test_folder_of_two_images_gets_one_in_each_split_even_with_tiny_test_fraction(tmp_path):
+    make_folder(tmp_path, 2)
+    cfg = data_cfg(dataset="folder", root=str(tmp_path), image_size=4, channels=3, test_fraction=0.01)
+    assert len(data.build_dataset(cfg, "train")) == len(data.build_dataset(cfg, "test")) == 1
+
+
+def test_folder_with_one_image_is_a_user_error(tmp_path):
+    make_folder(tmp_path, 1)
+    with pytest.raises(UserError, match="at least 2"):
+        data.build_dataset(data_cfg(dataset="folder", root=str(tmp_path), channels=3), "train")
+
+
+def test_missing_folder_root_is_a_user_error_naming_the_path_and_key(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(UserError) as info:
+        data.build_dataset(data_cfg(dataset="folder", root=str(missing), channels=3), "train")
+    assert str(missing) in str(info.value) and "data.root" in str(info.value)
+
+
+def test_folder_without_images_is_a_user_error_naming_the_path_and_extensions(tmp_path):
+    (tmp_path / "readme.txt").write_text("hi")
+    with pytest.raises(UserError) as info:
+        data.build_dataset(data_cfg(dataset="folder", root=str(tmp_path), channels=3), "train")
+    assert str(tmp_path) in str(info.value) and ".png" in str(info.value) and ".webp" in str(info.value)
+
+
+def folder_with_corrupt_file(root: Path, on_bad_image: str):
+    make_folder(root, 6, size=(6, 6))
+    (root / "img002.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    cfg = data_cfg(dataset="folder", root=str(root), image_size=4, channels=3, test_fraction=0.5,
+                   on_bad_image=on_bad_image)
+    ds = next(d for d in (data.build_dataset(cfg, s) for s in ("train", "test"))
+              if any(p.endswith("img002.png") for p in d.paths))
+    return ds, [i for i, p in enumerate(ds.paths) if p.endswith("img002.png")][0]
+
+
+def test_corrupt_image_under_error_names_the_file_and_the_skip_switch(tmp_path):
+    ds, bad = folder_with_corrupt_file(tmp_path, "error")
+    with pytest.raises(UserError) as info:
+        ds[bad]
+    assert "img002.png" in str(info.value) and "data.on_bad_image: skip" in str(info.value)
+
+
+def test_corrupt_image_error_from_a_worker_process_stays_one_line(tmp_path):
+    ds, _ = folder_with_corrupt_file(tmp_path, "error")
+    with pytest.raises(UserError) as info:
+        list(data.make_eval_batches(ds, 2, n_workers=1))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("cannot read image") and "img002.png" in message
+
+
+def test_corrupt_image_under_skip_warns_once_and_is_replaced_by_the_next_readable_image(tmp_path):
+    ds, bad = folder_with_corrupt_file(tmp_path, "skip")
+    with pytest.warns(UserWarning, match="img002.png"):
+        x, _ = ds[bad]
+    assert torch.equal(x, ds[(bad + 1) % len(ds)][0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second read of the bad file must not warn again
+        assert torch.equal(ds[bad][0], x)
+        batches = list(data.make_eval_batches(ds, len(ds)))
+    assert [b[0].shape for b in batches] == [(len(ds), 3, 4, 4)]
+
+
+# ---------------------------------------------------------------- torchvision sets
+
+def write_mnist(root: Path, folder: str, train: np.ndarray, test: np.ndarray):
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    for prefix, images in (("train", train), ("t10k", test)):
+        n = len(images)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">iiii", 2051, n, 28, 28) + images.tobytes())
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, n) + labels.tobytes())
+
+
+def test_missing_mnist_without_download_names_the_expected_folder(tmp_path):
+    for name, folder in (("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")):
+        with pytest.raises(UserError) as info:
+            data.build_dataset(data_cfg(dataset=name, root=str(tmp_path), image_size=28), "train")
+        message = str(info.value)
+        assert f"{tmp_path}/{folder}/raw" in message and "data.download" in message
+    assert list(tmp_path.iterdir()) == []  # nothing was downloaded or created
+
+
+def test_mnist_loads_from_raw_idx_files_and_pads_to_32_with_zeros(tmp_path):
+    rng = np.random.default_rng(3)
+    train, test = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8), rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    write_mnist(tmp_path, "MNIST", train, test)
+    cfg = data_cfg(dataset="mnist", root=str(tmp_path), image_size=28)
+    ds = data.build_dataset(cfg, "train")
+    assert isinstance(ds, data.TensorImages) and ds.image_shape == (1, 28, 28) and ds.n_classes == 10
+    assert torch.equal(ds.images[:, 0], torch.from_numpy(train)) and ds.labels.tolist() == [0, 1, 2, 3, 4]
+    padded = data.build_dataset(data_cfg(**{**vars(cfg), "image_size": 32}), "test")
+    assert padded.images.shape == (3, 1, 32, 32)
+    assert torch.equal(padded.images[:, 0, 2:30, 2:30], torch.from_numpy(test))
+    border = padded.images.clone()
+    border[:, :, 2:30, 2:30] = 0
+    assert int(border.sum()) == 0
+
+
+def test_fashion_mnist_resizes_with_antialiasing_to_other_sizes(tmp_path):
+    flat = np.full((4, 28, 28), 200, np.uint8)
+    write_mnist(tmp_path, "FashionMNIST", flat, flat[:2])
+    ds = data.build_dataset(data_cfg(dataset="fashion_mnist", root=str(tmp_path), image_size=14), "train")
+    assert ds.images.shape == (4, 1, 14, 14) and bool((ds.images == 200).all())
+
+
+def test_cifar10_loads_from_python_batches_in_channel_first_order(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as tv_cifar
+
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)  # our files have other md5s
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batches[name] = {"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), "labels": [1, 7]}
+        (folder / name).write_bytes(pickle.dumps(batches[name]))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [str(i) for i in range(10)]}))
+    cfg = data_cfg(dataset="cifar10", root=str(tmp_path), image_size=32)
+    train, test = data.build_dataset(cfg, "train"), data.build_dataset(cfg, "test")
+    assert train.images.shape == (10, 3, 32, 32) and test.images.shape == (2, 3, 32, 32)
+    assert torch.equal(test.images, torch.from_numpy(batches["test_batch"]["data"]).reshape(2, 3, 32, 32))
+    assert test.labels.tolist() == [1, 7]
+    small = data.build_dataset(data_cfg(**{**vars(cfg), "image_size": 16}), "test")
+    assert small.images.shape == (2, 3, 16, 16) and small.images.dtype == torch.uint8
+
+
+# ---------------------------------------------------------------- celeba
+
+def test_celeba_torchvision_layout_uses_official_partition_and_148_centre_crop(tmp_path):
+    celeba = tmp_path / "celeba"
+    rng = np.random.default_rng(5)
+    faces = {f"{i:06d}.jpg": random_image(rng, 218, 178) for i in range(1, 5)}
+    for name, array in faces.items():
+        write_image(celeba / "img_align_celeba" / name, array, fmt="PNG")  # lossless; PIL reads by content
+    (celeba / "list_eval_partition.txt").write_text("000001.jpg 0\n000002.jpg 1\n000003.jpg 2\n000004.jpg 0\n")
+    cfg = data_cfg(dataset="celeba", root=str(tmp_path), image_size=148, channels=3)
+    train, test = data.build_dataset(cfg, "train"), data.build_dataset(cfg, "test")
+    assert [Path(p).name for p in train.paths] == ["000001.jpg", "000004.jpg"]
+    assert [Path(p).name for p in test.paths] == ["000003.jpg"]
+    expected = torch.from_numpy(faces["000003.jpg"][35:183, 15:163]).permute(2, 0, 1)
+    assert torch.equal(test[0][0], expected)
+    small = data.build_dataset(data_cfg(**{**vars(cfg), "image_size": 8}), "train")
+    assert small[0][0].shape == (3, 8, 8) and small.n_classes == 0
+
+
+def test_celeba_without_the_torchvision_layout_reads_root_as_a_plain_folder(tmp_path):
+    make_folder(tmp_path, 4, size=(20, 16))
+    cfg = data_cfg(dataset="celeba", root=str(tmp_path), image_size=8, channels=3, test_fraction=0.25)
+    train, test = data.build_dataset(cfg, "train"), data.build_dataset(cfg, "test")
+    assert (len(train), len(test)) == (3, 1) and train[0][0].shape == (3, 8, 8)
+
+
+# ---------------------------------------------------------------- cache
+
+def test_cache_batches_equal_folder_batches(tmp_path):
+    make_folder(tmp_path / "images", 9, size=(10, 13))
+    cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=6, channels=3, test_fraction=0.3)
+    index = data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    assert index["splits"] == {"train": 6, "test": 3} and index["image_shape"] == [3, 6, 6]
+    assert json.loads((tmp_path / "cache" / "index.json").read_text()) == index
+    cached_cfg = data_cfg(**{**vars(cfg), "cache": str(tmp_path / "cache")})
+    for split in ("train", "test"):
+        folder, cached = data.build_dataset(cfg, split), data.build_dataset(cached_cfg, split)
+        assert cached.image_shape == (3, 6, 6) and len(cached) == len(folder)
+        x, y = cached.get_batch(torch.arange(len(folder)))
+        assert torch.equal(x, torch.stack([img for img, _ in all_items(folder)]))
+        assert y.tolist() == [-1] * len(folder)
+
+
+def test_cache_prepared_at_another_size_or_missing_is_a_user_error(tmp_path):
+    make_folder(tmp_path / "images", 4)
+    cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=6, channels=3)
+    data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    with pytest.raises(UserError, match="prepare"):
+        data.build_dataset(data_cfg(**{**vars(cfg), "image_size": 8, "cache": str(tmp_path / "cache")}), "train")
+    with pytest.raises(UserError, match="glowtrain prepare"):
+        data.build_dataset(data_cfg(**{**vars(cfg), "cache": str(tmp_path / "elsewhere")}), "train")
+
+
+# ---------------------------------------------------------------- samplers and loaders
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def test_step_sampler_started_at_a_step_yields_exactly_the_tail_of_the_stream_from_zero():
+    full = take(iter(data.StepBatchSampler(23, 4, seed=7)), 30)
+    resumed = take(iter(data.StepBatchSampler(23, 4, seed=7, start_step=17)), 13)
+    assert resumed == full[17:]
+
+
+def test_step_sampler_epochs_are_seeded_permutations_with_drop_last():
+    n, b, seed = 10, 3, 5
+    batches = take(iter(data.StepBatchSampler(n, b, seed)), 9)  # 3 batches per epoch
+    for e in range(3):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e)).tolist()
+        epoch = batches[3 * e:3 * e + 3]
+        assert epoch == [perm[0:3], perm[3:6], perm[6:9]]
+        assert len(set(sum(epoch, []))) == 9  # within an epoch no index repeats
+    assert batches[0:3] != batches[3:6]
+
+
+def test_step_sampler_ranks_take_their_slices_of_the_global_batch():
+    single = take(iter(data.StepBatchSampler(50, 8, seed=3, start_step=4)), 12)
+    ranks = [take(iter(data.StepBatchSampler(50, 4, seed=3, start_step=4, rank=r, world_size=2)), 12)
+             for r in range(2)]
+    assert all(len(b) == 4 for r in ranks for b in r)
+    assert [r0 + r1 for r0, r1 in zip(*ranks)] == single
+
+
+def test_step_sampler_with_fewer_items_than_a_global_batch_is_a_user_error():
+    with pytest.raises(UserError) as info:
+        data.StepBatchSampler(10, 6, seed=0, world_size=2)
+    assert "train.batch_size" in str(info.value) and "10" in str(info.value)
+
+
+def test_train_batches_fast_path_equals_dataloader_path_and_resumes_exactly():
+    images = torch.arange(30 * 4, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(30, 1, 2, 2)
+    ds = data.TensorImages(images, torch.arange(30), n_classes=30)
+    fast = take(data.make_train_batches(ds, 4, seed=1), 12)
+    slow = take(data.make_train_batches(PlainDataset(ds), 4, seed=1), 12)
+    for (x, y), (xs, ys) in zip(fast, slow):
+        assert x.dtype == xs.dtype == torch.uint8 and y.dtype == ys.dtype == torch.int64
+        assert torch.equal(x, xs) and torch.equal(y, ys) and torch.equal(x, images[y])
+    resumed = take(data.make_train_batches(ds, 4, seed=1, start_step=9), 3)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(resumed, fast[9:]))
+
+
+def test_eval_batches_over_two_ranks_cover_the_split_exactly_once(tmp_path):
+    ds = data.TensorImages(torch.zeros(11, 1, 2, 2, dtype=torch.uint8), torch.arange(11), n_classes=11)
+    per_rank = [list(data.make_eval_batches(ds, 3, rank=r, world_size=2)) for r in range(2)]
+    assert [len(x) for x, _ in per_rank[0]] == [3, 3]  # items 0, 2, ..., 10
+    assert [len(x) for x, _ in per_rank[1]] == [3, 2]  # items 1, 3, ..., 9
+    labels = torch.cat([y for batches in per_rank for _, y in batches])
+    assert sorted(labels.tolist()) == list(range(11))
+    # The DataLoader path (lazy files) gives the same order as indexing.
+    make_folder(tmp_path, 7, size=(4, 4))
+    files = data.build_dataset(data_cfg(dataset="folder", root=str(tmp_path), image_size=4, channels=3,
+                                        test_fraction=0.3), "train")
+    x = torch.cat([b for b, _ in data.make_eval_batches(files, 2, rank=1, world_size=2)])
+    assert torch.equal(x, torch.stack([files[i][0] for i in range(1, len(files), 2)]))

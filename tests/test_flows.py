@@ -1,0 +1,187 @@
+import pytest
+import torch
+
+from glowtrain.flows import (
+    ActNorm,
+    Coupling,
+    InvConv2d,
+    Permute,
+    Squeeze,
+    flow_step,
+)
+from helpers import brute_force_logdet, perturb
+
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def _layer(kind: str, channels: int):
+    if kind == "actnorm":
+        return ActNorm(channels)
+    if kind == "conv_lu":
+        return InvConv2d(channels, lu=True)
+    if kind == "conv_plain":
+        return InvConv2d(channels, lu=False)
+    if kind in ("reverse", "shuffle"):
+        return Permute(channels, kind)
+    if kind == "affine":
+        return Coupling(channels, 8, affine=True)
+    if kind == "additive":
+        return Coupling(channels, 8, affine=False)
+    if kind == "squeeze":
+        return Squeeze()
+    coupling, conv = kind.split("+")
+    return flow_step(channels, 8, coupling, conv)
+
+
+LAYERS = ["actnorm", "conv_lu", "conv_plain", "reverse", "shuffle", "affine", "additive", "squeeze"] + [
+    f"{c}+{v}" for c in ("affine", "additive") for v in ("lu", "plain", "shuffle", "reverse")
+]
+
+
+def _ready_layer(kind, shape, seed=0):
+    torch.manual_seed(seed)
+    layer = _layer(kind, shape[0]).double()
+    x = torch.randn(6, *shape)
+    layer(x)  # data-dependent init happens here
+    perturb(layer, 0.2, seed)
+    return layer, torch.randn(3, *shape)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 4), (4, 4, 4)])
+@pytest.mark.parametrize("kind", LAYERS)
+def test_layer_logdet_matches_brute_force_jacobian(kind, shape):
+    layer, x = _ready_layer(kind, shape)
+    _, logdet = layer(x)
+    assert logdet.shape == (3,)
+    expected = brute_force_logdet(lambda s: layer(s)[0], x)
+    assert torch.allclose(logdet, expected, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_layer_reverse_inverts_forward(kind):
+    layer, x = _ready_layer(kind, (4, 4, 4), seed=1)
+    y, _ = layer(x)
+    assert (layer.reverse(y) - x).abs().max() <= 1e-10
+    assert (layer(layer.reverse(x))[0] - x).abs().max() <= 1e-10
+
+
+def test_volume_preserving_layers_report_zero_logdet_per_sample():
+    x = torch.randn(5, 4, 4, 4)
+    for layer in (Permute(4, "shuffle"), Squeeze(), Coupling(4, 8, affine=False)):
+        logdet = layer(x)[1]
+        assert logdet.shape == (5,) and torch.all(logdet == 0)
+
+
+def test_actnorm_initialises_to_zero_mean_unit_variance():
+    layer = ActNorm(3)
+    x = torch.randn(64, 3, 5, 5) * torch.tensor([0.1, 2.0, 7.0]).view(1, 3, 1, 1) + 3.0
+    y, _ = layer(x)
+    assert torch.allclose(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-10)
+    assert torch.allclose(y.std(dim=(0, 2, 3), unbiased=False), torch.ones(3), atol=1e-5)
+
+
+def test_actnorm_does_not_reinitialise_after_state_dict_round_trip():
+    layer = ActNorm(3)
+    layer(torch.randn(32, 3, 4, 4) * 5)
+    restored = ActNorm(3)
+    restored.load_state_dict(layer.state_dict())
+    other_batch = torch.randn(32, 3, 4, 4) + 10
+    assert torch.equal(restored(other_batch)[0], layer(other_batch)[0])
+    assert torch.equal(restored.bias, layer.bias)
+
+
+def test_actnorm_initialises_only_once():
+    layer = ActNorm(2)
+    layer(torch.randn(16, 2, 3, 3))
+    bias = layer.bias.clone()
+    layer(torch.randn(16, 2, 3, 3) * 9 + 4)
+    assert torch.equal(layer.bias, bias)
+
+
+def test_lu_logdet_equals_slogdet_of_reconstructed_weight():
+    conv = InvConv2d(6, lu=True)
+    perturb(conv, 0.3)
+    expected = torch.linalg.slogdet(conv.matrix())[1]
+    assert torch.allclose(conv.log_abs_det(), expected, atol=1e-12)
+    x = torch.randn(2, 6, 3, 5)
+    assert torch.allclose(conv(x)[1], expected * 15 * torch.ones(2), atol=1e-10)
+
+
+def test_invconv_starts_as_a_rotation():
+    for lu in (True, False):
+        weight = InvConv2d(5, lu=lu).matrix().detach()
+        assert torch.allclose(weight @ weight.T, torch.eye(5), atol=1e-6)
+
+
+@pytest.mark.parametrize("lu", [True, False])
+def test_cached_inverse_is_reused_in_eval_and_invalidated_when_weights_change(lu):
+    conv = InvConv2d(4, lu=lu).eval()
+    first = conv.inverse_matrix()
+    assert conv.inverse_matrix() is first
+    optimizer = torch.optim.SGD(conv.parameters(), lr=0.1)
+    conv(torch.randn(2, 4, 3, 3))[0].square().sum().backward()
+    optimizer.step()
+    second = conv.inverse_matrix()
+    assert second is not first
+    assert torch.allclose(second @ conv.matrix().detach(), torch.eye(4), atol=1e-10)
+    fresh = InvConv2d(4, lu=lu).eval()
+    fresh.load_state_dict(conv.state_dict())
+    reloaded = InvConv2d(4, lu=lu).eval()
+    reloaded.inverse_matrix()
+    reloaded.load_state_dict(conv.state_dict())
+    assert torch.allclose(reloaded.inverse_matrix(), second, atol=1e-12)
+
+
+@pytest.mark.parametrize("lu", [True, False])
+def test_float32_inverse_is_computed_in_float64(lu):
+    conv = InvConv2d(48, lu=lu)
+    perturb(conv, 0.05)
+    conv = conv.float()
+    exact = torch.linalg.inv(conv.matrix().detach().double())
+    assert (conv.inverse_matrix().double() - exact).abs().max() < 1e-6 * exact.abs().max()
+    x = torch.randn(2, 48, 4, 4, dtype=torch.float32)
+    assert (conv.reverse(conv(x)[0]) - x).abs().max() < 1e-4
+
+
+def test_affine_coupling_reverse_stays_finite_when_scale_saturates():
+    coupling = Coupling(4, 8, affine=True).float()
+    with torch.no_grad():
+        coupling.net.conv_out.conv.bias.fill_(-1e4)  # sigmoid(h + 2) underflows to 0
+    y = torch.randn(3, 4, 4, 4, dtype=torch.float32) * 1e3
+    x = coupling.reverse(y)
+    assert torch.isfinite(x).all()
+    assert torch.isfinite(coupling(x)[1]).all()
+
+
+def test_zero_initialised_coupling_starts_as_identity():
+    x = torch.randn(2, 4, 4, 4)
+    for affine in (True, False):
+        coupling = Coupling(4, 8, affine=affine)
+        y, logdet = coupling(x)
+        # sigmoid(2) is the starting scale of the affine coupling's changed half
+        expected_scale = torch.sigmoid(torch.tensor(2.0)) * (1 - 1e-4) + 1e-4 if affine else 1.0
+        assert torch.allclose(y[:, :2], x[:, :2]) and torch.allclose(y[:, 2:], x[:, 2:] * expected_scale)
+
+
+def test_squeeze_moves_each_2x2_block_into_channels():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    y, _ = Squeeze()(x)
+    assert y.shape == (1, 4, 2, 2)
+    assert y[0, :, 0, 0].tolist() == [0.0, 1.0, 4.0, 5.0]
+    assert torch.equal(Squeeze().reverse(y), x)
+
+
+def test_unknown_layer_kinds_are_refused():
+    with pytest.raises(ValueError, match="unknown coupling"):
+        flow_step(4, 8, "spline", "lu")
+    with pytest.raises(ValueError, match="unknown conv"):
+        flow_step(4, 8, "affine", "dense")
+    with pytest.raises(ValueError, match="at least 2 channels"):
+        Coupling(1, 8)

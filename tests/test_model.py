@@ -1,0 +1,193 @@
+import math
+
+import pytest
+import torch
+
+from glowtrain.model import Glow
+from helpers import brute_force_logdet, perturb
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def _random_glow(shape, seed=0, scale=0.05, **kwargs):
+    torch.manual_seed(seed)
+    kwargs = {"n_levels": 2, "n_steps": 2, "hidden_channels": 8, **kwargs}
+    model = Glow(shape, **kwargs)
+    model.initialize(torch.rand(16, *shape) - 0.5)
+    perturb(model, scale, seed)
+    return model
+
+
+def _flat_latents(model, x):
+    zs, _ = model.encode(x)
+    return torch.cat([z.flatten(1) for z in zs], 1)
+
+
+GRID = [(c, v) for c in ("additive", "affine") for v in ("lu", "plain", "shuffle")]
+
+
+@pytest.mark.parametrize("n_classes", [0, 3])
+@pytest.mark.parametrize("coupling,conv", GRID)
+@pytest.mark.parametrize("shape", [(1, 4, 4), (3, 8, 8)])
+def test_model_logdet_matches_brute_force_jacobian(shape, coupling, conv, n_classes):
+    model = _random_glow(shape, coupling=coupling, conv=conv, n_classes=n_classes)
+    x = torch.rand(2, *shape) - 0.5
+    _, logdet = model.encode(x)
+    expected = brute_force_logdet(lambda s: _flat_latents(model, s), x)
+    assert torch.allclose(logdet, expected, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("coupling,conv", GRID + [("affine", "reverse")])
+def test_decode_inverts_encode_in_float64(coupling, conv):
+    model = _random_glow((3, 8, 8), seed=3, coupling=coupling, conv=conv, n_levels=3)
+    x = torch.rand(4, 3, 8, 8) - 0.5
+    zs, _ = model.encode(x)
+    assert (model.decode(zs) - x).abs().max() <= 1e-10
+
+
+def test_deep_float32_model_round_trips_within_1e_4():
+    torch.set_default_dtype(torch.float32)
+    # Every parameter moved off its initial value; larger random moves make 96 untrained steps chaotic.
+    model = _random_glow((3, 16, 16), seed=5, scale=0.01, n_levels=3, n_steps=32, hidden_channels=16).eval()
+    x = torch.rand(4, 3, 16, 16) - 0.5
+    with torch.no_grad():
+        zs, _ = model.encode(x)
+        coupling_output = model.levels[0].layers[5].layers[2].net(zs[0])
+        assert coupling_output.abs().max() > 0.01  # the couplings really act
+        assert (model.decode(zs) - x).abs().max() <= 1e-4
+
+
+def test_log_prob_integrates_to_one():
+    # Importance sampling: E_q[p(x) / q(x)] = 1 for a normalised p and any q covering its mass; q is a
+    # diagonal Gaussian twice as wide as the model's samples, so nothing here trusts log_prob itself.
+    model = _random_glow((1, 2, 2), seed=2, scale=0.05, n_levels=1, coupling="affine")
+    generator = torch.Generator().manual_seed(0)
+    samples = model.sample(4000, generator=generator).flatten(1)
+    q_mean, q_std = samples.mean(0), 2 * samples.std(0)
+    x = q_mean + q_std * torch.randn(400_000, 4, generator=generator)
+    log_q = (-0.5 * ((x - q_mean) / q_std) ** 2 - torch.log(q_std) - 0.5 * math.log(2 * math.pi)).sum(1)
+    with torch.no_grad():
+        ratio = torch.exp(model.log_prob(x.view(-1, 1, 2, 2)) - log_q)
+    estimate, stderr = ratio.mean().item(), ratio.std().item() / math.sqrt(len(ratio))
+    assert stderr < 0.01
+    assert abs(estimate - 1.0) < 5 * stderr
+
+
+def test_log_prob_is_prior_plus_logdet():
+    model = _random_glow((1, 4, 4), seed=4)
+    x = torch.rand(3, 1, 4, 4) - 0.5
+    zs, logdet = model.encode(x)
+    # A standard-normal reference model: with every prior at N(0, 1), log p = sum log N(z) + logdet.
+    standard = Glow((1, 4, 4), n_levels=2, n_steps=2, hidden_channels=8, learn_top=False)
+    standard.load_state_dict({k: v for k, v in model.state_dict().items() if "split_priors" not in k}, strict=False)
+    standard.top_prior.zero_()
+    flat = torch.cat([z.flatten(1) for z in standard.encode(x)[0]], 1)
+    expected = (-0.5 * flat**2 - 0.5 * math.log(2 * math.pi)).sum(1) + standard.encode(x)[1]
+    assert torch.allclose(standard.log_prob(x), expected, atol=1e-10)
+    assert torch.allclose(logdet, standard.encode(x)[1], atol=1e-12)
+
+
+def test_marginal_log_prob_of_conditional_model_averages_over_classes():
+    model = _random_glow((1, 4, 4), seed=6, scale=0.05, n_classes=3)
+    x = torch.rand(5, 1, 4, 4) - 0.5
+    per_class = torch.stack([model.log_prob(x, torch.full((5,), k)) for k in range(3)], 1)
+    expected = torch.logsumexp(per_class, 1) - math.log(3)
+    assert torch.allclose(model.log_prob(x), expected, atol=1e-10)
+    assert not torch.allclose(per_class[:, 0], per_class[:, 1])
+    assert model.class_logits(x).shape == (5, 3)
+
+
+def test_sample_shapes_and_latent_shapes():
+    model = _random_glow((3, 8, 8), n_levels=3)
+    assert model.sample(5).shape == (5, 3, 8, 8)
+    assert model.latent_shapes == [(6, 4, 4), (12, 2, 2), (48, 1, 1)]
+    zs, _ = model.encode(torch.rand(2, 3, 8, 8))
+    assert [tuple(z.shape[1:]) for z in zs] == model.latent_shapes
+
+
+def test_sample_at_temperature_zero_returns_the_prior_means():
+    model = _random_glow((1, 8, 8), seed=7, scale=0.05, n_levels=2)
+    x = model.sample(4, temperature=0.0)
+    assert torch.allclose(x, x[:1].expand_as(x), atol=1e-12)
+    zs, _ = model.encode(x)
+    top_mean, _ = model._top_params(4, None)
+    assert torch.allclose(zs[-1], top_mean, atol=1e-9)
+    _, kept_halves, _ = model._flow(x)
+    split_mean, _ = model._split_params(0, kept_halves[0])
+    assert torch.allclose(zs[0], split_mean, atol=1e-9)
+
+
+def test_same_generator_seed_gives_same_samples():
+    model = _random_glow((1, 8, 8), seed=8)
+    a = model.sample(3, 0.7, generator=torch.Generator().manual_seed(11))
+    b = model.sample(3, 0.7, generator=torch.Generator().manual_seed(11))
+    c = model.sample(3, 0.7, generator=torch.Generator().manual_seed(12))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_temperature_scales_latent_spread():
+    model = _random_glow((1, 8, 8), seed=9, scale=0.05)
+    spread = []
+    for temperature in (0.5, 1.0):
+        x = model.sample(400, temperature, generator=torch.Generator().manual_seed(0))
+        zs, _ = model.encode(x)
+        top_mean, top_logs = model._top_params(400, None)
+        spread.append(((zs[-1] - top_mean) / top_logs.exp()).std().item())
+    assert spread[0] == pytest.approx(0.5, rel=0.1) and spread[1] == pytest.approx(1.0, rel=0.1)
+
+
+def test_conditional_sampling_honours_labels():
+    model = _random_glow((1, 8, 8), seed=10, scale=0.05, n_classes=4)
+    labels = torch.tensor([0, 1, 2, 3, 2])
+    x = model.sample(5, temperature=0.0, y=labels)
+    zs, _ = model.encode(x)
+    top_mean, _ = model._top_params(5, labels)
+    assert torch.allclose(zs[-1], top_mean, atol=1e-9)
+    assert torch.allclose(x[2], x[4], atol=1e-12) and not torch.allclose(x[0], x[1])
+    with pytest.raises(ValueError, match="labels must lie in 0..3"):
+        model.sample(1, y=torch.tensor([4]))
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        model.sample(1, temperature=-0.1)
+
+
+def test_sample_stays_finite_at_extreme_temperature():
+    model = _random_glow((3, 8, 8), seed=11, scale=0.5, n_levels=2).float()
+    x = model.sample(4, temperature=1e4)
+    assert torch.isfinite(x).all()
+
+
+def test_initialize_sets_every_actnorm_once_and_survives_state_dict():
+    model = Glow((1, 8, 8), n_levels=2, n_steps=2, hidden_channels=8)
+    assert not model.is_initialized
+    model.initialize(torch.rand(16, 1, 8, 8) - 0.5)
+    assert model.is_initialized
+    copy = Glow((1, 8, 8), n_levels=2, n_steps=2, hidden_channels=8)
+    copy.load_state_dict(model.state_dict())
+    assert copy.is_initialized
+    x = torch.rand(4, 1, 8, 8) * 3
+    assert torch.equal(copy.log_prob(x), model.log_prob(x))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"image_shape": (3, 30, 30), "n_levels": 2}, "not divisible by 2\\*\\*n_levels = 4"),
+        ({"image_shape": (3, 8, 8), "n_levels": 4}, "not divisible"),
+        ({"image_shape": (3, 8), "n_levels": 1}, "image_shape must be"),
+        ({"image_shape": (3, 8, 8), "n_levels": 0}, "n_levels must be at least 1"),
+        ({"image_shape": (3, 8, 8), "n_steps": 0}, "n_steps must be at least 1"),
+        ({"image_shape": (3, 8, 8), "coupling": "spline"}, "unknown coupling"),
+        ({"image_shape": (3, 8, 8), "conv": "dense"}, "unknown conv"),
+        ({"image_shape": (3, 8, 8), "n_classes": -1}, "n_classes must be at least 0"),
+    ],
+)
+def test_impossible_architectures_raise_clear_value_errors(kwargs, message):
+    kwargs = {"n_levels": 1, "n_steps": 1, "hidden_channels": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        Glow(**kwargs)
