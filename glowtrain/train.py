@@ -1,0 +1,341 @@
+"""The training loop: data-dependent init, Adamax with warm-up, EMA, evaluation, logging, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from glowtrain.checkpoint import (
+    build_model,
+    checkpoint_state,
+    config_of,
+    load_checkpoint,
+    load_state_checked,
+    run_paths,
+    save_checkpoint,
+)
+from glowtrain.config import Config, apply_overrides, config_to_dict, load_config, save_config
+from glowtrain.data import build_dataset, make_eval_batches, make_train_batches
+from glowtrain.errors import UserError
+from glowtrain.losses import bits_per_dim, dequantize
+from glowtrain.sample import display_upscale, image_grid, sample_images, save_png, temperature_name
+
+EVAL_NOISE_SEED = 12345  # fixed, so every evaluation of a checkpoint sees the same dequantisation
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after saving; the CLI exits 130."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"run.device={name} but CUDA is not available here — use run.device=cpu or auto")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise UserError(f"run.device={name} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("run.device=mps but MPS is not available here — use run.device=cpu or auto")
+    return torch.device(name)
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warm-up to train.lr, then constant or cosine decay to lr * min_lr_ratio."""
+    t = cfg.train
+    if t.warmup_steps > 0 and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return t.lr
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    floor = t.lr * t.min_lr_ratio
+    return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """Warmed-up Polyak decay: early averages must forget the random initial weights quickly."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ema_params = list(ema.parameters())
+    torch._foreach_lerp_(ema_params, list(model.parameters()), 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """Noise for step t depends on (seed, t) alone, so a resumed run draws exactly the same noise."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 1)
+
+
+def prepare_batch(images: torch.Tensor, cfg: Config, device: torch.device, generator: torch.Generator | None,
+                  flip: bool = False) -> torch.Tensor:
+    """uint8 batch -> dequantised float batch on the device (noise and flips from `generator`)."""
+    images = images.to(device, non_blocking=True)
+    if flip:
+        flips = torch.rand(images.shape[0], device=device, generator=generator) < 0.5
+        images = torch.where(flips[:, None, None, None], images.flip(3), images)
+    return dequantize(images, cfg.data.n_bits, generator=generator)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset, cfg: Config, device: torch.device, seed: int = EVAL_NOISE_SEED) -> dict:
+    """bits/dim over the whole split (mean of per-image bpd), plus accuracy for class-conditional models."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    total_bpd = torch.zeros((), dtype=torch.float64, device=device)
+    total_sq = torch.zeros((), dtype=torch.float64, device=device)
+    n_correct = torch.zeros((), dtype=torch.long, device=device)
+    n_images = 0
+    for images, labels in make_eval_batches(dataset, cfg.train.eval_batch_size, pin_memory=device.type == "cuda"):
+        x = prepare_batch(images, cfg, device, generator)
+        labels = labels.to(device)
+        y = labels if cfg.model.n_classes > 0 else None
+        log_prob, logits = model(x, y)
+        bpd = bits_per_dim(log_prob, model.n_dims, cfg.data.n_bits).double()
+        total_bpd += bpd.sum()
+        total_sq += (bpd**2).sum()
+        if logits is not None:
+            n_correct += (logits.argmax(1) == labels).sum()
+        n_images += images.shape[0]
+    model.train(was_training)
+    mean = (total_bpd / n_images).item()
+    variance = max(0.0, (total_sq / n_images).item() - mean**2)
+    result = {"bpd": mean, "bpd_stderr": math.sqrt(variance / max(1, n_images - 1)), "n_images": n_images}
+    if cfg.model.n_classes > 0:
+        result["accuracy"] = n_correct.item() / n_images
+    return result
+
+
+class RunLogger:
+    """metrics.jsonl (one JSON object per event) and TensorBoard, side by side."""
+
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
+
+        paths = run_paths(run_dir)
+        self.metrics = open(paths["metrics"], "a", buffering=1)
+        self.writer = SummaryWriter(log_dir=str(paths["tb"]))
+
+    def log(self, step: int, split: str, **values) -> None:
+        self.metrics.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+        for key, value in values.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{split}/{key}", value, step)
+
+    def image(self, tag: str, picture: torch.Tensor, step: int) -> None:
+        self.writer.add_image(tag, picture, step)
+
+    def close(self, hparams: dict | None = None, final: dict | None = None) -> None:
+        if hparams is not None and final:
+            self.writer.add_hparams(hparams, final, run_name=".")
+        self.writer.close()
+        self.metrics.close()
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class RunDir:
+    path: Path
+    resume_from: Path | None
+
+
+def prepare_run_dir(cfg: Config, out: str | None, resume: str | None) -> RunDir:
+    """Decide where the run lives and what it resumes from; refuse to overwrite an existing run."""
+    run_dir = Path(out) if out else Path("runs") / cfg.run.name
+    if resume is None:
+        if run_paths(run_dir)["last"].exists() or run_paths(run_dir)["metrics"].exists():
+            raise UserError(f"{run_dir} already holds a run — continue it with --resume auto, or choose another "
+                            "--out or run.name")
+        return RunDir(run_dir, None)
+    checkpoint = run_paths(run_dir)["last"] if resume == "auto" else Path(resume)
+    if not checkpoint.is_file():
+        raise UserError(f"nothing to resume: {checkpoint} does not exist — start the run without --resume")
+    if resume != "auto" and out is None:
+        run_dir = checkpoint.parent.parent
+    return RunDir(run_dir, checkpoint)
+
+
+def fit_config(config_path: str | None, overrides: list[str], out: str | None, resume: str | None) -> Config:
+    """The config `fit` runs: a resumed run keeps the one stored with it unless --config is given."""
+    if resume is None or config_path is not None:
+        return load_config(config_path, overrides)
+    if resume == "auto":
+        if out is None:
+            name = load_config(None, overrides).run.name
+            checkpoint = run_paths(Path("runs") / name)["last"]
+        else:
+            checkpoint = run_paths(Path(out))["last"]
+    else:
+        checkpoint = Path(resume)
+    if not checkpoint.is_file():
+        raise UserError(f"nothing to resume: {checkpoint} does not exist — start the run without --resume")
+    return apply_overrides(config_of(load_checkpoint(checkpoint), str(checkpoint)), overrides)
+
+
+def _seeded_init_batch(dataset, cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random batch of train.init_batch_size images for the data-dependent init."""
+    size = min(cfg.train.init_batch_size, len(dataset))
+    images, labels = next(make_train_batches(dataset, size, seed=cfg.run.seed + 7919))
+    generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
+    return prepare_batch(images, cfg, device, generator), labels.to(device)
+
+
+def _write_samples(model, cfg: Config, step: int, run_dir: Path, logger: RunLogger, device: torch.device) -> list[Path]:
+    written = []
+    for temperature in cfg.train.sample_temperatures:
+        generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
+        images = sample_images(model, cfg.train.n_samples, temperature, cfg.data.n_bits, generator)
+        grid = image_grid(images)
+        name = f"step{step:07d}_{temperature_name(temperature)}.png"
+        written.append(save_png(grid, run_paths(run_dir)["samples"] / name, display_upscale(cfg.data.image_size)))
+        logger.image(f"samples/T={temperature:g}", grid, step)
+    return written
+
+
+def train(cfg: Config, out: str | None = None, resume: str | None = None, progress: bool = True) -> dict:
+    """Train the model `cfg` describes; returns the final test metrics and where things were written."""
+    device = resolve_device(cfg.run.device)
+    run = prepare_run_dir(cfg, out, resume)
+    train_set = build_dataset(cfg.data, "train")
+    test_set = build_dataset(cfg.data, "test")
+    if cfg.model.n_classes > 0 and train_set.n_classes != cfg.model.n_classes:
+        raise UserError(f"model.n_classes={cfg.model.n_classes} but dataset {cfg.data.dataset} has "
+                        f"{train_set.n_classes} classes — set model.n_classes={train_set.n_classes} (or 0)")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg).to(device)
+    optimizer_cls = torch.optim.Adamax if cfg.train.optimizer == "adamax" else torch.optim.Adam
+    optimizer = optimizer_cls(model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
+    start_step, best_bpd = 0, math.inf
+    if run.resume_from is not None:
+        state = load_checkpoint(run.resume_from, map_location=device)
+        load_state_checked(model, state["model"], str(run.resume_from))
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, best_bpd = state["step"], state["best_test_bpd"]
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+    else:
+        x, labels = _seeded_init_batch(train_set, cfg, device)
+        model.initialize(x, labels if cfg.model.n_classes > 0 else None)
+    ema = None
+    if cfg.train.ema_decay > 0:
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
+        if run.resume_from is not None and state.get("ema") is not None:
+            load_state_checked(ema, state["ema"], str(run.resume_from))
+    eval_model = ema if ema is not None else model
+
+    run.path.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_paths(run.path)["config"])
+    logger = RunLogger(run.path)
+    cfg_dict = config_to_dict(cfg)
+
+    def save(step: int, path: Path) -> None:
+        save_checkpoint(checkpoint_state(model=model, ema=ema, optimizer=optimizer, step=step, cfg_dict=cfg_dict,
+                                         best_test_bpd=best_bpd), path)
+
+    batches = make_train_batches(train_set, cfg.train.batch_size, seed=cfg.run.seed, start_step=start_step,
+                                 n_workers=cfg.data.n_workers, pin_memory=device.type == "cuda")
+    n_dims = model.n_dims
+    max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+    bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
+    final: dict = {}
+    step = start_step
+    window_start, window_images = time.perf_counter(), 0
+    model.train()
+    try:
+        with _StopFlag() as stop:
+            while step < cfg.train.steps:
+                if stop.requested:
+                    save(step, run_paths(run.path)["last"])
+                    raise Interrupted(step)
+                images, labels = next(batches)
+                generator = step_generator(cfg.run.seed, step, device)
+                x = prepare_batch(images, cfg, device, generator, flip=cfg.data.hflip)
+                labels = labels.to(device, non_blocking=True)
+                lr = lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                log_prob, logits = model(x, labels if cfg.model.n_classes > 0 else None)
+                bpd = bits_per_dim(log_prob, n_dims, cfg.data.n_bits).mean()
+                loss = bpd
+                if logits is not None:
+                    loss = loss + cfg.train.class_weight * F.cross_entropy(logits, labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                    raise RuntimeError(f"non-finite loss or gradient at step {step}; lower train.lr")
+                optimizer.step()
+                if ema is not None:
+                    update_ema(ema, model, ema_decay_at(step, cfg.train.ema_decay))
+                step += 1
+                window_images += x.shape[0]
+                bar.update(1)
+
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    elapsed = time.perf_counter() - window_start
+                    values = {"bpd": bpd.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                              "images_per_s": window_images / max(elapsed, 1e-9)}
+                    logger.log(step, "train", **values)
+                    bar.set_postfix(bpd=f"{values['bpd']:.3f}", lr=f"{lr:.2e}",
+                                    img_s=f"{values['images_per_s']:.0f}")
+                    window_start, window_images = time.perf_counter(), 0
+                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                    final = evaluate(eval_model, test_set, cfg, device)
+                    logger.log(step, "test", **final)
+                    bar.write(f"step {step}: test bpd {final['bpd']:.4f} ± {final['bpd_stderr']:.4f}")
+                    if final["bpd"] < best_bpd:
+                        best_bpd = final["bpd"]
+                        save(step, run_paths(run.path)["best"])
+                if step % cfg.train.sample_every == 0 or step == cfg.train.steps:
+                    _write_samples(eval_model, cfg, step, run.path, logger, device)
+                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                    save(step, run_paths(run.path)["last"])
+    finally:
+        bar.close()
+        hparams = {"dataset": cfg.data.dataset, "n_levels": cfg.model.n_levels, "n_steps": cfg.model.n_steps,
+                   "hidden_channels": cfg.model.hidden_channels, "coupling": cfg.model.coupling,
+                   "lr": cfg.train.lr, "batch_size": cfg.train.batch_size}
+        logger.close(hparams, {"hparam/test_bpd": final["bpd"]} if final else None)
+    return {"run_dir": str(run.path), "step": step, "best_test_bpd": best_bpd, **{f"test_{k}": v for k, v in final.items()}}
