@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
+import re
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +59,25 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise UserError(f"checkpoint not found: {path} — pass an existing .pt file or a run directory")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
-        raise UserError(f"refusing to load {path}: it holds objects a checkpoint never contains ({first_line})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable glowtrain checkpoint (truncated or another format): {e}") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for files that are not checkpoints
+        reason = _weights_only_refusal(str(e))
+        if reason:
+            raise UserError(f"refusing to load {path}: it holds objects a checkpoint never contains ({reason}); "
+                            "only load checkpoints from sources you trust") from None
+        raise UserError(f"{path} is not a readable glowtrain checkpoint (truncated or another format): "
+                        f"{type(e).__name__}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path} is not a glowtrain checkpoint (no model and config inside)")
     return state
+
+
+def _weights_only_refusal(message: str) -> str:
+    """The one line of torch's weights-only error that names the forbidden object, if that is the cause."""
+    for line in message.splitlines():
+        if "Unsupported global" in line:
+            line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+            return line.split("WeightsUnpickler error:")[-1].strip()
+    return ""
 
 
 def config_of(state: dict[str, Any], source: str = "checkpoint") -> Config:

@@ -192,11 +192,16 @@ class CouplingNet(nn.Module):
         self.conv_out = ZeroConv2d(hidden_channels, out_channels)
         nn.init.normal_(self.conv_in.weight, std=0.05)
         nn.init.normal_(self.conv_mid.weight, std=0.05)
+        # bfloat16 for the convolutions (Glow.set_amp); the result is widened back, and because reverse
+        # evaluates the same network on the same input, the coupling stays exactly invertible.
+        self.amp_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.norm_in.normalize(self.conv_in(x)))
-        h = F.relu(self.norm_mid.normalize(self.conv_mid(h)))
-        return self.conv_out(h)
+        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+            h = F.relu(self.norm_in.normalize(self.conv_in(x)))
+            h = F.relu(self.norm_mid.normalize(self.conv_mid(h)))
+            out = self.conv_out(h)
+        return out.to(x.dtype)
 
 
 class Coupling(nn.Module):

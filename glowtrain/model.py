@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glowtrain.flows import COUPLING_KINDS, CONV_KINDS, FlowSequence, Squeeze, ZeroConv2d, flow_step
+from glowtrain.flows import COUPLING_KINDS, CONV_KINDS, CouplingNet, FlowSequence, Squeeze, ZeroConv2d, flow_step
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -96,6 +96,15 @@ class Glow(nn.Module):
             for layer in (self.label_prior, self.classifier):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
+
+    def set_amp(self, dtype: torch.dtype | None) -> "Glow":
+        """Run the coupling networks in `dtype` (e.g. torch.bfloat16) or None for full precision.
+
+        ActNorm, the 1x1 convolutions, log-dets and priors stay in the model's own precision."""
+        for module in self.modules():
+            if isinstance(module, CouplingNet):
+                module.amp_dtype = dtype
+        return self
 
     @property
     def n_dims(self) -> int:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from glowtrain.checkpoint import (
 from glowtrain.config import Config, apply_overrides, config_to_dict, load_config, save_config
 from glowtrain.data import build_dataset, make_eval_batches, make_train_batches
 from glowtrain.errors import UserError
+from glowtrain.flows import CouplingNet
 from glowtrain.losses import bits_per_dim, dequantize
 from glowtrain.sample import display_upscale, image_grid, sample_images, save_png, temperature_name
 
@@ -34,6 +37,18 @@ EVAL_NOISE_SEED = 12345  # fixed, so every evaluation of a checkpoint sees the s
 
 class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after saving; the CLI exits 130."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps; the CLI reports it and exits 1."""
+
+
+def _compiled(model: torch.nn.Module):
+    try:
+        return torch.compile(model)
+    except Exception as e:  # e.g. a platform without a compiler backend
+        warnings.warn(f"torch.compile is unavailable ({type(e).__name__}: {e}); training without it")
+        return model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,6 +75,18 @@ def lr_at(step: int, cfg: Config) -> float:
     progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
     floor = t.lr * t.min_lr_ratio
     return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@contextlib.contextmanager
+def full_precision(model):
+    """Evaluate and sample without bf16 coupling networks, whatever training uses."""
+    saved = [(m, m.amp_dtype) for m in model.modules() if isinstance(m, CouplingNet)]
+    model.set_amp(None)
+    try:
+        yield model
+    finally:
+        for module, dtype in saved:
+            module.amp_dtype = dtype
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -244,10 +271,12 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    if cfg.train.memory_saving:
+        raise UserError("train.memory_saving is not available in this version yet — set train.memory_saving=false")
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg).to(device)
     optimizer_cls = torch.optim.Adamax if cfg.train.optimizer == "adamax" else torch.optim.Adam
-    optimizer = optimizer_cls(model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
+    optimizer = optimizer_cls(model.parameters(), lr=cfg.train.lr)
     start_step, best_bpd = 0, math.inf
     if run.resume_from is not None:
         state = load_checkpoint(run.resume_from, map_location=device)
@@ -264,6 +293,9 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
         if run.resume_from is not None and state.get("ema") is not None:
             load_state_checked(ema, state["ema"], str(run.resume_from))
     eval_model = ema if ema is not None else model
+    # Training may run its coupling networks in bf16; evaluation and samples always use full precision.
+    model.set_amp(torch.bfloat16 if cfg.train.amp == "bf16" else None)
+    forward = _compiled(model) if cfg.train.compile else model
 
     run.path.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_paths(run.path)["config"])
@@ -281,6 +313,7 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
     bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
     final: dict = {}
     step = start_step
+    n_bad_in_row, n_bad_total = 0, 0
     window_start, window_images = time.perf_counter(), 0
     model.train()
     try:
@@ -296,7 +329,14 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                log_prob, logits = model(x, labels if cfg.model.n_classes > 0 else None)
+                try:
+                    log_prob, logits = forward(x, labels if cfg.model.n_classes > 0 else None)
+                except Exception as e:  # torch.compile fails lazily, on the first call
+                    if forward is model:
+                        raise
+                    warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); training without it")
+                    forward = model
+                    log_prob, logits = model(x, labels if cfg.model.n_classes > 0 else None)
                 bpd = bits_per_dim(log_prob, n_dims, cfg.data.n_bits).mean()
                 loss = bpd
                 if logits is not None:
@@ -304,9 +344,22 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                    raise RuntimeError(f"non-finite loss or gradient at step {step}; lower train.lr")
-                optimizer.step()
+                if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+                    # Skip the update; the step still counts, so the data order and warm-up stay on schedule.
+                    n_bad_in_row += 1
+                    n_bad_total += 1
+                    logger.log(step + 1, "train", bad_steps=n_bad_total)
+                    if n_bad_in_row > cfg.train.max_bad_steps:
+                        raise TrainingDiverged(
+                            f"{n_bad_in_row} steps in a row up to step {step + 1} had a non-finite loss or gradient "
+                            f"— the learning rate ({lr:.2e}) is probably too high: lower train.lr or raise "
+                            "train.warmup_steps, then resume from the last checkpoint")
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    n_bad_in_row = 0
+                    if cfg.train.weight_decay > 0:  # decoupled (AdamW-style), for either optimiser
+                        torch._foreach_mul_(list(model.parameters()), 1.0 - lr * cfg.train.weight_decay)
+                    optimizer.step()
                 if ema is not None:
                     update_ema(ema, model, ema_decay_at(step, cfg.train.ema_decay))
                 step += 1
@@ -322,14 +375,16 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
                                     img_s=f"{values['images_per_s']:.0f}")
                     window_start, window_images = time.perf_counter(), 0
                 if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                    final = evaluate(eval_model, test_set, cfg, device)
+                    with full_precision(eval_model):
+                        final = evaluate(eval_model, test_set, cfg, device)
                     logger.log(step, "test", **final)
                     bar.write(f"step {step}: test bpd {final['bpd']:.4f} ± {final['bpd_stderr']:.4f}")
                     if final["bpd"] < best_bpd:
                         best_bpd = final["bpd"]
                         save(step, run_paths(run.path)["best"])
                 if step % cfg.train.sample_every == 0 or step == cfg.train.steps:
-                    _write_samples(eval_model, cfg, step, run.path, logger, device)
+                    with full_precision(eval_model):
+                        _write_samples(eval_model, cfg, step, run.path, logger, device)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                     save(step, run_paths(run.path)["last"])
     finally:

@@ -5,12 +5,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from glowtrain.config import (
     Config,
     apply_overrides,
     config_from_dict,
+    config_to_yaml,
     config_to_dict,
     default_config,
     describe_keys,
@@ -372,3 +374,27 @@ def test_file_that_is_not_a_mapping_names_the_file(tmp_path, text):
 def test_directory_as_config_is_a_user_error(tmp_path):
     with raises("is a directory"):
         load_config(tmp_path)
+
+
+def test_readme_documents_every_config_key():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [key for key in dotted_keys() if f"`{key}`" not in readme]
+    assert not missing, f"README.md lacks {missing}"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_config_comments_match_the_key_meanings(path):
+    text = path.read_text()
+    body = text[text.index("run:"):]
+    assert body == config_to_yaml(load_config(path))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_config_builds_its_model(path):
+    from glowtrain.checkpoint import build_model
+
+    cfg = load_config(path)
+    with torch.device("meta"):  # shapes only: the paper-size models hold up to 175M parameters
+        model = build_model(cfg)
+    assert model.image_shape == cfg.image_shape
+    assert len(model.levels) == cfg.model.n_levels and len(model.levels[0].layers) == cfg.model.n_steps

@@ -1,0 +1,205 @@
+"""The `glowtrain` command end to end: help and version, a tiny fit, sampling, and errors as exit codes."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from glowtrain import __version__
+from glowtrain.checkpoint import run_paths
+from glowtrain.cli import app
+
+TINY = [
+    "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16",
+    "train.batch_size=16", "train.init_batch_size=32", "train.eval_batch_size=300",
+    "train.steps=4", "train.log_every=2", "train.eval_every=4", "train.sample_every=4",
+    "train.checkpoint_every=4", "train.n_samples=4", "train.warmup_steps=2",
+]
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def sets(*overrides: str) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+def assert_one_line_error(result, code: int = 2, *needles: str) -> str:
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two cores shared with other work: one intra-op thread is many times faster than two contending.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """One tiny `glowtrain fit` into <tmp>/runs/tiny; several tests only read it."""
+    root = tmp_path_factory.mktemp("cli")
+    run_dir = root / "runs" / "tiny"
+    result = invoke("fit", "--out", str(run_dir), "--no-progress", *sets("run.device=cpu", *TINY))
+    return root, run_dir, result
+
+
+# ---------------------------------------------------------------------------- help and version
+
+
+def test_help_lists_the_commands_and_h_is_an_alias():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert "fit" in result.output and "sample" in result.output
+    short = invoke("-h")
+    assert short.exit_code == 0 and short.output == result.output
+    assert invoke("fit", "-h").exit_code == 0 and "--resume" in invoke("fit", "-h").output
+
+
+def test_version_prints_the_package_version():
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.output.strip() == f"glowtrain {__version__}"
+
+
+def test_python_dash_m_glowtrain_runs_the_cli_in_a_real_process(tmp_path):
+    help_run = subprocess.run([sys.executable, "-m", "glowtrain", "--help"], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=120)
+    assert help_run.returncode == 0, help_run.stderr
+    assert "fit" in help_run.stdout and "sample" in help_run.stdout
+    version_run = subprocess.run([sys.executable, "-m", "glowtrain", "--version"], capture_output=True, text=True,
+                                 cwd=tmp_path, timeout=120)
+    assert version_run.returncode == 0, version_run.stderr
+    assert version_run.stdout.strip() == f"glowtrain {__version__}"
+    assert list(tmp_path.iterdir()) == []  # neither wrote anything
+
+
+# ---------------------------------------------------------------------------- fit and sample
+
+
+def test_fit_trains_into_out_and_says_where_everything_is(fitted):
+    _, run_dir, result = fitted
+    assert result.exit_code == 0, result.output
+    assert f"run directory:  {run_dir}" in result.stdout
+    assert f"tensorboard --logdir {run_dir}/tb" in result.stdout
+    assert "test bpd " in result.stdout and "at step 4" in result.stdout
+    assert run_paths(run_dir)["last"].is_file() and run_paths(run_dir)["config"].is_file()
+
+
+def sample_pngs(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
+
+
+def test_sample_writes_one_grid_per_temperature_and_is_reproducible_by_seed(fitted, tmp_path):
+    _, run_dir, _ = fitted
+    args = ["sample", "--run", str(run_dir), "--temp", "0", "--temp", "0.7", "--n", "4"]
+    first = invoke(*args, "--seed", "3", "--out", str(tmp_path / "a"))
+    assert first.exit_code == 0, first.output
+    pngs = sample_pngs(tmp_path / "a")
+    assert sorted(pngs) == ["sample_step0000004_t0p00_seed3.png", "sample_step0000004_t0p70_seed3.png"]
+    assert first.stdout.split() == [str(tmp_path / "a" / name) for name in sorted(pngs)]
+    for name in pngs:
+        with Image.open(tmp_path / "a" / name) as image:
+            assert image.size == (152, 152)  # 2x2 grid of 8x8 with 1-pixel padding, upscaled 8x
+
+    again = invoke(*args, "--seed", "3", "--out", str(tmp_path / "b"))
+    assert again.exit_code == 0 and sample_pngs(tmp_path / "b") == pngs
+
+    other = invoke(*args, "--seed", "4", "--out", str(tmp_path / "c"))
+    assert other.exit_code == 0
+    other_pngs = sample_pngs(tmp_path / "c")
+    # T=0 draws no noise, so only the T=0.7 grid depends on the seed.
+    assert other_pngs["sample_step0000004_t0p00_seed4.png"] == pngs["sample_step0000004_t0p00_seed3.png"]
+    assert other_pngs["sample_step0000004_t0p70_seed4.png"] != pngs["sample_step0000004_t0p70_seed3.png"]
+
+
+def test_sample_without_run_uses_the_most_recent_run_under_runs(fitted, tmp_path, monkeypatch):
+    root, run_dir, _ = fitted
+    explicit = invoke("sample", "--run", str(run_dir), "--n", "4", "--seed", "5", "--out", str(tmp_path / "x"))
+    monkeypatch.chdir(root)
+    implicit = invoke("sample", "--n", "4", "--seed", "5", "--out", str(tmp_path / "y"))
+    assert explicit.exit_code == 0 and implicit.exit_code == 0, implicit.output
+    assert sample_pngs(tmp_path / "y") == sample_pngs(tmp_path / "x") != {}
+
+
+def test_sample_defaults_to_the_run_samples_folder(fitted, tmp_path):
+    _, run_dir, _ = fitted
+    result = invoke("sample", "--run", str(run_dir), "--n", "1", "--seed", "11")
+    assert result.exit_code == 0, result.output
+    written = Path(result.stdout.strip())
+    assert written.parent == run_paths(run_dir)["samples"] and written.name.endswith("_seed11.png")
+    written.unlink()  # leave the shared run as the other tests expect it
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "train.lrate=1"], "train.lr"),
+    (["--set", "train.lr=abc"], "train.lr"),
+    (["--config", "missing.yaml"], "missing.yaml"),
+    (["--set", "data.image_size=12"], "divisible"),
+    (["--set", "train.lr"], "malformed override"),
+], ids=["unknown-key", "bad-float", "missing-config", "indivisible-size", "malformed"])
+def test_config_errors_exit_2_with_one_line_and_create_no_run(tmp_path, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("fit", "--no-progress", *args)
+    assert_one_line_error(result, 2, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_on_cuda_without_cuda_exits_2_naming_cuda(tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    monkeypatch.chdir(tmp_path)
+    result = invoke("fit", "--no-progress", "--set", "run.device=cuda")
+    assert_one_line_error(result, 2, "CUDA")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_into_an_existing_run_exits_2_and_suggests_resume(fitted):
+    _, run_dir, _ = fitted
+    before = run_paths(run_dir)["metrics"].read_text()
+    result = invoke("fit", "--no-progress", "--out", str(run_dir), *sets("run.device=cpu", *TINY))
+    assert_one_line_error(result, 2, "--resume auto")
+    assert run_paths(run_dir)["metrics"].read_text() == before
+
+
+def test_resume_without_a_checkpoint_exits_2(tmp_path):
+    result = invoke("fit", "--no-progress", "--resume", "auto", "--out", str(tmp_path / "none"))
+    assert_one_line_error(result, 2, "nothing to resume")
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--temp", "-1"], "temperatures must be >= 0"),
+    (["--n", "0"], "--n must be at least 1"),
+    (["--checkpoint", "nope.pt"], "nope.pt"),
+    (["--run", "nowhere"], "nowhere"),
+    ([], "no finished run"),
+], ids=["negative-temp", "zero-n", "missing-checkpoint", "missing-run", "no-runs"])
+def test_sample_errors_exit_2_with_one_line(tmp_path, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("sample", *args)
+    assert_one_line_error(result, 2, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_from_a_config_file_instead_of_a_checkpoint_exits_2(fitted):
+    _, run_dir, _ = fitted
+    result = invoke("sample", "--checkpoint", str(run_paths(run_dir)["config"]))
+    assert_one_line_error(result, 2, "config.yaml")

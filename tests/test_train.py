@@ -1,0 +1,277 @@
+"""The training loop end to end on a tiny model: run directory, logging, exact resume, schedules, evaluation."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from glowtrain.checkpoint import build_model, load_checkpoint, run_paths
+from glowtrain.config import apply_overrides, default_config, load_config
+from glowtrain.data import build_dataset, make_train_batches
+from glowtrain.errors import UserError
+from glowtrain.sample import display_upscale
+from glowtrain.train import ema_decay_at, evaluate, fit_config, lr_at, prepare_batch, train
+
+# steps=6: train lines at 2, 4, 6; test lines, samples and checkpoints at 3 and 6.
+# warmup_steps=5 puts the resume point (step 3) inside the warm-up.
+TINY = [
+    "run.device=cpu",
+    "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16",
+    "train.batch_size=16", "train.init_batch_size=32", "train.eval_batch_size=300",
+    "train.steps=6", "train.log_every=2", "train.eval_every=3", "train.sample_every=3",
+    "train.checkpoint_every=3", "train.n_samples=4", "train.warmup_steps=5",
+]
+N_DIGITS_TEST = 297
+
+
+def tiny_config(*extra: str):
+    return apply_overrides(default_config(), [*TINY, *extra])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two cores shared with other work: one intra-op thread is many times faster than two contending.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One 6-step run that several tests only read."""
+    cfg = tiny_config()
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    result = train(cfg, out=str(out), progress=False)
+    return cfg, out, result
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    lines = run_paths(Path(run_dir))["metrics"].read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def comparable(records: list[dict]) -> list[dict]:
+    """Metrics without the wall-clock throughput, which legitimately differs between runs."""
+    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in records]
+
+
+# ---------------------------------------------------------------------------- run directory
+
+
+def test_run_directory_holds_config_checkpoints_tensorboard_metrics_and_samples(tiny_run):
+    cfg, out, result = tiny_run
+    paths = run_paths(out)
+    assert result["run_dir"] == str(out) and result["step"] == 6
+    assert load_config(paths["config"]) == cfg
+    assert paths["last"].is_file() and paths["best"].is_file()
+    last = load_checkpoint(paths["last"])
+    assert last["step"] == 6
+    assert load_checkpoint(paths["best"])["step"] in (3, 6)
+    assert list(paths["tb"].glob("events.out.tfevents.*"))
+    # No temporary files left behind by the atomic writes.
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_metrics_jsonl_has_train_lines_at_log_steps_and_test_lines_at_eval_steps(tiny_run):
+    cfg, out, result = tiny_run
+    records = read_metrics(out)
+    assert all({"step", "split", "bpd"} <= r.keys() for r in records)
+    assert all(math.isfinite(r["bpd"]) and 0 < r["bpd"] < 8 for r in records)
+    train_lines = [r for r in records if r["split"] == "train"]
+    test_lines = [r for r in records if r["split"] == "test"]
+    assert [r["step"] for r in train_lines] == [2, 4, 6]
+    assert [r["step"] for r in test_lines] == [3, 6]
+    assert {r["split"] for r in records} == {"train", "test"}
+    for r in train_lines:
+        assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, cfg))
+        assert r["grad_norm"] >= 0 and r["images_per_s"] > 0
+    for r in test_lines:
+        assert r["n_images"] == N_DIGITS_TEST and r["bpd_stderr"] > 0
+    # The returned final metrics are the last test line; best is the lowest test bpd.
+    assert result["test_bpd"] == test_lines[-1]["bpd"]
+    assert result["best_test_bpd"] == min(r["bpd"] for r in test_lines)
+
+
+def test_sample_grids_are_written_at_sample_steps_with_the_upscaled_grid_size(tiny_run):
+    cfg, out, _ = tiny_run
+    names = sorted(p.name for p in run_paths(out)["samples"].glob("*.png"))
+    assert names == ["step0000003_t0p70.png", "step0000003_t1p00.png",
+                     "step0000006_t0p70.png", "step0000006_t1p00.png"]
+    # 4 samples -> a 2x2 grid of 8x8 images with 1-pixel padding: 2 * (8 + 1) + 1 = 19, then upscaled.
+    side = 19 * display_upscale(cfg.data.image_size)
+    assert side == 152
+    for name in names:
+        with Image.open(run_paths(out)["samples"] / name) as image:
+            assert image.size == (side, side)
+
+
+def test_tensorboard_events_hold_the_logged_scalars_and_sample_images(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out, _ = tiny_run
+    events = EventAccumulator(str(run_paths(out)["tb"]), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/bpd", "train/lr", "train/grad_norm", "test/bpd", "test/bpd_stderr"} <= set(tags["scalars"])
+    assert {"samples/T=0.7", "samples/T=1"} <= set(tags["images"])
+    records = read_metrics(out)
+    for split, tag_steps in (("train", [2, 4, 6]), ("test", [3, 6])):
+        scalars = events.Scalars(f"{split}/bpd")
+        assert [s.step for s in scalars] == tag_steps
+        logged = [r["bpd"] for r in records if r["split"] == split]
+        assert [s.value for s in scalars] == pytest.approx(logged, rel=1e-6)
+    assert [i.step for i in events.Images("samples/T=0.7")] == [3, 6]
+
+
+# ---------------------------------------------------------------------------- resume and determinism
+
+
+def test_resume_auto_continues_exactly_as_an_uninterrupted_run(tiny_run, tmp_path):
+    cfg, straight_dir, _ = tiny_run
+    out = str(tmp_path / "run")
+    train(apply_overrides(cfg, ["train.steps=3"]), out=out, progress=False)
+    assert load_checkpoint(run_paths(Path(out))["last"])["step"] == 3
+
+    # The resumed run takes the config stored in the checkpoint, plus the override.
+    resumed_cfg = fit_config(None, ["train.steps=6"], out, "auto")
+    assert resumed_cfg == cfg
+    result = train(resumed_cfg, out=out, resume="auto", progress=False)
+    assert result["step"] == 6
+
+    straight = load_checkpoint(run_paths(straight_dir)["last"])
+    resumed = load_checkpoint(run_paths(Path(out))["last"])
+    assert resumed["step"] == straight["step"] == 6
+    for key in ("model", "ema"):
+        assert straight[key].keys() == resumed[key].keys()
+        for name, tensor in straight[key].items():
+            assert torch.equal(tensor, resumed[key][name]), f"{key}.{name} differs after resume"
+    for index, param_state in straight["optimizer"]["state"].items():
+        for name, value in param_state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed["optimizer"]["state"][index][name]))
+    assert resumed["best_test_bpd"] == straight["best_test_bpd"]
+
+    straight_records, resumed_records = comparable(read_metrics(straight_dir)), comparable(read_metrics(out))
+    assert [r for r in resumed_records if r["step"] > 3] == [r for r in straight_records if r["step"] > 3]
+    # The short run logged its final step (a train line at 3) as every run does; nothing was logged twice.
+    extra = [r for r in resumed_records if (r["split"], r["step"]) == ("train", 3)]
+    assert len(extra) == 1
+    assert [r for r in resumed_records if r not in extra] == straight_records
+    # Warm-up did not restart: the step-4 update used lr_at(3) = 4/5 of the peak.
+    step4 = next(r for r in resumed_records if r["split"] == "train" and r["step"] == 4)
+    assert step4["lr"] == pytest.approx(cfg.train.lr * 4 / 5)
+
+
+def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tiny_run, tmp_path):
+    cfg, first_dir, _ = tiny_run
+    train(cfg, out=str(tmp_path / "same"), progress=False)
+    assert comparable(read_metrics(tmp_path / "same")) == comparable(read_metrics(first_dir))
+
+    train(apply_overrides(cfg, ["run.seed=1", "train.steps=3"]), out=str(tmp_path / "other"), progress=False)
+    other = {(r["split"], r["step"]): r["bpd"] for r in read_metrics(tmp_path / "other")}
+    first = {(r["split"], r["step"]): r["bpd"] for r in read_metrics(first_dir)}
+    assert other.keys() == {("train", 2), ("train", 3), ("test", 3)}
+    for key in (("train", 2), ("test", 3)):
+        assert other[key] != first[key]
+
+
+def test_fit_into_an_existing_run_without_resume_is_refused(tiny_run):
+    cfg, out, _ = tiny_run
+    before = run_paths(out)["metrics"].read_text()
+    with pytest.raises(UserError, match="--resume"):
+        train(cfg, out=str(out), progress=False)
+    assert run_paths(out)["metrics"].read_text() == before
+
+
+def test_resume_auto_without_a_checkpoint_is_a_user_error(tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(tiny_config(), out=str(out), resume="auto", progress=False)
+    with pytest.raises(UserError, match="nothing to resume"):
+        fit_config(None, [], str(out), "auto")
+    assert list(out.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- schedules
+
+
+def test_lr_warms_up_linearly_then_stays_constant():
+    cfg = apply_overrides(default_config(), ["train.lr=0.01", "train.warmup_steps=4", "train.steps=100"])
+    assert [lr_at(s, cfg) for s in range(4)] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])
+    assert all(lr_at(s, cfg) == 0.01 for s in (4, 5, 50, 99, 100))
+
+
+def test_cosine_lr_decays_from_peak_to_min_lr_ratio_at_the_end():
+    cfg = apply_overrides(default_config(), ["train.lr=0.01", "train.warmup_steps=10", "train.steps=110",
+                                             "train.lr_schedule=cosine", "train.min_lr_ratio=0.1"])
+    assert lr_at(9, cfg) == pytest.approx(0.01)
+    assert lr_at(10, cfg) == pytest.approx(0.01)
+    assert lr_at(60, cfg) == pytest.approx(0.001 + 0.009 * 0.5)  # half way: the mean of peak and floor
+    assert lr_at(110, cfg) == pytest.approx(0.001)
+    values = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert min(values) == pytest.approx(0.001)
+
+
+def test_ema_decay_warms_up_as_one_plus_step_over_ten_plus_step_capped_at_decay():
+    assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
+    assert ema_decay_at(10, 0.999) == pytest.approx(11 / 20)
+    assert ema_decay_at(90, 0.999) == pytest.approx(91 / 100)
+    assert ema_decay_at(100_000, 0.999) == 0.999
+    assert ema_decay_at(5, 0.5) == pytest.approx(0.4)
+    assert ema_decay_at(50, 0.5) == 0.5
+
+
+# ---------------------------------------------------------------------------- evaluation and learning
+
+
+@pytest.fixture(scope="module")
+def fresh_model():
+    cfg = tiny_config()
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg)
+    images, _ = next(make_train_batches(build_dataset(cfg.data, "train"), cfg.train.init_batch_size, seed=0))
+    model.initialize(prepare_batch(images, cfg, torch.device("cpu"), torch.Generator().manual_seed(0)))
+    return cfg, model
+
+
+def test_evaluate_is_deterministic_over_the_whole_digits_test_split(fresh_model):
+    cfg, model = fresh_model
+    test_set = build_dataset(cfg.data, "test")
+    first = evaluate(model, test_set, cfg, torch.device("cpu"))
+    second = evaluate(model, test_set, cfg, torch.device("cpu"))
+    assert first == second
+    assert first["n_images"] == N_DIGITS_TEST
+    assert first["bpd_stderr"] > 0 and 0 < first["bpd"] < 8
+    assert "accuracy" not in first
+    # Batch size does not change the result beyond rounding (same noise stream, same images).
+    small = evaluate(model, test_set, apply_overrides(cfg, ["train.eval_batch_size=297"]), torch.device("cpu"))
+    assert small["bpd"] == pytest.approx(first["bpd"], rel=1e-6)
+
+
+def test_short_training_lowers_test_bpd_below_the_initial_model(fresh_model, tmp_path):
+    cfg, model = fresh_model
+    cfg = apply_overrides(cfg, ["train.steps=30", "train.lr=3e-3", "train.warmup_steps=5", "train.log_every=10",
+                                "train.eval_every=30", "train.sample_every=30", "train.checkpoint_every=30"])
+    initial = evaluate(model, build_dataset(cfg.data, "test"), cfg, torch.device("cpu"))["bpd"]
+    result = train(cfg, out=str(tmp_path / "run"), progress=False)
+    assert result["test_bpd"] < initial - 0.1, (initial, result["test_bpd"])
+
+
+def test_class_conditional_training_logs_test_accuracy(tmp_path):
+    cfg = tiny_config("model.n_classes=10", "train.steps=3", "train.eval_every=3")
+    result = train(cfg, out=str(tmp_path / "run"), progress=False)
+    test_lines = [r for r in read_metrics(tmp_path / "run") if r["split"] == "test"]
+    assert [r["step"] for r in test_lines] == [3]
+    assert 0 <= test_lines[0]["accuracy"] <= 1
+    assert result["test_accuracy"] == test_lines[0]["accuracy"]
+
+
+def test_class_count_that_does_not_match_the_dataset_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match=r"model\.n_classes"):
+        train(tiny_config("model.n_classes=3"), out=str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()
