@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +164,24 @@ def checkpoint_state(*, model, ema, optimizer, step: int, cfg_dict: dict, best_t
     }
     state.update(extra or {})
     return state
+
+
+@dataclass
+class LoadedRun:
+    """A trained model ready for inference, with what it came from."""
+
+    model: Glow
+    cfg: Config
+    step: int
+    checkpoint: Path
+    run_dir: Path | None  # None for a checkpoint file outside a run directory
+
+
+def open_run(run: str | None, checkpoint: str | None, device: torch.device | str = "cpu",
+             use_ema: bool = True, which: str = "last") -> LoadedRun:
+    """Resolve --run/--checkpoint (default: the most recent run), load it, rebuild the model on `device`."""
+    path = resolve_checkpoint(run, checkpoint, which)
+    state = load_checkpoint(path, map_location="cpu")
+    model, cfg = model_from_checkpoint(state, use_ema=use_ema, source=str(path))
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    return LoadedRun(model.to(device), cfg, int(state.get("step", 0)), path, run_dir)

@@ -105,25 +105,168 @@ def fit(
     typer.echo(f"tensorboard:    tensorboard --logdir {run_dir}/tb")
 
 
+RunOption = Annotated[Optional[str], typer.Option("--run", help="Run directory; default: the most recent under runs/.")]
+CheckpointOption = Annotated[Optional[str], typer.Option("--checkpoint", help="A checkpoint file instead of a run.")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+SeedOption = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same output.")]
+NoEmaOption = Annotated[bool, typer.Option("--no-ema", help="Use the raw weights instead of the EMA.")]
+OutOption = Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder; default <run>/samples.")]
+TensorboardOption = Annotated[bool, typer.Option("--tensorboard", help="Also add the images to the run's TensorBoard.")]
+
+
+def _open(run, checkpoint, device: str, seed: int, no_ema: bool):
+    import torch
+
+    from glowtrain.checkpoint import open_run
+    from glowtrain.distributed import resolve_device
+
+    torch.manual_seed(seed)
+    resolved = resolve_device(device)
+    return open_run(run, checkpoint, resolved, use_ema=not no_ema), resolved
+
+
+def _print_json(result: dict) -> None:
+    import json
+
+    typer.echo(json.dumps(result, indent=2))
+
+
 @app.command()
 @_errors_to_exit_codes
 def sample(
-    run: Annotated[Optional[str], typer.Option("--run", help="Run directory; default: the most recent run.")] = None,
-    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", help="A checkpoint file instead of a run.")] = None,
-    temp: Annotated[Optional[list[float]], typer.Option("--temp", "-t", help="Temperature (repeatable).")] = None,
-    n: Annotated[int, typer.Option("--n", help="Images per grid.")] = 64,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same images.")] = 0,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Folder for the PNGs; default <run>/samples.")] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "cpu",
-    no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw weights, not the EMA.")] = False,
+    run: RunOption = None,
+    checkpoint: CheckpointOption = None,
+    temp: Annotated[Optional[list[float]], typer.Option("--temp", "-t", help="Temperature (repeatable); default 0.7.")] = None,
+    n: Annotated[int, typer.Option("--n", help="Images per temperature.")] = 64,
+    class_: Annotated[Optional[list[int]], typer.Option("--class", help="Class label(s) for a class-conditional model (repeatable).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images generated at once (bounds memory).")] = 256,
+    grid: Annotated[bool, typer.Option("--grid", help="One figure, a labelled row block per temperature.")] = False,
+    individual: Annotated[bool, typer.Option("--individual", help="Also write each image as its own PNG.")] = False,
+    out: OutOption = None,
+    device: DeviceOption = "auto",
+    seed: SeedOption = 0,
+    no_ema: NoEmaOption = False,
+    tensorboard: TensorboardOption = False,
 ) -> None:
-    """Sample image grids (PNG) from a trained model at one or more temperatures."""
+    """Sample PNG grids at one or more temperatures (0 gives the prior means)."""
+    from glowtrain.distributed import resolve_device
     from glowtrain.sample import sample_command
-    from glowtrain.train import resolve_device
 
-    paths = sample_command(run, checkpoint, temp or [0.7], n, seed, out, str(resolve_device(device)), not no_ema)
+    paths = sample_command(run, checkpoint, temp or [0.7], n, seed, out, resolve_device(device), not no_ema,
+                           class_, batch_size, grid, individual, tensorboard)
     for path in paths:
         typer.echo(str(path))
+
+
+@app.command("eval")
+@_errors_to_exit_codes
+def eval_(
+    run: RunOption = None,
+    checkpoint: CheckpointOption = None,
+    split: Annotated[str, typer.Option("--split", help="test or train.")] = "test",
+    n_dequant: Annotated[int, typer.Option("--n-dequant", help="Dequantisation draws to average over.")] = 1,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per batch; default train.eval_batch_size.")] = None,
+    device: DeviceOption = "auto",
+    seed: SeedOption = 0,
+    no_ema: NoEmaOption = False,
+) -> None:
+    """Bits per dimension over a whole split, printed as JSON (with accuracy for class-conditional models)."""
+    from glowtrain.analysis import eval_command
+
+    loaded, resolved = _open(run, checkpoint, device, seed, no_ema)
+    _print_json(eval_command(loaded, split, n_dequant, resolved, batch_size))
+
+
+@app.command()
+@_errors_to_exit_codes
+def reconstruct(
+    run: RunOption = None,
+    checkpoint: CheckpointOption = None,
+    n: Annotated[int, typer.Option("--n", help="Test images to encode and decode.")] = 16,
+    out: OutOption = None,
+    device: DeviceOption = "auto",
+    seed: SeedOption = 0,
+    no_ema: NoEmaOption = False,
+    tensorboard: TensorboardOption = False,
+) -> None:
+    """Encode and decode real test images: prints the error, writes originals above reconstructions."""
+    from glowtrain.analysis import reconstruct_command
+
+    loaded, resolved = _open(run, checkpoint, device, seed, no_ema)
+    _print_json(reconstruct_command(loaded, n, resolved, out, tensorboard))
+
+
+@app.command()
+@_errors_to_exit_codes
+def interpolate(
+    run: RunOption = None,
+    checkpoint: CheckpointOption = None,
+    steps: Annotated[int, typer.Option("--steps", help="Images per path, the two ends included.")] = 8,
+    pairs: Annotated[int, typer.Option("--pairs", help="Pairs of test images, one row each.")] = 4,
+    out: OutOption = None,
+    device: DeviceOption = "auto",
+    seed: SeedOption = 0,
+    no_ema: NoEmaOption = False,
+    tensorboard: TensorboardOption = False,
+) -> None:
+    """Walk in latent space (all levels) between pairs of test images; writes a grid."""
+    from glowtrain.analysis import interpolate_command
+
+    loaded, resolved = _open(run, checkpoint, device, seed, no_ema)
+    typer.echo(str(interpolate_command(loaded, pairs, steps, resolved, out, tensorboard)))
+
+
+@app.command()
+@_errors_to_exit_codes
+def manipulate(
+    run: RunOption = None,
+    checkpoint: CheckpointOption = None,
+    attribute: Annotated[Optional[str], typer.Option("--attribute", help="CelebA attribute, e.g. Smiling.")] = None,
+    from_class: Annotated[Optional[int], typer.Option("--from-class", help="Class to move away from.")] = None,
+    to_class: Annotated[Optional[int], typer.Option("--to-class", help="Class to move towards.")] = None,
+    alphas: Annotated[str, typer.Option("--alphas", help="Comma-separated step sizes along the direction.")] = "-1,0,1,2",
+    n: Annotated[int, typer.Option("--n", help="Test images to manipulate, one row each.")] = 8,
+    out: OutOption = None,
+    device: DeviceOption = "auto",
+    seed: SeedOption = 0,
+    no_ema: NoEmaOption = False,
+    tensorboard: TensorboardOption = False,
+) -> None:
+    """Move test images along an attribute or class direction in latent space (the Glow paper's Fig. 5)."""
+    from glowtrain.analysis import manipulate_command
+
+    try:
+        alpha_values = [float(a) for a in alphas.split(",") if a.strip()]
+    except ValueError:
+        raise UserError(f"--alphas must be comma-separated numbers like -1,0,1,2, got {alphas!r}") from None
+    loaded, resolved = _open(run, checkpoint, device, seed, no_ema)
+    _print_json(manipulate_command(loaded, resolved, out, alpha_values, n, attribute, from_class, to_class,
+                                   tensorboard=tensorboard))
+
+
+@app.command()
+@_errors_to_exit_codes
+def info(
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config; default: bundled digits.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key (repeatable).")] = None,
+    run: Annotated[Optional[str], typer.Option("--run", help="Describe a trained run instead of a config.")] = None,
+) -> None:
+    """Parameters per level, latent shapes, dimensionality, multiply-adds per image and the resolved config."""
+    from glowtrain.analysis import info_summary
+    from glowtrain.config import load_config
+
+    if run and config:
+        raise UserError("give either --run or --config, not both")
+    if run:
+        loaded, _ = _open(run, None, "cpu", 0, True)
+        summary = info_summary(loaded.cfg, loaded.model)
+    else:
+        summary = info_summary(load_config(config, set_ or []))
+    config_text = summary.pop("config")
+    for key, value in summary.items():
+        typer.echo(f"{key}: {value:,}" if isinstance(value, int) else f"{key}: {value}")
+    typer.echo("config:")
+    typer.echo("  " + config_text.replace("\n", "\n  ").rstrip())
 
 
 def main() -> None:

@@ -49,12 +49,16 @@ class ActNorm(nn.Module):
         self._known_initialized = False
         super()._load_from_state_dict(*args, **kwargs)
 
+    @property
+    def is_initialized(self) -> bool:
+        """Whether the data-dependent init has run (read from the buffer at most once while it is True)."""
+        if not self._known_initialized and bool(self.initialized):
+            self._known_initialized = True
+        return self._known_initialized
+
     def _ensure_initialized(self, x: torch.Tensor) -> None:
-        if not self._known_initialized:
-            if bool(self.initialized):
-                self._known_initialized = True
-            else:
-                self.initialize(x)
+        if not self.is_initialized:
+            self.initialize(x)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """The map alone, for use inside coupling networks where no log-det is needed."""
@@ -241,6 +245,33 @@ class Coupling(nn.Module):
         else:
             x_changed = y_changed - self.net(y_kept)
         return torch.cat([y_kept, x_changed.clamp(-REVERSE_BOUND, REVERSE_BOUND)], 1)
+
+    def reverse_and_recompute(self, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Rebuild the input of `forward` from its output and redo `forward` under autograd, for backward.
+
+        Returns (parts, y, logdet): `parts` are fresh leaves (kept half, changed half) whose
+        concatenation is the rebuilt input; `y` and `logdet` are forward's outputs as functions of them.
+        The kept half passes through unchanged, so the network's input is the same in both directions:
+        one evaluation under autograd serves the reconstruction and the recomputed forward alike
+        (reverse then forward would run it twice). Call under torch.enable_grad().
+        """
+        x_kept = y[:, : self.n_kept].detach().requires_grad_()
+        y_changed = y[:, self.n_kept :].detach()
+        if self.affine:
+            shift, log_scale = self._shift_and_log_scale(x_kept)
+            with torch.no_grad():
+                x_changed = (y_changed * torch.exp(-log_scale) - shift).clamp(-REVERSE_BOUND, REVERSE_BOUND)
+            x_changed.requires_grad_()
+            y_changed = (x_changed + shift) * torch.exp(log_scale)
+            logdet = _sum_per_sample(log_scale)
+        else:
+            shift = self.net(x_kept)
+            with torch.no_grad():
+                x_changed = (y_changed - shift).clamp(-REVERSE_BOUND, REVERSE_BOUND)
+            x_changed.requires_grad_()
+            y_changed = x_changed + shift
+            logdet = y.new_zeros(y.shape[0])
+        return [x_kept, x_changed], torch.cat([x_kept, y_changed], 1), logdet
 
 
 class Squeeze(nn.Module):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glowtrain.flows import COUPLING_KINDS, CONV_KINDS, CouplingNet, FlowSequence, Squeeze, ZeroConv2d, flow_step
+from glowtrain.reversible import is_initialized, reconstruction_error, reversible_chain
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -59,6 +60,7 @@ class Glow(nn.Module):
         conv: str = "lu",
         learn_top: bool = True,
         n_classes: int = 0,
+        memory_saving: bool = False,
     ):
         super().__init__()
         _check_architecture(image_shape, n_levels, n_steps, hidden_channels, coupling, conv, n_classes)
@@ -70,6 +72,9 @@ class Glow(nn.Module):
         self.image_shape = self.hparams["image_shape"]
         self.n_levels = n_levels
         self.n_classes = n_classes
+        # A way of computing gradients, not part of the architecture: kept out of hparams, so models
+        # rebuilt from a checkpoint's config start with it off and the trainer switches it on.
+        self.memory_saving = bool(memory_saving)
         self.squeeze = Squeeze()
         self.levels = nn.ModuleList()
         self.split_priors = nn.ModuleList()
@@ -106,6 +111,14 @@ class Glow(nn.Module):
                 module.amp_dtype = dtype
         return self
 
+    def set_memory_saving(self, enabled: bool) -> "Glow":
+        """Constant-memory training: backward rebuilds each flow step's input by inverting the step
+        instead of storing the activations, so memory no longer grows with n_steps (about one extra
+        forward pass of compute). Gradients are those of the standard path up to the reconstruction's
+        rounding (see `reconstruction_errors`). Forwards without autograd are unaffected."""
+        self.memory_saving = bool(enabled)
+        return self
+
     @property
     def n_dims(self) -> int:
         c, h, w = self.image_shape
@@ -120,7 +133,7 @@ class Glow(nn.Module):
         h = x
         for index, level in enumerate(self.levels):
             h, _ = self.squeeze(h)  # (N, 4C, H/2, W/2)
-            h, level_logdet = level(h)
+            h, level_logdet = self._run_level(level, h)
             logdet = logdet + level_logdet
             if index < self.n_levels - 1:
                 n_kept = h.shape[1] // 2
@@ -129,6 +142,33 @@ class Glow(nn.Module):
                 kept_halves.append(h)
         zs.append(h)
         return zs, kept_halves, logdet
+
+    def _run_level(self, level: FlowSequence, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if (
+            self.memory_saving
+            and torch.is_grad_enabled()
+            and (h.requires_grad or any(p.requires_grad for p in level.parameters()))
+            # A not yet initialised ActNorm initialises from this very batch: the standard path does it.
+            and is_initialized(level)
+        ):
+            return reversible_chain(level, h)
+        return level(h)
+
+    @torch.no_grad()
+    def reconstruction_errors(self, x: torch.Tensor) -> list[float]:
+        """Per level, the largest |input - input rebuilt from the output| over its flow steps' inputs.
+
+        The memory-saving backward evaluates gradients at these rebuilt inputs; this measures how far
+        they drift from the true ones (a debugging check, not part of training)."""
+        errors = []
+        h = x
+        for index, level in enumerate(self.levels):
+            h, _ = self.squeeze(h)
+            error, h = reconstruction_error(level, h)
+            errors.append(error)
+            if index < self.n_levels - 1:
+                h = h[:, : h.shape[1] // 2]
+        return errors
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """x -> (latents from each split then the top latent, log|det dz/dx| per sample)."""

@@ -26,14 +26,13 @@ from glowtrain.checkpoint import (
     save_checkpoint,
 )
 from glowtrain.config import Config, apply_overrides, config_to_dict, load_config, save_config
-from glowtrain.data import build_dataset, make_eval_batches, make_train_batches
+from glowtrain.data import build_dataset, make_train_batches
 from glowtrain.errors import UserError
+from glowtrain.distributed import resolve_device
+from glowtrain.evaluation import evaluate, prepare_batch
 from glowtrain.flows import CouplingNet
-from glowtrain.losses import bits_per_dim, dequantize
+from glowtrain.losses import bits_per_dim
 from glowtrain.sample import display_upscale, image_grid, sample_images, save_png, temperature_name
-
-EVAL_NOISE_SEED = 12345  # fixed, so every evaluation of a checkpoint sees the same dequantisation
-
 
 class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after saving; the CLI exits 130."""
@@ -49,20 +48,6 @@ def _compiled(model: torch.nn.Module):
     except Exception as e:  # e.g. a platform without a compiler backend
         warnings.warn(f"torch.compile is unavailable ({type(e).__name__}: {e}); training without it")
         return model
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"run.device={name} but CUDA is not available here — use run.device=cpu or auto")
-        index = int(name.split(":")[1]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise UserError(f"run.device={name} but only {torch.cuda.device_count()} CUDA device(s) exist")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("run.device=mps but MPS is not available here — use run.device=cpu or auto")
-    return torch.device(name)
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -105,46 +90,6 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """Noise for step t depends on (seed, t) alone, so a resumed run draws exactly the same noise."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 1)
-
-
-def prepare_batch(images: torch.Tensor, cfg: Config, device: torch.device, generator: torch.Generator | None,
-                  flip: bool = False) -> torch.Tensor:
-    """uint8 batch -> dequantised float batch on the device (noise and flips from `generator`)."""
-    images = images.to(device, non_blocking=True)
-    if flip:
-        flips = torch.rand(images.shape[0], device=device, generator=generator) < 0.5
-        images = torch.where(flips[:, None, None, None], images.flip(3), images)
-    return dequantize(images, cfg.data.n_bits, generator=generator)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset, cfg: Config, device: torch.device, seed: int = EVAL_NOISE_SEED) -> dict:
-    """bits/dim over the whole split (mean of per-image bpd), plus accuracy for class-conditional models."""
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    total_bpd = torch.zeros((), dtype=torch.float64, device=device)
-    total_sq = torch.zeros((), dtype=torch.float64, device=device)
-    n_correct = torch.zeros((), dtype=torch.long, device=device)
-    n_images = 0
-    for images, labels in make_eval_batches(dataset, cfg.train.eval_batch_size, pin_memory=device.type == "cuda"):
-        x = prepare_batch(images, cfg, device, generator)
-        labels = labels.to(device)
-        y = labels if cfg.model.n_classes > 0 else None
-        log_prob, logits = model(x, y)
-        bpd = bits_per_dim(log_prob, model.n_dims, cfg.data.n_bits).double()
-        total_bpd += bpd.sum()
-        total_sq += (bpd**2).sum()
-        if logits is not None:
-            n_correct += (logits.argmax(1) == labels).sum()
-        n_images += images.shape[0]
-    model.train(was_training)
-    mean = (total_bpd / n_images).item()
-    variance = max(0.0, (total_sq / n_images).item() - mean**2)
-    result = {"bpd": mean, "bpd_stderr": math.sqrt(variance / max(1, n_images - 1)), "n_images": n_images}
-    if cfg.model.n_classes > 0:
-        result["accuracy"] = n_correct.item() / n_images
-    return result
 
 
 class RunLogger:
@@ -259,6 +204,8 @@ def _write_samples(model, cfg: Config, step: int, run_dir: Path, logger: RunLogg
 
 def train(cfg: Config, out: str | None = None, resume: str | None = None, progress: bool = True) -> dict:
     """Train the model `cfg` describes; returns the final test metrics and where things were written."""
+    if cfg.train.memory_saving:
+        raise UserError("train.memory_saving is not available in this version yet — set train.memory_saving=false")
     device = resolve_device(cfg.run.device)
     run = prepare_run_dir(cfg, out, resume)
     train_set = build_dataset(cfg.data, "train")
@@ -271,8 +218,6 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    if cfg.train.memory_saving:
-        raise UserError("train.memory_saving is not available in this version yet — set train.memory_saving=false")
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg).to(device)
     optimizer_cls = torch.optim.Adamax if cfg.train.optimizer == "adamax" else torch.optim.Adam
@@ -358,7 +303,8 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
                 else:
                     n_bad_in_row = 0
                     if cfg.train.weight_decay > 0:  # decoupled (AdamW-style), for either optimiser
-                        torch._foreach_mul_(list(model.parameters()), 1.0 - lr * cfg.train.weight_decay)
+                        with torch.no_grad():
+                            torch._foreach_mul_(list(model.parameters()), 1.0 - lr * cfg.train.weight_decay)
                     optimizer.step()
                 if ema is not None:
                     update_ema(ema, model, ema_decay_at(step, cfg.train.ema_decay))

@@ -1,0 +1,244 @@
+"""Looking into a trained model: eval, reconstruct, interpolate, manipulate, info."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from glowtrain.checkpoint import LoadedRun, build_model, open_run
+from glowtrain.config import Config, config_to_yaml
+from glowtrain.data import build_dataset
+from glowtrain.errors import UserError
+from glowtrain.evaluation import EVAL_NOISE_SEED, evaluate
+from glowtrain.flows import InvConv2d
+from glowtrain.losses import dequantize, to_uint8
+from glowtrain.model import Glow
+from glowtrain.sample import display_upscale, image_grid, save_png, write_to_tensorboard
+
+PIXEL_LEVELS = 256  # "pixel units": one step of the 8-bit 0..255 scale; x spans [-0.5, 0.5)
+
+
+def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.device,
+                 batch_size: int | None = None) -> dict:
+    """Bits/dim over the whole split, averaged over `n_dequant` dequantisation draws."""
+    if split not in ("test", "train"):
+        raise UserError(f"--split must be 'test' or 'train', got {split!r}")
+    if n_dequant < 1:
+        raise UserError(f"--n-dequant must be at least 1, got {n_dequant}")
+    cfg = loaded.cfg
+    if batch_size:
+        from dataclasses import replace
+
+        cfg = replace(cfg, train=replace(cfg.train, eval_batch_size=batch_size))
+    dataset = build_dataset(cfg.data, split)
+    draws = [evaluate(loaded.model, dataset, cfg, device, seed=EVAL_NOISE_SEED + s) for s in range(n_dequant)]
+    result = {
+        "bpd": sum(d["bpd"] for d in draws) / n_dequant,
+        # Per-image spread dominates the dequantisation spread; report the first draw's standard error.
+        "bpd_stderr": draws[0]["bpd_stderr"],
+        "n_images": draws[0]["n_images"],
+        "n_dequant": n_dequant,
+        "split": split,
+        "step": loaded.step,
+        "checkpoint": str(loaded.checkpoint),
+    }
+    if "accuracy" in draws[0]:
+        result["accuracy"] = sum(d["accuracy"] for d in draws) / n_dequant
+    return result
+
+
+def _test_images(cfg: Config, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n test images at bin centres (no noise), with labels."""
+    dataset = build_dataset(cfg.data, "test")
+    if n > len(dataset):
+        raise UserError(f"asked for {n} test images but the test split has {len(dataset)}")
+    items = [dataset[i] for i in range(n)]
+    images = torch.stack([image for image, _ in items]).to(device)
+    labels = torch.tensor([label for _, label in items], device=device)
+    return dequantize(images, cfg.data.n_bits, noise=False), labels
+
+
+@torch.no_grad()
+def reconstruct_command(loaded: LoadedRun, n: int, device: torch.device, out: str | None,
+                        tensorboard: bool = False) -> dict:
+    """Encode and decode real test images; report the error and write originals over reconstructions."""
+    if n < 1:
+        raise UserError(f"--n must be at least 1, got {n}")
+    cfg, model = loaded.cfg, loaded.model
+    x, _ = _test_images(cfg, n, device)
+    zs, _ = model.encode(x)
+    error = (model.decode(zs) - x).abs() * PIXEL_LEVELS
+    picture = image_grid(torch.cat([to_uint8(x, cfg.data.n_bits), to_uint8(model.decode(zs), cfg.data.n_bits)]).cpu(), n)
+    path = save_png(picture, _out_dir(loaded, out) / f"reconstruct_step{loaded.step:07d}.png",
+                    display_upscale(cfg.data.image_size))
+    if tensorboard:
+        write_to_tensorboard(loaded.run_dir, loaded.step, {"reconstruct": picture})
+    return {"max_abs_error": error.max().item(), "mean_abs_error": error.mean().item(),
+            "unit": "pixel levels (1/256 of the intensity range)", "n_images": n, "path": str(path)}
+
+
+@torch.no_grad()
+def interpolate_command(loaded: LoadedRun, n_pairs: int, n_steps: int, device: torch.device, out: str | None,
+                        tensorboard: bool = False) -> Path:
+    """Linear paths between the latents (every level) of pairs of test images; a row per pair."""
+    if n_pairs < 1 or n_steps < 2:
+        raise UserError(f"need --pairs >= 1 and --steps >= 2, got {n_pairs} and {n_steps}")
+    cfg, model = loaded.cfg, loaded.model
+    x, _ = _test_images(cfg, 2 * n_pairs, device)
+    zs, _ = model.encode(x)
+    weights = torch.linspace(0, 1, n_steps, device=device, dtype=x.dtype)
+    rows = []
+    for pair in range(n_pairs):
+        start = [z[2 * pair : 2 * pair + 1] for z in zs]
+        end = [z[2 * pair + 1 : 2 * pair + 2] for z in zs]
+        path = [torch.lerp(a.expand(n_steps, *a.shape[1:]), b.expand(n_steps, *b.shape[1:]),
+                           weights.view(-1, *[1] * (a.dim() - 1))) for a, b in zip(start, end)]
+        rows.append(to_uint8(model.decode(path), cfg.data.n_bits).cpu())
+    picture = image_grid(torch.cat(rows), n_steps)
+    if tensorboard:
+        write_to_tensorboard(loaded.run_dir, loaded.step, {"interpolate": picture})
+    return save_png(picture, _out_dir(loaded, out) / f"interpolate_step{loaded.step:07d}.png",
+                    display_upscale(cfg.data.image_size))
+
+
+def _flat_latents(model: Glow, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([z.flatten(1) for z in model.encode(x)[0]], 1)
+
+
+def _unflatten_latents(model: Glow, flat: torch.Tensor) -> list[torch.Tensor]:
+    zs, start = [], 0
+    for shape in model.latent_shapes:
+        size = math.prod(shape)
+        zs.append(flat[:, start : start + size].view(-1, *shape))
+        start += size
+    return zs
+
+
+@torch.no_grad()
+def _mean_latent(model: Glow, dataset, indices: list[int], cfg: Config, device: torch.device,
+                 batch_size: int = 256) -> torch.Tensor:
+    total = None
+    for start in range(0, len(indices), batch_size):
+        images = torch.stack([dataset[i][0] for i in indices[start : start + batch_size]]).to(device)
+        flat = _flat_latents(model, dequantize(images, cfg.data.n_bits, noise=False)).sum(0)
+        total = flat if total is None else total + flat
+    return total / len(indices)
+
+
+def _celeba_attributes(cfg: Config, dataset) -> tuple[list[str], dict[str, list[int]]]:
+    """Attribute names and, per file name, its +1/-1 values from list_attr_celeba.txt."""
+    root = Path(cfg.data.root)
+    for candidate in (root / "celeba" / "list_attr_celeba.txt", root / "list_attr_celeba.txt"):
+        if candidate.is_file():
+            lines = candidate.read_text().splitlines()
+            names = lines[1].split()
+            table = {parts[0]: [int(v) for v in parts[1:]] for parts in (line.split() for line in lines[2:]) if parts}
+            return names, table
+    raise UserError(f"--attribute needs list_attr_celeba.txt in {root}/celeba/ or {root}/ — or use "
+                    "--from-class/--to-class on a labelled dataset")
+
+
+@torch.no_grad()
+def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None, alphas: list[float], n: int,
+                       attribute: str | None = None, from_class: int | None = None, to_class: int | None = None,
+                       max_per_group: int = 2000, tensorboard: bool = False) -> dict:
+    """The Glow paper's semantic manipulation: move test latents along mean(z | with) - mean(z | without)."""
+    cfg, model = loaded.cfg, loaded.model
+    if (attribute is None) == (from_class is None or to_class is None):
+        raise UserError("give either --attribute NAME or both --from-class A and --to-class B")
+    train_set = build_dataset(cfg.data, "train")
+    if attribute is not None:
+        if not hasattr(train_set, "paths"):
+            raise UserError(f"--attribute needs a dataset of image files (celeba), not {cfg.data.dataset}")
+        names, table = _celeba_attributes(cfg, train_set)
+        if attribute not in names:
+            raise UserError(f"unknown attribute {attribute!r}; CelebA has: {', '.join(names)}")
+        column = names.index(attribute)
+        values = [table.get(Path(p).name, [0] * len(names))[column] for p in train_set.paths]
+        with_, without = ([i for i, v in enumerate(values) if v == sign] for sign in (1, -1))
+        label = attribute
+    else:
+        n_classes = getattr(train_set, "n_classes", 0)
+        for k in (from_class, to_class):
+            if not 0 <= k < max(n_classes, 1) or n_classes == 0:
+                raise UserError(f"class {k} is not a label of {cfg.data.dataset} (it has {n_classes} classes)")
+        labels = [int(train_set.get_batch(torch.tensor([i]))[1]) for i in range(len(train_set))] \
+            if hasattr(train_set, "get_batch") else [train_set[i][1] for i in range(len(train_set))]
+        with_ = [i for i, y in enumerate(labels) if y == to_class]
+        without = [i for i, y in enumerate(labels) if y == from_class]
+        label = f"class {from_class} -> {to_class}"
+    if not with_ or not without:
+        raise UserError(f"no training images on one side of {label}: cannot estimate a direction")
+    direction = (_mean_latent(model, train_set, with_[:max_per_group], cfg, device)
+                 - _mean_latent(model, train_set, without[:max_per_group], cfg, device))
+    x, _ = _test_images(cfg, n, device)
+    flat = _flat_latents(model, x)
+    rows = []
+    for i in range(n):
+        moved = torch.stack([flat[i] + alpha * direction for alpha in alphas])
+        rows.append(to_uint8(model.decode(_unflatten_latents(model, moved)), cfg.data.n_bits).cpu())
+    picture = image_grid(torch.cat(rows), len(alphas))
+    if tensorboard:
+        write_to_tensorboard(loaded.run_dir, loaded.step, {"manipulate": picture})
+    path = save_png(picture, _out_dir(loaded, out) / f"manipulate_step{loaded.step:07d}.png",
+                    display_upscale(cfg.data.image_size))
+    return {"direction": label, "n_with": min(len(with_), max_per_group),
+            "n_without": min(len(without), max_per_group), "alphas": alphas, "path": str(path)}
+
+
+def _out_dir(loaded: LoadedRun, out: str | None) -> Path:
+    return Path(out) if out else (loaded.run_dir or loaded.checkpoint.parent) / "samples"
+
+
+def multiply_adds(model: Glow) -> int:
+    """Multiply-adds of one forward pass for one image: every convolution plus the 1x1 invertible convs."""
+    total = 0
+    hooks = []
+
+    def count(module: nn.Conv2d, inputs, output):
+        nonlocal total
+        kernel = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        total += output[0].numel() * kernel
+
+    def count_invconv(module: InvConv2d, inputs, output):
+        nonlocal total
+        channels = inputs[0].shape[1]
+        total += channels * inputs[0][0].numel()
+
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(count))
+        elif isinstance(module, InvConv2d):
+            hooks.append(module.register_forward_hook(count_invconv))
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            model.log_prob(torch.zeros(1, *model.image_shape, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def info_summary(cfg: Config, model: Glow | None = None) -> dict:
+    """Parameters per level and in total, latent shapes, dimensionality, multiply-adds, resolved config."""
+    if model is None:
+        torch.manual_seed(0)
+        model = build_model(cfg)
+    per_level = [sum(p.numel() for p in level.parameters()) for level in model.levels]
+    priors = sum(p.numel() for p in model.split_priors.parameters())
+    priors += model.top_prior.numel() if isinstance(model.top_prior, nn.Parameter) else 0
+    if model.n_classes > 0:
+        priors += sum(p.numel() for m in (model.label_prior, model.classifier) for p in m.parameters())
+    return {
+        "parameters_per_level": per_level,
+        "parameters_priors": priors,
+        "parameters_total": sum(p.numel() for p in model.parameters()),
+        "latent_shapes": [list(shape) for shape in model.latent_shapes],
+        "dimensions": model.n_dims,
+        "multiply_adds_per_image": multiply_adds(model),
+        "config": config_to_yaml(cfg),
+    }
