@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,9 +31,9 @@ def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.de
     if n_dequant < 1:
         raise UserError(f"--n-dequant must be at least 1, got {n_dequant}")
     cfg = loaded.cfg
-    if batch_size:
-        from dataclasses import replace
-
+    if batch_size is not None:
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         cfg = replace(cfg, train=replace(cfg.train, eval_batch_size=batch_size))
     dataset = build_dataset(cfg.data, split)
     draws = [evaluate(loaded.model, dataset, cfg, device, seed=EVAL_NOISE_SEED + s) for s in range(n_dequant)]
@@ -67,6 +69,7 @@ def reconstruct_command(loaded: LoadedRun, n: int, device: torch.device, out: st
     """Encode and decode real test images; report the error and write originals over reconstructions."""
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
+    _check_tensorboard(loaded, tensorboard)
     cfg, model = loaded.cfg, loaded.model
     x, _ = _test_images(cfg, n, device)
     zs, _ = model.encode(x)
@@ -86,6 +89,7 @@ def interpolate_command(loaded: LoadedRun, n_pairs: int, n_steps: int, device: t
     """Linear paths between the latents (every level) of pairs of test images; a row per pair."""
     if n_pairs < 1 or n_steps < 2:
         raise UserError(f"need --pairs >= 1 and --steps >= 2, got {n_pairs} and {n_steps}")
+    _check_tensorboard(loaded, tensorboard)
     cfg, model = loaded.cfg, loaded.model
     x, _ = _test_images(cfg, 2 * n_pairs, device)
     zs, _ = model.encode(x)
@@ -147,8 +151,12 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
                        max_per_group: int = 2000, tensorboard: bool = False) -> dict:
     """The Glow paper's semantic manipulation: move test latents along mean(z | with) - mean(z | without)."""
     cfg, model = loaded.cfg, loaded.model
-    if (attribute is None) == (from_class is None or to_class is None):
+    by_class = from_class is not None or to_class is not None
+    if (attribute is not None and by_class) or (attribute is None and (from_class is None or to_class is None)):
         raise UserError("give either --attribute NAME or both --from-class A and --to-class B")
+    if n < 1 or not alphas:
+        raise UserError(f"need --n >= 1 and at least one value in --alphas, got --n {n} and {len(alphas)} alphas")
+    _check_tensorboard(loaded, tensorboard)
     train_set = build_dataset(cfg.data, "train")
     if attribute is not None:
         if not hasattr(train_set, "paths"):
@@ -189,12 +197,18 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
             "n_without": min(len(without), max_per_group), "alphas": alphas, "path": str(path)}
 
 
+def _check_tensorboard(loaded: LoadedRun, tensorboard: bool) -> None:
+    if tensorboard and loaded.run_dir is None:
+        raise UserError("--tensorboard needs a run directory: pass --run DIR (not a loose checkpoint file)")
+
+
 def _out_dir(loaded: LoadedRun, out: str | None) -> Path:
     return Path(out) if out else (loaded.run_dir or loaded.checkpoint.parent) / "samples"
 
 
 def multiply_adds(model: Glow) -> int:
     """Multiply-adds of one forward pass for one image: every convolution plus the 1x1 invertible convs."""
+    model = copy.deepcopy(model)  # the probe below would initialise the ActNorms of an untrained model
     total = 0
     hooks = []
 

@@ -121,7 +121,7 @@ def _open(run, checkpoint, device: str, seed: int, no_ema: bool):
     from glowtrain.distributed import resolve_device
 
     torch.manual_seed(seed)
-    resolved = resolve_device(device)
+    resolved = resolve_device(device, "--device")
     return open_run(run, checkpoint, resolved, use_ema=not no_ema), resolved
 
 
@@ -152,7 +152,7 @@ def sample(
     from glowtrain.distributed import resolve_device
     from glowtrain.sample import sample_command
 
-    paths = sample_command(run, checkpoint, temp or [0.7], n, seed, out, resolve_device(device), not no_ema,
+    paths = sample_command(run, checkpoint, temp or [0.7], n, seed, out, resolve_device(device, "--device"), not no_ema,
                            class_, batch_size, grid, individual, tensorboard)
     for path in paths:
         typer.echo(str(path))

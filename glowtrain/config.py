@@ -97,7 +97,7 @@ class TrainConfig:
     checkpoint_every: int = _opt(500, "steps between checkpoints")
     sample_temperatures: list[float] = _opt([0.7, 1.0], "prior temperatures for sample grids")
     n_samples: int = _opt(64, "images per sample grid")
-    max_bad_steps: int = _opt(10, "consecutive non-finite steps (skipped) before the run stops")
+    max_bad_steps: int = _opt(10, "consecutive non-finite steps (skipped) before rolling back to last.pt with half the lr; twice stops the run")
     amp: Literal["off", "bf16"] = _opt("off", "bf16: coupling networks in bfloat16 autocast (CUDA or CPU); log-dets, priors, loss stay float32")
     compile: bool = _opt(False, "torch.compile the model")
     memory_saving: bool = _opt(False, "constant-memory backprop by inverting the flow (not available yet: must stay false)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from glowtrain.flows import ActNorm, FlowSequence
 
@@ -51,7 +52,7 @@ class _ReversibleChain(torch.autograd.Function):
         # chain itself runs (not its flattened layers), so log-dets add up in the standard order.
         h, logdet = chain(x)
         ctx.layers = flat_layers(chain)
-        ctx.params = params
+        ctx.slot = {id(p): i for i, p in enumerate(params)}  # where each parameter's gradient goes
         # The backward engine may run on another thread, where autocast is off: record it to replay.
         device_type = x.device.type
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
@@ -59,11 +60,12 @@ class _ReversibleChain(torch.autograd.Function):
         return h, logdet
 
     @staticmethod
+    @once_differentiable  # gradients of gradients would need the rebuilt graphs kept: not supported
     def backward(ctx, grad_y, grad_logdet):
         (y,) = ctx.saved_tensors
         y = y.detach()
-        slot = {id(p): i for i, p in enumerate(ctx.params)}
-        param_grads: list[torch.Tensor | None] = [None] * len(ctx.params)
+        slot = ctx.slot
+        param_grads: list[torch.Tensor | None] = [None] * len(slot)
         need_input_grad = ctx.needs_input_grad[0]
         device_type, autocast_on, autocast_dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):

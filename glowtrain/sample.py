@@ -100,13 +100,16 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
                    batch_size: int = 256, grid: bool = False, individual: bool = False,
                    tensorboard: bool = False) -> list[Path]:
     """`glowtrain sample`: a PNG grid per temperature (or one labelled figure); returns the paths written."""
-    if any(t < 0 for t in temperatures):
-        raise UserError(f"temperatures must be >= 0, got {min(temperatures)} — use --temp 0.7 or another value >= 0")
+    bad = [t for t in temperatures if not (math.isfinite(t) and t >= 0)]
+    if bad:
+        raise UserError(f"temperatures must be >= 0 and finite, got {bad[0]} — use --temp 0.7 or another value >= 0")
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     loaded = open_run(run, checkpoint, device, use_ema)
+    if tensorboard and loaded.run_dir is None:
+        raise UserError("--tensorboard needs a run directory: pass --run DIR (not a loose checkpoint file)")
     cfg, model = loaded.cfg, loaded.model
     labels = class_labels(classes, n, cfg.model.n_classes, device)
     out_dir = Path(out) if out else (loaded.run_dir or loaded.checkpoint.parent) / "samples"

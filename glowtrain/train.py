@@ -223,11 +223,13 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
     optimizer_cls = torch.optim.Adamax if cfg.train.optimizer == "adamax" else torch.optim.Adam
     optimizer = optimizer_cls(model.parameters(), lr=cfg.train.lr)
     start_step, best_bpd = 0, math.inf
+    lr_scale, n_rollbacks = 1.0, 0  # halved on each rollback after a run of non-finite steps
     if run.resume_from is not None:
         state = load_checkpoint(run.resume_from, map_location=device)
         load_state_checked(model, state["model"], str(run.resume_from))
         optimizer.load_state_dict(state["optimizer"])
         start_step, best_bpd = state["step"], state["best_test_bpd"]
+        lr_scale, n_rollbacks = state.get("lr_scale", 1.0), state.get("n_rollbacks", 0)
         torch.set_rng_state(state["rng"]["torch"].cpu())
     else:
         x, labels = _seeded_init_batch(train_set, cfg, device)
@@ -248,8 +250,37 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
     cfg_dict = config_to_dict(cfg)
 
     def save(step: int, path: Path) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise TrainingDiverged(f"the weights hold NaN or inf at step {step}; not saving them over {path} — "
+                                   "lower train.lr and resume from the last checkpoint")
         save_checkpoint(checkpoint_state(model=model, ema=ema, optimizer=optimizer, step=step, cfg_dict=cfg_dict,
-                                         best_test_bpd=best_bpd), path)
+                                         best_test_bpd=best_bpd,
+                                         extra={"lr_scale": lr_scale, "n_rollbacks": n_rollbacks}), path)
+
+    def roll_back(bad_step: int):
+        """Return to last.pt with half the learning rate, once; a second divergence ends the run."""
+        nonlocal lr_scale, n_rollbacks
+        last = run_paths(run.path)["last"]
+        cause = (f"{n_bad_in_row} steps in a row up to step {bad_step} had a non-finite loss or gradient — "
+                 f"the learning rate ({lr:.2e}) is probably too high, or the data holds broken images")
+        if n_rollbacks >= 1:
+            raise TrainingDiverged(f"{cause}; rolling back with half the learning rate did not help: "
+                                   "lower train.lr or raise train.warmup_steps and resume")
+        if not last.exists():
+            raise TrainingDiverged(f"{cause}; there is no checkpoint to roll back to yet: lower train.lr or "
+                                   "raise train.warmup_steps")
+        state = load_checkpoint(last, map_location=device)
+        load_state_checked(model, state["model"], str(last))
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            load_state_checked(ema, state["ema"], str(last))
+        lr_scale, n_rollbacks = state.get("lr_scale", 1.0) * 0.5, n_rollbacks + 1
+        logger.log(state["step"], "train", event="rollback", from_step=bad_step, lr_scale=lr_scale)
+        bar.write(f"step {bad_step}: {n_bad_in_row} non-finite steps; rolled back to step {state['step']} "
+                  f"with the learning rate halved")
+        return state["step"], make_train_batches(train_set, cfg.train.batch_size, seed=cfg.run.seed,
+                                                 start_step=state["step"], n_workers=cfg.data.n_workers,
+                                                 pin_memory=device.type == "cuda")
 
     batches = make_train_batches(train_set, cfg.train.batch_size, seed=cfg.run.seed, start_step=start_step,
                                  n_workers=cfg.data.n_workers, pin_memory=device.type == "cuda")
@@ -271,7 +302,7 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
                 generator = step_generator(cfg.run.seed, step, device)
                 x = prepare_batch(images, cfg, device, generator, flip=cfg.data.hflip)
                 labels = labels.to(device, non_blocking=True)
-                lr = lr_at(step, cfg)
+                lr = lr_at(step, cfg) * lr_scale
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 try:
@@ -293,13 +324,14 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
                     # Skip the update; the step still counts, so the data order and warm-up stay on schedule.
                     n_bad_in_row += 1
                     n_bad_total += 1
+                    optimizer.zero_grad(set_to_none=True)
                     logger.log(step + 1, "train", bad_steps=n_bad_total)
                     if n_bad_in_row > cfg.train.max_bad_steps:
-                        raise TrainingDiverged(
-                            f"{n_bad_in_row} steps in a row up to step {step + 1} had a non-finite loss or gradient "
-                            f"— the learning rate ({lr:.2e}) is probably too high: lower train.lr or raise "
-                            "train.warmup_steps, then resume from the last checkpoint")
-                    optimizer.zero_grad(set_to_none=True)
+                        step, batches = roll_back(step + 1)
+                        n_bad_in_row = 0
+                        bar.reset(total=cfg.train.steps)
+                        bar.update(step)
+                        continue
                 else:
                     n_bad_in_row = 0
                     if cfg.train.weight_decay > 0:  # decoupled (AdamW-style), for either optimiser

@@ -3,11 +3,13 @@
     .venv/bin/python scripts/bench_memory.py                        # CPU: width 128, batch 16
     .venv/bin/python scripts/bench_memory.py --device cuda          # GPU: width 512, batch 64
 
-Each setting runs in a fresh subprocess. On CPU its peak resident set (ru_maxrss) is compared with a
-baseline child that builds and initialises the same model but takes no step; on CUDA the child
-reports torch.cuda.max_memory_allocated over a step minus what the model held before it. "Training
-memory" is that difference: activations, gradients and optimizer state. Step time is the median of
-timed steps after warm-up. Prints one JSON line per setting, then a markdown table of ratios.
+Memory: each setting runs two training steps in a fresh subprocess. On CPU its peak resident set
+(ru_maxrss) is compared with a baseline child that builds and initialises the same model but takes
+no step; on CUDA the child reports torch.cuda.max_memory_allocated over the steps minus what the
+model held before them. "Training memory" is that difference: activations, gradients and optimizer
+state. Time: one more child per K alternates steps with memory saving off and on (so a machine
+whose load drifts slows both alike) and reports the median of each after warm-up. Prints one JSON
+line per setting, then a markdown table of the ratios.
 """
 
 from __future__ import annotations
@@ -37,6 +39,28 @@ def _child(args: argparse.Namespace) -> None:
     model.set_memory_saving(args.mode == "on")
     optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4)
     result = {"n_steps": args.n_steps, "mode": args.mode}
+
+    def step() -> float:
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = -model.log_prob(torch.rand_like(x) - 0.5).mean() / model.n_dims
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    if args.mode == "time":
+        times = {False: [], True: []}
+        for repeat in range(args.warmup + args.repeats):
+            for enabled in (False, True):
+                model.set_memory_saving(enabled)
+                elapsed = step()
+                if repeat >= args.warmup:
+                    times[enabled].append(elapsed)
+        result.update(step_s_off=statistics.median(times[False]), step_s_on=statistics.median(times[True]))
+        print(json.dumps(result))
+        return
     if args.mode == "baseline":
         result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         print(json.dumps(result))
@@ -45,18 +69,8 @@ def _child(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(args.warmup + args.repeats):
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = -model.log_prob(torch.rand_like(x) - 0.5).mean() / model.n_dims
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    result["step_s"] = statistics.median(times)
+    for _ in range(2):  # the first step also allocates the optimizer state
+        step()
     if device.type == "cuda":
         result["peak_mb"] = result["train_mb"] = (torch.cuda.max_memory_allocated() - base) / MB
     else:
@@ -85,7 +99,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per child")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=("off", "on", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=("off", "on", "baseline", "time"), help=argparse.SUPPRESS)
     parser.add_argument("--n-steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
@@ -106,6 +120,11 @@ def main() -> None:
                           levels=args.levels, baseline_mb=base)
             print(json.dumps(result), flush=True)
             row[mode] = result
+        timing = _run_child(args, n_steps, "time")
+        timing.update(device=args.device, width=args.width, batch=args.batch, shape=list(args.shape),
+                      levels=args.levels, threads=args.threads)
+        print(json.dumps(timing), flush=True)
+        row["off"]["step_s"], row["on"]["step_s"] = timing["step_s_off"], timing["step_s_on"]
         rows.append(row)
 
     print()

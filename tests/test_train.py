@@ -289,3 +289,76 @@ def test_weight_decay_shrinks_weights_relative_to_no_decay(tmp_path):
         norms[decay] = sum(v.double().square().sum() for k, v in state["model"].items() if "conv_in.weight" in k)
     # lr 1e-3 * decay 50 shrinks each weight by 5% a step before the optimiser moves it.
     assert norms[50.0] < 0.9 * norms[0.0]
+
+
+def _poison(monkeypatch, bad_calls):
+    """Make prepare_batch return NaN images on the given calls (call 0 is the ActNorm init batch)."""
+    import glowtrain.train as train_module
+
+    real = train_module.prepare_batch
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        x = real(*args, **kwargs)
+        index = calls["n"]
+        calls["n"] += 1
+        return x * float("nan") if bad_calls(index) else x
+
+    monkeypatch.setattr(train_module, "prepare_batch", poisoned)
+
+
+NAN_RUN = ["model.n_levels=2", "model.n_steps=1", "model.hidden_channels=8", "train.batch_size=16",
+           "train.init_batch_size=32", "train.eval_batch_size=300", "train.steps=10", "train.warmup_steps=0",
+           "train.log_every=1", "train.eval_every=100", "train.sample_every=100", "train.checkpoint_every=2",
+           "train.n_samples=1", "train.sample_temperatures=[0]", "train.max_bad_steps=2"]
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch):
+    _poison(monkeypatch, lambda call: call == 4)  # training step 4 (1-based)
+    cfg = apply_overrides(default_config(), NAN_RUN)
+    result = train(cfg, out=str(tmp_path / "run"), progress=False)
+    assert result["step"] == 10 and math.isfinite(result["test_bpd"])
+    bad = [m for m in _metrics(tmp_path / "run") if "bad_steps" in m]
+    assert bad == [{"step": 4, "split": "train", "bad_steps": 1}]
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_a_run_of_non_finite_steps_rolls_back_with_half_the_learning_rate(tmp_path, monkeypatch):
+    _poison(monkeypatch, lambda call: call in (5, 6, 7))  # steps 5-7: three in a row > max_bad_steps=2
+    cfg = apply_overrides(default_config(), NAN_RUN)
+    result = train(cfg, out=str(tmp_path / "run"), progress=False)
+    assert result["step"] == 10
+    metrics = _metrics(tmp_path / "run")
+    rollback = [m for m in metrics if m.get("event") == "rollback"]
+    # last.pt was written at step 6 (skipped steps leave the weights as they were), so that is where it resumes.
+    assert rollback == [{"step": 6, "split": "train", "event": "rollback", "from_step": 7, "lr_scale": 0.5}]
+    after = [m for m in metrics[metrics.index(rollback[0]):] if "lr" in m]
+    assert after and all(m["lr"] == pytest.approx(0.5 * cfg.train.lr) for m in after)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["lr_scale"] == 0.5 and state["n_rollbacks"] == 1
+
+
+def test_a_second_divergence_stops_the_run_naming_step_and_cause(tmp_path, monkeypatch):
+    from glowtrain.train import TrainingDiverged
+
+    _poison(monkeypatch, lambda call: call >= 5)
+    cfg = apply_overrides(default_config(), NAN_RUN)
+    with pytest.raises(TrainingDiverged, match=r"up to step 9 .*learning rate.*did not help"):
+        train(cfg, out=str(tmp_path / "run"), progress=False)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["step"] == 8  # skipped steps 7-8 left the weights finite, so the save at step 8 went ahead
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_divergence_before_any_checkpoint_says_there_is_nothing_to_roll_back_to(tmp_path, monkeypatch):
+    from glowtrain.train import TrainingDiverged
+
+    _poison(monkeypatch, lambda call: call >= 1)
+    cfg = apply_overrides(default_config(), NAN_RUN + ["train.checkpoint_every=100"])
+    with pytest.raises(TrainingDiverged, match="no checkpoint to roll back to"):
+        train(cfg, out=str(tmp_path / "run"), progress=False)
