@@ -6,6 +6,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import signal
 import time
 import warnings
@@ -152,6 +153,7 @@ class RunDir:
 def prepare_run_dir(cfg: Config, out: str | None, resume: str | None) -> RunDir:
     """Decide where the run lives and what it resumes from; refuse to overwrite an existing run."""
     run_dir = Path(out) if out else Path("runs") / cfg.run.name
+    _check_writable(run_dir)
     if resume is None:
         if run_paths(run_dir)["last"].exists() or run_paths(run_dir)["metrics"].exists():
             raise UserError(f"{run_dir} already holds a run — continue it with --resume auto, or choose another "
@@ -163,6 +165,17 @@ def prepare_run_dir(cfg: Config, out: str | None, resume: str | None) -> RunDir:
     if resume != "auto" and out is None:
         run_dir = checkpoint.parent.parent
     return RunDir(run_dir, checkpoint)
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Fail before any work if the run directory cannot be created or written (nothing is created here)."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create the run directory {run_dir}: {existing} is a file — choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {existing} (permission denied) — choose another --out or run.name")
 
 
 def fit_config(config_path: str | None, overrides: list[str], out: str | None, resume: str | None) -> Config:

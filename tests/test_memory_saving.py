@@ -46,6 +46,20 @@ def _gradients(model, x, labels=None, memory_saving=False, input_grad=False):
     return grads
 
 
+def _uses_reversible_chain(output: torch.Tensor) -> bool:
+    """Whether the autograd graph behind `output` runs through the memory-saving Function."""
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "ReversibleChain" in type(node).__name__:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
 def _assert_same_gradients(standard, saving, rtol=1e-8, atol=1e-12):
     assert standard.keys() == saving.keys()
     for name, expected in standard.items():
@@ -63,6 +77,7 @@ def test_memory_saving_gradients_equal_standard_on_every_parameter(coupling, con
     labels = torch.tensor([0, 2, 1, 2]) if n_classes else None
     standard = _gradients(model, x, labels, memory_saving=False)
     saving = _gradients(model, x, labels, memory_saving=True)
+    assert _uses_reversible_chain(model(x, labels)[0])
     assert all(g.abs().max() > 0 for g in standard.values())  # every parameter is really exercised
     _assert_same_gradients(standard, saving)
 
@@ -94,8 +109,9 @@ def test_memory_saving_forward_initializes_actnorm_via_standard_path():
     reference = copy.deepcopy(model).set_memory_saving(False)
     x = torch.rand(8, 1, 8, 8) - 0.5
     log_prob = model.log_prob(x)
+    assert not _uses_reversible_chain(log_prob)
     log_prob.mean().backward()
-    assert model.is_initialized
+    assert model.is_initialized and _uses_reversible_chain(model.log_prob(x))
     assert torch.equal(log_prob, reference.log_prob(x))
     # Now initialised, the next forward takes the memory-saving path and agrees with the standard one.
     _assert_same_gradients(_gradients(reference, x), _gradients(model, x, memory_saving=True), rtol=1e-4, atol=1e-6)
@@ -111,8 +127,9 @@ def test_set_memory_saving_round_trip_and_no_effect_without_autograd():
         during = model.log_prob(x)
     # With autograd on, the forward values are the standard path's, bit for bit.
     recorded = model.log_prob(x)
-    assert recorded.grad_fn is not None
+    assert _uses_reversible_chain(recorded)
     assert not model.set_memory_saving(False).memory_saving
+    assert not _uses_reversible_chain(model.log_prob(x))
     assert torch.equal(before, during) and torch.equal(before, recorded.detach())
 
 
