@@ -73,6 +73,19 @@ def _errors_to_exit_codes(command):
     return wrapper
 
 
+def _without_option(args: list[str], name: str) -> list[str]:
+    """argv without `name VALUE` or `name=VALUE`."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            kept.append(arg)
+    return kept
+
+
 def _resume_hint_args() -> list[str]:
     args = sys.argv[1:]
     keep = []
@@ -90,12 +103,23 @@ def fit(
     resume: Annotated[Optional[str], typer.Option("--resume", help="'auto' (the run's last.pt) or a checkpoint path.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run directory; default runs/<run.name>.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes (GPUs) on this machine; >1 launches torchrun.")] = 1,
 ) -> None:
     """Train a model. With no --config, trains the bundled 8x8 digits in a few minutes on a CPU."""
+    from glowtrain.distributed import launched_by_torchrun, torchrun_command
     from glowtrain.train import fit_config, train
 
-    cfg = fit_config(config, set_ or [], out, resume)
+    cfg = fit_config(config, set_ or [], out, resume)  # bad input fails here, before any process starts
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
+    if nproc > 1 and not launched_by_torchrun():
+        import subprocess
+
+        args = _without_option(sys.argv[1:], "--nproc")
+        raise typer.Exit(subprocess.call(torchrun_command(nproc, args)))
     result = train(cfg, out=out, resume=resume, progress=progress)
+    if result["rank"] != 0:
+        return
     run_dir = result["run_dir"]
     if "test_bpd" in result:
         typer.echo(f"test bpd {result['test_bpd']:.4f} at step {result['step']}")

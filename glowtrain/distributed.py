@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from glowtrain.errors import UserError
 
@@ -24,3 +29,90 @@ def resolve_device(name: str, option: str = "run.device") -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"{option}=mps but MPS is not available here — use {option}=cpu or auto")
     return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Context:
+    """This process's place in the job: rank 0 of 1 unless launched by torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def all_agree(self, flag: torch.Tensor | bool) -> bool:
+        """True on every rank only if it is True on every rank (one tiny all-reduce)."""
+        if not self.distributed:
+            return bool(flag)
+        value = torch.as_tensor(flag, device=self.device).to(torch.int32).reshape(1)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
+
+    def any(self, flag: bool) -> bool:
+        return not self.all_agree(not flag)
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device_name: str) -> Context:
+    """Join the torchrun job when there is one (NCCL on CUDA, gloo on CPU); else a one-process context."""
+    if not launched_by_torchrun():
+        return Context(device=resolve_device(device_name))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if device_name.startswith("cuda") and not use_cuda:
+        resolve_device(device_name)  # raises the one-line CUDA error
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # A rank that dies makes the others fail at their next collective instead of waiting forever.
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=10))
+    return Context(dist.get_rank(), dist.get_world_size(), device)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_state(module: torch.nn.Module, ctx: Context, src: int = 0) -> None:
+    """Make every rank's parameters and buffers equal to rank `src`'s (in place)."""
+    if ctx.distributed:
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src)
+
+
+def identical_across_ranks(module: torch.nn.Module, ctx: Context) -> bool:
+    """Whether every parameter is bit-for-bit the same on all ranks."""
+    if not ctx.distributed:
+        return True
+    flat = torch.cat([p.detach().reshape(-1).double() for p in module.parameters()])
+    low, high = flat.clone(), flat.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(low, high))
+
+
+def torchrun_command(n_processes: int, args: list[str]) -> list[str]:
+    """The command that runs `glowtrain <args>` in n processes on this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_processes}",
+            "-m", "glowtrain", *args]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from glowtrain.checkpoint import (
 from glowtrain.config import Config, apply_overrides, config_to_dict, load_config, save_config
 from glowtrain.data import build_dataset, make_train_batches
 from glowtrain.errors import UserError
-from glowtrain.distributed import resolve_device
+from glowtrain.distributed import Context, broadcast_state, identical_across_ranks, setup, teardown
 from glowtrain.evaluation import evaluate, prepare_batch
 from glowtrain.flows import CouplingNet
 from glowtrain.losses import bits_per_dim
@@ -117,6 +118,23 @@ class RunLogger:
             self.writer.add_hparams(hparams, final, run_name=".")
         self.writer.close()
         self.metrics.close()
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+class NullLogger:
+    """What ranks other than 0 log to."""
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def image(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self, *args, **kwargs) -> None:
+        pass
 
 
 class _StopFlag:
@@ -219,8 +237,17 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
     """Train the model `cfg` describes; returns the final test metrics and where things were written."""
     if cfg.train.memory_saving:
         raise UserError("train.memory_saving is not available in this version yet — set train.memory_saving=false")
-    device = resolve_device(cfg.run.device)
+    ctx = setup(cfg.run.device)
+    try:
+        return _train(cfg, ctx, out, resume, progress)
+    finally:
+        teardown()
+
+
+def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progress: bool) -> dict:
+    device = ctx.device
     run = prepare_run_dir(cfg, out, resume)
+    ctx.barrier()  # every rank has checked the run directory before rank 0 writes into it
     train_set = build_dataset(cfg.data, "train")
     test_set = build_dataset(cfg.data, "test")
     if cfg.model.n_classes > 0 and train_set.n_classes != cfg.model.n_classes:
@@ -247,6 +274,7 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
     else:
         x, labels = _seeded_init_batch(train_set, cfg, device)
         model.initialize(x, labels if cfg.model.n_classes > 0 else None)
+        broadcast_state(model, ctx)  # every rank starts from rank 0's initialisation
     ema = None
     if cfg.train.ema_decay > 0:
         ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -255,14 +283,28 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
     eval_model = ema if ema is not None else model
     # Training may run its coupling networks in bf16; evaluation and samples always use full precision.
     model.set_amp(torch.bfloat16 if cfg.train.amp == "bf16" else None)
-    forward = _compiled(model) if cfg.train.compile else model
+    wrapped = model
+    if ctx.distributed:
+        # Buffers (ActNorm flags, permutations) never change after the init broadcast.
+        ddp = torch.nn.parallel.DistributedDataParallel
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                          else {"broadcast_buffers": False})
+        wrapped = ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
+    forward = _compiled(wrapped) if cfg.train.compile else wrapped
 
-    run.path.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_paths(run.path)["config"])
-    logger = RunLogger(run.path)
+    if ctx.is_main:
+        run.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_paths(run.path)["config"])
+    logger = RunLogger(run.path) if ctx.is_main else NullLogger()
     cfg_dict = config_to_dict(cfg)
 
     def save(step: int, path: Path) -> None:
+        """Rank 0 writes; the others wait, so that a rollback on any rank finds the file."""
+        if ctx.is_main:
+            _save(step, path)
+        ctx.barrier()
+
+    def _save(step: int, path: Path) -> None:
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             raise TrainingDiverged(f"the weights hold NaN or inf at step {step}; not saving them over {path} — "
                                    "lower train.lr and resume from the last checkpoint")
@@ -289,17 +331,20 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
             load_state_checked(ema, state["ema"], str(last))
         lr_scale, n_rollbacks = state.get("lr_scale", 1.0) * 0.5, n_rollbacks + 1
         logger.log(state["step"], "train", event="rollback", from_step=bad_step, lr_scale=lr_scale)
-        bar.write(f"step {bad_step}: {n_bad_in_row} non-finite steps; rolled back to step {state['step']} "
+        say(f"step {bad_step}: {n_bad_in_row} non-finite steps; rolled back to step {state['step']} "
                   f"with the learning rate halved")
-        return state["step"], make_train_batches(train_set, cfg.train.batch_size, seed=cfg.run.seed,
-                                                 start_step=state["step"], n_workers=cfg.data.n_workers,
-                                                 pin_memory=device.type == "cuda")
+        return state["step"], train_batches(state["step"])
 
-    batches = make_train_batches(train_set, cfg.train.batch_size, seed=cfg.run.seed, start_step=start_step,
-                                 n_workers=cfg.data.n_workers, pin_memory=device.type == "cuda")
+    def train_batches(start: int):
+        return make_train_batches(train_set, cfg.train.batch_size, seed=cfg.run.seed, start_step=start,
+                                  n_workers=cfg.data.n_workers, pin_memory=device.type == "cuda",
+                                  rank=ctx.rank, world_size=ctx.world_size)
+
+    batches = train_batches(start_step)
     n_dims = model.n_dims
     max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-    bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not (progress and ctx.is_main), unit="step", dynamic_ncols=True)
+    say = bar.write if ctx.is_main else _quiet
     final: dict = {}
     step = start_step
     n_bad_in_row, n_bad_total = 0, 0
@@ -308,12 +353,13 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
     try:
         with _StopFlag() as stop:
             while step < cfg.train.steps:
-                if stop.requested:
+                if ctx.any(stop.requested):
                     save(step, run_paths(run.path)["last"])
                     raise Interrupted(step)
                 images, labels = next(batches)
                 generator = step_generator(cfg.run.seed, step, device)
-                x = prepare_batch(images, cfg, device, generator, flip=cfg.data.hflip)
+                x = prepare_batch(images, cfg, device, generator, flip=cfg.data.hflip, rank=ctx.rank,
+                                  world_size=ctx.world_size)
                 labels = labels.to(device, non_blocking=True)
                 lr = lr_at(step, cfg) * lr_scale
                 for group in optimizer.param_groups:
@@ -333,7 +379,7 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-                if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+                if not ctx.all_agree(torch.isfinite(loss) & torch.isfinite(grad_norm)):
                     # Skip the update; the step still counts, so the data order and warm-up stay on schedule.
                     n_bad_in_row += 1
                     n_bad_total += 1
@@ -359,21 +405,22 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
 
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     elapsed = time.perf_counter() - window_start
-                    values = {"bpd": bpd.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                              "images_per_s": window_images / max(elapsed, 1e-9)}
+                    mean_bpd = ctx.sum_(bpd.detach().clone()).item() / ctx.world_size
+                    values = {"bpd": mean_bpd, "lr": lr, "grad_norm": grad_norm.item(),
+                              "images_per_s": ctx.world_size * window_images / max(elapsed, 1e-9)}
                     logger.log(step, "train", **values)
                     bar.set_postfix(bpd=f"{values['bpd']:.3f}", lr=f"{lr:.2e}",
                                     img_s=f"{values['images_per_s']:.0f}")
                     window_start, window_images = time.perf_counter(), 0
                 if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
                     with full_precision(eval_model):
-                        final = evaluate(eval_model, test_set, cfg, device)
+                        final = evaluate(eval_model, test_set, cfg, device, ctx=ctx)
                     logger.log(step, "test", **final)
-                    bar.write(f"step {step}: test bpd {final['bpd']:.4f} ± {final['bpd_stderr']:.4f}")
+                    say(f"step {step}: test bpd {final['bpd']:.4f} ± {final['bpd_stderr']:.4f}")
                     if final["bpd"] < best_bpd:
                         best_bpd = final["bpd"]
                         save(step, run_paths(run.path)["best"])
-                if step % cfg.train.sample_every == 0 or step == cfg.train.steps:
+                if ctx.is_main and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
                     with full_precision(eval_model):
                         _write_samples(eval_model, cfg, step, run.path, logger, device)
                 if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
@@ -384,4 +431,6 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
                    "hidden_channels": cfg.model.hidden_channels, "coupling": cfg.model.coupling,
                    "lr": cfg.train.lr, "batch_size": cfg.train.batch_size}
         logger.close(hparams, {"hparam/test_bpd": final["bpd"]} if final else None)
-    return {"run_dir": str(run.path), "step": step, "best_test_bpd": best_bpd, **{f"test_{k}": v for k, v in final.items()}}
+    if not identical_across_ranks(model, ctx):
+        raise RuntimeError("the ranks finished with different weights; please report this with your config")
+    return {"rank": ctx.rank, "run_dir": str(run.path), "step": step, "best_test_bpd": best_bpd, **{f"test_{k}": v for k, v in final.items()}}

@@ -1,0 +1,54 @@
+"""Two gloo processes on CPU train like one process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from glowtrain.checkpoint import load_checkpoint
+
+SETS = ["model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16", "train.init_batch_size=32",
+        "train.eval_batch_size=100", "train.steps=6", "train.log_every=1", "train.eval_every=3",
+        "train.sample_every=6", "train.checkpoint_every=3", "train.n_samples=4", "train.warmup_steps=2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _fit(out, batch_size, *extra):
+    sets = [arg for item in SETS + [f"train.batch_size={batch_size}"] for arg in ("--set", item)]
+    done = subprocess.run([sys.executable, "-m", "glowtrain", "fit", "--out", str(out), "--no-progress", *sets,
+                           *extra], env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    two = _fit(tmp_path / "two", 8, "--nproc", "2")
+    _fit(tmp_path / "one", 16)
+    # One run directory, written once: rank 1 printed nothing and wrote nothing of its own.
+    assert two.stdout.count("run directory:") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+    assert len(list((tmp_path / "two" / "tb").glob("events.out.tfevents.*"))) >= 1
+    a, b = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
+    assert [(m["step"], m["split"]) for m in a] == [(m["step"], m["split"]) for m in b]
+    for ma, mb in zip(a, b):
+        assert abs(ma["bpd"] - mb["bpd"]) < 1e-5, (ma, mb)
+        if ma["split"] == "test":
+            assert ma["n_images"] == mb["n_images"] == 297
+    wa = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")["model"]
+    wb = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")["model"]
+    for name, tensor in wb.items():
+        assert torch.allclose(wa[name], tensor, atol=1e-5, rtol=1e-4), name
+
+
+def test_resume_with_a_different_number_of_processes(tmp_path):
+    _fit(tmp_path / "run", 8, "--nproc", "2")
+    _fit(tmp_path / "run", 8, "--resume", "auto", "--set", "train.steps=8")
+    steps = [m["step"] for m in _metrics(tmp_path / "run") if m["split"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 8
