@@ -293,5 +293,26 @@ def info(
     typer.echo("  " + config_text.replace("\n", "\n  ").rstrip())
 
 
+@app.command()
+@_errors_to_exit_codes
+def prepare(
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config whose data section to cache.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key (repeatable).")] = None,
+    out: Annotated[str, typer.Option("--out", "-o", help="Cache directory to write.")] = "",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """Decode a dataset once into a uint8 cache at the training resolution; train from it with data.cache."""
+    from glowtrain.config import load_config
+    from glowtrain.data import prepare_cache
+
+    cfg = load_config(config, set_ or [])
+    if cfg.data.cache:
+        raise UserError("data.cache is set: prepare reads the images themselves — remove data.cache for this command")
+    target = out or f"{cfg.data.root}/glowtrain-cache-{cfg.data.dataset}-{cfg.data.image_size}px"
+    index = prepare_cache(cfg.data, target, progress=progress)
+    typer.echo(f"cached {index['splits']['train']} train and {index['splits']['test']} test images in {target}")
+    typer.echo(f"train from it with: --set data.cache={target}")
+
+
 def main() -> None:
     app(prog_name="glowtrain")

@@ -100,7 +100,7 @@ class TrainConfig:
     max_bad_steps: int = _opt(10, "consecutive non-finite steps (skipped) before rolling back to last.pt with half the lr; twice stops the run")
     amp: Literal["off", "bf16"] = _opt("off", "bf16: coupling networks in bfloat16 autocast (CUDA or CPU); log-dets, priors, loss stay float32")
     compile: bool = _opt(False, "torch.compile the model")
-    memory_saving: bool = _opt(False, "constant-memory backprop by inverting the flow (not available yet: must stay false)")
+    memory_saving: bool = _opt(False, "constant-memory backprop: rebuild activations by inverting each flow step (~1.3x step time)")
 
 
 @dataclass(frozen=True)

@@ -203,3 +203,29 @@ def test_sample_from_a_config_file_instead_of_a_checkpoint_exits_2(fitted):
     _, run_dir, _ = fitted
     result = invoke("sample", "--checkpoint", str(run_paths(run_dir)["config"]))
     assert_one_line_error(result, 2, "config.yaml")
+
+
+def test_prepare_writes_a_cache_that_fit_trains_from(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    data = ["data.dataset=folder", f"data.root={tmp_path / 'imgs'}", "data.channels=3", "data.image_size=8",
+            "model.n_levels=2"]
+    cache = tmp_path / "cache"
+    result = invoke("prepare", *sets(*data), "--out", str(cache), "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "cached 36 train and 4 test images" in result.stdout and f"data.cache={cache}" in result.stdout
+    assert np.load(cache / "train.npy").shape == (36, 3, 8, 8)
+    result = invoke("fit", "--out", str(tmp_path / "run"), "--no-progress",
+                    *sets(*TINY, *data, f"data.cache={cache}", "train.batch_size=8", "train.init_batch_size=8"))
+    assert result.exit_code == 0, result.output
+    assert "test bpd" in result.stdout
+
+
+def test_prepare_refuses_a_config_that_already_reads_a_cache(tmp_path):
+    result = invoke("prepare", *sets("data.cache=somewhere"), "--out", str(tmp_path / "c"))
+    assert_one_line_error(result, 2, "data.cache is set")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from glowtrain.checkpoint import build_model, load_checkpoint, run_paths
+from glowtrain.checkpoint import build_model, load_checkpoint, model_from_checkpoint, run_paths
 from glowtrain.config import apply_overrides, default_config, load_config
 from glowtrain.data import build_dataset, make_train_batches
 from glowtrain.errors import UserError
@@ -362,3 +362,55 @@ def test_divergence_before_any_checkpoint_says_there_is_nothing_to_roll_back_to(
     cfg = apply_overrides(default_config(), NAN_RUN + ["train.checkpoint_every=100"])
     with pytest.raises(TrainingDiverged, match="no checkpoint to roll back to"):
         train(cfg, out=str(tmp_path / "run"), progress=False)
+
+
+SMALL = ["model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16", "train.batch_size=16",
+         "train.init_batch_size=32", "train.eval_batch_size=300", "train.steps=4", "train.warmup_steps=2",
+         "train.log_every=1", "train.eval_every=4", "train.sample_every=4", "train.n_samples=1",
+         "train.sample_temperatures=[0]"]
+
+
+def test_memory_saving_training_matches_standard_and_logs_reconstruction_drift(tmp_path):
+    runs = {}
+    for flag in ("false", "true"):
+        cfg = apply_overrides(default_config(), SMALL + [f"train.memory_saving={flag}"])
+        train(cfg, out=str(tmp_path / flag), progress=False)
+        runs[flag] = [json.loads(line) for line in (tmp_path / flag / "metrics.jsonl").read_text().splitlines()]
+    standard = [m["bpd"] for m in runs["false"] if m["split"] == "train"]
+    saving = [m["bpd"] for m in runs["true"] if m["split"] == "train" and "bpd" in m]
+    assert len(standard) == len(saving) == 4
+    assert max(abs(a - b) for a, b in zip(standard, saving)) < 1e-4
+    drift = [m for m in runs["true"] if "reconstruction_error_level0" in m]
+    assert drift and all(0 <= drift[0][f"reconstruction_error_level{i}"] < 1e-3 for i in range(2))
+
+
+def test_bf16_coupling_networks_stay_within_0_01_bpd_of_float32_on_a_trained_model(tmp_path):
+    cfg = apply_overrides(default_config(), SMALL + ["train.steps=30", "train.lr=3e-3", "train.eval_every=30",
+                                                     "train.sample_every=30"])
+    train(cfg, out=str(tmp_path / "run"), progress=False)
+    model, _ = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt"))
+    test_set = build_dataset(cfg.data, "test")
+    full = evaluate(model, test_set, cfg, torch.device("cpu"))["bpd"]
+    bf16 = evaluate(model.set_amp(torch.bfloat16), test_set, cfg, torch.device("cpu"))["bpd"]
+    assert full != bf16  # the bf16 path really ran
+    assert abs(full - bf16) < 0.01
+
+
+def test_bf16_training_runs_and_learns(tmp_path):
+    cfg = apply_overrides(default_config(), SMALL + ["train.amp=bf16", "train.steps=20", "train.lr=3e-3",
+                                                     "train.eval_every=20", "train.sample_every=20"])
+    result = train(cfg, out=str(tmp_path / "run"), progress=False)
+    assert math.isfinite(result["test_bpd"]) and result["test_bpd"] < 4.2
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch):
+    def broken_compile(module, *args, **kwargs):
+        def fail(*a, **k):
+            raise RuntimeError("no compiler backend here")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    cfg = apply_overrides(default_config(), SMALL + ["train.compile=true"])
+    with pytest.warns(UserWarning, match="torch.compile failed .*no compiler backend here"):
+        result = train(cfg, out=str(tmp_path / "run"), progress=False)
+    assert result["step"] == 4
