@@ -100,15 +100,16 @@ def _resume_hint_args() -> list[str]:
 def fit(
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config; default: bundled digits.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key: --set train.lr=5e-4 (repeatable).")] = None,
-    resume: Annotated[Optional[str], typer.Option("--resume", help="'auto' (the run's last.pt) or a checkpoint path.")] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="'auto' (the run's last.pt), 'if-any' (auto when there is one), or a checkpoint path.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run directory; default runs/<run.name>.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
     nproc: Annotated[int, typer.Option("--nproc", help="Processes (GPUs) on this machine; >1 launches torchrun.")] = 1,
 ) -> None:
     """Train a model. With no --config, trains the bundled 8x8 digits in a few minutes on a CPU."""
     from glowtrain.distributed import launched_by_torchrun, torchrun_command
-    from glowtrain.train import fit_config, train
+    from glowtrain.train import fit_config, resolve_resume, train
 
+    resume = resolve_resume(resume, config, set_ or [], out)
     cfg = fit_config(config, set_ or [], out, resume)  # bad input fails here, before any process starts
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")

@@ -196,6 +196,14 @@ def _check_writable(run_dir: Path) -> None:
         raise UserError(f"cannot write to {existing} (permission denied) — choose another --out or run.name")
 
 
+def resolve_resume(resume: str | None, config_path: str | None, overrides: list[str], out: str | None) -> str | None:
+    """`if-any` means `auto` when the run has a last.pt and a fresh start otherwise (for restarted jobs)."""
+    if resume != "if-any":
+        return resume
+    run_dir = Path(out) if out else Path("runs") / load_config(config_path, overrides).run.name
+    return "auto" if run_paths(run_dir)["last"].exists() else None
+
+
 def fit_config(config_path: str | None, overrides: list[str], out: str | None, resume: str | None) -> Config:
     """The config `fit` runs: a resumed run keeps the one stored with it unless --config is given."""
     if resume is None or config_path is not None:

@@ -229,3 +229,12 @@ def test_prepare_writes_a_cache_that_fit_trains_from(tmp_path):
 def test_prepare_refuses_a_config_that_already_reads_a_cache(tmp_path):
     result = invoke("prepare", *sets("data.cache=somewhere"), "--out", str(tmp_path / "c"))
     assert_one_line_error(result, 2, "data.cache is set")
+
+
+def test_resume_if_any_starts_fresh_then_continues(tmp_path):
+    run_dir = tmp_path / "run"
+    first = invoke("fit", "--out", str(run_dir), "--no-progress", "--resume", "if-any", *sets(*TINY))
+    assert first.exit_code == 0, first.output
+    second = invoke("fit", "--out", str(run_dir), "--no-progress", "--resume", "if-any", *sets(*TINY, "train.steps=6"))
+    assert second.exit_code == 0, second.output
+    assert "at step 6" in second.stdout
