@@ -1,0 +1,157 @@
+"""Training and sampling speed of glowtrain, and how close it runs to the machine's matmul speed.
+
+    .venv/bin/python scripts/bench.py                       # CPU: digits default and the CIFAR shape
+    .venv/bin/python scripts/bench.py --amp off bf16        # also with bf16 coupling networks
+    PYTHONPATH=. python3 scripts/bench.py --device cuda --configs cifar_shape cifar_paper --compile off on
+
+Each setting runs in a fresh subprocess (so peak memory is its own): it reports training images/s
+and ms per step (median over the timed steps after warm-up), peak memory (CUDA max allocated, or
+the process's peak RSS on CPU), sampling images/s at T = 0.7, multiply-adds per image, and the
+achieved FLOP/s of a training step (3 x 2 x multiply-adds per image, forward plus a backward of
+about twice the forward) as a fraction of a dense matmul's FLOP/s measured in the same process.
+Prints one JSON line per setting, then a markdown table. Timings are noisy: compare ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+CONFIGS = {
+    # name: (image shape, n_levels, n_steps, hidden_channels, batch, n_bits)
+    "digits": ((1, 8, 8), 3, 8, 64, 64, 4),
+    "cifar_shape": ((3, 32, 32), 3, 8, 256, 16, 8),
+    "cifar_paper": ((3, 32, 32), 3, 32, 512, 64, 8),
+}
+
+
+def _matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    times = []
+    for i in range(repeats + 2):
+        start = time.perf_counter()
+        (a @ b).sum().item()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times)
+
+
+def _child(args: argparse.Namespace) -> None:
+    from glowtrain.analysis import multiply_adds
+    from glowtrain.losses import bits_per_dim
+    from glowtrain.model import Glow
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    shape, levels, steps, width, batch, n_bits = CONFIGS[args.config]
+    model = Glow(shape, n_levels=levels, n_steps=steps, hidden_channels=width).to(device)
+    x = torch.rand(batch, *shape, device=device) - 0.5
+    model.initialize(x)
+    macs = multiply_adds(model)
+    model.set_amp(torch.bfloat16 if args.amp == "bf16" else None)
+    forward = torch.compile(model) if args.compile == "on" else model
+    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step_times = []
+    for i in range(args.warmup + args.steps):
+        sync()
+        start = time.perf_counter()
+        log_prob, _ = forward(torch.rand_like(x) - 0.5)
+        loss = bits_per_dim(log_prob, model.n_dims, n_bits).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sync()
+        if i >= args.warmup:
+            step_times.append(time.perf_counter() - start)
+    step = statistics.median(step_times)
+
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(0)
+    sample_times = []
+    with torch.no_grad():
+        for i in range(args.warmup + max(2, args.steps // 2)):
+            sync()
+            start = time.perf_counter()
+            model.sample(batch, 0.7, generator=generator)
+            sync()
+            if i >= args.warmup:
+                sample_times.append(time.perf_counter() - start)
+    sample = statistics.median(sample_times)
+
+    reference = _matmul_flops(device, torch.bfloat16 if args.amp == "bf16" else torch.float32)
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    achieved = 3 * 2 * macs * batch / step
+    print(json.dumps({
+        "config": args.config, "device": str(device), "amp": args.amp, "compile": args.compile, "batch": batch,
+        "train_images_per_s": batch / step, "ms_per_step": 1000 * step, "peak_memory_mb": peak_mb,
+        "sample_images_per_s": batch / sample, "sample_vs_train_step_per_image": step / sample,
+        "multiply_adds_per_image": macs, "achieved_gflops": achieved / 1e9, "matmul_gflops": reference / 1e9,
+        "fraction_of_matmul": achieved / reference,
+    }))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=["digits", "cifar_shape"], choices=sorted(CONFIGS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", nargs="+", default=["off"], choices=["off", "bf16"])
+    parser.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"])
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.amp, args.compile = args.amp[0], args.compile[0]
+        _child(args)
+        return
+    rows = []
+    for config in args.configs:
+        for amp in args.amp:
+            for compile_ in args.compile:
+                command = [sys.executable, __file__, "--child", "--config", config, "--device", args.device,
+                           "--amp", amp, "--compile", compile_, "--steps", str(args.steps),
+                           "--warmup", str(args.warmup), "--threads", str(args.threads)]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    print(f"{config} amp={amp} compile={compile_} failed:\n{done.stderr}", file=sys.stderr)
+                    continue
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    print()
+    print("| config | device | amp | compile | batch | train img/s | ms/step | peak MB | sample img/s "
+          "| sample speed-up per image | GFLOP/s | matmul GFLOP/s | fraction |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['config']} | {r['device']} | {r['amp']} | {r['compile']} | {r['batch']} "
+              f"| {r['train_images_per_s']:.0f} | {r['ms_per_step']:.1f} | {r['peak_memory_mb']:.0f} "
+              f"| {r['sample_images_per_s']:.0f} | {r['sample_vs_train_step_per_image']:.1f}x "
+              f"| {r['achieved_gflops']:.1f} | {r['matmul_gflops']:.0f} | {r['fraction_of_matmul']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
