@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from glowtrain.checkpoint import LoadedRun, build_model, open_run
+from glowtrain.checkpoint import LoadedRun, build_model
 from glowtrain.config import Config, config_to_yaml
 from glowtrain.data import build_dataset
 from glowtrain.errors import UserError

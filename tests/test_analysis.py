@@ -63,15 +63,6 @@ def ok(result):
     return result
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two cores shared with other work: one intra-op thread is many times faster than two contending.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """One tiny unconditional `glowtrain fit` into <tmp>/runs/tiny; the tests only read it."""

@@ -26,14 +26,6 @@ from helpers import perturb
 TINY = ["model.n_levels=2", "model.n_steps=2", "model.hidden_channels=8"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_state(*extra: str, seed: int = 0) -> dict:
     """A complete checkpoint dict for a tiny initialised, perturbed model (EMA = a different perturbation)."""
     cfg = apply_overrides(default_config(), [*TINY, *extra])

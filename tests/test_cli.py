@@ -40,15 +40,6 @@ def assert_one_line_error(result, code: int = 2, *needles: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two cores shared with other work: one intra-op thread is many times faster than two contending.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """One tiny `glowtrain fit` into <tmp>/runs/tiny; several tests only read it."""

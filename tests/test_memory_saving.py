@@ -14,14 +14,6 @@ from glowtrain.model import Glow
 from helpers import perturb
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _random_glow(shape=(3, 8, 8), seed=0, dtype=torch.float64, scale=0.05, **kwargs):
     torch.manual_seed(seed)
     kwargs = {"n_levels": 2, "n_steps": 3, "hidden_channels": 8, **kwargs}

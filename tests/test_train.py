@@ -31,15 +31,6 @@ def tiny_config(*extra: str):
     return apply_overrides(default_config(), [*TINY, *extra])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two cores shared with other work: one intra-op thread is many times faster than two contending.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One 6-step run that several tests only read."""
