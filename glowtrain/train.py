@@ -426,7 +426,7 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
                     if cfg.train.memory_saving:  # measured, not assumed: how far the rebuilt inputs drift
                         with torch.no_grad():
                             drift = model.reconstruction_errors(x)
-                        logger.log(step, "train", **{f"reconstruction_error_level{i}": e for i, e in enumerate(drift)})
+                        logger.log(step, "reconstruction", **{f"max_error_level{i}": e for i, e in enumerate(drift)})
                     say(f"step {step}: test bpd {final['bpd']:.4f} ± {final['bpd_stderr']:.4f}")
                     if final["bpd"] < best_bpd:
                         best_bpd = final["bpd"]

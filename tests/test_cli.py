@@ -229,3 +229,10 @@ def test_resume_if_any_starts_fresh_then_continues(tmp_path):
     second = invoke("fit", "--out", str(run_dir), "--no-progress", "--resume", "if-any", *sets(*TINY, "train.steps=6"))
     assert second.exit_code == 0, second.output
     assert "at step 6" in second.stdout
+
+
+def test_debug_flag_shows_the_traceback_for_bad_input(tmp_path):
+    result = invoke("--debug", "fit", "--out", str(tmp_path / "run"), *sets("train.lrate=1"))
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr and "did you mean 'train.lr'" in result.stderr
+    assert not (tmp_path / "run").exists()
