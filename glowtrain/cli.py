@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import shlex
 import sys
 import traceback
 from typing import Annotated, Optional
@@ -55,8 +57,9 @@ def _errors_to_exit_codes(command):
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except Interrupted as e:
-            typer.echo(f"interrupted at step {e.args[0]}; checkpoint saved. Continue with: "
-                       f"glowtrain fit --resume auto {' '.join(_resume_hint_args())}".rstrip(), err=True)
+            step, run_dir = e.args
+            typer.echo(f"interrupted at step {step}; checkpoint saved. Continue with: "
+                       f"glowtrain fit --resume auto --out {shlex.quote(run_dir)}", err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -86,15 +89,6 @@ def _without_option(args: list[str], name: str) -> list[str]:
     return kept
 
 
-def _resume_hint_args() -> list[str]:
-    args = sys.argv[1:]
-    keep = []
-    for i, arg in enumerate(args):
-        if arg in ("--out", "--config") and i + 1 < len(args):
-            keep += [arg, args[i + 1]]
-    return keep
-
-
 @app.command()
 @_errors_to_exit_codes
 def fit(
@@ -114,10 +108,9 @@ def fit(
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     if nproc > 1 and not launched_by_torchrun():
-        import subprocess
-
-        args = _without_option(sys.argv[1:], "--nproc")
-        raise typer.Exit(subprocess.call(torchrun_command(nproc, args)))
+        # Become torchrun (no parent left behind), so signals reach it and it forwards them to the workers.
+        command = torchrun_command(nproc, _without_option(sys.argv[1:], "--nproc"))
+        os.execv(command[0], command)
     result = train(cfg, out=out, resume=resume, progress=progress)
     if result["rank"] != 0:
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import warnings
 from collections.abc import Iterable, Iterator
 from importlib import resources
@@ -249,15 +250,17 @@ def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True) ->
     """Decode both splits once into a uint8 cache directory at out_path; returns its index."""
     from tqdm import tqdm
 
+    shape = image_shape(data_cfg)
+    # Both splits are found (and the config checked) before the target is touched: a typo in data.root
+    # must not destroy an existing cache.
+    splits = {split: _build_uncached(data_cfg, split) for split in ("train", "test")}
     out = Path(out_path).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.json").unlink(missing_ok=True)  # the index is written last: it marks a complete cache
-    shape = image_shape(data_cfg)
     index = {"format": CACHE_FORMAT, "dataset": data_cfg.dataset,
              "root": str(Path(data_cfg.root).expanduser().resolve()), "image_size": shape[1],
              "channels": shape[0], "image_shape": list(shape), "n_classes": n_classes(data_cfg), "splits": {}}
-    for split in ("train", "test"):
-        ds = _build_uncached(data_cfg, split)
+    for split, ds in splits.items():
         n = len(ds)
         # Written under a temporary name and renamed, so an interrupted run leaves no half cache.
         tmp = out / f"{split}.npy.partial"
@@ -343,10 +346,17 @@ def _batches(dataset, index_batches: Iterable[list[int]], n_workers: int, pin_me
              persistent: bool) -> Iterator[tuple[Tensor, Tensor]]:
     if hasattr(dataset, "get_batch"):
         return _gathered(dataset, index_batches, pin_memory and torch.cuda.is_available())
-    loader = DataLoader(dataset, batch_sampler=index_batches, num_workers=n_workers,
+    loader = DataLoader(dataset, batch_sampler=index_batches, num_workers=n_workers, worker_init_fn=_ignore_stop_signals,
                         pin_memory=pin_memory and torch.cuda.is_available(),
                         persistent_workers=persistent and n_workers > 0)
     return _one_line_errors(loader)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group but is the main process's to handle (finish the step, save);
+    # a worker killed by it would turn a clean stop into "DataLoader worker exited unexpectedly".
+    # SIGTERM stays default: DataLoader itself uses it to end workers that do not stop in time.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _gathered(dataset, index_batches: Iterable[list[int]], pin: bool) -> Iterator[tuple[Tensor, Tensor]]:

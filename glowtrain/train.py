@@ -8,6 +8,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -105,7 +106,9 @@ class RunLogger:
         self.writer = SummaryWriter(log_dir=str(paths["tb"]))
 
     def log(self, step: int, split: str, **values) -> None:
-        self.metrics.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+        # Strict JSON: a non-finite number (a diverging step) is written as null, not NaN.
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+        self.metrics.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
         for key, value in values.items():
             if isinstance(value, (int, float)):
                 self.writer.add_scalar(f"{split}/{key}", value, step)
@@ -168,21 +171,56 @@ class RunDir:
     resume_from: Path | None
 
 
+def run_dir_for(out: str | None, name: str, resume: str | None) -> Path:
+    """The run directory: --out, else the run a --resume path points into, else runs/<run.name>."""
+    if out:
+        return Path(out)
+    if resume not in (None, "auto", "if-any"):
+        path = Path(resume)
+        if path.is_dir():
+            return path
+        if path.parent.name == "checkpoints":
+            return path.parent.parent
+    return Path("runs") / name
+
+
+def checkpoint_to_resume(resume: str, run_dir: Path) -> Path:
+    """--resume auto (or a run directory) means its last.pt; anything else is a checkpoint file."""
+    path = Path(resume) if resume != "auto" else run_dir
+    if path.is_dir() or resume == "auto":
+        path = run_paths(path)["last"]
+    if not path.is_file():
+        raise UserError(f"nothing to resume: {path} does not exist — start the run without --resume")
+    return path
+
+
 def prepare_run_dir(cfg: Config, out: str | None, resume: str | None) -> RunDir:
     """Decide where the run lives and what it resumes from; refuse to overwrite an existing run."""
-    run_dir = Path(out) if out else Path("runs") / cfg.run.name
+    run_dir = run_dir_for(out, cfg.run.name, resume)
     _check_writable(run_dir)
     if resume is None:
-        if run_paths(run_dir)["last"].exists() or run_paths(run_dir)["metrics"].exists():
+        if run_paths(run_dir)["last"].exists():
             raise UserError(f"{run_dir} already holds a run — continue it with --resume auto, or choose another "
                             "--out or run.name")
         return RunDir(run_dir, None)
-    checkpoint = run_paths(run_dir)["last"] if resume == "auto" else Path(resume)
-    if not checkpoint.is_file():
-        raise UserError(f"nothing to resume: {checkpoint} does not exist — start the run without --resume")
-    if resume != "auto" and out is None:
-        run_dir = checkpoint.parent.parent
-    return RunDir(run_dir, checkpoint)
+    return RunDir(run_dir, checkpoint_to_resume(resume, run_dir))
+
+
+def _set_aside_unfinished(run_dir: Path) -> None:
+    """A run that stopped before its first checkpoint left logs but nothing to resume: keep them as *.old."""
+    for name in ("metrics", "tb"):
+        path = run_paths(run_dir)[name]
+        if path.exists():
+            old = path.with_name(path.name + ".old")
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            path.rename(old)
+
+
+def _check_optimizer(state: dict, cfg: Config, source: Path) -> None:
+    saved = state.get("config", {}).get("train", {}).get("optimizer", cfg.train.optimizer)
+    if saved != cfg.train.optimizer:
+        raise UserError(f"{source} was trained with train.optimizer={saved}; resume it with the same optimizer "
+                        f"(not {cfg.train.optimizer})")
 
 
 def _check_writable(run_dir: Path) -> None:
@@ -200,7 +238,7 @@ def resolve_resume(resume: str | None, config_path: str | None, overrides: list[
     """`if-any` means `auto` when the run has a last.pt and a fresh start otherwise (for restarted jobs)."""
     if resume != "if-any":
         return resume
-    run_dir = Path(out) if out else Path("runs") / load_config(config_path, overrides).run.name
+    run_dir = run_dir_for(out, load_config(config_path, overrides).run.name, None)
     return "auto" if run_paths(run_dir)["last"].exists() else None
 
 
@@ -208,16 +246,8 @@ def fit_config(config_path: str | None, overrides: list[str], out: str | None, r
     """The config `fit` runs: a resumed run keeps the one stored with it unless --config is given."""
     if resume is None or config_path is not None:
         return load_config(config_path, overrides)
-    if resume == "auto":
-        if out is None:
-            name = load_config(None, overrides).run.name
-            checkpoint = run_paths(Path("runs") / name)["last"]
-        else:
-            checkpoint = run_paths(Path(out))["last"]
-    else:
-        checkpoint = Path(resume)
-    if not checkpoint.is_file():
-        raise UserError(f"nothing to resume: {checkpoint} does not exist — start the run without --resume")
+    run_dir = run_dir_for(out, load_config(None, overrides).run.name, resume)
+    checkpoint = checkpoint_to_resume(resume, run_dir)
     return apply_overrides(config_of(load_checkpoint(checkpoint), str(checkpoint)), overrides)
 
 
@@ -254,15 +284,17 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
     device = ctx.device
     run = prepare_run_dir(cfg, out, resume)
     ctx.barrier()  # every rank has checked the run directory before rank 0 writes into it
+    if not ctx.is_main:
+        ctx.barrier()  # rank 0 builds (and may download) the dataset first
     train_set = build_dataset(cfg.data, "train")
     test_set = build_dataset(cfg.data, "test")
+    if ctx.is_main:
+        ctx.barrier()
     if cfg.model.n_classes > 0 and train_set.n_classes != cfg.model.n_classes:
         raise UserError(f"model.n_classes={cfg.model.n_classes} but dataset {cfg.data.dataset} has "
                         f"{train_set.n_classes} classes — set model.n_classes={train_set.n_classes} (or 0)")
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # cuDNN TF32 is torch's default; evaluation uses the same
 
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg).to(device)
@@ -271,7 +303,8 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
     start_step, best_bpd = 0, math.inf
     lr_scale, n_rollbacks = 1.0, 0  # halved on each rollback after a run of non-finite steps
     if run.resume_from is not None:
-        state = load_checkpoint(run.resume_from, map_location=device)
+        state = load_checkpoint(run.resume_from)  # on the CPU: optimizer step counters must stay there
+        _check_optimizer(state, cfg, run.resume_from)
         load_state_checked(model, state["model"], str(run.resume_from))
         optimizer.load_state_dict(state["optimizer"])
         start_step, best_bpd = state["step"], state["best_test_bpd"]
@@ -298,8 +331,17 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
                           else {"broadcast_buffers": False})
         wrapped = ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
     forward = _compiled(wrapped) if cfg.train.compile else wrapped
+    compile_pending = forward is not wrapped
 
+    def train_batches(start: int):
+        return make_train_batches(train_set, cfg.train.batch_size, seed=cfg.run.seed, start_step=start,
+                                  n_workers=cfg.data.n_workers, pin_memory=device.type == "cuda",
+                                  rank=ctx.rank, world_size=ctx.world_size)
+
+    batches = train_batches(start_step)  # a batch larger than the dataset fails here, before any write
     if ctx.is_main:
+        if run.resume_from is None:
+            _set_aside_unfinished(run.path)
         run.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_paths(run.path)["config"])
     logger = RunLogger(run.path) if ctx.is_main else NullLogger()
@@ -317,7 +359,8 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
                                    "lower train.lr and resume from the last checkpoint")
         save_checkpoint(checkpoint_state(model=model, ema=ema, optimizer=optimizer, step=step, cfg_dict=cfg_dict,
                                          best_test_bpd=best_bpd,
-                                         extra={"lr_scale": lr_scale, "n_rollbacks": n_rollbacks}), path)
+                                         extra={"lr_scale": lr_scale, "n_rollbacks": n_rollbacks,
+                                                "n_bad_in_row": n_bad_in_row, "n_bad_total": n_bad_total}), path)
 
     def roll_back(bad_step: int):
         """Return to last.pt with half the learning rate, once; a second divergence ends the run."""
@@ -331,10 +374,10 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
         if not last.exists():
             raise TrainingDiverged(f"{cause}; there is no checkpoint to roll back to yet: lower train.lr or "
                                    "raise train.warmup_steps")
-        state = load_checkpoint(last, map_location=device)
+        state = load_checkpoint(last)
         load_state_checked(model, state["model"], str(last))
         optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
+        if ema is not None and state.get("ema") is not None:
             load_state_checked(ema, state["ema"], str(last))
         lr_scale, n_rollbacks = state.get("lr_scale", 1.0) * 0.5, n_rollbacks + 1
         logger.log(state["step"], "train", event="rollback", from_step=bad_step, lr_scale=lr_scale)
@@ -342,19 +385,13 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
                   f"with the learning rate halved")
         return state["step"], train_batches(state["step"])
 
-    def train_batches(start: int):
-        return make_train_batches(train_set, cfg.train.batch_size, seed=cfg.run.seed, start_step=start,
-                                  n_workers=cfg.data.n_workers, pin_memory=device.type == "cuda",
-                                  rank=ctx.rank, world_size=ctx.world_size)
-
-    batches = train_batches(start_step)
     n_dims = model.n_dims
     max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
     bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not (progress and ctx.is_main), unit="step", dynamic_ncols=True)
     say = bar.write if ctx.is_main else _quiet
     final: dict = {}
     step = start_step
-    n_bad_in_row, n_bad_total = 0, 0
+    n_bad_in_row, n_bad_total = (state.get("n_bad_in_row", 0), state.get("n_bad_total", 0)) if run.resume_from else (0, 0)
     window_start, window_images = time.perf_counter(), 0
     model.train()
     try:
@@ -362,7 +399,7 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
             while step < cfg.train.steps:
                 if ctx.any(stop.requested):
                     save(step, run_paths(run.path)["last"])
-                    raise Interrupted(step)
+                    raise Interrupted(step, str(run.path))
                 images, labels = next(batches)
                 generator = step_generator(cfg.run.seed, step, device)
                 x = prepare_batch(images, cfg, device, generator, flip=cfg.data.hflip, rank=ctx.rank,
@@ -371,14 +408,17 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
                 lr = lr_at(step, cfg) * lr_scale
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                try:
-                    log_prob, logits = forward(x, labels if cfg.model.n_classes > 0 else None)
-                except Exception as e:  # torch.compile fails lazily, on the first call
-                    if forward is model:
-                        raise
-                    warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); training without it")
-                    forward = model
-                    log_prob, logits = model(x, labels if cfg.model.n_classes > 0 else None)
+                y = labels if cfg.model.n_classes > 0 else None
+                if compile_pending:  # torch.compile fails lazily, on the first call: fall back once, then never again
+                    compile_pending = False
+                    try:
+                        log_prob, logits = forward(x, y)
+                    except Exception as e:  # noqa: BLE001
+                        warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); training without it")
+                        forward = wrapped
+                        log_prob, logits = forward(x, y)
+                else:
+                    log_prob, logits = forward(x, y)
                 bpd = bits_per_dim(log_prob, n_dims, cfg.data.n_bits).mean()
                 loss = bpd
                 if logits is not None:

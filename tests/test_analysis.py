@@ -550,9 +550,9 @@ def test_info_without_options_describes_the_digits_default_without_training(tmp_
     model = build_model(load_config())
     assert values["parameters_total"] == sum(p.numel() for p in model.parameters())
     assert values["parameters_per_level"] == [sum(p.numel() for p in level.parameters()) for level in model.levels]
-    assert values["latent_shapes"] == [[2, 4, 4], [4, 2, 2], [16, 1, 1]]
+    assert values["latent_shapes"] == [[2, 4, 4], [8, 2, 2]]
     assert values["dimensions"] == 64
-    assert values["multiply_adds_per_image"] == hand_multiply_adds(1, 8, 3, 8, 64, "affine", "lu")
+    assert values["multiply_adds_per_image"] == hand_multiply_adds(1, 8, 2, 8, 64, "affine", "lu")
     assert "n_steps: 8" in config_text and "hidden_channels: 64" in config_text
     assert list(tmp_path.iterdir()) == []
 

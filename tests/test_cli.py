@@ -143,7 +143,7 @@ def test_sample_defaults_to_the_run_samples_folder(fitted, tmp_path):
     (["--set", "train.lrate=1"], "train.lr"),
     (["--set", "train.lr=abc"], "train.lr"),
     (["--config", "missing.yaml"], "missing.yaml"),
-    (["--set", "data.image_size=12"], "divisible"),
+    (["--set", "data.image_size=10"], "divisible"),
     (["--set", "train.lr"], "malformed override"),
 ], ids=["unknown-key", "bad-float", "missing-config", "indivisible-size", "malformed"])
 def test_config_errors_exit_2_with_one_line_and_create_no_run(tmp_path, monkeypatch, args, needle):
