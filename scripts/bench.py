@@ -26,7 +26,7 @@ import torch
 
 CONFIGS = {
     # name: (image shape, n_levels, n_steps, hidden_channels, batch, n_bits)
-    "digits": ((1, 8, 8), 3, 8, 64, 64, 4),
+    "digits": ((1, 8, 8), 2, 8, 64, 64, 4),  # the bundled default
     "cifar_shape": ((3, 32, 32), 3, 8, 256, 16, 8),
     "cifar_paper": ((3, 32, 32), 3, 32, 512, 64, 8),
 }

@@ -390,7 +390,8 @@ def test_bf16_coupling_networks_stay_within_0_01_bpd_of_float32_on_a_trained_mod
 def test_bf16_training_runs_and_learns(tmp_path):
     cfg = apply_overrides(default_config(), SMALL + ["train.amp=bf16", "train.steps=20", "train.lr=3e-3",
                                                      "train.eval_every=20", "train.sample_every=20"])
-    result = train(cfg, out=str(tmp_path / "run"), progress=False)
+    with pytest.warns(UserWarning, match="bf16 convolutions are much slower"):
+        result = train(cfg, out=str(tmp_path / "run"), progress=False)
     assert math.isfinite(result["test_bpd"]) and result["test_bpd"] < 4.2
 
 
