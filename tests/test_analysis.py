@@ -12,15 +12,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from glowtrain.analysis import multiply_adds
 from glowtrain.checkpoint import build_model, load_checkpoint, model_from_checkpoint, open_run, run_paths
-from glowtrain.cli import app
 from glowtrain.config import load_config
 from glowtrain.data import build_dataset
 from glowtrain.evaluation import evaluate
 from glowtrain.model import Glow
+from helpers import assert_one_line_error, invoke, sets
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
@@ -37,25 +36,6 @@ CONDITIONAL = [
 ]
 SIZE, UP = 8, 8  # digits are 8x8 and saved grids enlarge them 8x (display_upscale)
 CPU = ("--device", "cpu")
-runner = CliRunner()
-
-
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def sets(*overrides: str) -> list[str]:
-    return [arg for item in overrides for arg in ("--set", item)]
-
-
-def assert_one_line_error(result, code: int = 2, *needles: str) -> str:
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0]
-    return lines[0]
 
 
 def ok(result):

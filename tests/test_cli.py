@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 from glowtrain import __version__
 from glowtrain.checkpoint import run_paths
-from glowtrain.cli import app
+from helpers import assert_one_line_error, invoke, sets
 
 TINY = [
     "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16",
@@ -19,25 +18,6 @@ TINY = [
     "train.steps=4", "train.log_every=2", "train.eval_every=4", "train.sample_every=4",
     "train.checkpoint_every=4", "train.n_samples=4", "train.warmup_steps=2",
 ]
-runner = CliRunner()
-
-
-def invoke(*args: str):
-    return runner.invoke(app, list(args))
-
-
-def sets(*overrides: str) -> list[str]:
-    return [arg for item in overrides for arg in ("--set", item)]
-
-
-def assert_one_line_error(result, code: int = 2, *needles: str) -> str:
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,10 @@ import pytest
 import torch
 
 from glowtrain.model import Glow
-from helpers import brute_force_logdet, perturb
+from helpers import brute_force_logdet, float64_default, perturb  # noqa: F401 (a fixture)
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _random_glow(shape, seed=0, scale=0.05, **kwargs):
