@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench.py                       # CPU: digits default and the CIFAR shape
     .venv/bin/python scripts/bench.py --amp off bf16        # also with bf16 coupling networks
+    .venv/bin/python scripts/bench.py --memory [ARGS]       # memory saving off/on: scripts/bench_memory.py
     PYTHONPATH=. python3 scripts/bench.py --device cuda --configs cifar_shape cifar_paper --compile off on
 
 Each setting runs in a fresh subprocess (so peak memory is its own): it reports training images/s
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -113,6 +115,9 @@ def _child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    if "--memory" in sys.argv[1:]:
+        script = str(Path(__file__).with_name("bench_memory.py"))
+        raise SystemExit(subprocess.call([sys.executable, script, *[a for a in sys.argv[1:] if a != "--memory"]]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["digits", "cifar_shape"], choices=sorted(CONFIGS))
     parser.add_argument("--device", default="cpu")

@@ -132,3 +132,14 @@ def test_run_directory_without_write_permission_is_refused(tmp_path):
             train(cfg, out=str(locked / "run"), progress=False)
     finally:
         locked.chmod(0o700)
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    run_dir = tmp_path / "run"
+    child = _fit(run_dir, 100000, "--set", "train.eval_every=50", "--set", "train.eval_batch_size=1", wait=False)
+    _wait_for(lambda: len(_logged_steps(run_dir / "metrics.jsonl")) >= 3, child)
+    child.send_signal(signal.SIGINT)
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
