@@ -406,3 +406,21 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, monkeypatc
     with pytest.warns(UserWarning, match="torch.compile failed .*no compiler backend here"):
         result = train(cfg, out=str(tmp_path / "run"), progress=False)
     assert result["step"] == 4
+
+
+def test_a_batch_larger_than_the_dataset_fails_before_anything_is_written(tmp_path):
+    cfg = apply_overrides(default_config(), SMALL + ["train.batch_size=2000"])
+    with pytest.raises(UserError, match="train.batch_size 2000"):
+        train(cfg, out=str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_without_a_checkpoint_starts_afresh_and_keeps_its_old_logs(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "tb").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "split": "train", "bpd": 9.0}\n')
+    train(apply_overrides(default_config(), SMALL), out=str(run_dir), progress=False)
+    assert (run_dir / "metrics.jsonl.old").read_text() == '{"step": 1, "split": "train", "bpd": 9.0}\n'
+    assert (run_dir / "tb.old").is_dir()
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 1 and 9.0 not in [json.loads(l).get("bpd") for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
