@@ -352,19 +352,22 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
     cfg_dict = config_to_dict(cfg)
 
     def save(step: int, path: Path) -> None:
-        """Rank 0 writes; the others wait, so that a rollback on any rank finds the file."""
-        if ctx.is_main:
-            _save(step, path)
-        ctx.barrier()
-
-    def _save(step: int, path: Path) -> None:
+        """Rank 0 writes; every rank learns whether it worked, so none is left waiting in a collective."""
+        # Every rank holds the same weights, so every rank reaches the same verdict here.
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             raise TrainingDiverged(f"the weights hold NaN or inf at step {step}; not saving them over {path} — "
                                    "lower train.lr and resume from the last checkpoint")
-        save_checkpoint(checkpoint_state(model=model, ema=ema, optimizer=optimizer, step=step, cfg_dict=cfg_dict,
-                                         best_test_bpd=best_bpd,
-                                         extra={"lr_scale": lr_scale, "n_rollbacks": n_rollbacks,
-                                                "n_bad_in_row": n_bad_in_row, "n_bad_total": n_bad_total}), path)
+        error = None
+        if ctx.is_main:
+            try:
+                save_checkpoint(checkpoint_state(
+                    model=model, ema=ema, optimizer=optimizer, step=step, cfg_dict=cfg_dict, best_test_bpd=best_bpd,
+                    extra={"lr_scale": lr_scale, "n_rollbacks": n_rollbacks, "n_bad_in_row": n_bad_in_row,
+                           "n_bad_total": n_bad_total}), path)
+            except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+                error = e
+        if not ctx.all_agree(error is None):
+            raise error or RuntimeError(f"rank 0 could not write {path}; see its error above")
 
     def roll_back(bad_step: int):
         """Return to last.pt with half the learning rate, once; a second divergence ends the run."""
