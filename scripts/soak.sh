@@ -2,11 +2,11 @@
 # Soak test (not in CI): train the digits default while sending SIGTERM every INTERVAL seconds and
 # resuming each time, then check that the final weights equal an uninterrupted run of the same steps
 # and that metrics.jsonl has every training step exactly once.
-#   scripts/soak.sh                 # about 10 minutes on 2 CPU cores
+#   scripts/soak.sh                 # ~10 min of interrupted training on 2 CPU cores, then the straight run
 #   STEPS=600 INTERVAL=20 scripts/soak.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-steps=${STEPS:-2400}
+steps=${STEPS:-5500}
 interval=${INTERVAL:-60}
 out=${OUT:-runs/soak-$(date +%Y%m%d-%H%M%S)}
 glowtrain=.venv/bin/glowtrain
