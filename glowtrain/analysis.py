@@ -18,7 +18,7 @@ from glowtrain.evaluation import EVAL_NOISE_SEED, evaluate
 from glowtrain.flows import InvConv2d
 from glowtrain.losses import dequantize, to_uint8
 from glowtrain.model import Glow
-from glowtrain.sample import display_upscale, image_grid, save_png, write_to_tensorboard
+from glowtrain.sample import check_tensorboard, display_upscale, image_grid, save_png, write_to_tensorboard
 
 PIXEL_LEVELS = 256  # "pixel units": one step of the 8-bit 0..255 scale; x spans [-0.5, 0.5)
 
@@ -69,7 +69,7 @@ def reconstruct_command(loaded: LoadedRun, n: int, device: torch.device, out: st
     """Encode and decode real test images; report the error and write originals over reconstructions."""
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
-    _check_tensorboard(loaded, tensorboard)
+    check_tensorboard(loaded.run_dir, tensorboard)
     cfg, model = loaded.cfg, loaded.model
     x, _ = _test_images(cfg, n, device)
     zs, _ = model.encode(x)
@@ -89,7 +89,7 @@ def interpolate_command(loaded: LoadedRun, n_pairs: int, n_steps: int, device: t
     """Linear paths between the latents (every level) of pairs of test images; a row per pair."""
     if n_pairs < 1 or n_steps < 2:
         raise UserError(f"need --pairs >= 1 and --steps >= 2, got {n_pairs} and {n_steps}")
-    _check_tensorboard(loaded, tensorboard)
+    check_tensorboard(loaded.run_dir, tensorboard)
     cfg, model = loaded.cfg, loaded.model
     x, _ = _test_images(cfg, 2 * n_pairs, device)
     zs, _ = model.encode(x)
@@ -156,7 +156,7 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
         raise UserError("give either --attribute NAME or both --from-class A and --to-class B")
     if n < 1 or not alphas:
         raise UserError(f"need --n >= 1 and at least one value in --alphas, got --n {n} and {len(alphas)} alphas")
-    _check_tensorboard(loaded, tensorboard)
+    check_tensorboard(loaded.run_dir, tensorboard)
     train_set = build_dataset(cfg.data, "train")
     if attribute is not None:
         if not hasattr(train_set, "paths"):
@@ -195,11 +195,6 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
                     display_upscale(cfg.data.image_size))
     return {"direction": label, "n_with": min(len(with_), max_per_group),
             "n_without": min(len(without), max_per_group), "alphas": alphas, "path": str(path)}
-
-
-def _check_tensorboard(loaded: LoadedRun, tensorboard: bool) -> None:
-    if tensorboard and loaded.run_dir is None:
-        raise UserError("--tensorboard needs a run directory: pass --run DIR (not a loose checkpoint file)")
 
 
 def _out_dir(loaded: LoadedRun, out: str | None) -> Path:

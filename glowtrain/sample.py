@@ -108,8 +108,7 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     loaded = open_run(run, checkpoint, device, use_ema)
-    if tensorboard and loaded.run_dir is None:
-        raise UserError("--tensorboard needs a run directory: pass --run DIR (not a loose checkpoint file)")
+    check_tensorboard(loaded.run_dir, tensorboard)
     cfg, model = loaded.cfg, loaded.model
     labels = class_labels(classes, n, cfg.model.n_classes, device)
     out_dir = Path(out) if out else (loaded.run_dir or loaded.checkpoint.parent) / "samples"
@@ -135,10 +134,15 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
     return written
 
 
+def check_tensorboard(run_dir: Path | None, tensorboard: bool) -> None:
+    """--tensorboard writes into a run directory, so a loose checkpoint file cannot take it."""
+    if tensorboard and run_dir is None:
+        raise UserError("--tensorboard needs a run directory: pass --run DIR (not a loose checkpoint file)")
+
+
 def write_to_tensorboard(run_dir: Path | None, step: int, pictures: dict[str, torch.Tensor]) -> None:
     """Add uint8 (C, H, W) pictures to the run's TensorBoard log."""
-    if run_dir is None:
-        raise UserError("--tensorboard needs a run directory: pass --run DIR (not a loose checkpoint file)")
+    check_tensorboard(run_dir, True)
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(log_dir=str(run_dir / "tb")) as writer:
