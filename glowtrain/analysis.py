@@ -15,7 +15,7 @@ from glowtrain.config import Config, config_to_yaml
 from glowtrain.data import build_dataset
 from glowtrain.errors import UserError
 from glowtrain.evaluation import EVAL_NOISE_SEED, evaluate
-from glowtrain.flows import InvConv2d
+from glowtrain.flows import CouplingNet, InvConv2d, ZeroConv2d
 from glowtrain.losses import dequantize, to_uint8
 from glowtrain.model import Glow
 from glowtrain.sample import check_tensorboard, display_upscale, image_grid, save_png, write_to_tensorboard
@@ -207,10 +207,19 @@ def multiply_adds(model: Glow) -> int:
     total = 0
     hooks = []
 
-    def count(module: nn.Conv2d, inputs, output):
+    def conv_multiply_adds(conv: nn.Conv2d, output_pixels: int) -> int:
+        return output_pixels * conv.out_channels * conv.in_channels // conv.groups * math.prod(conv.kernel_size)
+
+    # Hooks on the modules that own the convolutions: the coupling network calls its convolutions
+    # functionally (with ActNorm folded in), so the nn.Conv2d modules themselves never run.
+    def count_coupling_net(module: CouplingNet, inputs, output):
         nonlocal total
-        kernel = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-        total += output[0].numel() * kernel
+        pixels = inputs[0][0, 0].numel()
+        total += conv_multiply_adds(module.conv_in, pixels) + conv_multiply_adds(module.conv_mid, pixels)
+
+    def count_zero_conv(module: ZeroConv2d, inputs, output):
+        nonlocal total
+        total += conv_multiply_adds(module.conv, output[0, 0].numel())
 
     def count_invconv(module: InvConv2d, inputs, output):
         nonlocal total
@@ -218,8 +227,10 @@ def multiply_adds(model: Glow) -> int:
         total += channels * inputs[0][0].numel()
 
     for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            hooks.append(module.register_forward_hook(count))
+        if isinstance(module, CouplingNet):
+            hooks.append(module.register_forward_hook(count_coupling_net))
+        elif isinstance(module, ZeroConv2d):
+            hooks.append(module.register_forward_hook(count_zero_conv))
         elif isinstance(module, InvConv2d):
             hooks.append(module.register_forward_hook(count_invconv))
     try:

@@ -1,9 +1,12 @@
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 from glowtrain.flows import (
     ActNorm,
     Coupling,
+    CouplingNet,
     InvConv2d,
     Permute,
     Squeeze,
@@ -163,6 +166,41 @@ def test_zero_initialised_coupling_starts_as_identity():
         # sigmoid(2) is the starting scale of the affine coupling's changed half
         expected_scale = torch.sigmoid(torch.tensor(2.0)) * (1 - 1e-4) + 1e-4 if affine else 1.0
         assert torch.allclose(y[:, :2], x[:, :2]) and torch.allclose(y[:, 2:], x[:, 2:] * expected_scale)
+
+
+def _unfolded_net(net: CouplingNet, x: torch.Tensor) -> torch.Tensor:
+    """The coupling network written out layer by layer, as the reference defines it."""
+    h = F.relu((net.conv_in(x) + net.norm_in.bias) * torch.exp(net.norm_in.logs))
+    h = F.relu((net.conv_mid(h) + net.norm_mid.bias) * torch.exp(net.norm_mid.logs))
+    return net.conv_out.conv(h) * torch.exp(3 * net.conv_out.logs)
+
+
+def test_coupling_network_with_actnorm_folded_into_convolutions_is_the_reference_network():
+    torch.manual_seed(0)
+    net = CouplingNet(3, 6, 16)
+    net(torch.randn(8, 3, 5, 5))  # data-dependent init through the unfolded path
+    perturb(net, 0.1)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    folded = net(x)
+    assert folded.is_contiguous()  # callers slice channels; channels-last stays inside the network
+    reference = _unfolded_net(net, x)
+    assert torch.allclose(folded, reference, atol=1e-12, rtol=1e-12)
+    weights = torch.randn_like(reference)
+    grads = torch.autograd.grad((folded * weights).sum(), [x, *net.parameters()])
+    reference_grads = torch.autograd.grad((reference * weights).sum(), [x, *net.parameters()])
+    for got, expected in zip(grads, reference_grads):
+        assert torch.allclose(got, expected, atol=1e-11, rtol=1e-11)
+
+
+def test_actnorm_fold_into_a_convolution_equals_normalizing_its_output():
+    torch.manual_seed(1)
+    norm = ActNorm(5)
+    norm.initialize(torch.randn(4, 5, 3, 3))
+    perturb(norm, 0.5)
+    x, weight, bias = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3), torch.randn(5)
+    folded = F.conv2d(x, *norm.fold_into(weight, bias), padding=1)
+    assert torch.allclose(folded, norm.normalize(F.conv2d(x, weight, bias, padding=1)), atol=1e-12, rtol=0)
+    assert torch.allclose(F.conv2d(x, *norm.fold_into(weight)), norm.normalize(F.conv2d(x, weight)), atol=1e-12)
 
 
 def test_squeeze_moves_each_2x2_block_into_channels():
