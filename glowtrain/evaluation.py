@@ -38,7 +38,7 @@ def _per_image_noise(indices: list[int], shape: tuple[int, ...], seed: int, devi
     return torch.stack(draws)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: torch.nn.Module, dataset, cfg: Config, device: torch.device, seed: int = EVAL_NOISE_SEED,
              ctx: Context | None = None) -> dict:
     """bits/dim over the whole split (mean of per-image bpd), plus accuracy for class-conditional models.

@@ -250,7 +250,7 @@ class Glow(nn.Module):
     def is_initialized(self) -> bool:
         return all(bool(buf) for name, buf in self.named_buffers() if name.endswith("initialized"))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample(
         self,
         n: int,

@@ -16,7 +16,7 @@ from glowtrain.losses import to_uint8
 from glowtrain.model import Glow
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_images(model: Glow, n: int, temperature: float, n_bits: int, generator: torch.Generator,
                   y: torch.Tensor | None = None, batch_size: int = 256) -> torch.Tensor:
     """n uint8 images (N, C, H, W), drawn in batches so memory stays bounded for any n."""

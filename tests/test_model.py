@@ -126,6 +126,25 @@ def test_same_generator_seed_gives_same_samples():
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
+def test_sampling_runs_in_inference_mode_and_its_cached_inverses_serve_later_work(monkeypatch):
+    from glowtrain.flows import Squeeze
+
+    model = _random_glow((1, 8, 8), seed=3).eval()
+    modes = []
+    real_reverse = Squeeze.reverse
+    monkeypatch.setattr(Squeeze, "reverse", lambda self, y: modes.append(torch.is_inference_mode_enabled())
+                        or real_reverse(self, y))
+    model.sample(2, 0.7)
+    assert modes and all(modes)
+    # The inverse weights cached during sampling are inference tensors; decoding and training still work.
+    x = torch.rand(3, 1, 8, 8) - 0.5
+    with torch.no_grad():
+        assert torch.allclose(model.decode(model.encode(x)[0]), x, atol=1e-10)
+    model.train()
+    model.log_prob(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_temperature_scales_latent_spread():
     model = _random_glow((1, 8, 8), seed=9, scale=0.05)
     spread = []

@@ -230,10 +230,15 @@ def fresh_model():
     return cfg, model
 
 
-def test_evaluate_is_deterministic_over_the_whole_digits_test_split(fresh_model):
+def test_evaluate_is_deterministic_over_the_whole_digits_test_split(fresh_model, monkeypatch):
     cfg, model = fresh_model
     test_set = build_dataset(cfg.data, "test")
+    modes = []
+    real_forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: modes.append(torch.is_inference_mode_enabled())
+                        or real_forward(self, *a, **k))
     first = evaluate(model, test_set, cfg, torch.device("cpu"))
+    assert modes and all(modes)  # no autograd bookkeeping where no gradient is wanted
     second = evaluate(model, test_set, cfg, torch.device("cpu"))
     assert first == second
     assert first["n_images"] == N_DIGITS_TEST
