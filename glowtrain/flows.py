@@ -116,7 +116,8 @@ class InvConv2d(nn.Module):
         if not self.lu:
             return self.weight
         lower, upper = self._lu_factors()
-        return self.perm @ lower @ upper
+        # In float64: a TF32 or bf16 product would make W drift from the factors its log-det is read from.
+        return (self.perm.double() @ lower.double() @ upper.double()).to(lower.dtype)
 
     def log_abs_det(self) -> torch.Tensor:
         """log|det W| for one pixel."""

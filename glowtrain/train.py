@@ -293,8 +293,6 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
     if cfg.model.n_classes > 0 and train_set.n_classes != cfg.model.n_classes:
         raise UserError(f"model.n_classes={cfg.model.n_classes} but dataset {cfg.data.dataset} has "
                         f"{train_set.n_classes} classes — set model.n_classes={train_set.n_classes} (or 0)")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # cuDNN TF32 is torch's default; evaluation uses the same
 
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg).to(device)

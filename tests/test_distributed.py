@@ -53,3 +53,20 @@ def test_resume_with_a_different_number_of_processes(tmp_path):
     steps = [m["step"] for m in _metrics(tmp_path / "run") if m["split"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 8
+
+
+def test_a_cuda_device_turns_on_tf32_matrix_products_and_tuned_convolutions(monkeypatch):
+    from glowtrain.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        assert resolve_device("cpu") == torch.device("cpu")
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.benchmark
+        assert resolve_device("auto") == torch.device("cuda")
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.benchmark
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -112,6 +112,14 @@ def test_lu_logdet_equals_slogdet_of_reconstructed_weight():
     assert torch.allclose(conv(x)[1], expected * 15 * torch.ones(2), atol=1e-10)
 
 
+def test_float32_lu_weight_is_the_float64_product_of_its_factors_rounded_once():
+    conv = InvConv2d(12, lu=True)
+    perturb(conv, 0.3)
+    conv = conv.float()
+    lower, upper = (f.double() for f in conv._lu_factors())
+    assert torch.equal(conv.matrix(), (conv.perm.double() @ lower @ upper).float())
+
+
 def test_invconv_starts_as_a_rotation():
     for lu in (True, False):
         weight = InvConv2d(5, lu=lu).matrix().detach()
