@@ -62,9 +62,15 @@ class Context:
         """True on every rank only if it is True on every rank (one tiny all-reduce)."""
         if not self.distributed:
             return bool(flag)
-        value = torch.as_tensor(flag, device=self.device).to(torch.int32).reshape(1)
+        return bool(self.all_true(torch.as_tensor(flag, device=self.device)))
+
+    def all_true(self, flag: torch.Tensor) -> torch.Tensor:
+        """A boolean tensor AND-ed over the ranks, left on the device: nothing waits for it."""
+        if not self.distributed:
+            return flag
+        value = flag.to(torch.int32).reshape(1)
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        return bool(value.item())
+        return value.reshape(()).bool()
 
     def any(self, flag: bool) -> bool:
         return not self.all_agree(not flag)

@@ -140,6 +140,45 @@ class NullLogger:
         pass
 
 
+class _NonFiniteSteps:
+    """Counts skipped (non-finite) steps on the training device, so the loop reads them only when it logs."""
+
+    def __init__(self, device: torch.device, total: int = 0, in_row: int = 0):
+        # total, the current run of bad steps, and the longest run since the last check
+        self._counts = torch.tensor([total, in_row, in_row], device=device)
+
+    def record(self, finite: torch.Tensor) -> None:
+        bad = (~finite).to(self._counts.dtype).reshape(())
+        total, in_row, longest = self._counts.unbind()
+        in_row = (in_row + 1) * bad
+        self._counts = torch.stack([total + bad, in_row, torch.maximum(longest, in_row)])
+
+    def read(self) -> tuple[int, int, int]:
+        """(total, current run, longest run since the last check) — one host read."""
+        total, in_row, longest = self._counts.tolist()
+        return total, in_row, longest
+
+    def checked(self, clear_run: bool = False) -> None:
+        self._counts[2] = 0 if clear_run else self._counts[1]
+        if clear_run:
+            self._counts[1] = 0
+
+
+def _build_optimizer(cfg: Config, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, bool]:
+    """The configured optimiser, and whether it can skip a non-finite step on the device by itself.
+
+    torch's fused Adam takes a `found_inf` flag and leaves weights, moments and step count alone when it
+    is set, so the loop need not wait for the GPU to learn whether a step was finite. Adamax has no
+    fused form: the loop reads its verdict on the host, one tiny sync per step.
+    """
+    if cfg.train.optimizer == "adam":
+        try:
+            return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True), True
+        except (RuntimeError, ValueError):  # a device without a fused Adam (or an older torch)
+            return torch.optim.Adam(model.parameters(), lr=cfg.train.lr), False
+    return torch.optim.Adamax(model.parameters(), lr=cfg.train.lr), False
+
+
 class _StopFlag:
     """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
 
@@ -296,8 +335,7 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
 
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg).to(device)
-    optimizer_cls = torch.optim.Adamax if cfg.train.optimizer == "adamax" else torch.optim.Adam
-    optimizer = optimizer_cls(model.parameters(), lr=cfg.train.lr)
+    optimizer, skips_on_device = _build_optimizer(cfg, model)
     start_step, best_bpd = 0, math.inf
     lr_scale, n_rollbacks = 1.0, 0  # halved on each rollback after a run of non-finite steps
     if run.resume_from is not None:
@@ -355,19 +393,19 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             raise TrainingDiverged(f"the weights hold NaN or inf at step {step}; not saving them over {path} — "
                                    "lower train.lr and resume from the last checkpoint")
-        error = None
+        error, n_bad = None, bad_steps.read()
         if ctx.is_main:
             try:
                 save_checkpoint(checkpoint_state(
                     model=model, ema=ema, optimizer=optimizer, step=step, cfg_dict=cfg_dict, best_test_bpd=best_bpd,
-                    extra={"lr_scale": lr_scale, "n_rollbacks": n_rollbacks, "n_bad_in_row": n_bad_in_row,
-                           "n_bad_total": n_bad_total}), path)
+                    extra={"lr_scale": lr_scale, "n_rollbacks": n_rollbacks, "n_bad_in_row": n_bad[1],
+                           "n_bad_total": n_bad[0]}), path)
             except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
                 error = e
         if not ctx.all_agree(error is None):
             raise error or RuntimeError(f"rank 0 could not write {path}; see its error above")
 
-    def roll_back(bad_step: int):
+    def roll_back(bad_step: int, n_bad_in_row: int):
         """Return to last.pt with half the learning rate, once; a second divergence ends the run."""
         nonlocal lr_scale, n_rollbacks
         last = run_paths(run.path)["last"]
@@ -396,13 +434,16 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
     say = bar.write if ctx.is_main else _quiet
     final: dict = {}
     step = start_step
-    n_bad_in_row, n_bad_total = (state.get("n_bad_in_row", 0), state.get("n_bad_total", 0)) if run.resume_from else (0, 0)
+    bad_steps = _NonFiniteSteps(device, state.get("n_bad_total", 0), state.get("n_bad_in_row", 0)) if run.resume_from \
+        else _NonFiniteSteps(device)
+    n_bad_logged = bad_steps.read()[0]
     window_start, window_images = time.perf_counter(), 0
     model.train()
     try:
         with _StopFlag() as stop:
             while step < cfg.train.steps:
-                if ctx.any(stop.requested):
+                # Several processes must agree on stopping: they ask each other only at logging steps.
+                if (step % cfg.train.log_every == 0 or not ctx.distributed) and ctx.any(stop.requested):
                     save(step, run_paths(run.path)["last"])
                     raise Interrupted(step, str(run.path))
                 images, labels = next(batches)
@@ -431,24 +472,17 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-                if not ctx.all_agree(torch.isfinite(loss) & torch.isfinite(grad_norm)):
-                    # Skip the update; the step still counts, so the data order and warm-up stay on schedule.
-                    n_bad_in_row += 1
-                    n_bad_total += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    logger.log(step + 1, "train", bad_steps=n_bad_total)
-                    if n_bad_in_row > cfg.train.max_bad_steps:
-                        step, batches = roll_back(step + 1)
-                        n_bad_in_row = 0
-                        bar.reset(total=cfg.train.steps)
-                        bar.update(step)
-                        continue
-                else:
-                    n_bad_in_row = 0
+                # A non-finite step is skipped (it still counts, so data order and warm-up stay on schedule);
+                # every rank must skip together, as one rank's loss can be non-finite alone.
+                finite = ctx.all_true(torch.isfinite(loss) & torch.isfinite(grad_norm))
+                if skips_on_device:
+                    optimizer.found_inf = (~finite).float()
+                if skips_on_device or bool(finite):  # Adamax: the loop's one host read per step
                     if cfg.train.weight_decay > 0:  # decoupled (AdamW-style), for either optimiser
                         with torch.no_grad():
-                            torch._foreach_mul_(list(model.parameters()), 1.0 - lr * cfg.train.weight_decay)
+                            torch._foreach_mul_(list(model.parameters()), 1.0 - lr * cfg.train.weight_decay * finite)
                     optimizer.step()
+                bad_steps.record(finite)
                 if ema is not None:
                     update_ema(ema, model, ema_decay_at(step, cfg.train.ema_decay))
                 step += 1
@@ -456,6 +490,18 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
                 bar.update(1)
 
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    n_bad_total, _, longest_bad_run = bad_steps.read()
+                    if n_bad_total > n_bad_logged:
+                        logger.log(step, "train", bad_steps=n_bad_total)
+                        n_bad_logged = n_bad_total
+                    if longest_bad_run > cfg.train.max_bad_steps:
+                        step, batches = roll_back(step, longest_bad_run)
+                        bad_steps.checked(clear_run=True)
+                        bar.reset(total=cfg.train.steps)
+                        bar.update(step)
+                        window_start, window_images = time.perf_counter(), 0
+                        continue
+                    bad_steps.checked()
                     elapsed = time.perf_counter() - window_start
                     mean_bpd = ctx.sum_(bpd.detach().clone()).item() / ctx.world_size
                     values = {"bpd": mean_bpd, "lr": lr, "grad_norm": grad_norm.item(),

@@ -156,6 +156,19 @@ def test_resume_auto_continues_exactly_as_an_uninterrupted_run(tiny_run, tmp_pat
     assert step4["lr"] == pytest.approx(cfg.train.lr * 4 / 5)
 
 
+def test_fused_adam_resumes_exactly_too(tmp_path):
+    cfg = apply_overrides(default_config(), NAN_RUN + ["train.optimizer=adam", "train.steps=6"])
+    train(cfg, out=str(tmp_path / "straight"), progress=False)
+    train(apply_overrides(cfg, ["train.steps=3"]), out=str(tmp_path / "split"), progress=False)
+    train(cfg, out=str(tmp_path / "split"), resume="auto", progress=False)
+    straight, resumed = (load_checkpoint(run_paths(tmp_path / name)["last"]) for name in ("straight", "split"))
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    for index, param_state in straight["optimizer"]["state"].items():
+        for name, value in param_state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed["optimizer"]["state"][index][name]))
+
+
 def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tiny_run, tmp_path):
     cfg, first_dir, _ = tiny_run
     train(cfg, out=str(tmp_path / "same"), progress=False)
@@ -309,24 +322,59 @@ NAN_RUN = ["model.n_levels=2", "model.n_steps=1", "model.hidden_channels=8", "tr
            "train.n_samples=1", "train.sample_temperatures=[0]", "train.max_bad_steps=2"]
 
 
+def test_fused_adam_steps_read_nothing_back_from_the_device_between_logging_steps(tmp_path, monkeypatch):
+    """On a GPU every host read of a device value stalls the queue; here the loop may read only when it logs."""
+    import traceback
+
+    import glowtrain.train as train_module
+
+    step = {"n": -1}  # prepare_batch call 0 is the ActNorm init batch, call k the k-th training step
+    real_prepare = train_module.prepare_batch
+
+    def counting_prepare(*args, **kwargs):
+        step["n"] += 1
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "prepare_batch", counting_prepare)
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        def recording(self, *args, _real=getattr(torch.Tensor, name), _name=name, **kwargs):
+            # The batch sampler's indices live on the host by design, whatever the device.
+            if step["n"] >= 1 and not any(f.filename.endswith("glowtrain/data.py") for f in traceback.extract_stack()):
+                reads.append((step["n"], _name))
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, recording)
+    cfg = apply_overrides(default_config(), NAN_RUN + ["train.optimizer=adam", "train.log_every=5",
+                                                       "train.checkpoint_every=10", "train.weight_decay=0.01"])
+    train(cfg, out=str(tmp_path / "run"), progress=False)
+    assert reads and {n for n, _ in reads} <= {5, 10}, reads
+
+
 def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch):
+OPTIMIZERS = pytest.mark.parametrize("optimizer", ["adamax", "adam"])  # host verdict; fused Adam's on-device skip
+
+
+@OPTIMIZERS
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch, optimizer):
     _poison(monkeypatch, lambda call: call == 4)  # training step 4 (1-based)
-    cfg = apply_overrides(default_config(), NAN_RUN)
+    cfg = apply_overrides(default_config(), NAN_RUN + [f"train.optimizer={optimizer}"])
     result = train(cfg, out=str(tmp_path / "run"), progress=False)
     assert result["step"] == 10 and math.isfinite(result["test_bpd"])
     bad = [m for m in _metrics(tmp_path / "run") if "bad_steps" in m]
     assert bad == [{"step": 4, "split": "train", "bad_steps": 1}]
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    # Skipped, not taken with zeroed gradients: the optimiser counted 9 updates in 10 steps.
+    assert {float(v["step"]) for v in state["optimizer"]["state"].values()} == {9.0}
 
 
-def test_a_run_of_non_finite_steps_rolls_back_with_half_the_learning_rate(tmp_path, monkeypatch):
+@OPTIMIZERS
+def test_a_run_of_non_finite_steps_rolls_back_with_half_the_learning_rate(tmp_path, monkeypatch, optimizer):
     _poison(monkeypatch, lambda call: call in (5, 6, 7))  # steps 5-7: three in a row > max_bad_steps=2
-    cfg = apply_overrides(default_config(), NAN_RUN)
+    cfg = apply_overrides(default_config(), NAN_RUN + [f"train.optimizer={optimizer}"])
     result = train(cfg, out=str(tmp_path / "run"), progress=False)
     assert result["step"] == 10
     metrics = _metrics(tmp_path / "run")
@@ -339,11 +387,12 @@ def test_a_run_of_non_finite_steps_rolls_back_with_half_the_learning_rate(tmp_pa
     assert state["lr_scale"] == 0.5 and state["n_rollbacks"] == 1
 
 
-def test_a_second_divergence_stops_the_run_naming_step_and_cause(tmp_path, monkeypatch):
+@OPTIMIZERS
+def test_a_second_divergence_stops_the_run_naming_step_and_cause(tmp_path, monkeypatch, optimizer):
     from glowtrain.train import TrainingDiverged
 
     _poison(monkeypatch, lambda call: call >= 5)
-    cfg = apply_overrides(default_config(), NAN_RUN)
+    cfg = apply_overrides(default_config(), NAN_RUN + [f"train.optimizer={optimizer}"])
     with pytest.raises(TrainingDiverged, match=r"up to step 9 .*learning rate.*did not help"):
         train(cfg, out=str(tmp_path / "run"), progress=False)
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
