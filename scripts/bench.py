@@ -9,7 +9,10 @@ Each setting runs in a fresh subprocess (so peak memory is its own): it reports 
 and ms per step (median over the timed steps after warm-up), peak memory (CUDA max allocated, or
 the process's peak RSS on CPU), sampling images/s at T = 0.7, multiply-adds per image, and the
 achieved FLOP/s of a training step (3 x 2 x multiply-adds per image, forward plus a backward of
-about twice the forward) as a fraction of a dense matmul's FLOP/s measured in the same process.
+about twice the forward) as a fraction of a dense matmul's FLOP/s timed right after each step (the
+median of the per-step ratios). It also profiles two steps for the share of operator time spent in
+convolutions and matrix products; fraction / share is those kernels' own fraction of matmul, so
+what stands between them and the target is told apart from the overhead between them.
 Prints one JSON line per setting, then a markdown table. Timings are noisy: compare ratios.
 """
 
@@ -34,16 +37,48 @@ CONFIGS = {
 }
 
 
-def _matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    times = []
-    for i in range(repeats + 2):
+class _MatmulReference:
+    """A dense matmul's FLOP/s, timed right after each training step so that both see the same machine.
+
+    Shared machines drift by tens of percent within a minute; interleaving keeps the ratio honest.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.size = 8192 if device.type == "cuda" else 2048
+        self.a = torch.randn(self.size, self.size, device=device, dtype=dtype)
+        self.b = torch.randn(self.size, self.size, device=device, dtype=dtype)
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        for _ in range(2):
+            self.flops()
+
+    def flops(self) -> float:
+        self.sync()
         start = time.perf_counter()
-        (a @ b).sum().item()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times)
+        torch.mm(self.a, self.b)
+        self.sync()
+        return 2 * self.size**3 / (time.perf_counter() - start)
+
+
+# The kernels the multiply-add count covers: convolutions and matrix products, forward and backward.
+_DENSE_KERNELS = ("conv", "mm", "addmm", "bmm", "linear", "matmul", "gemm")
+
+
+def _dense_kernel_share(run_step, device: torch.device) -> float:
+    """Fraction of a training step's operator time spent in convolutions and matrix products."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            run_step()
+    dense = total = 0.0
+    for event in prof.key_averages():
+        own = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        total += own
+        name = event.key.lower()
+        if name.startswith("aten::") and any(k in name for k in _DENSE_KERNELS) or "gemm" in name or "conv" in name:
+            dense += own
+    return dense / total if total else float("nan")
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -72,19 +107,27 @@ def _child(args: argparse.Namespace) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    step_times = []
-    for i in range(args.warmup + args.steps):
-        sync()
-        start = time.perf_counter()
+    def run_step() -> None:
         log_prob, _ = forward(torch.rand_like(x) - 0.5)
         loss = bits_per_dim(log_prob, model.n_dims, n_bits).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
+    reference = _MatmulReference(device, torch.bfloat16 if args.amp == "bf16" else torch.float32)
+    flops_per_step = 3 * 2 * macs * batch  # forward, plus a backward of about twice the forward
+    step_times, fractions, references = [], [], []
+    for i in range(args.warmup + args.steps):
+        sync()
+        start = time.perf_counter()
+        run_step()
         sync()
         if i >= args.warmup:
             step_times.append(time.perf_counter() - start)
+            references.append(reference.flops())
+            fractions.append(flops_per_step / step_times[-1] / references[-1])
     step = statistics.median(step_times)
+    dense_share = _dense_kernel_share(run_step, device)
 
     model.eval()
     generator = torch.Generator(device=device).manual_seed(0)
@@ -99,18 +142,18 @@ def _child(args: argparse.Namespace) -> None:
                 sample_times.append(time.perf_counter() - start)
     sample = statistics.median(sample_times)
 
-    reference = _matmul_flops(device, torch.bfloat16 if args.amp == "bf16" else torch.float32)
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    achieved = 3 * 2 * macs * batch / step
+    achieved = flops_per_step / step
     print(json.dumps({
         "config": args.config, "device": str(device), "amp": args.amp, "compile": args.compile, "batch": batch,
         "train_images_per_s": batch / step, "ms_per_step": 1000 * step, "peak_memory_mb": peak_mb,
         "sample_images_per_s": batch / sample, "sample_vs_train_step_per_image": step / sample,
-        "multiply_adds_per_image": macs, "achieved_gflops": achieved / 1e9, "matmul_gflops": reference / 1e9,
-        "fraction_of_matmul": achieved / reference,
+        "multiply_adds_per_image": macs, "achieved_gflops": achieved / 1e9,
+        "matmul_gflops": statistics.median(references) / 1e9, "fraction_of_matmul": statistics.median(fractions),
+        "dense_kernel_share": dense_share, "dense_kernel_fraction_of_matmul": statistics.median(fractions) / dense_share,
     }))
 
 
@@ -149,13 +192,15 @@ def main() -> None:
                 rows.append(row)
     print()
     print("| config | device | amp | compile | batch | train img/s | ms/step | peak MB | sample img/s "
-          "| sample speed-up per image | GFLOP/s | matmul GFLOP/s | fraction |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| sample speed-up per image | GFLOP/s | matmul GFLOP/s | fraction | conv+matmul time share "
+          "| conv+matmul fraction |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['device']} | {r['amp']} | {r['compile']} | {r['batch']} "
               f"| {r['train_images_per_s']:.0f} | {r['ms_per_step']:.1f} | {r['peak_memory_mb']:.0f} "
               f"| {r['sample_images_per_s']:.0f} | {r['sample_vs_train_step_per_image']:.1f}x "
-              f"| {r['achieved_gflops']:.1f} | {r['matmul_gflops']:.0f} | {r['fraction_of_matmul']:.2f} |")
+              f"| {r['achieved_gflops']:.1f} | {r['matmul_gflops']:.0f} | {r['fraction_of_matmul']:.2f} "
+              f"| {r['dense_kernel_share']:.2f} | {r['dense_kernel_fraction_of_matmul']:.2f} |")
 
 
 if __name__ == "__main__":
