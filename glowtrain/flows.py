@@ -22,6 +22,11 @@ def _sum_per_sample(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).sum(1)
 
 
+def _widest(x: torch.Tensor) -> torch.Tensor:
+    """x in float64 where the device has it (MPS has not: float32 there)."""
+    return x.float() if x.device.type == "mps" else x.double()
+
+
 class ActNorm(nn.Module):
     """Per-channel affine map y = (x + bias) * exp(logs), initialised from the first batch."""
 
@@ -117,7 +122,7 @@ class InvConv2d(nn.Module):
             return self.weight
         lower, upper = self._lu_factors()
         # In float64: a TF32 or bf16 product would make W drift from the factors its log-det is read from.
-        return (self.perm.double() @ lower.double() @ upper.double()).to(lower.dtype)
+        return (_widest(self.perm) @ _widest(lower) @ _widest(upper)).to(lower.dtype)
 
     def log_abs_det(self) -> torch.Tensor:
         """log|det W| for one pixel."""
@@ -128,13 +133,13 @@ class InvConv2d(nn.Module):
     def _compute_inverse(self) -> torch.Tensor:
         # float64 throughout: a float32 inverse drifts visibly once 100 of them are chained.
         if self.lu:
-            lower, upper = (f.double() for f in self._lu_factors())
-            eye = torch.eye(lower.shape[0], dtype=torch.float64, device=lower.device)
+            lower, upper = (_widest(f) for f in self._lu_factors())
+            eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
             # W^-1 = U^-1 L^-1 P^T by two triangular solves.
             lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
-            inverse = torch.linalg.solve_triangular(upper, lower_inv, upper=True) @ self.perm.double().T
+            inverse = torch.linalg.solve_triangular(upper, lower_inv, upper=True) @ _widest(self.perm).T
         else:
-            inverse = torch.linalg.inv(self.weight.double())
+            inverse = torch.linalg.inv(_widest(self.weight))
         return inverse
 
     def inverse_matrix(self) -> torch.Tensor:
@@ -146,7 +151,9 @@ class InvConv2d(nn.Module):
             return self._compute_inverse().to(dtype)
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         if self._inverse_cache is None or self._inverse_cache[0] != key:
-            with torch.no_grad():
+            # Outside inference mode even when called from it (sampling): an inference tensor in the
+            # cache would make any later reverse under autograd fail.
+            with torch.inference_mode(False), torch.no_grad():
                 self._inverse_cache = (key, self._compute_inverse().to(dtype))
         return self._inverse_cache[1]
 

@@ -179,6 +179,17 @@ def _build_optimizer(cfg: Config, model: torch.nn.Module) -> tuple[torch.optim.O
     return torch.optim.Adamax(model.parameters(), lr=cfg.train.lr), False
 
 
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load saved moments and counts, keeping this run's implementation choice.
+
+    torch restores every saved group setting, `fused` included: a checkpoint from an unfused Adam
+    would silently unfuse this one (whose on-device skip then fails), and the reverse.
+    """
+    groups = [{**group, **{key: current[key] for key in ("fused", "foreach") if key in current}}
+              for group, current in zip(saved["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({**saved, "param_groups": groups})
+
+
 class _StopFlag:
     """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
 
@@ -342,7 +353,7 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
         state = load_checkpoint(run.resume_from)  # on the CPU: optimizer step counters must stay there
         _check_optimizer(state, cfg, run.resume_from)
         load_state_checked(model, state["model"], str(run.resume_from))
-        optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer_state(optimizer, state["optimizer"])
         start_step, best_bpd = state["step"], state["best_test_bpd"]
         lr_scale, n_rollbacks = state.get("lr_scale", 1.0), state.get("n_rollbacks", 0)
         torch.set_rng_state(state["rng"]["torch"].cpu())
@@ -419,7 +430,7 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
                                    "raise train.warmup_steps")
         state = load_checkpoint(last)
         load_state_checked(model, state["model"], str(last))
-        optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer_state(optimizer, state["optimizer"])
         if ema is not None and state.get("ema") is not None:
             load_state_checked(ema, state["ema"], str(last))
         lr_scale, n_rollbacks = state.get("lr_scale", 1.0) * 0.5, n_rollbacks + 1
@@ -489,7 +500,9 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
                 window_images += x.shape[0]
                 bar.update(1)
 
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                logging_due = step % cfg.train.log_every == 0 or step == cfg.train.steps
+                # Before anything can be saved, too: a checkpoint must never follow a run past the limit.
+                if logging_due or step % cfg.train.eval_every == 0 or step % cfg.train.checkpoint_every == 0:
                     n_bad_total, _, longest_bad_run = bad_steps.read()
                     if n_bad_total > n_bad_logged:
                         logger.log(step, "train", bad_steps=n_bad_total)
@@ -502,6 +515,7 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
                         window_start, window_images = time.perf_counter(), 0
                         continue
                     bad_steps.checked()
+                if logging_due:
                     elapsed = time.perf_counter() - window_start
                     mean_bpd = ctx.sum_(bpd.detach().clone()).item() / ctx.world_size
                     values = {"bpd": mean_bpd, "lr": lr, "grad_norm": grad_norm.item(),

@@ -136,10 +136,13 @@ def test_sampling_runs_in_inference_mode_and_its_cached_inverses_serve_later_wor
                         or real_reverse(self, y))
     model.sample(2, 0.7)
     assert modes and all(modes)
-    # The inverse weights cached during sampling are inference tensors; decoding and training still work.
+    # The inverse weights cached during sampling serve later work, gradients through decode included.
     x = torch.rand(3, 1, 8, 8) - 0.5
-    with torch.no_grad():
-        assert torch.allclose(model.decode(model.encode(x)[0]), x, atol=1e-10)
+    zs = [z.detach().requires_grad_() for z in model.encode(x)[0]]
+    decoded = model.decode(zs)
+    assert torch.allclose(decoded, x, atol=1e-10)
+    decoded.sum().backward()
+    assert all(z.grad is not None for z in zs)
     model.train()
     model.log_prob(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

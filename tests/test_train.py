@@ -387,6 +387,29 @@ def test_a_run_of_non_finite_steps_rolls_back_with_half_the_learning_rate(tmp_pa
     assert state["lr_scale"] == 0.5 and state["n_rollbacks"] == 1
 
 
+def test_a_checkpoint_due_after_too_many_bad_steps_rolls_back_instead_of_saving(tmp_path, monkeypatch):
+    _poison(monkeypatch, lambda call: call in (4, 5, 6))  # steps 4-6; step 6 is a checkpoint step, 8 a logging one
+    cfg = apply_overrides(default_config(), NAN_RUN + ["train.log_every=8", "train.checkpoint_every=3"])
+    train(cfg, out=str(tmp_path / "run"), progress=False)
+    rollback = [m for m in _metrics(tmp_path / "run") if m.get("event") == "rollback"]
+    assert rollback == [{"step": 3, "split": "train", "event": "rollback", "from_step": 6, "lr_scale": 0.5}]
+
+
+def test_resuming_keeps_this_runs_fused_adam_whatever_the_checkpoint_says(tmp_path):
+    cfg = apply_overrides(default_config(), NAN_RUN + ["train.optimizer=adam", "train.steps=3"])
+    out = tmp_path / "run"
+    train(cfg, out=str(out), progress=False)
+    last = run_paths(out)["last"]
+    state = torch.load(last, weights_only=True)
+    assert all(group["fused"] for group in state["optimizer"]["param_groups"])
+    for group in state["optimizer"]["param_groups"]:  # as an unfused Adam (an older glowtrain) wrote it
+        group["fused"] = None
+    torch.save(state, last)
+    result = train(apply_overrides(cfg, ["train.steps=5"]), out=str(out), resume="auto", progress=False)
+    assert result["step"] == 5
+    assert all(group["fused"] for group in load_checkpoint(last)["optimizer"]["param_groups"])
+
+
 @OPTIMIZERS
 def test_a_second_divergence_stops_the_run_naming_step_and_cause(tmp_path, monkeypatch, optimizer):
     from glowtrain.train import TrainingDiverged
