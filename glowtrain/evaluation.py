@@ -47,7 +47,8 @@ def evaluate(model: torch.nn.Module, dataset, cfg: Config, device: torch.device,
     ctx = ctx or Context(device=device)
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # bpd, bpd^2, correct, images
+    wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    sums = torch.zeros(4, dtype=wide, device=device)  # bpd, bpd^2, correct, images
     mine = list(range(ctx.rank, len(dataset), ctx.world_size))
     batch_size = cfg.train.eval_batch_size
     batches = make_eval_batches(dataset, batch_size, rank=ctx.rank, world_size=ctx.world_size,
@@ -57,7 +58,7 @@ def evaluate(model: torch.nn.Module, dataset, cfg: Config, device: torch.device,
         noise = _per_image_noise(mine[start : start + len(images)], tuple(images.shape[1:]), seed, device)
         x = (reduce_bits(images, cfg.data.n_bits).float() + noise) / cfg.data.n_bins - 0.5
         log_prob, logits = model(x, labels if cfg.model.n_classes > 0 else None)
-        bpd = bits_per_dim(log_prob, model.n_dims, cfg.data.n_bits).double()
+        bpd = bits_per_dim(log_prob, model.n_dims, cfg.data.n_bits).to(wide)
         sums[0] += bpd.sum()
         sums[1] += (bpd**2).sum()
         if logits is not None:
