@@ -370,7 +370,7 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
     # Training may run its coupling networks in bf16; evaluation and samples always use full precision.
     model.set_amp(torch.bfloat16 if cfg.train.amp == "bf16" else None)
     if cfg.train.amp == "bf16" and device.type == "cpu" and ctx.is_main:
-        # Measured on a 2-core x86 machine with torch 2.14: a bf16 3x3 convolution ran 50x slower than float32.
+        # Measured on a 2-core x86 machine with torch 2.14: a CIFAR-shape bf16 step ran 16x slower than float32.
         warnings.warn("train.amp=bf16 on a CPU: bf16 convolutions are much slower than float32 on many CPUs; "
                       "measure with scripts/bench.py before a long run")
     model.set_memory_saving(cfg.train.memory_saving)
