@@ -190,6 +190,27 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None
     optimizer.load_state_dict({**saved, "param_groups": groups})
 
 
+def _update(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, skips_on_device: bool,
+            lr: float, max_norm: float, weight_decay: float, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward, clipping and the optimiser step; returns (gradient norm, whether the step was finite).
+
+    A non-finite step is skipped (it still counts, so data order and warm-up stay on schedule); every
+    rank skips together, as one rank's loss can be non-finite alone.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    finite = ctx.all_true(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    if skips_on_device:
+        optimizer.found_inf = (~finite).float()
+    if skips_on_device or bool(finite):  # Adamax: the loop's one host read per step
+        if weight_decay > 0:  # decoupled (AdamW-style), for either optimiser
+            with torch.no_grad():
+                torch._foreach_mul_(list(model.parameters()), 1.0 - lr * weight_decay * finite)
+        optimizer.step()
+    return grad_norm, finite
+
+
 class _StopFlag:
     """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
 
@@ -480,19 +501,8 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
                 loss = bpd
                 if logits is not None:
                     loss = loss + cfg.train.class_weight * F.cross_entropy(logits, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-                # A non-finite step is skipped (it still counts, so data order and warm-up stay on schedule);
-                # every rank must skip together, as one rank's loss can be non-finite alone.
-                finite = ctx.all_true(torch.isfinite(loss) & torch.isfinite(grad_norm))
-                if skips_on_device:
-                    optimizer.found_inf = (~finite).float()
-                if skips_on_device or bool(finite):  # Adamax: the loop's one host read per step
-                    if cfg.train.weight_decay > 0:  # decoupled (AdamW-style), for either optimiser
-                        with torch.no_grad():
-                            torch._foreach_mul_(list(model.parameters()), 1.0 - lr * cfg.train.weight_decay * finite)
-                    optimizer.step()
+                grad_norm, finite = _update(loss, model, optimizer, skips_on_device, lr, max_norm,
+                                            cfg.train.weight_decay, ctx)
                 bad_steps.record(finite)
                 if ema is not None:
                     update_ema(ema, model, ema_decay_at(step, cfg.train.ema_decay))
