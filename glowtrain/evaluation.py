@@ -9,6 +9,7 @@ import torch
 from glowtrain.config import Config
 from glowtrain.data import make_eval_batches
 from glowtrain.distributed import Context
+from glowtrain.flows import widest_float
 from glowtrain.losses import bits_per_dim, reduce_bits
 
 EVAL_NOISE_SEED = 12345  # fixed, so every evaluation of a checkpoint sees the same dequantisation
@@ -47,7 +48,7 @@ def evaluate(model: torch.nn.Module, dataset, cfg: Config, device: torch.device,
     ctx = ctx or Context(device=device)
     was_training = model.training
     model.eval()
-    wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    wide = widest_float(device)
     sums = torch.zeros(4, dtype=wide, device=device)  # bpd, bpd^2, correct, images
     mine = list(range(ctx.rank, len(dataset), ctx.world_size))
     batch_size = cfg.train.eval_batch_size

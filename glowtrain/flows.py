@@ -22,9 +22,13 @@ def _sum_per_sample(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).sum(1)
 
 
+def widest_float(device: torch.device) -> torch.dtype:
+    """float64 where the device has it (MPS has not: float32 there)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _widest(x: torch.Tensor) -> torch.Tensor:
-    """x in float64 where the device has it (MPS has not: float32 there)."""
-    return x.float() if x.device.type == "mps" else x.double()
+    return x.to(widest_float(x.device))
 
 
 class ActNorm(nn.Module):

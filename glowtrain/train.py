@@ -164,8 +164,8 @@ class _NonFiniteSteps:
             self._counts[1] = 0
 
 
-def _build_optimizer(cfg: Config, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, bool]:
-    """The configured optimiser, and whether it can skip a non-finite step on the device by itself.
+def _build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The configured optimiser; a fused one skips a non-finite step on the device by itself.
 
     torch's fused Adam takes a `found_inf` flag and leaves weights, moments and step count alone when it
     is set, so the loop need not wait for the GPU to learn whether a step was finite. Adamax has no
@@ -173,10 +173,10 @@ def _build_optimizer(cfg: Config, model: torch.nn.Module) -> tuple[torch.optim.O
     """
     if cfg.train.optimizer == "adam":
         try:
-            return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True), True
+            return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True)
         except (RuntimeError, ValueError):  # a device without a fused Adam (or an older torch)
-            return torch.optim.Adam(model.parameters(), lr=cfg.train.lr), False
-    return torch.optim.Adamax(model.parameters(), lr=cfg.train.lr), False
+            return torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    return torch.optim.Adamax(model.parameters(), lr=cfg.train.lr)
 
 
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
@@ -190,8 +190,8 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None
     optimizer.load_state_dict({**saved, "param_groups": groups})
 
 
-def _update(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, skips_on_device: bool,
-            lr: float, max_norm: float, weight_decay: float, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
+def _update(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float, max_norm: float,
+            weight_decay: float, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward, clipping and the optimiser step; returns (gradient norm, whether the step was finite).
 
     A non-finite step is skipped (it still counts, so data order and warm-up stay on schedule); every
@@ -201,6 +201,7 @@ def _update(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.O
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     finite = ctx.all_true(torch.isfinite(loss) & torch.isfinite(grad_norm))
+    skips_on_device = bool(optimizer.param_groups[0].get("fused"))  # fused Adam honours found_inf
     if skips_on_device:
         optimizer.found_inf = (~finite).float()
     if skips_on_device or bool(finite):  # Adamax: the loop's one host read per step
@@ -367,7 +368,7 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
 
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg).to(device)
-    optimizer, skips_on_device = _build_optimizer(cfg, model)
+    optimizer = _build_optimizer(cfg, model)
     start_step, best_bpd = 0, math.inf
     lr_scale, n_rollbacks = 1.0, 0  # halved on each rollback after a run of non-finite steps
     if run.resume_from is not None:
@@ -501,8 +502,7 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
                 loss = bpd
                 if logits is not None:
                     loss = loss + cfg.train.class_weight * F.cross_entropy(logits, labels)
-                grad_norm, finite = _update(loss, model, optimizer, skips_on_device, lr, max_norm,
-                                            cfg.train.weight_decay, ctx)
+                grad_norm, finite = _update(loss, model, optimizer, lr, max_norm, cfg.train.weight_decay, ctx)
                 bad_steps.record(finite)
                 if ema is not None:
                     update_ema(ema, model, ema_decay_at(step, cfg.train.ema_decay))

@@ -44,12 +44,12 @@ class _MatmulReference:
     Shared machines drift by tens of percent within a minute; interleaving keeps the ratio honest.
     """
 
-    def __init__(self, device: torch.device, dtype: torch.dtype):
+    def __init__(self, device: torch.device, dtype: torch.dtype, sync):
         # On CPUs without bf16 arithmetic a 2048^3 bf16 product takes about a minute: a smaller one there.
         self.size = 8192 if device.type == "cuda" else 2048 if dtype == torch.float32 else 512
         self.a = torch.randn(self.size, self.size, device=device, dtype=dtype)
         self.b = torch.randn(self.size, self.size, device=device, dtype=dtype)
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.sync = sync
         for _ in range(2):
             self.flops()
 
@@ -128,7 +128,7 @@ def _child(args: argparse.Namespace) -> None:
         loss.backward()
         optimizer.step()
 
-    reference = _MatmulReference(device, torch.bfloat16 if args.amp == "bf16" else torch.float32)
+    reference = _MatmulReference(device, torch.bfloat16 if args.amp == "bf16" else torch.float32, sync)
     flops_per_step = 3 * 2 * macs * batch  # forward, plus a backward of about twice the forward
     step_times, fractions, references = [], [], []
     for i in range(args.warmup + args.steps):
