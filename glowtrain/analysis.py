@@ -18,6 +18,7 @@ from glowtrain.evaluation import EVAL_NOISE_SEED, evaluate
 from glowtrain.flows import CouplingNet, InvConv2d, ZeroConv2d
 from glowtrain.losses import dequantize, to_uint8
 from glowtrain.model import Glow
+from glowtrain.precision import full_float32
 from glowtrain.sample import check_tensorboard, display_upscale, image_grid, save_png, write_to_tensorboard
 
 PIXEL_LEVELS = 256  # "pixel units": one step of the 8-bit 0..255 scale; x spans [-0.5, 0.5)
@@ -64,6 +65,7 @@ def _test_images(cfg: Config, n: int, device: torch.device) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
+@full_float32()
 def reconstruct_command(loaded: LoadedRun, n: int, device: torch.device, out: str | None,
                         tensorboard: bool = False) -> dict:
     """Encode and decode real test images; report the error and write originals over reconstructions."""
@@ -84,6 +86,7 @@ def reconstruct_command(loaded: LoadedRun, n: int, device: torch.device, out: st
 
 
 @torch.no_grad()
+@full_float32()
 def interpolate_command(loaded: LoadedRun, n_pairs: int, n_steps: int, device: torch.device, out: str | None,
                         tensorboard: bool = False) -> Path:
     """Linear paths between the latents (every level) of pairs of test images; a row per pair."""
@@ -122,6 +125,7 @@ def _unflatten_latents(model: Glow, flat: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
+@full_float32()
 def _mean_latent(model: Glow, dataset, indices: list[int], cfg: Config, device: torch.device,
                  batch_size: int = 256) -> torch.Tensor:
     total = None
@@ -146,6 +150,7 @@ def _celeba_attributes(cfg: Config, dataset) -> tuple[list[str], dict[str, list[
 
 
 @torch.no_grad()
+@full_float32()
 def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None, alphas: list[float], n: int,
                        attribute: str | None = None, from_class: int | None = None, to_class: int | None = None,
                        max_per_group: int = 2000, tensorboard: bool = False) -> dict:

@@ -100,13 +100,14 @@ def fit(
     nproc: Annotated[int, typer.Option("--nproc", help="Processes (GPUs) on this machine; >1 launches torchrun.")] = 1,
 ) -> None:
     """Train a model. With no --config, trains the bundled 8x8 digits in a few minutes on a CPU."""
-    from glowtrain.distributed import launched_by_torchrun, torchrun_command
+    from glowtrain.distributed import check_process_count, launched_by_torchrun, torchrun_command
     from glowtrain.train import fit_config, resolve_resume, train
 
     resume = resolve_resume(resume, config, set_ or [], out)
     cfg = fit_config(config, set_ or [], out, resume)  # bad input fails here, before any process starts
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
+    check_process_count(nproc, cfg.run.device)
     if nproc > 1 and not launched_by_torchrun():
         # Become torchrun (no parent left behind), so signals reach it and it forwards them to the workers.
         command = torchrun_command(nproc, _without_option(sys.argv[1:], "--nproc"))

@@ -40,6 +40,8 @@ class RunConfig:
     name: str = _opt("digits", "run directory name under runs/")
     seed: int = _opt(0, "seeds everything: init, data order, dequantisation noise")
     device: str = _opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
+    tf32: bool = _opt(True, "CUDA: TF32 tensor cores for the coupling networks in training (never for 1x1 convs or evaluation)")
+    deterministic: bool = _opt(False, "deterministic kernels, no cuDNN autotuning: bit-exact resume on CUDA (slower)")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import sys
@@ -11,11 +12,14 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from glowtrain import precision
 from glowtrain.errors import UserError
 
 
-def resolve_device(name: str, option: str = "run.device") -> torch.device:
-    """The torch device for `auto`, cpu, cuda, cuda:N or mps; `option` names the setting in errors."""
+def resolve_device(name: str, option: str = "run.device", tf32: bool = True, deterministic: bool = False) -> torch.device:
+    """The torch device for `auto`, cpu, cuda, cuda:N or mps, with glowtrain's math set for it (see precision.py).
+
+    `option` names the setting in errors."""
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
         raise UserError(f"{option}={name!r} is not a device — use auto, cpu, cuda, cuda:N or mps")
     if name == "auto":
@@ -26,20 +30,11 @@ def resolve_device(name: str, option: str = "run.device") -> torch.device:
         index = int(name.split(":")[1]) if ":" in name else 0
         if index >= torch.cuda.device_count():
             raise UserError(f"{option}={name} but only {torch.cuda.device_count()} CUDA device(s) exist")
-        use_fast_cuda_math()
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"{option}=mps but MPS is not available here — use {option}=cpu or auto")
-    return torch.device(name)
-
-
-def use_fast_cuda_math() -> None:
-    """TF32 matrix products on Ampere and newer, as cuDNN convolutions already have by default, and tuned convs.
-
-    The coupling networks' 1x1 convolutions are matrix products, so without this they would run in
-    full float32. Log-determinants do not depend on it: the invertible 1x1 weight is built in float64.
-    """
-    torch.set_float32_matmul_precision("high")
-    torch.backends.cudnn.benchmark = True
+    device = torch.device(name)
+    precision.configure(device, tf32, deterministic)
+    return device
 
 
 @dataclass(frozen=True)
@@ -89,22 +84,40 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def setup(device_name: str) -> Context:
+def setup(device_name: str, tf32: bool = True, deterministic: bool = False) -> Context:
     """Join the torchrun job when there is one (NCCL on CUDA, gloo on CPU); else a one-process context."""
     if not launched_by_torchrun():
-        return Context(device=resolve_device(device_name))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return Context(device=resolve_device(device_name, tf32=tf32, deterministic=deterministic))
+    if "LOCAL_RANK" not in os.environ:
+        raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but LOCAL_RANK is not set — launch several "
+                        "processes with torchrun or `glowtrain fit --nproc N`")
+    local_rank = int(os.environ["LOCAL_RANK"])
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     if device_name.startswith("cuda") and not use_cuda:
         resolve_device(device_name)  # raises the one-line CUDA error
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise UserError(f"this is local rank {local_rank} but only {torch.cuda.device_count()} GPU(s) are visible "
+                        "— start at most one process per GPU on each machine")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-        use_fast_cuda_math()
+    precision.configure(device, tf32, deterministic)
     if not dist.is_initialized():
         # A rank that dies makes the others fail at their next collective instead of waiting forever.
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=10))
+        options = {"timeout": timedelta(minutes=10)}
+        if use_cuda and "device_id" in inspect.signature(dist.init_process_group).parameters:
+            options["device_id"] = device  # binds NCCL to this GPU now, instead of guessing from the rank
+        dist.init_process_group("nccl" if use_cuda else "gloo", **options)
     return Context(dist.get_rank(), dist.get_world_size(), device)
+
+
+def check_process_count(n_processes: int, device_name: str) -> None:
+    """Refuse more processes than GPUs before torchrun starts them (each would fail on its own)."""
+    if n_processes <= 1 or device_name == "cpu" or device_name == "mps" or not torch.cuda.is_available():
+        return
+    if n_processes > torch.cuda.device_count():
+        raise UserError(f"--nproc {n_processes} but only {torch.cuda.device_count()} GPU(s) are visible here — "
+                        f"use --nproc {torch.cuda.device_count()} or fewer, or run.device=cpu")
 
 
 def teardown() -> None:

@@ -11,6 +11,7 @@ from glowtrain.data import make_eval_batches
 from glowtrain.distributed import Context
 from glowtrain.flows import widest_float
 from glowtrain.losses import bits_per_dim, reduce_bits
+from glowtrain.precision import full_float32
 
 EVAL_NOISE_SEED = 12345  # fixed, so every evaluation of a checkpoint sees the same dequantisation
 
@@ -40,6 +41,7 @@ def _per_image_noise(indices: list[int], shape: tuple[int, ...], seed: int, devi
 
 
 @torch.inference_mode()
+@full_float32()  # bits/dim must not depend on the GPU generation (precision.py)
 def evaluate(model: torch.nn.Module, dataset, cfg: Config, device: torch.device, seed: int = EVAL_NOISE_SEED,
              ctx: Context | None = None) -> dict:
     """bits/dim over the whole split (mean of per-image bpd), plus accuracy for class-conditional models.

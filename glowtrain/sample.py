@@ -14,9 +14,11 @@ from glowtrain.checkpoint import open_run
 from glowtrain.errors import UserError
 from glowtrain.losses import to_uint8
 from glowtrain.model import Glow
+from glowtrain.precision import full_float32
 
 
 @torch.inference_mode()
+@full_float32()
 def sample_images(model: Glow, n: int, temperature: float, n_bits: int, generator: torch.Generator,
                   y: torch.Tensor | None = None, batch_size: int = 256) -> torch.Tensor:
     """n uint8 images (N, C, H, W), drawn in batches so memory stays bounded for any n."""

@@ -345,7 +345,7 @@ def _write_samples(model, cfg: Config, step: int, run_dir: Path, logger: RunLogg
 
 def train(cfg: Config, out: str | None = None, resume: str | None = None, progress: bool = True) -> dict:
     """Train the model `cfg` describes; returns the final test metrics and where things were written."""
-    ctx = setup(cfg.run.device)
+    ctx = setup(cfg.run.device, tf32=cfg.run.tf32, deterministic=cfg.run.deterministic)
     try:
         return _train(cfg, ctx, out, resume, progress)
     finally:
@@ -423,7 +423,8 @@ def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progr
     def save(step: int, path: Path) -> None:
         """Rank 0 writes; every rank learns whether it worked, so none is left waiting in a collective."""
         # Every rank holds the same weights, so every rank reaches the same verdict here.
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        # One host read for all parameters (a read each would wait on the GPU ~1,000 times per save).
+        if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
             raise TrainingDiverged(f"the weights hold NaN or inf at step {step}; not saving them over {path} — "
                                    "lower train.lr and resume from the last checkpoint")
         error, n_bad = None, bad_steps.read()

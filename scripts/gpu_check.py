@@ -135,28 +135,6 @@ def precision(tf32: bool):
         torch.backends.cudnn.allow_tf32 = saved[1]
 
 
-@contextlib.contextmanager
-def exact_invertible_convs():
-    """The candidate policy: the invertible 1x1 convolutions in full float32 whatever TF32 the rest uses."""
-    from glowtrain.flows import InvConv2d
-
-    real_forward, real_reverse = InvConv2d.forward, InvConv2d.reverse
-
-    def forward(self, x):
-        with precision(False):
-            return real_forward(self, x)
-
-    def reverse(self, y):
-        with precision(False):
-            return real_reverse(self, y)
-
-    InvConv2d.forward, InvConv2d.reverse = forward, reverse
-    try:
-        yield
-    finally:
-        InvConv2d.forward, InvConv2d.reverse = real_forward, real_reverse
-
-
 def build_glow(spec, device: torch.device, seed: int = 0):
     from glowtrain.model import Glow
 
@@ -212,7 +190,11 @@ def profile_steps(step, device: torch.device, n_steps: int) -> dict:
         sync(device)
     kernels, launches, syncs, intervals, by_name = 0, 0, 0, [], {}
     for event in prof.events():
-        if event.device_type == DeviceType.CUDA:
+        # The GPU timeline also carries user annotations (e.g. "Optimizer.step#Adamax.step") spanning many
+        # kernels and the gaps between them: they are not kernels.
+        annotation = getattr(event, "is_user_annotation", False) or "#" in event.name or \
+            event.name.startswith(("Optimizer.", "ProfilerStep"))
+        if event.device_type == DeviceType.CUDA and not annotation:
             kernels += 1
             start, end = event.time_range.start, event.time_range.end
             intervals.append((start, end))
@@ -408,12 +390,11 @@ def section_exact64(args, device, sizes) -> dict:
 
 
 POLICIES = {
-    # name: (TF32 on, invertible 1x1 convolutions forced to full float32, bf16 coupling networks)
-    "glowtrain_today": (True, False, False),
-    "tf32_off": (False, False, False),
-    "exact_invconv_tf32_rest": (True, True, False),
-    "bf16_coupling_today": (True, False, True),
-    "bf16_coupling_exact_invconv": (True, True, True),
+    # name: (TF32 flags as run.tf32 sets them, bf16 coupling networks, inside precision.full_float32)
+    "training_tf32": (True, False, False),
+    "training_tf32_off": (False, False, False),
+    "training_bf16": (True, True, False),
+    "inference": (True, False, True),
 }
 
 
@@ -430,9 +411,10 @@ def section_roundtrip(args, device, sizes) -> dict:
         log_prob64 = reference.log_prob(x.double())
     del reference
     result = {}
-    for name, (tf32, exact_invconv, bf16) in POLICIES.items():
-        with precision(tf32), (exact_invertible_convs() if exact_invconv else contextlib.nullcontext()), \
-                torch.no_grad():
+    from glowtrain.precision import full_float32
+
+    for name, (tf32, bf16, inference) in POLICIES.items():
+        with precision(tf32), (full_float32() if inference else contextlib.nullcontext()), torch.no_grad():
             model.set_amp(torch.bfloat16 if bf16 else None)
             zs, _ = model.encode(x)
             decoded = model.decode(zs)
@@ -686,26 +668,16 @@ def section_ddp(args, device, sizes) -> dict:
 
 
 def section_resume(args, device, sizes) -> dict:
-    import glowtrain.distributed as distributed
     from glowtrain.config import apply_overrides, load_config
     from glowtrain.train import train
 
     deterministic = args.variant == "deterministic"
-    if deterministic:
-        real = distributed.use_fast_cuda_math
-
-        def deterministic_math():
-            real()
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
-
-        distributed.use_fast_cuda_math = deterministic_math
-        torch.use_deterministic_algorithms(True)
     spec = sizes["small"]
     work = Path(tempfile.mkdtemp(prefix="gpu_check_resume_"))
     cache = synthetic_cache(work, spec[0], n_train=spec[5] * 20, n_test=64)
     base = fit_overrides(spec, cache, device, 20) + ["train.log_every=5", "train.eval_every=1000",
-                                                    "train.sample_every=1000", "train.checkpoint_every=10"]
+                                                    "train.sample_every=1000", "train.checkpoint_every=10",
+                                                    f"run.deterministic={str(deterministic).lower()}"]
     cfg = load_config(ROOT / "configs" / "cifar10.yaml", base)
     start = time.perf_counter()
     with gpu_lock(args.lock):
@@ -799,11 +771,8 @@ def run_all(args, plan_fg, plan_bg, deadline: float, report) -> None:
             report({"section": section, "variant": variant, "status": "skipped: deadline reached"})
             continue
         start = time.perf_counter()
-        env = dict(os.environ)
-        if variant == "deterministic":  # read when cuBLAS starts, so set before the child touches CUDA
-            env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
         process = subprocess.Popen(child_command(args, section, variant, lock), stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, env=env)
+                                   stderr=subprocess.PIPE, text=True)
         try:
             stdout, stderr = process.communicate(timeout=left)
             code = process.returncode

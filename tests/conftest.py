@@ -1,8 +1,19 @@
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+REPO = Path(__file__).resolve().parents[1]
+# Subprocesses (python -m glowtrain, torchrun, scripts) must find this checkout from any working
+# directory, also on a machine that runs the suite as `PYTHONPATH=. python3 -m pytest` without a venv.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(":"))])
+# The suite runs on the CPU unless GLOWTRAIN_TEST_DEVICE says otherwise: with a GPU present, `run.device:
+# auto` would otherwise move some tests onto it silently (and torchrun tests onto NCCL). Set before torch
+# first asks CUDA anything; subprocesses inherit it.
+if not os.environ.get("GLOWTRAIN_TEST_DEVICE", "cpu").startswith("cuda"):
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 

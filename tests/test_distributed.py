@@ -5,11 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from glowtrain.checkpoint import load_checkpoint
 
-SETS = ["model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16", "train.init_batch_size=32",
+SETS = ["run.device=cpu", "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16", "train.init_batch_size=32",
         "train.eval_batch_size=100", "train.steps=6", "train.log_every=1", "train.eval_every=3",
         "train.sample_every=6", "train.checkpoint_every=3", "train.n_samples=4", "train.warmup_steps=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -71,3 +72,47 @@ def test_a_cuda_device_turns_on_tf32_matrix_products_and_tuned_convolutions(monk
         assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.benchmark
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def _fake_gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_more_processes_than_gpus_is_refused_before_torchrun_starts(monkeypatch, tmp_path):
+    from helpers import assert_one_line_error, invoke
+
+    _fake_gpus(monkeypatch, 1)
+    monkeypatch.setattr(os, "execv", lambda *a: pytest.fail("torchrun must not start"))
+    result = invoke("fit", "--nproc", "2", "--out", tmp_path / "run", "--no-progress")
+    assert_one_line_error(result, 2, "--nproc 2", "1 GPU(s)", "--nproc 1")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cpu_processes_are_not_limited_by_the_gpu_count(monkeypatch):
+    from glowtrain.distributed import check_process_count
+
+    _fake_gpus(monkeypatch, 1)
+    check_process_count(4, "cpu")
+    check_process_count(1, "auto")
+
+
+def test_torchrun_without_local_rank_is_a_one_line_error(monkeypatch):
+    from glowtrain.distributed import setup
+    from glowtrain.errors import UserError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(UserError, match="LOCAL_RANK is not set"):
+        setup("cpu")
+
+
+def test_a_local_rank_without_its_gpu_is_a_one_line_error(monkeypatch):
+    from glowtrain.distributed import setup
+    from glowtrain.errors import UserError
+
+    _fake_gpus(monkeypatch, 2)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(UserError, match="local rank 2 but only 2 GPU"):
+        setup("auto")

@@ -316,8 +316,9 @@ def _poison(monkeypatch, bad_calls):
     monkeypatch.setattr(train_module, "prepare_batch", poisoned)
 
 
-NAN_RUN = ["model.n_levels=2", "model.n_steps=1", "model.hidden_channels=8", "train.batch_size=16",
-           "train.init_batch_size=32", "train.eval_batch_size=300", "train.steps=10", "train.warmup_steps=0",
+NAN_RUN = ["run.device=cpu", "model.n_levels=2", "model.n_steps=1", "model.hidden_channels=8",
+           "train.batch_size=16", "train.init_batch_size=32", "train.eval_batch_size=300", "train.steps=10",
+           "train.warmup_steps=0",
            "train.log_every=1", "train.eval_every=100", "train.sample_every=100", "train.checkpoint_every=2",
            "train.n_samples=1", "train.sample_temperatures=[0]", "train.max_bad_steps=2"]
 
@@ -432,8 +433,9 @@ def test_divergence_before_any_checkpoint_says_there_is_nothing_to_roll_back_to(
         train(cfg, out=str(tmp_path / "run"), progress=False)
 
 
-SMALL = ["model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16", "train.batch_size=16",
-         "train.init_batch_size=32", "train.eval_batch_size=300", "train.steps=4", "train.warmup_steps=2",
+SMALL = ["run.device=cpu", "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16",
+         "train.batch_size=16", "train.init_batch_size=32", "train.eval_batch_size=300", "train.steps=4",
+         "train.warmup_steps=2",
          "train.log_every=1", "train.eval_every=4", "train.sample_every=4", "train.n_samples=1",
          "train.sample_temperatures=[0]"]
 
@@ -501,3 +503,25 @@ def test_a_run_without_a_checkpoint_starts_afresh_and_keeps_its_old_logs(tmp_pat
     assert (run_dir / "tb.old").is_dir()
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps[0] == 1 and 9.0 not in [json.loads(l).get("bpd") for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_weights_that_became_non_finite_are_never_saved_over_a_checkpoint(tmp_path, monkeypatch):
+    from glowtrain.train import TrainingDiverged
+
+    cfg = apply_overrides(default_config(), NAN_RUN + ["train.steps=6"])
+    real_step = torch.optim.Adamax.step
+    calls = {"n": 0}
+
+    def step_then_break_a_weight(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # after step 3, between the checkpoints at 2 and 4
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(torch.optim.Adamax, "step", step_then_break_a_weight)
+    with pytest.raises(TrainingDiverged, match="the weights hold NaN or inf at step 4; not saving them"):
+        train(cfg, out=str(tmp_path / "run"), progress=False)
+    saved = load_checkpoint(run_paths(tmp_path / "run")["last"])
+    assert saved["step"] == 2 and all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())

@@ -1,0 +1,32 @@
+"""scripts/gpu_check.py runs on a lent GPU once in a while; run it tiny on the CPU here so it cannot rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+
+
+@pytest.mark.slow
+def test_every_section_runs_tiny_on_the_cpu_and_reports_sane_figures(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--no-compile",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())
+    by_name = {(r["section"], r["variant"]): r for r in rows}
+    assert {s for s, _ in by_name} == {"env", "throughput", "exact64", "roundtrip", "fit", "memory", "ddp", "resume"}
+    assert all(r["status"] == "ok" for r in rows)
+    assert by_name[("exact64", "")]["max_logdet_error"] < 1e-8
+    roundtrip = by_name[("roundtrip", "")]
+    assert roundtrip["training_tf32"]["roundtrip_max_error"] < 1e-3
+    assert roundtrip["inference"]["roundtrip_max_error"] < 1e-4
+    assert by_name[("resume", "deterministic")]["bit_exact"]
+    assert by_name[("ddp", "")]["max_weight_difference"] == 0.0
+    # The Adam loop reads nothing back between logging steps; Adamax once per step (its finite check).
+    reads = {optimizer: by_name[("fit", optimizer)]["host_reads"]["per_quiet_step"] for optimizer in ("adam", "adamax")}
+    assert reads["adam"] < reads["adamax"]
+    table = (tmp_path / "gpu_check.md").read_text().splitlines()
+    assert len(table) == 2 + len(rows) and all(line.startswith("|") for line in table)
