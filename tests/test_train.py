@@ -474,6 +474,15 @@ def test_bf16_training_runs_and_learns(tmp_path):
     assert math.isfinite(result["test_bpd"]) and result["test_bpd"] < 4.2
 
 
+@pytest.mark.filterwarnings("ignore:train.amp=bf16 on a CPU")
+def test_bf16_with_memory_saving_warns_about_the_rebuild_drift_and_logs_it(tmp_path):
+    cfg = apply_overrides(default_config(), SMALL + ["train.amp=bf16", "train.memory_saving=true"])
+    with pytest.warns(UserWarning, match="drift by about 3e-3"):
+        train(cfg, out=str(tmp_path / "run"), progress=False)
+    logged = [m for m in read_metrics(tmp_path / "run") if m["split"] == "reconstruction"]
+    assert logged and all(0 < value < 0.1 for m in logged for key, value in m.items() if key.startswith("max_error"))
+
+
 def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch):
     def broken_compile(module, *args, **kwargs):
         def fail(*a, **k):
