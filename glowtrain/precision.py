@@ -36,13 +36,18 @@ def configure(device: torch.device, tf32: bool = True, deterministic: bool = Fal
 
 
 @contextlib.contextmanager
-def full_float32():
-    """No TF32 for convolutions or matrix products inside the block (on every device; restored after)."""
+def tf32(enabled: bool):
+    """TF32 for float32 convolutions and matrix products on or off inside the block (restored after)."""
     saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(saved[0])
         torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+def full_float32():
+    """No TF32 inside the block, on every device (a context manager and a decorator)."""
+    return tf32(False)

@@ -52,6 +52,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from glowtrain.precision import tf32 as precision  # noqa: E402
+
 RESULT = "GPU_CHECK_RESULT "
 PARTIAL = "GPU_CHECK_PARTIAL "
 
@@ -120,19 +122,6 @@ def apply_glowtrain_device_settings(device: torch.device) -> None:
     from glowtrain.distributed import resolve_device
 
     resolve_device(str(device))
-
-
-@contextlib.contextmanager
-def precision(tf32: bool):
-    """TF32 for convolutions and matrix products on (as glowtrain sets it) or off, restored afterwards."""
-    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    torch.backends.cudnn.allow_tf32 = tf32
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(saved[0])
-        torch.backends.cudnn.allow_tf32 = saved[1]
 
 
 def build_glow(spec, device: torch.device, seed: int = 0):
@@ -773,26 +762,24 @@ def run_all(args, plan_fg, plan_bg, deadline: float, report) -> None:
         start = time.perf_counter()
         process = subprocess.Popen(child_command(args, section, variant, lock), stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)
-        try:
-            stdout, stderr = process.communicate(timeout=left)
-            code = process.returncode
-        except subprocess.TimeoutExpired:
-            process.kill()
-            stdout, stderr = process.communicate()
-            code = None
-        report(finish(section, variant, code, stdout, stderr, time.perf_counter() - start))
+        report(finish(section, variant, *collect(process, left), time.perf_counter() - start))
     if not bg_started:
         start_background()
     for section, variant, process, start in background:
-        try:
-            stdout, stderr = process.communicate(timeout=max(1.0, deadline - time.perf_counter()))
-            code = process.returncode
-        except subprocess.TimeoutExpired:
-            process.kill()
-            stdout, stderr = process.communicate()
-            code = None
-        report(finish(section, variant, code, stdout, stderr, time.perf_counter() - start))
+        left = max(1.0, deadline - time.perf_counter())
+        report(finish(section, variant, *collect(process, left), time.perf_counter() - start))
     os.unlink(lock)
+
+
+def collect(process: subprocess.Popen, timeout: float) -> tuple[int | None, str, str]:
+    """(exit code, or None when it was stopped at the deadline; stdout; stderr)."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+        return process.returncode, stdout, stderr
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+        return None, stdout, stderr
 
 
 def headline(row: dict) -> str:

@@ -29,10 +29,10 @@ def test_the_emulation_follows_the_flags_read_at_call_time(monkeypatch):
     x, w = torch.randn(2, 8, 5, 5), torch.randn(4, 8, 3, 3)
     exact = F.conv2d(x, w)
     with emulated_tf32(monkeypatch) as calls:
-        with cuda_flags(tf32=True):
+        with cuda_flags(True):
             rounded = F.conv2d(x, w)
             product = torch.matmul(x.flatten(1), x.flatten(1).T)
-        with cuda_flags(tf32=False):
+        with cuda_flags(False):
             unrounded = F.conv2d(x, w)
     assert torch.equal(unrounded, exact) and not torch.equal(rounded, exact)
     assert torch.allclose(rounded, F.conv2d(round_to_tf32(x), round_to_tf32(w)), atol=1e-5)
@@ -46,9 +46,9 @@ def test_the_invertible_1x1_convolution_ignores_tf32(monkeypatch, lu):
     perturb(conv, 0.2)
     x = torch.randn(3, 12, 6, 6)
     with emulated_tf32(monkeypatch):
-        with cuda_flags(tf32=False):
+        with cuda_flags(False):
             y_exact, rebuilt_exact = conv(x)[0], conv.reverse(conv(x)[0])
-        with cuda_flags(tf32=True):
+        with cuda_flags(True):
             y_tf32, rebuilt_tf32 = conv(x)[0], conv.reverse(conv(x)[0])
     assert torch.equal(y_tf32, y_exact) and torch.equal(rebuilt_tf32, rebuilt_exact)
     assert (rebuilt_tf32 - x).abs().max() < 1e-5
@@ -78,7 +78,7 @@ def _round_trip_and_drift(model, x) -> tuple[float, float]:
 
 def test_paper_model_stays_invertible_with_tf32_coupling_networks(monkeypatch, paper_model):
     model, x = paper_model
-    with emulated_tf32(monkeypatch) as calls, cuda_flags(tf32=True):
+    with emulated_tf32(monkeypatch) as calls, cuda_flags(True):
         round_trip, drift = _round_trip_and_drift(model, x)
         monkeypatch.setattr(flows, "mix_channels", _rounding_invconv)
         round_trip_before, drift_before = _round_trip_and_drift(model, x)
@@ -90,7 +90,7 @@ def test_paper_model_stays_invertible_with_tf32_coupling_networks(monkeypatch, p
 
 def test_paper_model_in_full_float32_round_trips_to_float32_accuracy(monkeypatch, paper_model):
     model, x = paper_model
-    with emulated_tf32(monkeypatch), cuda_flags(tf32=True), precision.full_float32():
+    with emulated_tf32(monkeypatch), cuda_flags(True), precision.full_float32():
         round_trip, drift = _round_trip_and_drift(model, x)
     assert round_trip < 2e-5 and drift < 1e-4, (round_trip, drift)
 

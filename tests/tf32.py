@@ -11,6 +11,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from glowtrain import precision
+
 
 def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
     """float32 -> the nearest value with a 10-bit mantissa (ties to even); gradients pass straight through."""
@@ -65,14 +67,5 @@ def emulated_tf32(monkeypatch):
         yield calls
 
 
-@contextlib.contextmanager
-def cuda_flags(tf32: bool):
-    """Set TF32 flags as glowtrain sets them on CUDA (precision.configure), restored afterwards."""
-    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    torch.backends.cudnn.allow_tf32 = tf32
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(saved[0])
-        torch.backends.cudnn.allow_tf32 = saved[1]
+# TF32 flags as glowtrain sets them on CUDA (precision.configure), restored afterwards.
+cuda_flags = precision.tf32
