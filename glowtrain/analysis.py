@@ -10,16 +10,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from glowtrain.checkpoint import LoadedRun, build_model
+from glowtrain.checkpoint import LoadedRun
 from glowtrain.config import Config, config_to_yaml
 from glowtrain.data import build_dataset
 from glowtrain.errors import UserError
 from glowtrain.evaluation import EVAL_NOISE_SEED, evaluate
-from glowtrain.flows import CouplingNet, InvConv2d, ZeroConv2d
+from glowtrain.images import check_tensorboard, display_upscale, image_grid, save_png, write_to_tensorboard
 from glowtrain.losses import dequantize, to_uint8
 from glowtrain.model import Glow
 from glowtrain.precision import full_float32
-from glowtrain.sample import check_tensorboard, display_upscale, image_grid, save_png, write_to_tensorboard
 
 PIXEL_LEVELS = 256  # "pixel units": one step of the 8-bit 0..255 scale; x spans [-0.5, 0.5)
 
@@ -61,7 +60,7 @@ def _test_images(cfg: Config, n: int, device: torch.device) -> tuple[torch.Tenso
     items = [dataset[i] for i in range(n)]
     images = torch.stack([image for image, _ in items]).to(device)
     labels = torch.tensor([label for _, label in items], device=device)
-    return dequantize(images, cfg.data.n_bits, noise=False), labels
+    return dequantize(images, cfg.data.n_bits, 0.5), labels
 
 
 @torch.no_grad()
@@ -76,7 +75,8 @@ def reconstruct_command(loaded: LoadedRun, n: int, device: torch.device, out: st
     x, _ = _test_images(cfg, n, device)
     zs, _ = model.encode(x)
     error = (model.decode(zs) - x).abs() * PIXEL_LEVELS
-    picture = image_grid(torch.cat([to_uint8(x, cfg.data.n_bits), to_uint8(model.decode(zs), cfg.data.n_bits)]).cpu(), n)
+    pairs = torch.cat([to_uint8(x, cfg.data.n_bits), to_uint8(model.decode(zs), cfg.data.n_bits)])
+    picture = image_grid(pairs.cpu(), n)
     path = save_png(picture, _out_dir(loaded, out) / f"reconstruct_step{loaded.step:07d}.png",
                     display_upscale(cfg.data.image_size))
     if tensorboard:
@@ -131,7 +131,7 @@ def _mean_latent(model: Glow, dataset, indices: list[int], cfg: Config, device: 
     total = None
     for start in range(0, len(indices), batch_size):
         images = torch.stack([dataset[i][0] for i in indices[start : start + batch_size]]).to(device)
-        flat = _flat_latents(model, dequantize(images, cfg.data.n_bits, noise=False)).sum(0)
+        flat = _flat_latents(model, dequantize(images, cfg.data.n_bits, 0.5)).sum(0)
         total = flat if total is None else total + flat
     return total / len(indices)
 
@@ -206,38 +206,32 @@ def _out_dir(loaded: LoadedRun, out: str | None) -> Path:
     return Path(out) if out else (loaded.run_dir or loaded.checkpoint.parent) / "samples"
 
 
+def _counting_modules(model: nn.Module) -> list[nn.Module]:
+    """The outermost modules that count their own multiply-adds (a count includes its children's)."""
+    found, inside = [], None
+    for name, module in model.named_modules():  # parents come before their children
+        if inside is not None and name.startswith(inside):
+            continue
+        if callable(getattr(module, "multiply_adds", None)):
+            found.append(module)
+            inside = f"{name}."
+    return found
+
+
 def multiply_adds(model: Glow) -> int:
-    """Multiply-adds of one forward pass for one image: every convolution plus the 1x1 invertible convs."""
+    """Multiply-adds of one forward pass for one image, as counted by each module that does the work.
+
+    The convolutions run functionally (with ActNorm folded in), so counting nn.Conv2d calls would
+    miss them: the layers and conditioners that own them (`multiply_adds(shape)`) count instead,
+    at the input shape a probe image gives them.
+    """
     model = copy.deepcopy(model)  # the probe below would initialise the ActNorms of an untrained model
-    total = 0
-    hooks = []
+    counts: list[int] = []
 
-    def conv_multiply_adds(conv: nn.Conv2d, output_pixels: int) -> int:
-        return output_pixels * conv.out_channels * conv.in_channels // conv.groups * math.prod(conv.kernel_size)
+    def count(module: nn.Module, inputs, output) -> None:
+        counts.append(module.multiply_adds(tuple(inputs[0].shape[1:])))
 
-    # Hooks on the modules that own the convolutions: the coupling network calls its convolutions
-    # functionally (with ActNorm folded in), so the nn.Conv2d modules themselves never run.
-    def count_coupling_net(module: CouplingNet, inputs, output):
-        nonlocal total
-        pixels = inputs[0][0, 0].numel()
-        total += conv_multiply_adds(module.conv_in, pixels) + conv_multiply_adds(module.conv_mid, pixels)
-
-    def count_zero_conv(module: ZeroConv2d, inputs, output):
-        nonlocal total
-        total += conv_multiply_adds(module.conv, output[0, 0].numel())
-
-    def count_invconv(module: InvConv2d, inputs, output):
-        nonlocal total
-        channels = inputs[0].shape[1]
-        total += channels * inputs[0][0].numel()
-
-    for module in model.modules():
-        if isinstance(module, CouplingNet):
-            hooks.append(module.register_forward_hook(count_coupling_net))
-        elif isinstance(module, ZeroConv2d):
-            hooks.append(module.register_forward_hook(count_zero_conv))
-        elif isinstance(module, InvConv2d):
-            hooks.append(module.register_forward_hook(count_invconv))
+    hooks = [module.register_forward_hook(count) for module in _counting_modules(model)]
     try:
         with torch.no_grad():
             device = next(model.parameters()).device
@@ -245,14 +239,14 @@ def multiply_adds(model: Glow) -> int:
     finally:
         for hook in hooks:
             hook.remove()
-    return total
+    return sum(counts)
 
 
 def info_summary(cfg: Config, model: Glow | None = None) -> dict:
     """Parameters per level and in total, latent shapes, dimensionality, multiply-adds, resolved config."""
     if model is None:
         torch.manual_seed(0)
-        model = build_model(cfg)
+        model = Glow.from_config(cfg)
     per_level = [sum(p.numel() for p in level.parameters()) for level in model.levels]
     priors = sum(p.numel() for p in model.split_priors.parameters())
     priors += model.top_prior.numel() if isinstance(model.top_prior, nn.Parameter) else 0

@@ -1,8 +1,7 @@
-"""Checkpoints and run directories: atomic saves, safe loads, finding the run a command means."""
+"""Checkpoints: what one holds, atomic saves, safe loads, and a trained model rebuilt from one."""
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,44 +12,16 @@ import torch
 from glowtrain import __version__
 from glowtrain.config import Config, config_from_dict
 from glowtrain.errors import UserError
+from glowtrain.files import atomic_write
 from glowtrain.model import Glow
+from glowtrain.runs import resolve_checkpoint
 
 CHECKPOINT_FORMAT = 1
-RUNS_ROOT = Path("runs")
-
-
-def run_paths(run_dir: Path) -> dict[str, Path]:
-    """Where each artefact of a run lives (DESIGN.md's run directory)."""
-    return {
-        "config": run_dir / "config.yaml",
-        "last": run_dir / "checkpoints" / "last.pt",
-        "best": run_dir / "checkpoints" / "best.pt",
-        "tb": run_dir / "tb",
-        "metrics": run_dir / "metrics.jsonl",
-        "samples": run_dir / "samples",
-    }
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write atomically: a crash mid-save leaves the previous file at `path` intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # The rename itself must reach the disk, or a power cut can undo it.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -85,13 +56,6 @@ def config_of(state: dict[str, Any], source: str = "checkpoint") -> Config:
     return config_from_dict(state["config"], source=source)
 
 
-def build_model(cfg: Config) -> Glow:
-    """The model a config describes."""
-    m = cfg.model
-    return Glow(cfg.image_shape, n_levels=m.n_levels, n_steps=m.n_steps, hidden_channels=m.hidden_channels,
-                coupling=m.coupling, conv=m.conv, learn_top=m.learn_top, n_classes=m.n_classes)
-
-
 def load_state_checked(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict with a message that names the first mismatched tensor and both shapes."""
     own = module.state_dict()
@@ -108,62 +72,36 @@ def load_state_checked(module: torch.nn.Module, state_dict: dict[str, torch.Tens
     module.load_state_dict(state_dict)
 
 
-def model_from_checkpoint(state: dict[str, Any], use_ema: bool = True, source: str = "checkpoint") -> tuple[Glow, Config]:
+def model_from_checkpoint(state: dict[str, Any], use_ema: bool = True,
+                          source: str = "checkpoint") -> tuple[Glow, Config]:
     """Rebuild the model from the config stored in the checkpoint (no YAML needed)."""
     cfg = config_of(state, source)
-    model = build_model(cfg)
+    model = Glow.from_config(cfg)
     weights = state.get("ema") if use_ema and state.get("ema") is not None else state["model"]
     load_state_checked(model, weights, source)
     return model.eval(), cfg
 
 
-def latest_run(runs_root: Path = RUNS_ROOT) -> Path:
-    """The run under runs_root whose last checkpoint was written most recently."""
-    candidates = [p.parent.parent for p in Path(runs_root).glob("*/checkpoints/last.pt")]
-    if not candidates:
-        raise UserError(f"no finished run found under {runs_root}/ — train one with 'glowtrain fit' or pass --run DIR")
-    return max(candidates, key=lambda run: run_paths(run)["last"].stat().st_mtime)
+def checkpoint_state(*, model, ema, optimizer, cfg_dict: dict, train_state: dict[str, Any]) -> dict[str, Any]:
+    """One dict of plain types and tensors: everything a resume needs.
 
-
-def resolve_checkpoint(run: str | None = None, checkpoint: str | None = None, which: str = "last") -> Path:
-    """The checkpoint file meant by --checkpoint, --run, or neither (the most recent run)."""
-    if run and checkpoint:
-        raise UserError("give either --run or --checkpoint, not both")
-    if checkpoint:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise UserError(f"checkpoint not found: {path} — pass an existing .pt file")
-        return path
-    run_dir = Path(run) if run else latest_run()
-    if not run_dir.is_dir():
-        raise UserError(f"run directory not found: {run_dir} — pass a directory made by 'glowtrain fit'")
-    path = run_paths(run_dir)[which]
-    if not path.is_file():
-        path = run_paths(run_dir)["last"]
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no checkpoint (checkpoints/last.pt) — train it with 'glowtrain fit' first")
-    return path
-
-
-def checkpoint_state(*, model, ema, optimizer, step: int, cfg_dict: dict, best_test_bpd: float,
-                     extra: dict | None = None) -> dict[str, Any]:
-    """One dict of plain types and tensors: everything a resume needs."""
-    state = {
+    `step` and `best_test_bpd` are also kept at the top level, where commands that only look at a
+    checkpoint (and checkpoints written before `train_state` existed) have them."""
+    return {
         "format": CHECKPOINT_FORMAT,
         "version": __version__,
-        "step": int(step),
+        "step": int(train_state["step"]),
+        "best_test_bpd": float(train_state["best_test_bpd"]),
         "config": cfg_dict,
         "model": model.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
         "optimizer": optimizer.state_dict(),
-        "best_test_bpd": float(best_test_bpd),
+        "train_state": train_state,
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         },
     }
-    state.update(extra or {})
-    return state
 
 
 @dataclass

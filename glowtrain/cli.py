@@ -92,9 +92,13 @@ def _without_option(args: list[str], name: str) -> list[str]:
 @app.command()
 @_errors_to_exit_codes
 def fit(
-    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config; default: bundled digits.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key: --set train.lr=5e-4 (repeatable).")] = None,
-    resume: Annotated[Optional[str], typer.Option("--resume", help="'auto' (the run's last.pt), 'if-any' (auto when there is one), or a checkpoint path.")] = None,
+    config: Annotated[Optional[str], typer.Option(
+        "--config", "-c", help="YAML config; default: bundled digits.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", "-s", help="Override a key: --set train.lr=5e-4 (repeatable).")] = None,
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume",
+        help="'auto' (the run's last.pt), 'if-any' (auto when there is one), or a checkpoint path.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run directory; default runs/<run.name>.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
     nproc: Annotated[int, typer.Option("--nproc", help="Processes (GPUs) on this machine; >1 launches torchrun.")] = 1,
@@ -113,11 +117,11 @@ def fit(
         command = torchrun_command(nproc, _without_option(sys.argv[1:], "--nproc"))
         os.execv(command[0], command)
     result = train(cfg, out=out, resume=resume, progress=progress)
-    if result["rank"] != 0:
+    if result.rank != 0:
         return
-    run_dir = result["run_dir"]
-    if "test_bpd" in result:
-        typer.echo(f"test bpd {result['test_bpd']:.4f} at step {result['step']}")
+    run_dir = result.run_dir
+    if "bpd" in result.test:
+        typer.echo(f"test bpd {result.test['bpd']:.4f} at step {result.step}")
     typer.echo(f"run directory:  {run_dir}")
     typer.echo(f"checkpoints:    {run_dir}/checkpoints/last.pt (and best.pt)")
     typer.echo(f"samples:        {run_dir}/samples/")
@@ -155,9 +159,11 @@ def _print_json(result: dict) -> None:
 def sample(
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
-    temp: Annotated[Optional[list[float]], typer.Option("--temp", "-t", help="Temperature (repeatable); default 0.7.")] = None,
+    temp: Annotated[Optional[list[float]], typer.Option(
+        "--temp", "-t", help="Temperature (repeatable); default 0.7.")] = None,
     n: Annotated[int, typer.Option("--n", help="Images per temperature.")] = 64,
-    class_: Annotated[Optional[list[int]], typer.Option("--class", help="Class label(s) for a class-conditional model (repeatable).")] = None,
+    class_: Annotated[Optional[list[int]], typer.Option(
+        "--class", help="Class label(s) for a class-conditional model (repeatable).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images generated at once (bounds memory).")] = 256,
     grid: Annotated[bool, typer.Option("--grid", help="One figure, a labelled row block per temperature.")] = False,
     individual: Annotated[bool, typer.Option("--individual", help="Also write each image as its own PNG.")] = False,
@@ -184,7 +190,8 @@ def eval_(
     checkpoint: CheckpointOption = None,
     split: Annotated[str, typer.Option("--split", help="test or train.")] = "test",
     n_dequant: Annotated[int, typer.Option("--n-dequant", help="Dequantisation draws to average over.")] = 1,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images per batch; default train.eval_batch_size.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", help="Images per batch; default train.eval_batch_size.")] = None,
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
     no_ema: NoEmaOption = False,
@@ -243,7 +250,8 @@ def manipulate(
     attribute: Annotated[Optional[str], typer.Option("--attribute", help="CelebA attribute, e.g. Smiling.")] = None,
     from_class: Annotated[Optional[int], typer.Option("--from-class", help="Class to move away from.")] = None,
     to_class: Annotated[Optional[int], typer.Option("--to-class", help="Class to move towards.")] = None,
-    alphas: Annotated[str, typer.Option("--alphas", help="Comma-separated step sizes along the direction.")] = "-1,0,1,2",
+    alphas: Annotated[str, typer.Option(
+        "--alphas", help="Comma-separated step sizes along the direction.")] = "-1,0,1,2",
     n: Annotated[int, typer.Option("--n", help="Test images to manipulate, one row each.")] = 8,
     out: OutOption = None,
     device: DeviceOption = "auto",
@@ -266,7 +274,8 @@ def manipulate(
 @app.command()
 @_errors_to_exit_codes
 def info(
-    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config; default: bundled digits.")] = None,
+    config: Annotated[Optional[str], typer.Option(
+        "--config", "-c", help="YAML config; default: bundled digits.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key (repeatable).")] = None,
     run: Annotated[Optional[str], typer.Option("--run", help="Describe a trained run instead of a config.")] = None,
 ) -> None:
@@ -291,7 +300,8 @@ def info(
 @app.command()
 @_errors_to_exit_codes
 def prepare(
-    config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config whose data section to cache.")] = None,
+    config: Annotated[Optional[str], typer.Option(
+        "--config", "-c", help="YAML config whose data section to cache.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key (repeatable).")] = None,
     out: Annotated[str, typer.Option("--out", "-o", help="Cache directory to write.")] = "",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,

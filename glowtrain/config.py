@@ -11,7 +11,6 @@ import difflib
 import math
 import os
 import re
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from glowtrain.errors import UserError
+from glowtrain.files import atomic_write
 
 Dataset = Literal["digits", "mnist", "fashion_mnist", "cifar10", "celeba", "folder"]
 
@@ -40,7 +40,8 @@ class RunConfig:
     name: str = _opt("digits", "run directory name under runs/")
     seed: int = _opt(0, "seeds everything: init, data order, dequantisation noise")
     device: str = _opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
-    tf32: bool = _opt(True, "CUDA: TF32 tensor cores for the coupling networks in training (never for 1x1 convs or evaluation)")
+    tf32: bool = _opt(True, "CUDA: TF32 tensor cores for the coupling networks in training (never for 1x1 convs or "
+                      "evaluation)")
     deterministic: bool = _opt(False, "deterministic kernels, no cuDNN autotuning: bit-exact resume on CUDA (slower)")
 
 
@@ -70,6 +71,8 @@ class ModelConfig:
     n_levels: int = _opt(2, "L: levels, each a squeeze, K steps and a split")
     n_steps: int = _opt(8, "K: flow steps per level")
     hidden_channels: int = _opt(64, "width of the coupling networks")
+    # The names registered in glowtrain.flows.COUPLING_KINDS and CONV_KINDS, repeated because config
+    # imports no torch; tests/test_flows.py checks that they agree.
     coupling: Literal["affine", "additive"] = _opt("affine", "coupling layer type")
     conv: Literal["lu", "plain", "shuffle", "reverse"] = _opt(
         "lu", "channel mixing between couplings (1x1 conv or permutation)"
@@ -81,10 +84,13 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = _opt(1000, "total optimiser steps")
-    batch_size: int = _opt(64, "images per optimiser step")
+    batch_size: int = _opt(64, "images per forward pass and process")
+    grad_accum_steps: int = _opt(1, "forward passes per optimiser step: the step's batch is batch_size x this x "
+                                 "processes")
     init_batch_size: int = _opt(256, "batch for the ActNorm data-dependent init")
     eval_batch_size: int = _opt(256, "batch for test-set evaluation")
-    optimizer: Literal["adamax", "adam"] = _opt("adamax", "optimiser: adamax (as openai/glow), or adam (fused: skips bad steps without a per-step GPU sync)")
+    optimizer: Literal["adamax", "adam"] = _opt("adamax", "optimiser: adamax (as openai/glow), or adam (fused: "
+                                                "skips bad steps without a per-step GPU sync)")
     lr: float = _opt(3e-2, "peak learning rate")
     weight_decay: float = _opt(0.0, "decoupled weight decay (0 = off)")
     warmup_steps: int = _opt(100, "linear learning-rate warm-up from 0")
@@ -99,10 +105,13 @@ class TrainConfig:
     checkpoint_every: int = _opt(250, "steps between checkpoints")
     sample_temperatures: list[float] = _opt([0.7, 1.0], "prior temperatures for sample grids")
     n_samples: int = _opt(64, "images per sample grid")
-    max_bad_steps: int = _opt(10, "consecutive non-finite steps (skipped) before rolling back to last.pt with half the lr (checked when logging); twice stops the run")
-    amp: Literal["off", "bf16"] = _opt("off", "bf16: coupling networks in bfloat16 autocast (CUDA or CPU); log-dets, priors, loss stay float32")
+    max_bad_steps: int = _opt(10, "consecutive non-finite steps (skipped) before rolling back to last.pt with half "
+                              "the lr (checked when logging); twice stops the run")
+    amp: Literal["off", "bf16"] = _opt("off", "bf16: coupling networks in bfloat16 autocast (CUDA or CPU); "
+                                       "log-dets, priors, loss stay float32")
     compile: bool = _opt(False, "torch.compile the model")
-    memory_saving: bool = _opt(False, "constant-memory backprop: rebuild activations by inverting each flow step (~1.3x step time)")
+    memory_saving: bool = _opt(False, "constant-memory backprop: rebuild activations by inverting each flow step "
+                               "(~1.3x step time)")
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,11 @@ _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 def default_config() -> Config:
     """The embedded default: a small Glow on the bundled 8x8 digits."""
     return Config()
+
+
+def derived_seed(seed: int, index: int) -> int:
+    """The seed of the index-th independent stream (an epoch, a step, an image) of run.seed."""
+    return seed * 1_000_003 + index
 
 
 def dotted_keys() -> list[str]:
@@ -348,22 +362,9 @@ def config_to_yaml(cfg: Config, header: str = "") -> str:
 
 
 def save_config(cfg: Config, path: str | os.PathLike, header: str = "") -> None:
-    """Write `cfg` as commented YAML, atomically (temp file + rename) so a crash leaves no half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory, so os.replace is an atomic rename; os.open (not mkstemp) so the umask, not
-    # 0600, decides the file's permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(config_to_yaml(cfg, header))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `cfg` as commented YAML, atomically, so a crash leaves no half file."""
+    text = config_to_yaml(cfg, header)
+    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 # ---------------------------------------------------------------------------- validation
@@ -412,8 +413,8 @@ def validate(cfg: Config) -> None:
             f" — use a multiple of {factor} or fewer levels"
         )
 
-    positive = ("steps", "batch_size", "init_batch_size", "eval_batch_size", "n_samples", "max_bad_steps",
-                "log_every", "eval_every", "sample_every", "checkpoint_every")
+    positive = ("steps", "batch_size", "grad_accum_steps", "init_batch_size", "eval_batch_size", "n_samples",
+                "max_bad_steps", "log_every", "eval_every", "sample_every", "checkpoint_every")
     for key in positive:
         _require(getattr(train, key) >= 1, f"train.{key}", getattr(train, key), "use an integer >= 1")
     _require(train.lr > 0, "train.lr", train.lr, "use a learning rate > 0")

@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from glowtrain.config import derived_seed
 from glowtrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -307,8 +308,9 @@ class StepBatchSampler(Sampler[list[int]]):
         if batch_size < 1:
             raise UserError(f"train.batch_size must be at least 1, got {batch_size}")
         if n_items < global_batch:
-            raise UserError(f"train.batch_size {batch_size} x {world_size} process(es) needs {global_batch} "
-                            f"images but the dataset has {n_items}; lower train.batch_size")
+            raise UserError(f"a step needs {global_batch} images ({batch_size} per process, train.batch_size x "
+                            f"train.grad_accum_steps, x {world_size} process(es)) but the dataset has {n_items}; "
+                            "lower train.batch_size")
         self.n_items, self.batch_size, self.seed = n_items, batch_size, seed
         self.start_step, self.rank, self.world_size = start_step, rank, world_size
         self.batches_per_epoch = n_items // global_batch  # drop_last: every batch is full
@@ -320,7 +322,8 @@ class StepBatchSampler(Sampler[list[int]]):
             e, position = divmod(step, self.batches_per_epoch)
             if e != epoch:
                 epoch = e
-                perm = torch.randperm(self.n_items, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + e))
+                generator = torch.Generator().manual_seed(derived_seed(self.seed, e))
+                perm = torch.randperm(self.n_items, generator=generator)
             start = position * global_batch + self.rank * self.batch_size
             yield perm[start:start + self.batch_size].tolist()
             step += 1
@@ -346,7 +349,8 @@ def _batches(dataset, index_batches: Iterable[list[int]], n_workers: int, pin_me
              persistent: bool) -> Iterator[tuple[Tensor, Tensor]]:
     if hasattr(dataset, "get_batch"):
         return _gathered(dataset, index_batches, pin_memory and torch.cuda.is_available())
-    loader = DataLoader(dataset, batch_sampler=index_batches, num_workers=n_workers, worker_init_fn=_ignore_stop_signals,
+    loader = DataLoader(dataset, batch_sampler=index_batches, num_workers=n_workers,
+                        worker_init_fn=_ignore_stop_signals,
                         pin_memory=pin_memory and torch.cuda.is_available(),
                         persistent_workers=persistent and n_workers > 0)
     return _one_line_errors(loader)

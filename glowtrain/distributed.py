@@ -16,8 +16,10 @@ from glowtrain import precision
 from glowtrain.errors import UserError
 
 
-def resolve_device(name: str, option: str = "run.device", tf32: bool = True, deterministic: bool = False) -> torch.device:
-    """The torch device for `auto`, cpu, cuda, cuda:N or mps, with glowtrain's math set for it (see precision.py).
+def resolve_device(name: str, option: str = "run.device", tf32: bool | None = True,
+                   deterministic: bool | None = None) -> torch.device:
+    """The torch device for `auto`, cpu, cuda, cuda:N or mps, with glowtrain's math set for it (see precision.py;
+    None leaves a setting as it is).
 
     `option` names the setting in errors."""
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):

@@ -1,10 +1,22 @@
 """The invertible layers of Glow (Kingma & Dhariwal 2018) and their exact log-determinants.
 
-Every layer maps `forward(x) -> (y, logdet)` with `logdet` of shape (N,) holding log|det dy/dx|
-per sample, and `reverse(y) -> x` is its exact inverse. Layers know nothing of priors or pixels.
+Every layer is a `FlowLayer`: `forward(x) -> (y, logdet)` with `logdet` of shape (N,) holding
+log|det dy/dx| per sample, `reverse(y) -> x` its exact inverse, and `reverse_and_recompute(y)` for
+the memory-saving backward (reversible.py). Layers know nothing of priors or pixels.
+
+A coupling is a transform times a conditioner, as in nflows' CouplingTransform and zuko's general
+coupling: the conditioner (a network, `CouplingNet` here) maps the kept half of the channels to
+parameters, and the transform (`AdditiveTransform`, NICE; `AffineTransform`, RealNVP) applies an
+elementwise bijection to the other half with them. `COUPLING_KINDS` and `CONV_KINDS` register the
+couplings and channel mixings (1x1 convolutions, permutations) that `flow_step` builds by name;
+adding a kind is one entry there (and its name in config.py's Literal, which a test compares).
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +43,30 @@ def _widest(x: torch.Tensor) -> torch.Tensor:
     return x.to(widest_float(x.device))
 
 
-class ActNorm(nn.Module):
+class FlowLayer(nn.Module):
+    """The layer protocol: `forward(x) -> (y, logdet[N])`, `reverse(y) -> x`, and a rebuild for backward."""
+
+    def reverse(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reverse_and_recompute(
+        self, y: torch.Tensor, input_grad: bool = True
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Rebuild the input of `forward` from its output and redo `forward` under autograd, for backward.
+
+        Returns (parts, y, logdet): `parts` are fresh leaves (requiring grad if `input_grad`) whose
+        concatenation along channels is the rebuilt input; `y` and `logdet` are forward's outputs as
+        functions of them. This default reverses then runs forward; a layer with a cheaper combined
+        form overrides it (Coupling). Call under torch.enable_grad().
+        """
+        with torch.no_grad():
+            x = self.reverse(y)
+        x = x.detach().requires_grad_(input_grad)
+        y, logdet = self(x)
+        return [x], y, logdet
+
+
+class ActNorm(FlowLayer):
     """Per-channel affine map y = (x + bias) * exp(logs), initialised from the first batch."""
 
     def __init__(self, channels: int):
@@ -93,7 +128,7 @@ class ActNorm(nn.Module):
         return weight * scale.view(-1, *([1] * (weight.dim() - 1))), shift * scale
 
 
-class InvConv2d(nn.Module):
+class InvConv2d(FlowLayer):
     """Invertible 1x1 convolution; `lu=True` parametrises W = P L (U + diag(sign * exp(log_s)))."""
 
     def __init__(self, channels: int, lu: bool = True):
@@ -180,6 +215,11 @@ class InvConv2d(nn.Module):
     def reverse(self, y: torch.Tensor) -> torch.Tensor:
         return mix_channels(self._inverses()[0], y)
 
+    def multiply_adds(self, shape: tuple[int, int, int]) -> int:
+        """Multiply-adds of forward on one input of `shape` (C, H, W): C x C at every pixel."""
+        channels, height, width = shape
+        return channels * channels * height * width
+
 
 def mix_channels(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """W x at every pixel of x (N, C, H, W), multiplied in the widest float and rounded once to x's dtype.
@@ -196,7 +236,7 @@ def mix_channels(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return wide.reshape(n, c, h, w).to(x.dtype)
 
 
-class Permute(nn.Module):
+class Permute(FlowLayer):
     """Fixed channel permutation, `reverse` (RealNVP) or seeded `shuffle`; volume-preserving."""
 
     def __init__(self, channels: int, mode: str = "reverse"):
@@ -217,6 +257,10 @@ class Permute(nn.Module):
         return y[:, self.inverse_order]
 
 
+def _conv_multiply_adds(conv: nn.Conv2d, output_pixels: int) -> int:
+    return output_pixels * conv.out_channels * conv.in_channels // conv.groups * math.prod(conv.kernel_size)
+
+
 class ZeroConv2d(nn.Module):
     """3x3 convolution starting at exactly zero, with a learned output scale exp(3 * logs)."""
 
@@ -232,17 +276,40 @@ class ZeroConv2d(nn.Module):
         scale = torch.exp(self.logs * 3).flatten()
         return F.conv2d(x, self.conv.weight * scale.view(-1, 1, 1, 1), self.conv.bias * scale, padding=1)
 
+    def multiply_adds(self, shape: tuple[int, int, int]) -> int:
+        """Multiply-adds of forward on one input of `shape` (C, H, W); padding keeps H x W."""
+        return _conv_multiply_adds(self.conv, shape[1] * shape[2])
+
 
 def _conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """A 1x1 convolution as one matrix product over pixels (channels-last input needs no copy)."""
     return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
 
 
-class CouplingNet(nn.Module):
-    """The reference network: conv3x3, ActNorm, ReLU, conv1x1, ActNorm, ReLU, zero conv3x3."""
+class Conditioner(nn.Module):
+    """A coupling's network: kept half (N, in_channels, H, W) -> transform parameters (N, out_channels, H, W).
+
+    It owns its precision: `amp_dtype` (set by Glow.set_amp; None is full precision) is the autocast
+    dtype it computes in, and its output is returned in its input's dtype. `multiply_adds` counts
+    its work for `glowtrain info`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.amp_dtype: torch.dtype | None = None
+
+    def multiply_adds(self, shape: tuple[int, int, int]) -> int:
+        """Multiply-adds of forward on one input of `shape` (C, H, W)."""
+        raise NotImplementedError
+
+
+class CouplingNet(Conditioner):
+    """The reference conditioner: conv3x3, ActNorm, ReLU, conv1x1, ActNorm, ReLU, zero conv3x3."""
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int):
-        super().__init__()
+        super().__init__(in_channels, out_channels)
         self.conv_in = nn.Conv2d(in_channels, hidden_channels, 3, padding=1, bias=False)
         self.norm_in = ActNorm(hidden_channels)
         self.conv_mid = nn.Conv2d(hidden_channels, hidden_channels, 1, bias=False)
@@ -250,11 +317,10 @@ class CouplingNet(nn.Module):
         self.conv_out = ZeroConv2d(hidden_channels, out_channels)
         nn.init.normal_(self.conv_in.weight, std=0.05)
         nn.init.normal_(self.conv_mid.weight, std=0.05)
-        # bfloat16 for the convolutions (Glow.set_amp); the result is widened back, and because reverse
-        # evaluates the same network on the same input, the coupling stays exactly invertible.
-        self.amp_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The result is widened back to x's dtype; because reverse evaluates the same network on the
+        # same input, the coupling stays exactly invertible whatever amp_dtype is.
         with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
             if not (self.norm_in.is_initialized and self.norm_mid.is_initialized):
                 h = F.relu(self.norm_in.normalize(self.conv_in(x)))
@@ -268,73 +334,117 @@ class CouplingNet(nn.Module):
             out = self.conv_out(h)
         return out.to(x.dtype).contiguous()
 
+    def multiply_adds(self, shape: tuple[int, int, int]) -> int:
+        # ActNorm is folded into the convolutions' weights, so only the three convolutions count.
+        _, height, width = shape
+        pixels = height * width
+        hidden = (self.conv_in.out_channels, height, width)
+        return (_conv_multiply_adds(self.conv_in, pixels) + _conv_multiply_adds(self.conv_mid, pixels)
+                + self.conv_out.multiply_adds(hidden))
 
-class Coupling(nn.Module):
-    """Half the channels condition an update of the other half: additive (NICE) or affine (RealNVP)."""
 
-    def __init__(self, channels: int, hidden_channels: int, affine: bool = True):
-        super().__init__()
-        if channels < 2:
-            raise ValueError(f"a coupling layer needs at least 2 channels, got {channels}")
-        self.affine = affine
-        self.n_kept = channels // 2
-        n_changed = channels - self.n_kept
-        self.net = CouplingNet(self.n_kept, n_changed * (2 if affine else 1), hidden_channels)
+class CouplingTransform:
+    """An elementwise bijection of a coupling's changed channels, with parameters from the conditioner.
 
-    def _shift_and_scale(self, x_kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.net(x_kept)
+    `params` holds `params_per_channel` (P) channels per changed channel, grouped: changed channel c
+    reads params channels c*P ... c*P + P - 1 (`split_params`). Transforms hold no state of their
+    own; everything learned lives in the conditioner.
+    """
+
+    params_per_channel: int = 1
+
+    def split_params(self, params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """P tensors shaped like the changed half: the j-th parameter of every changed channel."""
+        p = self.params_per_channel
+        return tuple(params[:, j::p] for j in range(p))
+
+    def forward(self, x: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, log|det dy/dx| per sample) for the changed half x."""
+        raise NotImplementedError
+
+    def inverse(self, y: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """The x with forward(x, params)[0] == y."""
+        raise NotImplementedError
+
+
+class AdditiveTransform(CouplingTransform):
+    """y = x + shift (NICE): volume-preserving."""
+
+    params_per_channel = 1
+
+    def forward(self, x: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x + params, x.new_zeros(x.shape[0])
+
+    def inverse(self, y: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        return y - params
+
+
+class AffineTransform(CouplingTransform):
+    """y = (x + shift) * scale (RealNVP) with scale = sigmoid(raw + 2), floored, as the reference Glow."""
+
+    params_per_channel = 2
+
+    def _shift_and_scale(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Interleaved channels, as the reference splits them ("cross").
-        shift, raw = h[:, 0::2], h[:, 1::2]
+        shift, raw = self.split_params(params)
         # Half-precision network outputs are widened: the log-det must not be computed in bf16.
         raw = raw.float() if raw.dtype in (torch.float16, torch.bfloat16) else raw
         return shift, torch.sigmoid(raw + 2.0) * (1 - SCALE_FLOOR) + SCALE_FLOOR
 
+    def forward(self, x: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shift, scale = self._shift_and_scale(params)
+        return (x + shift) * scale, _sum_per_sample(torch.log(scale))
+
+    def inverse(self, y: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        shift, scale = self._shift_and_scale(params)
+        return y / scale - shift
+
+
+class Coupling(FlowLayer):
+    """The first `conditioner.in_channels` channels pass unchanged and set the transform of the rest."""
+
+    def __init__(self, transform: CouplingTransform, conditioner: Conditioner):
+        super().__init__()
+        if conditioner.out_channels % transform.params_per_channel:
+            raise ValueError(f"the conditioner's {conditioner.out_channels} output channels are not a multiple "
+                             f"of the {transform.params_per_channel} parameters per channel its transform needs")
+        self.transform = transform
+        self.n_kept = conditioner.in_channels
+        self.net = conditioner  # named `net` in every checkpoint's parameter names
+
+    def extra_repr(self) -> str:
+        return f"transform={type(self.transform).__name__}"
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_kept, x_changed = x[:, : self.n_kept], x[:, self.n_kept :]
-        if not self.affine:
-            return torch.cat([x_kept, x_changed + self.net(x_kept)], 1), x.new_zeros(x.shape[0])
-        shift, scale = self._shift_and_scale(x_kept)
-        y_changed = (x_changed + shift) * scale
-        return torch.cat([x_kept, y_changed], 1), _sum_per_sample(torch.log(scale))
+        y_changed, logdet = self.transform.forward(x_changed, self.net(x_kept))
+        return torch.cat([x_kept, y_changed], 1), logdet
 
     def reverse(self, y: torch.Tensor) -> torch.Tensor:
         y_kept, y_changed = y[:, : self.n_kept], y[:, self.n_kept :]
-        if self.affine:
-            shift, scale = self._shift_and_scale(y_kept)
-            x_changed = y_changed / scale - shift
-        else:
-            x_changed = y_changed - self.net(y_kept)
+        x_changed = self.transform.inverse(y_changed, self.net(y_kept))
         return torch.cat([y_kept, x_changed.clamp(-REVERSE_BOUND, REVERSE_BOUND)], 1)
 
-    def reverse_and_recompute(self, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Rebuild the input of `forward` from its output and redo `forward` under autograd, for backward.
+    def reverse_and_recompute(
+        self, y: torch.Tensor, input_grad: bool = True
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """As FlowLayer's, with parts (kept half, changed half) and one conditioner evaluation.
 
-        Returns (parts, y, logdet): `parts` are fresh leaves (kept half, changed half) whose
-        concatenation is the rebuilt input; `y` and `logdet` are forward's outputs as functions of them.
-        The kept half passes through unchanged, so the network's input is the same in both directions:
-        one evaluation under autograd serves the reconstruction and the recomputed forward alike
-        (reverse then forward would run it twice). Call under torch.enable_grad().
+        The kept half passes through unchanged, so the conditioner's input is the same in both
+        directions: one evaluation under autograd serves the reconstruction and the recomputed
+        forward alike (reverse then forward would run it twice).
         """
-        x_kept = y[:, : self.n_kept].detach().requires_grad_()
-        y_changed = y[:, self.n_kept :].detach()
-        if self.affine:
-            shift, scale = self._shift_and_scale(x_kept)
-            with torch.no_grad():
-                x_changed = (y_changed / scale - shift).clamp(-REVERSE_BOUND, REVERSE_BOUND)
-            x_changed.requires_grad_()
-            y_changed = (x_changed + shift) * scale
-            logdet = _sum_per_sample(torch.log(scale))
-        else:
-            shift = self.net(x_kept)
-            with torch.no_grad():
-                x_changed = (y_changed - shift).clamp(-REVERSE_BOUND, REVERSE_BOUND)
-            x_changed.requires_grad_()
-            y_changed = x_changed + shift
-            logdet = y.new_zeros(y.shape[0])
+        x_kept = y[:, : self.n_kept].detach().requires_grad_(input_grad)
+        params = self.net(x_kept)
+        with torch.no_grad():
+            x_changed = self.transform.inverse(y[:, self.n_kept :].detach(), params)
+            x_changed = x_changed.clamp(-REVERSE_BOUND, REVERSE_BOUND)
+        x_changed.requires_grad_(input_grad)
+        y_changed, logdet = self.transform.forward(x_changed, params)
         return [x_kept, x_changed], torch.cat([x_kept, y_changed], 1), logdet
 
 
-class Squeeze(nn.Module):
+class Squeeze(FlowLayer):
     """Space-to-depth: (N, C, H, W) -> (N, 4C, H/2, W/2); volume-preserving."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,10 +458,10 @@ class Squeeze(nn.Module):
         return x.reshape(n, c // 4, h * 2, w * 2)
 
 
-class FlowSequence(nn.Module):
+class FlowSequence(FlowLayer):
     """Layers composed in order; log-dets add, and reverse runs the layers backwards."""
 
-    def __init__(self, layers: list[nn.Module]):
+    def __init__(self, layers: list[FlowLayer]):
         super().__init__()
         self.layers = nn.ModuleList(layers)
 
@@ -368,19 +478,45 @@ class FlowSequence(nn.Module):
         return y
 
 
-CONV_KINDS = ("lu", "plain", "shuffle", "reverse")
-COUPLING_KINDS = ("affine", "additive")
+# The registries that flow_step, Glow and the config's tests read: a new kind is one entry here.
+# Coupling kinds name a transform (built with no arguments; its conditioner is a CouplingNet),
+# conv kinds a channel mixing built from the number of channels.
+COUPLING_KINDS: dict[str, Callable[[], CouplingTransform]] = {
+    "affine": AffineTransform,
+    "additive": AdditiveTransform,
+}
+CONV_KINDS: dict[str, Callable[[int], FlowLayer]] = {
+    "lu": partial(InvConv2d, lu=True),
+    "plain": partial(InvConv2d, lu=False),
+    "shuffle": partial(Permute, mode="shuffle"),
+    "reverse": partial(Permute, mode="reverse"),
+}
+
+
+def _registered(what: str, kind: str, registry: dict) -> Callable:
+    if kind not in registry:
+        raise ValueError(f"unknown {what} {kind!r}: use one of {', '.join(registry)}")
+    return registry[kind]
+
+
+def check_kinds(coupling: str, conv: str) -> None:
+    """Refuse a coupling or conv name that has no registry entry, listing those that have."""
+    _registered("coupling", coupling, COUPLING_KINDS)
+    _registered("conv", conv, CONV_KINDS)
+
+
+def make_coupling(kind: str, channels: int, hidden_channels: int) -> Coupling:
+    """A coupling of registered `kind` on `channels` channels, conditioned by a CouplingNet."""
+    transform = _registered("coupling", kind, COUPLING_KINDS)()
+    if channels < 2:
+        raise ValueError(f"a coupling layer needs at least 2 channels, got {channels}")
+    n_kept = channels // 2
+    n_params = (channels - n_kept) * transform.params_per_channel
+    return Coupling(transform, CouplingNet(n_kept, n_params, hidden_channels))
 
 
 def flow_step(channels: int, hidden_channels: int, coupling: str = "affine", conv: str = "lu") -> FlowSequence:
     """One Glow step: ActNorm, then a channel mixing (1x1 conv or permutation), then a coupling."""
-    if coupling not in COUPLING_KINDS:
-        raise ValueError(f"unknown coupling {coupling!r}: use one of {', '.join(COUPLING_KINDS)}")
-    if conv in ("lu", "plain"):
-        mixing: nn.Module = InvConv2d(channels, lu=conv == "lu")
-    elif conv in ("shuffle", "reverse"):
-        mixing = Permute(channels, conv)
-    else:
-        raise ValueError(f"unknown conv {conv!r}: use one of {', '.join(CONV_KINDS)}")
-    return FlowSequence([ActNorm(channels), mixing, Coupling(channels, hidden_channels, coupling == "affine")])
-
+    check_kinds(coupling, conv)
+    mixing = CONV_KINDS[conv](channels)
+    return FlowSequence([ActNorm(channels), mixing, make_coupling(coupling, channels, hidden_channels)])

@@ -21,18 +21,19 @@ def reduce_bits(images: torch.Tensor, n_bits: int) -> torch.Tensor:
 def dequantize(
     images: torch.Tensor,
     n_bits: int,
+    noise: torch.Tensor | float | None = None,
     generator: torch.Generator | None = None,
-    noise: bool = True,
-    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """uint8 pixels -> continuous x in [-0.5, 0.5): uniform noise inside each bin, or its centre."""
-    n_bins = 2**n_bits
-    bins = reduce_bits(images, n_bits).to(dtype)
-    if noise:
-        offset = torch.rand(bins.shape, generator=generator, device=bins.device, dtype=dtype)
-    else:
-        offset = torch.full_like(bins, 0.5)
-    return (bins + offset) / n_bins - 0.5
+    """uint8 pixels -> continuous float32 x in [-0.5, 0.5): x = (bin + u) / n_bins - 0.5.
+
+    `noise` is u: a tensor of uniform draws in [0, 1) shaped like `images`, or one number for every
+    pixel (0.5: the bin centres); when None, u is drawn here from `generator`. The only dequantisation
+    in glowtrain: training, evaluation and every command come through here (see objective.py).
+    """
+    bins = reduce_bits(images, n_bits).float()
+    if noise is None:
+        noise = torch.rand(bins.shape, generator=generator, device=bins.device)
+    return (bins + noise) / 2**n_bits - 0.5
 
 
 def bits_per_dim(log_prob: torch.Tensor, n_dims: int, n_bits: int) -> torch.Tensor:

@@ -7,13 +7,17 @@ multi-scale architecture of Dinh et al., "Density estimation using Real NVP" (20
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glowtrain.flows import COUPLING_KINDS, CONV_KINDS, CouplingNet, FlowSequence, Squeeze, ZeroConv2d, flow_step
+from glowtrain.flows import Conditioner, FlowSequence, Squeeze, ZeroConv2d, check_kinds, flow_step
 from glowtrain.reversible import is_initialized, reconstruction_error, reversible_chain
+
+if TYPE_CHECKING:
+    from glowtrain.config import Config
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -41,10 +45,7 @@ def _check_architecture(image_shape, n_levels, n_steps, hidden_channels, couplin
             f"image size {height}x{width} is not divisible by 2**n_levels = {factor}: "
             f"use a size that is a multiple of {factor} or fewer levels"
         )
-    if coupling not in COUPLING_KINDS:
-        raise ValueError(f"unknown coupling {coupling!r}: use one of {', '.join(COUPLING_KINDS)}")
-    if conv not in CONV_KINDS:
-        raise ValueError(f"unknown conv {conv!r}: use one of {', '.join(CONV_KINDS)}")
+    check_kinds(coupling, conv)
 
 
 class Glow(nn.Module):
@@ -64,16 +65,11 @@ class Glow(nn.Module):
     ):
         super().__init__()
         _check_architecture(image_shape, n_levels, n_steps, hidden_channels, coupling, conv, n_classes)
-        self.hparams = dict(
-            image_shape=tuple(int(d) for d in image_shape), n_levels=int(n_levels), n_steps=int(n_steps),
-            hidden_channels=int(hidden_channels), coupling=coupling, conv=conv, learn_top=bool(learn_top),
-            n_classes=int(n_classes),
-        )
-        self.image_shape = self.hparams["image_shape"]
+        self.image_shape = tuple(int(d) for d in image_shape)
         self.n_levels = n_levels
         self.n_classes = n_classes
-        # A way of computing gradients, not part of the architecture: kept out of hparams, so models
-        # rebuilt from a checkpoint's config start with it off and the trainer switches it on.
+        # A way of computing gradients, not part of the architecture: from_config leaves it off, so a
+        # model rebuilt from a checkpoint's config starts without it and the trainer switches it on.
         self.memory_saving = bool(memory_saving)
         self.squeeze = Squeeze()
         self.levels = nn.ModuleList()
@@ -82,7 +78,8 @@ class Glow(nn.Module):
         channels, height, width = self.image_shape
         for level in range(n_levels):
             channels, height, width = channels * 4, height // 2, width // 2  # squeeze
-            self.levels.append(FlowSequence([flow_step(channels, hidden_channels, coupling, conv) for _ in range(n_steps)]))
+            steps = [flow_step(channels, hidden_channels, coupling, conv) for _ in range(n_steps)]
+            self.levels.append(FlowSequence(steps))
             if level < n_levels - 1:
                 n_kept = channels // 2
                 # The split-off half's mean and log-scale are predicted from the kept half.
@@ -102,16 +99,32 @@ class Glow(nn.Module):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
 
-    def set_amp(self, dtype: torch.dtype | None) -> "Glow":
-        """Run the coupling networks in `dtype` (e.g. torch.bfloat16) or None for full precision.
+    @classmethod
+    def from_config(cls, cfg: Config) -> Glow:
+        """The model that `cfg` (a glowtrain.config.Config) describes, untrained."""
+        m = cfg.model
+        return cls(cfg.image_shape, n_levels=m.n_levels, n_steps=m.n_steps, hidden_channels=m.hidden_channels,
+                   coupling=m.coupling, conv=m.conv, learn_top=m.learn_top, n_classes=m.n_classes)
+
+    def _conditioners(self) -> list[Conditioner]:
+        return [module for module in self.modules() if isinstance(module, Conditioner)]
+
+    def set_amp(self, dtype: torch.dtype | None) -> Glow:
+        """Run the coupling conditioners in `dtype` (e.g. torch.bfloat16) or None for full precision.
 
         ActNorm, the 1x1 convolutions, log-dets and priors stay in the model's own precision."""
-        for module in self.modules():
-            if isinstance(module, CouplingNet):
-                module.amp_dtype = dtype
+        for conditioner in self._conditioners():
+            conditioner.amp_dtype = dtype
         return self
 
-    def set_memory_saving(self, enabled: bool) -> "Glow":
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The dtype the coupling conditioners run in (set by set_amp), or None for full precision."""
+        # Read from the conditioners themselves, so it cannot disagree with what they will do.
+        conditioners = self._conditioners()
+        return conditioners[0].amp_dtype if conditioners else None
+
+    def set_memory_saving(self, enabled: bool) -> Glow:
         """Constant-memory training: backward rebuilds each flow step's input by inverting the step
         instead of storing the activations, so memory no longer grows with n_steps (about one extra
         forward pass of compute). Gradients are those of the standard path up to the reconstruction's
@@ -170,13 +183,15 @@ class Glow(nn.Module):
                 h = h[:, : h.shape[1] // 2]
         return errors
 
-    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """x -> (latents from each split then the top latent, log|det dz/dx| per sample)."""
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """x -> (latents from each split then the top latent, log|det dz/dx| per sample).
+
+        The bijection does not depend on labels (they only shape the prior), so it takes none."""
         zs, _, logdet = self._flow(x)
         return zs, logdet
 
-    def decode(self, zs: list[torch.Tensor], y: torch.Tensor | None = None) -> torch.Tensor:
-        """The exact inverse of encode; labels only shape the prior, so `y` is not needed here."""
+    def decode(self, zs: list[torch.Tensor]) -> torch.Tensor:
+        """The exact inverse of encode."""
         if len(zs) != self.n_levels:
             raise ValueError(f"decode needs {self.n_levels} latents (one per level), got {len(zs)}")
         h = zs[-1]
@@ -241,7 +256,7 @@ class Glow(nn.Module):
         return self.forward(x)[1]
 
     @torch.no_grad()
-    def initialize(self, x: torch.Tensor, y: torch.Tensor | None = None) -> "Glow":
+    def initialize(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Glow:
         """Data-dependent ActNorm initialisation from a batch; layers already initialised keep their values."""
         self.forward(x, y)
         return self

@@ -20,19 +20,47 @@ import os
 import torch
 
 
-def configure(device: torch.device, tf32: bool = True, deterministic: bool = False) -> None:
-    """Set the process-wide math for `device` (call once, before the first CUDA matrix product)."""
-    if deterministic:
-        # cuBLAS reads this when its first handle is made: repeatable reductions need a fixed workspace.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
+def configure(device: torch.device, tf32: bool | None = True, deterministic: bool | None = None) -> None:
+    """Set the process-wide math for `device`; None leaves that setting as it is.
+
+    Call before the first CUDA matrix product: cuBLAS reads its workspace setting only once.
+    """
+    if deterministic is not None:
+        if deterministic:
+            # Repeatable cuBLAS reductions need a fixed workspace.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(deterministic)
     if device.type != "cuda":
         return
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cudnn.deterministic = deterministic
+    if tf32 is not None:
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = tf32
+    if deterministic is not None:
+        torch.backends.cudnn.deterministic = deterministic
     # Autotuning picks among algorithms by timing, which is not repeatable.
-    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic
+
+
+def settings() -> dict:
+    """The process-wide settings `configure` may change, for `restore`."""
+    return {"matmul": torch.get_float32_matmul_precision(), "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+            "cudnn_deterministic": torch.backends.cudnn.deterministic, "benchmark": torch.backends.cudnn.benchmark,
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+            "cublas": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+
+
+def restore(saved: dict) -> None:
+    """Put back what `settings` returned, so that `train()` leaves a notebook's process as it found it."""
+    torch.set_float32_matmul_precision(saved["matmul"])
+    torch.backends.cudnn.allow_tf32 = saved["cudnn_tf32"]
+    torch.backends.cudnn.deterministic = saved["cudnn_deterministic"]
+    torch.backends.cudnn.benchmark = saved["benchmark"]
+    torch.use_deterministic_algorithms(saved["deterministic"], warn_only=saved["warn_only"])
+    if saved["cublas"] is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved["cublas"]
 
 
 @contextlib.contextmanager

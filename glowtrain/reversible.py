@@ -4,8 +4,8 @@ Every Glow layer is invertible, so backward can recover each layer's input from 
 reversible residual networks do (Gomez et al., "The Reversible Residual Network", 2017) and as the
 reference Glow does to train on 256x256 faces. `reversible_chain` runs a chain of layers with
 autograd off, keeps only the chain's output, and in backward walks the layers from the last:
-reconstruct the layer's input (`reverse`, or `reverse_and_recompute` where a layer offers a
-cheaper combined form), redo that one layer under autograd, backpropagate through it, let go.
+reconstruct the layer's input and redo that one layer under autograd (`FlowLayer.reverse_and_recompute`:
+reverse then forward, or a layer's cheaper combined form), backpropagate through it, let go.
 Activation memory is then one layer's graph instead of the whole chain's.
 
 Numerical drift of the reconstruction is measured (`reconstruction_errors`), not assumed.
@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from glowtrain.flows import ActNorm, FlowSequence
+from glowtrain.flows import ActNorm, FlowLayer, FlowSequence
 
 
-def flat_layers(module: nn.Module) -> list[nn.Module]:
+def flat_layers(module: FlowLayer) -> list[FlowLayer]:
     """The elementary layers of a (nested) FlowSequence, in forward order."""
     if isinstance(module, FlowSequence):
         return [leaf for layer in module.layers for leaf in flat_layers(layer)]
@@ -30,17 +30,6 @@ def flat_layers(module: nn.Module) -> list[nn.Module]:
 def is_initialized(module: nn.Module) -> bool:
     """Whether every ActNorm inside `module` has had its data-dependent init."""
     return all(m.is_initialized for m in module.modules() if isinstance(m, ActNorm))
-
-
-def _reverse_and_recompute(layer: nn.Module, y: torch.Tensor, want_input_grad: bool):
-    """(input parts as leaves, recomputed output, recomputed logdet) of one layer; call with grad enabled."""
-    if hasattr(layer, "reverse_and_recompute"):
-        return layer.reverse_and_recompute(y)
-    with torch.no_grad():
-        x = layer.reverse(y)
-    x = x.detach().requires_grad_(want_input_grad)
-    y, logdet = layer(x)
-    return [x], y, logdet
 
 
 class _ReversibleChain(torch.autograd.Function):
@@ -72,7 +61,7 @@ class _ReversibleChain(torch.autograd.Function):
             for position in reversed(range(len(ctx.layers))):
                 layer = ctx.layers[position]
                 want_input_grad = position > 0 or need_input_grad
-                parts, y_new, logdet_new = _reverse_and_recompute(layer, y, want_input_grad)
+                parts, y_new, logdet_new = layer.reverse_and_recompute(y, want_input_grad)
                 params = [p for p in layer.parameters() if id(p) in slot]
                 inputs = ([q for q in parts if q.requires_grad] if want_input_grad else []) + params
                 pairs = [(o, g) for o, g in ((y_new, grad_y), (logdet_new, grad_logdet)) if o.requires_grad]

@@ -1,41 +1,40 @@
-"""The training loop: data-dependent init, Adamax with warm-up, EMA, evaluation, logging, checkpoints."""
+"""Training: a Trainer of small steps (train_step, evaluate, save, restore, roll_back, log) and its run loop."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import inspect
-import json
 import math
-import os
-import shutil
 import signal
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from glowtrain import precision
 from glowtrain.checkpoint import (
-    build_model,
     checkpoint_state,
     config_of,
     load_checkpoint,
     load_state_checked,
-    run_paths,
     save_checkpoint,
 )
-from glowtrain.config import Config, apply_overrides, config_to_dict, load_config, save_config
+from glowtrain.config import Config, apply_overrides, config_to_dict, derived_seed, load_config, save_config
 from glowtrain.data import build_dataset, make_train_batches
-from glowtrain.errors import UserError
 from glowtrain.distributed import Context, broadcast_state, identical_across_ranks, setup, teardown
-from glowtrain.evaluation import evaluate, prepare_batch
-from glowtrain.flows import CouplingNet
-from glowtrain.losses import bits_per_dim
-from glowtrain.sample import display_upscale, image_grid, sample_images, save_png, temperature_name
+from glowtrain.errors import UserError
+from glowtrain.evaluation import evaluate
+from glowtrain.images import display_upscale, image_grid, sample_images, save_png, temperature_name
+from glowtrain.logs import NullLogger, RunLogger
+from glowtrain.losses import dequantize
+from glowtrain.model import Glow
+from glowtrain.objective import Objective, batch_noise
+from glowtrain.runs import RunDir, checkpoint_to_resume, prepare_run_dir, run_dir_for
+
 
 class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after saving; the CLI exits 130."""
@@ -45,13 +44,9 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps; the CLI reports it and exits 1."""
 
 
-def _compiled(model: torch.nn.Module):
-    try:
-        return torch.compile(model)
-    except Exception as e:  # e.g. a platform without a compiler backend
-        warnings.warn(f"torch.compile is unavailable ({type(e).__name__}: {e}); training without it")
-        return model
-
+# ------------------------------------------------------------------------------------------------
+# Schedules and small pieces
+# ------------------------------------------------------------------------------------------------
 
 def lr_at(step: int, cfg: Config) -> float:
     """Linear warm-up to train.lr, then constant or cosine decay to lr * min_lr_ratio."""
@@ -65,18 +60,6 @@ def lr_at(step: int, cfg: Config) -> float:
     return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@contextlib.contextmanager
-def full_precision(model):
-    """Evaluate and sample without bf16 coupling networks, whatever training uses."""
-    saved = [(m, m.amp_dtype) for m in model.modules() if isinstance(m, CouplingNet)]
-    model.set_amp(None)
-    try:
-        yield model
-    finally:
-        for module, dtype in saved:
-            module.amp_dtype = dtype
-
-
 def ema_decay_at(step: int, decay: float) -> float:
     """Warmed-up Polyak decay: early averages must forget the random initial weights quickly."""
     return min(decay, (1 + step) / (10 + step))
@@ -84,66 +67,54 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    ema_params = list(ema.parameters())
-    torch._foreach_lerp_(ema_params, list(model.parameters()), 1.0 - decay)
-    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
-        ema_buffer.copy_(buffer)
+    """Move the averaged parameters towards the model's. Buffers never change after the init, so the
+    copy the EMA was made from (or restored from) keeps them: no per-step copies of constants."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """Noise for step t depends on (seed, t) alone, so a resumed run draws exactly the same noise."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 1)
+    return torch.Generator(device=device).manual_seed(derived_seed(seed, step + 1))
 
 
-class RunLogger:
-    """metrics.jsonl (one JSON object per event) and TensorBoard, side by side."""
-
-    def __init__(self, run_dir: Path):
-        from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
-
-        paths = run_paths(run_dir)
-        self.metrics = open(paths["metrics"], "a", buffering=1)
-        self.writer = SummaryWriter(log_dir=str(paths["tb"]))
-
-    def log(self, step: int, split: str, **values) -> None:
-        # Strict JSON: a non-finite number (a diverging step) is written as null, not NaN.
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
-        self.metrics.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
-        for key, value in values.items():
-            if isinstance(value, (int, float)):
-                self.writer.add_scalar(f"{split}/{key}", value, step)
-
-    def image(self, tag: str, picture: torch.Tensor, step: int) -> None:
-        self.writer.add_image(tag, picture, step)
-
-    def close(self, hparams: dict | None = None, final: dict | None = None) -> None:
-        if hparams is not None and final:
-            self.writer.add_hparams(hparams, final, run_name=".")
-        self.writer.close()
-        self.metrics.close()
+@contextlib.contextmanager
+def full_precision(model: Glow):
+    """Evaluate and sample without bf16 coupling networks, whatever training uses."""
+    saved = model.amp_dtype
+    model.set_amp(None)
+    try:
+        yield model
+    finally:
+        model.set_amp(saved)
 
 
-def _quiet(*args, **kwargs) -> None:
-    pass
+@dataclass
+class TrainState:
+    """Where training stands: what a checkpoint must carry besides weights and optimiser moments."""
+
+    step: int = 0
+    best_test_bpd: float = math.inf
+    lr_scale: float = 1.0  # halved by each rollback after a run of non-finite steps
+    n_rollbacks: int = 0
+    n_bad_total: int = 0
+    n_bad_in_row: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> TrainState:
+        """From a checkpoint's `train_state`, or from the top-level keys that checkpoints held before it."""
+        saved = state.get("train_state") or {**state, "best_test_bpd": state.get("best_test_bpd", math.inf)}
+        return cls(**{name: saved[name] for name in cls.__dataclass_fields__ if name in saved})
 
 
-class NullLogger:
-    """What ranks other than 0 log to."""
+class DivergenceGuard:
+    """Counts non-finite (skipped) steps on the device, so the loop reads them only when it logs; too many
+    in a row roll back to the last checkpoint with half the learning rate, once."""
 
-    def log(self, *args, **kwargs) -> None:
-        pass
-
-    def image(self, *args, **kwargs) -> None:
-        pass
-
-    def close(self, *args, **kwargs) -> None:
-        pass
-
-
-class _NonFiniteSteps:
-    """Counts skipped (non-finite) steps on the training device, so the loop reads them only when it logs."""
-
-    def __init__(self, device: torch.device, total: int = 0, in_row: int = 0):
+    def __init__(self, device: torch.device, max_bad_steps: int, total: int = 0, in_row: int = 0):
+        self.max_bad_steps = max_bad_steps
         # total, the current run of bad steps, and the longest run since the last check
         self._counts = torch.tensor([total, in_row, in_row], device=device)
 
@@ -154,62 +125,44 @@ class _NonFiniteSteps:
         self._counts = torch.stack([total + bad, in_row, torch.maximum(longest, in_row)])
 
     def read(self) -> tuple[int, int, int]:
-        """(total, current run, longest run since the last check) — one host read."""
+        """(total, current run, longest run since the last check): one host read."""
         total, in_row, longest = self._counts.tolist()
         return total, in_row, longest
 
-    def checked(self, clear_run: bool = False) -> None:
-        self._counts[2] = 0 if clear_run else self._counts[1]
-        if clear_run:
-            self._counts[1] = 0
+    def check(self) -> int:
+        """The longest run of bad steps since the last check if it calls for a rollback, else 0."""
+        longest = self.read()[2]
+        if longest > self.max_bad_steps:
+            self._counts[1:] = 0
+            return longest
+        self._counts[2] = self._counts[1]
+        return 0
 
 
-def _build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The configured optimiser; a fused one skips a non-finite step on the device by itself.
+class LazyCompile:
+    """torch.compile, whose failures surface on the first call: then warn once and run eager for good."""
 
-    torch's fused Adam takes a `found_inf` flag and leaves weights, moments and step count alone when it
-    is set, so the loop need not wait for the GPU to learn whether a step was finite. Adamax has no
-    fused form: the loop reads its verdict on the host, one tiny sync per step.
-    """
-    if cfg.train.optimizer == "adam":
+    def __init__(self, module: torch.nn.Module, enabled: bool):
+        self.eager = module
+        self.module = module
+        self.pending = False
+        if enabled:
+            try:
+                self.module, self.pending = torch.compile(module), True
+            except Exception as e:  # noqa: BLE001 - e.g. a platform without a compiler backend
+                warnings.warn(f"torch.compile is unavailable ({type(e).__name__}: {e}); training without it",
+                              stacklevel=2)
+
+    def __call__(self, *args):
+        if not self.pending:
+            return self.module(*args)
+        self.pending = False
         try:
-            return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True)
-        except (RuntimeError, ValueError):  # a device without a fused Adam (or an older torch)
-            return torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    return torch.optim.Adamax(model.parameters(), lr=cfg.train.lr)
-
-
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """Load saved moments and counts, keeping this run's implementation choice.
-
-    torch restores every saved group setting, `fused` included: a checkpoint from an unfused Adam
-    would silently unfuse this one (whose on-device skip then fails), and the reverse.
-    """
-    groups = [{**group, **{key: current[key] for key in ("fused", "foreach") if key in current}}
-              for group, current in zip(saved["param_groups"], optimizer.param_groups)]
-    optimizer.load_state_dict({**saved, "param_groups": groups})
-
-
-def _update(loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr: float, max_norm: float,
-            weight_decay: float, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward, clipping and the optimiser step; returns (gradient norm, whether the step was finite).
-
-    A non-finite step is skipped (it still counts, so data order and warm-up stay on schedule); every
-    rank skips together, as one rank's loss can be non-finite alone.
-    """
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    finite = ctx.all_true(torch.isfinite(loss) & torch.isfinite(grad_norm))
-    skips_on_device = bool(optimizer.param_groups[0].get("fused"))  # fused Adam honours found_inf
-    if skips_on_device:
-        optimizer.found_inf = (~finite).float()
-    if skips_on_device or bool(finite):  # Adamax: the loop's one host read per step
-        if weight_decay > 0:  # decoupled (AdamW-style), for either optimiser
-            with torch.no_grad():
-                torch._foreach_mul_(list(model.parameters()), 1.0 - lr * weight_decay * finite)
-        optimizer.step()
-    return grad_norm, finite
+            return self.module(*args)
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); training without it", stacklevel=2)
+            self.module = self.eager
+            return self.module(*args)
 
 
 class _StopFlag:
@@ -237,55 +190,31 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-@dataclass
-class RunDir:
-    path: Path
-    resume_from: Path | None
+def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    """The configured optimiser; a fused one skips a non-finite step on the device by itself.
+
+    torch's fused Adam takes a `found_inf` flag and leaves weights, moments and step count alone when it
+    is set, so the loop need not wait for the GPU to learn whether a step was finite. Adamax has no
+    fused form: the loop reads its verdict on the host, one tiny sync per step.
+    """
+    params = list(params)
+    if cfg.train.optimizer == "adam":
+        try:
+            return torch.optim.Adam(params, lr=cfg.train.lr, fused=True)
+        except (RuntimeError, ValueError):  # a device without a fused Adam (or an older torch)
+            return torch.optim.Adam(params, lr=cfg.train.lr)
+    return torch.optim.Adamax(params, lr=cfg.train.lr)
 
 
-def run_dir_for(out: str | None, name: str, resume: str | None) -> Path:
-    """The run directory: --out, else the run a --resume path points into, else runs/<run.name>."""
-    if out:
-        return Path(out)
-    if resume not in (None, "auto", "if-any"):
-        path = Path(resume)
-        if path.is_dir():
-            return path
-        if path.parent.name == "checkpoints":
-            return path.parent.parent
-    return Path("runs") / name
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load saved moments and counts, keeping this run's implementation choice.
 
-
-def checkpoint_to_resume(resume: str, run_dir: Path) -> Path:
-    """--resume auto (or a run directory) means its last.pt; anything else is a checkpoint file."""
-    path = Path(resume) if resume != "auto" else run_dir
-    if path.is_dir() or resume == "auto":
-        path = run_paths(path)["last"]
-    if not path.is_file():
-        raise UserError(f"nothing to resume: {path} does not exist — start the run without --resume")
-    return path
-
-
-def prepare_run_dir(cfg: Config, out: str | None, resume: str | None) -> RunDir:
-    """Decide where the run lives and what it resumes from; refuse to overwrite an existing run."""
-    run_dir = run_dir_for(out, cfg.run.name, resume)
-    _check_writable(run_dir)
-    if resume is None:
-        if run_paths(run_dir)["last"].exists():
-            raise UserError(f"{run_dir} already holds a run — continue it with --resume auto, or choose another "
-                            "--out or run.name")
-        return RunDir(run_dir, None)
-    return RunDir(run_dir, checkpoint_to_resume(resume, run_dir))
-
-
-def _set_aside_unfinished(run_dir: Path) -> None:
-    """A run that stopped before its first checkpoint left logs but nothing to resume: keep them as *.old."""
-    for name in ("metrics", "tb"):
-        path = run_paths(run_dir)[name]
-        if path.exists():
-            old = path.with_name(path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-            path.rename(old)
+    torch restores every saved group setting, `fused` included: a checkpoint from an unfused Adam
+    would silently unfuse this one (whose on-device skip then fails), and the reverse.
+    """
+    groups = [{**group, **{key: current[key] for key in ("fused", "foreach") if key in current}}
+              for group, current in zip(saved["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({**saved, "param_groups": groups})
 
 
 def _check_optimizer(state: dict, cfg: Config, source: Path) -> None:
@@ -295,273 +224,421 @@ def _check_optimizer(state: dict, cfg: Config, source: Path) -> None:
                         f"(not {cfg.train.optimizer})")
 
 
-def _check_writable(run_dir: Path) -> None:
-    """Fail before any work if the run directory cannot be created or written (nothing is created here)."""
-    existing = run_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"cannot create the run directory {run_dir}: {existing} is a file — choose another --out")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {existing} (permission denied) — choose another --out or run.name")
+def _objective_extras(objective: Objective) -> dict:
+    """The objective's state beyond the flow's (a learned dequantiser's weights; empty for uniform noise)."""
+    return {k: v for k, v in objective.state_dict().items() if not k.startswith("model.")}
+
+
+def _load_objective(objective: Objective, model_state: dict, extras: dict | None, source: str) -> None:
+    load_state_checked(objective.model, model_state, source)
+    if extras:
+        objective.load_state_dict({**{f"model.{k}": v for k, v in model_state.items()}, **extras})
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns: where the run is and how it ended."""
+
+    rank: int
+    run_dir: str
+    step: int
+    best_test_bpd: float
+    test: dict  # the last evaluation's metrics (bpd, bpd_stderr, n_images[, accuracy]); empty if none ran
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer
+# ------------------------------------------------------------------------------------------------
+
+class Trainer:
+    """One training run. Build it (data, model, optimiser, EMA, state: fresh or restored), then `run()`."""
+
+    def __init__(self, cfg: Config, ctx: Context, run: RunDir, resume_from: Path | None = None,
+                 progress: bool = True, datasets: tuple | None = None):
+        self.cfg, self.ctx, self.run_dir, self.device = cfg, ctx, run, ctx.device
+        self.progress = progress
+        self.train_set, self.test_set = datasets or self._load_datasets()
+        torch.manual_seed(cfg.run.seed)
+        self.model = Glow.from_config(cfg).to(self.device)
+        self.objective = Objective(self.model, cfg.data.n_bits, cfg.train.class_weight)
+        self.optimizer = build_optimizer(cfg, self.objective.parameters())
+        self.state, self.resumed = TrainState(), resume_from is not None
+        saved = self.restore(resume_from) if self.resumed else self._initialize()
+        # After the init or restore, so the copy starts with the model's buffers, which never change.
+        self.ema = copy.deepcopy(self.objective).eval().requires_grad_(False) if cfg.train.ema_decay > 0 else None
+        if saved is not None and self.ema is not None:
+            self._restore_ema(saved, str(resume_from))
+        self.guard = DivergenceGuard(self.device, cfg.train.max_bad_steps, self.state.n_bad_total,
+                                     self.state.n_bad_in_row)
+        self._configure_model()
+        self.wrapped = self._distributed(self.objective)
+        self.forward = LazyCompile(self.wrapped, cfg.train.compile)
+        self.batches = self._batches_from(self.state.step)  # a batch larger than the dataset fails here
+        self.logger, self.say = NullLogger(), _quiet
+
+    # --- set-up --------------------------------------------------------------------------------
+
+    def _load_datasets(self) -> tuple:
+        cfg, ctx = self.cfg, self.ctx
+        if not ctx.is_main:
+            ctx.barrier()  # rank 0 builds (and may download) the dataset first
+        train_set, test_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
+        if ctx.is_main:
+            ctx.barrier()
+        if cfg.model.n_classes > 0 and train_set.n_classes != cfg.model.n_classes:
+            raise UserError(f"model.n_classes={cfg.model.n_classes} but dataset {cfg.data.dataset} has "
+                            f"{train_set.n_classes} classes — set model.n_classes={train_set.n_classes} (or 0)")
+        return train_set, test_set
+
+    def _initialize(self) -> None:
+        """ActNorm's data-dependent init on a fixed random batch, broadcast from rank 0."""
+        cfg = self.cfg
+        size = min(cfg.train.init_batch_size, len(self.train_set))
+        images, labels = next(make_train_batches(self.train_set, size, seed=cfg.run.seed + 7919))
+        generator = torch.Generator(device=self.device).manual_seed(cfg.run.seed)
+        images, noise = batch_noise(images.to(self.device), generator)
+        x = dequantize(images, cfg.data.n_bits, noise)
+        self.model.initialize(x, labels.to(self.device) if cfg.model.n_classes > 0 else None)
+        broadcast_state(self.model, self.ctx)
+        return None
+
+    def restore(self, path: Path) -> dict:
+        """Weights, optimiser moments, training state and the CPU random state from a checkpoint (returned)."""
+        state = load_checkpoint(path)  # on the CPU: optimizer step counters must stay there
+        _check_optimizer(state, self.cfg, path)
+        _load_objective(self.objective, state["model"], state.get("objective"), str(path))
+        load_optimizer_state(self.optimizer, state["optimizer"])
+        self.state = TrainState.from_checkpoint(state)
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        return state
+
+    def _restore_ema(self, state: dict, source: str) -> None:
+        if state.get("ema") is not None:
+            _load_objective(self.ema, state["ema"], state.get("ema_objective"), source)
+
+    def _configure_model(self) -> None:
+        cfg, is_main = self.cfg, self.ctx.is_main
+        # Training may run its coupling networks in bf16; evaluation and samples always use full precision.
+        self.model.set_amp(torch.bfloat16 if cfg.train.amp == "bf16" else None)
+        if cfg.train.amp == "bf16" and self.device.type == "cpu" and is_main:
+            # Measured on a 2-core x86 machine with torch 2.14: a CIFAR-shape bf16 step ran 16x slower than float32.
+            warnings.warn("train.amp=bf16 on a CPU: bf16 convolutions are much slower than float32 on many CPUs; "
+                          "measure with scripts/bench.py before a long run", stacklevel=2)
+        if cfg.train.amp == "bf16" and cfg.train.memory_saving and is_main:
+            # bf16 rounding of the coupling networks' inputs amplifies the rebuild's float32 rounding.
+            warnings.warn("train.amp=bf16 with train.memory_saving: the rebuilt activations drift by about 3e-3 "
+                          "(3e-4 without bf16, measured on an H200); metrics.jsonl logs the drift at each evaluation",
+                          stacklevel=2)
+        self.model.set_memory_saving(cfg.train.memory_saving)
+
+    def _distributed(self, module: torch.nn.Module) -> torch.nn.Module:
+        if not self.ctx.distributed:
+            return module
+        # Buffers (ActNorm flags, permutations) never change after the init broadcast.
+        ddp = torch.nn.parallel.DistributedDataParallel
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                          else {"broadcast_buffers": False})
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return ddp(module, device_ids=device_ids, **no_buffer_sync)
+
+    def _batches_from(self, step: int):
+        """The data from `step` on: each rank's share of the step's batch, all its micro-batches at once."""
+        cfg, ctx = self.cfg, self.ctx
+        return make_train_batches(self.train_set, cfg.train.batch_size * cfg.train.grad_accum_steps,
+                                  seed=cfg.run.seed, start_step=step, n_workers=cfg.data.n_workers,
+                                  pin_memory=self.device.type == "cuda", rank=ctx.rank, world_size=ctx.world_size)
+
+    # --- one optimiser step --------------------------------------------------------------------
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Forward and backward over the micro-batches, clip, the skippable optimiser step, EMA.
+
+        Returns the step's mean bits/dim and gradient norm, left on the device."""
+        cfg, ctx, n_micro = self.cfg, self.ctx, self.cfg.train.grad_accum_steps
+        lr = lr_at(self.state.step, cfg) * self.state.lr_scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images, labels, noise = self.prepare_batch(images, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        bpd, loss_finite = 0.0, torch.ones((), dtype=torch.bool, device=self.device)
+        parts = zip(images.chunk(n_micro), labels.chunk(n_micro), noise.chunk(n_micro))
+        for index, (part_images, part_labels, part_noise) in enumerate(parts):
+            last = index == n_micro - 1
+            # DDP averages gradients over ranks once, after the last micro-batch's backward.
+            with contextlib.nullcontext() if last or not ctx.distributed else self.wrapped.no_sync():
+                terms = self.forward(part_images, part_labels, part_noise)
+                (terms["loss"] / n_micro).backward()
+            bpd = bpd + terms["bpd"].detach().mean() / n_micro
+            loss_finite = loss_finite & torch.isfinite(terms["loss"].detach())
+        grad_norm, finite = self._optimizer_step(loss_finite, lr)
+        self.guard.record(finite)
+        if self.ema is not None:
+            update_ema(self.ema, self.objective, ema_decay_at(self.state.step, cfg.train.ema_decay))
+        return {"bpd": bpd, "grad_norm": grad_norm}
+
+    def prepare_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """This rank's share of the step's batch on the device, flipped, with its dequantisation noise.
+
+        The noise and flips of step t come from (run.seed, t) alone, so a resumed run draws the same."""
+        cfg, ctx = self.cfg, self.ctx
+        generator = step_generator(cfg.run.seed, self.state.step, self.device)
+        images, noise = batch_noise(images.to(self.device, non_blocking=True), generator, cfg.data.hflip,
+                                    ctx.rank, ctx.world_size)
+        return images, labels.to(self.device, non_blocking=True), noise
+
+    def _optimizer_step(self, loss_finite: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip, then step unless the loss or gradient is non-finite on any rank: (gradient norm, finite).
+
+        A skipped step still counts, so data order and warm-up stay on schedule; every rank skips together,
+        as one rank's loss can be non-finite alone.
+        """
+        params = list(self.objective.parameters())
+        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        finite = self.ctx.all_true(loss_finite & torch.isfinite(grad_norm))
+        skips_on_device = bool(self.optimizer.param_groups[0].get("fused"))  # fused Adam honours found_inf
+        if skips_on_device:
+            self.optimizer.found_inf = (~finite).float()
+        if skips_on_device or bool(finite):  # Adamax: the loop's one host read per step
+            if self.cfg.train.weight_decay > 0:  # decoupled (AdamW-style), for either optimiser
+                with torch.no_grad():
+                    torch._foreach_mul_(params, 1.0 - lr * self.cfg.train.weight_decay * finite)
+            self.optimizer.step()
+        return grad_norm, finite
+
+    # --- what happens between steps ------------------------------------------------------------
+
+    def evaluate(self) -> dict:
+        """Test bits/dim with the EMA weights (or the raw ones), in full precision; keeps the best checkpoint."""
+        eval_objective = self.ema if self.ema is not None else self.objective
+        with full_precision(eval_objective.model):
+            result = evaluate(eval_objective, self.test_set, self.cfg, self.device, ctx=self.ctx)
+        self.logger.log(self.state.step, "test", **result)
+        self.say(f"step {self.state.step}: test bpd {result['bpd']:.4f} ± {result['bpd_stderr']:.4f}")
+        if result["bpd"] < self.state.best_test_bpd:
+            self.state.best_test_bpd = result["bpd"]
+            self.save(self.run_dir.best)
+        return result
+
+    def log_reconstruction(self, images: torch.Tensor) -> None:
+        """Measured, not assumed: how far memory saving's rebuilt inputs drift from the true ones."""
+        with torch.no_grad():
+            x = dequantize(images.to(self.device), self.cfg.data.n_bits, 0.5)
+            drift = self.model.reconstruction_errors(x)
+        self.logger.log(self.state.step, "reconstruction", **{f"max_error_level{i}": e for i, e in enumerate(drift)})
+
+    def log_train(self, metrics: dict[str, torch.Tensor], images_per_s: float) -> None:
+        lr = lr_at(self.state.step - 1, self.cfg) * self.state.lr_scale
+        mean_bpd = self.ctx.sum_(metrics["bpd"].detach().clone()).item() / self.ctx.world_size
+        values = {"bpd": mean_bpd, "lr": lr, "grad_norm": metrics["grad_norm"].item(), "images_per_s": images_per_s}
+        self.logger.log(self.state.step, "train", **values)
+        self.bar.set_postfix(bpd=f"{mean_bpd:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
+
+    def write_samples(self) -> list[Path]:
+        """A grid per temperature from the EMA weights, in full precision, as PNG and in TensorBoard."""
+        cfg, model = self.cfg, (self.ema if self.ema is not None else self.objective).model
+        written = []
+        with full_precision(model):
+            for temperature in cfg.train.sample_temperatures:
+                generator = torch.Generator(device=self.device).manual_seed(cfg.run.seed)
+                grid = image_grid(sample_images(model, cfg.train.n_samples, temperature, cfg.data.n_bits, generator))
+                name = f"step{self.state.step:07d}_{temperature_name(temperature)}.png"
+                written.append(save_png(grid, self.run_dir.samples / name, display_upscale(cfg.data.image_size)))
+                self.logger.image(f"samples/T={temperature:g}", grid, self.state.step)
+        return written
+
+    def save(self, path: Path) -> None:
+        """Rank 0 writes; every rank learns whether it worked, so none is left waiting in a collective."""
+        # One host read for all parameters (a read each would wait on the GPU ~1,000 times per save).
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.objective.parameters()]).all()):
+            raise TrainingDiverged(f"the weights hold NaN or inf at step {self.state.step}; not saving them over "
+                                   f"{path} — lower train.lr and resume from the last checkpoint")
+        self.state.n_bad_total, self.state.n_bad_in_row, _ = self.guard.read()
+        error = None
+        if self.ctx.is_main:
+            try:
+                save_checkpoint(self._checkpoint(), path)
+            except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+                error = e
+        if not self.ctx.all_agree(error is None):
+            raise error or RuntimeError(f"rank 0 could not write {path}; see its error above")
+
+    def _checkpoint(self) -> dict:
+        ema = self.ema.model if self.ema is not None else None
+        state = checkpoint_state(model=self.model, ema=ema, optimizer=self.optimizer, cfg_dict=config_to_dict(self.cfg),
+                                 train_state=self.state.state_dict())
+        extras = _objective_extras(self.objective)
+        if extras:
+            state["objective"] = extras
+            state["ema_objective"] = _objective_extras(self.ema) if self.ema is not None else None
+        return state
+
+    def roll_back(self, bad_step: int, n_bad_in_row: int) -> None:
+        """Return to last.pt with half the learning rate, once; a second divergence ends the run."""
+        lr = lr_at(bad_step - 1, self.cfg) * self.state.lr_scale
+        cause = (f"{n_bad_in_row} steps in a row up to step {bad_step} had a non-finite loss or gradient — "
+                 f"the learning rate ({lr:.2e}) is probably too high, or the data holds broken images")
+        if self.state.n_rollbacks >= 1:
+            raise TrainingDiverged(f"{cause}; rolling back with half the learning rate did not help: "
+                                   "lower train.lr or raise train.warmup_steps and resume")
+        last = self.run_dir.last
+        if not last.exists():
+            raise TrainingDiverged(f"{cause}; there is no checkpoint to roll back to yet: lower train.lr or "
+                                   "raise train.warmup_steps")
+        state = load_checkpoint(last)
+        _load_objective(self.objective, state["model"], state.get("objective"), str(last))
+        load_optimizer_state(self.optimizer, state["optimizer"])
+        if self.ema is not None:
+            self._restore_ema(state, str(last))
+        saved = TrainState.from_checkpoint(state)
+        self.state.step, self.state.lr_scale = saved.step, saved.lr_scale * 0.5
+        self.state.n_rollbacks += 1
+        self.logger.log(saved.step, "train", event="rollback", from_step=bad_step, lr_scale=self.state.lr_scale)
+        self.say(f"step {bad_step}: {n_bad_in_row} non-finite steps; rolled back to step {saved.step} "
+                 f"with the learning rate halved")
+        self.batches = self._batches_from(saved.step)
+        self.bar.reset(total=self.cfg.train.steps)
+        self.bar.update(saved.step)
+
+    # --- the run loop --------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        """Train to train.steps: log, evaluate, sample and checkpoint on schedule; stop cleanly on a signal."""
+        cfg, state, final = self.cfg.train, self.state, {}
+        self._open_run_dir()
+        window = _Throughput(self.ctx.world_size)
+        try:
+            with _StopFlag() as stop:
+                while state.step < cfg.steps:
+                    self._stop_if_asked(stop)
+                    images, labels = next(self.batches)
+                    metrics = self.train_step(images, labels)
+                    state.step += 1
+                    window.add(images.shape[0])
+                    self.bar.update(1)
+                    if self._events_due() and self._rolled_back():
+                        window.restart()
+                        continue
+                    if self._due(cfg.log_every):
+                        self.log_train(metrics, window.restart())
+                    if self._due(cfg.eval_every):
+                        final = self.evaluate()
+                        if cfg.memory_saving:
+                            self.log_reconstruction(images[: cfg.batch_size])
+                    if self.ctx.is_main and self._due(cfg.sample_every):
+                        self.write_samples()
+                    if self._due(cfg.checkpoint_every):
+                        self.save(self.run_dir.last)
+        finally:
+            self._close(final)
+        if not identical_across_ranks(self.objective, self.ctx):
+            raise RuntimeError("the ranks finished with different weights; please report this with your config")
+        return TrainResult(self.ctx.rank, str(self.run_dir.path), state.step, state.best_test_bpd, final)
+
+    def _due(self, every: int) -> bool:
+        return self.state.step % every == 0 or self.state.step == self.cfg.train.steps
+
+    def _events_due(self) -> bool:
+        t = self.cfg.train
+        return any(self._due(every) for every in (t.log_every, t.eval_every, t.checkpoint_every))
+
+    def _rolled_back(self) -> bool:
+        """At logging, evaluation and checkpoint steps (a checkpoint must never follow a run past the limit):
+        log new bad steps, and roll back after too many in a row."""
+        n_bad_total = self.guard.read()[0]
+        if n_bad_total > self._n_bad_logged:
+            self.logger.log(self.state.step, "train", bad_steps=n_bad_total)
+            self._n_bad_logged = n_bad_total
+        longest = self.guard.check()
+        if longest:
+            self.roll_back(self.state.step, longest)
+        return bool(longest)
+
+    def _stop_if_asked(self, stop: _StopFlag) -> None:
+        # Several processes must agree on stopping: they ask each other only at logging steps.
+        if (self.state.step % self.cfg.train.log_every == 0 or not self.ctx.distributed) and \
+                self.ctx.any(stop.requested):
+            self.save(self.run_dir.last)
+            raise Interrupted(self.state.step, str(self.run_dir.path))
+
+    def _open_run_dir(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.is_main:
+            if not self.resumed:
+                self.run_dir.set_aside_unfinished()
+            self.run_dir.path.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir.config)
+            self.logger = RunLogger(self.run_dir)
+        show = self.progress and ctx.is_main
+        self.bar = tqdm(total=cfg.train.steps, initial=self.state.step, disable=not show, unit="step",
+                        dynamic_ncols=True)
+        self.say = self.bar.write if ctx.is_main else _quiet
+        self._n_bad_logged = self.guard.read()[0]
+
+    def _close(self, final: dict) -> None:
+        self.bar.close()
+        m, t = self.cfg.model, self.cfg.train
+        hparams = {"dataset": self.cfg.data.dataset, "n_levels": m.n_levels, "n_steps": m.n_steps,
+                   "hidden_channels": m.hidden_channels, "coupling": m.coupling, "lr": t.lr,
+                   "batch_size": t.batch_size * t.grad_accum_steps}
+        self.logger.close(hparams, {"hparam/test_bpd": final["bpd"]} if final else None)
+
+
+class _Throughput:
+    """Images per second over a window of steps (all ranks together)."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.start, self.images = time.perf_counter(), 0
+
+    def add(self, n_images: int) -> None:
+        self.images += n_images
+
+    def restart(self) -> float:
+        """The window's images per second; a new window starts now."""
+        now = time.perf_counter()
+        rate = self.world_size * self.images / max(now - self.start, 1e-9)
+        self.start, self.images = now, 0
+        return rate
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry points
+# ------------------------------------------------------------------------------------------------
+
+def train(cfg: Config, out: str | None = None, resume: str | None = None, progress: bool = True, *,
+          trainer: type[Trainer] = Trainer) -> TrainResult:
+    """Train the model `cfg` describes into --out (or runs/<run.name>), fresh or resumed.
+
+    `trainer` may be a subclass (tests inject faults by overriding `prepare_batch`)."""
+    saved = precision.settings()
+    ctx = setup(cfg.run.device, tf32=cfg.run.tf32, deterministic=cfg.run.deterministic)
+    try:
+        run = run_dir_for(out, cfg.run.name, resume)
+        resume_from = prepare_run_dir(run, resume)
+        ctx.barrier()  # every rank has checked the run directory before rank 0 writes into it
+        return trainer(cfg, ctx, run, resume_from, progress).run()
+    finally:
+        teardown()
+        precision.restore(saved)  # a notebook's later work runs as it did before
 
 
 def resolve_resume(resume: str | None, config_path: str | None, overrides: list[str], out: str | None) -> str | None:
     """`if-any` means `auto` when the run has a last.pt and a fresh start otherwise (for restarted jobs)."""
     if resume != "if-any":
         return resume
-    run_dir = run_dir_for(out, load_config(config_path, overrides).run.name, None)
-    return "auto" if run_paths(run_dir)["last"].exists() else None
+    run = run_dir_for(out, load_config(config_path, overrides).run.name, None)
+    return "auto" if run.has_checkpoint() else None
 
 
 def fit_config(config_path: str | None, overrides: list[str], out: str | None, resume: str | None) -> Config:
     """The config `fit` runs: a resumed run keeps the one stored with it unless --config is given."""
     if resume is None or config_path is not None:
         return load_config(config_path, overrides)
-    run_dir = run_dir_for(out, load_config(None, overrides).run.name, resume)
-    checkpoint = checkpoint_to_resume(resume, run_dir)
+    run = run_dir_for(out, load_config(None, overrides).run.name, resume)
+    checkpoint = checkpoint_to_resume(resume, run)
     return apply_overrides(config_of(load_checkpoint(checkpoint), str(checkpoint)), overrides)
-
-
-def _seeded_init_batch(dataset, cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed random batch of train.init_batch_size images for the data-dependent init."""
-    size = min(cfg.train.init_batch_size, len(dataset))
-    images, labels = next(make_train_batches(dataset, size, seed=cfg.run.seed + 7919))
-    generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
-    return prepare_batch(images, cfg, device, generator), labels.to(device)
-
-
-def _write_samples(model, cfg: Config, step: int, run_dir: Path, logger: RunLogger, device: torch.device) -> list[Path]:
-    written = []
-    for temperature in cfg.train.sample_temperatures:
-        generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
-        images = sample_images(model, cfg.train.n_samples, temperature, cfg.data.n_bits, generator)
-        grid = image_grid(images)
-        name = f"step{step:07d}_{temperature_name(temperature)}.png"
-        written.append(save_png(grid, run_paths(run_dir)["samples"] / name, display_upscale(cfg.data.image_size)))
-        logger.image(f"samples/T={temperature:g}", grid, step)
-    return written
-
-
-def train(cfg: Config, out: str | None = None, resume: str | None = None, progress: bool = True) -> dict:
-    """Train the model `cfg` describes; returns the final test metrics and where things were written."""
-    ctx = setup(cfg.run.device, tf32=cfg.run.tf32, deterministic=cfg.run.deterministic)
-    try:
-        return _train(cfg, ctx, out, resume, progress)
-    finally:
-        teardown()
-
-
-def _train(cfg: Config, ctx: Context, out: str | None, resume: str | None, progress: bool) -> dict:
-    device = ctx.device
-    run = prepare_run_dir(cfg, out, resume)
-    ctx.barrier()  # every rank has checked the run directory before rank 0 writes into it
-    if not ctx.is_main:
-        ctx.barrier()  # rank 0 builds (and may download) the dataset first
-    train_set = build_dataset(cfg.data, "train")
-    test_set = build_dataset(cfg.data, "test")
-    if ctx.is_main:
-        ctx.barrier()
-    if cfg.model.n_classes > 0 and train_set.n_classes != cfg.model.n_classes:
-        raise UserError(f"model.n_classes={cfg.model.n_classes} but dataset {cfg.data.dataset} has "
-                        f"{train_set.n_classes} classes — set model.n_classes={train_set.n_classes} (or 0)")
-
-    torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg).to(device)
-    optimizer = _build_optimizer(cfg, model)
-    start_step, best_bpd = 0, math.inf
-    lr_scale, n_rollbacks = 1.0, 0  # halved on each rollback after a run of non-finite steps
-    if run.resume_from is not None:
-        state = load_checkpoint(run.resume_from)  # on the CPU: optimizer step counters must stay there
-        _check_optimizer(state, cfg, run.resume_from)
-        load_state_checked(model, state["model"], str(run.resume_from))
-        _load_optimizer_state(optimizer, state["optimizer"])
-        start_step, best_bpd = state["step"], state["best_test_bpd"]
-        lr_scale, n_rollbacks = state.get("lr_scale", 1.0), state.get("n_rollbacks", 0)
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-    else:
-        x, labels = _seeded_init_batch(train_set, cfg, device)
-        model.initialize(x, labels if cfg.model.n_classes > 0 else None)
-        broadcast_state(model, ctx)  # every rank starts from rank 0's initialisation
-    ema = None
-    if cfg.train.ema_decay > 0:
-        ema = copy.deepcopy(model).eval().requires_grad_(False)
-        if run.resume_from is not None and state.get("ema") is not None:
-            load_state_checked(ema, state["ema"], str(run.resume_from))
-    eval_model = ema if ema is not None else model
-    # Training may run its coupling networks in bf16; evaluation and samples always use full precision.
-    model.set_amp(torch.bfloat16 if cfg.train.amp == "bf16" else None)
-    if cfg.train.amp == "bf16" and device.type == "cpu" and ctx.is_main:
-        # Measured on a 2-core x86 machine with torch 2.14: a CIFAR-shape bf16 step ran 16x slower than float32.
-        warnings.warn("train.amp=bf16 on a CPU: bf16 convolutions are much slower than float32 on many CPUs; "
-                      "measure with scripts/bench.py before a long run")
-    if cfg.train.amp == "bf16" and cfg.train.memory_saving and ctx.is_main:
-        # bf16 rounding of the coupling networks' inputs amplifies the rebuild's float32 rounding.
-        warnings.warn("train.amp=bf16 with train.memory_saving: the rebuilt activations drift by about 3e-3 "
-                      "(3e-4 without bf16, measured on an H200); metrics.jsonl logs the drift at each evaluation")
-    model.set_memory_saving(cfg.train.memory_saving)
-    wrapped = model
-    if ctx.distributed:
-        # Buffers (ActNorm flags, permutations) never change after the init broadcast.
-        ddp = torch.nn.parallel.DistributedDataParallel
-        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                          else {"broadcast_buffers": False})
-        wrapped = ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
-    forward = _compiled(wrapped) if cfg.train.compile else wrapped
-    compile_pending = forward is not wrapped
-
-    def train_batches(start: int):
-        return make_train_batches(train_set, cfg.train.batch_size, seed=cfg.run.seed, start_step=start,
-                                  n_workers=cfg.data.n_workers, pin_memory=device.type == "cuda",
-                                  rank=ctx.rank, world_size=ctx.world_size)
-
-    batches = train_batches(start_step)  # a batch larger than the dataset fails here, before any write
-    if ctx.is_main:
-        if run.resume_from is None:
-            _set_aside_unfinished(run.path)
-        run.path.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_paths(run.path)["config"])
-    logger = RunLogger(run.path) if ctx.is_main else NullLogger()
-    cfg_dict = config_to_dict(cfg)
-
-    def save(step: int, path: Path) -> None:
-        """Rank 0 writes; every rank learns whether it worked, so none is left waiting in a collective."""
-        # Every rank holds the same weights, so every rank reaches the same verdict here.
-        # One host read for all parameters (a read each would wait on the GPU ~1,000 times per save).
-        if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
-            raise TrainingDiverged(f"the weights hold NaN or inf at step {step}; not saving them over {path} — "
-                                   "lower train.lr and resume from the last checkpoint")
-        error, n_bad = None, bad_steps.read()
-        if ctx.is_main:
-            try:
-                save_checkpoint(checkpoint_state(
-                    model=model, ema=ema, optimizer=optimizer, step=step, cfg_dict=cfg_dict, best_test_bpd=best_bpd,
-                    extra={"lr_scale": lr_scale, "n_rollbacks": n_rollbacks, "n_bad_in_row": n_bad[1],
-                           "n_bad_total": n_bad[0]}), path)
-            except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
-                error = e
-        if not ctx.all_agree(error is None):
-            raise error or RuntimeError(f"rank 0 could not write {path}; see its error above")
-
-    def roll_back(bad_step: int, n_bad_in_row: int):
-        """Return to last.pt with half the learning rate, once; a second divergence ends the run."""
-        nonlocal lr_scale, n_rollbacks
-        last = run_paths(run.path)["last"]
-        cause = (f"{n_bad_in_row} steps in a row up to step {bad_step} had a non-finite loss or gradient — "
-                 f"the learning rate ({lr:.2e}) is probably too high, or the data holds broken images")
-        if n_rollbacks >= 1:
-            raise TrainingDiverged(f"{cause}; rolling back with half the learning rate did not help: "
-                                   "lower train.lr or raise train.warmup_steps and resume")
-        if not last.exists():
-            raise TrainingDiverged(f"{cause}; there is no checkpoint to roll back to yet: lower train.lr or "
-                                   "raise train.warmup_steps")
-        state = load_checkpoint(last)
-        load_state_checked(model, state["model"], str(last))
-        _load_optimizer_state(optimizer, state["optimizer"])
-        if ema is not None and state.get("ema") is not None:
-            load_state_checked(ema, state["ema"], str(last))
-        lr_scale, n_rollbacks = state.get("lr_scale", 1.0) * 0.5, n_rollbacks + 1
-        logger.log(state["step"], "train", event="rollback", from_step=bad_step, lr_scale=lr_scale)
-        say(f"step {bad_step}: {n_bad_in_row} non-finite steps; rolled back to step {state['step']} "
-                  f"with the learning rate halved")
-        return state["step"], train_batches(state["step"])
-
-    n_dims = model.n_dims
-    max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-    bar = tqdm(total=cfg.train.steps, initial=start_step, disable=not (progress and ctx.is_main), unit="step", dynamic_ncols=True)
-    say = bar.write if ctx.is_main else _quiet
-    final: dict = {}
-    step = start_step
-    bad_steps = _NonFiniteSteps(device, state.get("n_bad_total", 0), state.get("n_bad_in_row", 0)) if run.resume_from \
-        else _NonFiniteSteps(device)
-    n_bad_logged = bad_steps.read()[0]
-    window_start, window_images = time.perf_counter(), 0
-    model.train()
-    try:
-        with _StopFlag() as stop:
-            while step < cfg.train.steps:
-                # Several processes must agree on stopping: they ask each other only at logging steps.
-                if (step % cfg.train.log_every == 0 or not ctx.distributed) and ctx.any(stop.requested):
-                    save(step, run_paths(run.path)["last"])
-                    raise Interrupted(step, str(run.path))
-                images, labels = next(batches)
-                generator = step_generator(cfg.run.seed, step, device)
-                x = prepare_batch(images, cfg, device, generator, flip=cfg.data.hflip, rank=ctx.rank,
-                                  world_size=ctx.world_size)
-                labels = labels.to(device, non_blocking=True)
-                lr = lr_at(step, cfg) * lr_scale
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                y = labels if cfg.model.n_classes > 0 else None
-                if compile_pending:  # torch.compile fails lazily, on the first call: fall back once, then never again
-                    compile_pending = False
-                    try:
-                        log_prob, logits = forward(x, y)
-                    except Exception as e:  # noqa: BLE001
-                        warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); training without it")
-                        forward = wrapped
-                        log_prob, logits = forward(x, y)
-                else:
-                    log_prob, logits = forward(x, y)
-                bpd = bits_per_dim(log_prob, n_dims, cfg.data.n_bits).mean()
-                loss = bpd
-                if logits is not None:
-                    loss = loss + cfg.train.class_weight * F.cross_entropy(logits, labels)
-                grad_norm, finite = _update(loss, model, optimizer, lr, max_norm, cfg.train.weight_decay, ctx)
-                bad_steps.record(finite)
-                if ema is not None:
-                    update_ema(ema, model, ema_decay_at(step, cfg.train.ema_decay))
-                step += 1
-                window_images += x.shape[0]
-                bar.update(1)
-
-                logging_due = step % cfg.train.log_every == 0 or step == cfg.train.steps
-                # Before anything can be saved, too: a checkpoint must never follow a run past the limit.
-                if logging_due or step % cfg.train.eval_every == 0 or step % cfg.train.checkpoint_every == 0:
-                    n_bad_total, _, longest_bad_run = bad_steps.read()
-                    if n_bad_total > n_bad_logged:
-                        logger.log(step, "train", bad_steps=n_bad_total)
-                        n_bad_logged = n_bad_total
-                    if longest_bad_run > cfg.train.max_bad_steps:
-                        step, batches = roll_back(step, longest_bad_run)
-                        bad_steps.checked(clear_run=True)
-                        bar.reset(total=cfg.train.steps)
-                        bar.update(step)
-                        window_start, window_images = time.perf_counter(), 0
-                        continue
-                    bad_steps.checked()
-                if logging_due:
-                    elapsed = time.perf_counter() - window_start
-                    mean_bpd = ctx.sum_(bpd.detach().clone()).item() / ctx.world_size
-                    values = {"bpd": mean_bpd, "lr": lr, "grad_norm": grad_norm.item(),
-                              "images_per_s": ctx.world_size * window_images / max(elapsed, 1e-9)}
-                    logger.log(step, "train", **values)
-                    bar.set_postfix(bpd=f"{values['bpd']:.3f}", lr=f"{lr:.2e}",
-                                    img_s=f"{values['images_per_s']:.0f}")
-                    window_start, window_images = time.perf_counter(), 0
-                if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                    with full_precision(eval_model):
-                        final = evaluate(eval_model, test_set, cfg, device, ctx=ctx)
-                    logger.log(step, "test", **final)
-                    if cfg.train.memory_saving:  # measured, not assumed: how far the rebuilt inputs drift
-                        with torch.no_grad():
-                            drift = model.reconstruction_errors(x)
-                        logger.log(step, "reconstruction", **{f"max_error_level{i}": e for i, e in enumerate(drift)})
-                    say(f"step {step}: test bpd {final['bpd']:.4f} ± {final['bpd_stderr']:.4f}")
-                    if final["bpd"] < best_bpd:
-                        best_bpd = final["bpd"]
-                        save(step, run_paths(run.path)["best"])
-                if ctx.is_main and (step % cfg.train.sample_every == 0 or step == cfg.train.steps):
-                    with full_precision(eval_model):
-                        _write_samples(eval_model, cfg, step, run.path, logger, device)
-                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                    save(step, run_paths(run.path)["last"])
-    finally:
-        bar.close()
-        hparams = {"dataset": cfg.data.dataset, "n_levels": cfg.model.n_levels, "n_steps": cfg.model.n_steps,
-                   "hidden_channels": cfg.model.hidden_channels, "coupling": cfg.model.coupling,
-                   "lr": cfg.train.lr, "batch_size": cfg.train.batch_size}
-        logger.close(hparams, {"hparam/test_bpd": final["bpd"]} if final else None)
-    if not identical_across_ranks(model, ctx):
-        raise RuntimeError("the ranks finished with different weights; please report this with your config")
-    return {"rank": ctx.rank, "run_dir": str(run.path), "step": step, "best_test_bpd": best_bpd, **{f"test_{k}": v for k, v in final.items()}}

@@ -5,8 +5,10 @@
     .venv/bin/python scripts/bench.py --memory [ARGS]       # memory saving off/on: scripts/bench_memory.py
     PYTHONPATH=. python3 scripts/bench.py --device cuda --configs cifar_shape cifar_paper --compile off on
 
-Each setting runs in a fresh subprocess (so peak memory is its own): it reports training images/s
-and ms per step (median over the timed steps after warm-up), peak memory (CUDA max allocated, or
+Each setting runs in a fresh subprocess (so peak memory is its own) and times the real
+`Trainer.train_step` (dequantise, forward, bits/dim, backward, clipping, Adamax, EMA) on random
+images held in memory: it reports training images/s and ms per step (median over the timed steps
+after warm-up), peak memory (CUDA max allocated, or
 the process's peak RSS on CPU), sampling images/s at T = 0.7, multiply-adds per image, and the
 achieved FLOP/s of a training step (3 x 2 x multiply-adds per image, forward plus a backward of
 about twice the forward) as a fraction of a dense matmul's FLOP/s timed right after each step (the
@@ -95,38 +97,51 @@ def _dense_kernel_share(run_step, device: torch.device) -> float:
     return dense / total if total else float("nan")
 
 
-def _child(args: argparse.Namespace) -> None:
-    from glowtrain.analysis import multiply_adds
-    from glowtrain.losses import bits_per_dim
-    from glowtrain.model import Glow
+def synthetic_trainer(image_shape, overrides: list[str], device: torch.device, batch: int, work_dir: str):
+    """A real Trainer (data-dependent init, optimiser, EMA, clipping) over random uint8 images in memory.
 
-    torch.manual_seed(0)
+    Returns (trainer, images, labels): one batch to time `trainer.train_step(images, labels)` on."""
+    from glowtrain.config import apply_overrides, load_config
+    from glowtrain.data import TensorImages
+    from glowtrain.distributed import Context
+    from glowtrain.runs import RunDir
+    from glowtrain.train import Trainer
+
+    channels, size, _ = image_shape
+    dataset = "digits" if size == 8 and channels == 1 else "cifar10" if channels == 3 else "mnist"
+    cfg = apply_overrides(load_config(), [f"data.dataset={dataset}", f"data.image_size={size}",
+                                          f"data.channels={channels}", f"train.batch_size={batch}",
+                                          f"train.init_batch_size={batch}", "train.warmup_steps=0", *overrides])
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4 * batch, *image_shape), dtype=torch.uint8, generator=generator)
+    data = TensorImages(images, torch.zeros(len(images), dtype=torch.int64))
+    trainer = Trainer(cfg, Context(device=device), RunDir(work_dir), datasets=(data, data), progress=False)
+    batch_images, batch_labels = next(trainer.batches)
+    return trainer, batch_images, batch_labels
+
+
+def _child(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from glowtrain.analysis import multiply_adds
+    from glowtrain.distributed import resolve_device
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = resolve_device(args.device)  # with glowtrain's own math settings (TF32 on CUDA)
     shape, levels, steps, width, batch, n_bits = CONFIGS[args.config]
-    model = Glow(shape, n_levels=levels, n_steps=steps, hidden_channels=width).to(device)
-    x = torch.rand(batch, *shape, device=device) - 0.5
-    model.initialize(x)
+    overrides = [f"model.n_levels={levels}", f"model.n_steps={steps}", f"model.hidden_channels={width}",
+                 f"data.n_bits={n_bits}", f"train.amp='{args.amp}'", f"train.compile={args.compile == 'on'}"]
+    trainer, images, labels = synthetic_trainer(shape, overrides, device, batch, tempfile.mkdtemp())
+    model = trainer.model
     macs = multiply_adds(model)
-    model.set_amp(torch.bfloat16 if args.amp == "bf16" else None)
-    forward = torch.compile(model) if args.compile == "on" else model
-    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     def run_step() -> None:
-        log_prob, _ = forward(torch.rand_like(x) - 0.5)
-        loss = bits_per_dim(log_prob, model.n_dims, n_bits).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        trainer.train_step(images, labels)
 
     reference = _MatmulReference(device, torch.bfloat16 if args.amp == "bf16" else torch.float32, sync)
     flops_per_step = 3 * 2 * macs * batch  # forward, plus a backward of about twice the forward

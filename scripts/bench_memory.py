@@ -6,7 +6,8 @@
 Memory: each setting runs two training steps in a fresh subprocess. On CPU its peak resident set
 (ru_maxrss, with glibc's mmap threshold fixed) is compared with a baseline child that builds and
 initialises the same model but takes no step; on CUDA the child reports
-torch.cuda.max_memory_allocated over the steps minus what the model held before them. "Training memory" is that difference: activations, gradients and optimizer
+torch.cuda.max_memory_allocated over the steps minus what the model held before them. "Training memory"
+is that difference: activations, gradients and optimizer
 state. Time: one more child per K alternates steps with memory saving off and on (so a machine
 whose load drifts slows both alike) and reports the median of each after warm-up. Prints one JSON
 line per setting, then a markdown table of the ratios.

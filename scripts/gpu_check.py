@@ -36,6 +36,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -140,28 +141,6 @@ def perturb_(model: torch.nn.Module, scale: float, seed: int = 1) -> None:
             p.add_((scale * torch.randn(p.shape, generator=generator, dtype=torch.float64)).to(p))
 
 
-def training_step(model, forward, optimizer, ema, n_bits: int, batch: int, device: torch.device):
-    """A step of the real loop's pieces: dequantise, forward, bits/dim, backward, clip, Adamax, EMA."""
-    from glowtrain.distributed import Context
-    from glowtrain.losses import bits_per_dim, dequantize
-    from glowtrain.train import _update, ema_decay_at, update_ema
-
-    ctx = Context(device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    images = torch.randint(0, 256, (batch, *model.image_shape), dtype=torch.uint8, device=device, generator=generator)
-    counter = {"step": 0}
-
-    def step() -> None:
-        x = dequantize(images, n_bits, generator=generator)
-        log_prob, _ = forward(x)
-        loss = bits_per_dim(log_prob, model.n_dims, n_bits).mean()
-        _update(loss, model, optimizer, 1e-4, 50.0, 0.0, ctx)
-        update_ema(ema, model, ema_decay_at(counter["step"], 0.999))
-        counter["step"] += 1
-
-    return step
-
-
 _LAUNCHES = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch"}
 _SYNCS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
 
@@ -234,7 +213,8 @@ def section_env(args, device, sizes) -> dict:
                     bf16_supported=torch.cuda.is_bf16_supported(), device_count=torch.cuda.device_count())
         smi = shutil.which("nvidia-smi")
         if smi:
-            done = subprocess.run([smi, "--query-gpu=driver_version,power.limit,clocks.max.sm", "--format=csv,noheader"],
+            query = "--query-gpu=driver_version,power.limit,clocks.max.sm"
+            done = subprocess.run([smi, query, "--format=csv,noheader"],
                                   capture_output=True, text=True, timeout=30)
             info["nvidia_smi"] = done.stdout.strip()
     apply_glowtrain_device_settings(device)
@@ -248,30 +228,33 @@ def section_env(args, device, sizes) -> dict:
 
 
 def section_throughput(args, device, sizes) -> dict:
+    from bench import synthetic_trainer  # scripts/ is on sys.path when this script runs
+
     from glowtrain.analysis import multiply_adds
 
     mode, _, dtype = args.variant.partition("-")
     spec = sizes["cifar"]
-    shape, _, _, _, _, batch, n_bits = spec
+    shape, levels, k, width, coupling, batch, n_bits = spec
     apply_glowtrain_device_settings(device)
     tf32 = dtype != "fp32"
+    overrides = [f"model.n_levels={levels}", f"model.n_steps={k}", f"model.hidden_channels={width}",
+                 f"model.coupling={coupling}", f"data.n_bits={n_bits}", "train.optimizer=adamax",
+                 f"train.amp='{'bf16' if dtype == 'bf16' else 'off'}'", "train.ema_decay=0.999"]
     with precision(tf32):
-        model = build_glow(spec, device)
-        x = torch.rand(batch, *shape, device=device) - 0.5
-        model.initialize(x)
+        trainer, images, labels = synthetic_trainer(shape, overrides, device, batch, tempfile.mkdtemp())
+        model = trainer.model
         macs = multiply_adds(model)
-        model.set_amp(torch.bfloat16 if dtype == "bf16" else None)
-        ema = copy.deepcopy(model).eval().requires_grad_(False)
-        optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4)
         result = {"variant": args.variant, "batch": batch, "image_shape": list(shape),
                   "parameters": sum(p.numel() for p in model.parameters()), "multiply_adds_per_image": macs}
-        forward = model
         if mode != "eager":
             import torch._dynamo as dynamo
 
             dynamo.reset()
-            forward = torch.compile(model, mode="reduce-overhead" if mode == "cudagraphs" else None)
-        step = training_step(model, forward, optimizer, ema, n_bits, batch, device)
+            trainer.forward = torch.compile(trainer.wrapped, mode="reduce-overhead" if mode == "cudagraphs" else None)
+
+        def step() -> None:
+            trainer.train_step(images, labels)
+
         start = time.perf_counter()
         step()
         sync(device)
@@ -340,13 +323,14 @@ def brute_logdet(fn, x: torch.Tensor) -> torch.Tensor:
 
 
 def section_exact64(args, device, sizes) -> dict:
-    from glowtrain.flows import ActNorm, Coupling, InvConv2d, Permute, Squeeze
+    from glowtrain.flows import ActNorm, InvConv2d, Permute, Squeeze, make_coupling
     from glowtrain.model import Glow
 
     torch.manual_seed(0)
     x = torch.randn(3, 12, 4, 4, device=device, dtype=torch.float64)
     layers = {"actnorm": ActNorm(12), "invconv_lu": InvConv2d(12, lu=True), "invconv_plain": InvConv2d(12, lu=False),
-              "coupling_affine": Coupling(12, 16, affine=True), "coupling_additive": Coupling(12, 16, affine=False),
+              "coupling_affine": make_coupling("affine", 12, 16),
+              "coupling_additive": make_coupling("additive", 12, 16),
               "permute_shuffle": Permute(12, "shuffle"), "squeeze": Squeeze()}
     errors = {}
     for name, layer in layers.items():
@@ -412,7 +396,8 @@ def section_roundtrip(args, device, sizes) -> dict:
         result[name] = {
             "roundtrip_max_error": float((decoded - x).abs().max()),
             "memory_saving_drift": max(drift),
-            "log_prob_vs_float64_bpd": float((log_prob.double() - log_prob64).abs().max()) / (model.n_dims * math.log(2)),
+            "log_prob_vs_float64_bpd":
+                float((log_prob.double() - log_prob64).abs().max()) / (model.n_dims * math.log(2)),
         }
     model.set_amp(None)
     return result
@@ -431,7 +416,8 @@ def synthetic_cache(root: Path, shape, n_train: int, n_test: int) -> Path:
         np.save(cache / f"{split}.npy", rng.integers(0, 256, size=(n, *shape), dtype=np.uint8))
         np.save(cache / f"{split}_labels.npy", rng.integers(0, 10, size=n, dtype=np.int64))
     index = {"format": CACHE_FORMAT, "dataset": "cifar10", "root": str(root), "image_size": shape[1],
-             "channels": shape[0], "image_shape": list(shape), "n_classes": 10, "splits": {"train": n_train, "test": n_test}}
+             "channels": shape[0], "image_shape": list(shape), "n_classes": 10,
+             "splits": {"train": n_train, "test": n_test}}
     (cache / "index.json").write_text(json.dumps(index))
     return cache
 
@@ -523,7 +509,7 @@ class HostReads:
 
 def section_fit(args, device, sizes) -> dict:
     import glowtrain.train as train_module
-    from glowtrain.config import apply_overrides, load_config
+    from glowtrain.config import load_config
 
     spec = sizes["cifar"]
     steps, log_every = (12, 4) if args.quick else (60, 20)
@@ -556,7 +542,7 @@ def section_fit(args, device, sizes) -> dict:
     busy_steps = {s for s in range(steps) if (s + 1) % log_every == 0 or s + 1 == steps}
     quiet = set(range(steps)) - busy_steps
     result = {"optimizer": args.variant, "steps": steps, "batch": spec[5], "total_s": total_s,
-              "images_per_s_by_window": speeds, "test_bpd": outcome.get("test_bpd"),
+              "images_per_s_by_window": speeds, "test_bpd": outcome.test.get("bpd"),
               "eval_s": eval_times, "eval_images_per_s": (1024 if not args.quick else 64) / eval_times[-1]
               if eval_times else None, "host_reads": reads.summary(reads.reads, quiet)}
     if device.type == "cuda":
@@ -590,7 +576,7 @@ def section_memory(args, device, sizes) -> dict:
                 torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             x = torch.rand(batch, *shape, device=device) - 0.5
-            for repeat in range(2):  # the second is timed: the first autotunes convolutions
+            for _ in range(2):  # the second is timed: the first autotunes convolutions
                 sync(device)
                 start = time.perf_counter()
                 log_prob, _ = model(x)
@@ -599,7 +585,7 @@ def section_memory(args, device, sizes) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 sync(device)
             times.append(time.perf_counter() - start)
-            peaks.append((peak_mb(device) - base / 2**20))
+            peaks.append(peak_mb(device) - base / 2**20)
             del x, log_prob
         per_image = (peaks[1] - peaks[0]) / (sizes_[1] - sizes_[0])
         fixed = peaks[0] - per_image * sizes_[0]
@@ -748,7 +734,7 @@ def run_all(args, plan_fg, plan_bg, deadline: float, report) -> None:
         for section, variant in plan_bg:
             process = subprocess.Popen(child_command(args, section, variant, lock), stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True, env=compile_env(),
-                                       preexec_fn=lambda: os.nice(10))
+                                       preexec_fn=lambda: os.nice(10), start_new_session=True)
             background.append((section, variant, process, time.perf_counter()))
 
     for section, variant in plan_fg:
@@ -761,7 +747,7 @@ def run_all(args, plan_fg, plan_bg, deadline: float, report) -> None:
             continue
         start = time.perf_counter()
         process = subprocess.Popen(child_command(args, section, variant, lock), stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
         report(finish(section, variant, *collect(process, left), time.perf_counter() - start))
     if not bg_started:
         start_background()
@@ -777,7 +763,8 @@ def collect(process: subprocess.Popen, timeout: float) -> tuple[int | None, str,
         stdout, stderr = process.communicate(timeout=timeout)
         return process.returncode, stdout, stderr
     except subprocess.TimeoutExpired:
-        process.kill()
+        # The whole process group: compile workers it started would otherwise keep the pipes open.
+        os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
         return None, stdout, stderr
 
@@ -809,14 +796,17 @@ def headline(row: dict) -> str:
     if s == "fit":
         syncs = row.get("cuda_syncs", row["host_reads"])
         return (f"{row['images_per_s_by_window'][-1]:.0f} img/s (last window), "
-                f"{syncs['per_quiet_step']:.2f} syncs per non-logging step, eval {row['eval_images_per_s'] or 0:.0f} img/s")
+                f"{syncs['per_quiet_step']:.2f} syncs per non-logging step, "
+                f"eval {row['eval_images_per_s'] or 0:.0f} img/s")
     if s == "memory":
         std, ms = row["standard"], row["memory_saving"]
         return (f"{std['mb_per_image']:.0f} MB/image standard (largest batch {std.get('largest_batch_estimate')}), "
                 f"{ms['mb_per_image']:.0f} MB/image memory saving (largest {ms.get('largest_batch_estimate')}), "
-                f"ratio {row.get('batch_ratio', 0):.1f}x; {std['ms_per_image']:.0f} vs {ms['ms_per_image']:.0f} ms/image")
+                f"ratio {row.get('batch_ratio', 0):.1f}x; "
+                f"{std['ms_per_image']:.0f} vs {ms['ms_per_image']:.0f} ms/image")
     if s == "ddp":
-        return f"{row['backend']}: weights differ by {row['max_weight_difference']:.1e}, all-reduce ok {row['all_reduce_min_ok']}"
+        return (f"{row['backend']}: weights differ by {row['max_weight_difference']:.1e}, "
+                f"all-reduce ok {row['all_reduce_min_ok']}")
     if s == "resume":
         return f"bit-exact {row['bit_exact']}, max weight difference {row['max_weight_difference']:.1e}"
     return ""

@@ -40,7 +40,8 @@ def main() -> None:
             model.double()
             zs, _ = model.encode(x.double())
             error64 = (model.decode(zs) - x.double()).abs().max().item()
-        print(f"weights moved by {scale}: max |decode(encode(x)) - x| = {error32:.2e} (float32), {error64:.2e} (float64)")
+        print(f"weights moved by {scale}: max |decode(encode(x)) - x| = {error32:.2e} (float32), "
+              f"{error64:.2e} (float64)")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # Subprocesses (python -m glowtrain, torchrun, scripts) must find this checkout from any working
 # directory, also on a machine that runs the suite as `PYTHONPATH=. python3 -m pytest` without a venv.
-os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(":"))])
+_inherited = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *_inherited])
 # The suite runs on the CPU unless GLOWTRAIN_TEST_DEVICE says otherwise: with a GPU present, `run.device:
 # auto` would otherwise move some tests onto it silently (and torchrun tests onto NCCL). Set before torch
 # first asks CUDA anything; subprocesses inherit it.

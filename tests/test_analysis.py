@@ -11,15 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import assert_one_line_error, invoke, sets
 from PIL import Image
 
 from glowtrain.analysis import multiply_adds
-from glowtrain.checkpoint import build_model, load_checkpoint, model_from_checkpoint, open_run, run_paths
+from glowtrain.checkpoint import load_checkpoint, model_from_checkpoint, open_run
 from glowtrain.config import load_config
 from glowtrain.data import build_dataset
 from glowtrain.evaluation import evaluate
 from glowtrain.model import Glow
-from helpers import assert_one_line_error, invoke, sets
+from glowtrain.runs import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
@@ -132,7 +133,7 @@ test_images_as_displayed.__test__ = False  # a helper, not a test
 
 
 def final_test_line(run_dir: Path) -> dict:
-    lines = [json.loads(line) for line in run_paths(run_dir)["metrics"].read_text().splitlines()]
+    lines = [json.loads(line) for line in RunDir(run_dir).metrics.read_text().splitlines()]
     return [line for line in lines if line["split"] == "test"][-1]
 
 
@@ -317,7 +318,7 @@ def test_eval_prints_the_training_loops_final_test_bpd_for_the_same_checkpoint(f
     assert result["bpd_stderr"] == pytest.approx(final["bpd_stderr"], abs=1e-9)
     assert result["n_images"] == final["n_images"] == 297
     assert result["n_dequant"] == 1 and result["split"] == "test"
-    assert result["checkpoint"] == str(run_paths(run_dir)["last"])
+    assert result["checkpoint"] == str(RunDir(run_dir).last)
     assert 0 < result["bpd_stderr"] < 0.1 and 0 < result["bpd"] < 8
 
 
@@ -334,7 +335,7 @@ def test_eval_uses_ema_weights_unless_no_ema(fitted):
     _, run_dir = fitted
     ema = json_output(invoke("eval", "--run", run_dir, *CPU))["bpd"]
     raw = json_output(invoke("eval", "--run", run_dir, "--no-ema", *CPU))["bpd"]
-    state = load_checkpoint(run_paths(run_dir)["last"])
+    state = load_checkpoint(RunDir(run_dir).last)
     model, cfg = model_from_checkpoint(state, use_ema=False)
     expected = evaluate(model, build_dataset(cfg.data, "test"), cfg, torch.device("cpu"))["bpd"]
     assert raw == pytest.approx(expected, abs=1e-9)
@@ -391,11 +392,11 @@ def test_reconstruct_without_out_writes_into_the_checkpoints_samples_folder(fitt
     _, run_dir = fitted
     in_run = json_output(invoke("reconstruct", "--run", run_dir, "--n", "2", *CPU))
     written = Path(in_run["path"])
-    assert written == run_paths(run_dir)["samples"] / "reconstruct_step0000004.png" and written.is_file()
+    assert written == RunDir(run_dir).samples / "reconstruct_step0000004.png" and written.is_file()
     written.unlink()  # leave the shared run as the other tests expect it
 
     loose = tmp_path / "loose.pt"
-    shutil.copy(run_paths(run_dir)["last"], loose)
+    shutil.copy(RunDir(run_dir).last, loose)
     outside = json_output(invoke("reconstruct", "--checkpoint", loose, "--n", "2", *CPU))
     assert Path(outside["path"]) == tmp_path / "samples" / "reconstruct_step0000004.png"
     assert outside["max_abs_error"] == in_run["max_abs_error"]
@@ -527,7 +528,7 @@ def test_info_without_options_describes_the_digits_default_without_training(tmp_
     monkeypatch.chdir(tmp_path)
     values, config_text = parse_info(ok(invoke("info")).stdout)
     torch.manual_seed(0)
-    model = build_model(load_config())
+    model = Glow.from_config(load_config())
     assert values["parameters_total"] == sum(p.numel() for p in model.parameters())
     assert values["parameters_per_level"] == [sum(p.numel() for p in level.parameters()) for level in model.levels]
     assert values["latent_shapes"] == [[2, 4, 4], [8, 2, 2]]
@@ -542,7 +543,7 @@ def test_info_of_the_cifar10_config_counts_every_parameter(tmp_path, monkeypatch
     config = REPO / "configs" / "cifar10.yaml"
     values, _ = parse_info(ok(invoke("info", "--config", config)).stdout)
     cfg = load_config(config)
-    model = build_model(cfg)
+    model = Glow.from_config(cfg)
     assert values["parameters_total"] == sum(p.numel() for p in model.parameters())
     assert values["dimensions"] == 3 * 32 * 32 == sum(math.prod(s) for s in values["latent_shapes"])
     assert values["latent_shapes"] == [[6, 16, 16], [12, 8, 8], [48, 4, 4]]
@@ -595,7 +596,7 @@ def test_info_with_both_run_and_config_exits_2(fitted):
 def tensorboard_images(run_dir: Path) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run_paths(run_dir)["tb"]), size_guidance={"images": 0}).Reload()
+    events = EventAccumulator(str(RunDir(run_dir).tb), size_guidance={"images": 0}).Reload()
     return {tag: events.Images(tag) for tag in events.Tags()["images"]}
 
 
@@ -625,7 +626,7 @@ def test_tensorboard_flag_adds_every_grid_to_the_runs_log(fitted, tmp_path):
 def test_tensorboard_needs_a_run_directory(fitted, tmp_path):
     _, run_dir = fitted
     loose = tmp_path / "loose.pt"
-    shutil.copy(run_paths(run_dir)["last"], loose)
+    shutil.copy(RunDir(run_dir).last, loose)
     result = invoke("interpolate", "--checkpoint", loose, "--pairs", "1", "--steps", "2", "--tensorboard",
                     "--out", tmp_path / "out", *CPU)
     assert_one_line_error(result, 2, "--tensorboard needs a run directory")
@@ -642,14 +643,14 @@ def test_commands_without_run_or_checkpoint_use_the_most_recent_run(fitted, cond
 
     def make_latest(name: str) -> None:
         for other, when in (("a", 1_000_000), ("b", 1_000_000)):
-            os.utime(run_paths(Path("runs") / other)["last"], (when, when))
-        os.utime(run_paths(Path("runs") / name)["last"], (2_000_000, 2_000_000))
+            os.utime(RunDir(Path("runs") / other).last, (when, when))
+        os.utime(RunDir(Path("runs") / name).last, (2_000_000, 2_000_000))
 
     make_latest("a")
     first = json_output(invoke("eval", *CPU))
     assert first["checkpoint"] == str(Path("runs/a/checkpoints/last.pt")) and "accuracy" not in first
     assert first["bpd"] == pytest.approx(final_test_line(tiny)["bpd"], abs=1e-9)
-    samples = run_paths(Path("runs") / "a")["samples"]
+    samples = RunDir(Path("runs") / "a").samples
     assert Path(ok(invoke("sample", "--n", "2", *CPU)).stdout.strip()).parent == samples
     assert Path(json_output(invoke("reconstruct", "--n", "2", *CPU))["path"]).parent == samples
     assert Path(ok(invoke("interpolate", "--pairs", "1", "--steps", "2", *CPU)).stdout.strip()).parent == samples
@@ -686,7 +687,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(fitted, conditional,
     _, tiny = fitted
     (tmp_path / "empty").mkdir()
     where = {"tiny": tiny, "cond": conditional, "empty": tmp_path / "empty",
-             "last": run_paths(tiny)["last"], "config": run_paths(tiny)["config"]}
+             "last": RunDir(tiny).last, "config": RunDir(tiny).config}
     monkeypatch.chdir(tmp_path)
     before = {p for p in tmp_path.rglob("*")}
     shared_before = {p for d in (tiny, conditional) for p in d.rglob("*")}

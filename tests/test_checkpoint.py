@@ -7,21 +7,19 @@ import pickle
 
 import pytest
 import torch
+from helpers import perturb
 
 from glowtrain.checkpoint import (
-    build_model,
     checkpoint_state,
-    latest_run,
     load_checkpoint,
     load_state_checked,
     model_from_checkpoint,
-    resolve_checkpoint,
-    run_paths,
     save_checkpoint,
 )
 from glowtrain.config import apply_overrides, config_to_dict, default_config, save_config
 from glowtrain.errors import UserError
-from helpers import perturb
+from glowtrain.model import Glow
+from glowtrain.runs import RunDir, latest_run, resolve_checkpoint
 
 TINY = ["model.n_levels=2", "model.n_steps=2", "model.hidden_channels=8"]
 
@@ -30,14 +28,14 @@ def tiny_state(*extra: str, seed: int = 0) -> dict:
     """A complete checkpoint dict for a tiny initialised, perturbed model (EMA = a different perturbation)."""
     cfg = apply_overrides(default_config(), [*TINY, *extra])
     torch.manual_seed(seed)
-    model = build_model(cfg)
+    model = Glow.from_config(cfg)
     model.initialize(torch.rand(16, *cfg.image_shape) - 0.5)
     ema = copy.deepcopy(model)
     perturb(model, 0.05, seed)
     perturb(ema, 0.05, seed + 1)
     optimizer = torch.optim.Adamax(model.parameters(), lr=1e-3)
-    return checkpoint_state(model=model, ema=ema, optimizer=optimizer, step=7, cfg_dict=config_to_dict(cfg),
-                            best_test_bpd=3.5)
+    return checkpoint_state(model=model, ema=ema, optimizer=optimizer, cfg_dict=config_to_dict(cfg),
+                            train_state={"step": 7, "best_test_bpd": 3.5})
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +195,7 @@ def test_model_from_checkpoint_rebuilds_the_same_model_without_a_config_file(tmp
     assert_same_tensors(raw_model.state_dict(), state["model"])
 
     # The same function as the saved model: equal log-likelihoods on a batch.
-    original = build_model(cfg)
+    original = Glow.from_config(cfg)
     original.load_state_dict(state["ema"])
     original.eval()
     x = torch.rand(8, *cfg.image_shape, generator=torch.Generator().manual_seed(1)) - 0.5
@@ -213,7 +211,7 @@ def test_model_from_checkpoint_without_ema_uses_the_raw_weights(state):
 
 def test_loading_weights_into_another_architecture_names_the_tensor_and_both_shapes(state):
     cfg = apply_overrides(default_config(), [*TINY, "model.hidden_channels=16"])
-    other = build_model(cfg)
+    other = Glow.from_config(cfg)
     own = other.state_dict()
     name, tensor = next((n, t) for n, t in state["model"].items() if own[n].shape != t.shape)
     with pytest.raises(UserError) as info:
@@ -224,7 +222,7 @@ def test_loading_weights_into_another_architecture_names_the_tensor_and_both_sha
 
 
 def test_loading_weights_with_missing_or_extra_tensors_names_the_tensor(state):
-    model = build_model(apply_overrides(default_config(), TINY))
+    model = Glow.from_config(apply_overrides(default_config(), TINY))
     weights = dict(state["model"])
     dropped = next(iter(weights))
     del weights[dropped]
@@ -241,7 +239,7 @@ def test_loading_weights_with_missing_or_extra_tensors_names_the_tensor(state):
 def make_run(root, name: str, mtime: float, best: bool = False) -> pathlib.Path:
     run = root / name
     for key in ("last", "best") if best else ("last",):
-        path = run_paths(run)[key]
+        path = getattr(RunDir(run), key)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"stand-in")
         os.utime(path, (mtime, mtime))
@@ -254,19 +252,19 @@ def test_latest_run_is_the_one_whose_last_checkpoint_was_written_most_recently(t
     newest = make_run(runs, "b_new", 3_000_000)
     make_run(runs, "c_middle", 2_000_000)
     (runs / "d_unfinished" / "checkpoints").mkdir(parents=True)  # no last.pt: never a candidate
-    assert latest_run(runs) == newest
-    os.utime(run_paths(runs / "a_old")["last"], (4_000_000, 4_000_000))
-    assert latest_run(runs) == runs / "a_old"
+    assert latest_run(runs).path == newest
+    os.utime(RunDir(runs / "a_old").last, (4_000_000, 4_000_000))
+    assert latest_run(runs).path == runs / "a_old"
 
 
 def test_resolve_checkpoint_with_neither_option_uses_the_latest_run_under_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_run(pathlib.Path("runs"), "one", 1_000_000)
     make_run(pathlib.Path("runs"), "two", 2_000_000, best=True)
-    assert resolve_checkpoint() == run_paths(pathlib.Path("runs/two"))["last"]
-    assert resolve_checkpoint(which="best") == run_paths(pathlib.Path("runs/two"))["best"]
+    assert resolve_checkpoint() == RunDir(pathlib.Path("runs/two")).last
+    assert resolve_checkpoint(which="best") == RunDir(pathlib.Path("runs/two")).best
     # A run without best.pt falls back to last.pt.
-    assert resolve_checkpoint(run="runs/one", which="best") == run_paths(pathlib.Path("runs/one"))["last"]
+    assert resolve_checkpoint(run="runs/one", which="best") == RunDir(pathlib.Path("runs/one")).last
 
 
 def test_resolve_checkpoint_errors_name_the_problem(tmp_path, monkeypatch):
@@ -282,7 +280,7 @@ def test_resolve_checkpoint_errors_name_the_problem(tmp_path, monkeypatch):
         resolve_checkpoint(checkpoint="missing.pt")
     run = make_run(tmp_path / "runs", "r", 1_000_000)
     with pytest.raises(UserError, match="either --run or --checkpoint, not both"):
-        resolve_checkpoint(run=str(run), checkpoint=str(run_paths(run)["last"]))
+        resolve_checkpoint(run=str(run), checkpoint=str(RunDir(run).last))
     with pytest.raises(UserError, match="run directory not found: nowhere"):
         resolve_checkpoint(run="nowhere")
     (tmp_path / "bare").mkdir()

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_line_error, invoke, sets
 from PIL import Image
 
 from glowtrain import __version__
-from glowtrain.checkpoint import run_paths
-from helpers import assert_one_line_error, invoke, sets
+from glowtrain.runs import RunDir
 
 TINY = [
     "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16",
@@ -68,7 +68,7 @@ def test_fit_trains_into_out_and_says_where_everything_is(fitted):
     assert f"run directory:  {run_dir}" in result.stdout
     assert f"tensorboard --logdir {run_dir}/tb" in result.stdout
     assert "test bpd " in result.stdout and "at step 4" in result.stdout
-    assert run_paths(run_dir)["last"].is_file() and run_paths(run_dir)["config"].is_file()
+    assert RunDir(run_dir).last.is_file() and RunDir(run_dir).config.is_file()
 
 
 def sample_pngs(out: Path) -> dict[str, bytes]:
@@ -112,7 +112,7 @@ def test_sample_defaults_to_the_run_samples_folder(fitted, tmp_path):
     result = invoke("sample", "--run", str(run_dir), "--n", "1", "--seed", "11")
     assert result.exit_code == 0, result.output
     written = Path(result.stdout.strip())
-    assert written.parent == run_paths(run_dir)["samples"] and written.name.endswith("_seed11.png")
+    assert written.parent == RunDir(run_dir).samples and written.name.endswith("_seed11.png")
     written.unlink()  # leave the shared run as the other tests expect it
 
 
@@ -144,10 +144,10 @@ def test_fit_on_cuda_without_cuda_exits_2_naming_cuda(tmp_path, monkeypatch):
 
 def test_fit_into_an_existing_run_exits_2_and_suggests_resume(fitted):
     _, run_dir, _ = fitted
-    before = run_paths(run_dir)["metrics"].read_text()
+    before = RunDir(run_dir).metrics.read_text()
     result = invoke("fit", "--no-progress", "--out", str(run_dir), *sets("run.device=cpu", *TINY))
     assert_one_line_error(result, 2, "--resume auto")
-    assert run_paths(run_dir)["metrics"].read_text() == before
+    assert RunDir(run_dir).metrics.read_text() == before
 
 
 def test_resume_without_a_checkpoint_exits_2(tmp_path):
@@ -172,7 +172,7 @@ def test_sample_errors_exit_2_with_one_line(tmp_path, monkeypatch, args, needle)
 
 def test_sample_from_a_config_file_instead_of_a_checkpoint_exits_2(fitted):
     _, run_dir, _ = fitted
-    result = invoke("sample", "--checkpoint", str(run_paths(run_dir)["config"]))
+    result = invoke("sample", "--checkpoint", str(RunDir(run_dir).config))
     assert_one_line_error(result, 2, "config.yaml")
 
 

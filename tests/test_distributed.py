@@ -47,6 +47,20 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
         assert torch.allclose(wa[name], tensor, atol=1e-5, rtol=1e-4), name
 
 
+@pytest.mark.slow
+def test_two_gloo_processes_accumulating_two_micro_batches_match_one_process(tmp_path):
+    _fit(tmp_path / "two", 8, "--nproc", "2", "--set", "train.grad_accum_steps=2")
+    _fit(tmp_path / "one", 32)
+    a, b = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
+    assert [(m["step"], m["split"]) for m in a] == [(m["step"], m["split"]) for m in b]
+    for ma, mb in zip(a, b):
+        assert abs(ma["bpd"] - mb["bpd"]) < 1e-5, (ma, mb)
+    wa = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")["model"]
+    wb = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")["model"]
+    for name, tensor in wb.items():
+        assert torch.allclose(wa[name], tensor, atol=1e-5, rtol=1e-4), name
+
+
 def test_resume_with_a_different_number_of_processes(tmp_path):
     # Memory-saving backward and fused Adam's on-device skip verdict (all-reduced across ranks) under DDP
     # too: fit itself fails if the ranks end with different weights.

@@ -1,20 +1,24 @@
+from typing import get_args, get_type_hints
+
 import pytest
 import torch
-
 import torch.nn.functional as F
+from helpers import brute_force_logdet, float64_default, perturb  # noqa: F401 (a fixture)
 
+from glowtrain import flows
+from glowtrain.config import ModelConfig
 from glowtrain.flows import (
     ActNorm,
     Coupling,
     CouplingNet,
+    CouplingTransform,
+    FlowLayer,
     InvConv2d,
     Permute,
     Squeeze,
     flow_step,
+    make_coupling,
 )
-from helpers import brute_force_logdet, float64_default, perturb  # noqa: F401 (a fixture)
-
-
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -28,10 +32,8 @@ def _layer(kind: str, channels: int):
         return InvConv2d(channels, lu=False)
     if kind in ("reverse", "shuffle"):
         return Permute(channels, kind)
-    if kind == "affine":
-        return Coupling(channels, 8, affine=True)
-    if kind == "additive":
-        return Coupling(channels, 8, affine=False)
+    if kind in ("affine", "additive"):
+        return make_coupling(kind, channels, 8)
     if kind == "squeeze":
         return Squeeze()
     coupling, conv = kind.split("+")
@@ -72,7 +74,7 @@ def test_layer_reverse_inverts_forward(kind):
 
 def test_volume_preserving_layers_report_zero_logdet_per_sample():
     x = torch.randn(5, 4, 4, 4)
-    for layer in (Permute(4, "shuffle"), Squeeze(), Coupling(4, 8, affine=False)):
+    for layer in (Permute(4, "shuffle"), Squeeze(), make_coupling("additive", 4, 8)):
         logdet = layer(x)[1]
         assert logdet.shape == (5,) and torch.all(logdet == 0)
 
@@ -157,7 +159,7 @@ def test_float32_inverse_is_computed_in_float64(lu):
 
 
 def test_affine_coupling_reverse_stays_finite_when_scale_saturates():
-    coupling = Coupling(4, 8, affine=True).float()
+    coupling = make_coupling("affine", 4, 8).float()
     with torch.no_grad():
         coupling.net.conv_out.conv.bias.fill_(-1e4)  # sigmoid(h + 2) underflows to 0
     y = torch.randn(3, 4, 4, 4, dtype=torch.float32) * 1e3
@@ -169,7 +171,7 @@ def test_affine_coupling_reverse_stays_finite_when_scale_saturates():
 def test_zero_initialised_coupling_starts_as_identity():
     x = torch.randn(2, 4, 4, 4)
     for affine in (True, False):
-        coupling = Coupling(4, 8, affine=affine)
+        coupling = make_coupling("affine" if affine else "additive", 4, 8)
         y, logdet = coupling(x)
         # sigmoid(2) is the starting scale of the affine coupling's changed half
         expected_scale = torch.sigmoid(torch.tensor(2.0)) * (1 - 1e-4) + 1e-4 if affine else 1.0
@@ -225,4 +227,97 @@ def test_unknown_layer_kinds_are_refused():
     with pytest.raises(ValueError, match="unknown conv"):
         flow_step(4, 8, "affine", "dense")
     with pytest.raises(ValueError, match="at least 2 channels"):
-        Coupling(1, 8)
+        make_coupling("affine", 1, 8)
+
+
+def test_config_offers_exactly_the_registered_coupling_and_conv_kinds():
+    # config.py cannot import the torch-heavy registry, so its Literal types repeat the names.
+    hints = get_type_hints(ModelConfig)
+    assert get_args(hints["coupling"]) == tuple(flows.COUPLING_KINDS)
+    assert get_args(hints["conv"]) == tuple(flows.CONV_KINDS)
+
+
+class _ToyTransform(CouplingTransform):
+    """y = (x + b) * exp(tanh(a)) + c: three parameters per channel, to exercise the grouped layout."""
+
+    params_per_channel = 3
+
+    def forward(self, x, params):
+        a, b, c = self.split_params(params)
+        return (x + b) * torch.exp(torch.tanh(a)) + c, torch.tanh(a).flatten(1).sum(1)
+
+    def inverse(self, y, params):
+        a, b, c = self.split_params(params)
+        return (y - c) * torch.exp(-torch.tanh(a)) - b
+
+
+def test_a_registered_coupling_kind_works_in_a_flow_step_and_a_whole_glow(monkeypatch):
+    from glowtrain.model import Glow
+
+    monkeypatch.setitem(flows.COUPLING_KINDS, "toy", _ToyTransform)
+    layer, x = _ready_layer("toy+lu", (5, 4, 4))
+    coupling = layer.layers[2]
+    assert isinstance(coupling.transform, _ToyTransform) and coupling.net.out_channels == 3 * 3
+    y, logdet = layer(x)
+    assert torch.allclose(logdet, brute_force_logdet(lambda s: layer(s)[0], x), atol=1e-8, rtol=0)
+    assert (layer.reverse(y) - x).abs().max() <= 1e-10
+    torch.manual_seed(1)
+    model = Glow((1, 4, 4), n_levels=2, n_steps=2, hidden_channels=8, coupling="toy", conv="shuffle")
+    model.initialize(torch.rand(8, 1, 4, 4) - 0.5)
+    perturb(model, 0.1, seed=1)
+    images = torch.rand(2, 1, 4, 4) - 0.5
+    zs, logdet = model.encode(images)
+    expected = brute_force_logdet(lambda s: torch.cat([z.flatten(1) for z in model.encode(s)[0]], 1), images)
+    assert torch.allclose(logdet, expected, atol=1e-8, rtol=0)
+    assert (model.decode(zs) - images).abs().max() <= 1e-10
+
+
+def test_coupling_refuses_a_conditioner_whose_outputs_do_not_fit_its_transform():
+    with pytest.raises(ValueError, match="not a multiple of the 3 parameters"):
+        Coupling(_ToyTransform(), CouplingNet(2, 4, 8))
+
+
+class _Shift(FlowLayer):
+    """y = x + p: a layer with a parameter and no reverse_and_recompute of its own."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.randn(1, channels, 1, 1))
+
+    def forward(self, x):
+        return x + self.p, (self.p.sum() * x[0, 0].numel()).expand(x.shape[0])
+
+    def reverse(self, y):
+        return y - self.p
+
+
+@pytest.mark.parametrize("make", [lambda: _Shift(4), lambda: InvConv2d(4), lambda: ActNorm(4)])
+def test_default_reverse_and_recompute_rebuilds_the_input_and_redoes_forward_under_autograd(make):
+    torch.manual_seed(2)
+    layer = make()
+    x = torch.randn(3, 4, 2, 2)
+    layer(x)  # ActNorm initialises here
+    perturb(layer, 0.2, seed=2)
+    y, logdet = layer(x)
+    with torch.enable_grad():
+        parts, y_again, logdet_again = layer.reverse_and_recompute(y.detach())
+        assert len(parts) == 1 and parts[0].is_leaf and parts[0].requires_grad
+        assert torch.allclose(parts[0], layer.reverse(y).detach(), atol=1e-12, rtol=0)
+        assert torch.allclose(y_again, y, atol=1e-12) and torch.allclose(logdet_again, logdet, atol=1e-12)
+        weights = torch.randn_like(y)
+        got = torch.autograd.grad((y_again * weights).sum() + logdet_again.sum(), [parts[0], *layer.parameters()])
+        x_leaf = x.clone().requires_grad_()
+        y_direct, logdet_direct = layer(x_leaf)
+        expected = torch.autograd.grad((y_direct * weights).sum() + logdet_direct.sum(), [x_leaf, *layer.parameters()])
+    for g, e in zip(got, expected):
+        assert torch.allclose(g, e, atol=1e-10)
+    assert not layer.reverse_and_recompute(y, input_grad=False)[0][0].requires_grad
+
+
+def test_every_layer_kind_is_a_flow_layer():
+    assert all(isinstance(_layer(kind, 4), FlowLayer) for kind in LAYERS)
+
+
+def test_coupling_net_counts_its_three_convolutions():
+    net = CouplingNet(3, 6, 16)
+    assert net.multiply_adds((3, 5, 7)) == 35 * (16 * 3 * 9 + 16 * 16 + 6 * 16 * 9)

@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import perturb
 
-from glowtrain.config import default_config
+from glowtrain.config import apply_overrides, default_config
 from glowtrain.data import build_dataset
-from glowtrain.flows import Coupling
+from glowtrain.flows import make_coupling
 from glowtrain.losses import bits_per_dim, dequantize
 from glowtrain.model import Glow
-from helpers import perturb
 
 
 def _random_glow(shape=(3, 8, 8), seed=0, dtype=torch.float64, scale=0.05, **kwargs):
@@ -111,7 +111,9 @@ def test_memory_saving_forward_initializes_actnorm_via_standard_path():
 
 def test_set_memory_saving_round_trip_and_no_effect_without_autograd():
     model = _random_glow((1, 8, 8), seed=4)
-    assert model.memory_saving is False and "memory_saving" not in model.hparams
+    assert model.memory_saving is False
+    # A way of computing gradients, not architecture: a model rebuilt from a config starts without it.
+    assert not Glow.from_config(apply_overrides(default_config(), ["train.memory_saving=true"])).memory_saving
     x = torch.rand(5, 1, 8, 8, dtype=torch.float64) - 0.5
     with torch.no_grad():
         before = model.log_prob(x)
@@ -127,8 +129,8 @@ def test_set_memory_saving_round_trip_and_no_effect_without_autograd():
 
 def test_coupling_reverse_and_recompute_matches_reverse_and_forward():
     torch.manual_seed(5)
-    for affine in (True, False):
-        layer = Coupling(6, 8, affine=affine).double()
+    for kind in ("affine", "additive"):
+        layer = make_coupling(kind, 6, 8).double()
         perturb(layer, 0.2, seed=5)
         x = torch.randn(3, 6, 4, 4, dtype=torch.float64)
         y, logdet = layer(x)
@@ -137,6 +139,9 @@ def test_coupling_reverse_and_recompute_matches_reverse_and_forward():
         assert all(p.requires_grad and p.is_leaf for p in parts)
         assert torch.equal(torch.cat(parts, 1), layer.reverse(y))
         assert torch.allclose(y_again, y, atol=1e-12) and torch.allclose(logdet_again, logdet, atol=1e-12)
+        with torch.enable_grad():
+            parts, y_again, _ = layer.reverse_and_recompute(y, input_grad=False)
+        assert not any(p.requires_grad for p in parts) and y_again.requires_grad  # parameters still need it
 
 
 def _saved_numel(model, x) -> int:

@@ -2,10 +2,11 @@ import math
 
 import pytest
 import torch
-
-from glowtrain.model import Glow
 from helpers import brute_force_logdet, float64_default, perturb  # noqa: F401 (a fixture)
 
+from glowtrain.config import apply_overrides, default_config
+from glowtrain.flows import Conditioner
+from glowtrain.model import Glow
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -189,6 +190,35 @@ def test_initialize_sets_every_actnorm_once_and_survives_state_dict():
     assert copy.is_initialized
     x = torch.rand(4, 1, 8, 8) * 3
     assert torch.equal(copy.log_prob(x), model.log_prob(x))
+
+
+def test_from_config_builds_the_architecture_the_config_describes():
+    cfg = apply_overrides(default_config(), [
+        "data.dataset=cifar10", "data.channels=3", "data.image_size=16", "model.n_levels=3", "model.n_steps=2",
+        "model.hidden_channels=6", "model.coupling=additive", "model.conv=shuffle", "model.learn_top=false",
+        "model.n_classes=4"])
+    torch.manual_seed(0)
+    model = Glow.from_config(cfg)
+    torch.manual_seed(0)
+    expected = Glow((3, 16, 16), n_levels=3, n_steps=2, hidden_channels=6, coupling="additive", conv="shuffle",
+                    learn_top=False, n_classes=4)
+    assert model.image_shape == cfg.image_shape == (3, 16, 16) and model.latent_shapes == expected.latent_shapes
+    assert model.n_classes == 4 and "top_prior" not in dict(model.named_parameters())
+    assert model.levels[0].layers[0].layers[2].transform.params_per_channel == 1
+    mine, theirs = model.state_dict(), expected.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_amp_dtype_reports_what_set_amp_set_on_every_conditioner():
+    model = Glow((1, 8, 8), n_levels=2, n_steps=2, hidden_channels=4)
+    conditioners = [m for m in model.modules() if isinstance(m, Conditioner)]
+    assert len(conditioners) == 4 and model.amp_dtype is None
+    assert model.set_amp(torch.bfloat16) is model and model.amp_dtype is torch.bfloat16
+    assert all(c.amp_dtype is torch.bfloat16 for c in conditioners)
+    model.set_amp(None)
+    assert model.amp_dtype is None and all(c.amp_dtype is None for c in conditioners)
+    with pytest.raises(AttributeError):
+        model.amp_dtype = torch.float16  # read-only: set_amp is the one way to change it
 
 
 @pytest.mark.parametrize(

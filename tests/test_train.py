@@ -8,12 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from glowtrain.checkpoint import build_model, load_checkpoint, model_from_checkpoint, run_paths
+from glowtrain.checkpoint import load_checkpoint, model_from_checkpoint
 from glowtrain.config import apply_overrides, default_config, load_config
 from glowtrain.data import build_dataset, make_train_batches
 from glowtrain.errors import UserError
+from glowtrain.losses import dequantize
+from glowtrain.model import Glow
+from glowtrain.runs import RunDir
 from glowtrain.sample import display_upscale
-from glowtrain.train import ema_decay_at, evaluate, fit_config, lr_at, prepare_batch, train
+from glowtrain.train import Trainer, ema_decay_at, evaluate, fit_config, lr_at, train
 
 # steps=6: train lines at 2, 4, 6; test lines, samples and checkpoints at 3 and 6.
 # warmup_steps=5 puts the resume point (step 3) inside the warm-up.
@@ -41,7 +44,7 @@ def tiny_run(tmp_path_factory):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    lines = run_paths(Path(run_dir))["metrics"].read_text().splitlines()
+    lines = RunDir(Path(run_dir)).metrics.read_text().splitlines()
     return [json.loads(line) for line in lines]
 
 
@@ -55,14 +58,14 @@ def comparable(records: list[dict]) -> list[dict]:
 
 def test_run_directory_holds_config_checkpoints_tensorboard_metrics_and_samples(tiny_run):
     cfg, out, result = tiny_run
-    paths = run_paths(out)
-    assert result["run_dir"] == str(out) and result["step"] == 6
-    assert load_config(paths["config"]) == cfg
-    assert paths["last"].is_file() and paths["best"].is_file()
-    last = load_checkpoint(paths["last"])
+    paths = RunDir(out)
+    assert result.run_dir == str(out) and result.step == 6
+    assert load_config(paths.config) == cfg
+    assert paths.last.is_file() and paths.best.is_file()
+    last = load_checkpoint(paths.last)
     assert last["step"] == 6
-    assert load_checkpoint(paths["best"])["step"] in (3, 6)
-    assert list(paths["tb"].glob("events.out.tfevents.*"))
+    assert load_checkpoint(paths.best)["step"] in (3, 6)
+    assert list(paths.tb.glob("events.out.tfevents.*"))
     # No temporary files left behind by the atomic writes.
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
@@ -83,20 +86,20 @@ def test_metrics_jsonl_has_train_lines_at_log_steps_and_test_lines_at_eval_steps
     for r in test_lines:
         assert r["n_images"] == N_DIGITS_TEST and r["bpd_stderr"] > 0
     # The returned final metrics are the last test line; best is the lowest test bpd.
-    assert result["test_bpd"] == test_lines[-1]["bpd"]
-    assert result["best_test_bpd"] == min(r["bpd"] for r in test_lines)
+    assert result.test["bpd"] == test_lines[-1]["bpd"]
+    assert result.best_test_bpd == min(r["bpd"] for r in test_lines)
 
 
 def test_sample_grids_are_written_at_sample_steps_with_the_upscaled_grid_size(tiny_run):
     cfg, out, _ = tiny_run
-    names = sorted(p.name for p in run_paths(out)["samples"].glob("*.png"))
+    names = sorted(p.name for p in RunDir(out).samples.glob("*.png"))
     assert names == ["step0000003_t0p70.png", "step0000003_t1p00.png",
                      "step0000006_t0p70.png", "step0000006_t1p00.png"]
     # 4 samples -> a 2x2 grid of 8x8 images with 1-pixel padding: 2 * (8 + 1) + 1 = 19, then upscaled.
     side = 19 * display_upscale(cfg.data.image_size)
     assert side == 152
     for name in names:
-        with Image.open(run_paths(out)["samples"] / name) as image:
+        with Image.open(RunDir(out).samples / name) as image:
             assert image.size == (side, side)
 
 
@@ -104,7 +107,7 @@ def test_tensorboard_events_hold_the_logged_scalars_and_sample_images(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     _, out, _ = tiny_run
-    events = EventAccumulator(str(run_paths(out)["tb"]), size_guidance={"scalars": 0, "images": 0})
+    events = EventAccumulator(str(RunDir(out).tb), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     tags = events.Tags()
     assert {"train/bpd", "train/lr", "train/grad_norm", "test/bpd", "test/bpd_stderr"} <= set(tags["scalars"])
@@ -125,16 +128,16 @@ def test_resume_auto_continues_exactly_as_an_uninterrupted_run(tiny_run, tmp_pat
     cfg, straight_dir, _ = tiny_run
     out = str(tmp_path / "run")
     train(apply_overrides(cfg, ["train.steps=3"]), out=out, progress=False)
-    assert load_checkpoint(run_paths(Path(out))["last"])["step"] == 3
+    assert load_checkpoint(RunDir(Path(out)).last)["step"] == 3
 
     # The resumed run takes the config stored in the checkpoint, plus the override.
     resumed_cfg = fit_config(None, ["train.steps=6"], out, "auto")
     assert resumed_cfg == cfg
     result = train(resumed_cfg, out=out, resume="auto", progress=False)
-    assert result["step"] == 6
+    assert result.step == 6
 
-    straight = load_checkpoint(run_paths(straight_dir)["last"])
-    resumed = load_checkpoint(run_paths(Path(out))["last"])
+    straight = load_checkpoint(RunDir(straight_dir).last)
+    resumed = load_checkpoint(RunDir(Path(out)).last)
     assert resumed["step"] == straight["step"] == 6
     for key in ("model", "ema"):
         assert straight[key].keys() == resumed[key].keys()
@@ -161,7 +164,7 @@ def test_fused_adam_resumes_exactly_too(tmp_path):
     train(cfg, out=str(tmp_path / "straight"), progress=False)
     train(apply_overrides(cfg, ["train.steps=3"]), out=str(tmp_path / "split"), progress=False)
     train(cfg, out=str(tmp_path / "split"), resume="auto", progress=False)
-    straight, resumed = (load_checkpoint(run_paths(tmp_path / name)["last"]) for name in ("straight", "split"))
+    straight, resumed = (load_checkpoint(RunDir(tmp_path / name).last) for name in ("straight", "split"))
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
     for index, param_state in straight["optimizer"]["state"].items():
@@ -184,10 +187,10 @@ def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tiny_run, t
 
 def test_fit_into_an_existing_run_without_resume_is_refused(tiny_run):
     cfg, out, _ = tiny_run
-    before = run_paths(out)["metrics"].read_text()
+    before = RunDir(out).metrics.read_text()
     with pytest.raises(UserError, match="--resume"):
         train(cfg, out=str(out), progress=False)
-    assert run_paths(out)["metrics"].read_text() == before
+    assert RunDir(out).metrics.read_text() == before
 
 
 def test_resume_auto_without_a_checkpoint_is_a_user_error(tmp_path):
@@ -237,9 +240,9 @@ def test_ema_decay_warms_up_as_one_plus_step_over_ten_plus_step_capped_at_decay(
 def fresh_model():
     cfg = tiny_config()
     torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg)
+    model = Glow.from_config(cfg)
     images, _ = next(make_train_batches(build_dataset(cfg.data, "train"), cfg.train.init_batch_size, seed=0))
-    model.initialize(prepare_batch(images, cfg, torch.device("cpu"), torch.Generator().manual_seed(0)))
+    model.initialize(dequantize(images, cfg.data.n_bits, generator=torch.Generator().manual_seed(0)))
     return cfg, model
 
 
@@ -268,7 +271,7 @@ def test_short_training_lowers_test_bpd_below_the_initial_model(fresh_model, tmp
                                 "train.eval_every=30", "train.sample_every=30", "train.checkpoint_every=30"])
     initial = evaluate(model, build_dataset(cfg.data, "test"), cfg, torch.device("cpu"))["bpd"]
     result = train(cfg, out=str(tmp_path / "run"), progress=False)
-    assert result["test_bpd"] < initial - 0.1, (initial, result["test_bpd"])
+    assert result.test["bpd"] < initial - 0.1, (initial, result.test["bpd"])
 
 
 def test_class_conditional_training_logs_test_accuracy(tmp_path):
@@ -277,7 +280,7 @@ def test_class_conditional_training_logs_test_accuracy(tmp_path):
     test_lines = [r for r in read_metrics(tmp_path / "run") if r["split"] == "test"]
     assert [r["step"] for r in test_lines] == [3]
     assert 0 <= test_lines[0]["accuracy"] <= 1
-    assert result["test_accuracy"] == test_lines[0]["accuracy"]
+    assert result.test["accuracy"] == test_lines[0]["accuracy"]
 
 
 def test_class_count_that_does_not_match_the_dataset_is_a_user_error(tmp_path):
@@ -300,20 +303,18 @@ def test_weight_decay_shrinks_weights_relative_to_no_decay(tmp_path):
     assert norms[50.0] < 0.9 * norms[0.0]
 
 
-def _poison(monkeypatch, bad_calls):
-    """Make prepare_batch return NaN images on the given calls (call 0 is the ActNorm init batch)."""
-    import glowtrain.train as train_module
+def _poisoned(bad_calls) -> type[Trainer]:
+    """A trainer whose batches become NaN on the given calls of prepare_batch (1: the first training step)."""
 
-    real = train_module.prepare_batch
-    calls = {"n": 0}
+    class Poisoned(Trainer):
+        calls = 0
 
-    def poisoned(*args, **kwargs):
-        x = real(*args, **kwargs)
-        index = calls["n"]
-        calls["n"] += 1
-        return x * float("nan") if bad_calls(index) else x
+        def prepare_batch(self, images, labels):
+            images, labels, noise = super().prepare_batch(images, labels)
+            Poisoned.calls += 1
+            return images, labels, noise * float("nan") if bad_calls(Poisoned.calls) else noise
 
-    monkeypatch.setattr(train_module, "prepare_batch", poisoned)
+    return Poisoned
 
 
 NAN_RUN = ["run.device=cpu", "model.n_levels=2", "model.n_steps=1", "model.hidden_channels=8",
@@ -327,19 +328,16 @@ def test_fused_adam_steps_read_nothing_back_from_the_device_between_logging_step
     """On a GPU every host read of a device value stalls the queue; here the loop may read only when it logs."""
     import traceback
 
-    import glowtrain.train as train_module
+    step = {"n": 0}  # 0 while setting up, then k during the k-th training step and the logging after it
 
-    step = {"n": -1}  # prepare_batch call 0 is the ActNorm init batch, call k the k-th training step
-    real_prepare = train_module.prepare_batch
+    class Counting(Trainer):
+        def prepare_batch(self, images, labels):
+            step["n"] += 1
+            return super().prepare_batch(images, labels)
 
-    def counting_prepare(*args, **kwargs):
-        step["n"] += 1
-        return real_prepare(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "prepare_batch", counting_prepare)
     reads = []
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-        def recording(self, *args, _real=getattr(torch.Tensor, name), _name=name, **kwargs):
+        def recording(self, *args, _real=getattr(torch.Tensor, name), _name=name, **kwargs):  # noqa: B008
             # The batch sampler's indices live on the host by design, whatever the device.
             if step["n"] >= 1 and not any(f.filename.endswith("glowtrain/data.py") for f in traceback.extract_stack()):
                 reads.append((step["n"], _name))
@@ -347,7 +345,7 @@ def test_fused_adam_steps_read_nothing_back_from_the_device_between_logging_step
         monkeypatch.setattr(torch.Tensor, name, recording)
     cfg = apply_overrides(default_config(), NAN_RUN + ["train.optimizer=adam", "train.log_every=5",
                                                        "train.checkpoint_every=10", "train.weight_decay=0.01"])
-    train(cfg, out=str(tmp_path / "run"), progress=False)
+    train(cfg, out=str(tmp_path / "run"), progress=False, trainer=Counting)
     assert reads and {n for n, _ in reads} <= {5, 10}, reads
 
 
@@ -360,10 +358,10 @@ OPTIMIZERS = pytest.mark.parametrize("optimizer", ["adamax", "adam"])  # host ve
 
 @OPTIMIZERS
 def test_a_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch, optimizer):
-    _poison(monkeypatch, lambda call: call == 4)  # training step 4 (1-based)
+    poisoned = _poisoned(lambda call: call == 4)  # training step 4 (1-based)
     cfg = apply_overrides(default_config(), NAN_RUN + [f"train.optimizer={optimizer}"])
-    result = train(cfg, out=str(tmp_path / "run"), progress=False)
-    assert result["step"] == 10 and math.isfinite(result["test_bpd"])
+    result = train(cfg, out=str(tmp_path / "run"), progress=False, trainer=poisoned)
+    assert result.step == 10 and math.isfinite(result.test["bpd"])
     bad = [m for m in _metrics(tmp_path / "run") if "bad_steps" in m]
     assert bad == [{"step": 4, "split": "train", "bad_steps": 1}]
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
@@ -374,10 +372,10 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch, optimiz
 
 @OPTIMIZERS
 def test_a_run_of_non_finite_steps_rolls_back_with_half_the_learning_rate(tmp_path, monkeypatch, optimizer):
-    _poison(monkeypatch, lambda call: call in (5, 6, 7))  # steps 5-7: three in a row > max_bad_steps=2
+    poisoned = _poisoned(lambda call: call in (5, 6, 7))  # steps 5-7: three in a row > max_bad_steps=2
     cfg = apply_overrides(default_config(), NAN_RUN + [f"train.optimizer={optimizer}"])
-    result = train(cfg, out=str(tmp_path / "run"), progress=False)
-    assert result["step"] == 10
+    result = train(cfg, out=str(tmp_path / "run"), progress=False, trainer=poisoned)
+    assert result.step == 10
     metrics = _metrics(tmp_path / "run")
     rollback = [m for m in metrics if m.get("event") == "rollback"]
     # last.pt was written at step 6 (skipped steps leave the weights as they were), so that is where it resumes.
@@ -385,13 +383,13 @@ def test_a_run_of_non_finite_steps_rolls_back_with_half_the_learning_rate(tmp_pa
     after = [m for m in metrics[metrics.index(rollback[0]):] if "lr" in m]
     assert after and all(m["lr"] == pytest.approx(0.5 * cfg.train.lr) for m in after)
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert state["lr_scale"] == 0.5 and state["n_rollbacks"] == 1
+    assert state["train_state"]["lr_scale"] == 0.5 and state["train_state"]["n_rollbacks"] == 1
 
 
 def test_a_checkpoint_due_after_too_many_bad_steps_rolls_back_instead_of_saving(tmp_path, monkeypatch):
-    _poison(monkeypatch, lambda call: call in (4, 5, 6))  # steps 4-6; step 6 is a checkpoint step, 8 a logging one
+    poisoned = _poisoned(lambda call: call in (4, 5, 6))  # steps 4-6; step 6 is a checkpoint step, 8 a logging one
     cfg = apply_overrides(default_config(), NAN_RUN + ["train.log_every=8", "train.checkpoint_every=3"])
-    train(cfg, out=str(tmp_path / "run"), progress=False)
+    train(cfg, out=str(tmp_path / "run"), progress=False, trainer=poisoned)
     rollback = [m for m in _metrics(tmp_path / "run") if m.get("event") == "rollback"]
     assert rollback == [{"step": 3, "split": "train", "event": "rollback", "from_step": 6, "lr_scale": 0.5}]
 
@@ -400,14 +398,14 @@ def test_resuming_keeps_this_runs_fused_adam_whatever_the_checkpoint_says(tmp_pa
     cfg = apply_overrides(default_config(), NAN_RUN + ["train.optimizer=adam", "train.steps=3"])
     out = tmp_path / "run"
     train(cfg, out=str(out), progress=False)
-    last = run_paths(out)["last"]
+    last = RunDir(out).last
     state = torch.load(last, weights_only=True)
     assert all(group["fused"] for group in state["optimizer"]["param_groups"])
     for group in state["optimizer"]["param_groups"]:  # as an unfused Adam (an older glowtrain) wrote it
         group["fused"] = None
     torch.save(state, last)
     result = train(apply_overrides(cfg, ["train.steps=5"]), out=str(out), resume="auto", progress=False)
-    assert result["step"] == 5
+    assert result.step == 5
     assert all(group["fused"] for group in load_checkpoint(last)["optimizer"]["param_groups"])
 
 
@@ -415,10 +413,10 @@ def test_resuming_keeps_this_runs_fused_adam_whatever_the_checkpoint_says(tmp_pa
 def test_a_second_divergence_stops_the_run_naming_step_and_cause(tmp_path, monkeypatch, optimizer):
     from glowtrain.train import TrainingDiverged
 
-    _poison(monkeypatch, lambda call: call >= 5)
+    poisoned = _poisoned(lambda call: call >= 5)
     cfg = apply_overrides(default_config(), NAN_RUN + [f"train.optimizer={optimizer}"])
     with pytest.raises(TrainingDiverged, match=r"up to step 9 .*learning rate.*did not help"):
-        train(cfg, out=str(tmp_path / "run"), progress=False)
+        train(cfg, out=str(tmp_path / "run"), progress=False, trainer=poisoned)
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["step"] == 8  # skipped steps 7-8 left the weights finite, so the save at step 8 went ahead
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -427,10 +425,10 @@ def test_a_second_divergence_stops_the_run_naming_step_and_cause(tmp_path, monke
 def test_divergence_before_any_checkpoint_says_there_is_nothing_to_roll_back_to(tmp_path, monkeypatch):
     from glowtrain.train import TrainingDiverged
 
-    _poison(monkeypatch, lambda call: call >= 1)
+    poisoned = _poisoned(lambda call: call >= 1)
     cfg = apply_overrides(default_config(), NAN_RUN + ["train.checkpoint_every=100"])
     with pytest.raises(TrainingDiverged, match="no checkpoint to roll back to"):
-        train(cfg, out=str(tmp_path / "run"), progress=False)
+        train(cfg, out=str(tmp_path / "run"), progress=False, trainer=poisoned)
 
 
 SMALL = ["run.device=cpu", "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16",
@@ -471,7 +469,7 @@ def test_bf16_training_runs_and_learns(tmp_path):
                                                      "train.eval_every=20", "train.sample_every=20"])
     with pytest.warns(UserWarning, match="bf16 convolutions are much slower"):
         result = train(cfg, out=str(tmp_path / "run"), progress=False)
-    assert math.isfinite(result["test_bpd"]) and result["test_bpd"] < 4.2
+    assert math.isfinite(result.test["bpd"]) and result.test["bpd"] < 4.2
 
 
 @pytest.mark.filterwarnings("ignore:train.amp=bf16 on a CPU")
@@ -493,12 +491,12 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, monkeypatc
     cfg = apply_overrides(default_config(), SMALL + ["train.compile=true"])
     with pytest.warns(UserWarning, match="torch.compile failed .*no compiler backend here"):
         result = train(cfg, out=str(tmp_path / "run"), progress=False)
-    assert result["step"] == 4
+    assert result.step == 4
 
 
 def test_a_batch_larger_than_the_dataset_fails_before_anything_is_written(tmp_path):
     cfg = apply_overrides(default_config(), SMALL + ["train.batch_size=2000"])
-    with pytest.raises(UserError, match="train.batch_size 2000"):
+    with pytest.raises(UserError, match=r"needs 2000 images .* dataset has 1500; lower train.batch_size"):
         train(cfg, out=str(tmp_path / "run"), progress=False)
     assert not (tmp_path / "run").exists()
 
@@ -511,7 +509,8 @@ def test_a_run_without_a_checkpoint_starts_afresh_and_keeps_its_old_logs(tmp_pat
     assert (run_dir / "metrics.jsonl.old").read_text() == '{"step": 1, "split": "train", "bpd": 9.0}\n'
     assert (run_dir / "tb.old").is_dir()
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps[0] == 1 and 9.0 not in [json.loads(l).get("bpd") for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line).get("bpd") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 1 and 9.0 not in logged
 
 
 def test_weights_that_became_non_finite_are_never_saved_over_a_checkpoint(tmp_path, monkeypatch):
@@ -532,5 +531,31 @@ def test_weights_that_became_non_finite_are_never_saved_over_a_checkpoint(tmp_pa
     monkeypatch.setattr(torch.optim.Adamax, "step", step_then_break_a_weight)
     with pytest.raises(TrainingDiverged, match="the weights hold NaN or inf at step 4; not saving them"):
         train(cfg, out=str(tmp_path / "run"), progress=False)
-    saved = load_checkpoint(run_paths(tmp_path / "run")["last"])
+    saved = load_checkpoint(RunDir(tmp_path / "run").last)
     assert saved["step"] == 2 and all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
+
+
+ACCUMULATION = ["run.device=cpu", "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16",
+                "train.init_batch_size=64", "train.eval_batch_size=300", "train.steps=20", "train.warmup_steps=5",
+                "train.log_every=5", "train.eval_every=10", "train.sample_every=100", "train.checkpoint_every=10",
+                "train.n_samples=1", "train.sample_temperatures=[0]", "data.hflip=true"]
+
+
+@pytest.mark.parametrize("memory_saving", [False, True])
+def test_accumulated_micro_batches_train_like_one_big_batch(tmp_path, memory_saving):
+    runs = {}
+    for name, batch in (("big", ["train.batch_size=64"]), ("accumulated", ["train.batch_size=32",
+                                                                             "train.grad_accum_steps=2"])):
+        cfg = apply_overrides(default_config(), ACCUMULATION + batch + [f"train.memory_saving={memory_saving}"])
+        train(cfg, out=str(tmp_path / name), progress=False)
+        runs[name] = (read_metrics(tmp_path / name), load_checkpoint(RunDir(tmp_path / name).last))
+    (big_metrics, big), (acc_metrics, acc) = runs["big"], runs["accumulated"]
+    assert [(m["step"], m["split"]) for m in big_metrics] == [(m["step"], m["split"]) for m in acc_metrics]
+    for a, b in zip(big_metrics, acc_metrics):
+        if "bpd" in a:
+            assert abs(a["bpd"] - b["bpd"]) < 1e-5, (a, b)
+        if "grad_norm" in a:  # the summed micro-batch gradients are the big batch's mean gradient
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    for name, tensor in big["model"].items():
+        assert torch.allclose(tensor, acc["model"][name], rtol=1e-4, atol=1e-5), name
+    assert len([m for m in acc_metrics if m["split"] == "train"]) == 4  # 20 steps, not 40 micro-batches

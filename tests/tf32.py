@@ -32,8 +32,8 @@ def _matmul_uses_tf32(*tensors) -> bool:
 
 @contextlib.contextmanager
 def emulated_tf32(monkeypatch):
-    """Within the block, F.conv2d, F.linear and torch.matmul behave as their CUDA TF32 versions would."""
-    real_conv2d, real_linear, real_matmul = F.conv2d, F.linear, torch.matmul
+    """Within the block, F.conv2d, F.linear, torch.matmul/mm/bmm and `@` behave as their CUDA TF32 versions would."""
+    real_conv2d, real_linear = F.conv2d, F.linear
     calls = {"rounded": 0, "exact": 0}
 
     def count(rounded: bool) -> None:
@@ -53,17 +53,21 @@ def emulated_tf32(monkeypatch):
             input, weight = round_to_tf32(input), round_to_tf32(weight)
         return real_linear(input, weight, bias)
 
-    def matmul(a, b, **kwargs):
-        tf32 = _matmul_uses_tf32(a, b)
-        count(tf32)
-        if tf32:
-            a, b = round_to_tf32(a), round_to_tf32(b)
-        return real_matmul(a, b, **kwargs)
+    def product(real):
+        def emulated(a, b, *args, **kwargs):
+            tf32 = _matmul_uses_tf32(a, b)
+            count(tf32)
+            if tf32:
+                a, b = round_to_tf32(a), round_to_tf32(b)
+            return real(a, b, *args, **kwargs)
+        return emulated
 
     with monkeypatch.context() as patch:
         patch.setattr(F, "conv2d", conv2d)
         patch.setattr(F, "linear", linear)
-        patch.setattr(torch, "matmul", matmul)
+        for name in ("matmul", "mm", "bmm"):
+            patch.setattr(torch, name, product(getattr(torch, name)))
+        patch.setattr(torch.Tensor, "__matmul__", product(torch.Tensor.__matmul__))
         yield calls
 
 

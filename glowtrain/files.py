@@ -1,0 +1,39 @@
+"""Atomic file writes: a crash or Ctrl-C mid-write leaves the previous file, never half a new one."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: str = "wb", durable: bool = True) -> Path:
+    """Call `write(file)` on a temporary file beside `path`, then rename it over `path`.
+
+    The temporary file is in the same directory, so the rename is atomic; it is created with
+    os.open (not mkstemp) so that the umask, not 0600, decides its permissions. `durable` also
+    flushes the file and the rename to the disk, so that a power cut cannot undo them.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path

@@ -1,0 +1,96 @@
+"""Pictures: uint8 samples from a model, grids, labelled figures, PNG files and TensorBoard images."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import make_grid
+
+from glowtrain.errors import UserError
+from glowtrain.files import atomic_write
+from glowtrain.losses import to_uint8
+from glowtrain.model import Glow
+from glowtrain.precision import full_float32
+from glowtrain.runs import RunDir
+
+
+@torch.inference_mode()
+@full_float32()
+def sample_images(model: Glow, n: int, temperature: float, n_bits: int, generator: torch.Generator,
+                  y: torch.Tensor | None = None, batch_size: int = 256) -> torch.Tensor:
+    """n uint8 images (N, C, H, W), drawn in batches so memory stays bounded for any n."""
+    images = []
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        labels = None if y is None else y[start : start + count]
+        images.append(to_uint8(model.sample(count, temperature, y=labels, generator=generator), n_bits).cpu())
+    return torch.cat(images)
+
+
+def image_grid(images: torch.Tensor, n_columns: int | None = None) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> one uint8 (C, H', W') picture, square-ish by default."""
+    n_columns = n_columns or max(1, math.ceil(math.sqrt(images.shape[0])))
+    return make_grid(images, nrow=n_columns, padding=1, pad_value=0)
+
+
+def save_png(picture: torch.Tensor, path: Path, upscale: int = 1) -> Path:
+    """Write a uint8 (C, H, W) picture; tiny images (8x8 digits) are enlarged to be seen."""
+    return save_image(_to_pil(picture, upscale), path)
+
+
+def display_upscale(image_size: int) -> int:
+    """Enlarge small images to at least 64 pixels a side in saved grids."""
+    return max(1, 64 // image_size)
+
+
+def temperature_name(temperature: float) -> str:
+    return f"t{temperature:.2f}".replace(".", "p")
+
+
+def labelled_rows(pictures: list[torch.Tensor], labels: list[str], upscale: int = 1) -> Image.Image:
+    """Stack uint8 (C, H, W) pictures vertically, each with its label in a margin on the left."""
+    images = [_to_pil(p, upscale) for p in pictures]
+    font = ImageFont.load_default()
+    margin = 8 + max(int(ImageDraw.Draw(images[0]).textlength(text, font=font)) for text in labels)
+    width = margin + max(image.width for image in images)
+    canvas = Image.new("RGB", (width, sum(image.height for image in images)), "white")
+    draw = ImageDraw.Draw(canvas)
+    top = 0
+    for image, text in zip(images, labels):
+        canvas.paste(image.convert("RGB"), (margin, top))
+        draw.text((4, top + image.height // 2 - 5), text, fill="black", font=font)
+        top += image.height
+    return canvas
+
+
+def _to_pil(picture: torch.Tensor, upscale: int = 1) -> Image.Image:
+    array = picture.permute(1, 2, 0).numpy()
+    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    if upscale > 1:
+        image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
+    return image
+
+
+def save_image(image: Image.Image, path: Path) -> Path:
+    """Write a PIL image as PNG atomically (no half-written file if interrupted)."""
+    # Not flushed to the disk: a picture is cheap to redo, and `sample --individual` writes thousands.
+    return atomic_write(path, lambda f: image.save(f, format="PNG"), durable=False)
+
+
+def check_tensorboard(run_dir: Path | None, tensorboard: bool) -> None:
+    """--tensorboard writes into a run directory, so a loose checkpoint file cannot take it."""
+    if tensorboard and run_dir is None:
+        raise UserError("--tensorboard needs a run directory: pass --run DIR (not a loose checkpoint file)")
+
+
+def write_to_tensorboard(run_dir: Path | None, step: int, pictures: dict[str, torch.Tensor]) -> None:
+    """Add uint8 (C, H, W) pictures to the run's TensorBoard log."""
+    check_tensorboard(run_dir, True)
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(RunDir(run_dir).tb)) as writer:
+        for tag, picture in pictures.items():
+            writer.add_image(tag, picture, step)

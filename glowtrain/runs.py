@@ -1,0 +1,136 @@
+"""Run directories: where a run's files live, which run a command means, and what `fit` resumes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from glowtrain.errors import UserError
+
+RUNS_ROOT = Path("runs")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory's layout (DESIGN.md's "Run directory"): one attribute per artefact."""
+
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    @property
+    def tb(self) -> Path:
+        return self.path / "tb"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def samples(self) -> Path:
+        return self.path / "samples"
+
+    def has_checkpoint(self) -> bool:
+        return self.last.is_file()
+
+    def set_aside_unfinished(self) -> None:
+        """A run that stopped before its first checkpoint left logs but nothing to resume: keep them as *.old."""
+        for path in (self.metrics, self.tb):
+            if path.exists():
+                old = path.with_name(path.name + ".old")
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+                path.rename(old)
+
+
+def run_dir_for(out: str | None, name: str, resume: str | None) -> RunDir:
+    """The run directory: --out, else the run a --resume path points into, else runs/<run.name>."""
+    if out:
+        return RunDir(Path(out))
+    if resume not in (None, "auto", "if-any"):
+        path = Path(resume)
+        if path.is_dir():
+            return RunDir(path)
+        if path.parent.name == "checkpoints":
+            return RunDir(path.parent.parent)
+    return RunDir(RUNS_ROOT / name)
+
+
+def checkpoint_to_resume(resume: str, run: RunDir) -> Path:
+    """--resume auto (or a run directory) means its last.pt; anything else is a checkpoint file."""
+    path = Path(resume) if resume != "auto" else run.path
+    if path.is_dir() or resume == "auto":
+        path = RunDir(path).last
+    if not path.is_file():
+        raise UserError(f"nothing to resume: {path} does not exist — start the run without --resume")
+    return path
+
+
+def prepare_run_dir(run: RunDir, resume: str | None) -> Path | None:
+    """Check that `run` may be written, and return the checkpoint to resume from (None: a fresh start).
+
+    A fresh start never overwrites a run that has a checkpoint."""
+    check_writable(run.path)
+    if resume is None:
+        if run.has_checkpoint():
+            raise UserError(f"{run.path} already holds a run — continue it with --resume auto, or choose another "
+                            "--out or run.name")
+        return None
+    return checkpoint_to_resume(resume, run)
+
+
+def check_writable(path: Path) -> None:
+    """Fail before any work if `path` cannot be created or written (nothing is created here)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create the run directory {path}: {existing} is a file — choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {existing} (permission denied) — choose another --out or run.name")
+
+
+def latest_run(runs_root: Path = RUNS_ROOT) -> RunDir:
+    """The run under runs_root whose last checkpoint was written most recently."""
+    candidates = [RunDir(p.parent.parent) for p in Path(runs_root).glob("*/checkpoints/last.pt")]
+    if not candidates:
+        raise UserError(f"no finished run found under {runs_root}/ — train one with 'glowtrain fit' or pass --run DIR")
+    return max(candidates, key=lambda run: run.last.stat().st_mtime)
+
+
+def resolve_checkpoint(run: str | None = None, checkpoint: str | None = None, which: str = "last") -> Path:
+    """The checkpoint file meant by --checkpoint, --run, or neither (the most recent run)."""
+    if run and checkpoint:
+        raise UserError("give either --run or --checkpoint, not both")
+    if checkpoint:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise UserError(f"checkpoint not found: {path} — pass an existing .pt file")
+        return path
+    run_dir = RunDir(Path(run)) if run else latest_run()
+    if not run_dir.path.is_dir():
+        raise UserError(f"run directory not found: {run_dir.path} — pass a directory made by 'glowtrain fit'")
+    path = getattr(run_dir, which)
+    if not path.is_file():
+        path = run_dir.last
+    if not path.is_file():
+        raise UserError(f"{run_dir.path} has no checkpoint (checkpoints/last.pt) — train it with 'glowtrain fit' first")
+    return path

@@ -1,0 +1,39 @@
+"""Rules of DESIGN.md that a machine can check: short functions, and the import direction."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "glowtrain"
+
+
+def _functions():
+    for path in sorted(PACKAGE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield f"{path.name}:{node.lineno} {node.name}", node.end_lineno - node.lineno + 1
+
+
+def _imports(module: str) -> set[str]:
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("glowtrain"):
+            names.add(node.module.removeprefix("glowtrain").lstrip(".") or node.names[0].name)
+        elif isinstance(node, ast.Import):
+            names.update(a.name.removeprefix("glowtrain.") for a in node.names if a.name.startswith("glowtrain"))
+    return names
+
+
+def test_no_function_in_the_package_is_longer_than_60_lines():
+    long = [(name, length) for name, length in _functions() if length > 60]
+    assert not long, long
+
+
+def test_model_code_never_imports_training_files_or_the_cli():
+    training_side = {"train", "cli", "runs", "checkpoint", "logs", "images", "sample", "analysis", "data"}
+    for module in ("flows", "model", "reversible", "objective", "losses"):
+        assert not _imports(module) & training_side, module
+
+
+def test_config_imports_only_leaf_modules_of_ours():
+    assert _imports("config") <= {"errors", "files"}
