@@ -19,6 +19,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     # The tests run tiny models, where one intra-op thread beats several contending for 2 cores.
@@ -26,3 +27,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def float64_default():
+    """Build and run in float64 for the duration of a test (the brute-force checks need it)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_cli_run(tmp_path_factory):
+    """(root, run directory <root>/runs/tiny, the CLI result) of one tiny `glowtrain fit`; tests only read it
+    (a test that writes into it removes what it wrote)."""
+    from helpers import TINY_RUN, invoke, sets
+
+    root = tmp_path_factory.mktemp("shared")
+    run_dir = root / "runs" / "tiny"
+    result = invoke("fit", "--out", str(run_dir), "--no-progress", *sets(*TINY_RUN))
+    assert result.exit_code == 0, result.output
+    return root, run_dir, result

@@ -1,12 +1,19 @@
 """Shared test helpers: brute-force Jacobians, random non-identity weights, CLI invocation."""
 
-import pytest
 import torch
 from typer.testing import CliRunner
 
 from glowtrain.cli import app
 
 runner = CliRunner()
+
+# The tiny run that several modules only read: a CLI `glowtrain fit` of 4 steps on the bundled digits.
+TINY_RUN = [
+    "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16",
+    "train.batch_size=16", "train.init_batch_size=32", "train.eval_batch_size=300",
+    "train.steps=4", "train.log_every=2", "train.eval_every=4", "train.sample_every=4",
+    "train.checkpoint_every=4", "train.n_samples=4", "train.warmup_steps=2", "run.device=cpu",
+]
 
 
 def perturb(module: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> None:
@@ -25,15 +32,6 @@ def brute_force_logdet(fn, x: torch.Tensor) -> torch.Tensor:
         jac = torch.autograd.functional.jacobian(lambda s: fn(s.unsqueeze(0)).flatten(), sample)
         values.append(torch.linalg.slogdet(jac.reshape(jac.shape[0], -1))[1])
     return torch.stack(values)
-
-
-@pytest.fixture
-def float64_default():
-    """Build and run in float64 for the duration of a test (the brute-force checks need it)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 def invoke(*args):

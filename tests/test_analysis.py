@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_line_error, invoke, sets
+from helpers import TINY_RUN, assert_one_line_error, invoke, sets
 from PIL import Image
 
 from glowtrain.analysis import multiply_adds
@@ -23,12 +23,7 @@ from glowtrain.model import Glow
 from glowtrain.runs import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = [
-    "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16",
-    "train.batch_size=16", "train.init_batch_size=32", "train.eval_batch_size=300",
-    "train.steps=4", "train.log_every=2", "train.eval_every=4", "train.sample_every=4",
-    "train.checkpoint_every=4", "train.n_samples=4", "train.warmup_steps=2", "run.device=cpu",
-]
+TINY = TINY_RUN
 # The class-conditional run trains a little longer and keeps 8 bits, so that the class means at T=0
 # decode to visibly different images (with 4 bits, 4 steps move them by a pixel or two at most).
 CONDITIONAL = [
@@ -44,13 +39,10 @@ def ok(result):
     return result
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    """One tiny unconditional `glowtrain fit` into <tmp>/runs/tiny; the tests only read it."""
-    root = tmp_path_factory.mktemp("analysis")
-    run_dir = root / "runs" / "tiny"
-    ok(invoke("fit", "--out", run_dir, "--no-progress", *sets(*TINY)))
-    return root, run_dir
+@pytest.fixture
+def fitted(tiny_cli_run):
+    """The shared tiny unconditional run (conftest): (root, run directory)."""
+    return tiny_cli_run[:2]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 
 
+@pytest.mark.slow
 def test_bench_reports_consistent_figures_for_the_digits_config():
     done = subprocess.run([sys.executable, str(BENCH), "--configs", "digits", "--steps", "2", "--warmup", "1",
                            "--threads", "1"], capture_output=True, text=True, timeout=600)

@@ -6,27 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_one_line_error, invoke, sets
+from helpers import TINY_RUN, assert_one_line_error, invoke, sets
 from PIL import Image
 
 from glowtrain import __version__
 from glowtrain.runs import RunDir
 
-TINY = [
-    "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16",
-    "train.batch_size=16", "train.init_batch_size=32", "train.eval_batch_size=300",
-    "train.steps=4", "train.log_every=2", "train.eval_every=4", "train.sample_every=4",
-    "train.checkpoint_every=4", "train.n_samples=4", "train.warmup_steps=2",
-]
+TINY = TINY_RUN
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    """One tiny `glowtrain fit` into <tmp>/runs/tiny; several tests only read it."""
-    root = tmp_path_factory.mktemp("cli")
-    run_dir = root / "runs" / "tiny"
-    result = invoke("fit", "--out", str(run_dir), "--no-progress", *sets("run.device=cpu", *TINY))
-    return root, run_dir, result
+@pytest.fixture
+def fitted(tiny_cli_run):
+    return tiny_cli_run
 
 
 # ---------------------------------------------------------------------------- help and version
@@ -47,6 +38,7 @@ def test_version_prints_the_package_version():
     assert result.output.strip() == f"glowtrain {__version__}"
 
 
+@pytest.mark.slow
 def test_python_dash_m_glowtrain_runs_the_cli_in_a_real_process(tmp_path):
     help_run = subprocess.run([sys.executable, "-m", "glowtrain", "--help"], capture_output=True, text=True,
                               cwd=tmp_path, timeout=120)

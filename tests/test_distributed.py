@@ -28,6 +28,7 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
     two = _fit(tmp_path / "two", 8, "--nproc", "2")
     _fit(tmp_path / "one", 16)
@@ -61,6 +62,7 @@ def test_two_gloo_processes_accumulating_two_micro_batches_match_one_process(tmp
         assert torch.allclose(wa[name], tensor, atol=1e-5, rtol=1e-4), name
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_number_of_processes(tmp_path):
     # Memory-saving backward and fused Adam's on-device skip verdict (all-reduced across ranks) under DDP
     # too: fit itself fails if the ranks end with different weights.

@@ -3,7 +3,7 @@ from typing import get_args, get_type_hints
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import brute_force_logdet, float64_default, perturb  # noqa: F401 (a fixture)
+from helpers import brute_force_logdet, perturb
 
 from glowtrain import flows
 from glowtrain.config import ModelConfig

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from helpers import brute_force_logdet, float64_default, perturb  # noqa: F401 (a fixture)
+from helpers import brute_force_logdet, perturb
 
 from glowtrain.config import apply_overrides, default_config
 from glowtrain.flows import Conditioner

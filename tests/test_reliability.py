@@ -21,6 +21,8 @@ TINY = ["model.n_levels=2", "model.n_steps=1", "model.hidden_channels=8", "train
         "train.init_batch_size=32", "train.eval_batch_size=300", "train.warmup_steps=5", "train.log_every=1",
         "train.eval_every=1000", "train.sample_every=1000", "train.checkpoint_every=1000", "train.n_samples=1",
         "train.sample_temperatures=[0]"]
+pytestmark = pytest.mark.slow  # real `glowtrain fit` processes, signals and kills
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
