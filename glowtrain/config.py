@@ -25,6 +25,7 @@ Dataset = Literal["digits", "mnist", "fashion_mnist", "cifar10", "celeba", "fold
 
 # Datasets whose images have a fixed number of channels; celeba and folder may be read as 1 or 3.
 FIXED_CHANNELS = {"digits": 1, "mnist": 1, "fashion_mnist": 1, "cifar10": 3}
+CHANNEL_CHOICES = (1, 3)  # greyscale or RGB
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -131,7 +132,7 @@ _SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fie
 _FIELDS: dict[str, dataclasses.Field] = {
     f"{sec}.{f.name}": f for sec, cls in _SECTIONS.items() for f in dataclasses.fields(cls)
 }
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what run.device and --device accept
 # PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string; float fields accept such text.
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
@@ -389,11 +390,11 @@ def validate(cfg: Config) -> None:
     _require(bool(name) and name not in {".", ".."} and not re.search(r"[/\\]", name),
              "run.name", name, "use a plain directory name (no slashes)")
     _require(run.seed >= 0, "run.seed", run.seed, "use an integer >= 0")
-    _require(_DEVICE.fullmatch(run.device) is not None, "run.device", run.device,
+    _require(DEVICE_PATTERN.fullmatch(run.device) is not None, "run.device", run.device,
              "use auto, cpu, cuda, cuda:N or mps")
 
     _require(1 <= data.n_bits <= 8, "data.n_bits", data.n_bits, "use an integer from 1 to 8")
-    _require(data.channels in (1, 3), "data.channels", data.channels, "use 1 (greyscale) or 3 (RGB)")
+    _require(data.channels in CHANNEL_CHOICES, "data.channels", data.channels, "use 1 (greyscale) or 3 (RGB)")
     fixed = FIXED_CHANNELS.get(data.dataset)
     _require(fixed is None or data.channels == fixed, "data.channels", data.channels,
              f"{data.dataset} images have {fixed} channel{'s' if fixed != 1 else ''}; set data.channels={fixed}")

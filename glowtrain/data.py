@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from glowtrain.config import derived_seed
+from glowtrain.config import CHANNEL_CHOICES, FIXED_CHANNELS, derived_seed
 from glowtrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -50,13 +50,10 @@ def image_shape(data_cfg: DataConfig) -> tuple[int, int, int]:
         return (1, 8, 8)
     if size < 1:
         raise UserError(f"data.image_size must be positive, got {size}")
-    if name in ("mnist", "fashion_mnist"):
-        return (1, size, size)
-    if name == "cifar10":
-        return (3, size, size)
-    if data_cfg.channels not in (1, 3):
+    channels = FIXED_CHANNELS.get(name, data_cfg.channels)
+    if channels not in CHANNEL_CHOICES:
         raise UserError(f"data.channels must be 1 or 3, got {data_cfg.channels!r}")
-    return (int(data_cfg.channels), size, size)
+    return (int(channels), size, size)
 
 
 def n_classes(data_cfg: DataConfig) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from glowtrain import precision
+from glowtrain.config import DEVICE_PATTERN
 from glowtrain.errors import UserError
 
 
@@ -22,7 +22,7 @@ def resolve_device(name: str, option: str = "run.device", tf32: bool | None = Tr
     None leaves a setting as it is).
 
     `option` names the setting in errors."""
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+    if not DEVICE_PATTERN.fullmatch(name):
         raise UserError(f"{option}={name!r} is not a device — use auto, cpu, cuda, cuda:N or mps")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

@@ -14,7 +14,7 @@ RUNS_ROOT = Path("runs")
 
 @dataclass(frozen=True)
 class RunDir:
-    """A run directory's layout (DESIGN.md's "Run directory"): one attribute per artefact."""
+    """A run directory's layout (README's "The run directory"): one attribute per artefact."""
 
     path: Path
 

@@ -159,6 +159,24 @@ def test_resume_auto_continues_exactly_as_an_uninterrupted_run(tiny_run, tmp_pat
     assert step4["lr"] == pytest.approx(cfg.train.lr * 4 / 5)
 
 
+def test_a_checkpoint_written_before_train_state_existed_resumes_exactly(tiny_run, tmp_path):
+    cfg, straight_dir, _ = tiny_run
+    out = tmp_path / "run"
+    train(apply_overrides(cfg, ["train.steps=3"]), out=str(out), progress=False)
+    last = RunDir(out).last
+    state = torch.load(last, weights_only=True)
+    # The layout glowtrain wrote until 2026-11-27: these counters at the top level, no train_state.
+    old = state.pop("train_state")
+    # Counters that do not change the training (a used rollback, past bad steps), so the weights can match.
+    old.update(n_rollbacks=1, n_bad_total=5)
+    state.update({key: old[key] for key in ("lr_scale", "n_rollbacks", "n_bad_in_row", "n_bad_total")})
+    torch.save(state, last)
+    train(cfg, out=str(out), resume="auto", progress=False)
+    straight, resumed = load_checkpoint(RunDir(straight_dir).last), load_checkpoint(last)
+    assert all(torch.equal(tensor, resumed["model"][name]) for name, tensor in straight["model"].items())
+    assert resumed["train_state"] == {**straight["train_state"], "n_rollbacks": 1, "n_bad_total": 5}
+
+
 def test_fused_adam_resumes_exactly_too(tmp_path):
     cfg = apply_overrides(default_config(), NAN_RUN + ["train.optimizer=adam", "train.steps=6"])
     train(cfg, out=str(tmp_path / "straight"), progress=False)
