@@ -94,7 +94,7 @@ def setup(device_name: str, tf32: bool = True, deterministic: bool = False) -> C
         raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but LOCAL_RANK is not set — launch several "
                         "processes with torchrun or `glowtrain fit --nproc N`")
     local_rank = int(os.environ["LOCAL_RANK"])
-    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    use_cuda = _uses_cuda(device_name)
     if device_name.startswith("cuda") and not use_cuda:
         resolve_device(device_name)  # raises the one-line CUDA error
     if use_cuda and local_rank >= torch.cuda.device_count():
@@ -113,9 +113,14 @@ def setup(device_name: str, tf32: bool = True, deterministic: bool = False) -> C
     return Context(dist.get_rank(), dist.get_world_size(), device)
 
 
+def _uses_cuda(device_name: str) -> bool:
+    """Whether processes launched by torchrun with this run.device train on GPUs (one each)."""
+    return device_name not in ("cpu", "mps") and torch.cuda.is_available()
+
+
 def check_process_count(n_processes: int, device_name: str) -> None:
     """Refuse more processes than GPUs before torchrun starts them (each would fail on its own)."""
-    if n_processes <= 1 or device_name == "cpu" or device_name == "mps" or not torch.cuda.is_available():
+    if n_processes <= 1 or not _uses_cuda(device_name):
         return
     if n_processes > torch.cuda.device_count():
         raise UserError(f"--nproc {n_processes} but only {torch.cuda.device_count()} GPU(s) are visible here — "

@@ -55,9 +55,9 @@ def batch_noise(images: torch.Tensor, generator: torch.Generator | None, flip: b
                 n_parts: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(images, possibly flipped; uniform dequantisation noise) for part `part` of a global batch.
 
-    The global batch is `n_parts` equal parts (ranks x micro-batches, in that order): each part draws
-    the flips and noise of the whole global batch and keeps its own slice, so any split of a batch
-    over processes and micro-batches sees exactly what one process with the whole batch would.
+    The global batch is `n_parts` equal parts (one per rank): each part draws the flips and noise of
+    the whole global batch and keeps its own slice, so a batch split over processes sees exactly what
+    one process with the whole batch would. Micro-batches are then slices of a rank's part.
     """
     n = images.shape[0]
     mine = slice(part * n, (part + 1) * n)

@@ -263,7 +263,9 @@ class Trainer:
         self.objective = Objective(self.model, cfg.data.n_bits, cfg.train.class_weight)
         self.optimizer = build_optimizer(cfg, self.objective.parameters())
         self.state, self.resumed = TrainState(), resume_from is not None
-        saved = self.restore(resume_from) if self.resumed else self._initialize()
+        saved = self.restore(resume_from) if self.resumed else None
+        if not self.resumed:
+            self._initialize()
         # After the init or restore, so the copy starts with the model's buffers, which never change.
         self.ema = copy.deepcopy(self.objective).eval().requires_grad_(False) if cfg.train.ema_decay > 0 else None
         if saved is not None and self.ema is not None:
@@ -300,7 +302,6 @@ class Trainer:
         x = dequantize(images, cfg.data.n_bits, noise)
         self.model.initialize(x, labels.to(self.device) if cfg.model.n_classes > 0 else None)
         broadcast_state(self.model, self.ctx)
-        return None
 
     def restore(self, path: Path) -> dict:
         """Weights, optimiser moments, training state and the CPU random state from a checkpoint (returned)."""
@@ -408,11 +409,15 @@ class Trainer:
 
     # --- what happens between steps ------------------------------------------------------------
 
+    @property
+    def eval_objective(self) -> Objective:
+        """What evaluation and samples use: the EMA weights, or the raw ones without EMA."""
+        return self.ema if self.ema is not None else self.objective
+
     def evaluate(self) -> dict:
         """Test bits/dim with the EMA weights (or the raw ones), in full precision; keeps the best checkpoint."""
-        eval_objective = self.ema if self.ema is not None else self.objective
-        with full_precision(eval_objective.model):
-            result = evaluate(eval_objective, self.test_set, self.cfg, self.device, ctx=self.ctx)
+        with full_precision(self.eval_objective.model):
+            result = evaluate(self.eval_objective, self.test_set, self.cfg, self.device, ctx=self.ctx)
         self.logger.log(self.state.step, "test", **result)
         self.say(f"step {self.state.step}: test bpd {result['bpd']:.4f} ± {result['bpd_stderr']:.4f}")
         if result["bpd"] < self.state.best_test_bpd:
@@ -436,7 +441,7 @@ class Trainer:
 
     def write_samples(self) -> list[Path]:
         """A grid per temperature from the EMA weights, in full precision, as PNG and in TensorBoard."""
-        cfg, model = self.cfg, (self.ema if self.ema is not None else self.objective).model
+        cfg, model = self.cfg, self.eval_objective.model
         written = []
         with full_precision(model):
             for temperature in cfg.train.sample_temperatures:
