@@ -108,9 +108,15 @@ class TrainConfig:
     n_samples: int = _opt(64, "images per sample grid")
     max_bad_steps: int = _opt(10, "consecutive non-finite steps (skipped) before rolling back to last.pt with half "
                               "the lr (checked when logging); twice stops the run")
-    amp: Literal["off", "bf16"] = _opt("off", "bf16: coupling networks in bfloat16 autocast (CUDA or CPU); "
-                                       "log-dets, priors, loss stay float32")
-    compile: bool = _opt(False, "torch.compile the model")
+    amp: Literal["off", "bf16", "fp16"] = _opt("off", "coupling networks in bfloat16 (CUDA cc >= 8.0, or CPU) or "
+                                               "float16 with a gradient scaler (CUDA); log-dets, priors, loss stay "
+                                               "float32")
+    allow_emulated_bf16: bool = _opt(False, "accept amp=bf16 on a GPU without native bf16 (compute capability < 8.0), "
+                                     "where it is slow")
+    compile: Literal["auto", "on", "off"] = _opt("auto", "torch.compile the training forward and backward; auto: on "
+                                                 "for CUDA when a compiler backend works, off elsewhere")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = _opt(
+        "default", "torch.compile mode: reduce-overhead adds CUDA graphs; max-autotune also searches kernels")
     memory_saving: bool = _opt(False, "constant-memory backprop: rebuild activations by inverting each flow step "
                                "(~1.3x step time)")
 
@@ -203,6 +209,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         choices = get_args(tp)
         if isinstance(value, str) and value in choices:
             return value
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):  # `compile: true` means on
+            return "on" if value else "off"
         # YAML 1.1 reads off/on/yes/no as booleans, so `amp: off` arrives as False.
         hint = " (YAML reads off/on/yes/no as true/false — quote the word)" if isinstance(value, bool) else ""
         raise UserError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}{hint}")

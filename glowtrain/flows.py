@@ -89,9 +89,11 @@ class ActNorm(FlowLayer):
         self.initialized.fill_(True)
         self._known_initialized = True
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._known_initialized = False
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # Read the loaded flag now, once, rather than lazily in forward: a host read there would split a
+        # compiled graph at every ActNorm of a resumed (or rolled back) model.
+        self._known_initialized = bool(self.initialized)
 
     @property
     def is_initialized(self) -> bool:

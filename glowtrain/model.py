@@ -10,7 +10,6 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from glowtrain.flows import Conditioner, FlowSequence, Squeeze, ZeroConv2d, check_kinds, flow_step
@@ -216,9 +215,15 @@ class Glow(nn.Module):
         y = torch.as_tensor(y, device=self.top_prior.device)
         if y.dtype.is_floating_point:  # already a (N, n_classes) distribution
             return y.to(dtype)
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.n_classes):
-            raise ValueError(f"labels must lie in 0..{self.n_classes - 1}, got {y.tolist()}")
-        return F.one_hot(y.long(), self.n_classes).to(dtype)
+        in_range = ((y >= 0) & (y < self.n_classes)).all()
+        if y.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not bool(in_range):
+                raise ValueError(f"labels must lie in 0..{self.n_classes - 1}, got {y.tolist()}")
+        else:
+            # Checked on the device: reading the verdict here would stall a GPU and split a compiled graph.
+            torch._assert_async(in_range, f"labels must lie in 0..{self.n_classes - 1}")
+        # A comparison rather than F.one_hot, which reads the labels' range on the host.
+        return (y.long().unsqueeze(-1) == torch.arange(self.n_classes, device=y.device)).to(dtype)
 
     def _top_log_density(self, z_top: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if self.n_classes == 0 or y is not None:

@@ -19,6 +19,10 @@ import os
 
 import torch
 
+from glowtrain.errors import UserError
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # train.amp -> the coupling networks' dtype
+
 
 def configure(device: torch.device, tf32: bool | None = True, deterministic: bool | None = None) -> None:
     """Set the process-wide math for `device`; None leaves that setting as it is.
@@ -79,3 +83,19 @@ def tf32(enabled: bool):
 def full_float32():
     """No TF32 inside the block, on every device (a context manager and a decorator)."""
     return tf32(False)
+
+
+def check_amp(amp: str, device: torch.device, allow_emulated_bf16: bool = False,
+              capability: tuple[int, int] | None = None) -> None:
+    """Refuse a train.amp that `device` cannot run well: fp16 off CUDA, bf16 on GPUs without native bf16.
+
+    `capability` (major, minor) defaults to the device's own; tests pass one in."""
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError(f"train.amp=fp16 needs a CUDA GPU (float16 with a gradient scaler), not {device.type} — "
+                        "use train.amp=off, or bf16")
+    if amp != "bf16" or device.type != "cuda" or allow_emulated_bf16:
+        return
+    major, minor = capability or torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 0):
+        raise UserError(f"train.amp=bf16: this GPU (compute capability {major}.{minor}) has no native bfloat16 and "
+                        "would emulate it slowly — use train.amp=fp16, or set train.allow_emulated_bf16=true")

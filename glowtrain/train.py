@@ -23,6 +23,7 @@ from glowtrain.checkpoint import (
     load_state_checked,
     save_checkpoint,
 )
+from glowtrain.compilation import LazyCompile, compile_enabled
 from glowtrain.config import Config, apply_overrides, config_to_dict, derived_seed, load_config, save_config
 from glowtrain.data import build_dataset, make_train_batches
 from glowtrain.distributed import Context, broadcast_state, identical_across_ranks, setup, teardown
@@ -33,6 +34,7 @@ from glowtrain.logs import NullLogger, RunLogger
 from glowtrain.losses import dequantize
 from glowtrain.model import Glow
 from glowtrain.objective import Objective, batch_noise
+from glowtrain.optim import build_optimizer, load_optimizer_state, skips_on_device
 from glowtrain.runs import RunDir, checkpoint_to_resume, prepare_run_dir, run_dir_for
 
 
@@ -139,32 +141,6 @@ class DivergenceGuard:
         return 0
 
 
-class LazyCompile:
-    """torch.compile, whose failures surface on the first call: then warn once and run eager for good."""
-
-    def __init__(self, module: torch.nn.Module, enabled: bool):
-        self.eager = module
-        self.module = module
-        self.pending = False
-        if enabled:
-            try:
-                self.module, self.pending = torch.compile(module), True
-            except Exception as e:  # noqa: BLE001 - e.g. a platform without a compiler backend
-                warnings.warn(f"torch.compile is unavailable ({type(e).__name__}: {e}); training without it",
-                              stacklevel=2)
-
-    def __call__(self, *args):
-        if not self.pending:
-            return self.module(*args)
-        self.pending = False
-        try:
-            return self.module(*args)
-        except Exception as e:  # noqa: BLE001
-            warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); training without it", stacklevel=2)
-            self.module = self.eager
-            return self.module(*args)
-
-
 class _StopFlag:
     """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
 
@@ -188,33 +164,6 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    """The configured optimiser; a fused one skips a non-finite step on the device by itself.
-
-    torch's fused Adam takes a `found_inf` flag and leaves weights, moments and step count alone when it
-    is set, so the loop need not wait for the GPU to learn whether a step was finite. Adamax has no
-    fused form: the loop reads its verdict on the host, one tiny sync per step.
-    """
-    params = list(params)
-    if cfg.train.optimizer == "adam":
-        try:
-            return torch.optim.Adam(params, lr=cfg.train.lr, fused=True)
-        except (RuntimeError, ValueError):  # a device without a fused Adam (or an older torch)
-            return torch.optim.Adam(params, lr=cfg.train.lr)
-    return torch.optim.Adamax(params, lr=cfg.train.lr)
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """Load saved moments and counts, keeping this run's implementation choice.
-
-    torch restores every saved group setting, `fused` included: a checkpoint from an unfused Adam
-    would silently unfuse this one (whose on-device skip then fails), and the reverse.
-    """
-    groups = [{**group, **{key: current[key] for key in ("fused", "foreach") if key in current}}
-              for group, current in zip(saved["param_groups"], optimizer.param_groups)]
-    optimizer.load_state_dict({**saved, "param_groups": groups})
 
 
 def _check_optimizer(state: dict, cfg: Config, source: Path) -> None:
@@ -262,6 +211,8 @@ class Trainer:
         self.model = Glow.from_config(cfg).to(self.device)
         self.objective = Objective(self.model, cfg.data.n_bits, cfg.train.class_weight)
         self.optimizer = build_optimizer(cfg, self.objective.parameters())
+        # float16's narrow range needs loss scaling; bfloat16 has float32's range and needs none.
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.amp == "fp16" else None
         self.state, self.resumed = TrainState(), resume_from is not None
         saved = self.restore(resume_from) if self.resumed else None
         if not self.resumed:
@@ -274,7 +225,8 @@ class Trainer:
                                      self.state.n_bad_in_row)
         self._configure_model()
         self.wrapped = self._distributed(self.objective)
-        self.forward = LazyCompile(self.wrapped, cfg.train.compile)
+        compiled = compile_enabled(cfg.train.compile, self.device)
+        self.forward = LazyCompile(self.wrapped, compiled, cfg.train.compile_mode)
         self.batches = self._batches_from(self.state.step)  # a batch larger than the dataset fails here
         self.logger, self.say = NullLogger(), _quiet
 
@@ -308,10 +260,16 @@ class Trainer:
         state = load_checkpoint(path)  # on the CPU: optimizer step counters must stay there
         _check_optimizer(state, self.cfg, path)
         _load_objective(self.objective, state["model"], state.get("objective"), str(path))
-        load_optimizer_state(self.optimizer, state["optimizer"])
+        self._load_optimizer(state)
         self.state = TrainState.from_checkpoint(state)
         torch.set_rng_state(state["rng"]["torch"].cpu())
         return state
+
+    def _load_optimizer(self, state: dict) -> None:
+        """Moments and counts, and under fp16 the loss scale (a resumed run continues with the same one)."""
+        load_optimizer_state(self.optimizer, state["optimizer"])
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
 
     def _restore_ema(self, state: dict, source: str) -> None:
         if state.get("ema") is not None:
@@ -319,8 +277,8 @@ class Trainer:
 
     def _configure_model(self) -> None:
         cfg, is_main = self.cfg, self.ctx.is_main
-        # Training may run its coupling networks in bf16; evaluation and samples always use full precision.
-        self.model.set_amp(torch.bfloat16 if cfg.train.amp == "bf16" else None)
+        # Training may run its coupling networks in bf16 or fp16; evaluation and samples always use full precision.
+        self.model.set_amp(precision.AMP_DTYPES[cfg.train.amp])
         if cfg.train.amp == "bf16" and self.device.type == "cpu" and is_main:
             # Measured on a 2-core x86 machine with torch 2.14: a CIFAR-shape bf16 step ran 16x slower than float32.
             warnings.warn("train.amp=bf16 on a CPU: bf16 convolutions are much slower than float32 on many CPUs; "
@@ -355,27 +313,35 @@ class Trainer:
         """Forward and backward over the micro-batches, clip, the skippable optimiser step, EMA.
 
         Returns the step's mean bits/dim and gradient norm, left on the device."""
-        cfg, ctx, n_micro = self.cfg, self.ctx, self.cfg.train.grad_accum_steps
-        lr = lr_at(self.state.step, cfg) * self.state.lr_scale
+        lr = lr_at(self.state.step, self.cfg) * self.state.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        images, labels, noise = self.prepare_batch(images, labels)
+        batch = self.prepare_batch(images, labels)
         self.optimizer.zero_grad(set_to_none=True)
+        bpd, loss_finite = self.forward.first_use(lambda: self._forward_backward(*batch),
+                                                  lambda: self.optimizer.zero_grad(set_to_none=True))
+        grad_norm, finite = self._optimizer_step(loss_finite, lr)
+        self.guard.record(finite)
+        if self.ema is not None:
+            update_ema(self.ema, self.objective, ema_decay_at(self.state.step, self.cfg.train.ema_decay))
+        return {"bpd": bpd, "grad_norm": grad_norm}
+
+    def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor,
+                          noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients of the step's loss, accumulated over its micro-batches: (mean bits/dim, loss finite)."""
+        n_micro, distributed = self.cfg.train.grad_accum_steps, self.ctx.distributed
         bpd, loss_finite = 0.0, torch.ones((), dtype=torch.bool, device=self.device)
         parts = zip(images.chunk(n_micro), labels.chunk(n_micro), noise.chunk(n_micro))
         for index, (part_images, part_labels, part_noise) in enumerate(parts):
             last = index == n_micro - 1
             # DDP averages gradients over ranks once, after the last micro-batch's backward.
-            with contextlib.nullcontext() if last or not ctx.distributed else self.wrapped.no_sync():
+            with contextlib.nullcontext() if last or not distributed else self.wrapped.no_sync():
                 terms = self.forward(part_images, part_labels, part_noise)
-                (terms["loss"] / n_micro).backward()
+                loss = terms["loss"] / n_micro
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             bpd = bpd + terms["bpd"].detach().mean() / n_micro
             loss_finite = loss_finite & torch.isfinite(terms["loss"].detach())
-        grad_norm, finite = self._optimizer_step(loss_finite, lr)
-        self.guard.record(finite)
-        if self.ema is not None:
-            update_ema(self.ema, self.objective, ema_decay_at(self.state.step, cfg.train.ema_decay))
-        return {"bpd": bpd, "grad_norm": grad_norm}
+        return bpd, loss_finite
 
     def prepare_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """This rank's share of the step's batch on the device, flipped, with its dequantisation noise.
@@ -391,20 +357,24 @@ class Trainer:
         """Clip, then step unless the loss or gradient is non-finite on any rank: (gradient norm, finite).
 
         A skipped step still counts, so data order and warm-up stay on schedule; every rank skips together,
-        as one rank's loss can be non-finite alone.
+        as one rank's loss can be non-finite alone. Under fp16 a gradient overflow is such a step.
         """
         params = list(self.objective.parameters())
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # on the device; an overflow leaves inf in the gradients
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         finite = self.ctx.all_true(loss_finite & torch.isfinite(grad_norm))
-        skips_on_device = bool(self.optimizer.param_groups[0].get("fused"))  # fused Adam honours found_inf
-        if skips_on_device:
+        on_device = skips_on_device(self.optimizer)
+        if on_device:
             self.optimizer.found_inf = (~finite).float()
-        if skips_on_device or bool(finite):  # Adamax: the loop's one host read per step
+        if on_device or bool(finite):  # a plain (unfused) Adam: the loop's one host read per step
             if self.cfg.train.weight_decay > 0:  # decoupled (AdamW-style), for either optimiser
                 with torch.no_grad():
                     torch._foreach_mul_(params, 1.0 - lr * self.cfg.train.weight_decay * finite)
             self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()  # halves the scale after an overflow, grows it after a run of good steps
         return grad_norm, finite
 
     # --- what happens between steps ------------------------------------------------------------
@@ -472,6 +442,8 @@ class Trainer:
         ema = self.ema.model if self.ema is not None else None
         state = checkpoint_state(model=self.model, ema=ema, optimizer=self.optimizer, cfg_dict=config_to_dict(self.cfg),
                                  train_state=self.state.state_dict())
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
         extras = _objective_extras(self.objective)
         if extras:
             state["objective"] = extras
@@ -492,7 +464,7 @@ class Trainer:
                                    "raise train.warmup_steps")
         state = load_checkpoint(last)
         _load_objective(self.objective, state["model"], state.get("objective"), str(last))
-        load_optimizer_state(self.optimizer, state["optimizer"])
+        self._load_optimizer(state)
         if self.ema is not None:
             self._restore_ema(state, str(last))
         saved = TrainState.from_checkpoint(state)
@@ -623,6 +595,7 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
     saved = precision.settings()
     ctx = setup(cfg.run.device, tf32=cfg.run.tf32, deterministic=cfg.run.deterministic)
     try:
+        precision.check_amp(cfg.train.amp, ctx.device, cfg.train.allow_emulated_bf16)
         run = run_dir_for(out, cfg.run.name, resume)
         resume_from = prepare_run_dir(run, resume)
         ctx.barrier()  # every rank has checked the run directory before rank 0 writes into it

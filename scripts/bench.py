@@ -111,7 +111,8 @@ def synthetic_trainer(image_shape, overrides: list[str], device: torch.device, b
     dataset = "digits" if size == 8 and channels == 1 else "cifar10" if channels == 3 else "mnist"
     cfg = apply_overrides(load_config(), [f"data.dataset={dataset}", f"data.image_size={size}",
                                           f"data.channels={channels}", f"train.batch_size={batch}",
-                                          f"train.init_batch_size={batch}", "train.warmup_steps=0", *overrides])
+                                          f"train.init_batch_size={batch}", "train.warmup_steps=0", "train.compile=off",
+                                          *overrides])
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (4 * batch, *image_shape), dtype=torch.uint8, generator=generator)
     data = TensorImages(images, torch.zeros(len(images), dtype=torch.int64))

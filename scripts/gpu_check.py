@@ -231,6 +231,7 @@ def section_throughput(args, device, sizes) -> dict:
     from bench import synthetic_trainer  # scripts/ is on sys.path when this script runs
 
     from glowtrain.analysis import multiply_adds
+    from glowtrain.compilation import LazyCompile
 
     mode, _, dtype = args.variant.partition("-")
     spec = sizes["cifar"]
@@ -250,7 +251,8 @@ def section_throughput(args, device, sizes) -> dict:
             import torch._dynamo as dynamo
 
             dynamo.reset()
-            trainer.forward = torch.compile(trainer.wrapped, mode="reduce-overhead" if mode == "cudagraphs" else None)
+            compile_mode = "reduce-overhead" if mode == "cudagraphs" else "default"
+            trainer.forward = LazyCompile(trainer.wrapped, True, compile_mode)
 
         def step() -> None:
             trainer.train_step(images, labels)
@@ -428,7 +430,8 @@ def fit_overrides(spec, cache: Path, device: torch.device, steps: int) -> list[s
             "data.download=false", f"model.n_levels={levels}", f"model.n_steps={k}", f"model.hidden_channels={width}",
             f"model.coupling={coupling}", f"train.batch_size={batch}", f"train.steps={steps}",
             f"run.device={device}", "train.warmup_steps=10", "train.n_samples=16", "train.sample_temperatures=[0.7]",
-            f"train.init_batch_size={4 * batch}", "train.eval_batch_size=256"]
+            f"train.init_batch_size={4 * batch}", "train.eval_batch_size=256",
+            "train.compile=off"]  # the eager loop: compiled throughput has its own section
 
 
 class HostReads:

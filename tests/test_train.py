@@ -14,6 +14,7 @@ from glowtrain.data import build_dataset, make_train_batches
 from glowtrain.errors import UserError
 from glowtrain.losses import dequantize
 from glowtrain.model import Glow
+from glowtrain.optim import GatedAdamax
 from glowtrain.runs import RunDir
 from glowtrain.sample import display_upscale
 from glowtrain.train import Trainer, ema_decay_at, evaluate, fit_config, lr_at, train
@@ -342,7 +343,8 @@ NAN_RUN = ["run.device=cpu", "model.n_levels=2", "model.n_steps=1", "model.hidde
            "train.n_samples=1", "train.sample_temperatures=[0]", "train.max_bad_steps=2"]
 
 
-def test_fused_adam_steps_read_nothing_back_from_the_device_between_logging_steps(tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adam", "adamax"])  # fused Adam and GatedAdamax skip on the device
+def test_training_steps_read_nothing_back_from_the_device_between_logging_steps(tmp_path, monkeypatch, optimizer):
     """On a GPU every host read of a device value stalls the queue; here the loop may read only when it logs."""
     import traceback
 
@@ -361,7 +363,7 @@ def test_fused_adam_steps_read_nothing_back_from_the_device_between_logging_step
                 reads.append((step["n"], _name))
             return _real(self, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, name, recording)
-    cfg = apply_overrides(default_config(), NAN_RUN + ["train.optimizer=adam", "train.log_every=5",
+    cfg = apply_overrides(default_config(), NAN_RUN + [f"train.optimizer={optimizer}", "train.log_every=5",
                                                        "train.checkpoint_every=10", "train.weight_decay=0.01"])
     train(cfg, out=str(tmp_path / "run"), progress=False, trainer=Counting)
     assert reads and {n for n, _ in reads} <= {5, 10}, reads
@@ -371,7 +373,7 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-OPTIMIZERS = pytest.mark.parametrize("optimizer", ["adamax", "adam"])  # host verdict; fused Adam's on-device skip
+OPTIMIZERS = pytest.mark.parametrize("optimizer", ["adamax", "adam"])  # GatedAdamax's and fused Adam's on-device skips
 
 
 @OPTIMIZERS
@@ -535,7 +537,7 @@ def test_weights_that_became_non_finite_are_never_saved_over_a_checkpoint(tmp_pa
     from glowtrain.train import TrainingDiverged
 
     cfg = apply_overrides(default_config(), NAN_RUN + ["train.steps=6"])
-    real_step = torch.optim.Adamax.step
+    real_step = GatedAdamax.step
     calls = {"n": 0}
 
     def step_then_break_a_weight(self, *args, **kwargs):
@@ -546,7 +548,7 @@ def test_weights_that_became_non_finite_are_never_saved_over_a_checkpoint(tmp_pa
                 self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
         return result
 
-    monkeypatch.setattr(torch.optim.Adamax, "step", step_then_break_a_weight)
+    monkeypatch.setattr(GatedAdamax, "step", step_then_break_a_weight)
     with pytest.raises(TrainingDiverged, match="the weights hold NaN or inf at step 4; not saving them"):
         train(cfg, out=str(tmp_path / "run"), progress=False)
     saved = load_checkpoint(RunDir(tmp_path / "run").last)

@@ -1,0 +1,172 @@
+"""torch.compile: the model compiles whole (fresh, resumed, class-conditional, eval), the training step
+compiles once and never again, train.compile resolves per device, and a compiler failure falls back to eager."""
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+from torch._dynamo.utils import counters
+
+from glowtrain.compilation import LazyCompile, compile_enabled
+from glowtrain.config import apply_overrides, default_config
+from glowtrain.model import Glow
+from glowtrain.train import Trainer, train
+
+SHAPE = (3, 16, 16)
+
+
+def _model(**kwargs) -> Glow:
+    torch.manual_seed(0)
+    return Glow(SHAPE, n_levels=2, n_steps=2, hidden_channels=16, **kwargs)
+
+
+def _graphs(fn, *args) -> tuple[int, int]:
+    """(graphs, graph breaks) that dynamo makes of fn(*args)."""
+    dynamo.reset()
+    explained = dynamo.explain(fn)(*args)
+    return explained.graph_count, explained.graph_break_count
+
+
+def _images(n=4):
+    return torch.rand(n, *SHAPE, generator=torch.Generator().manual_seed(1)) - 0.5
+
+
+def _fresh():
+    model = _model()
+    model.initialize(_images())
+    return model, (_images(),)
+
+
+def _loaded():
+    """What a resume or a rollback does: a new model given a saved state dict."""
+    source, _ = _fresh()
+    model = _model()
+    model.load_state_dict(source.state_dict())
+    return model, (_images(),)
+
+
+def _class_conditional(with_labels: bool):
+    def build():
+        model = _model(n_classes=5)
+        labels = torch.tensor([0, 4, 2, 1])
+        model.initialize(_images(), labels)
+        return model, (_images(), labels) if with_labels else (_images(),)
+    return build
+
+
+CASES = {"fresh": _fresh, "after load_state_dict": _loaded, "class-conditional": _class_conditional(True),
+         "class-conditional marginal": _class_conditional(False)}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_the_model_compiles_to_one_graph(case, mode):
+    model, args = CASES[case]()
+    model.train(mode == "train")
+    with torch.set_grad_enabled(mode == "train"):
+        assert _graphs(model, *args) == (1, 0)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(*args)[0], model(*args)[0], rtol=0, atol=0)
+
+
+def test_memory_saving_leaves_each_level_eager_and_compiles_the_rest():
+    """The README's figure: with memory saving, each level's flow steps are one graph break (they run eager)."""
+    model, (x,) = _fresh()
+    model.set_memory_saving(True)
+    assert _graphs(model, x.requires_grad_()) == (model.n_levels + 1, model.n_levels)
+
+
+def test_labels_out_of_range_are_refused_in_eager_mode():
+    model, (x, _) = _class_conditional(True)()
+    with pytest.raises(ValueError, match="labels must lie in 0..4"):
+        model(x, torch.tensor([0, 1, 5, 2]))
+
+
+@pytest.mark.parametrize(("setting", "device", "expected"), [
+    ("on", "cpu", True), ("off", "cpu", False), ("auto", "cpu", False), ("off", "cuda", False)])
+def test_train_compile_resolves_per_device(setting, device, expected):
+    assert compile_enabled(setting, torch.device(device)) is expected
+
+
+def test_auto_compiles_on_cuda_exactly_when_triton_is_there(monkeypatch):
+    import torch.utils._triton as triton
+
+    for available in (True, False):
+        monkeypatch.setattr(triton, "has_triton", lambda available=available: available)
+        assert compile_enabled("auto", torch.device("cuda")) is available
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", "on"), ("false", "off"), ("auto", "auto"), ("on", "on")])
+def test_compile_accepts_the_booleans_of_older_configs(value, expected):
+    assert apply_overrides(default_config(), [f"train.compile={value}"]).train.compile == expected
+
+
+STEP_RUN = ["run.device=cpu", "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=8", "train.batch_size=8",
+            "train.grad_accum_steps=2", "train.init_batch_size=32", "train.eval_batch_size=300", "train.steps=6",
+            "train.warmup_steps=3", "train.log_every=2", "train.eval_every=3", "train.sample_every=100",
+            "train.checkpoint_every=3", "train.n_samples=1", "train.sample_temperatures=[0]", "train.compile=on"]
+
+
+def _compile_with(monkeypatch, backend: str, fullgraph: bool = True):
+    real = torch.compile
+
+    def patched(module, mode=None, **kwargs):
+        return real(module, backend=backend, fullgraph=fullgraph)
+    monkeypatch.setattr(torch, "compile", patched)
+
+
+def test_the_training_step_compiles_once_and_is_never_recompiled(tmp_path, monkeypatch):
+    """Forward and backward (AOTAutograd) whole, across warm-up learning rates, logging, evaluation with another
+    batch size, checkpoints, and a resume."""
+    _compile_with(monkeypatch, "aot_eager")
+    graphs_by_step = []
+
+    class Counting(Trainer):
+        def prepare_batch(self, images, labels):
+            graphs_by_step.append(counters["stats"]["unique_graphs"])
+            return super().prepare_batch(images, labels)
+
+    dynamo.reset()
+    counters.clear()
+    cfg = apply_overrides(default_config(), STEP_RUN)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        train(apply_overrides(cfg, ["train.steps=3"]), out=str(tmp_path / "run"), progress=False, trainer=Counting)
+        first_run = counters["stats"]["unique_graphs"]
+        train(cfg, out=str(tmp_path / "run"), resume="auto", progress=False, trainer=Counting)
+    # One graph, compiled at the first step; the resumed run's new Trainer passes its guards and reuses it.
+    assert first_run == 1 and counters["stats"]["unique_graphs"] == 1
+    assert graphs_by_step == [0, 1, 1, 1, 1, 1]
+
+
+def test_a_compiler_failure_in_the_first_backward_falls_back_to_eager_with_the_same_result(tmp_path, monkeypatch):
+    class FailingBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("backward graph did not compile")
+
+    def broken_compile(module, mode=None, **kwargs):
+        def call(*args):
+            terms = module(*args)
+            return {**terms, "loss": FailingBackward.apply(terms["loss"])}
+        return call
+
+    cfg = apply_overrides(default_config(), STEP_RUN + ["train.steps=2", "train.grad_accum_steps=1"])
+    eager = train(apply_overrides(cfg, ["train.compile=off"]), out=str(tmp_path / "eager"), progress=False)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="torch.compile failed .*backward graph did not compile") as warned:
+        fallen_back = train(cfg, out=str(tmp_path / "compiled"), progress=False)
+    assert len([w for w in warned if "torch.compile" in str(w.message)]) == 1
+    assert fallen_back.test == eager.test and fallen_back.step == 2
+
+
+def test_lazy_compile_passes_the_mode_on(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: seen.setdefault("mode", mode) and module)
+    LazyCompile(torch.nn.Identity(), True, "reduce-overhead")
+    assert seen["mode"] == "reduce-overhead"
+    seen.clear()
+    LazyCompile(torch.nn.Identity(), True, "default")
+    assert seen["mode"] is None
