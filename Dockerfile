@@ -1,13 +1,24 @@
-# glowtrain on an official PyTorch CUDA runtime image: torch and torchvision come from the base,
+# glowtrain on an official PyTorch CUDA "devel" image: it carries gcc and the CUDA toolkit, which
+# torch.compile (Inductor, Triton) needs to build kernels; torch and torchvision come from the base,
 # pip adds glowtrain and its small pure-Python dependencies.
 #   docker build -t glowtrain .
-#   docker run --gpus all -v $PWD/data:/data -v $PWD/runs:/runs glowtrain fit --config configs/celeba.yaml
-ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+#   docker build --build-arg TORCH=2.8.0 --build-arg CUDA=12.6 -t glowtrain:cu126 .   # older drivers
+#   docker run --gpus all --ipc=host -v $PWD/data:/data -v $PWD/runs:/runs glowtrain fit --config configs/celeba.yaml
+# The tag must exist on Docker Hub (pytorch/pytorch:<TORCH>-cuda<CUDA>-cudnn9-<FLAVOUR>); the CUDA
+# version must not be newer than what the host's driver supports (nvidia-smi shows it).
+ARG TORCH=2.8.0
+ARG CUDA=12.8
+# devel: with compilers. runtime: a smaller image in which train.compile=auto stays off.
+ARG FLAVOUR=devel
+ARG BASE_IMAGE=pytorch/pytorch:${TORCH}-cuda${CUDA}-cudnn9-${FLAVOUR}
 FROM ${BASE_IMAGE}
 
+# Compiled kernels are cached on the runs volume, so a second run (or a restart) skips recompiling.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TORCHINDUCTOR_CACHE_DIR=/runs/.cache/inductor \
+    TRITON_CACHE_DIR=/runs/.cache/triton
 
 WORKDIR /opt/glowtrain
 COPY pyproject.toml README.md ./

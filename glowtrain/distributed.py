@@ -5,8 +5,10 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -14,6 +16,8 @@ import torch.distributed as dist
 from glowtrain import precision
 from glowtrain.config import DEVICE_PATTERN
 from glowtrain.errors import UserError
+
+T = TypeVar("T")
 
 
 def resolve_device(name: str, option: str = "run.device", tf32: bool | None = True,
@@ -46,6 +50,7 @@ class Context:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    local_rank: int = 0  # the process's place on its own machine
 
     @property
     def is_main(self) -> bool:
@@ -82,6 +87,20 @@ class Context:
             dist.barrier()
 
 
+def in_turns(ctx: Context, work: Callable[[], T]) -> T:
+    """`work()` on every rank: rank 0 alone first, then the first process of each other machine, then the rest.
+
+    For work that downloads or caches files: rank 0 fetches them once; a machine without shared storage
+    fetches its own copy in one process; every other process finds the files already there."""
+    turn = 0 if ctx.is_main else 1 if ctx.local_rank == 0 else 2
+    result = None
+    for phase in range(3):
+        if phase == turn:
+            result = work()
+        ctx.barrier()
+    return result
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -110,7 +129,7 @@ def setup(device_name: str, tf32: bool = True, deterministic: bool = False) -> C
         if use_cuda and "device_id" in inspect.signature(dist.init_process_group).parameters:
             options["device_id"] = device  # binds NCCL to this GPU now, instead of guessing from the rank
         dist.init_process_group("nccl" if use_cuda else "gloo", **options)
-    return Context(dist.get_rank(), dist.get_world_size(), device)
+    return Context(dist.get_rank(), dist.get_world_size(), device, local_rank)
 
 
 def _uses_cuda(device_name: str) -> bool:

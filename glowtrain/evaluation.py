@@ -41,7 +41,7 @@ def evaluate(model: Glow | Objective, dataset, cfg: Config, device: torch.device
     mine = list(range(ctx.rank, len(dataset), ctx.world_size))
     batch_size = cfg.train.eval_batch_size
     batches = make_eval_batches(dataset, batch_size, rank=ctx.rank, world_size=ctx.world_size,
-                                pin_memory=device.type == "cuda")
+                                n_workers=cfg.data.n_workers, pin_memory=device.type == "cuda")
     for start, (images, labels) in zip(range(0, len(mine), batch_size), batches):
         images, labels = images.to(device), labels.to(device)
         noise = _per_image_noise(mine[start : start + len(images)], tuple(images.shape[1:]), seed, device)

@@ -26,7 +26,7 @@ from glowtrain.checkpoint import (
 from glowtrain.compilation import LazyCompile, compile_enabled
 from glowtrain.config import Config, apply_overrides, config_to_dict, derived_seed, load_config, save_config
 from glowtrain.data import build_dataset, make_train_batches
-from glowtrain.distributed import Context, broadcast_state, identical_across_ranks, setup, teardown
+from glowtrain.distributed import Context, broadcast_state, identical_across_ranks, in_turns, setup, teardown
 from glowtrain.errors import UserError
 from glowtrain.evaluation import evaluate
 from glowtrain.images import display_upscale, image_grid, sample_images, save_png, temperature_name
@@ -233,12 +233,10 @@ class Trainer:
     # --- set-up --------------------------------------------------------------------------------
 
     def _load_datasets(self) -> tuple:
-        cfg, ctx = self.cfg, self.ctx
-        if not ctx.is_main:
-            ctx.barrier()  # rank 0 builds (and may download) the dataset first
-        train_set, test_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
-        if ctx.is_main:
-            ctx.barrier()
+        cfg = self.cfg
+        # One process downloads or caches a dataset while the others wait for its files.
+        train_set, test_set = in_turns(self.ctx, lambda: (build_dataset(cfg.data, "train"),
+                                                          build_dataset(cfg.data, "test")))
         if cfg.model.n_classes > 0 and train_set.n_classes != cfg.model.n_classes:
             raise UserError(f"model.n_classes={cfg.model.n_classes} but dataset {cfg.data.dataset} has "
                             f"{train_set.n_classes} classes — set model.n_classes={train_set.n_classes} (or 0)")
@@ -551,6 +549,9 @@ class Trainer:
                         dynamic_ncols=True)
         self.say = self.bar.write if ctx.is_main else _quiet
         self._n_bad_logged = self.guard.read()[0]
+        if self.forward.pending:
+            self.say(f"train.compile={cfg.train.compile}: the first step compiles the model (minutes for a large one; "
+                     "train.compile=off skips it)")
 
     def _close(self, final: dict) -> None:
         self.bar.close()

@@ -121,6 +121,13 @@ def synthetic_trainer(image_shape, overrides: list[str], device: torch.device, b
     return trainer, batch_images, batch_labels
 
 
+def _peak_memory_mb(device: torch.device) -> float:
+    """CUDA's peak allocation, or the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _child(args: argparse.Namespace) -> None:
     import tempfile
 
@@ -144,18 +151,21 @@ def _child(args: argparse.Namespace) -> None:
     def run_step() -> None:
         trainer.train_step(images, labels)
 
+    for _ in range(max(1, args.warmup)):
+        run_step()
+    sync()
+    peak_mb = _peak_memory_mb(device)  # the training step's own: the matmul reference below allocates more
     reference = _MatmulReference(device, torch.bfloat16 if args.amp == "bf16" else torch.float32, sync)
     flops_per_step = 3 * 2 * macs * batch  # forward, plus a backward of about twice the forward
     step_times, fractions, references = [], [], []
-    for i in range(args.warmup + args.steps):
+    for _ in range(args.steps):
         sync()
         start = time.perf_counter()
         run_step()
         sync()
-        if i >= args.warmup:
-            step_times.append(time.perf_counter() - start)
-            references.append(reference.flops())
-            fractions.append(flops_per_step / step_times[-1] / references[-1])
+        step_times.append(time.perf_counter() - start)
+        references.append(reference.flops())
+        fractions.append(flops_per_step / step_times[-1] / references[-1])
     step = statistics.median(step_times)
     dense_share = _dense_kernel_share(run_step, device)
 
@@ -172,10 +182,6 @@ def _child(args: argparse.Namespace) -> None:
                 sample_times.append(time.perf_counter() - start)
     sample = statistics.median(sample_times)
 
-    if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     achieved = flops_per_step / step
     print(json.dumps({
         "config": args.config, "device": str(device), "amp": args.amp, "compile": args.compile, "batch": batch,

@@ -132,3 +132,52 @@ def test_a_local_rank_without_its_gpu_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.raises(UserError, match="local rank 2 but only 2 GPU"):
         setup("auto")
+
+
+def test_files_are_fetched_by_rank_0_then_one_process_per_other_machine_then_the_rest():
+    from glowtrain.distributed import Context, in_turns
+
+    # Two machines with two processes each: ranks 0, 1 on the first (local ranks 0, 1), ranks 2, 3 on the second.
+    events = []
+
+    class Recording(Context):
+        def barrier(self):
+            events.append(("barrier", self.rank))
+
+    results = {}
+    for rank, local_rank in ((0, 0), (1, 1), (2, 0), (3, 1)):
+        ctx = Recording(rank=rank, world_size=4, local_rank=local_rank)
+        results[rank] = in_turns(ctx, lambda rank=rank: events.append(("work", rank)) or rank)
+    assert results == {0: 0, 1: 1, 2: 2, 3: 3}
+    # Where each rank works among its three barriers: which phase it fetches in.
+    phases = {}
+    for rank in range(4):
+        mine = [kind for kind, r in events if r == rank]
+        assert mine.count("barrier") == 3 and mine.count("work") == 1
+        phases[rank] = mine.index("work")
+    assert phases == {0: 0, 1: 2, 2: 1, 3: 2}
+
+
+def test_evaluation_of_image_files_loads_them_in_the_data_workers(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from glowtrain import data
+    from glowtrain.config import apply_overrides, default_config
+    from glowtrain.evaluation import evaluate
+    from glowtrain.model import Glow
+
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    cfg = apply_overrides(default_config(), [f"data.root={tmp_path}", "data.dataset=folder", "data.n_workers=2",
+                                             "model.n_levels=1", "model.n_steps=1", "model.hidden_channels=4",
+                                             "train.eval_batch_size=4"])
+    seen = []
+    real = data.DataLoader
+    monkeypatch.setattr(data, "DataLoader", lambda *a, **k: seen.append(k["num_workers"]) or real(*a, **k))
+    test_set = data.build_dataset(cfg.data, "test")
+    model = Glow.from_config(cfg)
+    with_workers = evaluate(model, test_set, cfg, torch.device("cpu"))
+    without = evaluate(model, test_set, apply_overrides(cfg, ["data.n_workers=0"]), torch.device("cpu"))
+    assert seen == [2, 0] and with_workers == without

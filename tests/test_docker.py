@@ -13,10 +13,24 @@ def _instructions(name: str) -> list[str]:
     return [line.split(None, 1)[1] for line in DOCKERFILE.splitlines() if line.startswith(name + " ")]
 
 
-def test_image_builds_on_an_official_pytorch_cuda_runtime():
-    base = re.search(r"ARG BASE_IMAGE=(\S+)", DOCKERFILE).group(1)
-    assert base.startswith("pytorch/pytorch:") and "cuda" in base and base.endswith("-runtime")
+def _arg(name: str) -> str:
+    return re.search(rf"^ARG {name}=(\S+)$", DOCKERFILE, re.MULTILINE).group(1)
+
+
+def test_image_builds_on_an_official_pytorch_cuda_image_with_compilers_and_a_chosen_cuda():
+    base = _arg("BASE_IMAGE")
+    assert base == "pytorch/pytorch:${TORCH}-cuda${CUDA}-cudnn9-${FLAVOUR}"
+    assert _arg("FLAVOUR") == "devel"  # gcc and the CUDA toolkit: torch.compile works in the image
+    assert re.fullmatch(r"\d+\.\d+", _arg("CUDA")) and re.fullmatch(r"\d+\.\d+\.\d+", _arg("TORCH"))
+    minimum = re.search(r'"torch>=([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    as_tuple = [tuple(int(part) for part in version.split(".")[:2]) for version in (_arg("TORCH"), minimum)]
+    assert as_tuple[0] >= as_tuple[1]  # else pip would replace the base image's CUDA torch
     assert _instructions("FROM") == ["${BASE_IMAGE}"]
+
+
+def test_compiled_kernels_are_cached_on_the_writable_runs_volume():
+    for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        assert re.search(rf"{variable}=/runs/\S+", DOCKERFILE), variable
 
 
 def test_image_installs_the_package_and_its_own_entry_point():

@@ -25,8 +25,11 @@ def test_every_section_runs_tiny_on_the_cpu_and_reports_sane_figures(tmp_path):
     assert roundtrip["inference"]["roundtrip_max_error"] < 1e-4
     assert by_name[("resume", "deterministic")]["bit_exact"]
     assert by_name[("ddp", "")]["max_weight_difference"] == 0.0
-    # Neither optimiser's loop reads anything back between logging steps (both skip bad steps on the device).
-    reads = {optimizer: by_name[("fit", optimizer)]["host_reads"]["per_quiet_step"] for optimizer in ("adam", "adamax")}
-    assert reads == {"adam": 0, "adamax": 0}
+    # Between logging steps neither optimiser's loop reads a value back (both skip bad steps on the device): on a
+    # CPU every tensor counts, and the one read left is the batch sampler's host-side index list.
+    for optimizer in ("adam", "adamax"):
+        reads = by_name[("fit", optimizer)]["host_reads"]
+        quiet = {place: n for place, n in reads["places"].items() if place.startswith("quiet step")}
+        assert reads["per_quiet_step"] <= 1 and all("data.py" in place for place in quiet), (optimizer, quiet)
     table = (tmp_path / "gpu_check.md").read_text().splitlines()
     assert len(table) == 2 + len(rows) and all(line.startswith("|") for line in table)

@@ -5,13 +5,14 @@ import copy
 import pytest
 import torch
 
-from glowtrain.optim import GatedAdamax, build_optimizer, load_optimizer_state, skips_on_device
 from glowtrain.config import apply_overrides, default_config
+from glowtrain.optim import GatedAdamax, build_optimizer, load_optimizer_state, skips_on_device
 
 
 def _params(seed=0, dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(shape, generator=generator, dtype=dtype)) for shape in ((3, 4), (5,), (2, 2, 3))]
+    shapes = ((3, 4), (5,), (2, 2, 3))
+    return [torch.nn.Parameter(torch.randn(shape, generator=generator, dtype=dtype)) for shape in shapes]
 
 
 def _set_grads(params, seed):
