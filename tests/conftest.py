@@ -12,12 +12,33 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *_inherited])
 # first asks CUDA anything; subprocesses inherit it.
 if not os.environ.get("GLOWTRAIN_TEST_DEVICE", "cpu").startswith("cuda"):
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+else:
+    # torch fixes the cuBLAS workspace at the first matrix product, long before a deterministic training test
+    # runs; a real `glowtrain fit` sets this before its first one (precision.configure), and so does the suite.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from helpers import TEST_DEVICE, describe_test_device, device_problem  # noqa: E402
+
+
+def pytest_configure(config):
+    problem = device_problem()
+    if problem:  # one line and exit code 2, before a single test runs somewhere it was not meant to
+        pytest.exit(problem, returncode=2)
+
+
+def pytest_report_header(config):
+    return f"glowtrain test device: {describe_test_device()}"
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where the correctness tests run: GLOWTRAIN_TEST_DEVICE (cpu, cuda, cuda:N), the CPU when unset."""
+    return TEST_DEVICE
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,4 +1,7 @@
-"""Shared test helpers: brute-force Jacobians, random non-identity weights, CLI invocation."""
+"""Shared test helpers: the test device, brute-force Jacobians, random non-identity weights, CLI invocation."""
+
+import os
+import re
 
 import torch
 from typer.testing import CliRunner
@@ -6,6 +9,36 @@ from typer.testing import CliRunner
 from glowtrain.cli import app
 
 runner = CliRunner()
+
+# The device the correctness tests run on: GLOWTRAIN_TEST_DEVICE (cpu, cuda or cuda:N), the CPU when unset.
+DEVICE_VARIABLE = "GLOWTRAIN_TEST_DEVICE"
+_DEVICE_NAME = os.environ.get(DEVICE_VARIABLE) or "cpu"
+_DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
+# An unusable name stops the session in conftest before any test runs; the CPU only keeps this import working.
+TEST_DEVICE = torch.device(_DEVICE_NAME if _DEVICE_PATTERN.fullmatch(_DEVICE_NAME) else "cpu")
+
+
+def device_problem() -> str | None:
+    """Why the GLOWTRAIN_TEST_DEVICE asked for cannot be used here, in one line (None when it can)."""
+    name = _DEVICE_NAME
+    if not _DEVICE_PATTERN.fullmatch(name):
+        return f"{DEVICE_VARIABLE}={name!r} is not a test device — use cpu, cuda or cuda:N (or leave it unset)"
+    if TEST_DEVICE.type == "cuda":
+        if not torch.cuda.is_available():
+            return (f"{DEVICE_VARIABLE}={name} but torch {torch.__version__} sees no CUDA GPU here — "
+                    f"unset {DEVICE_VARIABLE} to test on the CPU")
+        if (TEST_DEVICE.index or 0) >= torch.cuda.device_count():
+            return (f"{DEVICE_VARIABLE}={name} but only {torch.cuda.device_count()} CUDA device(s) exist — "
+                    "use cuda or cuda:N with N below that")
+    return None
+
+
+def describe_test_device() -> str:
+    """The test device for pytest's header, with the GPU's name when it is one."""
+    if TEST_DEVICE.type == "cuda":
+        return f"{TEST_DEVICE} ({torch.cuda.get_device_name(TEST_DEVICE)}, torch {torch.__version__})"
+    return f"cpu (set {DEVICE_VARIABLE}=cuda to run the device tests on a GPU)"
+
 
 # The tiny run that several modules only read: a CLI `glowtrain fit` of 4 steps on the bundled digits.
 TINY_RUN = [
@@ -22,7 +55,7 @@ def perturb(module: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> None:
     with torch.no_grad():
         for param in module.parameters():
             noise = torch.randn(param.shape, generator=generator, dtype=torch.float64)
-            param.add_(scale * noise.to(param.dtype))
+            param.add_(scale * noise.to(param))  # drawn on the CPU: the same values on any device
 
 
 def brute_force_logdet(fn, x: torch.Tensor) -> torch.Tensor:

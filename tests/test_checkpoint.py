@@ -14,11 +14,14 @@ from glowtrain.checkpoint import (
     load_checkpoint,
     load_state_checked,
     model_from_checkpoint,
+    open_run,
     save_checkpoint,
 )
 from glowtrain.config import apply_overrides, config_to_dict, default_config, save_config
 from glowtrain.errors import UserError
 from glowtrain.model import Glow
+from glowtrain.optim import build_optimizer, load_optimizer_state
+from glowtrain.precision import full_float32
 from glowtrain.runs import RunDir, latest_run, resolve_checkpoint
 
 TINY = ["model.n_levels=2", "model.n_steps=2", "model.hidden_channels=8"]
@@ -231,6 +234,95 @@ def test_loading_weights_with_missing_or_extra_tensors_names_the_tensor(state):
     assert dropped in str(info.value)
     with pytest.raises(UserError, match="unexpected tensor 'extra.weight'"):
         load_state_checked(model, {**state["model"], "extra.weight": torch.zeros(1)}, "ckpt.pt")
+
+
+# ---------------------------------------------------------------------------- moving between devices
+# On the CPU (GLOWTRAIN_TEST_DEVICE unset) these move cpu -> cpu; with cuda they cross between the two.
+
+
+def _stepped_on(device: torch.device):
+    """(config, model, optimizer) of a tiny model after one real optimiser step on `device`."""
+    cfg = apply_overrides(default_config(), TINY)
+    torch.manual_seed(0)
+    model = Glow.from_config(cfg)
+    model.initialize(torch.rand(16, *cfg.image_shape) - 0.5)
+    perturb(model, 0.05)
+    model = model.to(device)
+    optimizer = build_optimizer(cfg, model.parameters())
+    (-model.log_prob(_batch(cfg).to(device)).mean()).backward()
+    optimizer.step()
+    return cfg, model, optimizer
+
+
+def _batch(cfg) -> torch.Tensor:
+    return torch.rand(8, *cfg.image_shape, generator=torch.Generator().manual_seed(1)) - 0.5
+
+
+def _optimizer_tensors(optimizer_state: dict) -> dict:
+    return {f"{index}.{name}": torch.as_tensor(value) for index, param_state in optimizer_state["state"].items()
+            for name, value in param_state.items()}
+
+
+def test_a_checkpoint_saved_from_a_model_on_the_test_device_loads_on_the_cpu(tmp_path, device):
+    cfg, model, optimizer = _stepped_on(device)
+    ema = copy.deepcopy(model)
+    perturb(ema, 0.05, seed=1)
+    path = tmp_path / "last.pt"
+    save_checkpoint(checkpoint_state(model=model, ema=ema, optimizer=optimizer, cfg_dict=config_to_dict(cfg),
+                                     train_state={"step": 1, "best_test_bpd": 4.0}), path)
+    loaded = load_checkpoint(path)
+    saved_moments = _optimizer_tensors(loaded["optimizer"])
+    assert saved_moments and all(t.device.type == "cpu" for t in saved_moments.values())
+    assert all(t.device.type == "cpu" for key in ("model", "ema") for t in loaded[key].values())
+    on_cpu = {key: {name: t.cpu() for name, t in module.state_dict().items()} for key, module in
+              (("model", model), ("ema", ema))}
+    assert_same_tensors(loaded["model"], on_cpu["model"])
+    assert_same_tensors(loaded["ema"], on_cpu["ema"])
+    assert_same_tensors(saved_moments, {k: t.cpu() for k, t in _optimizer_tensors(optimizer.state_dict()).items()})
+    # The CPU model rebuilt from it computes what the device model computes (full float32 on both).
+    rebuilt, _ = model_from_checkpoint(loaded)
+    x = _batch(cfg)
+    with torch.no_grad(), full_float32():
+        expected = ema.eval().log_prob(x.to(device)).cpu()
+        assert torch.allclose(rebuilt.log_prob(x), expected, rtol=1e-5, atol=0)
+
+
+def test_a_checkpoint_saved_on_the_cpu_loads_and_keeps_training_on_the_test_device(tmp_path, device):
+    cfg, cpu_model, cpu_optimizer = _stepped_on(torch.device("cpu"))
+    path = tmp_path / "last.pt"
+    save_checkpoint(checkpoint_state(model=cpu_model, ema=None, optimizer=cpu_optimizer, cfg_dict=config_to_dict(cfg),
+                                     train_state={"step": 1, "best_test_bpd": 4.0}), path)
+    cpu_weights = {name: t.clone() for name, t in cpu_model.state_dict().items()}
+    assert all(t.device == device for t in load_checkpoint(path, map_location=device)["model"].values())
+    # Inference commands: the model rebuilt on the device, every weight and buffer there, the weights unchanged.
+    loaded = open_run(None, str(path), device=device)
+    assert all(t.device == device for t in loaded.model.state_dict().values())
+    assert_same_tensors({name: t.cpu() for name, t in loaded.model.state_dict().items()}, cpu_weights)
+    # A resume: the CPU-saved moments move to the device with the weights, and the next step there is the
+    # step the CPU run takes (full float32 on both, so only the order of float32 sums differs).
+    state = load_checkpoint(path)
+    model = Glow.from_config(cfg).to(device)
+    load_state_checked(model, state["model"], str(path))
+    optimizer = build_optimizer(cfg, model.parameters())
+    load_optimizer_state(optimizer, state["optimizer"])
+    with full_float32():
+        for module, opt, where in ((model, optimizer, device), (cpu_model, cpu_optimizer, torch.device("cpu"))):
+            opt.zero_grad()
+            (-module.log_prob(_batch(cfg).to(where)).mean()).backward()
+            opt.step()
+    moved_state, cpu_state = optimizer.state_dict()["state"], cpu_optimizer.state_dict()["state"]
+    assert cpu_state and moved_state.keys() == cpu_state.keys()
+    for index, stayed in cpu_state.items():
+        assert float(moved_state[index]["step"]) == float(stayed["step"]) == 2  # the CPU step was counted
+        for name in ("exp_avg", "exp_inf"):
+            moved = moved_state[index][name]
+            assert moved.device == device
+            assert (moved.cpu() - stayed[name]).abs().max() <= 1e-4 * stayed[name].abs().max(), (index, name)
+    # Adamax divides each gradient by its own size, so where a gradient is nearly zero the order of float32 sums
+    # alone can visibly change that one element's step; the step as a whole is the CPU run's.
+    moved_step = torch.cat([(p.detach().cpu() - cpu_weights[n]).flatten() for n, p in model.named_parameters()])
+    cpu_step = torch.cat([(p.detach() - cpu_weights[n]).flatten() for n, p in cpu_model.named_parameters()])
+    assert cpu_step.norm() > 0 and (moved_step - cpu_step).norm() <= 1e-4 * cpu_step.norm()
 
 
 # ---------------------------------------------------------------------------- finding runs

@@ -45,28 +45,29 @@ LAYERS = ["actnorm", "conv_lu", "conv_plain", "reverse", "shuffle", "affine", "a
 ]
 
 
-def _ready_layer(kind, shape, seed=0, scale=0.2):
+def _ready_layer(kind, shape, seed=0, scale=0.2, device="cpu"):
+    """A layer built, initialised and perturbed on the CPU (the same values on every device), and an input."""
     torch.manual_seed(seed)
     layer = _layer(kind, shape[0]).double()
     x = torch.randn(6, *shape)
     layer(x)  # data-dependent init happens here
     perturb(layer, scale, seed)
-    return layer, torch.randn(3, *shape)
+    return layer.to(device), torch.randn(3, *shape).to(device)
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 4), (4, 4, 4)])
 @pytest.mark.parametrize("kind", LAYERS)
-def test_layer_logdet_matches_brute_force_jacobian(kind, shape):
-    layer, x = _ready_layer(kind, shape)
+def test_layer_logdet_matches_brute_force_jacobian(kind, shape, device):
+    layer, x = _ready_layer(kind, shape, device=device)
     _, logdet = layer(x)
-    assert logdet.shape == (3,)
+    assert logdet.shape == (3,) and logdet.device == device
     expected = brute_force_logdet(lambda s: layer(s)[0], x)
     assert torch.allclose(logdet, expected, atol=1e-8, rtol=0)
 
 
 @pytest.mark.parametrize("kind", LAYERS)
-def test_layer_reverse_inverts_forward(kind):
-    layer, x = _ready_layer(kind, (4, 4, 4), seed=1, scale=0.1)
+def test_layer_reverse_inverts_forward(kind, device):
+    layer, x = _ready_layer(kind, (4, 4, 4), seed=1, scale=0.1, device=device)
     y, _ = layer(x)
     assert (layer.reverse(y) - x).abs().max() <= 1e-10
     assert (layer(layer.reverse(x))[0] - x).abs().max() <= 1e-10
@@ -105,13 +106,14 @@ def test_actnorm_initialises_only_once():
     assert torch.equal(layer.bias, bias)
 
 
-def test_lu_logdet_equals_slogdet_of_reconstructed_weight():
+def test_lu_logdet_equals_slogdet_of_reconstructed_weight(device):
     conv = InvConv2d(6, lu=True)
     perturb(conv, 0.3)
+    conv = conv.to(device)
     expected = torch.linalg.slogdet(conv.matrix())[1]
     assert torch.allclose(conv.log_abs_det(), expected, atol=1e-12)
-    x = torch.randn(2, 6, 3, 5)
-    assert torch.allclose(conv(x)[1], expected * 15 * torch.ones(2), atol=1e-10)
+    x = torch.randn(2, 6, 3, 5).to(device)
+    assert torch.allclose(conv(x)[1], expected * 15 * torch.ones(2, device=device), atol=1e-10)
 
 
 def test_float32_lu_weight_is_the_float64_product_of_its_factors_rounded_once():
@@ -148,13 +150,14 @@ def test_cached_inverse_is_reused_in_eval_and_invalidated_when_weights_change(lu
 
 
 @pytest.mark.parametrize("lu", [True, False])
-def test_float32_inverse_is_computed_in_float64(lu):
+def test_float32_inverse_is_computed_in_float64(lu, device):
     conv = InvConv2d(48, lu=lu)
     perturb(conv, 0.05)
-    conv = conv.float()
+    conv = conv.float().to(device)
     exact = torch.linalg.inv(conv.matrix().detach().double())
     assert (conv.inverse_matrix().double() - exact).abs().max() < 1e-6 * exact.abs().max()
-    x = torch.randn(2, 48, 4, 4, dtype=torch.float32)
+    # mix_channels multiplies in float64, which has no TF32 form: the same bound holds on a GPU.
+    x = torch.randn(2, 48, 4, 4, dtype=torch.float32).to(device)
     assert (conv.reverse(conv(x)[0]) - x).abs().max() < 1e-4
 
 

@@ -14,13 +14,14 @@ from glowtrain.losses import bits_per_dim, dequantize
 from glowtrain.model import Glow
 
 
-def _random_glow(shape=(3, 8, 8), seed=0, dtype=torch.float64, scale=0.05, **kwargs):
+def _random_glow(shape=(3, 8, 8), seed=0, dtype=torch.float64, scale=0.05, device="cpu", **kwargs):
+    """Built, initialised and perturbed on the CPU (the same weights on every device), then moved to `device`."""
     torch.manual_seed(seed)
     kwargs = {"n_levels": 2, "n_steps": 3, "hidden_channels": 8, **kwargs}
     model = Glow(shape, **kwargs).to(dtype)
     model.initialize(torch.rand(16, *shape, dtype=dtype) - 0.5)
     perturb(model, scale, seed)
-    return model
+    return model.to(device)
 
 
 def _gradients(model, x, labels=None, memory_saving=False, input_grad=False):
@@ -63,10 +64,10 @@ CASES = [("additive", "lu"), ("additive", "plain"), ("affine", "lu"), ("affine",
 
 @pytest.mark.parametrize("n_classes", [0, 3])
 @pytest.mark.parametrize("coupling,conv", CASES)
-def test_memory_saving_gradients_equal_standard_on_every_parameter(coupling, conv, n_classes):
-    model = _random_glow(coupling=coupling, conv=conv, n_classes=n_classes)
-    x = torch.rand(4, 3, 8, 8, dtype=torch.float64) - 0.5
-    labels = torch.tensor([0, 2, 1, 2]) if n_classes else None
+def test_memory_saving_gradients_equal_standard_on_every_parameter(coupling, conv, n_classes, device):
+    model = _random_glow(coupling=coupling, conv=conv, n_classes=n_classes, device=device)
+    x = (torch.rand(4, 3, 8, 8, dtype=torch.float64) - 0.5).to(device)
+    labels = torch.tensor([0, 2, 1, 2], device=device) if n_classes else None
     standard = _gradients(model, x, labels, memory_saving=False)
     saving = _gradients(model, x, labels, memory_saving=True)
     assert _uses_reversible_chain(model(x, labels)[0])
@@ -74,18 +75,18 @@ def test_memory_saving_gradients_equal_standard_on_every_parameter(coupling, con
     _assert_same_gradients(standard, saving)
 
 
-def test_memory_saving_input_gradient_equals_standard():
-    model = _random_glow((1, 8, 8), seed=1, coupling="affine", conv="lu")
-    x = torch.rand(3, 1, 8, 8, dtype=torch.float64) - 0.5
+def test_memory_saving_input_gradient_equals_standard(device):
+    model = _random_glow((1, 8, 8), seed=1, coupling="affine", conv="lu", device=device)
+    x = (torch.rand(3, 1, 8, 8, dtype=torch.float64) - 0.5).to(device)
     standard = _gradients(model, x, memory_saving=False, input_grad=True)
     saving = _gradients(model, x, memory_saving=True, input_grad=True)
     assert standard["<input>"].abs().max() > 0
     _assert_same_gradients(standard, saving)
 
 
-def test_memory_saving_gradients_with_bf16_coupling_networks_match_standard():
-    model = _random_glow((3, 8, 8), seed=2, dtype=torch.float32).set_amp(torch.bfloat16)
-    x = torch.rand(4, 3, 8, 8) - 0.5
+def test_memory_saving_gradients_with_bf16_coupling_networks_match_standard(device):
+    model = _random_glow((3, 8, 8), seed=2, dtype=torch.float32, device=device).set_amp(torch.bfloat16)
+    x = (torch.rand(4, 3, 8, 8) - 0.5).to(device)
     standard = _gradients(model, x, memory_saving=False)
     saving = _gradients(model, x, memory_saving=True)
     # The rebuilt inputs differ from the true ones by float32 rounding, which bf16 casts can amplify
@@ -109,12 +110,12 @@ def test_memory_saving_forward_initializes_actnorm_via_standard_path():
     _assert_same_gradients(_gradients(reference, x), _gradients(model, x, memory_saving=True), rtol=1e-4, atol=1e-6)
 
 
-def test_set_memory_saving_round_trip_and_no_effect_without_autograd():
-    model = _random_glow((1, 8, 8), seed=4)
+def test_set_memory_saving_round_trip_and_no_effect_without_autograd(device):
+    model = _random_glow((1, 8, 8), seed=4, device=device)
     assert model.memory_saving is False
     # A way of computing gradients, not architecture: a model rebuilt from a config starts without it.
     assert not Glow.from_config(apply_overrides(default_config(), ["train.memory_saving=true"])).memory_saving
-    x = torch.rand(5, 1, 8, 8, dtype=torch.float64) - 0.5
+    x = (torch.rand(5, 1, 8, 8, dtype=torch.float64) - 0.5).to(device)
     with torch.no_grad():
         before = model.log_prob(x)
         assert model.set_memory_saving(True) is model and model.memory_saving
@@ -127,12 +128,13 @@ def test_set_memory_saving_round_trip_and_no_effect_without_autograd():
     assert torch.equal(before, during) and torch.equal(before, recorded.detach())
 
 
-def test_coupling_reverse_and_recompute_matches_reverse_and_forward():
+def test_coupling_reverse_and_recompute_matches_reverse_and_forward(device):
     torch.manual_seed(5)
     for kind in ("affine", "additive"):
         layer = make_coupling(kind, 6, 8).double()
         perturb(layer, 0.2, seed=5)
-        x = torch.randn(3, 6, 4, 4, dtype=torch.float64)
+        layer = layer.to(device)
+        x = torch.randn(3, 6, 4, 4, dtype=torch.float64).to(device)
         y, logdet = layer(x)
         with torch.enable_grad():
             parts, y_again, logdet_again = layer.reverse_and_recompute(y)

@@ -7,17 +7,19 @@ from helpers import brute_force_logdet, perturb
 from glowtrain.config import apply_overrides, default_config
 from glowtrain.flows import Conditioner
 from glowtrain.model import Glow
+from glowtrain.precision import full_float32
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
 
-def _random_glow(shape, seed=0, scale=0.05, **kwargs):
+def _random_glow(shape, seed=0, scale=0.05, device="cpu", **kwargs):
+    """Built, initialised and perturbed on the CPU (the same weights on every device), then moved to `device`."""
     torch.manual_seed(seed)
     kwargs = {"n_levels": 2, "n_steps": 2, "hidden_channels": 8, **kwargs}
     model = Glow(shape, **kwargs)
     model.initialize(torch.rand(16, *shape) - 0.5)
     perturb(model, scale, seed)
-    return model
+    return model.to(device)
 
 
 def _flat_latents(model, x):
@@ -31,28 +33,32 @@ GRID = [(c, v) for c in ("additive", "affine") for v in ("lu", "plain", "shuffle
 @pytest.mark.parametrize("n_classes", [0, 3])
 @pytest.mark.parametrize("coupling,conv", GRID)
 @pytest.mark.parametrize("shape", [(1, 4, 4), (3, 8, 8)])
-def test_model_logdet_matches_brute_force_jacobian(shape, coupling, conv, n_classes):
-    model = _random_glow(shape, coupling=coupling, conv=conv, n_classes=n_classes)
-    x = torch.rand(2, *shape) - 0.5
+def test_model_logdet_matches_brute_force_jacobian(shape, coupling, conv, n_classes, device):
+    model = _random_glow(shape, coupling=coupling, conv=conv, n_classes=n_classes, device=device)
+    x = (torch.rand(2, *shape) - 0.5).to(device)
     _, logdet = model.encode(x)
+    assert logdet.device == device
     expected = brute_force_logdet(lambda s: _flat_latents(model, s), x)
     assert torch.allclose(logdet, expected, atol=1e-8, rtol=0)
 
 
 @pytest.mark.parametrize("coupling,conv", GRID + [("affine", "reverse")])
-def test_decode_inverts_encode_in_float64(coupling, conv):
-    model = _random_glow((3, 8, 8), seed=3, coupling=coupling, conv=conv, n_levels=3)
-    x = torch.rand(4, 3, 8, 8) - 0.5
+def test_decode_inverts_encode_in_float64(coupling, conv, device):
+    model = _random_glow((3, 8, 8), seed=3, coupling=coupling, conv=conv, n_levels=3, device=device)
+    x = (torch.rand(4, 3, 8, 8) - 0.5).to(device)
     zs, _ = model.encode(x)
     assert (model.decode(zs) - x).abs().max() <= 1e-10
 
 
-def test_deep_float32_model_round_trips_within_1e_4():
+def test_deep_float32_model_round_trips_within_1e_4(device):
     torch.set_default_dtype(torch.float32)
     # Every parameter moved off its initial value; larger random moves make 96 untrained steps chaotic.
-    model = _random_glow((3, 16, 16), seed=5, scale=0.01, n_levels=3, n_steps=32, hidden_channels=16).eval()
-    x = torch.rand(4, 3, 16, 16) - 0.5
-    with torch.no_grad():
+    model = _random_glow((3, 16, 16), seed=5, scale=0.01, n_levels=3, n_steps=32, hidden_channels=16,
+                         device=device).eval()
+    x = (torch.rand(4, 3, 16, 16) - 0.5).to(device)
+    # full_float32: CUDA runs float32 convolutions in TF32 by default, and glowtrain's own encode/decode
+    # (evaluation, sampling, reconstructions) run in full float32 (precision.py); 1e-4 is that policy's bound.
+    with torch.no_grad(), full_float32():
         zs, _ = model.encode(x)
         coupling_output = model.levels[0].layers[5].layers[2].net(zs[0])
         assert coupling_output.abs().max() > 0.01  # the couplings really act
@@ -119,11 +125,13 @@ def test_sample_at_temperature_zero_returns_the_prior_means():
     assert torch.allclose(zs[0], split_mean, atol=1e-9)
 
 
-def test_same_generator_seed_gives_same_samples():
-    model = _random_glow((1, 8, 8), seed=8)
-    a = model.sample(3, 0.7, generator=torch.Generator().manual_seed(11))
-    b = model.sample(3, 0.7, generator=torch.Generator().manual_seed(11))
-    c = model.sample(3, 0.7, generator=torch.Generator().manual_seed(12))
+@pytest.mark.parametrize("n_classes", [0, 3])  # with classes, the labels are drawn from the generator too
+def test_same_generator_seed_gives_same_samples(device, n_classes):
+    model = _random_glow((1, 8, 8), seed=8, n_classes=n_classes, device=device)
+    # The generator lives where the noise is drawn: on the model's device.
+    a, b, c = (model.sample(3, 0.7, generator=torch.Generator(device=device).manual_seed(seed))
+               for seed in (11, 11, 12))
+    assert a.device == device
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 

@@ -1,0 +1,87 @@
+"""The training loop on the test device (GLOWTRAIN_TEST_DEVICE; the CPU when unset): it trains there, a run
+resumed halfway in deterministic mode ends bit for bit where an uninterrupted one does, and its checkpoint
+samples reproducibly there."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from glowtrain.checkpoint import load_checkpoint, open_run
+from glowtrain.config import apply_overrides, default_config
+from glowtrain.images import sample_images
+from glowtrain.runs import RunDir
+from glowtrain.train import train
+
+STEPS = 4
+# train.compile=off: compilation has its own tests (test_compile.py); here it would only add minutes of
+# compiling on a GPU to each of the three runs.
+TINY = [
+    "run.deterministic=true", "train.compile=off",
+    "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16",
+    "train.batch_size=16", "train.init_batch_size=32", "train.eval_batch_size=300",
+    f"train.steps={STEPS}", "train.log_every=1", f"train.eval_every={STEPS}", f"train.sample_every={STEPS}",
+    f"train.checkpoint_every={STEPS}", "train.n_samples=4", "train.warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, device):
+    """(config, the uninterrupted run's directory, the directory of a run stopped halfway and resumed)."""
+    cfg = apply_overrides(default_config(), [f"run.device={device}", *TINY])
+    root = tmp_path_factory.mktemp("on_device")
+    straight, split = root / "straight", root / "split"
+    train(cfg, out=str(straight), progress=False)
+    train(apply_overrides(cfg, [f"train.steps={STEPS // 2}"]), out=str(split), progress=False)
+    train(cfg, out=str(split), resume="auto", progress=False)
+    return cfg, straight, split
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock throughput, which legitimately differs between runs."""
+    lines = RunDir(run_dir).metrics.read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]
+
+
+def test_a_run_trains_on_the_test_device(runs, device):
+    cfg, straight, _ = runs
+    state = load_checkpoint(RunDir(straight).last)
+    assert state["step"] == STEPS and state["config"]["run"]["device"] == str(device)
+    train_bpd = [r["bpd"] for r in _metrics(straight) if r["split"] == "train"]
+    assert len(train_bpd) == STEPS and train_bpd[-1] < train_bpd[0]  # it learned
+    test = [r for r in _metrics(straight) if r["split"] == "test"]
+    assert [r["step"] for r in test] == [STEPS] and 0 < test[0]["bpd"] < 8
+
+
+def test_a_deterministic_run_resumed_halfway_ends_bit_for_bit_where_an_uninterrupted_one_does(runs):
+    _, straight_dir, split_dir = runs
+    straight, resumed = load_checkpoint(RunDir(straight_dir).last), load_checkpoint(RunDir(split_dir).last)
+    assert straight["step"] == resumed["step"] == STEPS
+    for key in ("model", "ema"):
+        assert straight[key].keys() == resumed[key].keys()
+        for name, tensor in straight[key].items():
+            assert torch.equal(tensor, resumed[key][name]), f"{key}.{name} differs after resume"
+    for index, param_state in straight["optimizer"]["state"].items():
+        for name, value in param_state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed["optimizer"]["state"][index][name]))
+    # Every logged number after the resume point too, the test bits/dim included.
+    later = [r for r in _metrics(straight_dir) if r["step"] > STEPS // 2]
+    assert later and [r for r in _metrics(split_dir) if r["step"] > STEPS // 2] == later
+    # The sample grid drawn at the last step on the device, from a seeded device generator: the same picture.
+    grids = sorted(RunDir(straight_dir).samples.glob("*.png"))
+    assert grids and [(RunDir(split_dir).samples / g.name).read_bytes() for g in grids] == [
+        g.read_bytes() for g in grids]
+
+
+def test_a_checkpoint_samples_the_same_images_for_the_same_seed_on_the_test_device(runs, device):
+    cfg, straight, _ = runs
+    model = open_run(None, str(RunDir(straight).last), device=device).model
+
+    def draw(seed: int) -> torch.Tensor:
+        return sample_images(model, 6, 0.7, cfg.data.n_bits, torch.Generator(device=device).manual_seed(seed),
+                             batch_size=4)
+
+    first = draw(0)
+    assert first.shape == (6, *cfg.image_shape) and first.dtype == torch.uint8
+    assert torch.equal(draw(0), first) and not torch.equal(draw(1), first)
