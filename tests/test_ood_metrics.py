@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from glowtrain.ood_metrics import auroc, aupr_in, aupr_out, fpr_at_tpr, ood_metrics, typicality_test
+from glowtrain.ood_metrics import aupr_in, aupr_out, auroc, fpr_at_tpr, ood_metrics, typicality_test
 
 
 def test_metrics_of_a_small_interleaved_case_match_the_hand_computation():

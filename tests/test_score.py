@@ -2,6 +2,7 @@
 OOD metrics through the CLI, streaming, bad input, and the README's Python example."""
 
 import csv
+import io
 import json
 import re
 import shutil
@@ -18,7 +19,7 @@ from glowtrain import data as data_module
 from glowtrain.checkpoint import open_run
 from glowtrain.config import DataConfig
 from glowtrain.data import ImageFiles, build_dataset, preprocess_image
-from glowtrain.score import TRAIN_CACHE, ScoreOptions, file_set, png_bits_per_dim
+from glowtrain.score import TRAIN_CACHE, file_set, png_bits_per_dim
 
 REPO = Path(__file__).resolve().parent.parent
 CPU = ("--device", "cpu", "--no-progress")
@@ -187,7 +188,7 @@ def test_png_bits_per_dim_counts_the_compressed_image_data_of_the_quantised_imag
     constant = torch.full((1, 1, 8, 8), 200, dtype=torch.uint8)
     noise = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 1, 8, 8), dtype=np.uint8))
     for image in (constant, noise):
-        buffer = __import__("io").BytesIO()
+        buffer = io.BytesIO()
         Image.fromarray((image[0, 0] // 16).numpy()).save(buffer, format="PNG", compress_level=9)
         # One IDAT chunk: the file less its signature (8), IHDR (25), IDAT's frame (12) and IEND (12).
         assert png_bits_per_dim(image, 4)[0] == 8 * (len(buffer.getvalue()) - 57) / 64
@@ -237,3 +238,23 @@ def test_readme_load_run_example_runs(run_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(_readme_python_example(), "README.md", "exec"), {})
     assert "bits/dim" in capsys.readouterr().out
+
+
+def test_make_ood_sets_writes_the_four_folders_readmes_table_scores(tmp_path):
+    import subprocess
+    import sys
+
+    script = REPO / "scripts" / "make_ood_sets.py"
+    subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], check=True, capture_output=True)
+    digits = build_dataset(DataConfig(), "test").images[:, 0].numpy()
+
+    def folder(name):
+        return np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / name).glob("*.png"))])
+
+    assert np.array_equal(folder("inverted"), 255 - digits)
+    shifted = folder("shifted")
+    assert np.array_equal(shifted[:, :, 2:], digits[:, :, :-2]) and not shifted[:, :, :2].any()
+    constant = folder("constant")
+    assert (constant == constant[:, :1, :1]).all() and len(np.unique(constant[:, 0, 0])) > 100
+    noise = folder("noise")
+    assert noise.shape == digits.shape and len(np.unique(noise)) == 256
