@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -220,9 +221,9 @@ class Scorer:
 # --- the typical set: the training split's bits/dim, computed once and kept in the run ---------------
 
 
-def training_bpd(loaded: LoadedRun, use_ema: bool, options: ScoreOptions) -> np.ndarray | None:
+def training_bpd(loaded: LoadedRun, use_ema: bool, options: ScoreOptions) -> np.ndarray:
     """Per-image bits/dim of (up to max_train_images of) the training split, from the run's cache when it was
-    made for this checkpoint, step, weights and n_dequant; None when the training data cannot be read here."""
+    made for this checkpoint, step, weights and n_dequant."""
     key = {"checkpoint": loaded.checkpoint.name, "step": loaded.step, "ema": use_ema,
            "n_dequant": options.n_dequant, "max_images": options.max_train_images}
     cache = loaded.run_dir / TRAIN_CACHE if loaded.run_dir is not None else None
@@ -233,21 +234,16 @@ def training_bpd(loaded: LoadedRun, use_ema: bool, options: ScoreOptions) -> np.
                 return np.asarray(stored["bpd"], float)
         except (OSError, ValueError):
             pass  # a damaged cache is recomputed
-    try:
-        dataset = build_dataset(loaded.cfg.data, "train")
-    except UserError as e:
-        tqdm.write(f"warning: no typicality score: the training split cannot be read here ({e})")
-        return None
+    dataset = build_dataset(loaded.cfg.data, "train")
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:options.max_train_images]
     chosen = sorted(chosen.tolist())
+    objective = Objective(loaded.model, loaded.cfg.data.n_bits).eval()
     values = []
     bar = tqdm(total=len(chosen), desc="typical set (training split, once)", unit="img", disable=not options.progress)
     for start in range(0, len(chosen), options.batch_size):
         indices = chosen[start:start + options.batch_size]
-        images, _ = dataset.get_batch(torch.tensor(indices)) if hasattr(dataset, "get_batch") else \
-            (torch.stack([dataset[i][0] for i in indices]), None)
-        values.append(dequantized_terms(Objective(loaded.model, loaded.cfg.data.n_bits).eval(), images, indices,
-                                        options.n_dequant)["bpd"])
+        images = torch.stack([dataset[i][0] for i in indices])
+        values.append(dequantized_terms(objective, images, indices, options.n_dequant)["bpd"])
         bar.update(len(indices))
     bar.close()
     bpd = np.concatenate(values)
@@ -310,7 +306,13 @@ def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: 
     if reference is not None and reference.model.image_shape != loaded.model.image_shape:
         raise UserError(f"--reference-run takes {reference.model.image_shape} images but the run takes "
                         f"{loaded.model.image_shape}; train the reference at the same size and channels")
-    train_bpd = training_bpd(loaded, use_ema, options)
+    try:
+        train_bpd = training_bpd(loaded, use_ema, options)
+    except UserError as e:
+        if options.batch_test:
+            raise UserError(f"--batch-test needs the training split to estimate the typical set: {e}") from None
+        tqdm.write(f"warning: no typicality score: the training split cannot be read here ({e})", file=sys.stderr)
+        train_bpd = None
     entropy = float(train_bpd.mean()) if train_bpd is not None else None
     scorer = Scorer(loaded, options.n_dequant, entropy, reference)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -335,8 +337,6 @@ def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: 
                                  "lower_is_ood": ood_metrics(-inliers[name], -outliers[name])}
                           for name in inliers}
     if options.batch_test:
-        if train_bpd is None:
-            raise UserError("--batch-test needs the training split to estimate the typical set; it is not readable")
         summary["batch_test"] = {role: typicality_test(values["bpd"], train_bpd, options.n_bootstrap)
                                  for role, values in scores.items()}
     _write_outputs(out_dir, scores, summary)

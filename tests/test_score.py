@@ -258,3 +258,20 @@ def test_make_ood_sets_writes_the_four_folders_readmes_table_scores(tmp_path):
     assert (constant == constant[:, :1, :1]).all() and len(np.unique(constant[:, 0, 0])) > 100
     noise = folder("noise")
     assert noise.shape == digits.shape and len(np.unique(noise)) == 256
+
+
+def test_without_the_training_split_typicality_is_left_out_with_a_warning(run_dir, tmp_path, monkeypatch):
+    import glowtrain.score as score_module
+
+    def no_training_split(data_cfg, split):
+        if split == "train":
+            raise glowtrain.UserError("image folder gone does not exist")
+        return build_dataset(data_cfg, split)
+
+    (run_dir / TRAIN_CACHE).unlink(missing_ok=True)
+    monkeypatch.setattr(score_module, "build_dataset", no_training_split)
+    result = ok(invoke("score", "--run", run_dir, "--out", tmp_path, *CPU, "--dataset", "digits"))
+    assert "no typicality score" in result.stderr
+    assert "typicality" not in read_csv(tmp_path / "scores.csv")[0]
+    failed = invoke("score", "--run", run_dir, "--out", tmp_path / "b", *CPU, "--dataset", "digits", "--batch-test")
+    assert_one_line_error(failed, 2, "--batch-test needs the training split")
