@@ -140,20 +140,27 @@ class Glow(nn.Module):
 
     def _flow(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """Run the flow; return the latents, the kept halves that condition the split priors, and log|det|."""
+        zs, kept_halves, level_logdets = self._flow_levels(x)
         logdet = x.new_zeros(x.shape[0])
-        zs, kept_halves = [], []
+        for level_logdet in level_logdets:
+            logdet = logdet + level_logdet
+        return zs, kept_halves, logdet
+
+    def _flow_levels(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """As _flow, with log|det| kept per level (the flow steps of each level)."""
+        zs, kept_halves, level_logdets = [], [], []
         h = x
         for index, level in enumerate(self.levels):
             h, _ = self.squeeze(h)  # (N, 4C, H/2, W/2)
             h, level_logdet = self._run_level(level, h)
-            logdet = logdet + level_logdet
+            level_logdets.append(level_logdet)
             if index < self.n_levels - 1:
                 n_kept = h.shape[1] // 2
                 h, z = h[:, :n_kept], h[:, n_kept:]
                 zs.append(z)
                 kept_halves.append(h)
         zs.append(h)
-        return zs, kept_halves, logdet
+        return zs, kept_halves, level_logdets
 
     def _run_level(self, level: FlowSequence, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if (
@@ -241,6 +248,15 @@ class Glow(nn.Module):
         for index, (z, kept) in enumerate(zip(zs[:-1], kept_halves)):
             total = total + gaussian_log_density(z, *self._split_params(index, kept))
         return total
+
+    def level_log_densities(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(x) split by level, in nats: (log-prior of each level's latent, log|det| of each level's flow
+        steps), each (N, L), level 0 first; the top prior is the last column. Their total is log_prob(x, y)."""
+        zs, kept_halves, level_logdets = self._flow_levels(x)
+        priors = [gaussian_log_density(z, *self._split_params(index, kept))
+                  for index, (z, kept) in enumerate(zip(zs[:-1], kept_halves))]
+        priors.append(self._top_log_density(zs[-1], y))
+        return torch.stack(priors, 1), torch.stack(level_logdets, 1)
 
     # --- what users and the trainer call -------------------------------------------------------
 
