@@ -138,7 +138,7 @@ def test_sample_at_temperature_zero_returns_the_prior_means():
     zs, _ = model.encode(x)
     top_mean, _ = model._top_params(4, None)
     assert torch.allclose(zs[-1], top_mean, atol=1e-9)
-    _, kept_halves, _ = model._flow(x)
+    _, kept_halves, _, _ = model._flow(x)
     split_mean, _ = model._split_params(0, kept_halves[0])
     assert torch.allclose(zs[0], split_mean, atol=1e-9)
 
