@@ -273,6 +273,47 @@ def manipulate(
 
 @app.command()
 @_errors_to_exit_codes
+def score(
+    run: RunOption = None,
+    checkpoint: CheckpointOption = None,
+    images: Annotated[Optional[list[str]], typer.Option(
+        "--images", help="Image files or folders to score (repeatable).")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        "--dataset", help="A built-in set instead of files: digits, mnist, fashion_mnist, cifar10, celeba.")] = None,
+    split: Annotated[str, typer.Option("--split", help="The --dataset split: test or train.")] = "test",
+    against: Annotated[Optional[list[str]], typer.Option(
+        "--against", help="A second set of files or folders, treated as out-of-distribution (repeatable).")] = None,
+    reference_run: Annotated[Optional[str], typer.Option(
+        "--reference-run", help="A second run (or checkpoint) for the likelihood-ratio score.")] = None,
+    n_dequant: Annotated[int, typer.Option("--n-dequant", help="Dequantisation draws to average over.")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images scored at once (bounds memory).")] = 256,
+    batch_test: Annotated[bool, typer.Option(
+        "--batch-test", help="Typicality test of each set as a whole, with a bootstrap p-value.")] = False,
+    n_bootstrap: Annotated[int, typer.Option("--n-bootstrap", help="Bootstrap draws for --batch-test.")] = 10_000,
+    on_bad_image: Annotated[str, typer.Option(
+        "--on-bad-image", help="skip or error for unreadable files; default: the run's data.on_bad_image.")] = "",
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder; default <run>/score.")] = None,
+    device: DeviceOption = "auto",
+    no_ema: NoEmaOption = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """Per-image bits/dim and out-of-distribution scores: a CSV, a JSON summary, histograms; AUROC with --against."""
+    from glowtrain.score import ScoreOptions, report, score_command
+
+    options = ScoreOptions(n_dequant, batch_size, batch_test, n_bootstrap, on_bad_image=on_bad_image,
+                           progress=progress)
+    options.check()
+    loaded, _ = _open(run, checkpoint, device, 0, no_ema)
+    reference = _open(reference_run, None, device, 0, no_ema)[0] if reference_run else None
+    summary = score_command(loaded, images or [], dataset, split, against or [], reference, out, options, not no_ema)
+    lines, warnings = report(summary)
+    for line in warnings:
+        typer.echo(line, err=True)
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+@_errors_to_exit_codes
 def info(
     config: Annotated[Optional[str], typer.Option(
         "--config", "-c", help="YAML config; default: bundled digits.")] = None,

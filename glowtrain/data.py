@@ -119,19 +119,63 @@ class ImageFiles(Dataset):
         raise UserError(f"none of the {len(self.paths)} images is readable; check the files under data.root")
 
     def _decode(self, path: str) -> Tensor:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
-            img = img.convert("RGB" if self.channels == 3 else "L")
-        w, h = img.size
-        side = min(w, h) if self.crop is None else min(self.crop, w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        img = img.crop((left, top, left + side, top + side))
-        if side != self.image_size:
-            img = img.resize((self.image_size, self.image_size), Image.BICUBIC, reducing_gap=None)
-        array = np.asarray(img, dtype=np.uint8)  # (H, W) or (H, W, 3)
-        if array.ndim == 2:
-            return torch.from_numpy(array.copy()).unsqueeze(0)
-        return torch.from_numpy(array.transpose(2, 0, 1).copy())  # (3, H, W)
+        return square_image(read_image(path, self.channels), self.image_size, self.crop)
+
+
+def read_image(source: str | Path | Image.Image, channels: int) -> Image.Image:
+    """A file or PIL image, upright (EXIF rotation applied), in greyscale (channels 1) or RGB (3)."""
+    if isinstance(source, Image.Image):
+        return ImageOps.exif_transpose(source).convert("RGB" if channels == 3 else "L")
+    with Image.open(source) as img:
+        img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
+        return img.convert("RGB" if channels == 3 else "L")
+
+
+def square_image(img: Image.Image, image_size: int | None, crop: int | None = None) -> Tensor:
+    """Centre square (side `crop`, or the largest when None), bicubic-resized to image_size (None: kept):
+    uint8 (C, H, W)."""
+    w, h = img.size
+    side = min(w, h) if crop is None else min(crop, w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    img = img.crop((left, top, left + side, top + side))
+    if image_size is not None and side != image_size:
+        img = img.resize((image_size, image_size), Image.BICUBIC, reducing_gap=None)
+    array = np.asarray(img, dtype=np.uint8)  # (H, W) or (H, W, 3)
+    if array.ndim == 2:
+        return torch.from_numpy(array.copy()).unsqueeze(0)
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())  # (3, H, W)
+
+
+def preprocess_image(source: str | Path | Image.Image, data_cfg: DataConfig) -> Tensor:
+    """One image -> uint8 (C, H, W) as training reads this dataset's images: channels, crop and resize.
+
+    Built-in sets: the largest centred square at the set's native size (resized with antialiasing if needed),
+    then the set's own path to data.image_size (MNIST's zero border, ...). Folders and CelebA: as ImageFiles."""
+    channels, size, _ = image_shape(data_cfg)
+    img = read_image(source, channels)
+    name = data_cfg.dataset
+    if name == "digits" or name in _TORCHVISION:
+        native = 8 if name == "digits" else _TORCHVISION[name][2]
+        square = square_image(img, None)
+        if square.shape[-1] != native:
+            square = _resize(square[None], native)[0]
+        return _to_image_size(square[None], native, size)[0]
+    crop = CELEBA_CROP if name == "celeba" and _celeba_official_root(data_cfg) else None
+    return square_image(img, size, crop)
+
+
+def read_images(paths: Iterable[str], data_cfg: DataConfig, on_bad_image: str,
+                skipped: list[tuple[str, str]], fix: str = "set data.on_bad_image: skip") -> Iterator[Tensor | None]:
+    """preprocess_image of each path in turn; an unreadable file raises a UserError naming `fix`, or with
+    on_bad_image 'skip' yields None and is added to `skipped` as (path, reason)."""
+    for path in paths:
+        try:
+            yield preprocess_image(path, data_cfg)
+        except _PIL_DECODE_ERRORS as e:
+            if on_bad_image != "skip":
+                raise UserError(f"cannot read image {path} ({e}); fix or remove it, or {fix}") from None
+            skipped.append((str(path), str(e)))
+            yield None
 
 
 def build_dataset(data_cfg: DataConfig, split: str) -> Dataset:
@@ -151,10 +195,10 @@ def _build_uncached(data_cfg, split: str) -> Dataset:
     if name in _TORCHVISION:
         return _torchvision_set(data_cfg, split, shape)
     if name == "celeba":
-        celeba = Path(data_cfg.root).expanduser() / "celeba"
-        if (celeba / "img_align_celeba").is_dir() and (celeba / "list_eval_partition.txt").is_file():
+        celeba = _celeba_official_root(data_cfg)
+        if celeba is not None:
             return _celeba_official(data_cfg, celeba, split)
-    paths = _split_paths(_find_images(data_cfg.root), data_cfg, split)
+    paths = _split_paths(find_images(data_cfg.root), data_cfg, split)
     return ImageFiles(paths, shape[1], shape[0], None, data_cfg.on_bad_image)
 
 
@@ -186,12 +230,16 @@ def _torchvision_set(data_cfg, split: str, shape: tuple[int, int, int]) -> Tenso
     data = ds.data if isinstance(ds.data, Tensor) else torch.from_numpy(np.asarray(ds.data))
     images = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)  # (N, C, H, W)
     labels = torch.as_tensor(ds.targets, dtype=torch.int64)
-    size = shape[1]
+    return TensorImages(_to_image_size(images, native, shape[1]).contiguous(), labels, n_classes=10)
+
+
+def _to_image_size(images: Tensor, native: int, size: int) -> Tensor:
+    """A torchvision set's uint8 (N, C, native, native) images at the training size."""
     if native == 28 and size == 32:
-        images = F.pad(images, (2, 2, 2, 2))  # the usual 32x32 MNIST: zero border, no resampling
-    elif size != native:
-        images = _resize(images, size)
-    return TensorImages(images.contiguous(), labels, n_classes=10)
+        return F.pad(images, (2, 2, 2, 2))  # the usual 32x32 MNIST: zero border, no resampling
+    if size != native:
+        return _resize(images, size)
+    return images
 
 
 def _resize(images: Tensor, size: int, chunk: int = 4096) -> Tensor:
@@ -200,6 +248,14 @@ def _resize(images: Tensor, size: int, chunk: int = 4096) -> Tensor:
                          antialias=True, align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
            for i in range(0, len(images), chunk)]
     return torch.cat(out)
+
+
+def _celeba_official_root(data_cfg) -> Path | None:
+    """<root>/celeba when it holds the official layout (images + partition file), else None."""
+    celeba = Path(data_cfg.root).expanduser() / "celeba"
+    if (celeba / "img_align_celeba").is_dir() and (celeba / "list_eval_partition.txt").is_file():
+        return celeba
+    return None
 
 
 def _celeba_official(data_cfg, celeba: Path, split: str) -> ImageFiles:
@@ -215,7 +271,7 @@ def _celeba_official(data_cfg, celeba: Path, split: str) -> ImageFiles:
     return ImageFiles(paths, s, c, CELEBA_CROP, data_cfg.on_bad_image)
 
 
-def _find_images(root: str) -> list[str]:
+def find_images(root: str) -> list[str]:
     """Every image file under root, in a sorted order that is the same on every machine."""
     base = Path(root).expanduser()
     if not base.is_dir():

@@ -17,7 +17,7 @@ from glowtrain.precision import full_float32
 EVAL_NOISE_SEED = 12345  # fixed, so every evaluation of a checkpoint sees the same dequantisation
 
 
-def _per_image_noise(indices: list[int], shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
+def per_image_noise(indices: list[int], shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
     """Dequantisation noise keyed by each image's index in the split: the same however the split is batched
     or sharded over ranks."""
     generators = [torch.Generator(device=device).manual_seed(derived_seed(seed, index)) for index in indices]
@@ -44,7 +44,7 @@ def evaluate(model: Glow | Objective, dataset, cfg: Config, device: torch.device
                                 n_workers=cfg.data.n_workers, pin_memory=device.type == "cuda")
     for start, (images, labels) in zip(range(0, len(mine), batch_size), batches):
         images, labels = images.to(device), labels.to(device)
-        noise = _per_image_noise(mine[start : start + len(images)], tuple(images.shape[1:]), seed, device)
+        noise = per_image_noise(mine[start : start + len(images)], tuple(images.shape[1:]), seed, device)
         terms = objective(images, labels, noise)
         bpd = terms["bpd"].to(wide)
         sums[0] += bpd.sum()

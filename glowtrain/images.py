@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
@@ -94,3 +95,43 @@ def write_to_tensorboard(run_dir: Path | None, step: int, pictures: dict[str, to
     with SummaryWriter(log_dir=str(RunDir(run_dir).tb)) as writer:
         for tag, picture in pictures.items():
             writer.add_image(tag, picture, step)
+
+
+HISTOGRAM_COLOURS = ((60, 110, 200), (230, 120, 30), (60, 160, 80))
+
+
+def histogram_picture(values: dict[str, np.ndarray], title: str, n_bins: int = 40,
+                      size: tuple[int, int] = (520, 300)) -> Image.Image:
+    """Overlaid histograms (each set's share of its images per bin) of one score, with a legend and axis ends."""
+    finite = {name: np.asarray(v, float)[np.isfinite(v)] for name, v in values.items()}
+    pooled = np.concatenate([v for v in finite.values()] or [np.zeros(1)])
+    low, high = (float(pooled.min()), float(pooled.max())) if pooled.size else (0.0, 1.0)
+    if high <= low:
+        low, high = low - 0.5, high + 0.5
+    edges = np.linspace(low, high, n_bins + 1)
+    shares = {name: np.histogram(v, edges)[0] / max(1, v.size) for name, v in finite.items()}
+    tallest = max([s.max() for s in shares.values()] + [1e-12])
+    width, height = size
+    left, right, top, bottom = 40, 10, 24, 36
+    canvas = Image.new("RGBA", size, "white")
+    font = ImageFont.load_default()
+    bar_width = (width - left - right) / n_bins
+    for share, colour in zip(shares.values(), HISTOGRAM_COLOURS):
+        layer = Image.new("RGBA", size, (0, 0, 0, 0))
+        draw = ImageDraw.Draw(layer)
+        for index, value in enumerate(share):
+            if value > 0:
+                x0 = left + index * bar_width
+                y0 = height - bottom - value / tallest * (height - top - bottom)
+                draw.rectangle([x0, y0, x0 + bar_width - 1, height - bottom], fill=(*colour, 110), outline=colour)
+        canvas = Image.alpha_composite(canvas, layer)
+    draw = ImageDraw.Draw(canvas)
+    draw.line([left, height - bottom, width - right, height - bottom], fill="black")
+    draw.text((left, 6), title, fill="black", font=font)
+    draw.text((left, height - bottom + 6), f"{low:.4g}", fill="black", font=font)
+    high_text = f"{high:.4g}"
+    draw.text((width - right - draw.textlength(high_text, font=font), height - bottom + 6), high_text, fill="black",
+              font=font)
+    for row, (name, colour) in enumerate(zip(finite, HISTOGRAM_COLOURS)):
+        draw.text((width - right - 160, 6 + 12 * row), f"{name} (n={finite[name].size})", fill=colour, font=font)
+    return canvas.convert("RGB")

@@ -138,22 +138,25 @@ class Glow(nn.Module):
 
     # --- the bijection -------------------------------------------------------------------------
 
-    def _flow(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """Run the flow; return the latents, the kept halves that condition the split priors, and log|det|."""
+    def _flow(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+        """Run the flow; return the latents, the kept halves that condition the split priors, log|det|, and
+        log|det| level by level (one function, not two nested: each frame around memory saving's eager chain
+        is one more compiled graph)."""
         logdet = x.new_zeros(x.shape[0])
-        zs, kept_halves = [], []
+        zs, kept_halves, level_logdets = [], [], []
         h = x
         for index, level in enumerate(self.levels):
             h, _ = self.squeeze(h)  # (N, 4C, H/2, W/2)
             h, level_logdet = self._run_level(level, h)
             logdet = logdet + level_logdet
+            level_logdets.append(level_logdet)
             if index < self.n_levels - 1:
                 n_kept = h.shape[1] // 2
                 h, z = h[:, :n_kept], h[:, n_kept:]
                 zs.append(z)
                 kept_halves.append(h)
         zs.append(h)
-        return zs, kept_halves, logdet
+        return zs, kept_halves, logdet, level_logdets
 
     def _run_level(self, level: FlowSequence, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if (
@@ -186,7 +189,7 @@ class Glow(nn.Module):
         """x -> (latents from each split then the top latent, log|det dz/dx| per sample).
 
         The bijection does not depend on labels (they only shape the prior), so it takes none."""
-        zs, _, logdet = self._flow(x)
+        zs, _, logdet, _ = self._flow(x)
         return zs, logdet
 
     def decode(self, zs: list[torch.Tensor]) -> torch.Tensor:
@@ -242,11 +245,20 @@ class Glow(nn.Module):
             total = total + gaussian_log_density(z, *self._split_params(index, kept))
         return total
 
+    def level_log_densities(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(x) split by level, in nats: (log-prior of each level's latent, log|det| of each level's flow
+        steps), each (N, L), level 0 first; the top prior is the last column. Their total is log_prob(x, y)."""
+        zs, kept_halves, _, level_logdets = self._flow(x)
+        priors = [gaussian_log_density(z, *self._split_params(index, kept))
+                  for index, (z, kept) in enumerate(zip(zs[:-1], kept_halves))]
+        priors.append(self._top_log_density(zs[-1], y))
+        return torch.stack(priors, 1), torch.stack(level_logdets, 1)
+
     # --- what users and the trainer call -------------------------------------------------------
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(log p(x) in nats per sample, class logits or None); the trainer's single entry point."""
-        zs, kept_halves, logdet = self._flow(x)
+        zs, kept_halves, logdet, _ = self._flow(x)
         log_prob = self.prior_log_density(zs, kept_halves, y) + logdet
         logits = self.classifier(zs[-1].mean(dim=(2, 3))) if self.n_classes > 0 else None
         return log_prob, logits

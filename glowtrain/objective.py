@@ -7,6 +7,8 @@ flow, and the optimiser, EMA, DDP and checkpoints pick it up through the objecti
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,6 +51,18 @@ class Objective(nn.Module):
             terms["correct"] = logits.argmax(1) == labels
             terms["loss"] = terms["loss"] + self.class_weight * terms["class_ce"]
         return terms
+
+    def level_terms(self, images: torch.Tensor, noise: torch.Tensor,
+                    labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """forward()'s bits/dim per image, decomposed: "bpd" (N,) = n_bits + "dequantizer" (N,) + the sum over
+        levels of "prior" and "logdet" (N, L), all in bits/dim (level 0 first, the top prior last).
+
+        Without labels a class-conditional model scores the class marginal (labels of outside images are unknown)."""
+        x, log_q = self.dequantizer(images, noise)
+        prior, logdet = self.model.level_log_densities(x, labels)
+        bpd = bits_per_dim(prior.sum(1) + logdet.sum(1) - log_q, self.model.n_dims, self.n_bits)
+        bits = self.model.n_dims * math.log(2.0)  # nats of one image -> its bits/dim
+        return {"bpd": bpd, "prior": -prior / bits, "logdet": -logdet / bits, "dequantizer": log_q / bits}
 
 
 def batch_noise(images: torch.Tensor, generator: torch.Generator | None, flip: bool = False, part: int = 0,

@@ -95,6 +95,30 @@ def test_log_prob_is_prior_plus_logdet():
     assert torch.allclose(logdet, standard.encode(x)[1], atol=1e-12)
 
 
+@pytest.mark.parametrize("n_classes,labelled", [(0, False), (3, False), (3, True)])
+def test_level_log_densities_add_up_to_log_prob(n_classes, labelled):
+    model = _random_glow((1, 8, 8), seed=7, n_levels=3, n_classes=n_classes)
+    x = torch.rand(4, 1, 8, 8) - 0.5
+    y = torch.tensor([0, 1, 2, 1]) if labelled else None
+    prior, logdet = model.level_log_densities(x, y)
+    assert prior.shape == logdet.shape == (4, 3)
+    assert torch.allclose(prior.sum(1) + logdet.sum(1), model.log_prob(x, y), atol=1e-10)
+    assert torch.allclose(logdet.sum(1), model.encode(x)[1], atol=1e-12)
+
+
+def test_each_level_prior_is_the_log_density_of_that_levels_latent():
+    # With every prior at N(0, 1) (zero split priors, a fixed zero top), each level's term is sum log N(z_i; 0, 1).
+    model = _random_glow((1, 8, 8), seed=8, learn_top=False)
+    for split_prior in model.split_priors.parameters():
+        split_prior.data.zero_()
+    model.top_prior.zero_()
+    x = torch.rand(3, 1, 8, 8) - 0.5
+    prior, _ = model.level_log_densities(x)
+    zs, _ = model.encode(x)
+    expected = torch.stack([(-0.5 * z.flatten(1) ** 2 - 0.5 * math.log(2 * math.pi)).sum(1) for z in zs], 1)
+    assert torch.allclose(prior, expected, atol=1e-10)
+
+
 def test_marginal_log_prob_of_conditional_model_averages_over_classes():
     model = _random_glow((1, 4, 4), seed=6, scale=0.05, n_classes=3)
     x = torch.rand(5, 1, 4, 4) - 0.5
@@ -120,7 +144,7 @@ def test_sample_at_temperature_zero_returns_the_prior_means():
     zs, _ = model.encode(x)
     top_mean, _ = model._top_params(4, None)
     assert torch.allclose(zs[-1], top_mean, atol=1e-9)
-    _, kept_halves, _ = model._flow(x)
+    _, kept_halves, _, _ = model._flow(x)
     split_mean, _ = model._split_params(0, kept_halves[0])
     assert torch.allclose(zs[0], split_mean, atol=1e-9)
 

@@ -1,0 +1,108 @@
+"""`glowtrain.load_run`: a trained run in a notebook, with the preprocessing, bits/dim and sampling of the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from glowtrain.checkpoint import open_run
+from glowtrain.config import Config
+from glowtrain.data import preprocess_image
+from glowtrain.distributed import resolve_device
+from glowtrain.errors import UserError
+from glowtrain.images import sample_images
+from glowtrain.losses import dequantize, to_uint8
+from glowtrain.model import Glow
+from glowtrain.objective import Objective
+from glowtrain.precision import full_float32
+from glowtrain.score import dequantized_terms
+
+
+def _as_sources(images) -> list:
+    """One image or many -> a list of paths or PIL images (arrays are HWC like PIL, tensors CHW like torch)."""
+    if isinstance(images, (str, Path, Image.Image)):
+        return [images]
+    if isinstance(images, torch.Tensor):
+        if images.dtype != torch.uint8 or images.dim() not in (3, 4):
+            raise UserError(f"image tensors must be uint8 (C, H, W) or (N, C, H, W), got {images.dtype} "
+                            f"{tuple(images.shape)}")
+        batch = images.unsqueeze(0) if images.dim() == 3 else images
+        return list(batch.permute(0, 2, 3, 1).cpu().numpy())  # (N, H, W, C)
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8 or images.ndim not in (2, 3, 4):
+            raise UserError(f"image arrays must be uint8 (H, W), (H, W, C), (N, H, W) or (N, H, W, C), got "
+                            f"{images.dtype} {images.shape}")
+        single = images.ndim == 2 or (images.ndim == 3 and images.shape[-1] in (1, 3, 4))
+        return [images] if single else list(images)
+    return [item for image in images for item in _as_sources(image)]
+
+
+def _to_pil(source) -> str | Path | Image.Image:
+    if isinstance(source, np.ndarray):
+        return Image.fromarray(source[..., 0] if source.ndim == 3 and source.shape[-1] == 1 else source)
+    return source
+
+
+@dataclass
+class Run:
+    """A trained model with its config, step and checkpoint; images in, bits/dim, samples and latents out."""
+
+    model: Glow
+    cfg: Config
+    step: int
+    checkpoint: Path
+    run_dir: Path | None
+    device: torch.device
+
+    @property
+    def n_bits(self) -> int:
+        return self.cfg.data.n_bits
+
+    def preprocess(self, images) -> torch.Tensor:
+        """Paths, PIL images, uint8 arrays or tensors (one or a list) -> uint8 (N, C, H, W) on the run's device:
+        channels, crop and resize as training read its images, and the pixels reduced to the run's n_bits (shown
+        on the full 0..255 scale, like samples). The model sees exactly these pixels' bins."""
+        try:
+            pixels = torch.stack([preprocess_image(_to_pil(s), self.cfg.data) for s in _as_sources(images)])
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read an image ({e}); pass paths, PIL images or uint8 arrays") from None
+        return to_uint8(dequantize(pixels, self.n_bits, 0.5), self.n_bits).to(self.device)
+
+    def bits_per_dim(self, images, n_dequant: int = 1, batch_size: int = 256) -> torch.Tensor:
+        """bits/dim of each image (float64, on the CPU), with `glowtrain eval`'s dequantisation noise keyed by the
+        image's position in `images`, averaged over n_dequant draws (what `glowtrain score` reports)."""
+        pixels = self.preprocess(images)
+        objective = Objective(self.model, self.n_bits).eval()
+        parts = [dequantized_terms(objective, pixels[start:start + batch_size],
+                                   list(range(start, min(start + batch_size, len(pixels)))), n_dequant)["bpd"]
+                 for start in range(0, len(pixels), batch_size)]
+        return torch.from_numpy(np.concatenate(parts))
+
+    def sample(self, n: int, temperature: float = 0.7, seed: int = 0) -> torch.Tensor:
+        """n uint8 images (N, C, H, W) on the CPU; the same seed gives the same images (as `glowtrain sample`)."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        return sample_images(self.model, n, temperature, self.n_bits, generator)
+
+    @torch.inference_mode()
+    @full_float32()
+    def encode(self, images) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Images at their bin centres -> (a latent per level, log|det dz/dx| per image), as Glow.encode."""
+        return self.model.encode(dequantize(self.preprocess(images), self.n_bits, 0.5))
+
+    @torch.inference_mode()
+    @full_float32()
+    def decode(self, zs: list[torch.Tensor]) -> torch.Tensor:
+        """Latents (one per level) -> uint8 images (N, C, H, W) on the run's device."""
+        return to_uint8(self.model.decode(zs), self.n_bits)
+
+
+def load_run(path: str | Path, device: str = "auto", ema: bool = True) -> Run:
+    """A run directory (its checkpoints/last.pt) or a checkpoint file, with the model on `device`."""
+    path = Path(path)
+    resolved = resolve_device(device, "device")
+    loaded = open_run(str(path), None, resolved, ema) if path.is_dir() else open_run(None, str(path), resolved, ema)
+    return Run(loaded.model, loaded.cfg, loaded.step, loaded.checkpoint, loaded.run_dir, resolved)

@@ -1,0 +1,391 @@
+"""`glowtrain score`: per-image likelihood scores of your own images, and out-of-distribution detection.
+
+Every score is in bits/dim and grows as an image looks less like the training data:
+- `bpd`: the model's bits/dim (the `eval` bound, same dequantisation noise), averaged over --n-dequant draws,
+  with each level's prior and log-det terms (`bpd` = n_bits + their sum for uniform dequantisation);
+- `last_level_bpd`: the top level's two terms alone, and `last_level_share`: their share of -log p(x);
+- `typicality`: |bpd - H|, H the mean bits/dim of the training split (Nalisnick et al. 2019, "Detecting
+  out-of-distribution inputs to deep generative models using typicality");
+- `complexity`: bpd - `png_bpd`, the PNG-compressed bits/dim of the same quantised image (Serra et al. 2020,
+  "Input complexity and out-of-distribution detection with likelihood-based generative models");
+- `ratio`: bpd - `reference_bpd`, a likelihood ratio against a second model (Ren et al. 2019; Schirrmeister
+  et al. 2020).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from glowtrain.checkpoint import LoadedRun
+from glowtrain.config import FIXED_CHANNELS
+from glowtrain.data import DATASETS, IMAGE_EXTENSIONS, build_dataset, find_images, image_shape, make_eval_batches
+from glowtrain.data import read_images as read_image_files
+from glowtrain.errors import UserError
+from glowtrain.evaluation import EVAL_NOISE_SEED, per_image_noise
+from glowtrain.files import atomic_write
+from glowtrain.images import histogram_picture, save_image
+from glowtrain.losses import reduce_bits
+from glowtrain.objective import Objective
+from glowtrain.ood_metrics import ood_metrics, typicality_test
+from glowtrain.precision import full_float32
+from glowtrain.runs import check_writable
+
+ROLES = ("images", "against")  # the scored set, and the set treated as out-of-distribution
+TRAIN_CACHE = "score_train_bpd.json"  # in the run directory: the training split's bits/dim for typicality
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    n_dequant: int = 1
+    batch_size: int = 256
+    batch_test: bool = False
+    n_bootstrap: int = 10_000
+    max_train_images: int = 10_000
+    on_bad_image: str = ""  # '' = the run's data.on_bad_image
+    progress: bool = True
+
+    def check(self) -> None:
+        for name, value in (("--n-dequant", self.n_dequant), ("--batch-size", self.batch_size),
+                            ("--n-bootstrap", self.n_bootstrap)):
+            if value < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
+        if self.on_bad_image not in ("", "skip", "error"):
+            raise UserError(f"--on-bad-image must be 'skip' or 'error', got {self.on_bad_image!r}")
+
+
+@dataclass
+class ImageSet:
+    """Images to score, read lazily: a name per image and batches of (indices into names, uint8 images)."""
+
+    role: str
+    names: list[str]
+    batches: Callable[[int], Iterator[tuple[list[int], torch.Tensor]]]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+# --- where the images come from ----------------------------------------------------------------
+
+
+def image_paths(sources: list[str], option: str = "--images") -> list[str]:
+    """Image files named directly, and every image under each folder named (sorted)."""
+    paths: list[str] = []
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            try:
+                paths += find_images(str(path))
+            except UserError:
+                raise UserError(f"no images under {path}; {option} needs image files ending in "
+                                f"{', '.join(IMAGE_EXTENSIONS)} or a folder of them") from None
+        elif path.is_file():
+            paths.append(str(path))
+        else:
+            raise UserError(f"{option} {source}: no such file or folder — pass image files or a folder of images")
+    return paths
+
+
+def file_set(role: str, sources: list[str], loaded: LoadedRun, on_bad_image: str) -> ImageSet:
+    """Image files preprocessed as the run's training data was, decoded a batch at a time."""
+    paths = image_paths(sources, "--images" if role == "images" else "--against")
+    image_set = ImageSet(role, paths, lambda batch_size: iter(()))
+    policy = on_bad_image or loaded.cfg.data.on_bad_image
+
+    def batches(batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+        images = read_image_files(paths, loaded.cfg.data, policy, image_set.skipped, "pass --on-bad-image skip")
+        indices, pending = [], []
+        for index, image in enumerate(images):
+            if image is not None:
+                indices.append(index)
+                pending.append(image)
+            if len(pending) == batch_size:
+                yield indices, torch.stack(pending)
+                indices, pending = [], []
+        if pending:
+            yield indices, torch.stack(pending)
+
+    image_set.batches = batches
+    return image_set
+
+
+def dataset_set(role: str, name: str, split: str, loaded: LoadedRun) -> ImageSet:
+    """A built-in dataset's split, at the run's image size and n_bits (the run's cache if it is the same set)."""
+    if split not in ("test", "train"):
+        raise UserError(f"--split must be 'test' or 'train', got {split!r}")
+    built_in = [d for d in DATASETS if d != "folder"]
+    if name not in built_in:
+        raise UserError(f"--dataset {name!r} is not a built-in set; choose one of {', '.join(built_in)}, "
+                        "or pass a folder with --images")
+    data = loaded.cfg.data
+    if name != data.dataset:
+        data = replace(data, dataset=name, cache="", channels=FIXED_CHANNELS.get(name, data.channels))
+    try:
+        shape = image_shape(data)
+    except UserError:
+        shape = None
+    if shape != loaded.model.image_shape:
+        raise UserError(f"--dataset {name} does not come in this model's {'x'.join(map(str, loaded.model.image_shape))}"
+                        " images — save the images to a folder and pass it with --images")
+    dataset = build_dataset(data, split)
+
+    def batches(batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+        start = 0
+        for images, _ in make_eval_batches(dataset, batch_size):
+            yield list(range(start, start + len(images))), images
+            start += len(images)
+
+    return ImageSet(role, [f"{name}/{split}/{i}" for i in range(len(dataset))], batches)
+
+
+# --- the scores ----------------------------------------------------------------------------------
+
+
+def _idat_bytes(png: bytes) -> int:
+    """Bytes of compressed image data in a PNG file (its IDAT chunks), headers and other chunks left out."""
+    position, total = 8, 0  # after the signature; each chunk: length, type, data, CRC
+    while position < len(png):
+        length = int.from_bytes(png[position:position + 4], "big")
+        if png[position + 4:position + 8] == b"IDAT":
+            total += length
+        position += 12 + length
+    return total
+
+
+def png_bits_per_dim(images: torch.Tensor, n_bits: int) -> np.ndarray:
+    """Per image, 8 x the PNG's compressed data bytes (level 9) / dimensions, of its n_bits bin values."""
+    bins = reduce_bits(images.cpu(), n_bits).to(torch.uint8).numpy()
+    n_dims = bins[0].size
+    result = np.empty(len(bins))
+    for index, image in enumerate(bins):
+        buffer = io.BytesIO()
+        Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(
+            buffer, format="PNG", compress_level=9)
+        result[index] = 8.0 * _idat_bytes(buffer.getvalue()) / n_dims
+    return result
+
+
+@torch.inference_mode()
+@full_float32()  # bits/dim must not depend on the GPU generation (precision.py)
+def dequantized_terms(objective: Objective, images: torch.Tensor, indices: list[int],
+                      n_dequant: int) -> dict[str, np.ndarray]:
+    """Objective.level_terms averaged over n_dequant draws of `glowtrain eval`'s noise (keyed by image index)."""
+    device = objective.model.top_prior.device
+    images = images.to(device)
+    totals: dict[str, torch.Tensor] = {}
+    for draw in range(n_dequant):
+        noise = per_image_noise(indices, tuple(images.shape[1:]), EVAL_NOISE_SEED + draw, device)
+        for key, value in objective.level_terms(images, noise).items():
+            totals[key] = totals[key] + value if key in totals else value
+    return {key: (value / n_dequant).double().cpu().numpy() for key, value in totals.items()}
+
+
+class Scorer:
+    """Every per-image score of uint8 batches under a run, its training entropy and an optional reference run."""
+
+    def __init__(self, loaded: LoadedRun, n_dequant: int = 1, entropy_bpd: float | None = None,
+                 reference: LoadedRun | None = None):
+        self.objective = Objective(loaded.model, loaded.cfg.data.n_bits).eval()
+        self.reference = Objective(reference.model, reference.cfg.data.n_bits).eval() if reference else None
+        self.n_bits, self.n_dequant, self.entropy_bpd = loaded.cfg.data.n_bits, n_dequant, entropy_bpd
+
+    def __call__(self, images: torch.Tensor, indices: list[int]) -> dict[str, np.ndarray]:
+        terms = dequantized_terms(self.objective, images, indices, self.n_dequant)
+        bpd, prior, logdet = terms["bpd"], terms["prior"], terms["logdet"]
+        columns = {"bpd": bpd}
+        for level in range(prior.shape[1]):
+            columns[f"level{level + 1}_prior_bpd"] = prior[:, level]
+            columns[f"level{level + 1}_logdet_bpd"] = logdet[:, level]
+        columns["last_level_bpd"] = prior[:, -1] + logdet[:, -1]
+        columns["last_level_share"] = columns["last_level_bpd"] / (prior.sum(1) + logdet.sum(1))
+        columns["png_bpd"] = png_bits_per_dim(images, self.n_bits)
+        columns["complexity"] = bpd - columns["png_bpd"]
+        if self.entropy_bpd is not None:
+            columns["typicality"] = np.abs(bpd - self.entropy_bpd)
+        if self.reference is not None:
+            columns["reference_bpd"] = dequantized_terms(self.reference, images, indices, self.n_dequant)["bpd"]
+            columns["ratio"] = bpd - columns["reference_bpd"]
+        return columns
+
+
+# --- the typical set: the training split's bits/dim, computed once and kept in the run ---------------
+
+
+def training_bpd(loaded: LoadedRun, use_ema: bool, options: ScoreOptions) -> np.ndarray:
+    """Per-image bits/dim of (up to max_train_images of) the training split, from the run's cache when it was
+    made for this checkpoint, step, weights and n_dequant."""
+    key = {"checkpoint": loaded.checkpoint.name, "step": loaded.step, "ema": use_ema,
+           "n_dequant": options.n_dequant, "max_images": options.max_train_images}
+    cache = loaded.run_dir / TRAIN_CACHE if loaded.run_dir is not None else None
+    if cache is not None and cache.is_file():
+        try:
+            stored = json.loads(cache.read_text())
+            if stored.get("key") == key:
+                return np.asarray(stored["bpd"], float)
+        except (OSError, ValueError):
+            pass  # a damaged cache is recomputed
+    dataset = build_dataset(loaded.cfg.data, "train")
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:options.max_train_images]
+    chosen = sorted(chosen.tolist())
+    objective = Objective(loaded.model, loaded.cfg.data.n_bits).eval()
+    values = []
+    bar = tqdm(total=len(chosen), desc="typical set (training split, once)", unit="img", disable=not options.progress)
+    for start in range(0, len(chosen), options.batch_size):
+        indices = chosen[start:start + options.batch_size]
+        images = torch.stack([dataset[i][0] for i in indices])
+        values.append(dequantized_terms(objective, images, indices, options.n_dequant)["bpd"])
+        bar.update(len(indices))
+    bar.close()
+    bpd = np.concatenate(values)
+    if cache is not None:
+        text = json.dumps({"key": key, "entropy_bpd": float(bpd.mean()), "bpd": bpd.tolist()})
+        atomic_write(cache, lambda f: f.write(text.encode()), durable=False)
+    return bpd
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+def _stream(image_set: ImageSet, scorer: Scorer, writer, options: ScoreOptions) -> dict[str, np.ndarray]:
+    """Score a set batch by batch, writing its CSV rows as they come; returns every score's values."""
+    columns: dict[str, list[np.ndarray]] = {}
+    bar = tqdm(total=len(image_set.names), desc=f"scoring {image_set.role}", unit="img",
+               disable=not options.progress)
+    done = 0
+    for indices, images in image_set.batches(options.batch_size):
+        scores = scorer(images, indices)
+        if writer.fieldnames is None:
+            writer.fieldnames = ["set", "path", *scores]
+            writer.writeheader()
+        for row, index in enumerate(indices):
+            writer.writerow({"set": image_set.role, "path": image_set.names[index],
+                             **{name: f"{values[row]:.6f}" for name, values in scores.items()}})
+        for name, values in scores.items():
+            columns.setdefault(name, []).append(values)
+        bar.update(indices[-1] + 1 - done)
+        done = indices[-1] + 1
+    bar.close()
+    if not columns:
+        raise UserError(f"none of the {len(image_set.names)} {image_set.role} could be read; nothing to score")
+    return {name: np.concatenate(parts) for name, parts in columns.items()}
+
+
+def _mean_stderr(values: np.ndarray) -> dict[str, float]:
+    stderr = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+    return {"mean": float(values.mean()), "stderr": stderr}
+
+
+def _write_outputs(out_dir: Path, scores: dict[str, dict[str, np.ndarray]], summary: dict) -> dict[str, str]:
+    """summary.json and a histogram PNG per score (overlaid when there are two sets); returns what was written."""
+    written = {}
+    for name in scores["images"]:
+        picture = histogram_picture({role: values[name] for role, values in scores.items()}, name)
+        written[name] = str(save_image(picture, out_dir / f"hist_{name}.png"))
+    summary["files"] = {"csv": str(out_dir / "scores.csv"), "summary": str(out_dir / "summary.json"),
+                        "histograms": written}
+    text = json.dumps(summary, indent=2) + "\n"
+    atomic_write(out_dir / "summary.json", lambda f: f.write(text.encode()), durable=False)
+    return written
+
+
+def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: ScoreOptions,
+               use_ema: bool = True, reference: LoadedRun | None = None) -> dict:
+    """Score every set into out_dir/scores.csv (streamed), then summary.json, histograms and OOD metrics."""
+    options.check()
+    check_writable(out_dir)
+    if reference is not None and reference.model.image_shape != loaded.model.image_shape:
+        raise UserError(f"--reference-run takes {reference.model.image_shape} images but the run takes "
+                        f"{loaded.model.image_shape}; train the reference at the same size and channels")
+    try:
+        train_bpd = training_bpd(loaded, use_ema, options)
+    except UserError as e:
+        if options.batch_test:
+            raise UserError(f"--batch-test needs the training split to estimate the typical set: {e}") from None
+        tqdm.write(f"warning: no typicality score: the training split cannot be read here ({e})", file=sys.stderr)
+        train_bpd = None
+    entropy = float(train_bpd.mean()) if train_bpd is not None else None
+    scorer = Scorer(loaded, options.n_dequant, entropy, reference)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / "scores.csv.partial"  # renamed when complete: an interrupted run leaves no half CSV
+    try:
+        with open(partial, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=None)
+            scores = {image_set.role: _stream(image_set, scorer, writer, options) for image_set in sets}
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, out_dir / "scores.csv")
+    summary = {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "n_dequant": options.n_dequant,
+               "entropy_bpd": entropy, "sets": {}}
+    for image_set in sets:
+        values = scores[image_set.role]
+        summary["sets"][image_set.role] = {"n_images": len(values["bpd"]), "skipped": image_set.skipped,
+                                           "scores": {n: _mean_stderr(v) for n, v in values.items()}}
+    if "against" in scores:
+        inliers, outliers = scores["images"], scores["against"]
+        summary["ood"] = {name: {"higher_is_ood": ood_metrics(inliers[name], outliers[name]),
+                                 "lower_is_ood": ood_metrics(-inliers[name], -outliers[name])}
+                          for name in inliers}
+    if options.batch_test:
+        summary["batch_test"] = {role: typicality_test(values["bpd"], train_bpd, options.n_bootstrap)
+                                 for role, values in scores.items()}
+    _write_outputs(out_dir, scores, summary)
+    return summary
+
+
+def default_out_dir(loaded: LoadedRun) -> Path:
+    return (loaded.run_dir or loaded.checkpoint.parent) / "score"
+
+
+def ood_table(summary: dict) -> str:
+    """The OOD metrics of every score in both directions, as a fixed-width text table."""
+    header = f"{'score':<22} {'OOD when':<8} {'AUROC':>7} {'AUPR-in':>8} {'AUPR-out':>9} {'FPR@95':>7}"
+    lines = [header, "-" * len(header)]
+    for name, directions in summary["ood"].items():
+        for direction, label in (("higher_is_ood", "higher"), ("lower_is_ood", "lower")):
+            m = directions[direction]
+            lines.append(f"{name:<22} {label:<8} {m['auroc']:>7.3f} {m['aupr_in']:>8.3f} {m['aupr_out']:>9.3f} "
+                         f"{m['fpr_at_95_tpr']:>7.3f}")
+    return "\n".join(lines)
+
+
+def score_command(loaded: LoadedRun, images: list[str], dataset: str | None, split: str, against: list[str],
+                  reference: LoadedRun | None, out: str | None, options: ScoreOptions, use_ema: bool = True) -> dict:
+    """`glowtrain score`: resolve the sets (--images or --dataset, and --against), then score_sets."""
+    options.check()
+    if bool(images) == bool(dataset):
+        raise UserError("give the images to score with --images DIR_OR_FILE (repeatable) or --dataset NAME, "
+                        "not both and not neither")
+    if dataset:
+        sets = [dataset_set("images", dataset, split, loaded)]
+    else:
+        sets = [file_set("images", images, loaded, options.on_bad_image)]
+    if against:
+        sets.append(file_set("against", against, loaded, options.on_bad_image))
+    return score_sets(loaded, sets, Path(out) if out else default_out_dir(loaded), options, use_ema, reference)
+
+
+def report(summary: dict) -> tuple[list[str], list[str]]:
+    """(lines for stdout: each set's bpd, the OOD table, batch tests, files written; lines for stderr: skips)."""
+    lines, warnings = [], []
+    for role, part in summary["sets"].items():
+        warnings += [f"skipped unreadable image {path} ({reason})" for path, reason in part["skipped"]]
+        bpd = part["scores"]["bpd"]
+        lines.append(f"{role}: {part['n_images']} images, bpd {bpd['mean']:.4f} ± {bpd['stderr']:.4f}")
+    if "ood" in summary:
+        lines.append(ood_table(summary))
+    for role, test in summary.get("batch_test", {}).items():
+        lines.append(f"typicality test, {role} as a whole: |mean bpd - H| = {test['statistic']:.4f}, "
+                     f"p = {test['p_value']:.4g} ({test['n_bootstrap']} bootstrap draws)")
+    files = summary["files"]
+    return lines + [files["csv"], files["summary"], *files["histograms"].values()], warnings

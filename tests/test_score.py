@@ -1,0 +1,277 @@
+"""`glowtrain score` and glowtrain.load_run on the shared tiny digits run: the bits/dim of `eval`, per-level terms,
+OOD metrics through the CLI, streaming, bad input, and the README's Python example."""
+
+import csv
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_one_line_error, invoke
+from PIL import Image
+
+import glowtrain
+from glowtrain import data as data_module
+from glowtrain.checkpoint import open_run
+from glowtrain.config import DataConfig
+from glowtrain.data import ImageFiles, build_dataset, preprocess_image
+from glowtrain.score import TRAIN_CACHE, file_set, png_bits_per_dim
+
+REPO = Path(__file__).resolve().parent.parent
+CPU = ("--device", "cpu", "--no-progress")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_cli_run, tmp_path_factory):
+    """A copy of the shared tiny run: scoring caches the typical set inside the run directory."""
+    copy = tmp_path_factory.mktemp("score") / "tiny"
+    shutil.copytree(tiny_cli_run[1], copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def digit_files(tmp_path_factory):
+    """The digits test split as 8x8 PNG files, and uniform noise images."""
+    root = tmp_path_factory.mktemp("score_images")
+    test = build_dataset(DataConfig(), "test")
+    for name, images in (("digits", test.images[:, 0].numpy()),
+                         ("noise", np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8))):
+        (root / name).mkdir()
+        for index, image in enumerate(images):
+            Image.fromarray(image, "L").save(root / name / f"{index:04d}.png")
+    return root
+
+
+def ok(result):
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def score(run_dir, out, *args):
+    ok(invoke("score", "--run", run_dir, "--out", out, *CPU, *args))
+    return read_csv(out / "scores.csv"), json.loads((out / "summary.json").read_text())
+
+
+def eval_json(run_dir, *args):
+    return json.loads(ok(invoke("eval", "--run", run_dir, "--device", "cpu", *args)).stdout)
+
+
+@pytest.mark.parametrize("n_dequant", [1, 2])
+def test_csv_mean_bpd_over_the_digits_test_split_equals_eval(run_dir, tmp_path, n_dequant):
+    rows, summary = score(run_dir, tmp_path, "--dataset", "digits", "--n-dequant", n_dequant)
+    expected = eval_json(run_dir, "--n-dequant", n_dequant)
+    assert len(rows) == expected["n_images"] == 297
+    assert np.mean([float(r["bpd"]) for r in rows]) == pytest.approx(expected["bpd"], abs=2e-6)
+    assert summary["sets"]["images"]["scores"]["bpd"]["mean"] == pytest.approx(expected["bpd"], abs=1e-6)
+
+
+def test_files_of_the_test_split_score_like_the_split_itself(run_dir, digit_files, tmp_path):
+    from_files, _ = score(run_dir, tmp_path / "files", "--images", digit_files / "digits")
+    from_split, _ = score(run_dir, tmp_path / "split", "--dataset", "digits")
+    assert [r["bpd"] for r in from_files] == [r["bpd"] for r in from_split]
+    assert from_files[5]["path"].endswith("0005.png") and from_split[5]["path"] == "digits/test/5"
+
+
+def test_per_level_terms_add_up_to_the_total(run_dir, tmp_path):
+    rows, _ = score(run_dir, tmp_path, "--dataset", "digits")
+    n_bits = 4  # the digits default
+    for row in rows:
+        levels = [float(v) for k, v in row.items() if re.fullmatch(r"level\d+_(prior|logdet)_bpd", k)]
+        assert len(levels) == 4  # two levels, a prior and a log-det each
+        assert n_bits + sum(levels) == pytest.approx(float(row["bpd"]), abs=2e-5)
+        last = float(row["level2_prior_bpd"]) + float(row["level2_logdet_bpd"])
+        assert float(row["last_level_bpd"]) == pytest.approx(last, abs=2e-6)
+        share = float(row["last_level_share"])  # of -log p(x) in bits/dim, which is near 0 in this 4-step model
+        assert share * sum(levels) == pytest.approx(last, abs=1e-5 * max(1.0, abs(share)))
+        assert float(row["complexity"]) == pytest.approx(float(row["bpd"]) - float(row["png_bpd"]), abs=2e-6)
+
+
+def test_typicality_uses_the_training_splits_mean_bpd_and_caches_it_in_the_run(run_dir, tmp_path):
+    (run_dir / TRAIN_CACHE).unlink(missing_ok=True)
+    rows, summary = score(run_dir, tmp_path / "a", "--dataset", "digits")
+    entropy = summary["entropy_bpd"]
+    assert entropy == pytest.approx(eval_json(run_dir, "--split", "train")["bpd"], abs=1e-6)
+    for row in rows[:20]:
+        assert float(row["typicality"]) == pytest.approx(abs(float(row["bpd"]) - entropy), abs=2e-6)
+    cached = json.loads((run_dir / TRAIN_CACHE).read_text())
+    assert len(cached["bpd"]) == 1500 and cached["key"]["step"] == 4
+    cached["bpd"] = [value + 1.0 for value in cached["bpd"]]  # a cache hit must use these values
+    (run_dir / TRAIN_CACHE).write_text(json.dumps(cached))
+    assert score(run_dir, tmp_path / "b", "--dataset", "digits")[1]["entropy_bpd"] == pytest.approx(entropy + 1)
+    (run_dir / TRAIN_CACHE).unlink()
+
+
+def test_against_the_same_images_gives_auroc_one_half_and_against_noise_the_table(run_dir, digit_files, tmp_path):
+    _, same = score(run_dir, tmp_path / "same", "--images", digit_files / "digits", "--against", digit_files / "digits")
+    assert {m["higher_is_ood"]["auroc"] for m in same["ood"].values()} == {0.5}
+    result = ok(invoke("score", "--run", run_dir, "--out", tmp_path / "noise", *CPU, "--dataset", "digits",
+                       "--against", digit_files / "noise", "--batch-test", "--n-bootstrap", "99"))
+    summary = json.loads((tmp_path / "noise" / "summary.json").read_text())
+    assert summary["sets"]["against"]["n_images"] == 40
+    for metrics in summary["ood"].values():
+        assert metrics["lower_is_ood"]["auroc"] == pytest.approx(1 - metrics["higher_is_ood"]["auroc"])
+    assert summary["ood"]["png_bpd"]["higher_is_ood"]["auroc"] > 0.9  # noise does not compress
+    assert summary["batch_test"]["against"]["p_value"] == pytest.approx(1 / 100)
+    assert "AUROC" in result.stdout and "typicality test, against" in result.stdout
+    with Image.open(tmp_path / "noise" / "hist_bpd.png") as picture:
+        assert picture.format == "PNG" and picture.size == (520, 300)
+
+
+def test_a_reference_run_gives_the_likelihood_ratio(run_dir, tmp_path):
+    rows, _ = score(run_dir, tmp_path, "--dataset", "digits", "--reference-run", run_dir)
+    assert all(float(r["ratio"]) == 0.0 and r["reference_bpd"] == r["bpd"] for r in rows)
+
+
+def test_scoring_streams_in_batches_that_do_not_change_the_scores(run_dir, digit_files, tmp_path, monkeypatch):
+    small, _ = score(run_dir, tmp_path / "small", "--images", digit_files / "noise", "--batch-size", "3")
+    large, _ = score(run_dir, tmp_path / "large", "--images", digit_files / "noise")
+    for a, b in zip(small, large):
+        assert float(a["bpd"]) == pytest.approx(float(b["bpd"]), abs=2e-6)
+    decoded = []
+    original = data_module.preprocess_image
+    monkeypatch.setattr(data_module, "preprocess_image", lambda *a: decoded.append(a) or original(*a))
+    image_set = file_set("images", [str(digit_files / "noise")], open_run(str(run_dir), None), "error")
+    batches = image_set.batches(4)
+    indices, images = next(batches)
+    assert indices == [0, 1, 2, 3] and images.shape == (4, 1, 8, 8)
+    assert len(decoded) == 4  # only the first batch has been read
+    assert sum(len(i) for i, _ in batches) == 36
+
+
+def test_progress_bars_go_to_stderr(run_dir, digit_files, tmp_path):
+    result = ok(invoke("score", "--run", run_dir, "--out", tmp_path, "--device", "cpu", "--images",
+                       digit_files / "noise"))
+    assert "scoring images" in result.stderr and "40/40" in result.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    ((), "give the images to score"),
+    (("--dataset", "digits", "--images", "x"), "not both"),
+    (("--images", "does/not/exist"), "does/not/exist: no such file or folder"),
+    (("--dataset", "folder"), "not a built-in set"),
+    (("--dataset", "cifar10"), "does not come in this model's 1x8x8 images"),
+    (("--dataset", "digits", "--split", "valid"), "--split must be 'test' or 'train'"),
+    (("--dataset", "digits", "--n-dequant", "0"), "--n-dequant must be at least 1"),
+    (("--dataset", "digits", "--batch-size", "0"), "--batch-size must be at least 1"),
+    (("--dataset", "digits", "--on-bad-image", "ignore"), "--on-bad-image must be 'skip' or 'error'"),
+])
+def test_bad_options_give_one_line_errors_and_write_nothing(run_dir, tmp_path, args, needle):
+    result = invoke("score", "--run", run_dir, "--out", tmp_path / "out", *CPU, *args)
+    assert_one_line_error(result, 2, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_image_is_rejected_in_one_line_or_skipped(run_dir, digit_files, tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(digit_files / "noise", folder)
+    (folder / "0003.png").write_bytes(b"not a png")
+    result = invoke("score", "--run", run_dir, "--out", tmp_path / "out", *CPU, "--images", folder)
+    assert_one_line_error(result, 2, "0003.png", "--on-bad-image skip")
+    assert not (tmp_path / "out" / "scores.csv").exists() and not (tmp_path / "out" / "scores.csv.partial").exists()
+    result = ok(invoke("score", "--run", run_dir, "--out", tmp_path / "out", *CPU, "--images", folder,
+                       "--on-bad-image", "skip"))
+    assert "skipped unreadable image" in result.stderr and "0003.png" in result.stderr
+    rows = read_csv(tmp_path / "out" / "scores.csv")
+    assert len(rows) == 39 and not any(r["path"].endswith("0003.png") for r in rows)
+
+
+def test_png_bits_per_dim_counts_the_compressed_image_data_of_the_quantised_image():
+    constant = torch.full((1, 1, 8, 8), 200, dtype=torch.uint8)
+    noise = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 1, 8, 8), dtype=np.uint8))
+    for image in (constant, noise):
+        buffer = io.BytesIO()
+        Image.fromarray((image[0, 0] // 16).numpy()).save(buffer, format="PNG", compress_level=9)
+        # One IDAT chunk: the file less its signature (8), IHDR (25), IDAT's frame (12) and IEND (12).
+        assert png_bits_per_dim(image, 4)[0] == 8 * (len(buffer.getvalue()) - 57) / 64
+    assert png_bits_per_dim(constant, 4)[0] < png_bits_per_dim(noise, 4)[0]
+
+
+def test_preprocess_image_follows_each_datasets_training_path(tmp_path):
+    photo = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    folder = DataConfig(dataset="folder", image_size=16, channels=3)
+    expected = ImageFiles([str(tmp_path / "photo.png")], 16, 3)[0][0]
+    assert torch.equal(preprocess_image(tmp_path / "photo.png", folder), expected)
+    digit = np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8)
+    mnist = preprocess_image(Image.fromarray(digit), DataConfig(dataset="mnist", image_size=32, channels=1))
+    assert mnist.shape == (1, 32, 32) and mnist[:, :2].sum() == 0  # MNIST's zero border, the digit untouched
+    assert torch.equal(mnist[0, 2:30, 2:30], torch.from_numpy(digit))
+    eight = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    assert torch.equal(preprocess_image(Image.fromarray(eight), DataConfig())[0], torch.from_numpy(eight))
+
+
+def test_load_run_preprocesses_scores_samples_and_inverts(run_dir, digit_files):
+    run = glowtrain.load_run(run_dir, device="cpu")
+    assert run.step == 4 and run.model.image_shape == (1, 8, 8)
+    test = build_dataset(run.cfg.data, "test")
+    assert run.bits_per_dim(test.images).mean().item() == pytest.approx(eval_json(run_dir)["bpd"], abs=1e-6)
+    files = sorted((digit_files / "digits").glob("*.png"))[:3]
+    as_files = run.preprocess([str(f) for f in files])
+    assert torch.equal(as_files, run.preprocess(test.images[:3]))
+    assert torch.equal(as_files, run.preprocess(test.images[:3, 0].numpy()))  # (N, H, W) arrays
+    assert torch.equal(run.preprocess(as_files), as_files)  # already at n_bits: unchanged
+    assert torch.equal(run.bits_per_dim(as_files), run.bits_per_dim(test.images[:3]))
+    zs, _ = run.encode(as_files)
+    assert torch.equal(run.decode(zs), as_files)
+    assert torch.equal(run.sample(5, 0.7, seed=3), run.sample(5, 0.7, seed=3))
+    with pytest.raises(glowtrain.UserError, match="uint8"):
+        run.preprocess(torch.rand(2, 1, 8, 8))
+
+
+def _readme_python_example() -> str:
+    text = (REPO / "README.md").read_text()
+    section = text.split("### A trained run in a notebook: `glowtrain.load_run`", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_load_run_example_runs(run_dir, tmp_path, monkeypatch, capsys):
+    shutil.copytree(run_dir, tmp_path / "runs" / "digits")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_readme_python_example(), "README.md", "exec"), {})
+    assert "bits/dim" in capsys.readouterr().out
+
+
+def test_make_ood_sets_writes_the_four_folders_readmes_table_scores(tmp_path):
+    import subprocess
+    import sys
+
+    script = REPO / "scripts" / "make_ood_sets.py"
+    subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], check=True, capture_output=True)
+    digits = build_dataset(DataConfig(), "test").images[:, 0].numpy()
+
+    def folder(name):
+        return np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / name).glob("*.png"))])
+
+    assert np.array_equal(folder("inverted"), 255 - digits)
+    shifted = folder("shifted")
+    assert np.array_equal(shifted[:, :, 2:], digits[:, :, :-2]) and not shifted[:, :, :2].any()
+    constant = folder("constant")
+    assert (constant == constant[:, :1, :1]).all() and len(np.unique(constant[:, 0, 0])) > 100
+    noise = folder("noise")
+    assert noise.shape == digits.shape and len(np.unique(noise)) == 256
+
+
+def test_without_the_training_split_typicality_is_left_out_with_a_warning(run_dir, tmp_path, monkeypatch):
+    import glowtrain.score as score_module
+
+    def no_training_split(data_cfg, split):
+        if split == "train":
+            raise glowtrain.UserError("image folder gone does not exist")
+        return build_dataset(data_cfg, split)
+
+    (run_dir / TRAIN_CACHE).unlink(missing_ok=True)
+    monkeypatch.setattr(score_module, "build_dataset", no_training_split)
+    result = ok(invoke("score", "--run", run_dir, "--out", tmp_path, *CPU, "--dataset", "digits"))
+    assert "no typicality score" in result.stderr
+    assert "typicality" not in read_csv(tmp_path / "scores.csv")[0]
+    failed = invoke("score", "--run", run_dir, "--out", tmp_path / "b", *CPU, "--dataset", "digits", "--batch-test")
+    assert_one_line_error(failed, 2, "--batch-test needs the training split")
