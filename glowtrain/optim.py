@@ -17,6 +17,10 @@ class GatedAdamax(torch.optim.Adamax):
     """
 
     skips_on_device = True
+    # On a CPU, reading the flag costs nothing and torch's own per-tensor update is about twice as fast as
+    # the gated form (measured on the paper CIFAR model's 44M parameters), so CPUs read it; tests set this
+    # to check the accelerator path on a CPU.
+    gate_on_cpu = False
 
     def __init__(self, params, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         super().__init__(params, lr=lr, betas=betas, eps=eps, foreach=False)
@@ -26,6 +30,11 @@ class GatedAdamax(torch.optim.Adamax):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("GatedAdamax.step takes no closure")
+        on_cpu = all(p.device.type == "cpu" for group in self.param_groups for p in group["params"])
+        if on_cpu and not self.gate_on_cpu:
+            if self.found_inf is None or not bool(self.found_inf):
+                super().step()
+            return None
         for group in self.param_groups:
             by_kind: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:

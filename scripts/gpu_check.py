@@ -513,7 +513,9 @@ class HostReads:
 def section_fit(args, device, sizes) -> dict:
     import glowtrain.train as train_module
     from glowtrain.config import load_config
+    from glowtrain.optim import GatedAdamax
 
+    GatedAdamax.gate_on_cpu = True  # on a CPU, count the reads of the path accelerators take (this is a child process)
     spec = sizes["cifar"]
     steps, log_every = (12, 4) if args.quick else (60, 20)
     work = Path(tempfile.mkdtemp(prefix="gpu_check_fit_"))

@@ -9,6 +9,12 @@ from glowtrain.config import apply_overrides, default_config
 from glowtrain.optim import GatedAdamax, build_optimizer, load_optimizer_state, skips_on_device
 
 
+@pytest.fixture
+def gated_on_cpu(monkeypatch):
+    """The gated update that accelerators run, here on the CPU (which normally reads the flag instead)."""
+    monkeypatch.setattr(GatedAdamax, "gate_on_cpu", True)
+
+
 def _params(seed=0, dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
     shapes = ((3, 4), (5,), (2, 2, 3))
@@ -21,6 +27,7 @@ def _set_grads(params, seed):
         p.grad = torch.randn(p.shape, generator=generator, dtype=p.dtype)
 
 
+@pytest.mark.usefixtures("gated_on_cpu")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_finite_steps_match_torchs_adamax(dtype):
     ours, reference = _params(dtype=dtype), _params(dtype=dtype)
@@ -38,9 +45,11 @@ def test_finite_steps_match_torchs_adamax(dtype):
         torch.testing.assert_close(gated.state[a]["exp_inf"], plain.state[b]["exp_inf"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "cpu"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("n_steps_before", [0, 3])  # a skipped first step must not divide 0 by 0
-def test_a_flagged_step_leaves_weights_moments_and_counts_bit_for_bit(bad, n_steps_before):
+def test_a_flagged_step_leaves_weights_moments_and_counts_bit_for_bit(bad, n_steps_before, gated, monkeypatch):
+    monkeypatch.setattr(GatedAdamax, "gate_on_cpu", gated)
     params = _params()
     optimizer = GatedAdamax(params, lr=0.01)
     for step in range(n_steps_before):
@@ -56,8 +65,9 @@ def test_a_flagged_step_leaves_weights_moments_and_counts_bit_for_bit(bad, n_ste
         assert torch.equal(p, old)
     for i, p in enumerate(params):
         state = optimizer.state[p]
-        if not before_state[i]:
-            assert float(state["step"]) == 0 and not state["exp_avg"].any() and not state["exp_inf"].any()
+        if not before_state[i]:  # no state yet: still none, or zeros
+            assert not state or (float(state["step"]) == 0 and not state["exp_avg"].any()
+                                 and not state["exp_inf"].any())
             continue
         for key in ("step", "exp_avg", "exp_inf"):
             assert torch.equal(state[key], before_state[i][key]), key
@@ -68,6 +78,7 @@ def test_a_flagged_step_leaves_weights_moments_and_counts_bit_for_bit(bad, n_ste
     assert {float(optimizer.state[p]["step"]) for p in params} == {n_steps_before + 1.0}
 
 
+@pytest.mark.usefixtures("gated_on_cpu")
 def test_a_step_reads_nothing_back_on_the_host(monkeypatch):
     params = _params()
     optimizer = GatedAdamax(params, lr=0.01)
@@ -87,6 +98,7 @@ def test_a_step_reads_nothing_back_on_the_host(monkeypatch):
     assert reads == []
 
 
+@pytest.mark.usefixtures("gated_on_cpu")
 def test_state_dicts_load_both_ways_with_torchs_adamax():
     """Checkpoints written with torch.optim.Adamax (every run before GatedAdamax) resume, and the reverse."""
     params = _params()
@@ -114,3 +126,15 @@ def test_both_configured_optimisers_skip_on_the_device():
         cfg = apply_overrides(default_config(), [f"train.optimizer={name}"])
         assert skips_on_device(build_optimizer(cfg, _params()))
     assert not skips_on_device(torch.optim.Adam(_params(), lr=0.1))
+
+
+def test_on_a_cpu_a_finite_step_is_torchs_own_adamax_bit_for_bit():
+    ours, reference = _params(), _params()
+    gated, plain = GatedAdamax(ours, lr=0.01), torch.optim.Adamax(reference, lr=0.01, foreach=False)
+    for step in range(5):
+        _set_grads(ours, step)
+        _set_grads(reference, step)
+        gated.found_inf = torch.zeros(())
+        gated.step()
+        plain.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference))

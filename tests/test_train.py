@@ -346,6 +346,7 @@ NAN_RUN = ["run.device=cpu", "model.n_levels=2", "model.n_steps=1", "model.hidde
 @pytest.mark.parametrize("optimizer", ["adam", "adamax"])  # fused Adam and GatedAdamax skip on the device
 def test_training_steps_read_nothing_back_from_the_device_between_logging_steps(tmp_path, monkeypatch, optimizer):
     """On a GPU every host read of a device value stalls the queue; here the loop may read only when it logs."""
+    monkeypatch.setattr(GatedAdamax, "gate_on_cpu", True)  # the path accelerators take (a CPU reads the flag)
     import traceback
 
     step = {"n": 0}  # 0 while setting up, then k during the k-th training step and the logging after it
