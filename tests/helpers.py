@@ -85,3 +85,16 @@ def assert_one_line_error(result, code: int = 2, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0]
     return lines[0]
+
+
+def assert_same_training_state(expected: dict, actual: dict) -> None:
+    """Two checkpoints hold bit-identical weights, EMA weights and optimiser state."""
+    import torch
+
+    for key in ("model", "ema"):
+        assert expected[key].keys() == actual[key].keys()
+        for name, tensor in expected[key].items():
+            assert torch.equal(tensor, actual[key][name]), f"{key}.{name} differs after resume"
+    for index, param_state in expected["optimizer"]["state"].items():
+        for name, value in param_state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(actual["optimizer"]["state"][index][name]))

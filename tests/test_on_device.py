@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_training_state
 
 from glowtrain.checkpoint import load_checkpoint, open_run
 from glowtrain.config import apply_overrides, default_config
@@ -58,13 +59,7 @@ def test_a_deterministic_run_resumed_halfway_ends_bit_for_bit_where_an_uninterru
     _, straight_dir, split_dir = runs
     straight, resumed = load_checkpoint(RunDir(straight_dir).last), load_checkpoint(RunDir(split_dir).last)
     assert straight["step"] == resumed["step"] == STEPS
-    for key in ("model", "ema"):
-        assert straight[key].keys() == resumed[key].keys()
-        for name, tensor in straight[key].items():
-            assert torch.equal(tensor, resumed[key][name]), f"{key}.{name} differs after resume"
-    for index, param_state in straight["optimizer"]["state"].items():
-        for name, value in param_state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed["optimizer"]["state"][index][name]))
+    assert_same_training_state(straight, resumed)
     # Every logged number after the resume point too, the test bits/dim included.
     later = [r for r in _metrics(straight_dir) if r["step"] > STEPS // 2]
     assert later and [r for r in _metrics(split_dir) if r["step"] > STEPS // 2] == later

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_training_state
 from PIL import Image
 
 from glowtrain.checkpoint import load_checkpoint, model_from_checkpoint
@@ -140,13 +141,7 @@ def test_resume_auto_continues_exactly_as_an_uninterrupted_run(tiny_run, tmp_pat
     straight = load_checkpoint(RunDir(straight_dir).last)
     resumed = load_checkpoint(RunDir(Path(out)).last)
     assert resumed["step"] == straight["step"] == 6
-    for key in ("model", "ema"):
-        assert straight[key].keys() == resumed[key].keys()
-        for name, tensor in straight[key].items():
-            assert torch.equal(tensor, resumed[key][name]), f"{key}.{name} differs after resume"
-    for index, param_state in straight["optimizer"]["state"].items():
-        for name, value in param_state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed["optimizer"]["state"][index][name]))
+    assert_same_training_state(straight, resumed)
     assert resumed["best_test_bpd"] == straight["best_test_bpd"]
 
     straight_records, resumed_records = comparable(read_metrics(straight_dir)), comparable(read_metrics(out))
