@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import warnings
 from collections.abc import Iterable, Iterator
@@ -245,40 +246,72 @@ def _split_paths(paths: list[str], data_cfg, split: str) -> list[str]:
 
 # The cache is a directory: index.json, {split}.npy uint8 (N, C, H, W), {split}_labels.npy int64 (N,).
 def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True) -> dict:
-    """Decode both splits once into a uint8 cache directory at out_path; returns its index."""
-    from tqdm import tqdm
+    """Decode both splits once into a uint8 cache directory at out_path; returns its index.
 
+    The cache is built in a hidden folder beside out_path and swapped in only when complete, so a
+    failed or interrupted prepare leaves an existing cache exactly as it was."""
     shape = image_shape(data_cfg)
-    # Both splits are found (and the config checked) before the target is touched: a typo in data.root
-    # must not destroy an existing cache.
-    splits = {split: _build_uncached(data_cfg, split) for split in ("train", "test")}
     out = Path(out_path).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "index.json").unlink(missing_ok=True)  # the index is written last: it marks a complete cache
+    _check_cache_target(out)
+    # Both splits are found (and the config checked) before anything is written.
+    splits = {split: _build_uncached(data_cfg, split) for split in ("train", "test")}
     index = {"format": CACHE_FORMAT, "dataset": data_cfg.dataset,
              "root": str(Path(data_cfg.root).expanduser().resolve()), "image_size": shape[1],
              "channels": shape[0], "image_shape": list(shape), "n_classes": n_classes(data_cfg), "splits": {}}
-    for split, ds in splits.items():
-        n = len(ds)
-        # Written under a temporary name and renamed, so an interrupted run leaves no half cache.
-        tmp = out / f"{split}.npy.partial"
-        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *shape))
-        labels = np.empty(n, dtype=np.int64)
-        start = 0
-        bar = tqdm(total=n, desc=f"caching {split}", unit="img", disable=not progress)
-        for x, y in make_eval_batches(ds, 256, n_workers=data_cfg.n_workers):
-            images[start:start + len(x)] = x.numpy()
-            labels[start:start + len(x)] = y.numpy()
-            start += len(x)
-            bar.update(len(x))
-        bar.close()
-        images.flush()
-        del images
-        os.replace(tmp, out / f"{split}.npy")
-        np.save(out / f"{split}_labels.npy", labels)
-        index["splits"][split] = n
-    (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        building.mkdir()
+        for split, ds in splits.items():
+            index["splits"][split] = _write_split(ds, building, split, shape, data_cfg.n_workers, progress)
+        (building / "index.json").write_text(json.dumps(index, indent=2) + "\n")  # marks a complete cache
+        _swap_in(building, out)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
     return index
+
+
+def _check_cache_target(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"cannot write a cache to {out}: it is a file — choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "index.json").is_file():
+        raise UserError(f"{out} holds files but no glowtrain cache (no index.json); choose another --out "
+                        "so that nothing of yours is replaced")
+
+
+def _write_split(ds, folder: Path, split: str, shape: tuple[int, int, int], n_workers: int, progress: bool) -> int:
+    from tqdm import tqdm
+
+    n = len(ds)
+    images = np.lib.format.open_memmap(folder / f"{split}.npy", mode="w+", dtype=np.uint8, shape=(n, *shape))
+    labels = np.empty(n, dtype=np.int64)
+    start = 0
+    bar = tqdm(total=n, desc=f"caching {split}", unit="img", disable=not progress)
+    for x, y in make_eval_batches(ds, 256, n_workers=n_workers):
+        images[start:start + len(x)] = x.numpy()
+        labels[start:start + len(x)] = y.numpy()
+        start += len(x)
+        bar.update(len(x))
+    bar.close()
+    images.flush()
+    del images
+    np.save(folder / f"{split}_labels.npy", labels)
+    return n
+
+
+def _swap_in(building: Path, out: Path) -> None:
+    """Replace out by the complete cache at building: the old cache is moved aside, then removed."""
+    if not out.exists():
+        os.replace(building, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    try:
+        os.replace(building, out)
+    except OSError:
+        os.replace(old, out)  # put the previous cache back before reporting the failure
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_cache(data_cfg, split: str) -> TensorImages:

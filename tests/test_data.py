@@ -426,3 +426,53 @@ def test_eval_batches_over_two_ranks_cover_the_split_exactly_once(tmp_path):
                                         test_fraction=0.3), "train")
     x = torch.cat([b for b, _ in data.make_eval_batches(files, 2, rank=1, world_size=2)])
     assert torch.equal(x, torch.stack([files[i][0] for i in range(1, len(files), 2)]))
+
+
+# ---------------------------------------------------------------- data safety (issue 14)
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_prepare_leaves_an_existing_cache_byte_identical_and_no_partial_files(tmp_path):
+    make_folder(tmp_path / "images", 8, size=(6, 6))
+    cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=4, channels=3)
+    cache = tmp_path / "cache"
+    data.prepare_cache(cfg, str(cache), progress=False)
+    before = tree_bytes(cache)
+    (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(UserError, match="broken.png"):
+        data.prepare_cache(cfg, str(cache), progress=False)
+    assert tree_bytes(cache) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "images"]  # nothing left beside it
+    assert not [p for p in tmp_path.rglob("*") if "partial" in p.name]
+
+
+def test_an_interrupted_prepare_leaves_an_existing_cache_byte_identical(tmp_path, monkeypatch):
+    make_folder(tmp_path / "images", 8, size=(6, 6))
+    cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=4, channels=3)
+    cache = tmp_path / "cache"
+    data.prepare_cache(cfg, str(cache), progress=False)
+    before = tree_bytes(cache)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "make_eval_batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare_cache(cfg, str(cache), progress=False)
+    assert tree_bytes(cache) == before and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "images"]
+
+
+def test_prepare_replaces_a_complete_cache_and_refuses_a_folder_that_is_not_one(tmp_path):
+    make_folder(tmp_path / "images", 8, size=(6, 6))
+    cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=4, channels=3)
+    data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    make_folder(tmp_path / "images", 12, size=(6, 6), seed=1)  # more images: the new cache replaces the old
+    index = data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    assert sum(index["splits"].values()) == 12 and json.loads((tmp_path / "cache" / "index.json").read_text()) == index
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(UserError, match="no glowtrain cache"):
+        data.prepare_cache(cfg, str(tmp_path / "mine"), progress=False)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
