@@ -305,6 +305,30 @@ def _apply(cfg: Config, overrides: Sequence[str]) -> Config:
     return dataclasses.replace(cfg, **parts)
 
 
+# ---------------------------------------------------------------------------- resuming
+
+# What a resumed run may change besides run.* and train.*: where the files are and how they are read.
+# Every other data.* and model.* key changes what is modelled (or the architecture), so a run's
+# metrics and best checkpoint would mix two models.
+RESUME_SAFE_DATA_KEYS = ("data.root", "data.cache", "data.download", "data.n_workers")
+
+
+def resume_may_change(key: str) -> bool:
+    """Whether `key` may differ between a run's stored config and the config it resumes with."""
+    return key.split(".")[0] in ("run", "train") or key in RESUME_SAFE_DATA_KEYS
+
+
+def check_resume_config(saved: Config, new: Config) -> None:
+    """Refuse a resume whose config changes what is modelled: one line naming the first such key."""
+    before, after = config_to_dict(saved), config_to_dict(new)
+    for key in dotted_keys():
+        sec, leaf = key.split(".")
+        if before[sec][leaf] != after[sec][leaf] and not resume_may_change(key):
+            raise UserError(f"{key} cannot change when resuming (the run was trained with {before[sec][leaf]!r}, "
+                            f"not {after[sec][leaf]!r}): it changes what is modelled — start a new run with "
+                            "another --out or run.name")
+
+
 # ---------------------------------------------------------------------------- files
 
 

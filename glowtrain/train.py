@@ -23,7 +23,15 @@ from glowtrain.checkpoint import (
     load_state_checked,
     save_checkpoint,
 )
-from glowtrain.config import Config, apply_overrides, config_to_dict, derived_seed, load_config, save_config
+from glowtrain.config import (
+    Config,
+    apply_overrides,
+    check_resume_config,
+    config_to_dict,
+    derived_seed,
+    load_config,
+    save_config,
+)
 from glowtrain.data import build_dataset, make_train_batches
 from glowtrain.distributed import Context, broadcast_state, identical_across_ranks, setup, teardown
 from glowtrain.errors import UserError
@@ -642,8 +650,11 @@ def resolve_resume(resume: str | None, config_path: str | None, overrides: list[
 
 def fit_config(config_path: str | None, overrides: list[str], out: str | None, resume: str | None) -> Config:
     """The config `fit` runs: a resumed run keeps the one stored with it unless --config is given."""
-    if resume is None or config_path is not None:
+    if resume is None:
         return load_config(config_path, overrides)
-    run = run_dir_for(out, load_config(None, overrides).run.name, resume)
+    run = run_dir_for(out, load_config(config_path, overrides).run.name, resume)
     checkpoint = checkpoint_to_resume(resume, run)
-    return apply_overrides(config_of(load_checkpoint(checkpoint), str(checkpoint)), overrides)
+    saved = config_of(load_checkpoint(checkpoint), str(checkpoint))
+    cfg = load_config(config_path, overrides) if config_path is not None else apply_overrides(saved, overrides)
+    check_resume_config(saved, cfg)  # data.* and model.* stay as trained: one run models one thing
+    return cfg

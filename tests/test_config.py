@@ -398,3 +398,14 @@ def test_shipped_config_builds_its_model(path):
         model = Glow.from_config(cfg)
     assert model.image_shape == cfg.image_shape
     assert len(model.levels) == cfg.model.n_levels and len(model.levels[0].layers) == cfg.model.n_steps
+
+
+def test_readme_lists_which_keys_a_resumed_run_may_change():
+    from glowtrain.config import RESUME_SAFE_DATA_KEYS, resume_may_change
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("<!-- resume-keys -->"):readme.index("<!-- /resume-keys -->")]
+    assert all(f"`{key}`" in section for key in RESUME_SAFE_DATA_KEYS)
+    refused = [key for key in dotted_keys() if not resume_may_change(key)]
+    assert refused and all(key.startswith(("data.", "model.")) for key in refused)
+    assert "`data.*`" in section and "`model.*`" in section and "`train.*`" in section
