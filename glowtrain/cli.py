@@ -7,6 +7,7 @@ import os
 import shlex
 import sys
 import traceback
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -285,6 +286,10 @@ def info(
 
     if run and config:
         raise UserError("give either --run or --config, not both")
+    if run and set_:
+        # A trained run is described as it was trained; an override would describe another model.
+        raise UserError(f"--set does not apply to --run (the run is described as trained); for a changed config "
+                        f"use: glowtrain info --config {shlex.quote(str(Path(run) / 'config.yaml'))} --set ...")
     if run:
         loaded, _ = _open(run, None, "cpu", 0, True)
         summary = info_summary(loaded.cfg, loaded.model)

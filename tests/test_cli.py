@@ -208,3 +208,13 @@ def test_debug_flag_shows_the_traceback_for_bad_input(tmp_path):
     assert result.exit_code == 2
     assert "Traceback" in result.stderr and "did you mean 'train.lr'" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------- issue 14
+
+
+@pytest.mark.parametrize("override", ["train.lr=1", "train.bogus=1"])
+def test_info_run_with_set_is_refused_not_silently_ignored(fitted, override):
+    _, run_dir, _ = fitted
+    result = invoke("info", "--run", str(run_dir), "--set", override)
+    assert_one_line_error(result, 2, "--set does not apply to --run", str(run_dir / "config.yaml"))
