@@ -12,13 +12,14 @@ from torch import nn
 
 from glowtrain.checkpoint import LoadedRun
 from glowtrain.config import Config, config_to_yaml
-from glowtrain.data import build_dataset
+from glowtrain.data import build_dataset, data_changed_warning
 from glowtrain.errors import UserError
 from glowtrain.evaluation import EVAL_NOISE_SEED, evaluate
 from glowtrain.images import check_tensorboard, display_upscale, image_grid, save_png, write_to_tensorboard
 from glowtrain.losses import dequantize, to_uint8
 from glowtrain.model import Glow
 from glowtrain.precision import full_float32
+from glowtrain.runs import RunDir, read_json
 
 PIXEL_LEVELS = 256  # "pixel units": one step of the 8-bit 0..255 scale; x spans [-0.5, 0.5)
 
@@ -35,7 +36,9 @@ def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.de
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         cfg = replace(cfg, train=replace(cfg.train, eval_batch_size=batch_size))
-    dataset = build_dataset(cfg.data, split)
+    run = RunDir(loaded.run_dir) if loaded.run_dir else None
+    dataset = build_dataset(cfg.data, split, read_json(run.data_check) if run else None)
+    changed = data_changed_warning(read_json(run.data_record), split, dataset) if run else None
     draws = [evaluate(loaded.model, dataset, cfg, device, seed=EVAL_NOISE_SEED + s) for s in range(n_dequant)]
     result = {
         "bpd": sum(d["bpd"] for d in draws) / n_dequant,
@@ -46,9 +49,12 @@ def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.de
         "split": split,
         "step": loaded.step,
         "checkpoint": str(loaded.checkpoint),
+        "ema": loaded.used_ema,
     }
     if "accuracy" in draws[0]:
         result["accuracy"] = sum(d["accuracy"] for d in draws) / n_dequant
+    if changed:
+        result["warning"] = changed  # the CLI prints it as a line of its own
     return result
 
 

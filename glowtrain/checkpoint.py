@@ -113,6 +113,7 @@ class LoadedRun:
     step: int
     checkpoint: Path
     run_dir: Path | None  # None for a checkpoint file outside a run directory
+    used_ema: bool = False  # whether `model` holds the EMA weights (a run without EMA has only the raw ones)
 
 
 def open_run(run: str | None, checkpoint: str | None, device: torch.device | str = "cpu",
@@ -122,4 +123,5 @@ def open_run(run: str | None, checkpoint: str | None, device: torch.device | str
     state = load_checkpoint(path, map_location="cpu")
     model, cfg = model_from_checkpoint(state, use_ema=use_ema, source=str(path))
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-    return LoadedRun(model.to(device), cfg, int(state.get("step", 0)), path, run_dir)
+    used_ema = use_ema and state.get("ema") is not None
+    return LoadedRun(model.to(device), cfg, int(state.get("step", 0)), path, run_dir, used_ema)

@@ -201,7 +201,11 @@ def eval_(
     from glowtrain.analysis import eval_command
 
     loaded, resolved = _open(run, checkpoint, device, seed, no_ema)
-    _print_json(eval_command(loaded, split, n_dequant, resolved, batch_size))
+    result = eval_command(loaded, split, n_dequant, resolved, batch_size)
+    warning = result.pop("warning", None)
+    if warning:
+        typer.echo(warning, err=True)
+    _print_json(result)
 
 
 @app.command()
@@ -320,6 +324,9 @@ def prepare(
         raise UserError("data.cache is set: prepare reads the images themselves — remove data.cache for this command")
     target = out or f"{cfg.data.root}/glowtrain-cache-{cfg.data.dataset}-{cfg.data.image_size}px"
     index = prepare_cache(cfg.data, target, progress=progress)
+    typer.echo(index["summary"])
+    if index["warning"]:
+        typer.echo(index["warning"], err=True)
     typer.echo(f"cached {index['splits']['train']} train and {index['splits']['test']} test images in {target}")
     typer.echo(f"train from it with: --set data.cache={target}")
 

@@ -58,7 +58,10 @@ class DataConfig:
     test_fraction: float = _opt(0.1, "folder/celeba-folder: share held out for test (0 < f < 1)")
     split_seed: int = _opt(0, "fixes the folder train/test split")
     n_workers: int = _opt(0, "DataLoader worker processes (0 = load in the main process)")
-    on_bad_image: Literal["skip", "error"] = _opt("error", "what to do with an unreadable image in a folder")
+    on_bad_image: Literal["skip", "error"] = _opt("error", "an unreadable image in a folder: stop before training, "
+                                                  "or skip (drop and count) it")
+    labels: Literal["none", "subfolders"] = _opt("none", "folder: class labels from each image's first-level "
+                                                 "subfolder (for model.n_classes)")
     cache: str = _opt("", "folder made by 'glowtrain prepare' to train from ('' = decode images)")
 
     @property
@@ -426,6 +429,8 @@ def validate(cfg: Config) -> None:
     _require(0 < data.test_fraction < 1, "data.test_fraction", data.test_fraction,
              "use a fraction strictly between 0 and 1")
     _require(data.n_workers >= 0, "data.n_workers", data.n_workers, "use 0 or more worker processes")
+    _require(data.labels == "none" or data.dataset == "folder", "data.labels", data.labels,
+             "subfolder labels are for data.dataset: folder; the other datasets bring their own labels")
 
     for key in ("n_levels", "n_steps", "hidden_channels"):
         _require(getattr(model, key) >= 1, f"model.{key}", getattr(model, key), "use an integer >= 1")

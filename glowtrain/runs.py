@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from glowtrain.errors import UserError
+from glowtrain.files import atomic_write
 
 RUNS_ROOT = Path("runs")
 
@@ -49,6 +51,16 @@ class RunDir:
     def samples(self) -> Path:
         return self.path / "samples"
 
+    @property
+    def data_record(self) -> Path:
+        """data.json: the fingerprint of the files the run trained on, compared on resume and eval."""
+        return self.path / "data.json"
+
+    @property
+    def data_check(self) -> Path:
+        """data_check.json: what checking each image file found, so a resume does not read them again."""
+        return self.path / "data_check.json"
+
     def has_checkpoint(self) -> bool:
         return self.last.is_file()
 
@@ -59,6 +71,19 @@ class RunDir:
                 old = path.with_name(path.name + ".old")
                 shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
                 path.rename(old)
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object a run wrote, or None when it is missing or unreadable (it is only ever a cache or a record)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def write_json(path: Path, value: dict) -> None:
+    atomic_write(path, lambda f: json.dump(value, f), mode="w", durable=False)
 
 
 def run_dir_for(out: str | None, name: str, resume: str | None) -> RunDir:

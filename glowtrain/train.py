@@ -7,6 +7,7 @@ import copy
 import inspect
 import math
 import signal
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -32,7 +33,17 @@ from glowtrain.config import (
     load_config,
     save_config,
 )
-from glowtrain.data import build_dataset, make_train_batches
+from glowtrain.data import (
+    SPLITS,
+    build_dataset,
+    check_class_count,
+    check_records,
+    data_changed_warning,
+    data_record,
+    data_summary,
+    make_train_batches,
+    skipped_warning,
+)
 from glowtrain.distributed import Context, broadcast_state, identical_across_ranks, setup, teardown
 from glowtrain.errors import UserError
 from glowtrain.evaluation import evaluate
@@ -41,7 +52,7 @@ from glowtrain.logs import NullLogger, RunLogger
 from glowtrain.losses import dequantize
 from glowtrain.model import Glow
 from glowtrain.objective import Objective, batch_noise
-from glowtrain.runs import RunDir, checkpoint_to_resume, prepare_run_dir, run_dir_for
+from glowtrain.runs import RunDir, checkpoint_to_resume, prepare_run_dir, read_json, run_dir_for, write_json
 
 
 class Interrupted(Exception):
@@ -292,12 +303,11 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         if not ctx.is_main:
             ctx.barrier()  # rank 0 builds (and may download) the dataset first
-        train_set, test_set = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
+        checked = read_json(self.run_dir.data_check)  # what an earlier start found: unchanged files are not reread
+        train_set, test_set = build_dataset(cfg.data, "train", checked), build_dataset(cfg.data, "test", checked)
         if ctx.is_main:
             ctx.barrier()
-        if cfg.model.n_classes > 0 and train_set.n_classes != cfg.model.n_classes:
-            raise UserError(f"model.n_classes={cfg.model.n_classes} but dataset {cfg.data.dataset} has "
-                            f"{train_set.n_classes} classes — set model.n_classes={train_set.n_classes} (or 0)")
+        check_class_count(cfg, train_set.n_classes)
         return train_set, test_set
 
     def _initialize(self) -> None:
@@ -582,11 +592,25 @@ class Trainer:
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir.config)
             self.logger = RunLogger(self.run_dir)
+            self._record_data()
         show = self.progress and ctx.is_main
         self.bar = tqdm(total=cfg.train.steps, initial=self.state.step, disable=not show, unit="step",
                         dynamic_ncols=True)
         self.say = self.bar.write if ctx.is_main else _quiet
         self._n_bad_logged = self.guard.read()[0]
+
+    def _record_data(self) -> None:
+        """Say what the run trains on, warn about skipped or changed files, and keep the data's record."""
+        sets, run = (self.train_set, self.test_set), self.run_dir
+        if not all(hasattr(d, "report") for d in sets):  # datasets handed in from Python
+            return
+        recorded = read_json(run.data_record) if self.resumed else None
+        tqdm.write(data_summary(self.cfg.data, *sets))
+        warnings_ = [skipped_warning(*sets), *(data_changed_warning(recorded, s, d) for s, d in zip(SPLITS, sets))]
+        for line in filter(None, warnings_):
+            tqdm.write(line, file=sys.stderr)
+        write_json(run.data_record, data_record(self.cfg.data, *sets))
+        write_json(run.data_check, check_records(*sets))
 
     def _close(self, final: dict) -> None:
         self.bar.close()

@@ -181,8 +181,11 @@ def test_prepare_writes_a_cache_that_fit_trains_from(tmp_path):
     cache = tmp_path / "cache"
     result = invoke("prepare", *sets(*data), "--out", str(cache), "--no-progress")
     assert result.exit_code == 0, result.output
-    assert "cached 36 train and 4 test images" in result.stdout and f"data.cache={cache}" in result.stdout
-    assert np.load(cache / "train.npy").shape == (36, 3, 8, 8)
+    n_train, n_test = (np.load(cache / f"{split}.npy").shape[0] for split in ("train", "test"))
+    assert n_train + n_test == 40 and np.load(cache / "train.npy").shape[1:] == (3, 8, 8)
+    assert f"cached {n_train} train and {n_test} test images" in result.stdout
+    assert f"data.cache={cache}" in result.stdout
+    assert f"data: folder {tmp_path / 'imgs'}: 40 images found, {n_train} train / {n_test} test" in result.stdout
     result = invoke("fit", "--out", str(tmp_path / "run"), "--no-progress",
                     *sets(*TINY, *data, f"data.cache={cache}", "train.batch_size=8", "train.init_batch_size=8"))
     assert result.exit_code == 0, result.output
