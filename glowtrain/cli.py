@@ -133,9 +133,10 @@ RunOption = Annotated[Optional[str], typer.Option("--run", help="Run directory; 
 CheckpointOption = Annotated[Optional[str], typer.Option("--checkpoint", help="A checkpoint file instead of a run.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same output.")]
-NoEmaOption = Annotated[bool, typer.Option("--no-ema", help="Use the raw weights instead of the EMA.")]
+NoEmaOption = Annotated[bool, typer.Option("--no-ema", metavar="", help="Use the raw weights instead of the EMA.")]
 OutOption = Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder; default <run>/samples.")]
-TensorboardOption = Annotated[bool, typer.Option("--tensorboard", help="Also add the images to the run's TensorBoard.")]
+TensorboardOption = Annotated[bool, typer.Option("--tensorboard", metavar="",
+                                                 help="Also add the images to the run's TensorBoard.")]
 
 
 def _open(run, checkpoint, device: str, seed: int, no_ema: bool):
@@ -160,14 +161,21 @@ def _print_json(result: dict) -> None:
 def sample(
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
-    temp: Annotated[Optional[list[float]], typer.Option(
-        "--temp", "-t", help="Temperature (repeatable); default 0.7.")] = None,
+    temp: Annotated[Optional[list[str]], typer.Option(
+        "--temp", "-t", metavar="T[,T...]",
+        help="Temperature(s): repeatable or comma-separated (--temp 0.5,0.7); default 0.7.")] = None,
     n: Annotated[int, typer.Option("--n", help="Images per temperature.")] = 64,
     class_: Annotated[Optional[list[int]], typer.Option(
         "--class", help="Class label(s) for a class-conditional model (repeatable).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images generated at once (bounds memory).")] = 256,
-    grid: Annotated[bool, typer.Option("--grid", help="One figure, a labelled row block per temperature.")] = False,
-    individual: Annotated[bool, typer.Option("--individual", help="Also write each image as its own PNG.")] = False,
+    grid: Annotated[bool, typer.Option(
+        "--grid", metavar="", help="One figure, a labelled row block per temperature.")] = False,
+    no_grid: Annotated[bool, typer.Option(
+        "--no-grid", metavar="", help="No grid at all (with --individual); grids show at most 1,024 images.")] = False,
+    individual: Annotated[bool, typer.Option(
+        "--individual", metavar="", help="Also write each image as its own PNG, at the model's resolution.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", metavar="", help="Replace files of an earlier identical call instead of refusing.")] = False,
     out: OutOption = None,
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
@@ -178,10 +186,21 @@ def sample(
     from glowtrain.distributed import resolve_device
     from glowtrain.sample import sample_command
 
-    paths = sample_command(run, checkpoint, temp or [0.7], n, seed, out, resolve_device(device, "--device"), not no_ema,
-                           class_, batch_size, grid, individual, tensorboard)
+    temperatures = _numbers(temp or ["0.7"], "--temp", "0.5,0.7")
+    paths = sample_command(run, checkpoint, temperatures, n, seed, out, resolve_device(device, "--device"), not no_ema,
+                           class_, batch_size, grid, individual, tensorboard, no_grid, overwrite,
+                           say=lambda line: typer.echo(line, err=True))
     for path in paths:
         typer.echo(str(path))
+
+
+def _numbers(values: list[str], option: str, example: str) -> list[float]:
+    """Numbers given as a repeated option, a comma-separated list, or both."""
+    try:
+        return [float(part) for value in values for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{option} takes numbers, repeated or comma-separated like {example}, "
+                        f"got {' '.join(values)!r}") from None
 
 
 @app.command("eval")
@@ -255,8 +274,9 @@ def manipulate(
     attribute: Annotated[Optional[str], typer.Option("--attribute", help="CelebA attribute, e.g. Smiling.")] = None,
     from_class: Annotated[Optional[int], typer.Option("--from-class", help="Class to move away from.")] = None,
     to_class: Annotated[Optional[int], typer.Option("--to-class", help="Class to move towards.")] = None,
-    alphas: Annotated[str, typer.Option(
-        "--alphas", help="Comma-separated step sizes along the direction.")] = "-1,0,1,2",
+    alphas: Annotated[Optional[list[str]], typer.Option(
+        "--alphas", metavar="A[,A...]",
+        help="Step sizes along the direction: comma-separated or repeated; default -1,0,1,2.")] = None,
     n: Annotated[int, typer.Option("--n", help="Test images to manipulate, one row each.")] = 8,
     out: OutOption = None,
     device: DeviceOption = "auto",
@@ -267,10 +287,7 @@ def manipulate(
     """Move test images along an attribute or class direction in latent space (the Glow paper's Fig. 5)."""
     from glowtrain.analysis import manipulate_command
 
-    try:
-        alpha_values = [float(a) for a in alphas.split(",") if a.strip()]
-    except ValueError:
-        raise UserError(f"--alphas must be comma-separated numbers like -1,0,1,2, got {alphas!r}") from None
+    alpha_values = _numbers(alphas or ["-1,0,1,2"], "--alphas", "-1,0,1,2")
     loaded, resolved = _open(run, checkpoint, device, seed, no_ema)
     _print_json(manipulate_command(loaded, resolved, out, alpha_values, n, attribute, from_class, to_class,
                                    tensorboard=tensorboard))

@@ -73,7 +73,7 @@ def test_sample_writes_one_grid_per_temperature_and_is_reproducible_by_seed(fitt
     first = invoke(*args, "--seed", "3", "--out", str(tmp_path / "a"))
     assert first.exit_code == 0, first.output
     pngs = sample_pngs(tmp_path / "a")
-    assert sorted(pngs) == ["sample_step0000004_t0p00_seed3.png", "sample_step0000004_t0p70_seed3.png"]
+    assert sorted(pngs) == ["sample_step0000004_t0p00_seed3_n4.png", "sample_step0000004_t0p70_seed3_n4.png"]
     assert first.stdout.split() == [str(tmp_path / "a" / name) for name in sorted(pngs)]
     for name in pngs:
         with Image.open(tmp_path / "a" / name) as image:
@@ -86,8 +86,8 @@ def test_sample_writes_one_grid_per_temperature_and_is_reproducible_by_seed(fitt
     assert other.exit_code == 0
     other_pngs = sample_pngs(tmp_path / "c")
     # T=0 draws no noise, so only the T=0.7 grid depends on the seed.
-    assert other_pngs["sample_step0000004_t0p00_seed4.png"] == pngs["sample_step0000004_t0p00_seed3.png"]
-    assert other_pngs["sample_step0000004_t0p70_seed4.png"] != pngs["sample_step0000004_t0p70_seed3.png"]
+    assert other_pngs["sample_step0000004_t0p00_seed4_n4.png"] == pngs["sample_step0000004_t0p00_seed3_n4.png"]
+    assert other_pngs["sample_step0000004_t0p70_seed4_n4.png"] != pngs["sample_step0000004_t0p70_seed3_n4.png"]
 
 
 def test_sample_without_run_uses_the_most_recent_run_under_runs(fitted, tmp_path, monkeypatch):
@@ -104,7 +104,7 @@ def test_sample_defaults_to_the_run_samples_folder(fitted, tmp_path):
     result = invoke("sample", "--run", str(run_dir), "--n", "1", "--seed", "11")
     assert result.exit_code == 0, result.output
     written = Path(result.stdout.strip())
-    assert written.parent == RunDir(run_dir).samples and written.name.endswith("_seed11.png")
+    assert written.parent == RunDir(run_dir).samples and written.name.endswith("_seed11_n1.png")
     written.unlink()  # leave the shared run as the other tests expect it
 
 
