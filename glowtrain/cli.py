@@ -121,6 +121,9 @@ def fit(
     if result.rank != 0:
         return
     run_dir = result.run_dir
+    if result.timed_out:
+        typer.echo(f"stopped at step {result.step} of {cfg.train.steps}: train.max_time ({cfg.train.max_time}) is used "
+                   f"up; checkpoint saved. Continue with: glowtrain fit --resume auto --out {shlex.quote(run_dir)}")
     if "bpd" in result.test:
         typer.echo(f"test bpd {result.test['bpd']:.4f} at step {result.step}")
     typer.echo(f"run directory:  {run_dir}")
@@ -312,8 +315,10 @@ def info(
         raise UserError(f"--set does not apply to --run (the run is described as trained); for a changed config "
                         f"use: glowtrain info --config {shlex.quote(str(Path(run) / 'config.yaml'))} --set ...")
     if run:
+        from glowtrain.runs import training_state
+
         loaded, _ = _open(run, None, "cpu", 0, True)
-        summary = info_summary(loaded.cfg, loaded.model)
+        summary = {**training_state(run, loaded.step, loaded.cfg.train.steps), **info_summary(loaded.cfg, loaded.model)}
     else:
         summary = info_summary(load_config(config, set_ or []))
     config_text = summary.pop("config")
@@ -329,7 +334,9 @@ def prepare(
     config: Annotated[Optional[str], typer.Option(
         "--config", "-c", help="YAML config whose data section to cache.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key (repeatable).")] = None,
-    out: Annotated[str, typer.Option("--out", "-o", help="Cache directory to write.")] = "",
+    out: Annotated[str, typer.Option(
+        "--out", "-o", help="Cache directory to write; default <data.root>/glowtrain-cache-<dataset>-<size>px, "
+                            "inside the image folder.")] = "",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
     """Decode a dataset once into a uint8 cache at the training resolution; train from it with data.cache."""
@@ -346,6 +353,22 @@ def prepare(
         typer.echo(index["warning"], err=True)
     typer.echo(f"cached {index['splits']['train']} train and {index['splits']['test']} test images in {target}")
     typer.echo(f"train from it with: --set data.cache={target}")
+
+
+@app.command("runs")
+@_errors_to_exit_codes
+def runs_(
+    root: Annotated[str, typer.Option("--root", help="Folder holding the runs.")] = "runs",
+) -> None:
+    """List the runs under runs/: step reached, best test bits/dim and status."""
+    from glowtrain.runs import format_runs, list_runs
+
+    rows = list_runs(Path(root))
+    if not rows:
+        typer.echo(f"no runs under {Path(root).absolute()}/ — train one with 'glowtrain fit'")
+        return
+    for line in format_runs(rows):
+        typer.echo(line)
 
 
 def main() -> None:

@@ -116,6 +116,13 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the model")
     memory_saving: bool = _opt(False, "constant-memory backprop: rebuild activations by inverting each flow step "
                                "(~1.3x step time)")
+    max_time: str = _opt("", "stop cleanly (checkpoint saved) after this wall-clock time, e.g. 3h50m, 90m, 45s "
+                         "('' = no limit)")
+
+    @property
+    def max_time_s(self) -> float | None:
+        """train.max_time in seconds (None: no limit)."""
+        return duration_seconds(self.max_time)
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,22 @@ _FIELDS: dict[str, dataclasses.Field] = {
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what run.device and --device accept
 # PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string; float fields accept such text.
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def duration_seconds(text: str) -> float | None:
+    """'3h50m', '90m', '45s', '1.5h' -> seconds; '' -> None. Raises UserError for anything else."""
+    text = text.strip()
+    if not text:
+        return None
+    match = _DURATION.fullmatch(text)
+    if not match or not any(match.groups()):
+        raise UserError(f"train.max_time={text!r} is not a duration — use hours, minutes and seconds like 3h50m, "
+                        "90m or 45s ('' = no limit)")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
 
 
 def default_config() -> Config:
@@ -453,6 +476,8 @@ def validate(cfg: Config) -> None:
         _require(getattr(train, key) >= 0, f"train.{key}", getattr(train, key), "use a value >= 0 (0 = off)")
     _require(0 <= train.min_lr_ratio <= 1, "train.min_lr_ratio", train.min_lr_ratio, "use a fraction from 0 to 1")
     _require(0 <= train.ema_decay < 1, "train.ema_decay", train.ema_decay, "use a decay in [0, 1) (0 = off)")
+    _require((duration_seconds(train.max_time) or 1) > 0, "train.max_time", train.max_time,
+             "use a positive duration like 3h50m ('' = no limit)")
     temps = train.sample_temperatures
     _require(len(temps) >= 1 and all(t >= 0 for t in temps), "train.sample_temperatures", temps,
              "list at least one temperature, each >= 0")

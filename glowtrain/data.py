@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -180,7 +181,7 @@ def _build_uncached(data_cfg, split: str, checked: dict | None = None) -> Datase
         celeba = Path(data_cfg.root).expanduser().absolute() / "celeba"
         if (celeba / "img_align_celeba").is_dir() and (celeba / "list_eval_partition.txt").is_file():
             return _checked_files(data_cfg, celeba, _celeba_official(celeba, split), CELEBA_CROP, checked)
-    base, paths = find_images(data_cfg.root)
+    base, paths = _celeba_folder(data_cfg.root) if name == "celeba" else find_images(data_cfg.root)
     labels, class_names = _subfolder_labels(base, paths) if data_cfg.labels == "subfolders" else (None, [])
     chosen = split_paths(paths, base, data_cfg.test_fraction, data_cfg.split_seed, split)
     dataset = _checked_files(data_cfg, base, chosen, None, checked)
@@ -188,6 +189,16 @@ def _build_uncached(data_cfg, split: str, checked: dict | None = None) -> Datase
         dataset.labels, dataset.n_classes = [labels[p] for p in dataset.paths], len(class_names)
         dataset.class_names = class_names
     return dataset
+
+
+def _celeba_folder(root: str) -> tuple[Path, list[str]]:
+    try:
+        return find_images(root)
+    except UserError:
+        base = Path(root).expanduser().absolute()
+        raise UserError(f"no CelebA images under {base}: put the aligned faces in {base}/celeba/img_align_celeba/ "
+                        f"with {base}/celeba/list_eval_partition.txt (torchvision's layout), or any folder of "
+                        f"aligned face images in {base}") from None
 
 
 def _checked_files(data_cfg, base: Path, paths: list[str], crop: int | None, checked: dict | None) -> ImageFiles:
@@ -232,15 +243,20 @@ def _torchvision_set(data_cfg, split: str, shape: tuple[int, int, int]) -> Tenso
     import torchvision.datasets
 
     cls_name, folder, native = _TORCHVISION[data_cfg.dataset]
-    root = os.path.normpath(os.path.expanduser(data_cfg.root))
+    root = os.path.abspath(os.path.expanduser(data_cfg.root))
     where = os.path.join(root, folder)
+    missing = _missing_folders(Path(where))
     try:
-        ds = getattr(torchvision.datasets, cls_name)(root, train=split == "train", download=data_cfg.download)
+        # torchvision prints each download attempt; the outcome is said in one line here instead
+        with contextlib.redirect_stdout(io.StringIO()):
+            ds = getattr(torchvision.datasets, cls_name)(root, train=split == "train", download=data_cfg.download)
     except (RuntimeError, OSError) as e:
+        _remove_if_empty(missing)  # a failed download leaves no empty folders behind
         if not data_cfg.download:
             raise UserError(f"{cls_name} not found under {root}/ — set data.download: true "
                             f"(or --set data.download=true) or put the files in {where}") from None
-        raise UserError(f"could not download {cls_name} into {root}/ ({e}); "
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise UserError(f"could not download {cls_name} into {root}/ ({reason}); "
                         f"put the files in {where} yourself") from None
     # Whole arrays at once: per-item PIL conversion is far slower for these small sets.
     data = ds.data if isinstance(ds.data, Tensor) else torch.from_numpy(np.asarray(ds.data))
@@ -257,6 +273,23 @@ def _torchvision_set(data_cfg, split: str, shape: tuple[int, int, int]) -> Tenso
     if converted:
         dataset.report.conversions[converted] = len(dataset)
     return dataset
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """path and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first, so a parent is empty once its child is gone
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or never made
+            pass
 
 
 def _resize(images: Tensor, size: int, chunk: int = 4096) -> Tensor:

@@ -52,7 +52,15 @@ from glowtrain.logs import NullLogger, RunLogger
 from glowtrain.losses import dequantize
 from glowtrain.model import Glow
 from glowtrain.objective import Objective, batch_noise
-from glowtrain.runs import RunDir, checkpoint_to_resume, prepare_run_dir, read_json, run_dir_for, write_json
+from glowtrain.runs import (
+    RunDir,
+    checkpoint_to_resume,
+    prepare_run_dir,
+    read_json,
+    resume_message,
+    run_dir_for,
+    write_json,
+)
 
 
 class Interrupted(Exception):
@@ -263,6 +271,7 @@ class TrainResult:
     step: int
     best_test_bpd: float
     test: dict  # the last evaluation's metrics (bpd, bpd_stderr, n_images[, accuracy]); empty if none ran
+    timed_out: bool = False  # stopped (after saving) because train.max_time was used up
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,7 +351,7 @@ class Trainer:
         if cfg.train.amp == "bf16" and self.device.type == "cpu" and is_main:
             # Measured on a 2-core x86 machine with torch 2.14: a CIFAR-shape bf16 step ran 16x slower than float32.
             warnings.warn("train.amp=bf16 on a CPU: bf16 convolutions are much slower than float32 on many CPUs; "
-                          "measure with scripts/bench.py before a long run", stacklevel=2)
+                          "time a few steps against train.amp=off before a long run", stacklevel=2)
         if cfg.train.amp == "bf16" and cfg.train.memory_saving and is_main:
             # bf16 rounding of the coupling networks' inputs amplifies the rebuild's float32 rounding.
             warnings.warn("train.amp=bf16 with train.memory_saving: the rebuilt activations drift by about 3e-3 "
@@ -456,6 +465,9 @@ class Trainer:
         values = {"bpd": mean_bpd, "lr": lr, "grad_norm": metrics["grad_norm"].item(), "images_per_s": images_per_s}
         self.logger.log(self.state.step, "train", **values)
         self.bar.set_postfix(bpd=f"{mean_bpd:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
+        if not self.progress:  # no bar: one plain line per logging step, for log files of batch jobs
+            self.say(f"step {self.state.step}/{self.cfg.train.steps}: train bpd {mean_bpd:.4f}, lr {lr:.2e}, "
+                     f"{images_per_s:.0f} images/s")
 
     def write_samples(self) -> list[Path]:
         """A grid per temperature from the EMA weights, in full precision, as PNG and in TensorBoard."""
@@ -529,11 +541,14 @@ class Trainer:
         """Train to train.steps: log, evaluate, sample and checkpoint on schedule; stop cleanly on a signal."""
         cfg, state, final = self.cfg.train, self.state, {}
         self._open_run_dir()
+        self.deadline = None if cfg.max_time_s is None else self._now() + cfg.max_time_s
+        self.timed_out = False
         window = _Throughput(self.ctx.world_size)
         try:
             with _StopFlag() as stop:
                 while state.step < cfg.steps:
-                    self._stop_if_asked(stop)
+                    if self._stop_if_asked(stop):
+                        break
                     images, labels = next(self.batches)
                     metrics = self.train_step(images, labels)
                     state.step += 1
@@ -556,7 +571,8 @@ class Trainer:
             self._close(final)
         if not identical_across_ranks(self.objective, self.ctx):
             raise RuntimeError("the ranks finished with different weights; please report this with your config")
-        return TrainResult(self.ctx.rank, str(self.run_dir.path), state.step, state.best_test_bpd, final)
+        return TrainResult(self.ctx.rank, str(self.run_dir.path), state.step, state.best_test_bpd, final,
+                           self.timed_out)
 
     def _due(self, every: int) -> bool:
         return self.state.step % every == 0 or self.state.step == self.cfg.train.steps
@@ -577,12 +593,22 @@ class Trainer:
             self.roll_back(self.state.step, longest)
         return bool(longest)
 
-    def _stop_if_asked(self, stop: _StopFlag) -> None:
+    def _stop_if_asked(self, stop: _StopFlag) -> bool:
+        """Raise Interrupted after saving on a signal; True (after saving) once train.max_time is used up."""
         # Several processes must agree on stopping: they ask each other only at logging steps.
-        if (self.state.step % self.cfg.train.log_every == 0 or not self.ctx.distributed) and \
-                self.ctx.any(stop.requested):
+        if not (self.state.step % self.cfg.train.log_every == 0 or not self.ctx.distributed):
+            return False
+        if self.ctx.any(stop.requested):
             self.save(self.run_dir.last)
             raise Interrupted(self.state.step, str(self.run_dir.path))
+        if self.deadline is not None and self.ctx.any(self._now() >= self.deadline):
+            self.save(self.run_dir.last)
+            self.timed_out = True
+            return True
+        return False
+
+    def _now(self) -> float:
+        return time.monotonic()
 
     def _open_run_dir(self) -> None:
         cfg, ctx = self.cfg, self.ctx
@@ -598,6 +624,8 @@ class Trainer:
                         dynamic_ncols=True)
         self.say = self.bar.write if ctx.is_main else _quiet
         self._n_bad_logged = self.guard.read()[0]
+        if self.resumed:
+            self.say(resume_message(self.run_dir.path, self.state.step, cfg.train.steps))
 
     def _record_data(self) -> None:
         """Say what the run trains on, warn about skipped or changed files, and keep the data's record."""
@@ -610,15 +638,12 @@ class Trainer:
         for line in filter(None, warnings_):
             tqdm.write(line, file=sys.stderr)
         write_json(run.data_record, data_record(self.cfg.data, *sets))
-        write_json(run.data_check, check_records(*sets))
+        if check_records(*sets):  # image files only
+            write_json(run.data_check, check_records(*sets))
 
     def _close(self, final: dict) -> None:
         self.bar.close()
-        m, t = self.cfg.model, self.cfg.train
-        hparams = {"dataset": self.cfg.data.dataset, "n_levels": m.n_levels, "n_steps": m.n_steps,
-                   "hidden_channels": m.hidden_channels, "coupling": m.coupling, "lr": t.lr,
-                   "batch_size": t.batch_size * t.grad_accum_steps}
-        self.logger.close(hparams, {"hparam/test_bpd": final["bpd"]} if final else None)
+        self.logger.close(self.cfg, self.state.best_test_bpd, self.state.step)
 
 
 class _Throughput:
