@@ -476,7 +476,8 @@ def validate(cfg: Config) -> None:
         _require(getattr(train, key) >= 0, f"train.{key}", getattr(train, key), "use a value >= 0 (0 = off)")
     _require(0 <= train.min_lr_ratio <= 1, "train.min_lr_ratio", train.min_lr_ratio, "use a fraction from 0 to 1")
     _require(0 <= train.ema_decay < 1, "train.ema_decay", train.ema_decay, "use a decay in [0, 1) (0 = off)")
-    _require((duration_seconds(train.max_time) or 1) > 0, "train.max_time", train.max_time,
+    max_time = duration_seconds(train.max_time)
+    _require(max_time is None or max_time > 0, "train.max_time", train.max_time,
              "use a positive duration like 3h50m ('' = no limit)")
     temps = train.sample_temperatures
     _require(len(temps) >= 1 and all(t >= 0 for t in temps), "train.sample_temperatures", temps,

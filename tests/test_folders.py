@@ -106,3 +106,50 @@ def test_a_data_root_that_is_a_file_says_so(tmp_path):
 def test_conversions_name_what_happens_to_each_mode(mode, channels, expected):
     assert folders.conversions(mode, 8, 8, channels, 8, None) == expected
     assert folders.conversions(mode, 10, 8, channels, 4, None) == [*expected, "centre-cropped", "resized"]
+
+
+def make_classes(root: Path, names=("birds", "cats", "dogs"), per_class: int = 8) -> None:
+    for k, name in enumerate(names):
+        rng = np.random.default_rng(k)
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+
+
+def test_subfolder_labels_are_the_sorted_first_level_folders_in_both_splits(tmp_path):
+    from glowtrain.config import DataConfig
+    from glowtrain.data import build_dataset
+
+    make_classes(tmp_path / "images")
+    (tmp_path / "images" / "cats" / "deeper").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "cats" / "deeper" / "x.png")  # still a cat
+    cfg = DataConfig(dataset="folder", root=str(tmp_path / "images"), image_size=8, channels=3, labels="subfolders")
+    for split in ("train", "test"):
+        ds = build_dataset(cfg, split)
+        assert ds.n_classes == 3 and ds.class_names == ["birds", "cats", "dogs"]
+        for index, path in enumerate(ds.paths):
+            folder = Path(path).relative_to(tmp_path / "images").parts[0]
+            assert ds[index][1] == ds.class_names.index(folder)
+
+
+def test_subfolder_labels_train_a_class_conditional_model_and_refuse_loose_files(tmp_path):
+    make_classes(tmp_path / "images")
+    labelled = ["data.labels=subfolders", "model.n_classes=3"]
+    result = fit(tmp_path / "images", tmp_path / "run", *labelled)
+    assert result.exit_code == 0, result.output
+    assert "3 classes" in next(line for line in result.stdout.splitlines() if line.startswith("data: "))
+    records = [json.loads(line) for line in RunDir(tmp_path / "run").metrics.read_text().splitlines()]
+    assert any(r["split"] == "test" and "accuracy" in r for r in records)
+    wrong = fit(tmp_path / "images", tmp_path / "run2", "data.labels=subfolders")
+    assert_one_line_error(wrong, 2, "found 3 class folders", "set model.n_classes=3")
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "loose.png")
+    loose = fit(tmp_path / "images", tmp_path / "run3", *labelled)
+    assert_one_line_error(loose, 2, "first-level subfolder", str(tmp_path / "images" / "loose.png"))
+
+
+def test_subfolder_labels_are_only_for_folders():
+    from glowtrain.config import load_config
+    from glowtrain.errors import UserError
+
+    with pytest.raises(UserError, match="data.labels"):
+        load_config(None, ["data.labels=subfolders"])
