@@ -8,7 +8,6 @@ import pytest
 from helpers import TINY_RUN, assert_one_line_error, invoke, sets
 from PIL import Image
 
-from glowtrain import folders
 from glowtrain.runs import RunDir
 
 FOLDER_RUN = [*TINY_RUN, "data.dataset=folder", "data.image_size=8", "data.channels=3", "train.batch_size=4",
@@ -67,6 +66,8 @@ def test_resume_reads_no_image_file_again_for_the_check(tmp_path, monkeypatch):
     assert fit(tmp_path / "images", tmp_path / "run").exit_code == 0
     checked = json.loads(RunDir(tmp_path / "run").data_check.read_text())
     assert len(checked) == 16
+    from glowtrain import folders
+
     opened = []
     original = folders._header
     monkeypatch.setattr(folders, "_header", lambda path: opened.append(path) or original(path))
@@ -104,6 +105,8 @@ def test_a_data_root_that_is_a_file_says_so(tmp_path):
     ("P", 3, ["palette→RGB"]), ("RGB", 3, []),
 ])
 def test_conversions_name_what_happens_to_each_mode(mode, channels, expected):
+    from glowtrain import folders
+
     assert folders.conversions(mode, 8, 8, channels, 8, None) == expected
     assert folders.conversions(mode, 10, 8, channels, 4, None) == [*expected, "centre-cropped", "resized"]
 
