@@ -130,6 +130,10 @@ class ImageFiles(Dataset):
         self.n_classes = n_classes
         self.report = SplitReport()
 
+    def __getstate__(self) -> dict:
+        # DataLoader workers started by spawn get a pickled copy: they need the files, not the check's records.
+        return {**self.__dict__, "report": SplitReport()}
+
     def __len__(self) -> int:
         return len(self.paths)
 

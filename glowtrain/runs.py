@@ -101,11 +101,10 @@ def metrics_summary(run: RunDir) -> dict:
 
 
 def training_state(path: str | Path, step: int, steps: int) -> dict:
-    """What `info --run` says about a run's training: the step reached and its test bits/dim."""
+    """What `info --run` says about a run's training: the step reached and its test bits/dim (None: no
+    evaluation yet)."""
     summary = metrics_summary(RunDir(Path(path)))
-    fmt = {k: "none yet" if v is None else round(v, 4) for k, v in summary.items()}
-    return {"step": f"{step:,} of {steps:,}", "best_test_bpd": fmt["best_test_bpd"],
-            "last_test_bpd": fmt["last_test_bpd"]}
+    return {"step": step, "steps": steps, **{k: None if v is None else round(v, 4) for k, v in summary.items()}}
 
 
 def list_runs(runs_root: Path = RUNS_ROOT) -> list[dict]:

@@ -304,7 +304,7 @@ def test_sample_several_classes_fill_rows_of_equal_length(conditional, tmp_path)
 def test_eval_prints_the_training_loops_final_test_bpd_for_the_same_checkpoint(fitted):
     _, run_dir = fitted
     result = json_output(invoke("eval", "--run", run_dir, *CPU))
-    assert set(result) == {"bpd", "bpd_stderr", "n_images", "n_dequant", "split", "step", "checkpoint"}
+    assert set(result) == {"bpd", "bpd_stderr", "n_images", "n_dequant", "split", "step", "checkpoint", "ema"}
     final = final_test_line(run_dir)
     assert final["step"] == result["step"] == 4
     assert result["bpd"] == pytest.approx(final["bpd"], abs=1e-9)
