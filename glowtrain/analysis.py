@@ -38,7 +38,7 @@ def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.de
         cfg = replace(cfg, train=replace(cfg.train, eval_batch_size=batch_size))
     run = RunDir(loaded.run_dir) if loaded.run_dir else None
     dataset = _run_dataset(loaded, split, cfg)
-    changed = data_changed_warning(read_json(run.data_record), split, dataset) if run else None
+    changed = data_changed_warning(read_json(run.data_record), split, dataset) if run and run.config.is_file() else None
     draws = [evaluate(loaded.model, dataset, cfg, device, seed=EVAL_NOISE_SEED + s) for s in range(n_dequant)]
     result = {
         "bpd": sum(d["bpd"] for d in draws) / n_dequant,

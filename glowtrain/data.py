@@ -189,6 +189,7 @@ def _build_uncached(data_cfg, split: str, checked: dict | None = None) -> Datase
     labels, class_names = _subfolder_labels(base, paths) if data_cfg.labels == "subfolders" else (None, [])
     chosen = split_paths(paths, base, data_cfg.test_fraction, data_cfg.split_seed, split)
     dataset = _checked_files(data_cfg, base, chosen, None, checked)
+    dataset.split_scheme = SPLIT_SCHEME
     if labels is not None:
         dataset.labels, dataset.n_classes = [labels[p] for p in dataset.paths], len(class_names)
         dataset.class_names = class_names
@@ -450,18 +451,21 @@ def skipped_warning(train, test, limit: int = 3) -> str | None:
 
 def data_record(data_cfg: DataConfig, train, test) -> dict:
     """What a run records about its data (data.json), to tell later whether the files changed."""
-    return {"dataset": data_cfg.dataset, "split_scheme": SPLIT_SCHEME,
+    return {"dataset": data_cfg.dataset, "split_scheme": getattr(train, "split_scheme", None),
             "fingerprints": {"train": train.report.fingerprint, "test": test.report.fingerprint},
             "skipped": [path for path, _ in train.report.skipped + test.report.skipped]}
 
 
 def data_changed_warning(recorded: dict | None, split: str, dataset) -> str | None:
-    """A warning when a split's files differ from those a run recorded (None when they match or nothing was)."""
-    before = (recorded or {}).get("fingerprints", {}).get(split)
-    now = dataset.report.fingerprint
-    if not before or not now:
-        return None
-    if recorded.get("split_scheme", SPLIT_SCHEME) == SPLIT_SCHEME and not fingerprint_differs(before, now):
+    """A warning when a split's files differ from those a run recorded (None when they match). `recorded` is
+    the run's data.json; None for a run made before runs recorded their data."""
+    if recorded is None:
+        if getattr(dataset, "split_scheme", None) is None:
+            return None
+        return ("warning: this run recorded no data fingerprint (it predates them) and folder splits are now "
+                "chosen by a hash of each file's path: its train/test split may differ from the one it started with")
+    before, now = recorded.get("fingerprints", {}).get(split), dataset.report.fingerprint
+    if not before or not now or not fingerprint_differs(before, now):
         return None
     return (f"warning: the {split} images differ from those this run recorded ({before['n_images']:,} files "
             f"then, {now['n_images']:,} now, or other names or sizes): its {split} numbers are not "

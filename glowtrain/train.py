@@ -632,9 +632,10 @@ class Trainer:
         sets, run = (self.train_set, self.test_set), self.run_dir
         if not all(hasattr(d, "report") for d in sets):  # datasets handed in from Python
             return
-        recorded = read_json(run.data_record) if self.resumed else None
+        recorded = read_json(run.data_record)
         tqdm.write(data_summary(self.cfg.data, *sets))
-        warnings_ = [skipped_warning(*sets), *(data_changed_warning(recorded, s, d) for s, d in zip(SPLITS, sets))]
+        changed = [data_changed_warning(recorded, s, d) for s, d in zip(SPLITS, sets)] if self.resumed else []
+        warnings_ = [skipped_warning(*sets), *dict.fromkeys(changed)]  # the same line once, not per split
         for line in filter(None, warnings_):
             tqdm.write(line, file=sys.stderr)
         write_json(run.data_record, data_record(self.cfg.data, *sets))

@@ -156,3 +156,16 @@ def test_subfolder_labels_are_only_for_folders():
 
     with pytest.raises(UserError, match="data.labels"):
         load_config(None, ["data.labels=subfolders"])
+
+
+def test_a_folder_run_from_before_data_records_is_warned_that_its_split_may_differ(tmp_path):
+    make_images(tmp_path / "images", 16)
+    run = tmp_path / "run"
+    assert fit(tmp_path / "images", run).exit_code == 0
+    RunDir(run).data_record.unlink()  # as a run made before this version
+    evaluated = invoke("eval", "--run", run, "--device", "cpu")
+    assert evaluated.exit_code == 0 and "recorded no data fingerprint" in evaluated.stderr
+    resumed = fit(tmp_path / "images", run, "train.steps=6", resume=True)
+    assert resumed.exit_code == 0 and resumed.stderr.count("recorded no data fingerprint") == 1
+    again = invoke("eval", "--run", run, "--device", "cpu")
+    assert "warning" not in again.stderr  # the resumed run recorded its data
