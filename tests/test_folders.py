@@ -37,7 +37,9 @@ def fit(root: Path, out: Path, *extra: str, resume: bool = False):
 def test_a_corrupt_image_stops_fit_before_training_with_one_line_and_no_run_written(tmp_path):
     paths = make_images(tmp_path / "images", 16)
     truncate(paths[5])
-    result = fit(tmp_path / "images", tmp_path / "run")
+    # A one-image init batch that misses the broken file: a loader that reads files only when a batch needs
+    # them gets past the start and writes the run before failing.
+    result = fit(tmp_path / "images", tmp_path / "run", "train.init_batch_size=1")
     assert_one_line_error(result, 2, f"cannot read image {paths[5]}", "data.on_bad_image: skip")
     assert not (tmp_path / "run").exists()
 
