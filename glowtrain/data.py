@@ -35,6 +35,7 @@ from glowtrain.folders import (
     split_paths,
     unreadable_error,
 )
+from glowtrain.runs import RunDir, read_json, write_json
 
 if TYPE_CHECKING:
     from glowtrain.config import DataConfig
@@ -470,6 +471,18 @@ def data_changed_warning(recorded: dict | None, split: str, dataset) -> str | No
     return (f"warning: the {split} images differ from those this run recorded ({before['n_images']:,} files "
             f"then, {now['n_images']:,} now, or other names or sizes): its {split} numbers are not "
             "comparable with earlier ones")
+
+
+def record_run_data(run: RunDir, data_cfg: DataConfig, train, test, resumed: bool) -> tuple[str, list[str]]:
+    """Keep the data's record and check results in the run; return the start's data line and its warnings
+    (files skipped; on resume, files that differ from those the run recorded)."""
+    recorded = read_json(run.data_record)
+    changed = [data_changed_warning(recorded, s, d) for s, d in zip(SPLITS, (train, test))] if resumed else []
+    warnings = [w for w in dict.fromkeys([skipped_warning(train, test), *changed]) if w]  # each line once
+    write_json(run.data_record, data_record(data_cfg, train, test))
+    if check_records(train, test):  # image files only
+        write_json(run.data_check, check_records(train, test))
+    return data_summary(data_cfg, train, test), warnings
 
 
 def check_records(train, test) -> dict:

@@ -19,31 +19,13 @@ from tqdm import tqdm
 from glowtrain import precision
 from glowtrain.checkpoint import (
     checkpoint_state,
-    config_of,
     load_checkpoint,
     load_state_checked,
+    resume_config,
     save_checkpoint,
 )
-from glowtrain.config import (
-    Config,
-    apply_overrides,
-    check_resume_config,
-    config_to_dict,
-    derived_seed,
-    load_config,
-    save_config,
-)
-from glowtrain.data import (
-    SPLITS,
-    build_dataset,
-    check_class_count,
-    check_records,
-    data_changed_warning,
-    data_record,
-    data_summary,
-    make_train_batches,
-    skipped_warning,
-)
+from glowtrain.config import Config, config_to_dict, derived_seed, load_config, save_config
+from glowtrain.data import build_dataset, check_class_count, make_train_batches, record_run_data
 from glowtrain.distributed import Context, broadcast_state, identical_across_ranks, setup, teardown
 from glowtrain.errors import UserError
 from glowtrain.evaluation import evaluate
@@ -52,15 +34,7 @@ from glowtrain.logs import NullLogger, RunLogger
 from glowtrain.losses import dequantize
 from glowtrain.model import Glow
 from glowtrain.objective import Objective, batch_noise
-from glowtrain.runs import (
-    RunDir,
-    checkpoint_to_resume,
-    prepare_run_dir,
-    read_json,
-    resume_message,
-    run_dir_for,
-    write_json,
-)
+from glowtrain.runs import RunDir, checkpoint_to_resume, prepare_run_dir, read_json, resume_message, run_dir_for
 
 
 class Interrupted(Exception):
@@ -629,18 +603,12 @@ class Trainer:
 
     def _record_data(self) -> None:
         """Say what the run trains on, warn about skipped or changed files, and keep the data's record."""
-        sets, run = (self.train_set, self.test_set), self.run_dir
-        if not all(hasattr(d, "report") for d in sets):  # datasets handed in from Python
+        if not all(hasattr(d, "report") for d in (self.train_set, self.test_set)):  # datasets handed in from Python
             return
-        recorded = read_json(run.data_record)
-        tqdm.write(data_summary(self.cfg.data, *sets))
-        changed = [data_changed_warning(recorded, s, d) for s, d in zip(SPLITS, sets)] if self.resumed else []
-        warnings_ = [skipped_warning(*sets), *dict.fromkeys(changed)]  # the same line once, not per split
-        for line in filter(None, warnings_):
-            tqdm.write(line, file=sys.stderr)
-        write_json(run.data_record, data_record(self.cfg.data, *sets))
-        if check_records(*sets):  # image files only
-            write_json(run.data_check, check_records(*sets))
+        line, warnings_ = record_run_data(self.run_dir, self.cfg.data, self.train_set, self.test_set, self.resumed)
+        tqdm.write(line)
+        for warning in warnings_:
+            tqdm.write(warning, file=sys.stderr)
 
     def _close(self, final: dict) -> None:
         self.bar.close()
@@ -704,7 +672,4 @@ def fit_config(config_path: str | None, overrides: list[str], out: str | None, r
         return load_config(config_path, overrides)
     run = run_dir_for(out, load_config(config_path, overrides).run.name, resume)
     checkpoint = checkpoint_to_resume(resume, run)
-    saved = config_of(load_checkpoint(checkpoint), str(checkpoint))
-    cfg = load_config(config_path, overrides) if config_path is not None else apply_overrides(saved, overrides)
-    check_resume_config(saved, cfg)  # data.* and model.* stay as trained: one run models one thing
-    return cfg
+    return resume_config(checkpoint, config_path, overrides)  # data.* and model.* stay as trained
