@@ -68,7 +68,8 @@ def fingerprint(paths: list[str], base: Path) -> dict:
     """The number of files and a digest of their relative names and sizes: changes when the data does."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(f"{relative(path, base)}\t{os.path.getsize(path)}\n".encode())
+        size = os.path.getsize(path) if os.path.exists(path) else -1  # -1: gone since the folder was listed
+        digest.update(f"{relative(path, base)}\t{size}\n".encode())
     return {"n_images": len(paths), "digest": digest.hexdigest()[:16]}
 
 
@@ -90,7 +91,10 @@ class Checked:
 
 
 def _header(path: str) -> list:
-    stat = os.stat(path)
+    try:
+        stat = os.stat(path)
+    except OSError as e:  # gone or unreadable since the folder was listed
+        return [0, 0, None, 0, 0, e.strerror or type(e).__name__]
     try:
         with Image.open(path) as img:
             return [stat.st_size, stat.st_mtime_ns, img.mode, img.width, img.height, None]
@@ -110,7 +114,10 @@ def _decoded(path: str, record: list) -> list:
 def _is_current(record, path: str) -> bool:
     if not isinstance(record, list) or len(record) != 6:
         return False
-    stat = os.stat(path)
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return False
     return record[0] == stat.st_size and record[1] == stat.st_mtime_ns
 
 
@@ -149,6 +156,8 @@ def conversions(mode: str, width: int, height: int, channels: int, image_size: i
         done.append("alpha dropped")
     if mode in ("P", "PA") and channels == 3:
         done.append("palette→RGB")
+    if mode == "CMYK" and channels == 3:
+        done.append("CMYK→RGB")
     side = min(width, height) if crop is None else min(crop, width, height)
     if (width, height) != (side, side):
         done.append("centre-cropped")

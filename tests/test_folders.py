@@ -171,3 +171,13 @@ def test_a_folder_run_from_before_data_records_is_warned_that_its_split_may_diff
     assert resumed.exit_code == 0 and resumed.stderr.count("recorded no data fingerprint") == 1
     again = invoke("eval", "--run", run, "--device", "cpu")
     assert "warning" not in again.stderr  # the resumed run recorded its data
+
+
+def test_a_file_that_vanishes_between_listing_and_checking_is_an_unreadable_file_not_a_crash(tmp_path):
+    from glowtrain import folders
+
+    paths = [str(p) for p in make_images(tmp_path, 3)]
+    Path(paths[1]).unlink()
+    checked = folders.check_images(paths, tmp_path, 3, 8, None)
+    assert checked.good == [paths[0], paths[2]] and [p for p, _ in checked.bad] == [paths[1]]
+    assert folders.conversions("CMYK", 8, 8, 3, 8, None) == ["CMYK→RGB"]
