@@ -12,13 +12,14 @@ from torch import nn
 
 from glowtrain.checkpoint import LoadedRun
 from glowtrain.config import Config, config_to_yaml
-from glowtrain.data import build_dataset
+from glowtrain.data import build_dataset, data_changed_warning
 from glowtrain.errors import UserError
 from glowtrain.evaluation import EVAL_NOISE_SEED, evaluate
 from glowtrain.images import check_tensorboard, display_upscale, image_grid, save_png, write_to_tensorboard
 from glowtrain.losses import dequantize, to_uint8
 from glowtrain.model import Glow
 from glowtrain.precision import full_float32
+from glowtrain.runs import RunDir, read_json
 
 PIXEL_LEVELS = 256  # "pixel units": one step of the 8-bit 0..255 scale; x spans [-0.5, 0.5)
 
@@ -35,7 +36,9 @@ def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.de
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         cfg = replace(cfg, train=replace(cfg.train, eval_batch_size=batch_size))
-    dataset = build_dataset(cfg.data, split)
+    run = RunDir(loaded.run_dir) if loaded.run_dir else None
+    dataset = _run_dataset(loaded, split, cfg)
+    changed = data_changed_warning(read_json(run.data_record), split, dataset) if run and run.config.is_file() else None
     draws = [evaluate(loaded.model, dataset, cfg, device, seed=EVAL_NOISE_SEED + s) for s in range(n_dequant)]
     result = {
         "bpd": sum(d["bpd"] for d in draws) / n_dequant,
@@ -46,15 +49,24 @@ def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.de
         "split": split,
         "step": loaded.step,
         "checkpoint": str(loaded.checkpoint),
+        "ema": loaded.used_ema,
     }
     if "accuracy" in draws[0]:
         result["accuracy"] = sum(d["accuracy"] for d in draws) / n_dequant
+    if changed:
+        result["warning"] = changed  # the CLI prints it as a line of its own
     return result
 
 
-def _test_images(cfg: Config, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _run_dataset(loaded: LoadedRun, split: str, cfg: Config | None = None):
+    """A split of the run's data; image files the run already checked are not read again for the check."""
+    run = RunDir(loaded.run_dir) if loaded.run_dir else None
+    return build_dataset((cfg or loaded.cfg).data, split, read_json(run.data_check) if run else None)
+
+
+def _test_images(cfg: Config, n: int, device: torch.device, loaded: LoadedRun | None = None):
     """The first n test images at bin centres (no noise), with labels."""
-    dataset = build_dataset(cfg.data, "test")
+    dataset = _run_dataset(loaded, "test", cfg) if loaded else build_dataset(cfg.data, "test")
     if n > len(dataset):
         raise UserError(f"asked for {n} test images but the test split has {len(dataset)}")
     items = [dataset[i] for i in range(n)]
@@ -72,7 +84,7 @@ def reconstruct_command(loaded: LoadedRun, n: int, device: torch.device, out: st
         raise UserError(f"--n must be at least 1, got {n}")
     check_tensorboard(loaded.run_dir, tensorboard)
     cfg, model = loaded.cfg, loaded.model
-    x, _ = _test_images(cfg, n, device)
+    x, _ = _test_images(cfg, n, device, loaded)
     zs, _ = model.encode(x)
     error = (model.decode(zs) - x).abs() * PIXEL_LEVELS
     pairs = torch.cat([to_uint8(x, cfg.data.n_bits), to_uint8(model.decode(zs), cfg.data.n_bits)])
@@ -94,7 +106,7 @@ def interpolate_command(loaded: LoadedRun, n_pairs: int, n_steps: int, device: t
         raise UserError(f"need --pairs >= 1 and --steps >= 2, got {n_pairs} and {n_steps}")
     check_tensorboard(loaded.run_dir, tensorboard)
     cfg, model = loaded.cfg, loaded.model
-    x, _ = _test_images(cfg, 2 * n_pairs, device)
+    x, _ = _test_images(cfg, 2 * n_pairs, device, loaded)
     zs, _ = model.encode(x)
     weights = torch.linspace(0, 1, n_steps, device=device, dtype=x.dtype)
     rows = []
@@ -162,7 +174,7 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
     if n < 1 or not alphas:
         raise UserError(f"need --n >= 1 and at least one value in --alphas, got --n {n} and {len(alphas)} alphas")
     check_tensorboard(loaded.run_dir, tensorboard)
-    train_set = build_dataset(cfg.data, "train")
+    train_set = _run_dataset(loaded, "train")
     if attribute is not None:
         if not hasattr(train_set, "paths"):
             raise UserError(f"--attribute needs a dataset of image files (celeba), not {cfg.data.dataset}")
@@ -187,7 +199,7 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
         raise UserError(f"no training images on one side of {label}: cannot estimate a direction")
     direction = (_mean_latent(model, train_set, with_[:max_per_group], cfg, device)
                  - _mean_latent(model, train_set, without[:max_per_group], cfg, device))
-    x, _ = _test_images(cfg, n, device)
+    x, _ = _test_images(cfg, n, device, loaded)
     flat = _flat_latents(model, x)
     rows = []
     for i in range(n):

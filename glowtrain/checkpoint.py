@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from glowtrain import __version__
-from glowtrain.config import Config, config_from_dict
+from glowtrain.config import Config, apply_overrides, check_resume_config, config_from_dict, load_config
 from glowtrain.errors import UserError
 from glowtrain.files import atomic_write
 from glowtrain.model import Glow
@@ -54,6 +54,15 @@ def _weights_only_refusal(message: str) -> str:
 
 def config_of(state: dict[str, Any], source: str = "checkpoint") -> Config:
     return config_from_dict(state["config"], source=source)
+
+
+def resume_config(checkpoint: Path, config_path: str | None, overrides: list[str]) -> Config:
+    """The config a resumed run continues with: the stored one (or --config) plus overrides, refused when it
+    changes what the run models (data.*, model.*)."""
+    saved = config_of(load_checkpoint(checkpoint), str(checkpoint))
+    cfg = load_config(config_path, overrides) if config_path is not None else apply_overrides(saved, overrides)
+    check_resume_config(saved, cfg)
+    return cfg
 
 
 def load_state_checked(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -113,6 +122,7 @@ class LoadedRun:
     step: int
     checkpoint: Path
     run_dir: Path | None  # None for a checkpoint file outside a run directory
+    used_ema: bool = False  # whether `model` holds the EMA weights (a run without EMA has only the raw ones)
 
 
 def open_run(run: str | None, checkpoint: str | None, device: torch.device | str = "cpu",
@@ -122,4 +132,5 @@ def open_run(run: str | None, checkpoint: str | None, device: torch.device | str
     state = load_checkpoint(path, map_location="cpu")
     model, cfg = model_from_checkpoint(state, use_ema=use_ema, source=str(path))
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-    return LoadedRun(model.to(device), cfg, int(state.get("step", 0)), path, run_dir)
+    used_ema = use_ema and state.get("ema") is not None
+    return LoadedRun(model.to(device), cfg, int(state.get("step", 0)), path, run_dir, used_ema)

@@ -7,6 +7,7 @@ import os
 import shlex
 import sys
 import traceback
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -120,6 +121,9 @@ def fit(
     if result.rank != 0:
         return
     run_dir = result.run_dir
+    if result.timed_out:
+        typer.echo(f"stopped at step {result.step} of {cfg.train.steps}: train.max_time ({cfg.train.max_time}) is used "
+                   f"up; checkpoint saved. Continue with: glowtrain fit --resume auto --out {shlex.quote(run_dir)}")
     if "bpd" in result.test:
         typer.echo(f"test bpd {result.test['bpd']:.4f} at step {result.step}")
     typer.echo(f"run directory:  {run_dir}")
@@ -132,9 +136,10 @@ RunOption = Annotated[Optional[str], typer.Option("--run", help="Run directory; 
 CheckpointOption = Annotated[Optional[str], typer.Option("--checkpoint", help="A checkpoint file instead of a run.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same output.")]
-NoEmaOption = Annotated[bool, typer.Option("--no-ema", help="Use the raw weights instead of the EMA.")]
+NoEmaOption = Annotated[bool, typer.Option("--no-ema", metavar="", help="Use the raw weights instead of the EMA.")]
 OutOption = Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder; default <run>/samples.")]
-TensorboardOption = Annotated[bool, typer.Option("--tensorboard", help="Also add the images to the run's TensorBoard.")]
+TensorboardOption = Annotated[bool, typer.Option("--tensorboard", metavar="",
+                                                 help="Also add the images to the run's TensorBoard.")]
 
 
 def _open(run, checkpoint, device: str, seed: int, no_ema: bool):
@@ -159,14 +164,21 @@ def _print_json(result: dict) -> None:
 def sample(
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
-    temp: Annotated[Optional[list[float]], typer.Option(
-        "--temp", "-t", help="Temperature (repeatable); default 0.7.")] = None,
+    temp: Annotated[Optional[list[str]], typer.Option(
+        "--temp", "-t", metavar="T[,T...]",
+        help="Temperature(s): repeatable or comma-separated (--temp 0.5,0.7); default 0.7.")] = None,
     n: Annotated[int, typer.Option("--n", help="Images per temperature.")] = 64,
     class_: Annotated[Optional[list[int]], typer.Option(
         "--class", help="Class label(s) for a class-conditional model (repeatable).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images generated at once (bounds memory).")] = 256,
-    grid: Annotated[bool, typer.Option("--grid", help="One figure, a labelled row block per temperature.")] = False,
-    individual: Annotated[bool, typer.Option("--individual", help="Also write each image as its own PNG.")] = False,
+    grid: Annotated[bool, typer.Option(
+        "--grid", metavar="", help="One figure, a labelled row block per temperature.")] = False,
+    no_grid: Annotated[bool, typer.Option(
+        "--no-grid", metavar="", help="No grid at all (with --individual); grids show at most 1,024 images.")] = False,
+    individual: Annotated[bool, typer.Option(
+        "--individual", metavar="", help="Also write each image as its own PNG, at the model's resolution.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", metavar="", help="Replace files of an earlier identical call instead of refusing.")] = False,
     out: OutOption = None,
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
@@ -177,10 +189,21 @@ def sample(
     from glowtrain.distributed import resolve_device
     from glowtrain.sample import sample_command
 
-    paths = sample_command(run, checkpoint, temp or [0.7], n, seed, out, resolve_device(device, "--device"), not no_ema,
-                           class_, batch_size, grid, individual, tensorboard)
+    temperatures = _numbers(temp or ["0.7"], "--temp", "0.5,0.7")
+    paths = sample_command(run, checkpoint, temperatures, n, seed, out, resolve_device(device, "--device"), not no_ema,
+                           class_, batch_size, grid, individual, tensorboard, no_grid, overwrite,
+                           say=lambda line: typer.echo(line, err=True))
     for path in paths:
         typer.echo(str(path))
+
+
+def _numbers(values: list[str], option: str, example: str) -> list[float]:
+    """Numbers given as a repeated option, a comma-separated list, or both."""
+    try:
+        return [float(part) for value in values for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{option} takes numbers, repeated or comma-separated like {example}, "
+                        f"got {' '.join(values)!r}") from None
 
 
 @app.command("eval")
@@ -200,7 +223,11 @@ def eval_(
     from glowtrain.analysis import eval_command
 
     loaded, resolved = _open(run, checkpoint, device, seed, no_ema)
-    _print_json(eval_command(loaded, split, n_dequant, resolved, batch_size))
+    result = eval_command(loaded, split, n_dequant, resolved, batch_size)
+    warning = result.pop("warning", None)
+    if warning:
+        typer.echo(warning, err=True)
+    _print_json(result)
 
 
 @app.command()
@@ -250,8 +277,9 @@ def manipulate(
     attribute: Annotated[Optional[str], typer.Option("--attribute", help="CelebA attribute, e.g. Smiling.")] = None,
     from_class: Annotated[Optional[int], typer.Option("--from-class", help="Class to move away from.")] = None,
     to_class: Annotated[Optional[int], typer.Option("--to-class", help="Class to move towards.")] = None,
-    alphas: Annotated[str, typer.Option(
-        "--alphas", help="Comma-separated step sizes along the direction.")] = "-1,0,1,2",
+    alphas: Annotated[Optional[list[str]], typer.Option(
+        "--alphas", metavar="A[,A...]",
+        help="Step sizes along the direction: comma-separated or repeated; default -1,0,1,2.")] = None,
     n: Annotated[int, typer.Option("--n", help="Test images to manipulate, one row each.")] = 8,
     out: OutOption = None,
     device: DeviceOption = "auto",
@@ -262,10 +290,7 @@ def manipulate(
     """Move test images along an attribute or class direction in latent space (the Glow paper's Fig. 5)."""
     from glowtrain.analysis import manipulate_command
 
-    try:
-        alpha_values = [float(a) for a in alphas.split(",") if a.strip()]
-    except ValueError:
-        raise UserError(f"--alphas must be comma-separated numbers like -1,0,1,2, got {alphas!r}") from None
+    alpha_values = _numbers(alphas or ["-1,0,1,2"], "--alphas", "-1,0,1,2")
     loaded, resolved = _open(run, checkpoint, device, seed, no_ema)
     _print_json(manipulate_command(loaded, resolved, out, alpha_values, n, attribute, from_class, to_class,
                                    tensorboard=tensorboard))
@@ -326,9 +351,15 @@ def info(
 
     if run and config:
         raise UserError("give either --run or --config, not both")
+    if run and set_:
+        # A trained run is described as it was trained; an override would describe another model.
+        raise UserError(f"--set does not apply to --run (the run is described as trained); for a changed config "
+                        f"use: glowtrain info --config {shlex.quote(str(Path(run) / 'config.yaml'))} --set ...")
     if run:
+        from glowtrain.runs import training_state
+
         loaded, _ = _open(run, None, "cpu", 0, True)
-        summary = info_summary(loaded.cfg, loaded.model)
+        summary = {**training_state(run, loaded.step, loaded.cfg.train.steps), **info_summary(loaded.cfg, loaded.model)}
     else:
         summary = info_summary(load_config(config, set_ or []))
     config_text = summary.pop("config")
@@ -344,7 +375,9 @@ def prepare(
     config: Annotated[Optional[str], typer.Option(
         "--config", "-c", help="YAML config whose data section to cache.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key (repeatable).")] = None,
-    out: Annotated[str, typer.Option("--out", "-o", help="Cache directory to write.")] = "",
+    out: Annotated[str, typer.Option(
+        "--out", "-o", help="Cache directory to write; default <data.root>/glowtrain-cache-<dataset>-<size>px, "
+                            "inside the image folder.")] = "",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
     """Decode a dataset once into a uint8 cache at the training resolution; train from it with data.cache."""
@@ -356,8 +389,27 @@ def prepare(
         raise UserError("data.cache is set: prepare reads the images themselves — remove data.cache for this command")
     target = out or f"{cfg.data.root}/glowtrain-cache-{cfg.data.dataset}-{cfg.data.image_size}px"
     index = prepare_cache(cfg.data, target, progress=progress)
+    typer.echo(index["summary"])
+    if index["warning"]:
+        typer.echo(index["warning"], err=True)
     typer.echo(f"cached {index['splits']['train']} train and {index['splits']['test']} test images in {target}")
     typer.echo(f"train from it with: --set data.cache={target}")
+
+
+@app.command("runs")
+@_errors_to_exit_codes
+def runs_(
+    root: Annotated[str, typer.Option("--root", help="Folder holding the runs.")] = "runs",
+) -> None:
+    """List the runs under runs/: step reached, best test bits/dim and status."""
+    from glowtrain.runs import format_runs, list_runs
+
+    rows = list_runs(Path(root))
+    if not rows:
+        typer.echo(f"no runs under {Path(root).absolute()}/ — train one with 'glowtrain fit'")
+        return
+    for line in format_runs(rows):
+        typer.echo(line)
 
 
 def main() -> None:

@@ -58,7 +58,10 @@ class DataConfig:
     test_fraction: float = _opt(0.1, "folder/celeba-folder: share held out for test (0 < f < 1)")
     split_seed: int = _opt(0, "fixes the folder train/test split")
     n_workers: int = _opt(0, "DataLoader worker processes (0 = load in the main process)")
-    on_bad_image: Literal["skip", "error"] = _opt("error", "what to do with an unreadable image in a folder")
+    on_bad_image: Literal["skip", "error"] = _opt("error", "an unreadable image in a folder: stop before training, "
+                                                  "or skip (drop and count) it")
+    labels: Literal["none", "subfolders"] = _opt("none", "folder: class labels from each image's first-level "
+                                                 "subfolder (for model.n_classes)")
     cache: str = _opt("", "folder made by 'glowtrain prepare' to train from ('' = decode images)")
 
     @property
@@ -119,6 +122,13 @@ class TrainConfig:
         "default", "torch.compile mode: reduce-overhead adds CUDA graphs; max-autotune also searches kernels")
     memory_saving: bool = _opt(False, "constant-memory backprop: rebuild activations by inverting each flow step "
                                "(~1.3x step time)")
+    max_time: str = _opt("", "stop cleanly (checkpoint saved) after this wall-clock time, e.g. 3h50m, 90m, 45s "
+                         "('' = no limit)")
+
+    @property
+    def max_time_s(self) -> float | None:
+        """train.max_time in seconds (None: no limit)."""
+        return duration_seconds(self.max_time)
 
 
 @dataclass(frozen=True)
@@ -141,6 +151,22 @@ _FIELDS: dict[str, dataclasses.Field] = {
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what run.device and --device accept
 # PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string; float fields accept such text.
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def duration_seconds(text: str) -> float | None:
+    """'3h50m', '90m', '45s', '1.5h' -> seconds; '' -> None. Raises UserError for anything else."""
+    text = text.strip()
+    if not text:
+        return None
+    match = _DURATION.fullmatch(text)
+    if not match or not any(match.groups()):
+        raise UserError(f"train.max_time={text!r} is not a duration — use hours, minutes and seconds like 3h50m, "
+                        "90m or 45s ('' = no limit)")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
 
 
 def default_config() -> Config:
@@ -313,6 +339,30 @@ def _apply(cfg: Config, overrides: Sequence[str]) -> Config:
     return dataclasses.replace(cfg, **parts)
 
 
+# ---------------------------------------------------------------------------- resuming
+
+# What a resumed run may change besides run.* and train.*: where the files are and how they are read.
+# Every other data.* and model.* key changes what is modelled (or the architecture), so a run's
+# metrics and best checkpoint would mix two models.
+RESUME_SAFE_DATA_KEYS = ("data.root", "data.cache", "data.download", "data.n_workers")
+
+
+def resume_may_change(key: str) -> bool:
+    """Whether `key` may differ between a run's stored config and the config it resumes with."""
+    return key.split(".")[0] in ("run", "train") or key in RESUME_SAFE_DATA_KEYS
+
+
+def check_resume_config(saved: Config, new: Config) -> None:
+    """Refuse a resume whose config changes what is modelled: one line naming the first such key."""
+    before, after = config_to_dict(saved), config_to_dict(new)
+    for key in dotted_keys():
+        sec, leaf = key.split(".")
+        if before[sec][leaf] != after[sec][leaf] and not resume_may_change(key):
+            raise UserError(f"{key} cannot change when resuming (the run was trained with {before[sec][leaf]!r}, "
+                            f"not {after[sec][leaf]!r}): it changes what is modelled — start a new run with "
+                            "another --out or run.name")
+
+
 # ---------------------------------------------------------------------------- files
 
 
@@ -410,6 +460,8 @@ def validate(cfg: Config) -> None:
     _require(0 < data.test_fraction < 1, "data.test_fraction", data.test_fraction,
              "use a fraction strictly between 0 and 1")
     _require(data.n_workers >= 0, "data.n_workers", data.n_workers, "use 0 or more worker processes")
+    _require(data.labels == "none" or data.dataset == "folder", "data.labels", data.labels,
+             "subfolder labels are for data.dataset: folder; the other datasets bring their own labels")
 
     for key in ("n_levels", "n_steps", "hidden_channels"):
         _require(getattr(model, key) >= 1, f"model.{key}", getattr(model, key), "use an integer >= 1")
@@ -432,6 +484,9 @@ def validate(cfg: Config) -> None:
         _require(getattr(train, key) >= 0, f"train.{key}", getattr(train, key), "use a value >= 0 (0 = off)")
     _require(0 <= train.min_lr_ratio <= 1, "train.min_lr_ratio", train.min_lr_ratio, "use a fraction from 0 to 1")
     _require(0 <= train.ema_decay < 1, "train.ema_decay", train.ema_decay, "use a decay in [0, 1) (0 = off)")
+    max_time = duration_seconds(train.max_time)
+    _require(max_time is None or max_time > 0, "train.max_time", train.max_time,
+             "use a positive duration like 3h50m ('' = no limit)")
     temps = train.sample_temperatures
     _require(len(temps) >= 1 and all(t >= 0 for t in temps), "train.sample_temperatures", temps,
              "list at least one temperature, each >= 0")

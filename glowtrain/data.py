@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import shutil
 import signal
-import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,16 +24,28 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from glowtrain.config import CHANNEL_CHOICES, FIXED_CHANNELS, derived_seed
 from glowtrain.errors import UserError
+from glowtrain.folders import (
+    PIL_DECODE_ERRORS,
+    SPLIT_SCHEME,
+    check_images,
+    find_images,
+    fingerprint,
+    fingerprint_differs,
+    relative,
+    split_paths,
+    unreadable_error,
+)
+from glowtrain.runs import RunDir, read_json, write_json
 
 if TYPE_CHECKING:
     from glowtrain.config import DataConfig
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "celeba", "folder")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DIGITS_N_TRAIN = 1500
 DIGITS_SPLIT_SEED = 1234  # fixed so the digits test set never depends on run.seed
 CELEBA_CROP = 148  # centre crop of the 178x218 aligned faces, as in RealNVP and Glow
 CACHE_FORMAT = 1
+SPLITS = ("train", "test")
 
 # name -> (torchvision class, folder under root where its files must be, native side)
 _TORCHVISION = {
@@ -38,7 +53,6 @@ _TORCHVISION = {
     "fashion_mnist": ("FashionMNIST", "FashionMNIST/raw", 28),
     "cifar10": ("CIFAR10", "cifar-10-batches-py", 32),
 }
-_PIL_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 def image_shape(data_cfg: DataConfig) -> tuple[int, int, int]:
@@ -56,15 +70,29 @@ def image_shape(data_cfg: DataConfig) -> tuple[int, int, int]:
     return (int(channels), size, size)
 
 
-def n_classes(data_cfg: DataConfig) -> int:
-    """Number of class labels (0 when the dataset is unlabelled), without touching disk."""
-    return 0 if _check_name(data_cfg) in ("celeba", "folder") else 10
+def n_classes(data_cfg: DataConfig) -> int | None:
+    """Number of class labels (0 when the dataset is unlabelled), without touching disk; None when only the
+    files can tell (a folder labelled by its subfolders)."""
+    if _check_name(data_cfg) in ("celeba", "folder"):
+        return None if data_cfg.labels == "subfolders" else 0
+    return 10
 
 
 def _check_name(data_cfg: DataConfig) -> str:
     if data_cfg.dataset not in DATASETS:
         raise UserError(f"unknown data.dataset {data_cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
     return data_cfg.dataset
+
+
+@dataclass
+class SplitReport:
+    """What building a split found: its fingerprint, the files found and skipped, the conversions applied."""
+
+    fingerprint: dict = field(default_factory=dict)
+    n_found: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    conversions: Counter = field(default_factory=Counter)
+    check_records: dict = field(default_factory=dict)  # per file: what the check found (kept in the run)
 
 
 class TensorImages(Dataset):
@@ -77,6 +105,7 @@ class TensorImages(Dataset):
         self.labels = torch.full((len(images),), -1, dtype=torch.int64) if labels is None else labels.long()
         self.image_shape = tuple(images.shape[1:])
         self.n_classes = n_classes
+        self.report = SplitReport({"n_images": len(images), "digest": None}, len(images))
 
     def __len__(self) -> int:
         return len(self.images)
@@ -90,33 +119,32 @@ class TensorImages(Dataset):
 
 
 class ImageFiles(Dataset):
-    """Image files decoded lazily with PIL: centre-cropped, resized to a square, label -1."""
+    """Image files (checked when the split was built) decoded lazily with PIL: centre-cropped, resized to a
+    square; labels -1, or the class of each file's first-level subfolder."""
 
     def __init__(self, paths: list[str], image_size: int, channels: int, crop: int | None = None,
-                 on_bad_image: str = "error"):
+                 labels: list[int] | None = None, n_classes: int = 0):
         self.paths, self.image_size, self.channels = paths, image_size, channels
-        self.crop, self.on_bad_image = crop, on_bad_image  # crop None: the largest centred square
+        self.crop = crop  # None: the largest centred square
         self.image_shape = (channels, image_size, image_size)
-        self.n_classes = 0
-        self._bad: set[int] = set()  # per process; remembered so a bad file is warned about once
+        self.labels = labels if labels is not None else [-1] * len(paths)
+        self.n_classes = n_classes
+        self.report = SplitReport()
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers started by spawn get a pickled copy: they need the files, not the check's records.
+        return {**self.__dict__, "report": SplitReport()}
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        # A bad file is replaced by the next readable one, so batch shapes never change.
-        for j in (k % len(self.paths) for k in range(i, i + len(self.paths))):
-            if j in self._bad:
-                continue
-            try:
-                return self._decode(self.paths[j]), -1
-            except _PIL_DECODE_ERRORS as e:
-                if self.on_bad_image != "skip":
-                    raise UserError(f"cannot read image {self.paths[j]} ({e}); fix or remove it, "
-                                    "or set data.on_bad_image: skip") from None
-                self._bad.add(j)
-                warnings.warn(f"skipping unreadable image {self.paths[j]} ({e})", stacklevel=2)
-        raise UserError(f"none of the {len(self.paths)} images is readable; check the files under data.root")
+        try:
+            return self._decode(self.paths[i]), self.labels[i]
+        except PIL_DECODE_ERRORS as e:
+            # Every file was read when the split was built: this one changed since.
+            raise UserError(f"cannot read image {self.paths[i]} ({e}); it was readable when training started — "
+                            "fix or restore it and resume") from None
 
     def _decode(self, path: str) -> Tensor:
         return square_image(read_image(path, self.channels), self.image_size, self.crop)
@@ -171,23 +199,27 @@ def read_images(paths: Iterable[str], data_cfg: DataConfig, on_bad_image: str,
     for path in paths:
         try:
             yield preprocess_image(path, data_cfg)
-        except _PIL_DECODE_ERRORS as e:
+        except PIL_DECODE_ERRORS as e:
             if on_bad_image != "skip":
                 raise UserError(f"cannot read image {path} ({e}); fix or remove it, or {fix}") from None
             skipped.append((str(path), str(e)))
             yield None
 
 
-def build_dataset(data_cfg: DataConfig, split: str) -> Dataset:
-    """The train or test split of the configured dataset; items are (uint8 (C, H, W), int label)."""
+def build_dataset(data_cfg: DataConfig, split: str, checked: dict | None = None) -> Dataset:
+    """The train or test split of the configured dataset; items are (uint8 (C, H, W), int label).
+
+    Image files are all checked here, before any training: `checked` is what an earlier check found
+    (a run's data_check.json), so unchanged files are not read twice. The dataset's `report` says what
+    was found, skipped and converted."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if data_cfg.cache:
         return _load_cache(data_cfg, split)
-    return _build_uncached(data_cfg, split)
+    return _build_uncached(data_cfg, split, checked)
 
 
-def _build_uncached(data_cfg, split: str) -> Dataset:
+def _build_uncached(data_cfg, split: str, checked: dict | None = None) -> Dataset:
     shape = image_shape(data_cfg)  # validates the name and sizes first
     name = data_cfg.dataset
     if name == "digits":
@@ -197,9 +229,54 @@ def _build_uncached(data_cfg, split: str) -> Dataset:
     if name == "celeba":
         celeba = _celeba_official_root(data_cfg)
         if celeba is not None:
-            return _celeba_official(data_cfg, celeba, split)
-    paths = _split_paths(find_images(data_cfg.root), data_cfg, split)
-    return ImageFiles(paths, shape[1], shape[0], None, data_cfg.on_bad_image)
+            return _checked_files(data_cfg, celeba, _celeba_official(celeba, split), CELEBA_CROP, checked)
+    base, paths = _celeba_folder(data_cfg.root) if name == "celeba" else find_images(data_cfg.root)
+    labels, class_names = _subfolder_labels(base, paths) if data_cfg.labels == "subfolders" else (None, [])
+    chosen = split_paths(paths, base, data_cfg.test_fraction, data_cfg.split_seed, split)
+    dataset = _checked_files(data_cfg, base, chosen, None, checked)
+    dataset.split_scheme = SPLIT_SCHEME
+    if labels is not None:
+        dataset.labels, dataset.n_classes = [labels[p] for p in dataset.paths], len(class_names)
+        dataset.class_names = class_names
+    return dataset
+
+
+def _celeba_folder(root: str) -> tuple[Path, list[str]]:
+    try:
+        return find_images(root)
+    except UserError:
+        base = Path(root).expanduser().absolute()
+        raise UserError(f"no CelebA images under {base}: put the aligned faces in {base}/celeba/img_align_celeba/ "
+                        f"with {base}/celeba/list_eval_partition.txt (torchvision's layout), or any folder of "
+                        f"aligned face images in {base}") from None
+
+
+def _checked_files(data_cfg, base: Path, paths: list[str], crop: int | None, checked: dict | None) -> ImageFiles:
+    """Check every file of a split (headers, then a decode); drop or refuse the unreadable ones."""
+    c, size, _ = image_shape(data_cfg)
+    check = check_images(paths, base, c, size, crop, checked)
+    if check.bad and data_cfg.on_bad_image != "skip":
+        raise unreadable_error(check.bad, base)
+    if not check.good:
+        raise UserError(f"none of the {len(paths)} images of this split under {base} is readable; check the files")
+    dataset = ImageFiles(check.good, size, c, crop)
+    dataset.report = SplitReport(fingerprint(paths, base), len(paths), check.bad, check.conversions, check.records)
+    return dataset
+
+
+def _subfolder_labels(base: Path, paths: list[str]) -> tuple[dict[str, int], list[str]]:
+    """Each file's class: the index of its first-level subfolder among all of them, sorted by name."""
+    loose = [p for p in paths if "/" not in relative(p, base)]
+    if loose:
+        raise UserError(f"data.labels: subfolders needs every image in a first-level subfolder (one per class) "
+                        f"of {base}, but {loose[0]} is not; move it or set data.labels: none")
+    folder_of = {p: relative(p, base).split("/", 1)[0] for p in paths}
+    names = sorted(set(folder_of.values()))
+    if len(names) < 2:
+        raise UserError(f"data.labels: subfolders found {len(names)} class folder under {base}; "
+                        "class-conditional training needs at least 2 (or set data.labels: none)")
+    index = {name: i for i, name in enumerate(names)}
+    return {p: index[folder] for p, folder in folder_of.items()}, names
 
 
 def _digits(split: str) -> TensorImages:
@@ -216,21 +293,31 @@ def _torchvision_set(data_cfg, split: str, shape: tuple[int, int, int]) -> Tenso
     import torchvision.datasets
 
     cls_name, folder, native = _TORCHVISION[data_cfg.dataset]
-    root = os.path.normpath(os.path.expanduser(data_cfg.root))
+    root = os.path.abspath(os.path.expanduser(data_cfg.root))
     where = os.path.join(root, folder)
+    missing = _missing_folders(Path(where))
     try:
-        ds = getattr(torchvision.datasets, cls_name)(root, train=split == "train", download=data_cfg.download)
+        # torchvision prints each download attempt; the outcome is said in one line here instead
+        with contextlib.redirect_stdout(io.StringIO()):
+            ds = getattr(torchvision.datasets, cls_name)(root, train=split == "train", download=data_cfg.download)
     except (RuntimeError, OSError) as e:
+        _remove_if_empty(missing)  # a failed download leaves no empty folders behind
         if not data_cfg.download:
             raise UserError(f"{cls_name} not found under {root}/ — set data.download: true "
                             f"(or --set data.download=true) or put the files in {where}") from None
-        raise UserError(f"could not download {cls_name} into {root}/ ({e}); "
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise UserError(f"could not download {cls_name} into {root}/ ({reason}); "
                         f"put the files in {where} yourself") from None
     # Whole arrays at once: per-item PIL conversion is far slower for these small sets.
     data = ds.data if isinstance(ds.data, Tensor) else torch.from_numpy(np.asarray(ds.data))
     images = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)  # (N, C, H, W)
     labels = torch.as_tensor(ds.targets, dtype=torch.int64)
-    return TensorImages(_to_image_size(images, native, shape[1]).contiguous(), labels, n_classes=10)
+    size = shape[1]
+    dataset = TensorImages(_to_image_size(images, native, size).contiguous(), labels, n_classes=10)
+    if size != native:
+        how = "zero-padded" if (native, size) == (28, 32) else "resized"
+        dataset.report.conversions[f"{how} {native}→{size}"] = len(dataset)
+    return dataset
 
 
 def _to_image_size(images: Tensor, native: int, size: int) -> Tensor:
@@ -240,6 +327,23 @@ def _to_image_size(images: Tensor, native: int, size: int) -> Tensor:
     if size != native:
         return _resize(images, size)
     return images
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """path and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first, so a parent is empty once its child is gone
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or never made
+            pass
 
 
 def _resize(images: Tensor, size: int, chunk: int = 4096) -> Tensor:
@@ -252,13 +356,13 @@ def _resize(images: Tensor, size: int, chunk: int = 4096) -> Tensor:
 
 def _celeba_official_root(data_cfg) -> Path | None:
     """<root>/celeba when it holds the official layout (images + partition file), else None."""
-    celeba = Path(data_cfg.root).expanduser() / "celeba"
+    celeba = Path(data_cfg.root).expanduser().absolute() / "celeba"
     if (celeba / "img_align_celeba").is_dir() and (celeba / "list_eval_partition.txt").is_file():
         return celeba
     return None
 
 
-def _celeba_official(data_cfg, celeba: Path, split: str) -> ImageFiles:
+def _celeba_official(celeba: Path, split: str) -> list[str]:
     # The official partition: 0 train, 1 validation (unused), 2 test.
     wanted = "0" if split == "train" else "2"
     lines = (celeba / "list_eval_partition.txt").read_text().split("\n")
@@ -266,75 +370,79 @@ def _celeba_official(data_cfg, celeba: Path, split: str) -> ImageFiles:
     if not names:
         raise UserError(f"no {split} images listed in {celeba / 'list_eval_partition.txt'}; "
                         "restore the file or remove it to use data.root as a plain folder")
-    paths = [str(celeba / "img_align_celeba" / n) for n in sorted(names)]
-    c, s, _ = image_shape(data_cfg)
-    return ImageFiles(paths, s, c, CELEBA_CROP, data_cfg.on_bad_image)
-
-
-def find_images(root: str) -> list[str]:
-    """Every image file under root, in a sorted order that is the same on every machine."""
-    base = Path(root).expanduser()
-    if not base.is_dir():
-        raise UserError(f"image folder {base} does not exist; set data.root to a directory of images")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        # Hidden files include macOS "._x.jpg" resource forks, which are not images.
-        found += [os.path.join(dirpath, f) for f in filenames
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
-    if not found:
-        raise UserError(f"no images under {base}; data.root needs files ending in "
-                        f"{', '.join(IMAGE_EXTENSIONS)} (any case, any depth)")
-    return sorted(found, key=lambda p: Path(p).relative_to(base).as_posix())
-
-
-def _split_paths(paths: list[str], data_cfg, split: str) -> list[str]:
-    """The seeded train/test partition of paths: each split non-empty, each kept in sorted order."""
-    n = len(paths)
-    if n < 2:
-        raise UserError(f"found only {n} image under {data_cfg.root}; a train and a test split need at least 2")
-    n_test = min(max(round(n * data_cfg.test_fraction), 1), n - 1)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(data_cfg.split_seed))
-    chosen = perm[:n_test] if split == "test" else perm[n_test:]
-    return [paths[i] for i in sorted(chosen.tolist())]
+    return [str(celeba / "img_align_celeba" / n) for n in sorted(names)]
 
 
 # The cache is a directory: index.json, {split}.npy uint8 (N, C, H, W), {split}_labels.npy int64 (N,).
 def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True) -> dict:
-    """Decode both splits once into a uint8 cache directory at out_path; returns its index."""
+    """Decode both splits once into a uint8 cache directory at out_path; returns its index.
+
+    The cache is built in a hidden folder beside out_path and swapped in only when complete, so a
+    failed or interrupted prepare leaves an existing cache exactly as it was."""
+    shape = image_shape(data_cfg)
+    out = Path(out_path).expanduser()
+    _check_cache_target(out)
+    # Both splits are found (and the config checked) before anything is written.
+    splits = {split: _build_uncached(data_cfg, split) for split in ("train", "test")}
+    index = {"format": CACHE_FORMAT, "dataset": data_cfg.dataset, "summary": data_summary(data_cfg, *splits.values()),
+             "warning": skipped_warning(*splits.values()),
+             "root": str(Path(data_cfg.root).expanduser().resolve()), "image_size": shape[1],
+             "channels": shape[0], "image_shape": list(shape), "n_classes": splits["train"].n_classes, "splits": {},
+             "fingerprints": {split: ds.report.fingerprint for split, ds in splits.items()}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        building.mkdir()
+        for split, ds in splits.items():
+            index["splits"][split] = _write_split(ds, building, split, shape, data_cfg.n_workers, progress)
+        (building / "index.json").write_text(json.dumps(index, indent=2) + "\n")  # marks a complete cache
+        _swap_in(building, out)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return index
+
+
+def _check_cache_target(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"cannot write a cache to {out}: it is a file — choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "index.json").is_file():
+        raise UserError(f"{out} holds files but no glowtrain cache (no index.json); choose another --out "
+                        "so that nothing of yours is replaced")
+
+
+def _write_split(ds, folder: Path, split: str, shape: tuple[int, int, int], n_workers: int, progress: bool) -> int:
     from tqdm import tqdm
 
-    shape = image_shape(data_cfg)
-    # Both splits are found (and the config checked) before the target is touched: a typo in data.root
-    # must not destroy an existing cache.
-    splits = {split: _build_uncached(data_cfg, split) for split in ("train", "test")}
-    out = Path(out_path).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "index.json").unlink(missing_ok=True)  # the index is written last: it marks a complete cache
-    index = {"format": CACHE_FORMAT, "dataset": data_cfg.dataset,
-             "root": str(Path(data_cfg.root).expanduser().resolve()), "image_size": shape[1],
-             "channels": shape[0], "image_shape": list(shape), "n_classes": n_classes(data_cfg), "splits": {}}
-    for split, ds in splits.items():
-        n = len(ds)
-        # Written under a temporary name and renamed, so an interrupted run leaves no half cache.
-        tmp = out / f"{split}.npy.partial"
-        images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *shape))
-        labels = np.empty(n, dtype=np.int64)
-        start = 0
-        bar = tqdm(total=n, desc=f"caching {split}", unit="img", disable=not progress)
-        for x, y in make_eval_batches(ds, 256, n_workers=data_cfg.n_workers):
-            images[start:start + len(x)] = x.numpy()
-            labels[start:start + len(x)] = y.numpy()
-            start += len(x)
-            bar.update(len(x))
-        bar.close()
-        images.flush()
-        del images
-        os.replace(tmp, out / f"{split}.npy")
-        np.save(out / f"{split}_labels.npy", labels)
-        index["splits"][split] = n
-    (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return index
+    n = len(ds)
+    images = np.lib.format.open_memmap(folder / f"{split}.npy", mode="w+", dtype=np.uint8, shape=(n, *shape))
+    labels = np.empty(n, dtype=np.int64)
+    start = 0
+    bar = tqdm(total=n, desc=f"caching {split}", unit="img", disable=not progress)
+    for x, y in make_eval_batches(ds, 256, n_workers=n_workers):
+        images[start:start + len(x)] = x.numpy()
+        labels[start:start + len(x)] = y.numpy()
+        start += len(x)
+        bar.update(len(x))
+    bar.close()
+    images.flush()
+    del images
+    np.save(folder / f"{split}_labels.npy", labels)
+    return n
+
+
+def _swap_in(building: Path, out: Path) -> None:
+    """Replace out by the complete cache at building: the old cache is moved aside, then removed."""
+    if not out.exists():
+        os.replace(building, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    try:
+        os.replace(building, out)
+    except OSError:
+        os.replace(old, out)  # put the previous cache back before reporting the failure
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_cache(data_cfg, split: str) -> TensorImages:
@@ -349,7 +457,93 @@ def _load_cache(data_cfg, split: str) -> TensorImages:
     # Copy-on-write mapping: pages load on demand and torch gets a writable array (no warning).
     images = torch.from_numpy(np.load(cache / f"{split}.npy", mmap_mode="c"))
     labels = torch.from_numpy(np.load(cache / f"{split}_labels.npy"))
-    return TensorImages(images, labels, n_classes=index["n_classes"])
+    dataset = TensorImages(images, labels, n_classes=index["n_classes"])
+    # The fingerprint of the files the cache was made from, so a run sees the same data either way.
+    dataset.report.fingerprint = index.get("fingerprints", {}).get(split, dataset.report.fingerprint)
+    return dataset
+
+
+def check_class_count(cfg, found: int) -> None:
+    """model.n_classes must match the labels the dataset brings (or be 0 for an unconditional model)."""
+    m, data = cfg.model.n_classes, cfg.data
+    if data.labels == "subfolders" and m != found:
+        raise UserError(f"data.labels: subfolders found {found} class folders under {data.root} but model.n_classes is "
+                        f"{m} — set model.n_classes={found}")
+    if m > 0 and found != m:
+        fix = (f"set model.n_classes={found} (or 0 for an unconditional model)" if found else
+               "set model.n_classes=0, or label a folder's images by its subfolders with data.labels: subfolders")
+        raise UserError(f"model.n_classes={m} but dataset {data.dataset} has {found or 'no'} classes — {fix}")
+
+
+def data_summary(data_cfg: DataConfig, train, test) -> str:
+    """One line saying what a run trains on: where, how many images, the splits, what was skipped, the
+    training shape and every conversion applied to the files."""
+    reports = (train.report, test.report)
+    if data_cfg.cache:
+        where = f" from the cache {Path(data_cfg.cache).expanduser().absolute()}"
+    else:
+        where = " (bundled)" if data_cfg.dataset == "digits" else f" {Path(data_cfg.root).expanduser().absolute()}"
+    found = sum(r.n_found for r in reports)
+    skipped = sum(len(r.skipped) for r in reports)
+    c, h, w = train.image_shape
+    text = (f"data: {data_cfg.dataset}{where}: {found:,} images found, {len(train):,} train / {len(test):,} test, "
+            f"{skipped:,} skipped; {h}x{w} {'RGB' if c == 3 else 'grey'}, {data_cfg.n_bits} bits")
+    if train.n_classes:
+        text += f", {train.n_classes} classes"
+    conversions = reports[0].conversions + reports[1].conversions
+    if conversions:
+        text += "; converted: " + ", ".join(f"{n:,} {what}" for what, n in conversions.most_common())
+    return text
+
+
+def skipped_warning(train, test, limit: int = 3) -> str | None:
+    """One plain line naming the files data.on_bad_image: skip dropped (None when there are none)."""
+    skipped = train.report.skipped + test.report.skipped
+    if not skipped:
+        return None
+    named = "; ".join(f"{path} ({reason})" for path, reason in skipped[:limit])
+    more = f"; and {len(skipped) - limit:,} more" if len(skipped) > limit else ""
+    return f"warning: skipped {len(skipped):,} unreadable image(s) (data.on_bad_image: skip): {named}{more}"
+
+
+def data_record(data_cfg: DataConfig, train, test) -> dict:
+    """What a run records about its data (data.json), to tell later whether the files changed."""
+    return {"dataset": data_cfg.dataset, "split_scheme": getattr(train, "split_scheme", None),
+            "fingerprints": {"train": train.report.fingerprint, "test": test.report.fingerprint},
+            "skipped": [path for path, _ in train.report.skipped + test.report.skipped]}
+
+
+def data_changed_warning(recorded: dict | None, split: str, dataset) -> str | None:
+    """A warning when a split's files differ from those a run recorded (None when they match). `recorded` is
+    the run's data.json; None for a run made before runs recorded their data."""
+    if recorded is None:
+        if getattr(dataset, "split_scheme", None) is None:
+            return None
+        return ("warning: this run recorded no data fingerprint (it predates them) and folder splits are now "
+                "chosen by a hash of each file's path: its train/test split may differ from the one it started with")
+    before, now = recorded.get("fingerprints", {}).get(split), dataset.report.fingerprint
+    if not before or not now or not fingerprint_differs(before, now):
+        return None
+    return (f"warning: the {split} images differ from those this run recorded ({before['n_images']:,} files "
+            f"then, {now['n_images']:,} now, or other names or sizes): its {split} numbers are not "
+            "comparable with earlier ones")
+
+
+def record_run_data(run: RunDir, data_cfg: DataConfig, train, test, resumed: bool) -> tuple[str, list[str]]:
+    """Keep the data's record and check results in the run; return the start's data line and its warnings
+    (files skipped; on resume, files that differ from those the run recorded)."""
+    recorded = read_json(run.data_record)
+    changed = [data_changed_warning(recorded, s, d) for s, d in zip(SPLITS, (train, test))] if resumed else []
+    warnings = [w for w in dict.fromkeys([skipped_warning(train, test), *changed]) if w]  # each line once
+    write_json(run.data_record, data_record(data_cfg, train, test))
+    if check_records(train, test):  # image files only
+        write_json(run.data_check, check_records(train, test))
+    return data_summary(data_cfg, train, test), warnings
+
+
+def check_records(train, test) -> dict:
+    """Per file, what the check before training found: kept in the run so a resume reads no file twice."""
+    return {**train.report.check_records, **test.report.check_records}
 
 
 class StepBatchSampler(Sampler[list[int]]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +23,18 @@ from glowtrain.runs import RunDir
 @full_float32()
 def sample_images(model: Glow, n: int, temperature: float, n_bits: int, generator: torch.Generator,
                   y: torch.Tensor | None = None, batch_size: int = 256) -> torch.Tensor:
-    """n uint8 images (N, C, H, W), drawn in batches so memory stays bounded for any n."""
-    images = []
+    """n uint8 images (N, C, H, W), drawn in batches of batch_size."""
+    return torch.cat(list(sample_batches(model, n, temperature, n_bits, generator, y, batch_size)))
+
+
+def sample_batches(model: Glow, n: int, temperature: float, n_bits: int, generator: torch.Generator,
+                   y: torch.Tensor | None = None, batch_size: int = 256) -> Iterator[torch.Tensor]:
+    """n uint8 images as batches (B, C, H, W) on the CPU, one at a time, so memory stays bounded for any n."""
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         labels = None if y is None else y[start : start + count]
-        images.append(to_uint8(model.sample(count, temperature, y=labels, generator=generator), n_bits).cpu())
-    return torch.cat(images)
+        with torch.inference_mode(), full_float32():
+            yield to_uint8(model.sample(count, temperature, y=labels, generator=generator), n_bits).cpu()
 
 
 def image_grid(images: torch.Tensor, n_columns: int | None = None) -> torch.Tensor:

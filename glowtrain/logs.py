@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import torch
 
@@ -14,10 +15,18 @@ class RunLogger:
     """Rank 0's logs: every event to metrics.jsonl and its numbers to TensorBoard."""
 
     def __init__(self, run: RunDir):
-        from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
-
+        self.run = run
         self.metrics = open(run.metrics, "a", buffering=1)
-        self.writer = SummaryWriter(log_dir=str(run.tb))
+        self._writer = None
+
+    @property
+    def writer(self):
+        """The TensorBoard writer, made at the first event: a resume that logs nothing adds no empty file."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
+
+            self._writer = SummaryWriter(log_dir=str(self.run.tb))
+        return self._writer
 
     def log(self, step: int, split: str, **values) -> None:
         # Strict JSON: a non-finite number (a diverging step) is written as null, not NaN.
@@ -30,11 +39,31 @@ class RunLogger:
     def image(self, tag: str, picture: torch.Tensor, step: int) -> None:
         self.writer.add_image(tag, picture, step)
 
-    def close(self, hparams: dict | None = None, final: dict | None = None) -> None:
-        if hparams is not None and final:
-            self.writer.add_hparams(hparams, final, run_name=".")
-        self.writer.close()
+    def close(self, cfg=None, best_test_bpd: float = math.inf, step: int = 0) -> None:
+        if cfg is not None and math.isfinite(best_test_bpd):
+            write_hparams(self.run, cfg, best_test_bpd, step)
+        if self._writer is not None:
+            self._writer.close()
         self.metrics.close()
+
+
+def write_hparams(run: RunDir, cfg, best_test_bpd: float, step: int) -> None:
+    """The run's one HParams session (tb/hparams): its key settings and best test bpd, rewritten on each
+    close, so a resumed run updates it instead of adding another."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    d, m, t = cfg.data, cfg.model, cfg.train
+    settings = {"dataset": d.dataset, "image_size": d.image_size, "channels": d.channels, "n_bits": d.n_bits,
+                "n_levels": m.n_levels, "n_steps": m.n_steps, "hidden_channels": m.hidden_channels,
+                "coupling": m.coupling, "n_classes": m.n_classes, "optimizer": t.optimizer, "lr": t.lr,
+                "batch_size": t.batch_size * t.grad_accum_steps, "seed": cfg.run.seed}
+    folder = run.tb / "hparams"
+    shutil.rmtree(folder, ignore_errors=True)
+    with SummaryWriter(log_dir=str(folder)) as writer:
+        for summary in hparams_summary(settings, {"hparam/best_test_bpd": best_test_bpd}):
+            writer.file_writer.add_summary(summary)
+        writer.add_scalar("hparam/best_test_bpd", best_test_bpd, step)
 
 
 class NullLogger:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from glowtrain.errors import UserError
+from glowtrain.files import atomic_write
 
 RUNS_ROOT = Path("runs")
 
@@ -49,6 +53,16 @@ class RunDir:
     def samples(self) -> Path:
         return self.path / "samples"
 
+    @property
+    def data_record(self) -> Path:
+        """data.json: the fingerprint of the files the run trained on, compared on resume and eval."""
+        return self.path / "data.json"
+
+    @property
+    def data_check(self) -> Path:
+        """data_check.json: what checking each image file found, so a resume does not read them again."""
+        return self.path / "data_check.json"
+
     def has_checkpoint(self) -> bool:
         return self.last.is_file()
 
@@ -59,6 +73,86 @@ class RunDir:
                 old = path.with_name(path.name + ".old")
                 shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
                 path.rename(old)
+
+
+def resume_message(path: Path, step: int, steps: int) -> str:
+    """What `fit --resume` says before it continues (or finds nothing left to do)."""
+    if step >= steps:
+        return f"{path} is already at step {step} of {steps} — raise train.steps to continue"
+    return f"resuming {path} from step {step} of {steps}"
+
+
+def metrics_summary(run: RunDir) -> dict:
+    """From metrics.jsonl: the last and the best test bpd (None when no evaluation ran)."""
+    tests = []
+    try:
+        with open(run.metrics) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line cut short by a crash
+                    continue
+                if record.get("split") == "test" and isinstance(record.get("bpd"), (int, float)):
+                    tests.append(record)
+    except OSError:
+        pass
+    return {"last_test_bpd": tests[-1]["bpd"] if tests else None,
+            "best_test_bpd": min(r["bpd"] for r in tests) if tests else None}
+
+
+def training_state(path: str | Path, step: int, steps: int) -> dict:
+    """What `info --run` says about a run's training: the step reached and its test bits/dim (None: no
+    evaluation yet)."""
+    summary = metrics_summary(RunDir(Path(path)))
+    return {"step": step, "steps": steps, **{k: None if v is None else round(v, 4) for k, v in summary.items()}}
+
+
+def list_runs(runs_root: Path = RUNS_ROOT) -> list[dict]:
+    """Every run directory under runs_root (sorted by name): its step, best test bpd and status."""
+    import torch  # late: the rest of this module needs no torch
+
+    found = []
+    for path in sorted(p for p in Path(runs_root).glob("*") if p.is_dir()):
+        run = RunDir(path)
+        if not run.config.is_file() and not run.has_checkpoint():
+            continue  # not a run directory
+        row = {"run": str(path), "step": None, "steps": None, "best_test_bpd": None, "status": "no checkpoint yet"}
+        if run.has_checkpoint():
+            try:  # memory-mapped: only the few numbers read here are loaded, however large the weights
+                state = torch.load(run.last, map_location="cpu", weights_only=True, mmap=True)
+                steps = state["config"]["train"]["steps"]
+            except Exception:  # noqa: BLE001 - a damaged checkpoint is a status to show, not a reason to stop
+                row["status"] = "unreadable checkpoint"
+            else:
+                step, best = int(state.get("step", 0)), float(state.get("best_test_bpd", math.inf))
+                row.update(step=step, steps=steps, best_test_bpd=best if math.isfinite(best) else None,
+                           status="finished" if step >= steps else "stopped (resume with --resume auto)")
+        found.append(row)
+    return found
+
+
+def format_runs(rows: list[dict]) -> list[str]:
+    """`glowtrain runs` as aligned text lines."""
+    table = [("run", "step", "best test bpd", "status")]
+    for row in rows:
+        step = "-" if row["step"] is None else f"{row['step']:,}/{row['steps']:,}"
+        best = "-" if row["best_test_bpd"] is None else f"{row['best_test_bpd']:.4f}"
+        table.append((row["run"], step, best, row["status"]))
+    widths = [max(len(r[i]) for r in table) for i in range(3)]
+    return [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip() for r in table]
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object a run wrote, or None when it is missing or unreadable (it is only ever a cache or a record)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def write_json(path: Path, value: dict) -> None:
+    atomic_write(path, lambda f: json.dump(value, f), mode="w", durable=False)
 
 
 def run_dir_for(out: str | None, name: str, resume: str | None) -> RunDir:
@@ -106,6 +200,11 @@ def check_writable(path: Path) -> None:
         raise UserError(f"cannot create the run directory {path}: {existing} is a file — choose another --out")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to {existing} (permission denied) — choose another --out or run.name")
+    try:  # the permission bits do not tell everything (/proc, read-only mounts): try, and leave nothing behind
+        os.rmdir(tempfile.mkdtemp(prefix=".glowtrain-probe-", dir=existing))
+    except OSError as e:
+        raise UserError(f"cannot create the run directory {path.absolute()} ({e.strerror}) — choose another --out "
+                        "or run.name") from None
 
 
 def latest_run(runs_root: Path = RUNS_ROOT) -> RunDir:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,12 +15,16 @@ from glowtrain.images import (
     display_upscale,
     image_grid,
     labelled_rows,
-    sample_images,
+    sample_batches,
+    sample_images,  # noqa: F401 - re-exported: tests and notebooks import it from here
     save_image,
     save_png,
     temperature_name,
     write_to_tensorboard,
 )
+
+GRID_LIMIT = 1024  # images per grid: a 1,024-image grid of 64x64 images is about 2,100 pixels a side
+DEFAULT_N, DEFAULT_BATCH_SIZE = 64, 256  # the CLI's defaults, left out of file names
 
 
 def class_labels(classes: list[int] | None, n: int, n_classes: int, device) -> torch.Tensor | None:
@@ -35,11 +40,20 @@ def class_labels(classes: list[int] | None, n: int, n_classes: int, device) -> t
     return torch.tensor(classes, device=device).repeat_interleave(per_class)[:n]
 
 
-def sample_command(run: str | None, checkpoint: str | None, temperatures: list[float], n: int, seed: int,
-                   out: str | None, device: torch.device, use_ema: bool = True, classes: list[int] | None = None,
-                   batch_size: int = 256, grid: bool = False, individual: bool = False,
-                   tensorboard: bool = False) -> list[Path]:
-    """`glowtrain sample`: a PNG grid per temperature (or one labelled figure); returns the paths written."""
+def options_tag(n: int, classes: list[int] | None, batch_size: int, use_ema: bool) -> str:
+    """The options that change the images, for file names: two runs with other options never share a name."""
+    parts = [f"n{n}"] if n != DEFAULT_N else []
+    if classes:
+        parts.append("class" + "-".join(str(k) for k in classes))
+    if batch_size != DEFAULT_BATCH_SIZE:  # noise is drawn batch by batch, so other batches give other images
+        parts.append(f"b{batch_size}")
+    if not use_ema:
+        parts.append("raw")
+    return "".join(f"_{part}" for part in parts)
+
+
+def _check_options(temperatures: list[float], n: int, batch_size: int, grid: bool, no_grid: bool,
+                   individual: bool) -> None:
     bad = [t for t in temperatures if not (math.isfinite(t) and t >= 0)]
     if bad:
         raise UserError(f"temperatures must be >= 0 and finite, got {bad[0]} — use --temp 0.7 or another value >= 0")
@@ -47,29 +61,71 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
         raise UserError(f"--n must be at least 1, got {n}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if no_grid and (grid or not individual):
+        raise UserError("--no-grid writes no grid, so it needs --individual (and not --grid)")
+
+
+def _refuse_existing(targets: list[Path], overwrite: bool) -> None:
+    """Never replace earlier samples silently: every target is checked before anything is drawn."""
+    existing = [t for t in targets if t.exists() and (t.is_file() or any(t.iterdir()))]
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]} already exists — pass --overwrite to replace it, or choose another "
+                        "--out or --seed")
+
+
+def sample_command(run: str | None, checkpoint: str | None, temperatures: list[float], n: int, seed: int,
+                   out: str | None, device: torch.device, use_ema: bool = True, classes: list[int] | None = None,
+                   batch_size: int = DEFAULT_BATCH_SIZE, grid: bool = False, individual: bool = False,
+                   tensorboard: bool = False, no_grid: bool = False, overwrite: bool = False,
+                   say: Callable[[str], None] | None = None) -> list[Path]:
+    """`glowtrain sample`: a PNG grid per temperature (or one labelled figure, or none), and with `individual`
+    every image as its own PNG at the model's resolution, written batch by batch; returns the paths written."""
+    _check_options(temperatures, n, batch_size, grid, no_grid, individual)
     loaded = open_run(run, checkpoint, device, use_ema)
     check_tensorboard(loaded.run_dir, tensorboard)
     cfg, model = loaded.cfg, loaded.model
     labels = class_labels(classes, n, cfg.model.n_classes, device)
     out_dir = Path(out) if out else (loaded.run_dir or loaded.checkpoint.parent) / "samples"
+    stem, tag = f"sample_step{loaded.step:07d}", options_tag(n, classes, batch_size, use_ema)
+    names = {t: f"{stem}_{temperature_name(t)}_seed{seed}{tag}" for t in temperatures}
+    figure = out_dir / f"{stem}_grid_{'-'.join(temperature_name(t) for t in temperatures)}_seed{seed}{tag}.png"
+    grids = [] if no_grid else [figure] if grid else [out_dir / f"{names[t]}.png" for t in temperatures]
+    _refuse_existing(grids + ([out_dir / names[t] for t in temperatures] if individual else []), overwrite)
+    if n > GRID_LIMIT and not no_grid and say:
+        say(f"note: grids show the first {GRID_LIMIT:,} of the {n:,} images per temperature "
+            f"({'--individual writes them all' if individual else 'add --individual to write them all'})")
+    per_class = math.ceil(n / len(classes)) if classes else None
+    n_columns = per_class if per_class and per_class <= GRID_LIMIT else None
     upscale = display_upscale(cfg.data.image_size)
-    n_columns = math.ceil(n / len(classes)) if classes else None
-    stem = f"sample_step{loaded.step:07d}"
     written, pictures = [], []
     for temperature in temperatures:
         generator = torch.Generator(device=device).manual_seed(seed)
-        images = sample_images(model, n, temperature, cfg.data.n_bits, generator, labels, batch_size)
-        pictures.append(image_grid(images, n_columns))
-        name = f"{stem}_{temperature_name(temperature)}_seed{seed}"
-        if not grid:
-            written.append(save_png(pictures[-1], out_dir / f"{name}.png", upscale))
-        if individual:
-            for index, image in enumerate(images):
-                written.append(save_png(image, out_dir / name / f"{index:04d}.png", upscale))
+        batches = sample_batches(model, n, temperature, cfg.data.n_bits, generator, labels, batch_size)
+        shown, singles = _stream(batches, out_dir / names[temperature] if individual else None, n)
+        pictures.append(image_grid(shown, n_columns))
+        if not (grid or no_grid):
+            written.append(save_png(pictures[-1], out_dir / f"{names[temperature]}.png", upscale))
+        written += singles
     if grid:
-        figure = labelled_rows(pictures, [f"T={t:g}" for t in temperatures], upscale)
-        written.append(save_image(figure, out_dir / f"{stem}_grid_seed{seed}.png"))
+        written.append(save_image(labelled_rows(pictures, [f"T={t:g}" for t in temperatures], upscale), figure))
     if tensorboard:
-        tagged = {f"sample/T={t:g}": p for t, p in zip(temperatures, pictures)}
+        tagged = {f"samples/T={t:g}": p for t, p in zip(temperatures, pictures)}  # the tags training uses
         write_to_tensorboard(loaded.run_dir, loaded.step, tagged)
     return written
+
+
+def _stream(batches, folder: Path | None, n: int) -> tuple[torch.Tensor, list[Path]]:
+    """Write each batch's images to `folder` (if any) as they come; keep only the first GRID_LIMIT for the grid."""
+    shown, singles, index = [], [], 0
+    for batch in batches:
+        shown.append(batch[: max(0, GRID_LIMIT - index)])
+        if folder is not None:
+            singles += _write_individual(batch, folder, index, n)
+        index += len(batch)
+    return torch.cat(shown), singles
+
+
+def _write_individual(batch: torch.Tensor, folder: Path, start: int, n: int) -> list[Path]:
+    """Each image as its own PNG at the model's resolution (what FID-style metrics need), not enlarged."""
+    width = max(4, len(str(n - 1)))
+    return [save_png(image, folder / f"{start + i:0{width}d}.png") for i, image in enumerate(batch)]

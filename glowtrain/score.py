@@ -30,11 +30,12 @@ from tqdm import tqdm
 
 from glowtrain.checkpoint import LoadedRun
 from glowtrain.config import FIXED_CHANNELS
-from glowtrain.data import DATASETS, IMAGE_EXTENSIONS, build_dataset, find_images, image_shape, make_eval_batches
+from glowtrain.data import DATASETS, build_dataset, image_shape, make_eval_batches
 from glowtrain.data import read_images as read_image_files
 from glowtrain.errors import UserError
 from glowtrain.evaluation import EVAL_NOISE_SEED, per_image_noise
 from glowtrain.files import atomic_write
+from glowtrain.folders import IMAGE_EXTENSIONS, find_images
 from glowtrain.images import histogram_picture, save_image
 from glowtrain.losses import reduce_bits
 from glowtrain.objective import Objective
@@ -85,7 +86,7 @@ def image_paths(sources: list[str], option: str = "--images") -> list[str]:
         path = Path(source).expanduser()
         if path.is_dir():
             try:
-                paths += find_images(str(path))
+                paths += find_images(str(path))[1]
             except UserError:
                 raise UserError(f"no images under {path}; {option} needs image files ending in "
                                 f"{', '.join(IMAGE_EXTENSIONS)} or a folder of them") from None

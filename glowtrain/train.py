@@ -7,6 +7,7 @@ import copy
 import inspect
 import math
 import signal
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -18,14 +19,14 @@ from tqdm import tqdm
 from glowtrain import precision
 from glowtrain.checkpoint import (
     checkpoint_state,
-    config_of,
     load_checkpoint,
     load_state_checked,
+    resume_config,
     save_checkpoint,
 )
 from glowtrain.compilation import LazyCompile, compile_enabled
-from glowtrain.config import Config, apply_overrides, config_to_dict, derived_seed, load_config, save_config
-from glowtrain.data import build_dataset, make_train_batches
+from glowtrain.config import Config, config_to_dict, derived_seed, load_config, save_config
+from glowtrain.data import build_dataset, check_class_count, make_train_batches, record_run_data
 from glowtrain.distributed import Context, broadcast_state, identical_across_ranks, in_turns, setup, teardown
 from glowtrain.errors import UserError
 from glowtrain.evaluation import evaluate
@@ -35,7 +36,7 @@ from glowtrain.losses import dequantize
 from glowtrain.model import Glow
 from glowtrain.objective import Objective, batch_noise
 from glowtrain.optim import build_optimizer, load_optimizer_state, skips_on_device
-from glowtrain.runs import RunDir, checkpoint_to_resume, prepare_run_dir, run_dir_for
+from glowtrain.runs import RunDir, checkpoint_to_resume, prepare_run_dir, read_json, resume_message, run_dir_for
 
 
 class Interrupted(Exception):
@@ -193,6 +194,7 @@ class TrainResult:
     step: int
     best_test_bpd: float
     test: dict  # the last evaluation's metrics (bpd, bpd_stderr, n_images[, accuracy]); empty if none ran
+    timed_out: bool = False  # stopped (after saving) because train.max_time was used up
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,12 +236,11 @@ class Trainer:
 
     def _load_datasets(self) -> tuple:
         cfg = self.cfg
+        checked = read_json(self.run_dir.data_check)  # what an earlier start found: unchanged files are not reread
         # One process downloads or caches a dataset while the others wait for its files.
-        train_set, test_set = in_turns(self.ctx, lambda: (build_dataset(cfg.data, "train"),
-                                                          build_dataset(cfg.data, "test")))
-        if cfg.model.n_classes > 0 and train_set.n_classes != cfg.model.n_classes:
-            raise UserError(f"model.n_classes={cfg.model.n_classes} but dataset {cfg.data.dataset} has "
-                            f"{train_set.n_classes} classes — set model.n_classes={train_set.n_classes} (or 0)")
+        train_set, test_set = in_turns(self.ctx, lambda: (build_dataset(cfg.data, "train", checked),
+                                                          build_dataset(cfg.data, "test", checked)))
+        check_class_count(cfg, train_set.n_classes)
         return train_set, test_set
 
     def _initialize(self) -> None:
@@ -280,7 +281,7 @@ class Trainer:
         if cfg.train.amp == "bf16" and self.device.type == "cpu" and is_main:
             # Measured on a 2-core x86 machine with torch 2.14: a CIFAR-shape bf16 step ran 16x slower than float32.
             warnings.warn("train.amp=bf16 on a CPU: bf16 convolutions are much slower than float32 on many CPUs; "
-                          "measure with scripts/bench.py before a long run", stacklevel=2)
+                          "time a few steps against train.amp=off before a long run", stacklevel=2)
         if cfg.train.amp == "bf16" and cfg.train.memory_saving and is_main:
             # bf16 rounding of the coupling networks' inputs amplifies the rebuild's float32 rounding.
             warnings.warn("train.amp=bf16 with train.memory_saving: the rebuilt activations drift by about 3e-3 "
@@ -406,6 +407,9 @@ class Trainer:
         values = {"bpd": mean_bpd, "lr": lr, "grad_norm": metrics["grad_norm"].item(), "images_per_s": images_per_s}
         self.logger.log(self.state.step, "train", **values)
         self.bar.set_postfix(bpd=f"{mean_bpd:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
+        if not self.progress:  # no bar: one plain line per logging step, for log files of batch jobs
+            self.say(f"step {self.state.step}/{self.cfg.train.steps}: train bpd {mean_bpd:.4f}, lr {lr:.2e}, "
+                     f"{images_per_s:.0f} images/s")
 
     def write_samples(self) -> list[Path]:
         """A grid per temperature from the EMA weights, in full precision, as PNG and in TensorBoard."""
@@ -481,11 +485,14 @@ class Trainer:
         """Train to train.steps: log, evaluate, sample and checkpoint on schedule; stop cleanly on a signal."""
         cfg, state, final = self.cfg.train, self.state, {}
         self._open_run_dir()
+        self.deadline = None if cfg.max_time_s is None else self._now() + cfg.max_time_s
+        self.timed_out = False
         window = _Throughput(self.ctx.world_size)
         try:
             with _StopFlag() as stop:
                 while state.step < cfg.steps:
-                    self._stop_if_asked(stop)
+                    if self._stop_if_asked(stop):
+                        break
                     images, labels = next(self.batches)
                     metrics = self.train_step(images, labels)
                     state.step += 1
@@ -508,7 +515,8 @@ class Trainer:
             self._close(final)
         if not identical_across_ranks(self.objective, self.ctx):
             raise RuntimeError("the ranks finished with different weights; please report this with your config")
-        return TrainResult(self.ctx.rank, str(self.run_dir.path), state.step, state.best_test_bpd, final)
+        return TrainResult(self.ctx.rank, str(self.run_dir.path), state.step, state.best_test_bpd, final,
+                           self.timed_out)
 
     def _due(self, every: int) -> bool:
         return self.state.step % every == 0 or self.state.step == self.cfg.train.steps
@@ -529,12 +537,22 @@ class Trainer:
             self.roll_back(self.state.step, longest)
         return bool(longest)
 
-    def _stop_if_asked(self, stop: _StopFlag) -> None:
+    def _stop_if_asked(self, stop: _StopFlag) -> bool:
+        """Raise Interrupted after saving on a signal; True (after saving) once train.max_time is used up."""
         # Several processes must agree on stopping: they ask each other only at logging steps.
-        if (self.state.step % self.cfg.train.log_every == 0 or not self.ctx.distributed) and \
-                self.ctx.any(stop.requested):
+        if not (self.state.step % self.cfg.train.log_every == 0 or not self.ctx.distributed):
+            return False
+        if self.ctx.any(stop.requested):
             self.save(self.run_dir.last)
             raise Interrupted(self.state.step, str(self.run_dir.path))
+        if self.deadline is not None and self.ctx.any(self._now() >= self.deadline):
+            self.save(self.run_dir.last)
+            self.timed_out = True
+            return True
+        return False
+
+    def _now(self) -> float:
+        return time.monotonic()
 
     def _open_run_dir(self) -> None:
         cfg, ctx = self.cfg, self.ctx
@@ -544,22 +562,30 @@ class Trainer:
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir.config)
             self.logger = RunLogger(self.run_dir)
+            self._record_data()
         show = self.progress and ctx.is_main
         self.bar = tqdm(total=cfg.train.steps, initial=self.state.step, disable=not show, unit="step",
                         dynamic_ncols=True)
         self.say = self.bar.write if ctx.is_main else _quiet
         self._n_bad_logged = self.guard.read()[0]
+        if self.resumed:
+            self.say(resume_message(self.run_dir.path, self.state.step, cfg.train.steps))
         if self.forward.pending:
             self.say(f"train.compile={cfg.train.compile}: the first step compiles the model (minutes for a large one; "
                      "train.compile=off skips it)")
 
+    def _record_data(self) -> None:
+        """Say what the run trains on, warn about skipped or changed files, and keep the data's record."""
+        if not all(hasattr(d, "report") for d in (self.train_set, self.test_set)):  # datasets handed in from Python
+            return
+        line, warnings_ = record_run_data(self.run_dir, self.cfg.data, self.train_set, self.test_set, self.resumed)
+        tqdm.write(line)
+        for warning in warnings_:
+            tqdm.write(warning, file=sys.stderr)
+
     def _close(self, final: dict) -> None:
         self.bar.close()
-        m, t = self.cfg.model, self.cfg.train
-        hparams = {"dataset": self.cfg.data.dataset, "n_levels": m.n_levels, "n_steps": m.n_steps,
-                   "hidden_channels": m.hidden_channels, "coupling": m.coupling, "lr": t.lr,
-                   "batch_size": t.batch_size * t.grad_accum_steps}
-        self.logger.close(hparams, {"hparam/test_bpd": final["bpd"]} if final else None)
+        self.logger.close(self.cfg, self.state.best_test_bpd, self.state.step)
 
 
 class _Throughput:
@@ -616,8 +642,8 @@ def resolve_resume(resume: str | None, config_path: str | None, overrides: list[
 
 def fit_config(config_path: str | None, overrides: list[str], out: str | None, resume: str | None) -> Config:
     """The config `fit` runs: a resumed run keeps the one stored with it unless --config is given."""
-    if resume is None or config_path is not None:
+    if resume is None:
         return load_config(config_path, overrides)
-    run = run_dir_for(out, load_config(None, overrides).run.name, resume)
+    run = run_dir_for(out, load_config(config_path, overrides).run.name, resume)
     checkpoint = checkpoint_to_resume(resume, run)
-    return apply_overrides(config_of(load_checkpoint(checkpoint), str(checkpoint)), overrides)
+    return resume_config(checkpoint, config_path, overrides)  # data.* and model.* stay as trained

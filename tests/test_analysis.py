@@ -173,7 +173,7 @@ def test_sample_writes_one_grid_per_temperature_sized_by_n(fitted, tmp_path, n):
     result = ok(invoke("sample", "--run", run_dir, "--temp", "0.5", "--temp", "1", "--n", n, "--seed", "2",
                        "--out", tmp_path, *CPU))
     written = sorted(tmp_path.glob("*.png"))
-    assert [p.name for p in written] == ["sample_step0000004_t0p50_seed2.png", "sample_step0000004_t1p00_seed2.png"]
+    assert [p.name for p in written] == [f"sample_step0000004_{t}_seed2_n{n}.png" for t in ("t0p50", "t1p00")]
     assert result.stdout.split() == [str(p) for p in written]
     for path in written:
         with Image.open(path) as image:
@@ -239,15 +239,15 @@ def test_sample_individual_writes_each_image_equal_to_its_grid_tile(fitted, tmp_
     result = ok(invoke("sample", "--run", run_dir, "--temp", "0.7", "--n", "5", "--individual", "--seed", "6",
                        "--out", tmp_path, *CPU))
     printed = [Path(p) for p in result.stdout.split()]
-    grid_path = tmp_path / "sample_step0000004_t0p70_seed6.png"
-    singles = [tmp_path / "sample_step0000004_t0p70_seed6" / f"{i:04d}.png" for i in range(5)]
+    grid_path = tmp_path / "sample_step0000004_t0p70_seed6_n5.png"
+    singles = [tmp_path / "sample_step0000004_t0p70_seed6_n5" / f"{i:04d}.png" for i in range(5)]
     assert printed == [grid_path, *singles]
-    assert sorted((tmp_path / "sample_step0000004_t0p70_seed6").iterdir()) == singles
+    assert sorted((tmp_path / "sample_step0000004_t0p70_seed6_n5").iterdir()) == singles
     grid = pixels(grid_path)
     for index, path in enumerate(singles):
         with Image.open(path) as image:
-            assert image.size == (SIZE * UP, SIZE * UP)
-        assert (pixels(path)[::UP, ::UP] == tile(grid, index // 3, index % 3)).all()
+            assert image.size == (SIZE, SIZE)  # the model's own resolution: no display enlargement
+        assert (pixels(path) == tile(grid, index // 3, index % 3)).all()
 
 
 def test_sample_grid_flag_writes_one_labelled_figure_stacking_the_temperature_grids(fitted, tmp_path):
@@ -255,8 +255,9 @@ def test_sample_grid_flag_writes_one_labelled_figure_stacking_the_temperature_gr
     temps = ["0", "0.7", "1"]
     args = ["sample", "--run", run_dir, *[a for t in temps for a in ("--temp", t)], "--n", "4", "--seed", "3", *CPU]
     result = ok(invoke(*args, "--grid", "--out", tmp_path / "figure"))
-    assert sorted(p.name for p in (tmp_path / "figure").iterdir()) == ["sample_step0000004_grid_seed3.png"]
-    assert result.stdout.split() == [str(tmp_path / "figure" / "sample_step0000004_grid_seed3.png")]
+    name = "sample_step0000004_grid_t0p00-t0p70-t1p00_seed3_n4.png"
+    assert sorted(p.name for p in (tmp_path / "figure").iterdir()) == [name]
+    assert result.stdout.split() == [str(tmp_path / "figure" / name)]
     separate = ok(invoke(*args, "--out", tmp_path / "separate")).stdout.split()
 
     with Image.open(result.stdout.strip()) as image:
@@ -303,7 +304,7 @@ def test_sample_several_classes_fill_rows_of_equal_length(conditional, tmp_path)
 def test_eval_prints_the_training_loops_final_test_bpd_for_the_same_checkpoint(fitted):
     _, run_dir = fitted
     result = json_output(invoke("eval", "--run", run_dir, *CPU))
-    assert set(result) == {"bpd", "bpd_stderr", "n_images", "n_dequant", "split", "step", "checkpoint"}
+    assert set(result) == {"bpd", "bpd_stderr", "n_images", "n_dequant", "split", "step", "checkpoint", "ema"}
     final = final_test_line(run_dir)
     assert final["step"] == result["step"] == 4
     assert result["bpd"] == pytest.approx(final["bpd"], abs=1e-9)
@@ -600,18 +601,19 @@ def test_tensorboard_flag_adds_every_grid_to_the_runs_log(fitted, tmp_path):
     out = ("--out", tmp_path / "out")
     ok(invoke("sample", "--run", run_dir, "--temp", "0", "--temp", "0.7", "--n", "4", *out, *CPU))
     assert set(tensorboard_images(run_dir)) == before  # nothing without --tensorboard
-    ok(invoke("sample", "--run", run_dir, "--temp", "0", "--temp", "0.7", "--n", "4", "--tensorboard", *out, *CPU))
+    ok(invoke("sample", "--run", run_dir, "--temp", "0", "--temp", "0.7", "--n", "4", "--tensorboard", "--overwrite",
+              *out, *CPU))
     ok(invoke("reconstruct", "--run", run_dir, "--n", "3", "--tensorboard", *out, *CPU))
     ok(invoke("interpolate", "--run", run_dir, "--pairs", "2", "--steps", "3", "--tensorboard", *out, *CPU))
     ok(invoke("manipulate", "--run", run_dir, "--from-class", "3", "--to-class", "5", "--n", "2", "--alphas", "0,1",
               "--tensorboard", *out, *CPU))
     images = tensorboard_images(run_dir)
-    expected = {"sample/T=0": grid_size(4), "sample/T=0.7": grid_size(4), "reconstruct": grid_size(6, 3),
+    expected = {"samples/T=0": grid_size(4), "samples/T=0.7": grid_size(4), "reconstruct": grid_size(6, 3),
                 "interpolate": grid_size(6, 3), "manipulate": grid_size(4, 2)}
-    assert set(images) == before | set(expected)
+    assert set(images) == before | set(expected)  # sample uses the tags training uses
     for tag, (width, height) in expected.items():
-        (event,) = images[tag]
-        assert event.step == 4
+        event = images[tag][-1]
+        assert len(images[tag]) == (2 if tag in before else 1) and event.step == 4
         assert (event.width, event.height) == (width // UP, height // UP)  # TensorBoard gets the unenlarged grid
 
 
@@ -709,3 +711,74 @@ def test_sample_nan_temperature_exits_2(fitted, tmp_path):
 def test_eval_non_positive_batch_size_exits_2(fitted, size):
     _, run_dir = fitted
     assert_one_line_error(invoke("eval", "--run", run_dir, "--batch-size", size, *CPU), 2, "--batch-size")
+
+
+# ---------------------------------------------------------------------------- sample files (issue 14)
+
+
+def test_sample_file_names_carry_the_class_and_n_and_never_overwrite_silently(conditional, tmp_path):
+    run_dir = conditional
+    args = ["sample", "--run", run_dir, "--temp", "0.7", "--out", tmp_path / "out", *CPU]
+    three = Path(ok(invoke(*args, "--class", "3", "--n", "4")).stdout.strip())
+    seven = Path(ok(invoke(*args, "--class", "7", "--n", "4")).stdout.strip())
+    assert three.name == "sample_step0000008_t0p70_seed0_n4_class3.png"
+    assert seven.name == "sample_step0000008_t0p70_seed0_n4_class7.png"
+    assert three.read_bytes() != seven.read_bytes()
+    first = three.read_bytes()
+    again = invoke(*args, "--class", "3", "--n", "4")
+    assert_one_line_error(again, 2, f"{three} already exists", "--overwrite")
+    assert three.read_bytes() == first
+    replaced = ok(invoke(*args, "--class", "3", "--n", "4", "--overwrite"))
+    assert Path(replaced.stdout.strip()) == three
+
+
+def test_sample_grid_is_capped_and_no_grid_writes_only_the_individual_files(fitted, tmp_path, monkeypatch):
+    import glowtrain.sample as sample_module
+
+    _, run_dir = fitted
+    monkeypatch.setattr(sample_module, "GRID_LIMIT", 6)  # the real cap (1,024) works the same, only slower
+    result = ok(invoke("sample", "--run", run_dir, "--n", "10", "--batch-size", "4", "--individual", "--out",
+                       tmp_path / "capped", *CPU))
+    assert "grids show the first 6 of the 10 images" in result.stderr
+    grid, *singles = [Path(p) for p in result.stdout.split()]
+    with Image.open(grid) as image:
+        assert image.size == grid_size(6)
+    assert len(singles) == 10 and all(p.parent.name == grid.stem for p in singles)
+    assert (pixels(singles[4]) == tile(pixels(grid), 1, 1)).all()  # the grid holds the first images
+    result = ok(invoke("sample", "--run", run_dir, "--n", "10", "--individual", "--no-grid", "--out",
+                       tmp_path / "nogrid", *CPU))
+    assert [p.name for p in (tmp_path / "nogrid").iterdir()] == ["sample_step0000004_t0p70_seed0_n10"]
+    assert len(result.stdout.split()) == 10
+    assert_one_line_error(invoke("sample", "--run", run_dir, "--no-grid", "--out", tmp_path / "x", *CPU), 2,
+                          "--no-grid")
+
+
+def test_sample_streams_individual_files_batch_by_batch(fitted, tmp_path, monkeypatch):
+    import glowtrain.sample as sample_module
+
+    _, run_dir = fitted
+    written_before_next_batch = []
+    original = sample_module._write_individual
+
+    def recording(batch, folder, start, n):
+        paths = original(batch, folder, start, n)
+        written_before_next_batch.append(len(list(folder.iterdir())))
+        return paths
+
+    monkeypatch.setattr(sample_module, "_write_individual", recording)
+    ok(invoke("sample", "--run", run_dir, "--n", "10", "--batch-size", "4", "--individual", "--no-grid",
+              "--out", tmp_path, *CPU))
+    assert written_before_next_batch == [4, 8, 10]
+
+
+def test_temperatures_and_alphas_take_both_comma_lists_and_repeats(fitted, tmp_path):
+    _, run_dir = fitted
+    commas = ok(invoke("sample", "--run", run_dir, "--n", "1", "--temp", "0.5,1", "--out", tmp_path / "a", *CPU))
+    repeats = ok(invoke("sample", "--run", run_dir, "--n", "1", "--temp", "0.5", "--temp", "1", "--out",
+                        tmp_path / "b", *CPU))
+    assert [Path(p).name for p in commas.stdout.split()] == [Path(p).name for p in repeats.stdout.split()]
+    assert len(commas.stdout.split()) == 2
+    result = json_output(invoke("manipulate", "--run", run_dir, "--from-class", "3", "--to-class", "5", "--n", "1",
+                                "--alphas", "0", "--alphas", "1,2", "--out", tmp_path / "m", *CPU))
+    assert result["alphas"] == [0.0, 1.0, 2.0]
+    assert_one_line_error(invoke("sample", "--run", run_dir, "--temp", "0.5,x", *CPU), 2, "--temp")

@@ -1,5 +1,6 @@
 """The `glowtrain` command end to end: help and version, a tiny fit, sampling, and errors as exit codes."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -73,7 +74,7 @@ def test_sample_writes_one_grid_per_temperature_and_is_reproducible_by_seed(fitt
     first = invoke(*args, "--seed", "3", "--out", str(tmp_path / "a"))
     assert first.exit_code == 0, first.output
     pngs = sample_pngs(tmp_path / "a")
-    assert sorted(pngs) == ["sample_step0000004_t0p00_seed3.png", "sample_step0000004_t0p70_seed3.png"]
+    assert sorted(pngs) == ["sample_step0000004_t0p00_seed3_n4.png", "sample_step0000004_t0p70_seed3_n4.png"]
     assert first.stdout.split() == [str(tmp_path / "a" / name) for name in sorted(pngs)]
     for name in pngs:
         with Image.open(tmp_path / "a" / name) as image:
@@ -86,8 +87,8 @@ def test_sample_writes_one_grid_per_temperature_and_is_reproducible_by_seed(fitt
     assert other.exit_code == 0
     other_pngs = sample_pngs(tmp_path / "c")
     # T=0 draws no noise, so only the T=0.7 grid depends on the seed.
-    assert other_pngs["sample_step0000004_t0p00_seed4.png"] == pngs["sample_step0000004_t0p00_seed3.png"]
-    assert other_pngs["sample_step0000004_t0p70_seed4.png"] != pngs["sample_step0000004_t0p70_seed3.png"]
+    assert other_pngs["sample_step0000004_t0p00_seed4_n4.png"] == pngs["sample_step0000004_t0p00_seed3_n4.png"]
+    assert other_pngs["sample_step0000004_t0p70_seed4_n4.png"] != pngs["sample_step0000004_t0p70_seed3_n4.png"]
 
 
 def test_sample_without_run_uses_the_most_recent_run_under_runs(fitted, tmp_path, monkeypatch):
@@ -104,7 +105,7 @@ def test_sample_defaults_to_the_run_samples_folder(fitted, tmp_path):
     result = invoke("sample", "--run", str(run_dir), "--n", "1", "--seed", "11")
     assert result.exit_code == 0, result.output
     written = Path(result.stdout.strip())
-    assert written.parent == RunDir(run_dir).samples and written.name.endswith("_seed11.png")
+    assert written.parent == RunDir(run_dir).samples and written.name.endswith("_seed11_n1.png")
     written.unlink()  # leave the shared run as the other tests expect it
 
 
@@ -181,8 +182,11 @@ def test_prepare_writes_a_cache_that_fit_trains_from(tmp_path):
     cache = tmp_path / "cache"
     result = invoke("prepare", *sets(*data), "--out", str(cache), "--no-progress")
     assert result.exit_code == 0, result.output
-    assert "cached 36 train and 4 test images" in result.stdout and f"data.cache={cache}" in result.stdout
-    assert np.load(cache / "train.npy").shape == (36, 3, 8, 8)
+    n_train, n_test = (np.load(cache / f"{split}.npy").shape[0] for split in ("train", "test"))
+    assert n_train + n_test == 40 and np.load(cache / "train.npy").shape[1:] == (3, 8, 8)
+    assert f"cached {n_train} train and {n_test} test images" in result.stdout
+    assert f"data.cache={cache}" in result.stdout
+    assert f"data: folder {tmp_path / 'imgs'}: 40 images found, {n_train} train / {n_test} test" in result.stdout
     result = invoke("fit", "--out", str(tmp_path / "run"), "--no-progress",
                     *sets(*TINY, *data, f"data.cache={cache}", "train.batch_size=8", "train.init_batch_size=8"))
     assert result.exit_code == 0, result.output
@@ -208,3 +212,160 @@ def test_debug_flag_shows_the_traceback_for_bad_input(tmp_path):
     assert result.exit_code == 2
     assert "Traceback" in result.stderr and "did you mean 'train.lr'" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------- issue 14
+
+
+@pytest.mark.parametrize("override", ["train.lr=1", "train.bogus=1"])
+def test_info_run_with_set_is_refused_not_silently_ignored(fitted, override):
+    _, run_dir, _ = fitted
+    result = invoke("info", "--run", str(run_dir), "--set", override)
+    assert_one_line_error(result, 2, "--set does not apply to --run", str(run_dir / "config.yaml"))
+
+
+def tiny_fit(out, *extra, resume=False):
+    return invoke("fit", "--out", out, "--no-progress", *(["--resume", "auto"] if resume else []),
+                  *sets(*TINY, *extra))
+
+
+def test_resume_says_where_it_continues_from_and_when_there_is_nothing_left(tmp_path):
+    run_dir = tmp_path / "run"
+    assert tiny_fit(run_dir).exit_code == 0
+    longer = tiny_fit(run_dir, "train.steps=6", resume=True)
+    assert longer.exit_code == 0, longer.output
+    assert f"resuming {run_dir} from step 4 of 6" in longer.stdout
+    again = tiny_fit(run_dir, "train.steps=6", resume=True)
+    assert again.exit_code == 0
+    assert f"{run_dir} is already at step 6 of 6 — raise train.steps to continue" in again.stdout
+
+
+def test_no_progress_prints_one_plain_line_per_logging_step(tmp_path):
+    result = tiny_fit(tmp_path / "run")
+    assert result.exit_code == 0
+    lines = [line for line in result.stdout.splitlines() if "train bpd" in line]
+    assert [line.split(":")[0] for line in lines] == ["step 2/4", "step 4/4"]
+    assert "\r" not in result.stdout
+
+
+def test_fit_into_an_unwritable_out_exits_2_with_one_line(tmp_path):
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc")
+    result = invoke("fit", "--out", "/proc/glowtrain-run", "--no-progress", *sets(*TINY))
+    assert_one_line_error(result, 2, "cannot create the run directory /proc/glowtrain-run")
+
+
+@pytest.mark.parametrize("no_ema", [False, True])
+def test_eval_json_says_which_weights_it_used(fitted, no_ema):
+    import json
+
+    _, run_dir, _ = fitted
+    result = invoke("eval", "--run", str(run_dir), "--device", "cpu", *(["--no-ema"] if no_ema else []))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["ema"] is (not no_ema)
+
+
+def test_class_count_message_for_a_dataset_without_labels_names_the_way_on(tmp_path):
+    import numpy as np
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((8, 8), i * 40, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    result = tiny_fit(tmp_path / "run", "data.dataset=folder", f"data.root={tmp_path / 'imgs'}", "model.n_classes=3")
+    line = assert_one_line_error(result, 2, "has no classes", "set model.n_classes=0", "data.labels: subfolders")
+    assert "(or 0)" not in line
+
+
+def test_a_failed_download_is_one_line_with_the_absolute_path_and_leaves_no_empty_folders(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    class Offline:
+        def __init__(self, root, train, download):
+            print("Downloading https://example.invalid/train-images-idx3-ubyte.gz")
+            Path(root, "MNIST", "raw").mkdir(parents=True)
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://example.invalid/, got:\n"
+                               "<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("fit", "--config", str(Path(__file__).parent.parent / "configs" / "mnist.yaml"), "--out",
+                    tmp_path / "run", "--no-progress", "--set", "run.device=cpu")
+    assert_one_line_error(result, 2, f"could not download MNIST into {tmp_path / 'data'}/", str(tmp_path / "data"))
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_celeba_without_images_describes_the_expected_layout(tmp_path):
+    result = tiny_fit(tmp_path / "run", "data.dataset=celeba", f"data.root={tmp_path}", "data.channels=3")
+    assert_one_line_error(result, 2, f"{tmp_path}/celeba/img_align_celeba/", "list_eval_partition.txt")
+
+
+def test_info_run_shows_the_training_state(fitted):
+    _, run_dir, _ = fitted
+    result = invoke("info", "--run", str(run_dir))
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "step: 4" in lines and "steps: 4" in lines
+    best = next(line for line in lines if line.startswith("best_test_bpd: "))
+    assert float(best.split(": ")[1]) > 0 and any(line.startswith("last_test_bpd: ") for line in lines)
+
+
+def test_help_shows_plain_flags_without_a_value_and_prepare_says_where_its_cache_goes():
+    sample_help = invoke("sample", "--help").output
+    grid_line = next(line for line in sample_help.splitlines() if "--grid " in line)
+    assert "<bool>" not in grid_line
+    assert "inside the image folder" in " ".join(invoke("prepare", "--help").output.split())
+
+
+def test_runs_lists_each_run_with_step_best_bpd_and_status(fitted, tmp_path, monkeypatch):
+    root, run_dir, _ = fitted
+    monkeypatch.chdir(root)
+    (root / "runs" / "empty").mkdir(exist_ok=True)
+    (root / "runs" / "empty" / "config.yaml").write_text("run:\n  name: empty\n")
+    result = invoke("runs")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["run", "step", "best", "test", "bpd", "status"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert rows["runs/tiny"][1] == "4/4" and float(rows["runs/tiny"][2]) > 0 and rows["runs/tiny"][3] == "finished"
+    assert rows["runs/empty"][1:] == ["-", "-", "no", "checkpoint", "yet"]
+    (root / "runs" / "empty" / "config.yaml").unlink()
+    (root / "runs" / "empty").rmdir()
+    monkeypatch.chdir(tmp_path)
+    assert "no runs under" in invoke("runs").stdout
+
+
+def test_max_time_stops_cleanly_with_a_checkpoint_and_the_resume_command(tmp_path, monkeypatch):
+    from glowtrain.train import Trainer
+
+    monkeypatch.setattr(Trainer, "_now", lambda self: 10.0 * self.state.step)  # a clock of 10 s per step
+    run_dir = tmp_path / "run"
+    result = tiny_fit(run_dir, "train.max_time=25s", "train.steps=8", "train.log_every=1")
+    assert result.exit_code == 0, result.output
+    assert "stopped at step 3 of 8: train.max_time (25s) is used up; checkpoint saved" in result.stdout
+    assert f"glowtrain fit --resume auto --out {run_dir}" in result.stdout
+    assert torch.load(RunDir(run_dir).last, weights_only=True)["step"] == 3
+
+
+def test_tensorboard_holds_one_hparams_session_with_the_key_settings_updated_on_resume(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    assert tiny_fit(run_dir).exit_code == 0
+    assert tiny_fit(run_dir, "train.steps=8", resume=True).exit_code == 0
+    tb = RunDir(run_dir).tb
+    sessions = list((tb / "hparams").iterdir())
+    assert len(sessions) == 1
+    events = EventAccumulator(str(tb / "hparams")).Reload()
+    plugin = events.PluginTagToContent("hparams")
+    assert set(plugin) == {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"}
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    start = plugin_data_pb2.HParamsPluginData.FromString(plugin["_hparams_/session_start_info"])
+    assert {"n_bits", "image_size", "seed", "n_levels", "lr"} <= set(start.session_start_info.hparams)
+    (best,) = events.Scalars("hparam/best_test_bpd")
+    best_logged = min(json.loads(line)["bpd"] for line in RunDir(run_dir).metrics.read_text().splitlines()
+                      if json.loads(line)["split"] == "test")
+    assert best.value == pytest.approx(best_logged) and best.step == 8
+    n_files = len(list(tb.glob("events.*")))
+    assert tiny_fit(run_dir, "train.steps=8", resume=True).exit_code == 0  # nothing left to do: no new file
+    assert len(list(tb.glob("events.*"))) == n_files

@@ -398,3 +398,26 @@ def test_shipped_config_builds_its_model(path):
         model = Glow.from_config(cfg)
     assert model.image_shape == cfg.image_shape
     assert len(model.levels) == cfg.model.n_levels and len(model.levels[0].layers) == cfg.model.n_steps
+
+
+def test_readme_lists_which_keys_a_resumed_run_may_change():
+    from glowtrain.config import RESUME_SAFE_DATA_KEYS, resume_may_change
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("<!-- resume-keys -->"):readme.index("<!-- /resume-keys -->")]
+    assert all(f"`{key}`" in section for key in RESUME_SAFE_DATA_KEYS)
+    refused = [key for key in dotted_keys() if not resume_may_change(key)]
+    assert refused and all(key.startswith(("data.", "model.")) for key in refused)
+    assert "`data.*`" in section and "`model.*`" in section and "`train.*`" in section
+
+
+@pytest.mark.parametrize("text,seconds", [("", None), ("45s", 45.0), ("90m", 5400.0), ("3h50m", 13800.0),
+                                          ("1.5h", 5400.0), ("1h2m3s", 3723.0)])
+def test_max_time_reads_hours_minutes_and_seconds(text, seconds):
+    assert load_config(None, [f"train.max_time={text}"]).train.max_time_s == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "10", "5d", "0s", "m"])
+def test_max_time_that_is_not_a_positive_duration_is_a_user_error(text):
+    with pytest.raises(UserError, match="train.max_time"):
+        load_config(None, [f"train.max_time={text}"])

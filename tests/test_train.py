@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -575,3 +576,32 @@ def test_accumulated_micro_batches_train_like_one_big_batch(tmp_path, memory_sav
     for name, tensor in big["model"].items():
         assert torch.allclose(tensor, acc["model"][name], rtol=1e-4, atol=1e-5), name
     assert len([m for m in acc_metrics if m["split"] == "train"]) == 4  # 20 steps, not 40 micro-batches
+
+
+# ---------------------------------------------------------------------------- resuming with other keys (issue 14)
+
+
+@pytest.mark.parametrize("override", ["data.n_bits=3", "model.hidden_channels=8", "data.hflip=true",
+                                      "data.test_fraction=0.2"])
+def test_resume_refuses_keys_that_change_what_is_modelled_and_changes_nothing(tiny_run, tmp_path, override):
+    from helpers import assert_one_line_error, invoke, sets
+
+    _, straight_dir, _ = tiny_run
+    out = tmp_path / "run"
+    shutil.copytree(straight_dir, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=f"^{key} cannot change when resuming .* start a new run"):
+        fit_config(None, [override, "train.steps=8"], str(out), "auto")
+    result = invoke("fit", "--resume", "auto", "--out", out, "--no-progress", *sets(override, "train.steps=8"))
+    assert_one_line_error(result, 2, key, "start a new run")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_resume_allows_keys_that_leave_the_model_and_data_as_they_are(tiny_run):
+    cfg, straight_dir, _ = tiny_run
+    safe = ["train.steps=9", "train.log_every=1", "train.eval_every=2", "train.lr=0.001", "data.n_workers=2",
+            "data.root=elsewhere", "run.name=other"]
+    resumed = fit_config(None, safe, str(straight_dir), "auto")
+    assert (resumed.train.steps, resumed.train.log_every, resumed.data.n_workers) == (9, 1, 2)
+    assert resumed.model == cfg.model and resumed.data.n_bits == cfg.data.n_bits

@@ -1,0 +1,174 @@
+"""Image folders: finding the files, checking every one before training, the stable split, and a fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from glowtrain.errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+PIL_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+SPLIT_SCHEME = "path-hash-1"  # recorded with a run: which rule put each file into train or test
+_GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+def find_images(root: str) -> tuple[Path, list[str]]:
+    """(the absolute root, every image file under it) in a sorted order that is the same on every machine."""
+    base = Path(root).expanduser().absolute()
+    if base.exists() and not base.is_dir():
+        raise UserError(f"data.root {base} is a file, not a folder; set data.root to the directory holding the images")
+    if not base.is_dir():
+        raise UserError(f"image folder {base} does not exist; set data.root to a directory of images")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        # Hidden files include macOS "._x.jpg" resource forks, which are not images.
+        found += [os.path.join(dirpath, f) for f in filenames
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    if not found:
+        raise UserError(f"no images under {base}; data.root needs files ending in "
+                        f"{', '.join(IMAGE_EXTENSIONS)} (any case, any depth)")
+    return base, sorted(found, key=lambda p: relative(p, base))
+
+
+def relative(path: str, base: Path) -> str:
+    return Path(path).relative_to(base).as_posix()
+
+
+def _position(relpath: str, split_seed: int) -> float:
+    """Where a file falls in [0, 1): a hash of its own relative path, so other files never move it."""
+    digest = hashlib.sha256(f"{split_seed}\0{relpath}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_paths(paths: list[str], base: Path, test_fraction: float, split_seed: int, split: str) -> list[str]:
+    """The files of one split: a file is in test when its path hash falls below test_fraction.
+
+    Adding or removing files never moves another file between the splits. A tiny folder whose hashes
+    all fall on one side gives the other side its nearest file, so neither split is empty."""
+    if len(paths) < 2:
+        raise UserError(f"found only {len(paths)} image under {base}; a train and a test split need at least 2")
+    positions = [_position(relative(p, base), split_seed) for p in paths]
+    in_test = [x < test_fraction for x in positions]
+    if not any(in_test):
+        in_test[positions.index(min(positions))] = True
+    if all(in_test):
+        in_test[positions.index(max(positions))] = False
+    return [p for p, test in zip(paths, in_test) if test == (split == "test")]
+
+
+def fingerprint(paths: list[str], base: Path) -> dict:
+    """The number of files and a digest of their relative names and sizes: changes when the data does."""
+    digest = hashlib.sha256()
+    for path in paths:
+        size = os.path.getsize(path) if os.path.exists(path) else -1  # -1: gone since the folder was listed
+        digest.update(f"{relative(path, base)}\t{size}\n".encode())
+    return {"n_images": len(paths), "digest": digest.hexdigest()[:16]}
+
+
+def fingerprint_differs(recorded: dict | None, current: dict | None) -> bool:
+    if not recorded or not current:
+        return False
+    digests = (recorded.get("digest"), current.get("digest"))
+    return recorded.get("n_images") != current.get("n_images") or (None not in digests and digests[0] != digests[1])
+
+
+@dataclass
+class Checked:
+    """What checking a list of files found: the readable ones, the unreadable ones and the conversions."""
+
+    good: list[str]
+    bad: list[tuple[str, str]]  # (path, reason)
+    conversions: Counter = field(default_factory=Counter)
+    records: dict = field(default_factory=dict)  # relative path -> [size, mtime_ns, mode, width, height, error]
+
+
+def _header(path: str) -> list:
+    try:
+        stat = os.stat(path)
+    except OSError as e:  # gone or unreadable since the folder was listed
+        return [0, 0, None, 0, 0, e.strerror or type(e).__name__]
+    try:
+        with Image.open(path) as img:
+            return [stat.st_size, stat.st_mtime_ns, img.mode, img.width, img.height, None]
+    except PIL_DECODE_ERRORS as e:
+        return [stat.st_size, stat.st_mtime_ns, None, 0, 0, str(e) or type(e).__name__]
+
+
+def _decoded(path: str, record: list) -> list:
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except PIL_DECODE_ERRORS as e:
+        return [*record[:5], str(e) or type(e).__name__]
+    return record
+
+
+def _is_current(record, path: str) -> bool:
+    if not isinstance(record, list) or len(record) != 6:
+        return False
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return False
+    return record[0] == stat.st_size and record[1] == stat.st_mtime_ns
+
+
+def check_images(paths: list[str], base: Path, channels: int, image_size: int, crop: int | None,
+                 previous: dict | None = None) -> Checked:
+    """Open every file's header, then decode the files whose headers were read (in threads: PIL decodes
+    without the GIL). Files with a current entry in `previous` (same size and mtime) are not read again."""
+    previous = previous or {}
+    records = {relative(p, base): previous.get(relative(p, base)) for p in paths}
+    todo = [p for p in paths if not _is_current(records[relative(p, base)], p)]
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        headers = list(pool.map(_header, todo))
+        readable = [(p, r) for p, r in zip(todo, headers) if r[5] is None]
+        decoded = dict(zip([p for p, _ in readable], pool.map(_decoded, *zip(*readable)) if readable else []))
+    for path, header in zip(todo, headers):
+        records[relative(path, base)] = decoded.get(path, header)
+    checked = Checked([], [], Counter(), records)
+    for path in paths:
+        size, mtime, mode, width, height, error = records[relative(path, base)]
+        if error is not None:
+            checked.bad.append((path, error))
+            continue
+        checked.good.append(path)
+        checked.conversions.update(conversions(mode, width, height, channels, image_size, crop))
+    return checked
+
+
+def conversions(mode: str, width: int, height: int, channels: int, image_size: int, crop: int | None) -> list[str]:
+    """What turning an image of this mode and size into the training shape does to it, in words."""
+    done = []
+    if channels == 3 and mode in _GREY_MODES:
+        done.append("grey→RGB")
+    if channels == 1 and mode not in _GREY_MODES:
+        done.append("colour→grey")
+    if "A" in mode or mode == "PA":
+        done.append("alpha dropped")
+    if mode in ("P", "PA") and channels == 3:
+        done.append("palette→RGB")
+    if mode == "CMYK" and channels == 3:
+        done.append("CMYK→RGB")
+    side = min(width, height) if crop is None else min(crop, width, height)
+    if (width, height) != (side, side):
+        done.append("centre-cropped")
+    if side != image_size:
+        done.append("resized")
+    return done
+
+
+def unreadable_error(bad: list[tuple[str, str]], base: Path) -> UserError:
+    """One line naming the first unreadable file, how many there are, and the two ways on."""
+    path, reason = bad[0]
+    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+    return UserError(f"cannot read image {path} ({reason}){more} under {base}; fix or remove it, "
+                     "or set data.on_bad_image: skip")

@@ -1,0 +1,183 @@
+"""Image folders end to end: every file checked before training, skip counts, the stable split, the data record."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import TINY_RUN, assert_one_line_error, invoke, sets
+from PIL import Image
+
+from glowtrain.runs import RunDir
+
+FOLDER_RUN = [*TINY_RUN, "data.dataset=folder", "data.image_size=8", "data.channels=3", "train.batch_size=4",
+              "train.init_batch_size=8", "data.test_fraction=0.25"]
+
+
+def make_images(root: Path, n: int, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        paths.append(root / f"img{i:03d}.png")
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def truncate(path: Path) -> None:
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+
+
+def fit(root: Path, out: Path, *extra: str, resume: bool = False):
+    args = ["fit", "--out", out, "--no-progress", *(["--resume", "auto"] if resume else [])]
+    return invoke(*args, *sets(*FOLDER_RUN, f"data.root={root}", *extra))
+
+
+def test_a_corrupt_image_stops_fit_before_training_with_one_line_and_no_run_written(tmp_path):
+    paths = make_images(tmp_path / "images", 16)
+    truncate(paths[5])
+    # A one-image init batch that misses the broken file: a loader that reads files only when a batch needs
+    # them gets past the start and writes the run before failing.
+    result = fit(tmp_path / "images", tmp_path / "run", "train.init_batch_size=1")
+    assert_one_line_error(result, 2, f"cannot read image {paths[5]}", "data.on_bad_image: skip")
+    assert not (tmp_path / "run").exists()
+
+
+def test_skip_reports_found_skipped_and_converted_counts_in_one_line_and_one_plain_warning(tmp_path):
+    paths = make_images(tmp_path / "images", 16)
+    truncate(paths[5])
+    (tmp_path / "images" / "notes.png").write_text("not an image")
+    Image.new("L", (9, 9), 7).save(tmp_path / "images" / "grey.png")
+    result = fit(tmp_path / "images", tmp_path / "run", "data.on_bad_image=skip")
+    assert result.exit_code == 0, result.output
+    summary = [line for line in result.stdout.splitlines() if line.startswith("data: ")]
+    assert len(summary) == 1
+    assert f"data: folder {tmp_path / 'images'}: 18 images found, " in summary[0]
+    assert "2 skipped; 8x8 RGB, 4 bits; converted: " in summary[0]
+    assert "1 grey→RGB" in summary[0] and "15 centre-cropped" in summary[0] and "16 resized" in summary[0]
+    warning = [line for line in result.stderr.splitlines() if "skipped" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: skipped 2 unreadable image(s)")
+    assert str(paths[5]) in warning[0] and "notes.png" in warning[0] and "UserWarning" not in result.stderr
+    record = json.loads(RunDir(tmp_path / "run").data_record.read_text())
+    assert sorted(record["skipped"]) == sorted([str(paths[5]), str(tmp_path / "images" / "notes.png")])
+
+
+def test_resume_reads_no_image_file_again_for_the_check(tmp_path, monkeypatch):
+    make_images(tmp_path / "images", 16)
+    assert fit(tmp_path / "images", tmp_path / "run").exit_code == 0
+    checked = json.loads(RunDir(tmp_path / "run").data_check.read_text())
+    assert len(checked) == 16
+    from glowtrain import folders
+
+    opened = []
+    original = folders._header
+    monkeypatch.setattr(folders, "_header", lambda path: opened.append(path) or original(path))
+    result = fit(tmp_path / "images", tmp_path / "run", "train.steps=6", resume=True)
+    assert result.exit_code == 0, result.output
+    assert opened == []
+
+
+def test_changed_data_is_recorded_and_warned_about_on_resume_and_eval(tmp_path):
+    make_images(tmp_path / "images", 16)
+    run = tmp_path / "run"
+    first = fit(tmp_path / "images", run)
+    assert first.exit_code == 0 and "warning" not in first.stderr
+    record = json.loads(RunDir(run).data_record.read_text())
+    assert sum(fp["n_images"] for fp in record["fingerprints"].values()) == 16
+    quiet = invoke("eval", "--run", run, "--device", "cpu")
+    assert quiet.exit_code == 0 and "warning" not in quiet.stderr
+    make_images(tmp_path / "images", 40, seed=1)  # 24 new files; the 16 old ones get other contents and sizes
+    evaluated = invoke("eval", "--run", run, "--device", "cpu")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert evaluated.stderr.startswith("warning: the test images differ from those this run recorded")
+    resumed = fit(tmp_path / "images", run, "train.steps=6", resume=True)
+    assert resumed.exit_code == 0, resumed.output
+    assert "warning: the train images differ" in resumed.stderr
+
+
+def test_a_data_root_that_is_a_file_says_so(tmp_path):
+    (tmp_path / "file.png").write_bytes(b"x")
+    result = fit(tmp_path / "file.png", tmp_path / "run")
+    assert_one_line_error(result, 2, "is a file, not a folder")
+
+
+@pytest.mark.parametrize("mode,channels,expected", [
+    ("L", 3, ["grey→RGB"]), ("RGB", 1, ["colour→grey"]), ("RGBA", 3, ["alpha dropped"]),
+    ("P", 3, ["palette→RGB"]), ("RGB", 3, []),
+])
+def test_conversions_name_what_happens_to_each_mode(mode, channels, expected):
+    from glowtrain import folders
+
+    assert folders.conversions(mode, 8, 8, channels, 8, None) == expected
+    assert folders.conversions(mode, 10, 8, channels, 4, None) == [*expected, "centre-cropped", "resized"]
+
+
+def make_classes(root: Path, names=("birds", "cats", "dogs"), per_class: int = 8) -> None:
+    for k, name in enumerate(names):
+        rng = np.random.default_rng(k)
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+
+
+def test_subfolder_labels_are_the_sorted_first_level_folders_in_both_splits(tmp_path):
+    from glowtrain.config import DataConfig
+    from glowtrain.data import build_dataset
+
+    make_classes(tmp_path / "images")
+    (tmp_path / "images" / "cats" / "deeper").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "cats" / "deeper" / "x.png")  # still a cat
+    cfg = DataConfig(dataset="folder", root=str(tmp_path / "images"), image_size=8, channels=3, labels="subfolders")
+    for split in ("train", "test"):
+        ds = build_dataset(cfg, split)
+        assert ds.n_classes == 3 and ds.class_names == ["birds", "cats", "dogs"]
+        for index, path in enumerate(ds.paths):
+            folder = Path(path).relative_to(tmp_path / "images").parts[0]
+            assert ds[index][1] == ds.class_names.index(folder)
+
+
+def test_subfolder_labels_train_a_class_conditional_model_and_refuse_loose_files(tmp_path):
+    make_classes(tmp_path / "images")
+    labelled = ["data.labels=subfolders", "model.n_classes=3"]
+    result = fit(tmp_path / "images", tmp_path / "run", *labelled)
+    assert result.exit_code == 0, result.output
+    assert "3 classes" in next(line for line in result.stdout.splitlines() if line.startswith("data: "))
+    records = [json.loads(line) for line in RunDir(tmp_path / "run").metrics.read_text().splitlines()]
+    assert any(r["split"] == "test" and "accuracy" in r for r in records)
+    wrong = fit(tmp_path / "images", tmp_path / "run2", "data.labels=subfolders")
+    assert_one_line_error(wrong, 2, "found 3 class folders", "set model.n_classes=3")
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "loose.png")
+    loose = fit(tmp_path / "images", tmp_path / "run3", *labelled)
+    assert_one_line_error(loose, 2, "first-level subfolder", str(tmp_path / "images" / "loose.png"))
+
+
+def test_subfolder_labels_are_only_for_folders():
+    from glowtrain.config import load_config
+    from glowtrain.errors import UserError
+
+    with pytest.raises(UserError, match="data.labels"):
+        load_config(None, ["data.labels=subfolders"])
+
+
+def test_a_folder_run_from_before_data_records_is_warned_that_its_split_may_differ(tmp_path):
+    make_images(tmp_path / "images", 16)
+    run = tmp_path / "run"
+    assert fit(tmp_path / "images", run).exit_code == 0
+    RunDir(run).data_record.unlink()  # as a run made before this version
+    evaluated = invoke("eval", "--run", run, "--device", "cpu")
+    assert evaluated.exit_code == 0 and "recorded no data fingerprint" in evaluated.stderr
+    resumed = fit(tmp_path / "images", run, "train.steps=6", resume=True)
+    assert resumed.exit_code == 0 and resumed.stderr.count("recorded no data fingerprint") == 1
+    again = invoke("eval", "--run", run, "--device", "cpu")
+    assert "warning" not in again.stderr  # the resumed run recorded its data
+
+
+def test_a_file_that_vanishes_between_listing_and_checking_is_an_unreadable_file_not_a_crash(tmp_path):
+    from glowtrain import folders
+
+    paths = [str(p) for p in make_images(tmp_path, 3)]
+    Path(paths[1]).unlink()
+    checked = folders.check_images(paths, tmp_path, 3, 8, None)
+    assert checked.good == [paths[0], paths[2]] and [p for p, _ in checked.bad] == [paths[1]]
+    assert folders.conversions("CMYK", 8, 8, 3, 8, None) == ["CMYK→RGB"]
