@@ -287,7 +287,7 @@ def info(
         raise UserError("give either --run or --config, not both")
     if run:
         loaded, _ = _open(run, None, "cpu", 0, True)
-        summary = info_summary(loaded.cfg, loaded.model)
+        summary = info_summary(loaded.cfg, loaded.model, loaded.objective.dequantizer)
     else:
         summary = info_summary(load_config(config, set_ or []))
     config_text = summary.pop("config")
