@@ -3,7 +3,7 @@
 Each element has its own spline on [-bound, bound] made of K bins: K widths, K heights and K - 1
 interior derivatives (the two boundary derivatives are 1), so that outside the interval the map
 is the identity and the whole map is continuously differentiable. Inputs outside the interval
-never enter the spline arithmetic: they are clamped in before and selected out after, which keeps
+never enter the spline arithmetic: they are replaced by 0 before and selected out after, which keeps
 NaN values and NaN gradients out of the tails even when every element of a batch lies there.
 The inverse solves the bin's quadratic with the numerically stable root 2c / (-b - sqrt(b^2 - 4ac)).
 """
@@ -65,8 +65,11 @@ def _bin_parts(index: torch.Tensor, x_knots, y_knots, derivatives) -> tuple[torc
 
 
 def _inside(x: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask of elements in [-bound, bound], x clamped into it)."""
-    return (x >= -bound) & (x <= bound), x.clamp(-bound, bound)
+    """(mask of elements in [-bound, bound], x with 0 put in place of the others).
+
+    Not x.clamp: its gradient vanishes at the clamp's limits, and inputs exactly on +-bound are inside."""
+    inside = (x >= -bound) & (x <= bound)
+    return inside, torch.where(inside, x, torch.zeros_like(x))
 
 
 def rq_spline_forward(x: torch.Tensor, raw: torch.Tensor, n_bins: int, bound: float,
@@ -76,7 +79,8 @@ def rq_spline_forward(x: torch.Tensor, raw: torch.Tensor, n_bins: int, bound: fl
     x_knots, y_knots, derivatives = spline_params(raw, n_bins, bound, raw_scale)
     x_k, width, y_k, height, slope, d_left, d_right = _bin_parts(_bin_of(x_in, x_knots), x_knots, y_knots,
                                                                  derivatives)
-    xi = ((x_in - x_k) / width).clamp(0, 1)
+    # Not clamped into [0, 1]: a clamp would zero the gradient on the bin edges themselves.
+    xi = (x_in - x_k) / width
     xi_1m = xi * (1 - xi)
     denominator = slope + (d_right + d_left - 2 * slope) * xi_1m
     y = y_k + height * (slope * xi**2 + d_left * xi_1m) / denominator
