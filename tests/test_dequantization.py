@@ -279,3 +279,11 @@ def test_cli_trains_with_spline_couplings_and_variational_dequantisation(tmp_pat
 def _json(result) -> dict:
     assert result.exit_code == 0, result.output
     return __import__("json").loads(result.stdout)
+
+
+def test_info_on_a_variational_run_lists_its_noise_flow(variational_runs):
+    result = invoke("info", "--run", variational_runs / "straight")
+    assert result.exit_code == 0, result.output
+    saved = load_checkpoint(RunDir(variational_runs / "straight").last)["objective"]
+    n_saved = sum(t.numel() for name, t in saved.items() if "initialized" not in name)
+    assert f"parameters_dequantizer: {n_saved:,}" in result.stdout
