@@ -86,8 +86,8 @@ class ModelConfig:
         "uniform", "uniform noise, or a learned noise flow q(u|x) (Flow++)")
     dequant_steps: int = _opt(4, "variational: couplings in the noise flow")
     dequant_hidden_channels: int = _opt(32, "variational: width of the noise flow's networks")
-    dequant_coupling: Literal["spline", "affine", "additive"] = _opt("affine", "variational: the noise flow's "
-                                                                     "coupling type")
+    dequant_coupling: Literal["spline", "affine", "additive"] = _opt("spline", "variational: the noise flow's "
+                                                                     "coupling type (spline starts as uniform noise)")
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,18 @@ def test_log_q_matches_the_gaussian_minus_the_brute_force_jacobian_of_the_noise_
     bins = torch.div(images.long(), 32, rounding_mode="floor")
     u = (x + 0.5) * 8 - bins
     assert ((u > 0) & (u < 1)).all()
-    assert (u - torch.sigmoid(eps)).abs().max() > 1e-3
+    assert (u - torch.special.ndtr(eps)).abs().max() > 1e-3
+
+
+def test_untrained_variational_dequantizer_is_exactly_uniform_noise():
+    """Zero-initialised couplings and the normal CDF: u = Phi(e) is the uniform draw itself and log q = 0."""
+    torch.manual_seed(0)
+    dequantizer = VariationalDequantizer((1, 4, 4), 3, n_steps=2, hidden_channels=8)
+    images = torch.randint(0, 256, (4, 1, 4, 4), dtype=torch.uint8)
+    noise = torch.rand(images.shape)
+    x, log_q = dequantizer(images, noise)
+    assert (x - UniformDequantizer(3)(images, noise)[0]).abs().max() <= 1e-6
+    assert log_q.abs().max() <= 1e-4
 
 
 def test_dequantizer_round_trips_its_noise_flow_in_float32():
@@ -157,8 +168,8 @@ def test_single_draw_bound_is_below_the_exact_log_probability_of_every_value(tin
 
 
 def test_uniform_importance_estimate_is_the_integral_of_the_density_over_the_bin(tiny_discrete):
-    # E_u[w] is the probability itself. (For the variational q, a sigmoid of a Gaussian flow, the weights
-    # p/q have no finite variance near the bin's faces, so their mean is no test at this sample size.)
+    # E_u[w] is the probability itself. (For a perturbed variational q the weights p/q can have no finite
+    # variance near the bin's faces, so their mean is no test at this sample size.)
     exact, draws = tiny_discrete
     weights = _log_p_from_bpd(draws["uniform"]).exp()
     estimate, spread = weights.mean(0), weights.std(0) / math.sqrt(len(weights))
@@ -175,7 +186,8 @@ def test_importance_weighted_bound_approaches_the_exact_log_probability(tiny_dis
         iw = torch.stack([importance_weighted_bpd(group, N_DIMS) for group in groups]).mean(0)
         gaps.append(exact - _log_p_from_bpd(iw))  # >= 0 in expectation, shrinking with S
     assert (gaps[0] > gaps[1]).all() and (gaps[1] > gaps[2]).all()
-    assert (gaps[2] < 0.6 * gaps[0]).all() and (gaps[2] > -0.03).all()  # 16 groups of 256: a little noise
+    # 16 groups of 256 draws: a little noise, more for q's heavier-tailed weights
+    assert (gaps[2] < 0.6 * gaps[0]).all() and (gaps[2] > -0.06).all()
     assert (exact - gaps[2]).exp().sum() <= 1.0
 
 
@@ -256,7 +268,7 @@ def test_open_run_restores_the_learned_dequantizer(variational_runs):
 
 
 def test_info_counts_the_noise_flows_parameters_and_multiply_adds():
-    cfg = _variational_config()
+    cfg = _variational_config("model.dequant_coupling=affine")
     summary = info_summary(cfg)
     dequantizer = build_objective(Glow.from_config(cfg), cfg).dequantizer
     assert summary["parameters_dequantizer"] == sum(p.numel() for p in dequantizer.parameters())
