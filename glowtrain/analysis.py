@@ -18,6 +18,7 @@ from glowtrain.evaluation import EVAL_NOISE_SEED, evaluate
 from glowtrain.images import check_tensorboard, display_upscale, image_grid, save_png, write_to_tensorboard
 from glowtrain.losses import dequantize, to_uint8
 from glowtrain.model import Glow
+from glowtrain.objective import build_objective
 from glowtrain.precision import full_float32
 from glowtrain.runs import RunDir, read_json
 
@@ -26,7 +27,8 @@ PIXEL_LEVELS = 256  # "pixel units": one step of the 8-bit 0..255 scale; x spans
 
 def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.device,
                  batch_size: int | None = None) -> dict:
-    """Bits/dim over the whole split, averaged over `n_dequant` dequantisation draws."""
+    """Bits/dim over the whole split: the single-draw bound averaged over `n_dequant` dequantisation draws and,
+    for n_dequant > 1, the importance-weighted bound over them (`bpd_iw`, tighter)."""
     if split not in ("test", "train"):
         raise UserError(f"--split must be 'test' or 'train', got {split!r}")
     if n_dequant < 1:
@@ -39,20 +41,15 @@ def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.de
     run = RunDir(loaded.run_dir) if loaded.run_dir else None
     dataset = _run_dataset(loaded, split, cfg)
     changed = data_changed_warning(read_json(run.data_record), split, dataset) if run and run.config.is_file() else None
-    draws = [evaluate(loaded.model, dataset, cfg, device, seed=EVAL_NOISE_SEED + s) for s in range(n_dequant)]
-    result = {
-        "bpd": sum(d["bpd"] for d in draws) / n_dequant,
-        # Per-image spread dominates the dequantisation spread; report the first draw's standard error.
-        "bpd_stderr": draws[0]["bpd_stderr"],
-        "n_images": draws[0]["n_images"],
-        "n_dequant": n_dequant,
-        "split": split,
-        "step": loaded.step,
-        "checkpoint": str(loaded.checkpoint),
-        "ema": loaded.used_ema,
-    }
-    if "accuracy" in draws[0]:
-        result["accuracy"] = sum(d["accuracy"] for d in draws) / n_dequant
+    scored = evaluate(loaded.objective or loaded.model, dataset, cfg, device, seed=EVAL_NOISE_SEED,
+                      n_dequant=n_dequant)
+    result = {"bpd": scored["bpd"], "bpd_stderr": scored["bpd_stderr"], "n_images": scored["n_images"]}
+    if n_dequant > 1:
+        result.update(bpd_iw=scored["bpd_iw"], bpd_iw_stderr=scored["bpd_iw_stderr"])
+    result.update(n_dequant=n_dequant, split=split, step=loaded.step, checkpoint=str(loaded.checkpoint),
+                  ema=loaded.used_ema)
+    if "accuracy" in scored:
+        result["accuracy"] = scored["accuracy"]
     if changed:
         result["warning"] = changed  # the CLI prints it as a line of its own
     return result
@@ -230,6 +227,23 @@ def _counting_modules(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def _counted_multiply_adds(module: nn.Module, probe) -> int:
+    """Multiply-adds that the counting modules inside `module` report while `probe(module)` runs once."""
+    counts: list[int] = []
+
+    def count(counted: nn.Module, inputs, output) -> None:
+        counts.append(counted.multiply_adds(tuple(inputs[0].shape[1:])))
+
+    hooks = [counted.register_forward_hook(count) for counted in _counting_modules(module)]
+    try:
+        with torch.no_grad():
+            probe(module)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(counts)
+
+
 def multiply_adds(model: Glow) -> int:
     """Multiply-adds of one forward pass for one image, as counted by each module that does the work.
 
@@ -238,24 +252,22 @@ def multiply_adds(model: Glow) -> int:
     at the input shape a probe image gives them.
     """
     model = copy.deepcopy(model)  # the probe below would initialise the ActNorms of an untrained model
-    counts: list[int] = []
-
-    def count(module: nn.Module, inputs, output) -> None:
-        counts.append(module.multiply_adds(tuple(inputs[0].shape[1:])))
-
-    hooks = [module.register_forward_hook(count) for module in _counting_modules(model)]
-    try:
-        with torch.no_grad():
-            device = next(model.parameters()).device
-            model.log_prob(torch.zeros(1, *model.image_shape, device=device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return sum(counts)
+    device = next(model.parameters()).device
+    return _counted_multiply_adds(model, lambda m: m.log_prob(torch.zeros(1, *m.image_shape, device=device)))
 
 
-def info_summary(cfg: Config, model: Glow | None = None) -> dict:
-    """Parameters per level and in total, latent shapes, dimensionality, multiply-adds, resolved config."""
+def dequantizer_multiply_adds(dequantizer: nn.Module, image_shape: tuple[int, int, int]) -> int:
+    """Multiply-adds of a learned dequantiser drawing the noise of one image (its networks' convolutions)."""
+    dequantizer = copy.deepcopy(dequantizer)
+    device = next(dequantizer.parameters()).device
+    images = torch.zeros(1, *image_shape, dtype=torch.uint8, device=device)
+    return _counted_multiply_adds(dequantizer, lambda d: d(images, torch.full(images.shape, 0.5, device=device)))
+
+
+def info_summary(cfg: Config, model: Glow | None = None, dequantizer: nn.Module | None = None) -> dict:
+    """Parameters per level and in total, latent shapes, dimensionality, multiply-adds, resolved config.
+
+    A learned dequantiser's parameters and multiply-adds are listed apart from the flow's."""
     if model is None:
         torch.manual_seed(0)
         model = Glow.from_config(cfg)
@@ -264,12 +276,17 @@ def info_summary(cfg: Config, model: Glow | None = None) -> dict:
     priors += model.top_prior.numel() if isinstance(model.top_prior, nn.Parameter) else 0
     if model.n_classes > 0:
         priors += sum(p.numel() for m in (model.label_prior, model.classifier) for p in m.parameters())
-    return {
+    summary = {
         "parameters_per_level": per_level,
         "parameters_priors": priors,
         "parameters_total": sum(p.numel() for p in model.parameters()),
         "latent_shapes": [list(shape) for shape in model.latent_shapes],
         "dimensions": model.n_dims,
         "multiply_adds_per_image": multiply_adds(model),
-        "config": config_to_yaml(cfg),
     }
+    dequantizer = dequantizer if dequantizer is not None else build_objective(model, cfg).dequantizer
+    n_dequantizer = sum(p.numel() for p in dequantizer.parameters())
+    if n_dequantizer:  # a learned dequantiser: training runs it on every image too
+        summary["parameters_dequantizer"] = n_dequantizer
+        summary["multiply_adds_dequantizer_per_image"] = dequantizer_multiply_adds(dequantizer, model.image_shape)
+    return {**summary, "config": config_to_yaml(cfg)}

@@ -57,6 +57,7 @@ class Run:
     checkpoint: Path
     run_dir: Path | None
     device: torch.device
+    objective: Objective  # the model with the run's dequantiser (uniform, or the learned one)
 
     @property
     def n_bits(self) -> int:
@@ -76,7 +77,7 @@ class Run:
         """bits/dim of each image (float64, on the CPU), with `glowtrain eval`'s dequantisation noise keyed by the
         image's position in `images`, averaged over n_dequant draws (what `glowtrain score` reports)."""
         pixels = self.preprocess(images)
-        objective = Objective(self.model, self.n_bits).eval()
+        objective = self.objective.eval()
         parts = [dequantized_terms(objective, pixels[start:start + batch_size],
                                    list(range(start, min(start + batch_size, len(pixels)))), n_dequant)["bpd"]
                  for start in range(0, len(pixels), batch_size)]
@@ -105,4 +106,4 @@ def load_run(path: str | Path, device: str = "auto", ema: bool = True) -> Run:
     path = Path(path)
     resolved = resolve_device(device, "device")
     loaded = open_run(str(path), None, resolved, ema) if path.is_dir() else open_run(None, str(path), resolved, ema)
-    return Run(loaded.model, loaded.cfg, loaded.step, loaded.checkpoint, loaded.run_dir, resolved)
+    return Run(loaded.model, loaded.cfg, loaded.step, loaded.checkpoint, loaded.run_dir, resolved, loaded.objective)

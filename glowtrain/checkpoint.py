@@ -14,6 +14,7 @@ from glowtrain.config import Config, apply_overrides, check_resume_config, confi
 from glowtrain.errors import UserError
 from glowtrain.files import atomic_write
 from glowtrain.model import Glow
+from glowtrain.objective import Objective, build_objective
 from glowtrain.runs import resolve_checkpoint
 
 CHECKPOINT_FORMAT = 1
@@ -91,6 +92,21 @@ def model_from_checkpoint(state: dict[str, Any], use_ema: bool = True,
     return model.eval(), cfg
 
 
+def objective_from_checkpoint(state: dict[str, Any], model: Glow, cfg: Config, use_ema: bool = True,
+                              source: str = "checkpoint") -> Objective:
+    """The objective around `model` with the checkpoint's learned dequantiser (if any), EMA or raw like the model."""
+    objective = build_objective(model, cfg)
+    use_ema = use_ema and state.get("ema") is not None
+    extras = state.get("ema_objective") if use_ema else state.get("objective")
+    if extras:
+        load_state_checked(objective.dequantizer, {k.removeprefix("dequantizer."): v for k, v in extras.items()},
+                           source)
+    elif any(True for _ in objective.dequantizer.parameters()):
+        raise UserError(f"{source} holds no weights for its {cfg.model.dequantization} dequantizer — it is not a "
+                        "complete glowtrain checkpoint")
+    return objective.eval()
+
+
 def checkpoint_state(*, model, ema, optimizer, cfg_dict: dict, train_state: dict[str, Any]) -> dict[str, Any]:
     """One dict of plain types and tensors: everything a resume needs.
 
@@ -123,6 +139,7 @@ class LoadedRun:
     checkpoint: Path
     run_dir: Path | None  # None for a checkpoint file outside a run directory
     used_ema: bool = False  # whether `model` holds the EMA weights (a run without EMA has only the raw ones)
+    objective: Objective | None = None  # the model with its dequantiser (learned or uniform), for eval
 
 
 def open_run(run: str | None, checkpoint: str | None, device: torch.device | str = "cpu",
@@ -133,4 +150,5 @@ def open_run(run: str | None, checkpoint: str | None, device: torch.device | str
     model, cfg = model_from_checkpoint(state, use_ema=use_ema, source=str(path))
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
     used_ema = use_ema and state.get("ema") is not None
-    return LoadedRun(model.to(device), cfg, int(state.get("step", 0)), path, run_dir, used_ema)
+    objective = objective_from_checkpoint(state, model, cfg, use_ema, str(path)).to(device)
+    return LoadedRun(objective.model, cfg, int(state.get("step", 0)), path, run_dir, used_ema, objective)

@@ -359,7 +359,8 @@ def info(
         from glowtrain.runs import training_state
 
         loaded, _ = _open(run, None, "cpu", 0, True)
-        summary = {**training_state(run, loaded.step, loaded.cfg.train.steps), **info_summary(loaded.cfg, loaded.model)}
+        summary = {**training_state(run, loaded.step, loaded.cfg.train.steps),
+                   **info_summary(loaded.cfg, loaded.model, loaded.objective.dequantizer)}
     else:
         summary = info_summary(load_config(config, set_ or []))
     config_text = summary.pop("config")

@@ -77,12 +77,20 @@ class ModelConfig:
     hidden_channels: int = _opt(64, "width of the coupling networks")
     # The names registered in glowtrain.flows.COUPLING_KINDS and CONV_KINDS, repeated because config
     # imports no torch; tests/test_flows.py checks that they agree.
-    coupling: Literal["affine", "additive"] = _opt("affine", "coupling layer type")
+    coupling: Literal["spline", "affine", "additive"] = _opt("affine", "coupling layer type")
+    spline_bins: int = _opt(8, "spline coupling: K rational-quadratic bins per element")
+    spline_bound: float = _opt(3.0, "spline coupling: bins cover [-B, B]; identity outside")
     conv: Literal["lu", "plain", "shuffle", "reverse"] = _opt(
         "lu", "channel mixing between couplings (1x1 conv or permutation)"
     )
     learn_top: bool = _opt(True, "learn the mean and scale of the top-level prior")
     n_classes: int = _opt(0, ">0: class-conditional prior + classifier head")
+    dequantization: Literal["uniform", "variational"] = _opt(
+        "uniform", "uniform noise, or a learned noise flow q(u|x) (Flow++)")
+    dequant_steps: int = _opt(4, "variational: couplings in the noise flow")
+    dequant_hidden_channels: int = _opt(32, "variational: width of the noise flow's networks")
+    dequant_coupling: Literal["spline", "affine", "additive"] = _opt("spline", "variational: the noise flow's "
+                                                                     "coupling type (spline starts as uniform noise)")
 
 
 @dataclass(frozen=True)
@@ -463,8 +471,10 @@ def validate(cfg: Config) -> None:
     _require(data.labels == "none" or data.dataset == "folder", "data.labels", data.labels,
              "subfolder labels are for data.dataset: folder; the other datasets bring their own labels")
 
-    for key in ("n_levels", "n_steps", "hidden_channels"):
+    for key in ("n_levels", "n_steps", "hidden_channels", "dequant_steps", "dequant_hidden_channels"):
         _require(getattr(model, key) >= 1, f"model.{key}", getattr(model, key), "use an integer >= 1")
+    _require(1 <= model.spline_bins < 1000, "model.spline_bins", model.spline_bins, "use 1 to 999 bins")
+    _require(model.spline_bound > 0, "model.spline_bound", model.spline_bound, "use a bound > 0")
     _require(model.n_classes >= 0, "model.n_classes", model.n_classes, "use 0 (unconditional) or the class count")
     # Each level halves the spatial size with a squeeze, so the size must survive L halvings.
     factor = 2**model.n_levels

@@ -25,39 +25,61 @@ def per_image_noise(indices: list[int], shape: tuple[int, ...], seed: int, devic
     return torch.stack(draws)
 
 
+def importance_weighted_bpd(bpd: torch.Tensor, n_dims: int) -> torch.Tensor:
+    """(S, N) single-draw bounds in bits/dim -> (N,) the importance-weighted bound over the S draws.
+
+    Each draw's bpd is -log w_s / (D ln 2) up to a constant, with w_s = p(x + u_s) / q(u_s | x), so
+    -log mean_s w_s (Burda et al.'s bound, tighter as S grows) is computed from them directly.
+    """
+    log_weights = -bpd * (n_dims * math.log(2.0))
+    log_mean = torch.logsumexp(log_weights, 0) - math.log(bpd.shape[0])
+    return -log_mean / (n_dims * math.log(2.0))
+
+
+def _mean_and_stderr(total: float, total_sq: float, n: int) -> tuple[float, float]:
+    mean = total / n
+    variance = max(0.0, total_sq / n - mean**2)
+    return mean, math.sqrt(variance / max(1, n - 1))
+
+
 @torch.inference_mode()
 @full_float32()  # bits/dim must not depend on the GPU generation (precision.py)
 def evaluate(model: Glow | Objective, dataset, cfg: Config, device: torch.device, seed: int = EVAL_NOISE_SEED,
-             ctx: Context | None = None) -> dict:
+             ctx: Context | None = None, n_dequant: int = 1) -> dict:
     """bits/dim over the whole split (mean of per-image bpd), plus accuracy for class-conditional models.
 
+    With `n_dequant` S > 1, each image gets S dequantisation draws (seeds seed .. seed + S - 1): `bpd` is
+    then the single-draw bound averaged over them, and `bpd_iw` the importance-weighted bound.
     Under torchrun each rank scores its share and the sums are all-reduced."""
     ctx = ctx or Context(device=device)
     objective = model if isinstance(model, Objective) else Objective(model, cfg.data.n_bits)
     was_training = objective.training
     objective.eval()
     wide = widest_float(device)
-    sums = torch.zeros(4, dtype=wide, device=device)  # bpd, bpd^2, correct, images
+    sums = torch.zeros(6, dtype=wide, device=device)  # bpd, bpd^2, correct, images, iw bpd, iw bpd^2
     mine = list(range(ctx.rank, len(dataset), ctx.world_size))
     batch_size = cfg.train.eval_batch_size
     batches = make_eval_batches(dataset, batch_size, rank=ctx.rank, world_size=ctx.world_size,
                                 n_workers=cfg.data.n_workers, pin_memory=device.type == "cuda")
     for start, (images, labels) in zip(range(0, len(mine), batch_size), batches):
         images, labels = images.to(device), labels.to(device)
-        noise = per_image_noise(mine[start : start + len(images)], tuple(images.shape[1:]), seed, device)
-        terms = objective(images, labels, noise)
-        bpd = terms["bpd"].to(wide)
-        sums[0] += bpd.sum()
-        sums[1] += (bpd**2).sum()
-        if "correct" in terms:
-            sums[2] += terms["correct"].sum()
-        sums[3] += images.shape[0]
+        draws = []
+        for draw in range(n_dequant):
+            noise = per_image_noise(mine[start : start + len(images)], tuple(images.shape[1:]), seed + draw, device)
+            terms = objective(images, labels, noise)
+            draws.append(terms["bpd"].to(wide))
+            if draw == 0 and "correct" in terms:
+                sums[2] += terms["correct"].sum()
+        bpd, iw = torch.stack(draws).mean(0), importance_weighted_bpd(torch.stack(draws), objective.model.n_dims)
+        sums += torch.stack([bpd.sum(), (bpd**2).sum(), sums.new_zeros(()), sums.new_tensor(len(images)),
+                             iw.sum(), (iw**2).sum()])
     objective.train(was_training)
-    total_bpd, total_sq, n_correct, n_images = ctx.sum_(sums).tolist()
+    total_bpd, total_sq, n_correct, n_images, total_iw, total_iw_sq = ctx.sum_(sums).tolist()
     n_images = int(n_images)
-    mean = total_bpd / n_images
-    variance = max(0.0, total_sq / n_images - mean**2)
-    result = {"bpd": mean, "bpd_stderr": math.sqrt(variance / max(1, n_images - 1)), "n_images": n_images}
+    mean, stderr = _mean_and_stderr(total_bpd, total_sq, n_images)
+    result = {"bpd": mean, "bpd_stderr": stderr, "n_images": n_images}
+    if n_dequant > 1:
+        result["bpd_iw"], result["bpd_iw_stderr"] = _mean_and_stderr(total_iw, total_iw_sq, n_images)
     if cfg.model.n_classes > 0:
         result["accuracy"] = n_correct / n_images
     return result

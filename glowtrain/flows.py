@@ -6,8 +6,9 @@ the memory-saving backward (reversible.py). Layers know nothing of priors or pix
 
 A coupling is a transform times a conditioner, as in nflows' CouplingTransform and zuko's general
 coupling: the conditioner (a network, `CouplingNet` here) maps the kept half of the channels to
-parameters, and the transform (`AdditiveTransform`, NICE; `AffineTransform`, RealNVP) applies an
-elementwise bijection to the other half with them. `COUPLING_KINDS` and `CONV_KINDS` register the
+parameters, and the transform (`AdditiveTransform`, NICE; `AffineTransform`, RealNVP;
+`SplineTransform`, rational-quadratic splines of Neural Spline Flows) applies an elementwise
+bijection to the other half with them. `COUPLING_KINDS` and `CONV_KINDS` register the
 couplings and channel mixings (1x1 convolutions, permutations) that `flow_step` builds by name;
 adding a kind is one entry there (and its name in config.py's Literal, which a test compares).
 """
@@ -21,6 +22,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from glowtrain.splines import MIN_BIN_WIDTH, rq_spline_forward, rq_spline_inverse
 
 # The affine coupling's scale lives in (SCALE_FLOOR, 1): reverse divides by it, and a floor keeps
 # that division bounded however the network saturates (sigmoid(h + 2) alone reaches 0 in float32).
@@ -355,6 +358,11 @@ class CouplingTransform:
 
     params_per_channel: int = 1
 
+    @classmethod
+    def from_options(cls, hidden_channels: int, spline_bins: int = 8, spline_bound: float = 3.0) -> CouplingTransform:
+        """The transform for a coupling whose conditioner is `hidden_channels` wide; most need no options."""
+        return cls()
+
     def split_params(self, params: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """P tensors shaped like the changed half: the j-th parameter of every changed channel."""
         p = self.params_per_channel
@@ -400,6 +408,41 @@ class AffineTransform(CouplingTransform):
     def inverse(self, y: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         shift, scale = self._shift_and_scale(params)
         return y / scale - shift
+
+
+class SplineTransform(CouplingTransform):
+    """A monotonic rational-quadratic spline per changed element (Durkan et al. 2019; splines.py).
+
+    K bins on [-bound, bound], identity outside. Raw widths and heights are scaled by
+    1/sqrt(hidden_channels) before their softmax, as Durkan et al. do, so that a wide conditioner's
+    outputs do not saturate it; zero raw parameters give the identity.
+    """
+
+    def __init__(self, n_bins: int = 8, bound: float = 3.0, hidden_channels: int = 1):
+        if n_bins < 1 or n_bins * MIN_BIN_WIDTH >= 1 or bound <= 0:
+            raise ValueError(f"a spline needs 1 <= bins < {1 / MIN_BIN_WIDTH:.0f} and bound > 0, "
+                             f"got {n_bins} bins on [-{bound}, {bound}]")
+        self.n_bins, self.bound = n_bins, bound
+        self.raw_scale = 1.0 / math.sqrt(hidden_channels)
+        self.params_per_channel = 3 * n_bins - 1
+
+    @classmethod
+    def from_options(cls, hidden_channels: int, spline_bins: int = 8, spline_bound: float = 3.0) -> SplineTransform:
+        return cls(spline_bins, spline_bound, hidden_channels)
+
+    def _raw(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """(N, C*P, H, W) grouped parameters -> (N, C, H, W, P), widened out of half precision."""
+        n, c, h, w = x.shape
+        raw = params.reshape(n, c, self.params_per_channel, h, w).movedim(2, -1)
+        # The spline arithmetic runs in float32 or wider whatever precision the conditioner used.
+        return raw.float() if raw.dtype in (torch.float16, torch.bfloat16) else raw
+
+    def forward(self, x: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, log_derivative = rq_spline_forward(x, self._raw(x, params), self.n_bins, self.bound, self.raw_scale)
+        return y.to(x.dtype), _sum_per_sample(log_derivative)
+
+    def inverse(self, y: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        return rq_spline_inverse(y, self._raw(y, params), self.n_bins, self.bound, self.raw_scale).to(y.dtype)
 
 
 class Coupling(FlowLayer):
@@ -481,9 +524,10 @@ class FlowSequence(FlowLayer):
 
 
 # The registries that flow_step, Glow and the config's tests read: a new kind is one entry here.
-# Coupling kinds name a transform (built with no arguments; its conditioner is a CouplingNet),
+# Coupling kinds name a transform class (built by its `from_options`; its conditioner is a CouplingNet),
 # conv kinds a channel mixing built from the number of channels.
-COUPLING_KINDS: dict[str, Callable[[], CouplingTransform]] = {
+COUPLING_KINDS: dict[str, type[CouplingTransform]] = {
+    "spline": SplineTransform,
     "affine": AffineTransform,
     "additive": AdditiveTransform,
 }
@@ -507,9 +551,11 @@ def check_kinds(coupling: str, conv: str) -> None:
     _registered("conv", conv, CONV_KINDS)
 
 
-def make_coupling(kind: str, channels: int, hidden_channels: int) -> Coupling:
-    """A coupling of registered `kind` on `channels` channels, conditioned by a CouplingNet."""
-    transform = _registered("coupling", kind, COUPLING_KINDS)()
+def make_coupling(kind: str, channels: int, hidden_channels: int, **options) -> Coupling:
+    """A coupling of registered `kind` on `channels` channels, conditioned by a CouplingNet.
+
+    `options` go to the transform's `from_options` (spline_bins, spline_bound)."""
+    transform = _registered("coupling", kind, COUPLING_KINDS).from_options(hidden_channels, **options)
     if channels < 2:
         raise ValueError(f"a coupling layer needs at least 2 channels, got {channels}")
     n_kept = channels // 2
@@ -517,8 +563,9 @@ def make_coupling(kind: str, channels: int, hidden_channels: int) -> Coupling:
     return Coupling(transform, CouplingNet(n_kept, n_params, hidden_channels))
 
 
-def flow_step(channels: int, hidden_channels: int, coupling: str = "affine", conv: str = "lu") -> FlowSequence:
+def flow_step(channels: int, hidden_channels: int, coupling: str = "affine", conv: str = "lu",
+              **options) -> FlowSequence:
     """One Glow step: ActNorm, then a channel mixing (1x1 conv or permutation), then a coupling."""
     check_kinds(coupling, conv)
     mixing = CONV_KINDS[conv](channels)
-    return FlowSequence([ActNorm(channels), mixing, make_coupling(coupling, channels, hidden_channels)])
+    return FlowSequence([ActNorm(channels), mixing, make_coupling(coupling, channels, hidden_channels, **options)])

@@ -61,6 +61,8 @@ class Glow(nn.Module):
         learn_top: bool = True,
         n_classes: int = 0,
         memory_saving: bool = False,
+        spline_bins: int = 8,
+        spline_bound: float = 3.0,
     ):
         super().__init__()
         _check_architecture(image_shape, n_levels, n_steps, hidden_channels, coupling, conv, n_classes)
@@ -77,7 +79,8 @@ class Glow(nn.Module):
         channels, height, width = self.image_shape
         for level in range(n_levels):
             channels, height, width = channels * 4, height // 2, width // 2  # squeeze
-            steps = [flow_step(channels, hidden_channels, coupling, conv) for _ in range(n_steps)]
+            steps = [flow_step(channels, hidden_channels, coupling, conv, spline_bins=spline_bins,
+                               spline_bound=spline_bound) for _ in range(n_steps)]
             self.levels.append(FlowSequence(steps))
             if level < n_levels - 1:
                 n_kept = channels // 2
@@ -103,7 +106,8 @@ class Glow(nn.Module):
         """The model that `cfg` (a glowtrain.config.Config) describes, untrained."""
         m = cfg.model
         return cls(cfg.image_shape, n_levels=m.n_levels, n_steps=m.n_steps, hidden_channels=m.hidden_channels,
-                   coupling=m.coupling, conv=m.conv, learn_top=m.learn_top, n_classes=m.n_classes)
+                   coupling=m.coupling, conv=m.conv, learn_top=m.learn_top, n_classes=m.n_classes,
+                   spline_bins=m.spline_bins, spline_bound=m.spline_bound)
 
     def _conditioners(self) -> list[Conditioner]:
         return [module for module in self.modules() if isinstance(module, Conditioner)]

@@ -1,8 +1,8 @@
 """What training minimises and evaluation reports: dequantise -> log-likelihood -> named loss terms.
 
 Training and evaluation both call `Objective`, so bits/dim is computed in one place. The
-dequantiser is a submodule: a learned one (variational dequantisation) would be trained with the
-flow, and the optimiser, EMA, DDP and checkpoints pick it up through the objective.
+dequantiser (dequantization.py) is a submodule: a learned one (variational dequantisation) is
+trained with the flow, and the optimiser, EMA, DDP and checkpoints pick it up through the objective.
 """
 
 from __future__ import annotations
@@ -13,31 +13,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glowtrain.config import Config
+from glowtrain.dequantization import UniformDequantizer, make_dequantizer
 from glowtrain.losses import bits_per_dim, dequantize
 from glowtrain.model import Glow
 
-
-class UniformDequantizer(nn.Module):
-    """x = (bin + u) / n_bins - 0.5 with u ~ U[0, 1) given: q(u | x) = 1, so log q = 0."""
-
-    def __init__(self, n_bits: int):
-        super().__init__()
-        self.n_bits = n_bits
-
-    def forward(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(continuous x, log q(u | x) per image in nats)."""
-        return dequantize(images, self.n_bits, noise), images.new_zeros(images.shape[0], dtype=torch.float32)
+__all__ = ["Objective", "UniformDequantizer", "batch_noise", "build_objective"]
 
 
 class Objective(nn.Module):
     """uint8 images (+ labels, + uniform noise) -> {"loss", "bpd" (per image), "class_ce", "correct"}."""
 
-    def __init__(self, model: Glow, n_bits: int, class_weight: float = 0.0):
+    def __init__(self, model: Glow, n_bits: int, class_weight: float = 0.0, dequantizer: nn.Module | None = None):
         super().__init__()
         self.model = model
-        self.dequantizer = UniformDequantizer(n_bits)
+        self.dequantizer = dequantizer if dequantizer is not None else UniformDequantizer(n_bits)
         self.n_bits = n_bits
         self.class_weight = class_weight
+
+    @torch.no_grad()
+    def initialize(self, images: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor) -> Objective:
+        """Data-dependent init (ActNorm) of the flow, and of a learned dequantiser's networks, from one batch."""
+        if isinstance(self.dequantizer, UniformDequantizer):
+            x = dequantize(images, self.n_bits, noise)
+        else:
+            x, _ = self.dequantizer(images, noise)
+        self.model.initialize(x, labels)
+        return self
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
         x, log_q = self.dequantizer(images, noise)
@@ -81,3 +83,12 @@ def batch_noise(images: torch.Tensor, generator: torch.Generator | None, flip: b
         images = torch.where(flips[:, None, None, None], images.flip(3), images)
     noise = torch.rand((n * n_parts, *images.shape[1:]), generator=generator, device=device)[mine]
     return images, noise
+
+
+def build_objective(model: Glow, cfg: Config) -> Objective:
+    """The objective `cfg` describes around `model`: its dequantisation and class weight."""
+    m = cfg.model
+    dequantizer = make_dequantizer(m.dequantization, cfg.image_shape, cfg.data.n_bits, n_steps=m.dequant_steps,
+                                   hidden_channels=m.dequant_hidden_channels, coupling=m.dequant_coupling,
+                                   spline_bins=m.spline_bins, spline_bound=m.spline_bound)
+    return Objective(model, cfg.data.n_bits, cfg.train.class_weight, dequantizer)

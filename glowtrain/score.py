@@ -196,8 +196,9 @@ class Scorer:
 
     def __init__(self, loaded: LoadedRun, n_dequant: int = 1, entropy_bpd: float | None = None,
                  reference: LoadedRun | None = None):
-        self.objective = Objective(loaded.model, loaded.cfg.data.n_bits).eval()
-        self.reference = Objective(reference.model, reference.cfg.data.n_bits).eval() if reference else None
+        # The runs' own objectives: a learned dequantiser's log q is part of each bits/dim.
+        self.objective = loaded.objective.eval()
+        self.reference = reference.objective.eval() if reference else None
         self.n_bits, self.n_dequant, self.entropy_bpd = loaded.cfg.data.n_bits, n_dequant, entropy_bpd
 
     def __call__(self, images: torch.Tensor, indices: list[int]) -> dict[str, np.ndarray]:
@@ -238,7 +239,7 @@ def training_bpd(loaded: LoadedRun, use_ema: bool, options: ScoreOptions) -> np.
     dataset = build_dataset(loaded.cfg.data, "train")
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:options.max_train_images]
     chosen = sorted(chosen.tolist())
-    objective = Objective(loaded.model, loaded.cfg.data.n_bits).eval()
+    objective = loaded.objective.eval()
     values = []
     bar = tqdm(total=len(chosen), desc="typical set (training split, once)", unit="img", disable=not options.progress)
     for start in range(0, len(chosen), options.batch_size):

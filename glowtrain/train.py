@@ -34,7 +34,7 @@ from glowtrain.images import display_upscale, image_grid, sample_images, save_pn
 from glowtrain.logs import NullLogger, RunLogger
 from glowtrain.losses import dequantize
 from glowtrain.model import Glow
-from glowtrain.objective import Objective, batch_noise
+from glowtrain.objective import Objective, batch_noise, build_objective
 from glowtrain.optim import build_optimizer, load_optimizer_state, skips_on_device
 from glowtrain.runs import RunDir, checkpoint_to_resume, prepare_run_dir, read_json, resume_message, run_dir_for
 
@@ -211,7 +211,7 @@ class Trainer:
         self.train_set, self.test_set = datasets or self._load_datasets()
         torch.manual_seed(cfg.run.seed)
         self.model = Glow.from_config(cfg).to(self.device)
-        self.objective = Objective(self.model, cfg.data.n_bits, cfg.train.class_weight)
+        self.objective = build_objective(self.model, cfg).to(self.device)
         self.optimizer = build_optimizer(cfg, self.objective.parameters())
         # float16's narrow range needs loss scaling; bfloat16 has float32's range and needs none.
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.amp == "fp16" else None
@@ -244,15 +244,15 @@ class Trainer:
         return train_set, test_set
 
     def _initialize(self) -> None:
-        """ActNorm's data-dependent init on a fixed random batch, broadcast from rank 0."""
+        """ActNorm's data-dependent init (flow and learned dequantiser) on a fixed random batch, broadcast
+        from rank 0."""
         cfg = self.cfg
         size = min(cfg.train.init_batch_size, len(self.train_set))
         images, labels = next(make_train_batches(self.train_set, size, seed=cfg.run.seed + 7919))
         generator = torch.Generator(device=self.device).manual_seed(cfg.run.seed)
         images, noise = batch_noise(images.to(self.device), generator)
-        x = dequantize(images, cfg.data.n_bits, noise)
-        self.model.initialize(x, labels.to(self.device) if cfg.model.n_classes > 0 else None)
-        broadcast_state(self.model, self.ctx)
+        self.objective.initialize(images, labels.to(self.device) if cfg.model.n_classes > 0 else None, noise)
+        broadcast_state(self.objective, self.ctx)
 
     def restore(self, path: Path) -> dict:
         """Weights, optimiser moments, training state and the CPU random state from a checkpoint (returned)."""

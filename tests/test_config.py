@@ -217,7 +217,7 @@ def test_wrong_types_are_rejected(key, value, expected):
 
 
 def test_literal_message_lists_the_choices():
-    with raises(r"model\.coupling: expected one of 'affine', 'additive', got 'afine'"):
+    with raises(r"model\.coupling: expected one of 'spline', 'affine', 'additive', got 'afine'"):
         override("model.coupling=afine")
 
 

@@ -226,7 +226,7 @@ def test_squeeze_moves_each_2x2_block_into_channels():
 
 def test_unknown_layer_kinds_are_refused():
     with pytest.raises(ValueError, match="unknown coupling"):
-        flow_step(4, 8, "spline", "lu")
+        flow_step(4, 8, "quadratic", "lu")
     with pytest.raises(ValueError, match="unknown conv"):
         flow_step(4, 8, "affine", "dense")
     with pytest.raises(ValueError, match="at least 2 channels"):

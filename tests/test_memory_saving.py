@@ -59,7 +59,8 @@ def _assert_same_gradients(standard, saving, rtol=1e-8, atol=1e-12):
         assert torch.allclose(saving[name], expected, rtol=rtol, atol=atol), name
 
 
-CASES = [("additive", "lu"), ("additive", "plain"), ("affine", "lu"), ("affine", "plain"), ("affine", "shuffle")]
+CASES = [("additive", "lu"), ("additive", "plain"), ("affine", "lu"), ("affine", "plain"), ("affine", "shuffle"),
+         ("spline", "lu")]
 
 
 @pytest.mark.parametrize("n_classes", [0, 3])
@@ -130,9 +131,9 @@ def test_set_memory_saving_round_trip_and_no_effect_without_autograd(device):
 
 def test_coupling_reverse_and_recompute_matches_reverse_and_forward(device):
     torch.manual_seed(5)
-    for kind in ("affine", "additive"):
+    for kind in ("affine", "additive", "spline"):
         layer = make_coupling(kind, 6, 8).double()
-        perturb(layer, 0.2, seed=5)
+        perturb(layer, 0.2 if kind != "spline" else 0.05, seed=5)
         layer = layer.to(device)
         x = torch.randn(3, 6, 4, 4, dtype=torch.float64).to(device)
         y, logdet = layer(x)

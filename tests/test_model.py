@@ -261,7 +261,7 @@ def test_amp_dtype_reports_what_set_amp_set_on_every_conditioner():
         ({"image_shape": (3, 8), "n_levels": 1}, "image_shape must be"),
         ({"image_shape": (3, 8, 8), "n_levels": 0}, "n_levels must be at least 1"),
         ({"image_shape": (3, 8, 8), "n_steps": 0}, "n_steps must be at least 1"),
-        ({"image_shape": (3, 8, 8), "coupling": "spline"}, "unknown coupling"),
+        ({"image_shape": (3, 8, 8), "coupling": "quadratic"}, "unknown coupling"),
         ({"image_shape": (3, 8, 8), "conv": "dense"}, "unknown conv"),
         ({"image_shape": (3, 8, 8), "n_classes": -1}, "n_classes must be at least 0"),
     ],
