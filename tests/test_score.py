@@ -275,3 +275,20 @@ def test_without_the_training_split_typicality_is_left_out_with_a_warning(run_di
     assert "typicality" not in read_csv(tmp_path / "scores.csv")[0]
     failed = invoke("score", "--run", run_dir, "--out", tmp_path / "b", *CPU, "--dataset", "digits", "--batch-test")
     assert_one_line_error(failed, 2, "--batch-test needs the training split")
+
+
+def test_a_learned_dequantiser_is_part_of_every_score(tmp_path):
+    """A variational run's scores include log q(u | x): the CSV's mean is still eval's figure, and load_run agrees."""
+    from helpers import TINY_RUN, sets
+
+    run = tmp_path / "variational"
+    ok(invoke("fit", "--out", run, "--no-progress", *sets(*TINY_RUN, "model.dequantization=variational",
+                                                           "model.dequant_steps=1", "model.dequant_hidden_channels=4")))
+    rows, _ = score(run, tmp_path / "score", "--dataset", "digits")
+    expected = eval_json(run)
+    assert np.mean([float(r["bpd"]) for r in rows]) == pytest.approx(expected["bpd"], abs=2e-6)
+    loaded = glowtrain.load_run(run, device="cpu")
+    assert type(loaded.objective.dequantizer).__name__ != "UniformDequantizer"
+    test = build_dataset(loaded.cfg.data, "test")
+    first = loaded.bits_per_dim(test.images[:8])
+    assert torch.allclose(first, torch.tensor([float(r["bpd"]) for r in rows[:8]], dtype=first.dtype), atol=2e-5)
