@@ -27,18 +27,23 @@ def _set_grads(params, seed):
         p.grad = torch.randn(p.shape, generator=generator, dtype=p.dtype)
 
 
+def _step_both(gated: GatedAdamax, plain: torch.optim.Optimizer, n_steps: int) -> None:
+    """n finite steps of both optimisers on the same gradients."""
+    for step in range(n_steps):
+        for optimizer in (gated, plain):
+            _set_grads(optimizer.param_groups[0]["params"], step)
+        gated.found_inf = torch.zeros(())
+        gated.step()
+        plain.step()
+
+
 @pytest.mark.usefixtures("gated_on_cpu")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_finite_steps_match_torchs_adamax(dtype):
     ours, reference = _params(dtype=dtype), _params(dtype=dtype)
     gated = GatedAdamax(ours, lr=0.01, betas=(0.9, 0.999), eps=1e-8)
     plain = torch.optim.Adamax(reference, lr=0.01, betas=(0.9, 0.999), eps=1e-8, foreach=False)
-    for step in range(20):
-        _set_grads(ours, step)
-        _set_grads(reference, step)
-        gated.found_inf = torch.zeros(())
-        gated.step()
-        plain.step()
+    _step_both(gated, plain, 20)
     tolerance = 1e-6 if dtype == torch.float32 else 1e-12
     for a, b in zip(ours, reference):
         torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
@@ -131,10 +136,5 @@ def test_both_configured_optimisers_skip_on_the_device():
 def test_on_a_cpu_a_finite_step_is_torchs_own_adamax_bit_for_bit():
     ours, reference = _params(), _params()
     gated, plain = GatedAdamax(ours, lr=0.01), torch.optim.Adamax(reference, lr=0.01, foreach=False)
-    for step in range(5):
-        _set_grads(ours, step)
-        _set_grads(reference, step)
-        gated.found_inf = torch.zeros(())
-        gated.step()
-        plain.step()
+    _step_both(gated, plain, 5)
     assert all(torch.equal(a, b) for a, b in zip(ours, reference))
