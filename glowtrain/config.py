@@ -77,7 +77,7 @@ class ModelConfig:
     hidden_channels: int = _opt(64, "width of the coupling networks")
     # The names registered in glowtrain.flows.COUPLING_KINDS and CONV_KINDS, repeated because config
     # imports no torch; tests/test_flows.py checks that they agree.
-    coupling: Literal["spline", "affine", "additive"] = _opt("affine", "coupling layer type")
+    coupling: Literal["spline", "affine", "additive"] = _opt("spline", "coupling layer type")
     spline_bins: int = _opt(8, "spline coupling: K rational-quadratic bins per element")
     spline_bound: float = _opt(3.0, "spline coupling: bins cover [-B, B]; identity outside")
     conv: Literal["lu", "plain", "shuffle", "reverse"] = _opt(
@@ -86,7 +86,7 @@ class ModelConfig:
     learn_top: bool = _opt(True, "learn the mean and scale of the top-level prior")
     n_classes: int = _opt(0, ">0: class-conditional prior + classifier head")
     dequantization: Literal["uniform", "variational"] = _opt(
-        "uniform", "uniform noise, or a learned noise flow q(u|x) (Flow++)")
+        "variational", "uniform noise, or a learned noise flow q(u|x) (Flow++)")
     dequant_steps: int = _opt(4, "variational: couplings in the noise flow")
     dequant_hidden_channels: int = _opt(32, "variational: width of the noise flow's networks")
     dequant_coupling: Literal["spline", "affine", "additive"] = _opt("spline", "variational: the noise flow's "
@@ -95,7 +95,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = _opt(1000, "total optimiser steps")
+    steps: int = _opt(427, "total optimiser steps")
     batch_size: int = _opt(64, "images per forward pass and process")
     grad_accum_steps: int = _opt(1, "forward passes per optimiser step: the step's batch is batch_size x this x "
                                  "processes")
@@ -178,7 +178,7 @@ def duration_seconds(text: str) -> float | None:
 
 
 def default_config() -> Config:
-    """The embedded default: a small Glow on the bundled 8x8 digits."""
+    """The embedded default: a small Glow with spline couplings and learned dequantisation on the bundled digits."""
     return Config()
 
 

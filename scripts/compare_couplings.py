@@ -4,10 +4,11 @@
 
 First times `Trainer.train_step` of each combination on the real digits, interleaved round by round so
 that all of them see the same load on a shared machine (median ms per step, and its ratio to the
-default, affine + uniform). Then trains each combination and seed with `glowtrain fit` (one run at
-a time) for the number of steps the default's 1,000-step budget affords it, 1000 / ratio, and
-records the final test bpd (EMA weights), the parameter counts and the wall time. Prints a markdown
-table of mean +- spread (half the range) over seeds.
+default of the time, affine + uniform; the digits default is now spline + variational). Then trains
+each combination and seed with `glowtrain fit` (one run at a time) for the number of steps the
+default's 1,000-step budget affords it, 1000 / ratio, and records the final test bpd (EMA weights),
+the parameter counts and the wall time. Prints a markdown table of mean +- spread (half the range)
+over seeds.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import GLOW_LAYERS
 
 from glowtrain.checkpoint import load_checkpoint
 from glowtrain.config import apply_overrides, default_config
@@ -41,7 +42,7 @@ def test_fp16_on_a_cpu_stops_before_anything_is_written(tmp_path):
 
 FP16 = ["run.device=cpu", "model.n_levels=2", "model.n_steps=1", "model.hidden_channels=8", "train.batch_size=16",
         "train.init_batch_size=32", "train.eval_batch_size=300", "train.warmup_steps=0", "train.amp=fp16",
-        "train.n_samples=1", "train.sample_temperatures=[0]", "train.max_bad_steps=5"]
+        "train.n_samples=1", "train.sample_temperatures=[0]", "train.max_bad_steps=5", *GLOW_LAYERS]
 
 
 def _fp16_trainer(tmp_path, *extra) -> Trainer:

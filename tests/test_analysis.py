@@ -143,8 +143,11 @@ def parse_info(text: str) -> tuple[dict, str]:
 
 
 def hand_multiply_adds(channels: int, size: int, n_levels: int, n_steps: int, hidden: int, coupling: str,
-                       conv: str) -> int:
+                       conv: str, spline_bins: int = 8) -> int:
     """Multiply-adds of one image's forward pass, counted from the architecture on paper."""
+    # Network outputs per changed element: shift, or shift and scale, or a spline's K widths, K heights and
+    # K - 1 inner derivatives (its elementwise arithmetic is not counted).
+    outputs = {"additive": 1, "affine": 2, "spline": 3 * spline_bins - 1}[coupling]
     total = 0
     for level in range(n_levels):
         channels, size = 4 * channels, size // 2  # squeeze
@@ -156,7 +159,7 @@ def hand_multiply_adds(channels: int, size: int, n_levels: int, n_steps: int, hi
             per_step += channels * channels * pixels_  # the 1x1 invertible convolution
         per_step += hidden * pixels_ * kept * 9  # coupling net: 3x3 conv in
         per_step += hidden * pixels_ * hidden  # 1x1 conv
-        per_step += changed * (2 if coupling == "affine" else 1) * pixels_ * hidden * 9  # 3x3 zero conv out
+        per_step += changed * outputs * pixels_ * hidden * 9  # 3x3 zero conv out
         total += n_steps * per_step
         if level < n_levels - 1:
             total += 2 * changed * pixels_ * kept * 9  # split prior: 3x3 zero conv from the kept half
@@ -526,8 +529,11 @@ def test_info_without_options_describes_the_digits_default_without_training(tmp_
     assert values["parameters_per_level"] == [sum(p.numel() for p in level.parameters()) for level in model.levels]
     assert values["latent_shapes"] == [[2, 4, 4], [8, 2, 2]]
     assert values["dimensions"] == 64
-    assert values["multiply_adds_per_image"] == hand_multiply_adds(1, 8, 2, 8, 64, "affine", "lu")
+    assert values["multiply_adds_per_image"] == hand_multiply_adds(1, 8, 2, 8, 64, "spline", "lu")
+    # The counts README "Results" gives for spline couplings with variational dequantisation.
+    assert (values["parameters_total"], values["parameters_dequantizer"]) == (737_104, 107_568)
     assert "n_steps: 8" in config_text and "hidden_channels: 64" in config_text
+    assert "coupling: spline" in config_text and "dequantization: variational" in config_text
     assert list(tmp_path.iterdir()) == []
 
 
@@ -550,6 +556,7 @@ def test_info_of_the_cifar10_config_counts_every_parameter(tmp_path, monkeypatch
     (3, 8, 3, 2, 6, "additive", "plain"),
     (3, 16, 2, 3, 5, "affine", "shuffle"),
     (1, 4, 1, 2, 3, "additive", "reverse"),
+    (1, 8, 2, 1, 4, "spline", "lu"),
 ])
 def test_multiply_adds_matches_a_count_by_hand(channels, size, n_levels, n_steps, hidden, coupling, conv):
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from helpers import perturb
+from helpers import GLOW_LAYERS, perturb
 
 from glowtrain.checkpoint import (
     checkpoint_state,
@@ -24,7 +24,7 @@ from glowtrain.optim import build_optimizer, load_optimizer_state
 from glowtrain.precision import full_float32
 from glowtrain.runs import RunDir, latest_run, resolve_checkpoint
 
-TINY = ["model.n_levels=2", "model.n_steps=2", "model.hidden_channels=8"]
+TINY = [*GLOW_LAYERS, "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=8"]
 
 
 def tiny_state(*extra: str, seed: int = 0) -> dict:

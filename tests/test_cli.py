@@ -10,7 +10,10 @@ import torch
 from helpers import TINY_RUN, assert_one_line_error, invoke, sets
 from PIL import Image
 
+import glowtrain.train as training
 from glowtrain import __version__
+from glowtrain.checkpoint import load_checkpoint
+from glowtrain.config import apply_overrides, default_config
 from glowtrain.runs import RunDir
 
 TINY = TINY_RUN
@@ -66,6 +69,27 @@ def test_fit_trains_into_out_and_says_where_everything_is(fitted):
 
 def sample_pngs(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
+
+
+def test_fit_without_arguments_trains_the_digits_default_into_runs_digits(tmp_path, monkeypatch):
+    """Spline couplings with a learned dequantiser: the default's model, cut to two steps to stay quick."""
+    seen, real_train = [], training.train
+
+    def two_steps(cfg, **kwargs):
+        seen.append(cfg)
+        short = ["run.device=cpu", "train.steps=2", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=2",
+                 "train.sample_every=2", "train.checkpoint_every=2", "train.n_samples=4"]
+        return real_train(apply_overrides(cfg, short), **kwargs)
+
+    monkeypatch.setattr(training, "train", two_steps)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("fit")
+    assert result.exit_code == 0, result.output
+    assert seen == [default_config()] and "test bpd" in result.output
+    state = load_checkpoint(RunDir(tmp_path / "runs" / "digits").last)
+    model = state["config"]["model"]
+    assert (model["coupling"], model["dequantization"], state["step"]) == ("spline", "variational", 2)
+    assert any(name.startswith("dequantizer.") for name in state["objective"])  # the noise flow's trained weights
 
 
 def test_sample_writes_one_grid_per_temperature_and_is_reproducible_by_seed(fitted, tmp_path):

@@ -4,6 +4,7 @@ compiles once and never again, train.compile resolves per device, and a compiler
 import pytest
 import torch
 import torch._dynamo as dynamo
+from helpers import GLOW_LAYERS
 from torch._dynamo.utils import counters
 
 from glowtrain.compilation import LazyCompile, compile_enabled
@@ -103,7 +104,8 @@ def test_compile_accepts_the_booleans_of_older_configs(value, expected):
 STEP_RUN = ["run.device=cpu", "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=8", "train.batch_size=8",
             "train.grad_accum_steps=2", "train.init_batch_size=32", "train.eval_batch_size=300", "train.steps=6",
             "train.warmup_steps=3", "train.log_every=2", "train.eval_every=3", "train.sample_every=100",
-            "train.checkpoint_every=3", "train.n_samples=1", "train.sample_temperatures=[0]", "train.compile=on"]
+            "train.checkpoint_every=3", "train.n_samples=1", "train.sample_temperatures=[0]", "train.compile=on",
+            *GLOW_LAYERS]
 
 
 def _compile_with(monkeypatch, backend: str, fullgraph: bool = True):

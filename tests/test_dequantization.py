@@ -203,7 +203,7 @@ def test_importance_weighted_bpd_of_one_draw_is_that_draw_and_of_equal_draws_is_
 # ---------------------------------------------------------------------------- training, resume, eval, info
 
 TINY_VARIATIONAL = [
-    "run.device=cpu", "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16",
+    "run.device=cpu", "model.coupling=affine", "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16",
     "model.dequantization=variational", "model.dequant_steps=2", "model.dequant_hidden_channels=8",
     "train.batch_size=16", "train.init_batch_size=32", "train.eval_batch_size=300",
     "train.steps=6", "train.log_every=2", "train.eval_every=3", "train.sample_every=3",
@@ -215,8 +215,9 @@ def _variational_config(*extra: str):
     return apply_overrides(default_config(), [*TINY_VARIATIONAL, *extra])
 
 
-def test_uniform_objective_from_config_is_the_unchanged_default():
-    objective = build_objective(Glow((1, 8, 8), n_levels=2, n_steps=1, hidden_channels=4), default_config())
+def test_uniform_objective_from_config_is_parameter_free_uniform_noise():
+    cfg = apply_overrides(default_config(), ["model.dequantization=uniform"])
+    objective = build_objective(Glow((1, 8, 8), n_levels=2, n_steps=1, hidden_channels=4), cfg)
     assert isinstance(objective.dequantizer, UniformDequantizer) and not list(objective.dequantizer.parameters())
 
 
@@ -278,7 +279,7 @@ def test_info_counts_the_noise_flows_parameters_and_multiply_adds():
     context = pixels * 9 * (4 * 8 + 8 * 8)
     coupling = pixels * (9 * 10 * 8 + 8 * 8 + 9 * 8 * 4)
     assert summary["multiply_adds_dequantizer_per_image"] == context + 2 * coupling
-    assert "parameters_dequantizer" not in info_summary(default_config())
+    assert "parameters_dequantizer" not in info_summary(apply_overrides(cfg, ["model.dequantization=uniform"]))
 
 
 def test_cli_trains_with_spline_couplings_and_variational_dequantisation(tmp_path):

@@ -7,12 +7,14 @@ import sys
 
 import pytest
 import torch
+from helpers import GLOW_LAYERS
 
 from glowtrain.checkpoint import load_checkpoint
 
 SETS = ["run.device=cpu", "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16", "train.init_batch_size=32",
         "train.eval_batch_size=100", "train.steps=6", "train.log_every=1", "train.eval_every=3",
-        "train.sample_every=6", "train.checkpoint_every=3", "train.n_samples=4", "train.warmup_steps=2"]
+        "train.sample_every=6", "train.checkpoint_every=3", "train.n_samples=4", "train.warmup_steps=2",
+        *GLOW_LAYERS]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

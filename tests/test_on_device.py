@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_training_state
+from helpers import GLOW_LAYERS, assert_same_training_state
 
 from glowtrain.checkpoint import load_checkpoint, open_run
 from glowtrain.config import apply_overrides, default_config
@@ -19,7 +19,7 @@ STEPS = 4
 # train.compile=off: compilation has its own tests (test_compile.py); here it would only add minutes of
 # compiling on a GPU to each of the three runs.
 TINY = [
-    "run.deterministic=true", "train.compile=off",
+    "run.deterministic=true", "train.compile=off", *GLOW_LAYERS,
     "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16",
     "train.batch_size=16", "train.init_batch_size=32", "train.eval_batch_size=300",
     f"train.steps={STEPS}", "train.log_every=1", f"train.eval_every={STEPS}", f"train.sample_every={STEPS}",

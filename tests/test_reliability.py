@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import GLOW_LAYERS
 
 from glowtrain.checkpoint import load_checkpoint, save_checkpoint
 from glowtrain.config import apply_overrides, default_config
 from glowtrain.errors import UserError
 from glowtrain.train import train
 
-TINY = ["model.n_levels=2", "model.n_steps=1", "model.hidden_channels=8", "train.batch_size=16",
+TINY = [*GLOW_LAYERS, "model.n_levels=2", "model.n_steps=1", "model.hidden_channels=8", "train.batch_size=16",
         "train.init_batch_size=32", "train.eval_batch_size=300", "train.warmup_steps=5", "train.log_every=1",
         "train.eval_every=1000", "train.sample_every=1000", "train.checkpoint_every=1000", "train.n_samples=1",
         "train.sample_temperatures=[0]"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_training_state
+from helpers import GLOW_LAYERS, assert_same_training_state
 from PIL import Image
 
 from glowtrain.checkpoint import load_checkpoint, model_from_checkpoint
@@ -24,7 +24,7 @@ from glowtrain.train import Trainer, ema_decay_at, evaluate, fit_config, lr_at, 
 # steps=6: train lines at 2, 4, 6; test lines, samples and checkpoints at 3 and 6.
 # warmup_steps=5 puts the resume point (step 3) inside the warm-up.
 TINY = [
-    "run.device=cpu",
+    "run.device=cpu", *GLOW_LAYERS,
     "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16",
     "train.batch_size=16", "train.init_batch_size=32", "train.eval_batch_size=300",
     "train.steps=6", "train.log_every=2", "train.eval_every=3", "train.sample_every=3",
@@ -305,7 +305,7 @@ def test_class_count_that_does_not_match_the_dataset_is_a_user_error(tmp_path):
 
 
 def test_weight_decay_shrinks_weights_relative_to_no_decay(tmp_path):
-    overrides = ["model.n_levels=2", "model.n_steps=1", "model.hidden_channels=8", "train.batch_size=16",
+    overrides = [*GLOW_LAYERS, "model.n_levels=2", "model.n_steps=1", "model.hidden_channels=8", "train.batch_size=16",
                  "train.init_batch_size=32", "train.eval_batch_size=300", "train.steps=3", "train.warmup_steps=0",
                  "train.ema_decay=0", "train.n_samples=1", "train.sample_temperatures=[0]"]
     norms = {}
@@ -332,7 +332,7 @@ def _poisoned(bad_calls) -> type[Trainer]:
     return Poisoned
 
 
-NAN_RUN = ["run.device=cpu", "model.n_levels=2", "model.n_steps=1", "model.hidden_channels=8",
+NAN_RUN = ["run.device=cpu", *GLOW_LAYERS, "model.n_levels=2", "model.n_steps=1", "model.hidden_channels=8",
            "train.batch_size=16", "train.init_batch_size=32", "train.eval_batch_size=300", "train.steps=10",
            "train.warmup_steps=0",
            "train.log_every=1", "train.eval_every=100", "train.sample_every=100", "train.checkpoint_every=2",
@@ -448,7 +448,7 @@ def test_divergence_before_any_checkpoint_says_there_is_nothing_to_roll_back_to(
         train(cfg, out=str(tmp_path / "run"), progress=False, trainer=poisoned)
 
 
-SMALL = ["run.device=cpu", "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16",
+SMALL = ["run.device=cpu", *GLOW_LAYERS, "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16",
          "train.batch_size=16", "train.init_batch_size=32", "train.eval_batch_size=300", "train.steps=4",
          "train.warmup_steps=2",
          "train.log_every=1", "train.eval_every=4", "train.sample_every=4", "train.n_samples=1",
@@ -552,7 +552,7 @@ def test_weights_that_became_non_finite_are_never_saved_over_a_checkpoint(tmp_pa
     assert saved["step"] == 2 and all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
 
 
-ACCUMULATION = ["run.device=cpu", "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16",
+ACCUMULATION = ["run.device=cpu", *GLOW_LAYERS, "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16",
                 "train.init_batch_size=64", "train.eval_batch_size=300", "train.steps=20", "train.warmup_steps=5",
                 "train.log_every=5", "train.eval_every=10", "train.sample_every=100", "train.checkpoint_every=10",
                 "train.n_samples=1", "train.sample_temperatures=[0]", "data.hflip=true"]
