@@ -32,6 +32,7 @@ from glowtrain.checkpoint import LoadedRun
 from glowtrain.config import FIXED_CHANNELS
 from glowtrain.data import DATASETS, build_dataset, image_shape, make_eval_batches
 from glowtrain.data import read_images as read_image_files
+from glowtrain.dequantization import UniformDequantizer
 from glowtrain.errors import UserError
 from glowtrain.evaluation import EVAL_NOISE_SEED, per_image_noise
 from glowtrain.files import atomic_write
@@ -200,6 +201,7 @@ class Scorer:
         self.objective = loaded.objective.eval()
         self.reference = reference.objective.eval() if reference else None
         self.n_bits, self.n_dequant, self.entropy_bpd = loaded.cfg.data.n_bits, n_dequant, entropy_bpd
+        self.learned_dequantizer = not isinstance(self.objective.dequantizer, UniformDequantizer)
 
     def __call__(self, images: torch.Tensor, indices: list[int]) -> dict[str, np.ndarray]:
         terms = dequantized_terms(self.objective, images, indices, self.n_dequant)
@@ -208,6 +210,8 @@ class Scorer:
         for level in range(prior.shape[1]):
             columns[f"level{level + 1}_prior_bpd"] = prior[:, level]
             columns[f"level{level + 1}_logdet_bpd"] = logdet[:, level]
+        if self.learned_dequantizer:  # then bpd = n_bits + this + the levels' terms
+            columns["dequantizer_bpd"] = terms["dequantizer"]
         columns["last_level_bpd"] = prior[:, -1] + logdet[:, -1]
         columns["last_level_share"] = columns["last_level_bpd"] / (prior.sum(1) + logdet.sum(1))
         columns["png_bpd"] = png_bits_per_dim(images, self.n_bits)

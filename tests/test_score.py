@@ -287,6 +287,9 @@ def test_a_learned_dequantiser_is_part_of_every_score(tmp_path):
     rows, _ = score(run, tmp_path / "score", "--dataset", "digits")
     expected = eval_json(run)
     assert np.mean([float(r["bpd"]) for r in rows]) == pytest.approx(expected["bpd"], abs=2e-6)
+    for row in rows:  # its log q is a column of its own, and the terms still add up
+        levels = [float(v) for k, v in row.items() if re.fullmatch(r"level\d+_(prior|logdet)_bpd", k)]
+        assert 4 + float(row["dequantizer_bpd"]) + sum(levels) == pytest.approx(float(row["bpd"]), abs=2e-5)
     loaded = glowtrain.load_run(run, device="cpu")
     assert type(loaded.objective.dequantizer).__name__ != "UniformDequantizer"
     test = build_dataset(loaded.cfg.data, "test")
