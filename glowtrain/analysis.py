@@ -20,7 +20,7 @@ from glowtrain.losses import dequantize, to_uint8
 from glowtrain.model import Glow
 from glowtrain.objective import build_objective
 from glowtrain.precision import full_float32
-from glowtrain.runs import RunDir, read_json
+from glowtrain.runs import RunDir, checked_files, read_json
 
 PIXEL_LEVELS = 256  # "pixel units": one step of the 8-bit 0..255 scale; x spans [-0.5, 0.5)
 
@@ -57,8 +57,7 @@ def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.de
 
 def _run_dataset(loaded: LoadedRun, split: str, cfg: Config | None = None):
     """A split of the run's data; image files the run already checked are not read again for the check."""
-    run = RunDir(loaded.run_dir) if loaded.run_dir else None
-    return build_dataset((cfg or loaded.cfg).data, split, read_json(run.data_check) if run else None)
+    return build_dataset((cfg or loaded.cfg).data, split, checked_files(loaded.run_dir))
 
 
 def _test_images(cfg: Config, n: int, device: torch.device, loaded: LoadedRun | None = None):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from glowtrain.checkpoint import open_run
 from glowtrain.config import Config
-from glowtrain.data import preprocess_image
+from glowtrain.data import preprocess_image, training_crop
 from glowtrain.distributed import resolve_device
 from glowtrain.errors import UserError
 from glowtrain.images import sample_images
@@ -68,7 +68,8 @@ class Run:
         channels, crop and resize as training read its images, and the pixels reduced to the run's n_bits (shown
         on the full 0..255 scale, like samples). The model sees exactly these pixels' bins."""
         try:
-            pixels = torch.stack([preprocess_image(_to_pil(s), self.cfg.data) for s in _as_sources(images)])
+            crop = training_crop(self.cfg.data, self.run_dir)
+            pixels = torch.stack([preprocess_image(_to_pil(s), self.cfg.data, crop) for s in _as_sources(images)])
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read an image ({e}); pass paths, PIL images or uint8 arrays") from None
         return to_uint8(dequantize(pixels, self.n_bits, 0.5), self.n_bits).to(self.device)

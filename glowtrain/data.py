@@ -174,11 +174,12 @@ def square_image(img: Image.Image, image_size: int | None, crop: int | None = No
     return torch.from_numpy(array.transpose(2, 0, 1).copy())  # (3, H, W)
 
 
-def preprocess_image(source: str | Path | Image.Image, data_cfg: DataConfig) -> Tensor:
+def preprocess_image(source: str | Path | Image.Image, data_cfg: DataConfig, crop: int | None = None) -> Tensor:
     """One image -> uint8 (C, H, W) as training reads this dataset's images: channels, crop and resize.
 
     Built-in sets: the largest centred square at the set's native size (resized with antialiasing if needed),
-    then the set's own path to data.image_size (MNIST's zero border, ...). Folders and CelebA: as ImageFiles."""
+    then the set's own path to data.image_size (MNIST's zero border, ...). Folders and CelebA: as ImageFiles,
+    with the centre crop training used (`training_crop`; None: the largest square)."""
     channels, size, _ = image_shape(data_cfg)
     img = read_image(source, channels)
     name = data_cfg.dataset
@@ -188,17 +189,27 @@ def preprocess_image(source: str | Path | Image.Image, data_cfg: DataConfig) -> 
         if square.shape[-1] != native:
             square = _resize(square[None], native)[0]
         return _to_image_size(square[None], native, size)[0]
-    crop = CELEBA_CROP if name == "celeba" and _celeba_official_root(data_cfg) else None
     return square_image(img, size, crop)
 
 
-def read_images(paths: Iterable[str], data_cfg: DataConfig, on_bad_image: str,
-                skipped: list[tuple[str, str]], fix: str = "set data.on_bad_image: skip") -> Iterator[Tensor | None]:
+def training_crop(data_cfg: DataConfig, run_dir: str | Path | None) -> int | None:
+    """The centre crop a run's training images had: from its data.json, else from what data.root holds now
+    (CelebA's official layout is cropped to 148 pixels; any other folder to its largest square)."""
+    if data_cfg.dataset != "celeba":
+        return None
+    recorded = read_json(RunDir(run_dir).data_record) if run_dir is not None else None
+    if recorded and "crop" in recorded:
+        return recorded["crop"]
+    return CELEBA_CROP if _celeba_official_root(data_cfg) else None
+
+
+def read_images(paths: Iterable[str], data_cfg: DataConfig, on_bad_image: str, skipped: list[tuple[str, str]],
+                fix: str = "set data.on_bad_image: skip", crop: int | None = None) -> Iterator[Tensor | None]:
     """preprocess_image of each path in turn; an unreadable file raises a UserError naming `fix`, or with
     on_bad_image 'skip' yields None and is added to `skipped` as (path, reason)."""
     for path in paths:
         try:
-            yield preprocess_image(path, data_cfg)
+            yield preprocess_image(path, data_cfg, crop)
         except PIL_DECODE_ERRORS as e:
             if on_bad_image != "skip":
                 raise UserError(f"cannot read image {path} ({e}); fix or remove it, or {fix}") from None
@@ -508,9 +519,12 @@ def skipped_warning(train, test, limit: int = 3) -> str | None:
 
 def data_record(data_cfg: DataConfig, train, test) -> dict:
     """What a run records about its data (data.json), to tell later whether the files changed."""
-    return {"dataset": data_cfg.dataset, "split_scheme": getattr(train, "split_scheme", None),
-            "fingerprints": {"train": train.report.fingerprint, "test": test.report.fingerprint},
-            "skipped": [path for path, _ in train.report.skipped + test.report.skipped]}
+    record = {"dataset": data_cfg.dataset, "split_scheme": getattr(train, "split_scheme", None),
+              "fingerprints": {"train": train.report.fingerprint, "test": test.report.fingerprint},
+              "skipped": [path for path, _ in train.report.skipped + test.report.skipped]}
+    if isinstance(train, ImageFiles):  # so that score and load_run crop new images the same way
+        record["crop"] = train.crop
+    return record
 
 
 def data_changed_warning(recorded: dict | None, split: str, dataset) -> str | None:

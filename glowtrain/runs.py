@@ -142,6 +142,11 @@ def format_runs(rows: list[dict]) -> list[str]:
     return [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip() for r in table]
 
 
+def checked_files(run_dir: str | Path | None) -> dict | None:
+    """What a run's upfront image check found (data_check.json), so that unchanged files are not read again."""
+    return read_json(RunDir(run_dir).data_check) if run_dir else None
+
+
 def read_json(path: Path) -> dict | None:
     """A JSON object a run wrote, or None when it is missing or unreadable (it is only ever a cache or a record)."""
     try:

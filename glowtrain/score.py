@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from glowtrain.checkpoint import LoadedRun
 from glowtrain.config import FIXED_CHANNELS
-from glowtrain.data import DATASETS, build_dataset, image_shape, make_eval_batches
+from glowtrain.data import DATASETS, build_dataset, image_shape, make_eval_batches, training_crop
 from glowtrain.data import read_images as read_image_files
 from glowtrain.dequantization import UniformDequantizer
 from glowtrain.errors import UserError
@@ -42,7 +42,7 @@ from glowtrain.losses import reduce_bits
 from glowtrain.objective import Objective
 from glowtrain.ood_metrics import ood_metrics, typicality_test
 from glowtrain.precision import full_float32
-from glowtrain.runs import check_writable
+from glowtrain.runs import check_writable, checked_files
 
 ROLES = ("images", "against")  # the scored set, and the set treated as out-of-distribution
 TRAIN_CACHE = "score_train_bpd.json"  # in the run directory: the training split's bits/dim for typicality
@@ -105,7 +105,8 @@ def file_set(role: str, sources: list[str], loaded: LoadedRun, on_bad_image: str
     policy = on_bad_image or loaded.cfg.data.on_bad_image
 
     def batches(batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
-        images = read_image_files(paths, loaded.cfg.data, policy, image_set.skipped, "pass --on-bad-image skip")
+        images = read_image_files(paths, loaded.cfg.data, policy, image_set.skipped, "pass --on-bad-image skip",
+                                  training_crop(loaded.cfg.data, loaded.run_dir))
         indices, pending = [], []
         for index, image in enumerate(images):
             if image is not None:
@@ -139,7 +140,7 @@ def dataset_set(role: str, name: str, split: str, loaded: LoadedRun) -> ImageSet
     if shape != loaded.model.image_shape:
         raise UserError(f"--dataset {name} does not come in this model's {'x'.join(map(str, loaded.model.image_shape))}"
                         " images — save the images to a folder and pass it with --images")
-    dataset = build_dataset(data, split)
+    dataset = build_dataset(data, split, checked_files(loaded.run_dir) if data == loaded.cfg.data else None)
 
     def batches(batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
         start = 0
@@ -240,7 +241,7 @@ def training_bpd(loaded: LoadedRun, use_ema: bool, options: ScoreOptions) -> np.
                 return np.asarray(stored["bpd"], float)
         except (OSError, ValueError):
             pass  # a damaged cache is recomputed
-    dataset = build_dataset(loaded.cfg.data, "train")
+    dataset = build_dataset(loaded.cfg.data, "train", checked_files(loaded.run_dir))
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:options.max_train_images]
     chosen = sorted(chosen.tolist())
     objective = loaded.objective.eval()

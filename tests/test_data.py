@@ -499,3 +499,27 @@ def test_prepare_replaces_a_complete_cache_and_refuses_a_folder_that_is_not_one(
     with pytest.raises(UserError, match="no glowtrain cache"):
         data.prepare_cache(cfg, str(tmp_path / "mine"), progress=False)
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_the_crop_of_a_celeba_run_is_recorded_and_used_from_any_working_directory(tmp_path, monkeypatch):
+    """score and load_run crop new images as training did, even where data.root is not at hand."""
+    from dataclasses import replace
+
+    cfg = DataConfig(dataset="celeba", image_size=64, channels=3, root="data")
+    monkeypatch.chdir(tmp_path)
+    assert data.training_crop(cfg, None) is None  # no record, no official layout: the largest square
+    official = tmp_path / "data" / "celeba"
+    (official / "img_align_celeba").mkdir(parents=True)
+    (official / "list_eval_partition.txt").write_text("000001.jpg 0\n")
+    assert data.training_crop(cfg, None) == data.CELEBA_CROP
+    run = tmp_path / "run"
+    run.mkdir()
+    cropped = data.ImageFiles([], 64, 3, data.CELEBA_CROP)
+    (run / "data.json").write_text(json.dumps(data.data_record(cfg, cropped, cropped)))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # data/celeba is no longer under the working directory
+    assert data.training_crop(cfg, run) == data.CELEBA_CROP
+    assert data.training_crop(replace(cfg, dataset="folder"), run) is None
+    image = Image.fromarray(np.arange(178 * 218 * 3, dtype=np.uint8).reshape(218, 178, 3))
+    assert not torch.equal(data.preprocess_image(image, cfg, data.CELEBA_CROP), data.preprocess_image(image, cfg))

@@ -263,10 +263,10 @@ def test_make_ood_sets_writes_the_four_folders_readmes_table_scores(tmp_path):
 def test_without_the_training_split_typicality_is_left_out_with_a_warning(run_dir, tmp_path, monkeypatch):
     import glowtrain.score as score_module
 
-    def no_training_split(data_cfg, split):
+    def no_training_split(data_cfg, split, checked=None):
         if split == "train":
             raise glowtrain.UserError("image folder gone does not exist")
-        return build_dataset(data_cfg, split)
+        return build_dataset(data_cfg, split, checked)
 
     (run_dir / TRAIN_CACHE).unlink(missing_ok=True)
     monkeypatch.setattr(score_module, "build_dataset", no_training_split)
