@@ -92,11 +92,11 @@ def assert_one_line_error(result, code: int = 2, *needles: str) -> str:
     return lines[0]
 
 
-def assert_same_training_state(expected: dict, actual: dict) -> None:
-    """Two checkpoints hold bit-identical weights, EMA weights and optimiser state."""
+def assert_same_training_state(expected: dict, actual: dict, keys: tuple[str, ...] = ("model", "ema")) -> None:
+    """Two checkpoints hold bit-identical state dicts under `keys` (weights, EMA weights) and optimiser state."""
     import torch
 
-    for key in ("model", "ema"):
+    for key in keys:
         assert expected[key].keys() == actual[key].keys()
         for name, tensor in expected[key].items():
             assert torch.equal(tensor, actual[key][name]), f"{key}.{name} differs after resume"

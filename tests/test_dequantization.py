@@ -6,7 +6,7 @@ from itertools import product
 import numpy as np
 import pytest
 import torch
-from helpers import invoke, perturb, sets
+from helpers import assert_same_training_state, invoke, perturb, sets
 
 from glowtrain.analysis import info_summary
 from glowtrain.checkpoint import load_checkpoint, open_run
@@ -235,13 +235,7 @@ def variational_runs(tmp_path_factory):
 def test_variational_dequantizer_is_trained_averaged_saved_and_resumed_exactly(variational_runs):
     straight, resumed = (load_checkpoint(RunDir(variational_runs / name).last) for name in ("straight", "split"))
     assert straight["step"] == resumed["step"] == 6
-    for key in ("objective", "ema_objective", "model", "ema"):
-        assert straight[key].keys() == resumed[key].keys()
-        for name, tensor in straight[key].items():
-            assert torch.equal(tensor, resumed[key][name]), f"{key}.{name} differs after resume"
-    for index, param_state in straight["optimizer"]["state"].items():
-        for name, value in param_state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed["optimizer"]["state"][index][name]))
+    assert_same_training_state(straight, resumed, ("objective", "ema_objective", "model", "ema"))
     # The dequantiser learned (its zero-initialised last layers moved) and its EMA differs from it.
     weights = straight["objective"]
     last_layers = [name for name in weights if name.endswith("conv_out.conv.weight") and "couplings" in name]
