@@ -36,7 +36,7 @@ from glowtrain.losses import dequantize
 from glowtrain.model import Glow
 from glowtrain.objective import Objective, batch_noise, build_objective
 from glowtrain.optim import build_optimizer, load_optimizer_state, skips_on_device
-from glowtrain.runs import RunDir, checkpoint_to_resume, prepare_run_dir, read_json, resume_message, run_dir_for
+from glowtrain.runs import RunDir, checked_files, checkpoint_to_resume, prepare_run_dir, resume_message, run_dir_for
 
 
 class Interrupted(Exception):
@@ -236,7 +236,7 @@ class Trainer:
 
     def _load_datasets(self) -> tuple:
         cfg = self.cfg
-        checked = read_json(self.run_dir.data_check)  # what an earlier start found: unchanged files are not reread
+        checked = checked_files(self.run_dir.path)  # what an earlier start found: unchanged files are not reread
         # One process downloads or caches a dataset while the others wait for its files.
         train_set, test_set = in_turns(self.ctx, lambda: (build_dataset(cfg.data, "train", checked),
                                                           build_dataset(cfg.data, "test", checked)))
