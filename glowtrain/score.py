@@ -42,7 +42,7 @@ from glowtrain.losses import reduce_bits
 from glowtrain.objective import Objective
 from glowtrain.ood_metrics import ood_metrics, typicality_test
 from glowtrain.precision import full_float32
-from glowtrain.runs import check_writable, checked_files
+from glowtrain.runs import check_writable, checked_files, read_json
 
 ROLES = ("images", "against")  # the scored set, and the set treated as out-of-distribution
 TRAIN_CACHE = "score_train_bpd.json"  # in the run directory: the training split's bits/dim for typicality
@@ -234,13 +234,9 @@ def training_bpd(loaded: LoadedRun, use_ema: bool, options: ScoreOptions) -> np.
     key = {"checkpoint": loaded.checkpoint.name, "step": loaded.step, "ema": use_ema,
            "n_dequant": options.n_dequant, "max_images": options.max_train_images}
     cache = loaded.run_dir / TRAIN_CACHE if loaded.run_dir is not None else None
-    if cache is not None and cache.is_file():
-        try:
-            stored = json.loads(cache.read_text())
-            if stored.get("key") == key:
-                return np.asarray(stored["bpd"], float)
-        except (OSError, ValueError):
-            pass  # a damaged cache is recomputed
+    stored = read_json(cache) if cache is not None else None  # None when missing or damaged: recomputed
+    if stored is not None and stored.get("key") == key:
+        return np.asarray(stored["bpd"], float)
     dataset = build_dataset(loaded.cfg.data, "train", checked_files(loaded.run_dir))
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:options.max_train_images]
     chosen = sorted(chosen.tolist())
