@@ -18,6 +18,7 @@ from glowtrain.config import DEVICE_PATTERN
 from glowtrain.errors import UserError
 
 T = TypeVar("T")
+H = TypeVar("H")
 
 
 def resolve_device(name: str, option: str = "run.device", tf32: bool | None = True,
@@ -86,18 +87,30 @@ class Context:
         if self.distributed:
             dist.barrier()
 
+    def share(self, value: T, src: int = 0) -> T:
+        """Rank `src`'s `value` on every rank (a picklable object, sent once through the process group)."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src)
+        return box[0]
 
-def in_turns(ctx: Context, work: Callable[[], T]) -> T:
-    """`work()` on every rank: rank 0 alone first, then the first process of each other machine, then the rest.
+
+def in_turns(ctx: Context, work: Callable[[H | None], T], hand_on: Callable[[T], H] | None = None) -> T:
+    """`work(handed)` on every rank: rank 0 alone first, then the first process of each other machine, then the rest.
 
     For work that downloads or caches files: rank 0 fetches them once; a machine without shared storage
-    fetches its own copy in one process; every other process finds the files already there."""
+    fetches its own copy in one process; every other process finds the files already there. `hand_on(result)`
+    picks what rank 0's turn passes to every later turn (e.g. what it found checking image files, so that no
+    other process reads them again); rank 0's own `work` gets None."""
     turn = 0 if ctx.is_main else 1 if ctx.local_rank == 0 else 2
-    result = None
+    result, handed = None, None
     for phase in range(3):
         if phase == turn:
-            result = work()
+            result = work(handed)
         ctx.barrier()
+        if phase == 0 and hand_on is not None:
+            handed = ctx.share(hand_on(result) if ctx.is_main else None)
     return result
 
 

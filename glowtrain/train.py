@@ -26,7 +26,7 @@ from glowtrain.checkpoint import (
 )
 from glowtrain.compilation import LazyCompile, compile_enabled
 from glowtrain.config import Config, config_to_dict, derived_seed, load_config, save_config
-from glowtrain.data import build_dataset, check_class_count, make_train_batches, record_run_data
+from glowtrain.data import build_dataset, check_class_count, check_records, make_train_batches, record_run_data
 from glowtrain.distributed import Context, broadcast_state, identical_across_ranks, in_turns, setup, teardown
 from glowtrain.errors import UserError
 from glowtrain.evaluation import evaluate
@@ -236,10 +236,14 @@ class Trainer:
 
     def _load_datasets(self) -> tuple:
         cfg = self.cfg
-        checked = checked_files(self.run_dir.path)  # what an earlier start found: unchanged files are not reread
-        # One process downloads or caches a dataset while the others wait for its files.
-        train_set, test_set = in_turns(self.ctx, lambda: (build_dataset(cfg.data, "train", checked),
-                                                          build_dataset(cfg.data, "test", checked)))
+        earlier = checked_files(self.run_dir.path)  # what an earlier start found: unchanged files are not reread
+
+        def build(from_rank_0: dict | None) -> tuple:
+            checked = {**(earlier or {}), **(from_rank_0 or {})}
+            return build_dataset(cfg.data, "train", checked), build_dataset(cfg.data, "test", checked)
+
+        # One process downloads, caches or checks a dataset's files; the others then build it from what it found.
+        train_set, test_set = in_turns(self.ctx, build, hand_on=lambda sets: check_records(*sets))
         check_class_count(cfg, train_set.n_classes)
         return train_set, test_set
 

@@ -149,7 +149,7 @@ def test_files_are_fetched_by_rank_0_then_one_process_per_other_machine_then_the
     results = {}
     for rank, local_rank in ((0, 0), (1, 1), (2, 0), (3, 1)):
         ctx = Recording(rank=rank, world_size=4, local_rank=local_rank)
-        results[rank] = in_turns(ctx, lambda rank=rank: events.append(("work", rank)) or rank)
+        results[rank] = in_turns(ctx, lambda handed, rank=rank: events.append(("work", rank)) or rank)
     assert results == {0: 0, 1: 1, 2: 2, 3: 3}
     # Where each rank works among its three barriers: which phase it fetches in.
     phases = {}
@@ -158,6 +158,73 @@ def test_files_are_fetched_by_rank_0_then_one_process_per_other_machine_then_the
         assert mine.count("barrier") == 3 and mine.count("work") == 1
         phases[rank] = mine.index("work")
     assert phases == {0: 0, 1: 2, 2: 1, 3: 2}
+
+
+class _SequentialRanks:
+    """Contexts for ranks run one after another in this process, rank 0 first: `share` hands rank 0's value
+    to the later ranks, as the broadcast would (in_turns has every other rank wait for rank 0's turn)."""
+
+    def __init__(self):
+        self.shared = []
+
+    def context(self, rank: int, local_rank: int, world_size: int = 4):
+        from glowtrain.distributed import Context
+
+        shared = self.shared
+
+        class Sequential(Context):
+            def barrier(self):
+                pass
+
+            def share(self, value, src=0):
+                if self.rank == src:
+                    shared.append(value)
+                return shared[-1]
+
+        return Sequential(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def test_later_turns_get_what_rank_0_handed_on_and_rank_0_gets_none():
+    from glowtrain.distributed import in_turns
+
+    ranks, handed_to = _SequentialRanks(), {}
+    for rank, local_rank in ((0, 0), (1, 1), (2, 0), (3, 1)):
+        def work(handed, rank=rank):
+            handed_to[rank] = handed
+            return f"found by {rank}"
+        in_turns(ranks.context(rank, local_rank), work, hand_on=lambda result: result.upper())
+    assert handed_to == {0: None, 1: "FOUND BY 0", 2: "FOUND BY 0", 3: "FOUND BY 0"}
+
+
+def test_only_rank_0_reads_a_folders_image_files_for_the_check_the_others_reuse_its_findings(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from glowtrain import folders
+    from glowtrain.config import apply_overrides, default_config
+    from glowtrain.runs import RunDir
+    from glowtrain.train import Trainer
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    opened = []
+    original = folders._header
+    monkeypatch.setattr(folders, "_header", lambda path: opened.append(path) or original(path))
+    cfg = apply_overrides(default_config(), [f"data.root={tmp_path / 'images'}", "data.dataset=folder",
+                                             "data.image_size=8", "data.channels=1"])
+    ranks, sizes = _SequentialRanks(), {}
+    for rank, local_rank in ((0, 0), (1, 1), (2, 0), (3, 1)):
+        trainer = Trainer.__new__(Trainer)  # only the data set-up, as each rank of a 4-process job runs it
+        trainer.cfg, trainer.ctx, trainer.run_dir = cfg, ranks.context(rank, local_rank), RunDir(tmp_path / "run")
+        opened_before = len(opened)
+        train_set, test_set = trainer._load_datasets()
+        sizes[rank] = (len(train_set), len(test_set), len(opened) - opened_before)
+    n_train, n_test = sizes[0][:2]
+    assert n_train + n_test == 20 and n_test > 0
+    assert sizes == {0: (n_train, n_test, 20), 1: (n_train, n_test, 0), 2: (n_train, n_test, 0),
+                     3: (n_train, n_test, 0)}
 
 
 def test_evaluation_of_image_files_loads_them_in_the_data_workers(tmp_path, monkeypatch):
