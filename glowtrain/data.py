@@ -400,6 +400,8 @@ def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True) ->
              "root": str(Path(data_cfg.root).expanduser().resolve()), "image_size": shape[1],
              "channels": shape[0], "image_shape": list(shape), "n_classes": splits["train"].n_classes, "splits": {},
              "fingerprints": {split: ds.report.fingerprint for split, ds in splits.items()}}
+    if isinstance(splits["train"], ImageFiles):  # runs trained from the cache record it (training_crop)
+        index["crop"] = splits["train"].crop
     out.parent.mkdir(parents=True, exist_ok=True)
     building = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
@@ -471,6 +473,8 @@ def _load_cache(data_cfg, split: str) -> TensorImages:
     dataset = TensorImages(images, labels, n_classes=index["n_classes"])
     # The fingerprint of the files the cache was made from, so a run sees the same data either way.
     dataset.report.fingerprint = index.get("fingerprints", {}).get(split, dataset.report.fingerprint)
+    if "crop" in index:
+        dataset.crop = index["crop"]  # the centre crop its image files were read with
     return dataset
 
 
@@ -522,7 +526,7 @@ def data_record(data_cfg: DataConfig, train, test) -> dict:
     record = {"dataset": data_cfg.dataset, "split_scheme": getattr(train, "split_scheme", None),
               "fingerprints": {"train": train.report.fingerprint, "test": test.report.fingerprint},
               "skipped": [path for path, _ in train.report.skipped + test.report.skipped]}
-    if isinstance(train, ImageFiles):  # so that score and load_run crop new images the same way
+    if hasattr(train, "crop"):  # image files, or a cache of them: so score and load_run crop new images alike
         record["crop"] = train.crop
     return record
 

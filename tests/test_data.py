@@ -523,3 +523,35 @@ def test_the_crop_of_a_celeba_run_is_recorded_and_used_from_any_working_director
     assert data.training_crop(replace(cfg, dataset="folder"), run) is None
     image = Image.fromarray(np.arange(178 * 218 * 3, dtype=np.uint8).reshape(218, 178, 3))
     assert not torch.equal(data.preprocess_image(image, cfg, data.CELEBA_CROP), data.preprocess_image(image, cfg))
+
+
+def test_a_run_trained_from_a_cache_records_the_crop_the_cache_was_made_with(tmp_path, monkeypatch):
+    """A CelebA cache made from the official layout was cropped to 148: runs trained from it say so in data.json,
+    and a cache of a plain folder says "largest square" even where the working directory has the layout."""
+    celeba = tmp_path / "celeba"
+    rng = np.random.default_rng(6)
+    for i in range(1, 5):
+        write_image(celeba / "img_align_celeba" / f"{i:06d}.jpg", random_image(rng, 218, 178), fmt="PNG")
+    (celeba / "list_eval_partition.txt").write_text("000001.jpg 0\n000002.jpg 1\n000003.jpg 2\n000004.jpg 0\n")
+    official = data_cfg(dataset="celeba", root=str(tmp_path), image_size=8, channels=3)
+    data.prepare_cache(official, str(tmp_path / "official-cache"), progress=False)
+    cached = data_cfg(**{**vars(official), "cache": str(tmp_path / "official-cache")})
+    train, test = data.build_dataset(cached, "train"), data.build_dataset(cached, "test")
+    assert data.data_record(cached, train, test)["crop"] == data.CELEBA_CROP
+
+    plain = tmp_path / "plain"
+    make_folder(plain, 4, size=(20, 16))
+    folder = data_cfg(dataset="celeba", root=str(plain), image_size=8, channels=3, test_fraction=0.25)
+    data.prepare_cache(folder, str(tmp_path / "plain-cache"), progress=False)
+    cached = data_cfg(**{**vars(folder), "cache": str(tmp_path / "plain-cache"), "root": str(tmp_path)})
+    train, test = data.build_dataset(cached, "train"), data.build_dataset(cached, "test")
+    record = data.data_record(cached, train, test)
+    assert "crop" in record and record["crop"] is None
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "data.json").write_text(json.dumps(record))
+    assert data.training_crop(cached, None) == data.CELEBA_CROP  # data.root now holds the official layout
+    assert data.training_crop(cached, run) is None  # but this run's images were cropped to their largest square
+
+    digits = data.build_dataset(data_cfg(dataset="digits"), "train")
+    assert "crop" not in data.data_record(data_cfg(dataset="digits"), digits, digits)
