@@ -8,6 +8,8 @@ from typing import TypeVar
 
 import torch
 
+from glowtrain.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -29,6 +31,11 @@ def compile_enabled(setting: str, device: torch.device) -> bool:
     if setting == "auto":
         return compiler_works(device)
     return setting == "on"
+
+
+# Errors of the step itself, not of compiling it: out of GPU memory (an eager retry needs more), and our
+# one-line user errors (bad labels, data).
+NOT_COMPILER_FAILURES = (torch.OutOfMemoryError, UserError)
 
 
 class LazyCompile:
@@ -56,6 +63,8 @@ class LazyCompile:
             return work()
         try:
             result = work()
+        except NOT_COMPILER_FAILURES:
+            raise  # eager would fail the same way (or worse, for memory): the error itself is the message
         except Exception as e:  # noqa: BLE001 - the compiler's errors have no common type
             _warn_eager("failed", e)
             self.module, self.pending = self.eager, False

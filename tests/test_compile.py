@@ -1,6 +1,8 @@
 """torch.compile: the model compiles whole (fresh, resumed, class-conditional, eval), the training step
 compiles once and never again, train.compile resolves per device, and a compiler failure falls back to eager."""
 
+import warnings
+
 import pytest
 import torch
 import torch._dynamo as dynamo
@@ -9,6 +11,7 @@ from torch._dynamo.utils import counters
 
 from glowtrain.compilation import LazyCompile, compile_enabled
 from glowtrain.config import apply_overrides, default_config
+from glowtrain.errors import UserError
 from glowtrain.model import Glow
 from glowtrain.train import Trainer, train
 
@@ -172,3 +175,20 @@ def test_lazy_compile_passes_the_mode_on(monkeypatch):
     seen.clear()
     LazyCompile(torch.nn.Identity(), True, "default")
     assert seen["mode"] is None
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   UserError("labels must lie in 0..9")])
+def test_errors_of_the_step_itself_are_not_taken_for_compiler_failures(error):
+    """Out of memory in the first compiled step is not retried eager (which needs more memory), and no warning
+    blames the compiler: the error reaches the user as it is, and the module stays compiled."""
+    compiled = LazyCompile(torch.nn.Identity(), True)
+    undone = []
+
+    def work():
+        raise error
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(type(error), match=str(error).split(".")[0]):
+            compiled.first_use(work, lambda: undone.append(True))
+    assert compiled.module is not compiled.eager and compiled.pending and undone == []
