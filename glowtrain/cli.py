@@ -17,6 +17,23 @@ from glowtrain.errors import UserError
 
 EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
+
+def _hide_flag_value_types() -> None:
+    """Recent typer's rich help prints a type after every flag (`--help <bool>`), as if flags took a value:
+    show nothing there for flags. A no-op on typer versions without that method."""
+    option = getattr(getattr(typer, "core", None), "TyperOption", None)
+    shown = getattr(option, "display_type_rich", None)
+    if shown is None or getattr(shown, "hides_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+    display_type_rich.hides_flags = True
+    option.display_type_rich = display_type_rich
+
+
+_hide_flag_value_types()
+
 app = typer.Typer(
     name="glowtrain",
     help="Train Glow normalizing flows on images: fit, sample, and inspect likelihood models.",
@@ -94,15 +111,17 @@ def _without_option(args: list[str], name: str) -> list[str]:
 @_errors_to_exit_codes
 def fit(
     config: Annotated[Optional[str], typer.Option(
-        "--config", "-c", help="YAML config; default: bundled digits.")] = None,
+        "--config", "-c", metavar="PATH", help="YAML config; default: bundled digits.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(
-        "--set", "-s", help="Override a key: --set train.lr=5e-4 (repeatable).")] = None,
+        "--set", "-s", metavar="KEY=VALUE", help="Override a key: --set train.lr=5e-4 (repeatable).")] = None,
     resume: Annotated[Optional[str], typer.Option(
-        "--resume",
+        "--resume", metavar="auto|if-any|PATH",
         help="'auto' (the run's last.pt), 'if-any' (auto when there is one), or a checkpoint path.")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run directory; default runs/<run.name>.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="DIR",
+        help="Run directory; default runs/<run.name>.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
-    nproc: Annotated[int, typer.Option("--nproc", help="Processes (GPUs) on this machine; >1 launches torchrun.")] = 1,
+    nproc: Annotated[int, typer.Option("--nproc", metavar="N",
+        help="Processes (GPUs) on this machine; >1 launches torchrun.")] = 1,
 ) -> None:
     """Train a model. With no --config, trains the bundled 8x8 digits in a few minutes on a CPU."""
     from glowtrain.distributed import check_process_count, launched_by_torchrun, torchrun_command
@@ -132,12 +151,17 @@ def fit(
     typer.echo(f"tensorboard:    tensorboard --logdir {run_dir}/tb")
 
 
-RunOption = Annotated[Optional[str], typer.Option("--run", help="Run directory; default: the most recent under runs/.")]
-CheckpointOption = Annotated[Optional[str], typer.Option("--checkpoint", help="A checkpoint file instead of a run.")]
-DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
-SeedOption = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same output.")]
+RunOption = Annotated[Optional[str], typer.Option("--run", metavar="DIR",
+    help="Run directory; default: the most recent under runs/.")]
+CheckpointOption = Annotated[Optional[str], typer.Option("--checkpoint", metavar="PATH",
+    help="A checkpoint file instead of a run.")]
+DeviceOption = Annotated[str, typer.Option("--device", metavar="DEVICE",
+    help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+SeedOption = Annotated[int, typer.Option("--seed", metavar="N",
+    help="Random seed; the same seed gives the same output.")]
 NoEmaOption = Annotated[bool, typer.Option("--no-ema", metavar="", help="Use the raw weights instead of the EMA.")]
-OutOption = Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder; default <run>/samples.")]
+OutOption = Annotated[Optional[str], typer.Option("--out", "-o", metavar="DIR",
+    help="Output folder; default <run>/samples.")]
 TensorboardOption = Annotated[bool, typer.Option("--tensorboard", metavar="",
                                                  help="Also add the images to the run's TensorBoard.")]
 
@@ -167,10 +191,11 @@ def sample(
     temp: Annotated[Optional[list[str]], typer.Option(
         "--temp", "-t", metavar="T[,T...]",
         help="Temperature(s): repeatable or comma-separated (--temp 0.5,0.7); default 0.7.")] = None,
-    n: Annotated[int, typer.Option("--n", help="Images per temperature.")] = 64,
+    n: Annotated[int, typer.Option("--n", metavar="N", help="Images per temperature.")] = 64,
     class_: Annotated[Optional[list[int]], typer.Option(
-        "--class", help="Class label(s) for a class-conditional model (repeatable).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images generated at once (bounds memory).")] = 256,
+        "--class", metavar="K", help="Class label(s) for a class-conditional model (repeatable).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", metavar="N",
+        help="Images generated at once (bounds memory).")] = 256,
     grid: Annotated[bool, typer.Option(
         "--grid", metavar="", help="One figure, a labelled row block per temperature.")] = False,
     no_grid: Annotated[bool, typer.Option(
@@ -211,10 +236,11 @@ def _numbers(values: list[str], option: str, example: str) -> list[float]:
 def eval_(
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
-    split: Annotated[str, typer.Option("--split", help="test or train.")] = "test",
-    n_dequant: Annotated[int, typer.Option("--n-dequant", help="Dequantisation draws to average over.")] = 1,
+    split: Annotated[str, typer.Option("--split", metavar="test|train", help="test or train.")] = "test",
+    n_dequant: Annotated[int, typer.Option("--n-dequant", metavar="S",
+        help="Dequantisation draws to average over.")] = 1,
     batch_size: Annotated[Optional[int], typer.Option(
-        "--batch-size", help="Images per batch; default train.eval_batch_size.")] = None,
+        "--batch-size", metavar="N", help="Images per batch; default train.eval_batch_size.")] = None,
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
     no_ema: NoEmaOption = False,
@@ -235,7 +261,7 @@ def eval_(
 def reconstruct(
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
-    n: Annotated[int, typer.Option("--n", help="Test images to encode and decode.")] = 16,
+    n: Annotated[int, typer.Option("--n", metavar="N", help="Test images to encode and decode.")] = 16,
     out: OutOption = None,
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
@@ -254,8 +280,8 @@ def reconstruct(
 def interpolate(
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
-    steps: Annotated[int, typer.Option("--steps", help="Images per path, the two ends included.")] = 8,
-    pairs: Annotated[int, typer.Option("--pairs", help="Pairs of test images, one row each.")] = 4,
+    steps: Annotated[int, typer.Option("--steps", metavar="N", help="Images per path, the two ends included.")] = 8,
+    pairs: Annotated[int, typer.Option("--pairs", metavar="N", help="Pairs of test images, one row each.")] = 4,
     out: OutOption = None,
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
@@ -274,13 +300,15 @@ def interpolate(
 def manipulate(
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
-    attribute: Annotated[Optional[str], typer.Option("--attribute", help="CelebA attribute, e.g. Smiling.")] = None,
-    from_class: Annotated[Optional[int], typer.Option("--from-class", help="Class to move away from.")] = None,
-    to_class: Annotated[Optional[int], typer.Option("--to-class", help="Class to move towards.")] = None,
+    attribute: Annotated[Optional[str], typer.Option("--attribute", metavar="NAME",
+        help="CelebA attribute, e.g. Smiling.")] = None,
+    from_class: Annotated[Optional[int], typer.Option("--from-class", metavar="K",
+        help="Class to move away from.")] = None,
+    to_class: Annotated[Optional[int], typer.Option("--to-class", metavar="K", help="Class to move towards.")] = None,
     alphas: Annotated[Optional[list[str]], typer.Option(
         "--alphas", metavar="A[,A...]",
         help="Step sizes along the direction: comma-separated or repeated; default -1,0,1,2.")] = None,
-    n: Annotated[int, typer.Option("--n", help="Test images to manipulate, one row each.")] = 8,
+    n: Annotated[int, typer.Option("--n", metavar="N", help="Test images to manipulate, one row each.")] = 8,
     out: OutOption = None,
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
@@ -302,22 +330,30 @@ def score(
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
     images: Annotated[Optional[list[str]], typer.Option(
-        "--images", help="Image files or folders to score (repeatable).")] = None,
+        "--images", metavar="PATH", help="Image files or folders to score (repeatable).")] = None,
     dataset: Annotated[Optional[str], typer.Option(
-        "--dataset", help="A built-in set instead of files: digits, mnist, fashion_mnist, cifar10, celeba.")] = None,
-    split: Annotated[str, typer.Option("--split", help="The --dataset split: test or train.")] = "test",
+        "--dataset", metavar="NAME",
+            help="A built-in set instead of files: digits, mnist, fashion_mnist, cifar10, celeba.")] = None,
+    split: Annotated[str, typer.Option("--split", metavar="test|train",
+        help="The --dataset split: test or train.")] = "test",
     against: Annotated[Optional[list[str]], typer.Option(
-        "--against", help="A second set of files or folders, treated as out-of-distribution (repeatable).")] = None,
+        "--against", metavar="PATH",
+            help="A second set of files or folders, treated as out-of-distribution (repeatable).")] = None,
     reference_run: Annotated[Optional[str], typer.Option(
-        "--reference-run", help="A second run (or checkpoint) for the likelihood-ratio score.")] = None,
-    n_dequant: Annotated[int, typer.Option("--n-dequant", help="Dequantisation draws to average over.")] = 1,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images scored at once (bounds memory).")] = 256,
+        "--reference-run", metavar="DIR", help="A second run (or checkpoint) for the likelihood-ratio score.")] = None,
+    n_dequant: Annotated[int, typer.Option("--n-dequant", metavar="S",
+        help="Dequantisation draws to average over.")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", metavar="N",
+        help="Images scored at once (bounds memory).")] = 256,
     batch_test: Annotated[bool, typer.Option(
-        "--batch-test", help="Typicality test of each set as a whole, with a bootstrap p-value.")] = False,
-    n_bootstrap: Annotated[int, typer.Option("--n-bootstrap", help="Bootstrap draws for --batch-test.")] = 10_000,
+        "--batch-test", metavar="", help="Typicality test of each set as a whole, with a bootstrap p-value.")] = False,
+    n_bootstrap: Annotated[int, typer.Option("--n-bootstrap", metavar="N",
+        help="Bootstrap draws for --batch-test.")] = 10_000,
     on_bad_image: Annotated[str, typer.Option(
-        "--on-bad-image", help="skip or error for unreadable files; default: the run's data.on_bad_image.")] = "",
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder; default <run>/score.")] = None,
+        "--on-bad-image", metavar="skip|error",
+            help="skip or error for unreadable files; default: the run's data.on_bad_image.")] = "",
+    out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="DIR",
+        help="Output folder; default <run>/score.")] = None,
     device: DeviceOption = "auto",
     no_ema: NoEmaOption = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
@@ -341,9 +377,11 @@ def score(
 @_errors_to_exit_codes
 def info(
     config: Annotated[Optional[str], typer.Option(
-        "--config", "-c", help="YAML config; default: bundled digits.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key (repeatable).")] = None,
-    run: Annotated[Optional[str], typer.Option("--run", help="Describe a trained run instead of a config.")] = None,
+        "--config", "-c", metavar="PATH", help="YAML config; default: bundled digits.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE",
+        help="Override a key (repeatable).")] = None,
+    run: Annotated[Optional[str], typer.Option("--run", metavar="DIR",
+        help="Describe a trained run instead of a config.")] = None,
 ) -> None:
     """Parameters per level, latent shapes, dimensionality, multiply-adds per image and the resolved config."""
     from glowtrain.analysis import info_summary
@@ -374,10 +412,12 @@ def info(
 @_errors_to_exit_codes
 def prepare(
     config: Annotated[Optional[str], typer.Option(
-        "--config", "-c", help="YAML config whose data section to cache.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key (repeatable).")] = None,
+        "--config", "-c", metavar="PATH", help="YAML config whose data section to cache.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE",
+        help="Override a key (repeatable).")] = None,
     out: Annotated[str, typer.Option(
-        "--out", "-o", help="Cache directory to write; default <data.root>/glowtrain-cache-<dataset>-<size>px, "
+        "--out", "-o", metavar="DIR",
+            help="Cache directory to write; default <data.root>/glowtrain-cache-<dataset>-<size>px, "
                             "inside the image folder.")] = "",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
@@ -400,7 +440,7 @@ def prepare(
 @app.command("runs")
 @_errors_to_exit_codes
 def runs_(
-    root: Annotated[str, typer.Option("--root", help="Folder holding the runs.")] = "runs",
+    root: Annotated[str, typer.Option("--root", metavar="DIR", help="Folder holding the runs.")] = "runs",
 ) -> None:
     """List the runs under runs/: step reached, best test bits/dim and status."""
     from glowtrain.runs import format_runs, list_runs
