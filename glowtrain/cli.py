@@ -357,12 +357,14 @@ def score(
     device: DeviceOption = "auto",
     no_ema: NoEmaOption = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", metavar="", help="Replace an earlier score in the output folder instead of refusing.")] = False,
 ) -> None:
     """Per-image bits/dim and out-of-distribution scores: a CSV, a JSON summary, histograms; AUROC with --against."""
     from glowtrain.score import ScoreOptions, report, score_command
 
     options = ScoreOptions(n_dequant, batch_size, batch_test, n_bootstrap, on_bad_image=on_bad_image,
-                           progress=progress)
+                           progress=progress, overwrite=overwrite)
     options.check()
     loaded, _ = _open(run, checkpoint, device, 0, no_ema)
     reference = _open(reference_run, None, device, 0, no_ema)[0] if reference_run else None

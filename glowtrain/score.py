@@ -57,6 +57,7 @@ class ScoreOptions:
     max_train_images: int = 10_000
     on_bad_image: str = ""  # '' = the run's data.on_bad_image
     progress: bool = True
+    overwrite: bool = False  # replace an earlier score in the output folder instead of refusing
 
     def check(self) -> None:
         for name, value in (("--n-dequant", self.n_dequant), ("--batch-size", self.batch_size),
@@ -288,8 +289,25 @@ def _mean_stderr(values: np.ndarray) -> dict[str, float]:
     return {"mean": float(values.mean()), "stderr": stderr}
 
 
+def earlier_score(out_dir: Path) -> list[Path]:
+    """The files an earlier score left in out_dir (its CSV, summary and histograms)."""
+    if not out_dir.is_dir():
+        return []
+    return sorted(p for p in out_dir.iterdir() if p.name in ("scores.csv", "summary.json")
+                  or (p.name.startswith("hist_") and p.suffix == ".png"))
+
+
+def _refuse_to_overwrite(out_dir: Path, options: ScoreOptions) -> None:
+    if earlier_score(out_dir) and not options.overwrite:
+        raise UserError(f"{out_dir} holds an earlier score (scores.csv, summary.json): give this one its own "
+                        "--out DIR, or pass --overwrite to replace it")
+
+
 def _write_outputs(out_dir: Path, scores: dict[str, dict[str, np.ndarray]], summary: dict) -> dict[str, str]:
     """summary.json and a histogram PNG per score (overlaid when there are two sets); returns what was written."""
+    for stale in earlier_score(out_dir):  # only with --overwrite: no histogram of the earlier score stays behind
+        if stale.name != "scores.csv":
+            stale.unlink()
     written = {}
     for name in scores["images"]:
         picture = histogram_picture({role: values[name] for role, values in scores.items()}, name)
@@ -306,6 +324,7 @@ def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: 
     """Score every set into out_dir/scores.csv (streamed), then summary.json, histograms and OOD metrics."""
     options.check()
     check_writable(out_dir)
+    _refuse_to_overwrite(out_dir, options)
     if reference is not None and reference.model.image_shape != loaded.model.image_shape:
         raise UserError(f"--reference-run takes {reference.model.image_shape} images but the run takes "
                         f"{loaded.model.image_shape}; train the reference at the same size and channels")

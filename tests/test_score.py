@@ -170,6 +170,24 @@ def test_bad_options_give_one_line_errors_and_write_nothing(run_dir, tmp_path, a
     assert not (tmp_path / "out").exists()
 
 
+def test_a_second_score_into_the_same_folder_is_refused_unless_overwrite_and_leaves_no_stale_file(
+        run_dir, digit_files, tmp_path):
+    out = tmp_path / "score"
+    score(run_dir, out, "--images", digit_files / "noise", "--against", digit_files / "digits",
+          "--reference-run", run_dir)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "hist_ratio.png" in before and json.loads(before["summary.json"])["sets"]["against"]["n_images"] == 297
+    refused = invoke("score", "--run", run_dir, "--out", out, *CPU, "--images", digit_files / "digits")
+    assert_one_line_error(refused, 2, f"{out} holds an earlier score", "--out DIR", "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    rows, summary = score(run_dir, out, "--images", digit_files / "digits", "--overwrite")
+    assert len(rows) == 297 and list(summary["sets"]) == ["images"]
+    histograms = sorted(p.name for p in out.glob("hist_*.png"))
+    assert histograms == sorted(Path(p).name for p in summary["files"]["histograms"].values())
+    assert sorted(p.name for p in out.iterdir()) == sorted(["scores.csv", "summary.json", *histograms])
+    assert "hist_ratio.png" not in histograms  # the earlier score's likelihood-ratio histogram is gone
+
+
 def test_an_unreadable_image_is_rejected_in_one_line_or_skipped(run_dir, digit_files, tmp_path):
     folder = tmp_path / "images"
     shutil.copytree(digit_files / "noise", folder)
