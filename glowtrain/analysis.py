@@ -15,7 +15,14 @@ from glowtrain.config import Config, config_to_yaml
 from glowtrain.data import build_dataset, data_changed_warning
 from glowtrain.errors import UserError
 from glowtrain.evaluation import EVAL_NOISE_SEED, evaluate
-from glowtrain.images import check_tensorboard, display_upscale, image_grid, save_png, write_to_tensorboard
+from glowtrain.images import (
+    check_tensorboard,
+    display_upscale,
+    image_grid,
+    refuse_existing,
+    save_png,
+    write_to_tensorboard,
+)
 from glowtrain.losses import dequantize, to_uint8
 from glowtrain.model import Glow
 from glowtrain.objective import build_objective
@@ -23,6 +30,9 @@ from glowtrain.precision import full_float32
 from glowtrain.runs import RunDir, checked_files, read_json
 
 PIXEL_LEVELS = 256  # "pixel units": one step of the 8-bit 0..255 scale; x spans [-0.5, 0.5)
+# The CLI's defaults: a picture made with them has the plain name, other values are named in it.
+RECONSTRUCT_N, INTERPOLATE_PAIRS, INTERPOLATE_STEPS, MANIPULATE_N = 16, 4, 8, 8
+MANIPULATE_ALPHAS = [-1.0, 0.0, 1.0, 2.0]
 
 
 def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.device,
@@ -74,19 +84,19 @@ def _test_images(cfg: Config, n: int, device: torch.device, loaded: LoadedRun | 
 @torch.no_grad()
 @full_float32()
 def reconstruct_command(loaded: LoadedRun, n: int, device: torch.device, out: str | None,
-                        tensorboard: bool = False) -> dict:
+                        tensorboard: bool = False, use_ema: bool = True, overwrite: bool = False) -> dict:
     """Encode and decode real test images; report the error and write originals over reconstructions."""
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
     check_tensorboard(loaded.run_dir, tensorboard)
+    target = _picture_path(loaded, out, "reconstruct", [f"n{n}"] * (n != RECONSTRUCT_N), use_ema, overwrite)
     cfg, model = loaded.cfg, loaded.model
     x, _ = _test_images(cfg, n, device, loaded)
     zs, _ = model.encode(x)
     error = (model.decode(zs) - x).abs() * PIXEL_LEVELS
     pairs = torch.cat([to_uint8(x, cfg.data.n_bits), to_uint8(model.decode(zs), cfg.data.n_bits)])
     picture = image_grid(pairs.cpu(), n)
-    path = save_png(picture, _out_dir(loaded, out) / f"reconstruct_step{loaded.step:07d}.png",
-                    display_upscale(cfg.data.image_size))
+    path = save_png(picture, target, display_upscale(cfg.data.image_size))
     if tensorboard:
         write_to_tensorboard(loaded.run_dir, loaded.step, {"reconstruct": picture})
     return {"max_abs_error": error.max().item(), "mean_abs_error": error.mean().item(),
@@ -96,11 +106,13 @@ def reconstruct_command(loaded: LoadedRun, n: int, device: torch.device, out: st
 @torch.no_grad()
 @full_float32()
 def interpolate_command(loaded: LoadedRun, n_pairs: int, n_steps: int, device: torch.device, out: str | None,
-                        tensorboard: bool = False) -> Path:
+                        tensorboard: bool = False, use_ema: bool = True, overwrite: bool = False) -> Path:
     """Linear paths between the latents (every level) of pairs of test images; a row per pair."""
     if n_pairs < 1 or n_steps < 2:
         raise UserError(f"need --pairs >= 1 and --steps >= 2, got {n_pairs} and {n_steps}")
     check_tensorboard(loaded.run_dir, tensorboard)
+    named = [f"pairs{n_pairs}"] * (n_pairs != INTERPOLATE_PAIRS) + [f"steps{n_steps}"] * (n_steps != INTERPOLATE_STEPS)
+    target = _picture_path(loaded, out, "interpolate", named, use_ema, overwrite)
     cfg, model = loaded.cfg, loaded.model
     x, _ = _test_images(cfg, 2 * n_pairs, device, loaded)
     zs, _ = model.encode(x)
@@ -115,8 +127,7 @@ def interpolate_command(loaded: LoadedRun, n_pairs: int, n_steps: int, device: t
     picture = image_grid(torch.cat(rows), n_steps)
     if tensorboard:
         write_to_tensorboard(loaded.run_dir, loaded.step, {"interpolate": picture})
-    return save_png(picture, _out_dir(loaded, out) / f"interpolate_step{loaded.step:07d}.png",
-                    display_upscale(cfg.data.image_size))
+    return save_png(picture, target, display_upscale(cfg.data.image_size))
 
 
 def _flat_latents(model: Glow, x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +172,8 @@ def _celeba_attributes(cfg: Config, dataset) -> tuple[list[str], dict[str, list[
 @full_float32()
 def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None, alphas: list[float], n: int,
                        attribute: str | None = None, from_class: int | None = None, to_class: int | None = None,
-                       max_per_group: int = 2000, tensorboard: bool = False) -> dict:
+                       max_per_group: int = 2000, tensorboard: bool = False, use_ema: bool = True,
+                       overwrite: bool = False) -> dict:
     """The Glow paper's semantic manipulation: move test latents along mean(z | with) - mean(z | without)."""
     cfg, model = loaded.cfg, loaded.model
     by_class = from_class is not None or to_class is not None
@@ -170,6 +182,10 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
     if n < 1 or not alphas:
         raise UserError(f"need --n >= 1 and at least one value in --alphas, got --n {n} and {len(alphas)} alphas")
     check_tensorboard(loaded.run_dir, tensorboard)
+    named = [attribute or f"class{from_class}-{to_class}"]
+    named += [f"a{','.join(f'{a:g}' for a in alphas)}"] * (list(alphas) != MANIPULATE_ALPHAS)
+    named += [f"n{n}"] * (n != MANIPULATE_N)
+    target = _picture_path(loaded, out, "manipulate", named, use_ema, overwrite)
     train_set = _run_dataset(loaded, "train")
     if attribute is not None:
         if not hasattr(train_set, "paths"):
@@ -204,14 +220,20 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
     picture = image_grid(torch.cat(rows), len(alphas))
     if tensorboard:
         write_to_tensorboard(loaded.run_dir, loaded.step, {"manipulate": picture})
-    path = save_png(picture, _out_dir(loaded, out) / f"manipulate_step{loaded.step:07d}.png",
-                    display_upscale(cfg.data.image_size))
+    path = save_png(picture, target, display_upscale(cfg.data.image_size))
     return {"direction": label, "n_with": min(len(with_), max_per_group),
             "n_without": min(len(without), max_per_group), "alphas": alphas, "path": str(path)}
 
 
-def _out_dir(loaded: LoadedRun, out: str | None) -> Path:
-    return Path(out) if out else (loaded.run_dir or loaded.checkpoint.parent) / "samples"
+def _picture_path(loaded: LoadedRun, out: str | None, what: str, named: list[str], use_ema: bool,
+                  overwrite: bool) -> Path:
+    """Where a command's picture goes: named by step and every option that changes it (`_raw`: --no-ema),
+    refused before any work when it exists (unless `overwrite`)."""
+    folder = Path(out) if out else (loaded.run_dir or loaded.checkpoint.parent) / "samples"
+    parts = [*named, *([] if use_ema else ["raw"])]
+    path = folder / (f"{what}_step{loaded.step:07d}" + "".join(f"_{part}" for part in parts) + ".png")
+    refuse_existing([path], overwrite)
+    return path
 
 
 def _counting_modules(model: nn.Module) -> list[nn.Module]:

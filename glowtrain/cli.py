@@ -162,6 +162,8 @@ SeedOption = Annotated[int, typer.Option("--seed", metavar="N",
 NoEmaOption = Annotated[bool, typer.Option("--no-ema", metavar="", help="Use the raw weights instead of the EMA.")]
 OutOption = Annotated[Optional[str], typer.Option("--out", "-o", metavar="DIR",
     help="Output folder; default <run>/samples.")]
+PictureOverwriteOption = Annotated[bool, typer.Option(
+    "--overwrite", metavar="", help="Replace the picture of an earlier identical call instead of refusing.")]
 TensorboardOption = Annotated[bool, typer.Option("--tensorboard", metavar="",
                                                  help="Also add the images to the run's TensorBoard.")]
 
@@ -267,12 +269,13 @@ def reconstruct(
     seed: SeedOption = 0,
     no_ema: NoEmaOption = False,
     tensorboard: TensorboardOption = False,
+    overwrite: PictureOverwriteOption = False,
 ) -> None:
     """Encode and decode real test images: prints the error, writes originals above reconstructions."""
     from glowtrain.analysis import reconstruct_command
 
     loaded, resolved = _open(run, checkpoint, device, seed, no_ema)
-    _print_json(reconstruct_command(loaded, n, resolved, out, tensorboard))
+    _print_json(reconstruct_command(loaded, n, resolved, out, tensorboard, not no_ema, overwrite))
 
 
 @app.command()
@@ -287,12 +290,13 @@ def interpolate(
     seed: SeedOption = 0,
     no_ema: NoEmaOption = False,
     tensorboard: TensorboardOption = False,
+    overwrite: PictureOverwriteOption = False,
 ) -> None:
     """Walk in latent space (all levels) between pairs of test images; writes a grid."""
     from glowtrain.analysis import interpolate_command
 
     loaded, resolved = _open(run, checkpoint, device, seed, no_ema)
-    typer.echo(str(interpolate_command(loaded, pairs, steps, resolved, out, tensorboard)))
+    typer.echo(str(interpolate_command(loaded, pairs, steps, resolved, out, tensorboard, not no_ema, overwrite)))
 
 
 @app.command()
@@ -314,6 +318,7 @@ def manipulate(
     seed: SeedOption = 0,
     no_ema: NoEmaOption = False,
     tensorboard: TensorboardOption = False,
+    overwrite: PictureOverwriteOption = False,
 ) -> None:
     """Move test images along an attribute or class direction in latent space (the Glow paper's Fig. 5)."""
     from glowtrain.analysis import manipulate_command
@@ -321,7 +326,7 @@ def manipulate(
     alpha_values = _numbers(alphas or ["-1,0,1,2"], "--alphas", "-1,0,1,2")
     loaded, resolved = _open(run, checkpoint, device, seed, no_ema)
     _print_json(manipulate_command(loaded, resolved, out, alpha_values, n, attribute, from_class, to_class,
-                                   tensorboard=tensorboard))
+                                   tensorboard=tensorboard, use_ema=not no_ema, overwrite=overwrite))
 
 
 @app.command()

@@ -48,6 +48,13 @@ def save_png(picture: torch.Tensor, path: Path, upscale: int = 1) -> Path:
     return save_image(_to_pil(picture, upscale), path)
 
 
+def refuse_existing(targets: list[Path], overwrite: bool, alternative: str = "choose another --out") -> None:
+    """Never replace earlier pictures silently: every target is checked before anything is computed."""
+    existing = [t for t in targets if t.exists() and (t.is_file() or any(t.iterdir()))]
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]} already exists — pass --overwrite to replace it, or {alternative}")
+
+
 def display_upscale(image_size: int) -> int:
     """Enlarge small images to at least 64 pixels a side in saved grids."""
     return max(1, 64 // image_size)

@@ -15,6 +15,7 @@ from glowtrain.images import (
     display_upscale,
     image_grid,
     labelled_rows,
+    refuse_existing,
     sample_batches,
     sample_images,  # noqa: F401 - re-exported: tests and notebooks import it from here
     save_image,
@@ -65,14 +66,6 @@ def _check_options(temperatures: list[float], n: int, batch_size: int, grid: boo
         raise UserError("--no-grid writes no grid, so it needs --individual (and not --grid)")
 
 
-def _refuse_existing(targets: list[Path], overwrite: bool) -> None:
-    """Never replace earlier samples silently: every target is checked before anything is drawn."""
-    existing = [t for t in targets if t.exists() and (t.is_file() or any(t.iterdir()))]
-    if existing and not overwrite:
-        raise UserError(f"{existing[0]} already exists — pass --overwrite to replace it, or choose another "
-                        "--out or --seed")
-
-
 def sample_command(run: str | None, checkpoint: str | None, temperatures: list[float], n: int, seed: int,
                    out: str | None, device: torch.device, use_ema: bool = True, classes: list[int] | None = None,
                    batch_size: int = DEFAULT_BATCH_SIZE, grid: bool = False, individual: bool = False,
@@ -90,7 +83,8 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
     names = {t: f"{stem}_{temperature_name(t)}_seed{seed}{tag}" for t in temperatures}
     figure = out_dir / f"{stem}_grid_{'-'.join(temperature_name(t) for t in temperatures)}_seed{seed}{tag}.png"
     grids = [] if no_grid else [figure] if grid else [out_dir / f"{names[t]}.png" for t in temperatures]
-    _refuse_existing(grids + ([out_dir / names[t] for t in temperatures] if individual else []), overwrite)
+    refuse_existing(grids + ([out_dir / names[t] for t in temperatures] if individual else []), overwrite,
+                    "choose another --out or --seed")
     if n > GRID_LIMIT and not no_grid and say:
         say(f"note: grids show the first {GRID_LIMIT:,} of the {n:,} images per temperature "
             f"({'--individual writes them all' if individual else 'add --individual to write them all'})")

@@ -375,7 +375,7 @@ def test_reconstruct_is_exact_to_1e_3_pixel_levels_and_shows_originals_over_reco
     assert result["n_images"] == 5
     assert 0 <= result["mean_abs_error"] <= result["max_abs_error"] < 1e-3
     path = Path(result["path"])
-    assert path == tmp_path / "reconstruct_step0000004.png" and path.is_file()
+    assert path == tmp_path / "reconstruct_step0000004_n5.png" and path.is_file()
     with Image.open(path) as image:
         assert image.size == grid_size(10, 5)  # two rows of five
     picture = pixels(path)
@@ -388,14 +388,41 @@ def test_reconstruct_without_out_writes_into_the_checkpoints_samples_folder(fitt
     _, run_dir = fitted
     in_run = json_output(invoke("reconstruct", "--run", run_dir, "--n", "2", *CPU))
     written = Path(in_run["path"])
-    assert written == RunDir(run_dir).samples / "reconstruct_step0000004.png" and written.is_file()
+    assert written == RunDir(run_dir).samples / "reconstruct_step0000004_n2.png" and written.is_file()
     written.unlink()  # leave the shared run as the other tests expect it
 
     loose = tmp_path / "loose.pt"
     shutil.copy(RunDir(run_dir).last, loose)
     outside = json_output(invoke("reconstruct", "--checkpoint", loose, "--n", "2", *CPU))
-    assert Path(outside["path"]) == tmp_path / "samples" / "reconstruct_step0000004.png"
+    assert Path(outside["path"]) == tmp_path / "samples" / "reconstruct_step0000004_n2.png"
     assert outside["max_abs_error"] == in_run["max_abs_error"]
+
+
+def test_analysis_pictures_are_named_by_their_options_and_never_replaced_silently(fitted, tmp_path):
+    """reconstruct, interpolate and manipulate: the defaults give the plain name, other values are named in it,
+    and a second identical call stops before any work (exit 2) unless --overwrite."""
+    _, run_dir = fitted
+    calls = {
+        "reconstruct_step0000004.png": ("reconstruct",),
+        "reconstruct_step0000004_n3_raw.png": ("reconstruct", "--n", "3", "--no-ema"),
+        "interpolate_step0000004.png": ("interpolate",),
+        "interpolate_step0000004_pairs2.png": ("interpolate", "--pairs", "2"),
+        "manipulate_step0000004_class3-5.png": ("manipulate", "--from-class", "3", "--to-class", "5"),
+        "manipulate_step0000004_class3-5_a0,0.5_n2.png": ("manipulate", "--from-class", "3", "--to-class", "5",
+                                                          "--alphas", "0,0.5", "--n", "2"),
+    }
+    for name, args in calls.items():
+        ok(invoke(*args, "--run", run_dir, "--out", tmp_path, *CPU))
+        assert (tmp_path / name).is_file(), (name, sorted(p.name for p in tmp_path.iterdir()))
+    assert len(list(tmp_path.iterdir())) == len(calls)
+    before = {name: (tmp_path / name).read_bytes() for name in calls}
+    for name, args in calls.items():
+        (tmp_path / name).write_bytes(b"mine")
+        refused = invoke(*args, "--run", run_dir, "--out", tmp_path, *CPU)
+        assert_one_line_error(refused, 2, f"{tmp_path / name} already exists", "--overwrite")
+        assert (tmp_path / name).read_bytes() == b"mine"
+        ok(invoke(*args, "--run", run_dir, "--out", tmp_path, *CPU, "--overwrite"))
+        assert (tmp_path / name).read_bytes() == before[name]
 
 
 # ---------------------------------------------------------------------------- interpolate
@@ -405,7 +432,7 @@ def test_interpolate_grid_is_pairs_by_steps_and_starts_and_ends_at_the_test_imag
     _, run_dir = fitted
     result = ok(invoke("interpolate", "--run", run_dir, "--pairs", "3", "--steps", "5", "--out", tmp_path, *CPU))
     path = Path(result.stdout.strip())
-    assert path == tmp_path / "interpolate_step0000004.png"
+    assert path == tmp_path / "interpolate_step0000004_pairs3_steps5.png"
     with Image.open(path) as image:
         assert image.size == grid_size(15, 5)  # a row of five per pair
     picture = pixels(path)
@@ -431,7 +458,7 @@ def test_manipulate_moves_test_images_along_a_class_direction(fitted, tmp_path):
     assert result["n_with"] == int((labels == 5).sum()) and result["n_without"] == int((labels == 3).sum())
     assert result["alphas"] == [-1.0, 0.0, 1.0, 2.0]
     path = Path(result["path"])
-    assert path == tmp_path / "manipulate_step0000004.png"
+    assert path == tmp_path / "manipulate_step0000004_class3-5_n3.png"
     with Image.open(path) as image:
         assert image.size == grid_size(12, 4)  # n rows of len(alphas)
     picture = pixels(path)
