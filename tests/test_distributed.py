@@ -51,6 +51,24 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
 
 
 @pytest.mark.slow
+def test_two_gloo_processes_match_one_process_with_spline_couplings_and_a_learned_dequantiser(tmp_path):
+    """The default model: the noise flow is part of the wrapped objective, initialised on rank 0 and broadcast."""
+    default_layers = ["model.coupling=spline", "model.dequantization=variational"]
+    _fit(tmp_path / "two", 8, "--nproc", "2", *[a for s in default_layers for a in ("--set", s)])
+    _fit(tmp_path / "one", 16, *[a for s in default_layers for a in ("--set", s)])
+    a, b = _metrics(tmp_path / "two"), _metrics(tmp_path / "one")
+    assert [(m["step"], m["split"]) for m in a] == [(m["step"], m["split"]) for m in b]
+    for ma, mb in zip(a, b):
+        assert abs(ma["bpd"] - mb["bpd"]) < 1e-5, (ma, mb)
+    wa = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
+    wb = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
+    assert any("dequant" in name for name in wb["objective"]), list(wb["objective"])[:5]
+    for part in ("model", "objective"):
+        for name, tensor in wb[part].items():
+            assert torch.allclose(wa[part][name], tensor, atol=1e-5, rtol=1e-4), (part, name)
+
+
+@pytest.mark.slow
 def test_two_gloo_processes_accumulating_two_micro_batches_match_one_process(tmp_path):
     _fit(tmp_path / "two", 8, "--nproc", "2", "--set", "train.grad_accum_steps=2")
     _fit(tmp_path / "one", 32)
