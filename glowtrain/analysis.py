@@ -36,7 +36,7 @@ MANIPULATE_ALPHAS = [-1.0, 0.0, 1.0, 2.0]
 
 
 def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.device,
-                 batch_size: int | None = None) -> dict:
+                 batch_size: int | None = None, progress: bool = False) -> dict:
     """Bits/dim over the whole split: the single-draw bound averaged over `n_dequant` dequantisation draws and,
     for n_dequant > 1, the importance-weighted bound over them (`bpd_iw`, tighter)."""
     if split not in ("test", "train"):
@@ -52,7 +52,7 @@ def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.de
     dataset = _run_dataset(loaded, split, cfg)
     changed = data_changed_warning(read_json(run.data_record), split, dataset) if run and run.config.is_file() else None
     scored = evaluate(loaded.objective or loaded.model, dataset, cfg, device, seed=EVAL_NOISE_SEED,
-                      n_dequant=n_dequant)
+                      n_dequant=n_dequant, progress=progress)
     result = {"bpd": scored["bpd"], "bpd_stderr": scored["bpd_stderr"], "n_images": scored["n_images"]}
     if n_dequant > 1:
         result.update(bpd_iw=scored["bpd_iw"], bpd_iw_stderr=scored["bpd_iw_stderr"])

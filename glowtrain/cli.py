@@ -246,12 +246,13 @@ def eval_(
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
     no_ema: NoEmaOption = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar (stderr).")] = True,
 ) -> None:
     """Bits per dimension over a whole split, printed as JSON (with accuracy for class-conditional models)."""
     from glowtrain.analysis import eval_command
 
     loaded, resolved = _open(run, checkpoint, device, seed, no_ema)
-    result = eval_command(loaded, split, n_dequant, resolved, batch_size)
+    result = eval_command(loaded, split, n_dequant, resolved, batch_size, progress)
     warning = result.pop("warning", None)
     if warning:
         typer.echo(warning, err=True)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
+from tqdm import tqdm
 
 from glowtrain.config import Config, derived_seed
 from glowtrain.data import make_eval_batches
@@ -45,12 +47,13 @@ def _mean_and_stderr(total: float, total_sq: float, n: int) -> tuple[float, floa
 @torch.inference_mode()
 @full_float32()  # bits/dim must not depend on the GPU generation (precision.py)
 def evaluate(model: Glow | Objective, dataset, cfg: Config, device: torch.device, seed: int = EVAL_NOISE_SEED,
-             ctx: Context | None = None, n_dequant: int = 1) -> dict:
+             ctx: Context | None = None, n_dequant: int = 1, progress: bool = False) -> dict:
     """bits/dim over the whole split (mean of per-image bpd), plus accuracy for class-conditional models.
 
     With `n_dequant` S > 1, each image gets S dequantisation draws (seeds seed .. seed + S - 1): `bpd` is
     then the single-draw bound averaged over them, and `bpd_iw` the importance-weighted bound.
-    Under torchrun each rank scores its share and the sums are all-reduced."""
+    Under torchrun each rank scores its share and the sums are all-reduced. `progress`: a bar on stderr (this
+    rank's images), gone when done."""
     ctx = ctx or Context(device=device)
     objective = model if isinstance(model, Objective) else Objective(model, cfg.data.n_bits)
     was_training = objective.training
@@ -61,7 +64,10 @@ def evaluate(model: Glow | Objective, dataset, cfg: Config, device: torch.device
     batch_size = cfg.train.eval_batch_size
     batches = make_eval_batches(dataset, batch_size, rank=ctx.rank, world_size=ctx.world_size,
                                 n_workers=cfg.data.n_workers, pin_memory=device.type == "cuda")
+    bar = tqdm(total=len(mine), desc="evaluating", unit="img", leave=False, file=sys.stderr, disable=not progress,
+               dynamic_ncols=True)
     for start, (images, labels) in zip(range(0, len(mine), batch_size), batches):
+        bar.update(len(images))
         images, labels = images.to(device), labels.to(device)
         draws = []
         for draw in range(n_dequant):
@@ -73,6 +79,7 @@ def evaluate(model: Glow | Objective, dataset, cfg: Config, device: torch.device
         bpd, iw = torch.stack(draws).mean(0), importance_weighted_bpd(torch.stack(draws), objective.model.n_dims)
         sums += torch.stack([bpd.sum(), (bpd**2).sum(), sums.new_zeros(()), sums.new_tensor(len(images)),
                              iw.sum(), (iw**2).sum()])
+    bar.close()
     objective.train(was_training)
     total_bpd, total_sq, n_correct, n_images, total_iw, total_iw_sq = ctx.sum_(sums).tolist()
     n_images = int(n_images)

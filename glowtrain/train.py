@@ -390,7 +390,8 @@ class Trainer:
     def evaluate(self) -> dict:
         """Test bits/dim with the EMA weights (or the raw ones), in full precision; keeps the best checkpoint."""
         with full_precision(self.eval_objective.model):
-            result = evaluate(self.eval_objective, self.test_set, self.cfg, self.device, ctx=self.ctx)
+            result = evaluate(self.eval_objective, self.test_set, self.cfg, self.device, ctx=self.ctx,
+                              progress=self.progress and self.ctx.is_main)
         self.logger.log(self.state.step, "test", **result)
         self.say(f"step {self.state.step}: test bpd {result['bpd']:.4f} ± {result['bpd_stderr']:.4f}")
         if result["bpd"] < self.state.best_test_bpd:

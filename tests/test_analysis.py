@@ -318,6 +318,14 @@ def test_eval_prints_the_training_loops_final_test_bpd_for_the_same_checkpoint(f
     assert 0 < result["bpd_stderr"] < 0.1 and 0 < result["bpd"] < 8
 
 
+def test_eval_shows_its_progress_on_stderr_and_leaves_stdout_to_the_json(fitted):
+    _, run_dir = fitted
+    shown = ok(invoke("eval", "--run", run_dir, *CPU, "--batch-size", "100"))
+    assert "evaluating" in shown.stderr and "/297 " in shown.stderr  # a bar over the split's images
+    quiet = ok(invoke("eval", "--run", run_dir, *CPU, "--no-progress"))
+    assert quiet.stderr == "" and json.loads(quiet.stdout) == json.loads(shown.stdout)
+
+
 def test_eval_ignores_seed_and_batch_size_because_the_dequantisation_seed_is_fixed(fitted):
     _, run_dir = fitted
     reference = json_output(invoke("eval", "--run", run_dir, *CPU))
