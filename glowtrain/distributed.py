@@ -5,7 +5,8 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
@@ -83,17 +84,36 @@ class Context:
             dist.all_reduce(tensor)
         return tensor
 
-    def barrier(self) -> None:
+    def barrier(self, group: dist.ProcessGroup | None = None) -> None:
         if self.distributed:
-            dist.barrier()
+            dist.barrier(group=group)
 
-    def share(self, value: T, src: int = 0) -> T:
+    def share(self, value: T, src: int = 0, group: dist.ProcessGroup | None = None) -> T:
         """Rank `src`'s `value` on every rank (a picklable object, sent once through the process group)."""
         if not self.distributed:
             return value
         box = [value]
-        dist.broadcast_object_list(box, src)
+        dist.broadcast_object_list(box, src, group=group)
         return box[0]
+
+
+# Waiting for another rank's download or check of every image file can take far longer than the training
+# collectives' timeout (PROCESS_GROUP_TIMEOUT), which is kept short so that a hung rank stops the job soon.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)
+TURN_TIMEOUT = timedelta(hours=6)
+
+
+@contextmanager
+def _waiting_group(ctx: Context) -> Iterator[dist.ProcessGroup | None]:
+    """A gloo group of all ranks with an hours-long timeout, for waiting on slow work (None in one process)."""
+    if not ctx.distributed:
+        yield None
+        return
+    group = dist.new_group(backend="gloo", timeout=TURN_TIMEOUT)
+    try:
+        yield group
+    finally:
+        dist.destroy_process_group(group)
 
 
 def in_turns(ctx: Context, work: Callable[[H | None], T], hand_on: Callable[[T], H] | None = None) -> T:
@@ -105,12 +125,13 @@ def in_turns(ctx: Context, work: Callable[[H | None], T], hand_on: Callable[[T],
     other process reads them again); rank 0's own `work` gets None."""
     turn = 0 if ctx.is_main else 1 if ctx.local_rank == 0 else 2
     result, handed = None, None
-    for phase in range(3):
-        if phase == turn:
-            result = work(handed)
-        ctx.barrier()
-        if phase == 0 and hand_on is not None:
-            handed = ctx.share(hand_on(result) if ctx.is_main else None)
+    with _waiting_group(ctx) as group:
+        for phase in range(3):
+            if phase == turn:
+                result = work(handed)
+            ctx.barrier(group)
+            if phase == 0 and hand_on is not None:
+                handed = ctx.share(hand_on(result) if ctx.is_main else None, group=group)
     return result
 
 
@@ -138,7 +159,7 @@ def setup(device_name: str, tf32: bool = True, deterministic: bool = False) -> C
     precision.configure(device, tf32, deterministic)
     if not dist.is_initialized():
         # A rank that dies makes the others fail at their next collective instead of waiting forever.
-        options = {"timeout": timedelta(minutes=10)}
+        options = {"timeout": PROCESS_GROUP_TIMEOUT}
         if use_cuda and "device_id" in inspect.signature(dist.init_process_group).parameters:
             options["device_id"] = device  # binds NCCL to this GPU now, instead of guessing from the rank
         dist.init_process_group("nccl" if use_cuda else "gloo", **options)

@@ -153,14 +153,23 @@ def test_a_local_rank_without_its_gpu_is_a_one_line_error(monkeypatch):
         setup("auto")
 
 
-def test_files_are_fetched_by_rank_0_then_one_process_per_other_machine_then_the_rest():
+@pytest.fixture
+def simulated_group(monkeypatch):
+    """For contexts that stand for ranks of a job in this one process: in_turns' waiting group is a name."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "new_group", lambda **options: "waiting group")
+    monkeypatch.setattr(dist, "destroy_process_group", lambda group=None: None)
+
+
+def test_files_are_fetched_by_rank_0_then_one_process_per_other_machine_then_the_rest(simulated_group):
     from glowtrain.distributed import Context, in_turns
 
     # Two machines with two processes each: ranks 0, 1 on the first (local ranks 0, 1), ranks 2, 3 on the second.
     events = []
 
     class Recording(Context):
-        def barrier(self):
+        def barrier(self, group=None):
             events.append(("barrier", self.rank))
 
     results = {}
@@ -190,10 +199,10 @@ class _SequentialRanks:
         shared = self.shared
 
         class Sequential(Context):
-            def barrier(self):
+            def barrier(self, group=None):
                 pass
 
-            def share(self, value, src=0):
+            def share(self, value, src=0, group=None):
                 if self.rank == src:
                     shared.append(value)
                 return shared[-1]
@@ -201,7 +210,24 @@ class _SequentialRanks:
         return Sequential(rank=rank, world_size=world_size, local_rank=local_rank)
 
 
-def test_later_turns_get_what_rank_0_handed_on_and_rank_0_gets_none():
+def test_ranks_wait_for_each_others_turns_in_a_gloo_group_with_an_hours_long_timeout(monkeypatch):
+    """A download or the check of every image file on rank 0 may outlast the training collectives' timeout."""
+    import torch.distributed as dist
+
+    from glowtrain.distributed import PROCESS_GROUP_TIMEOUT, Context, in_turns
+
+    made, waited, shared = [], [], []
+    monkeypatch.setattr(dist, "new_group", lambda **options: made.append(options) or "patient group")
+    monkeypatch.setattr(dist, "destroy_process_group", lambda group=None: made.append(("destroyed", group)))
+    monkeypatch.setattr(dist, "barrier", lambda group=None: waited.append(group))
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda box, src, group=None: shared.append(group))
+    in_turns(Context(rank=1, world_size=2, local_rank=1), lambda handed: None, hand_on=lambda result: result)
+    assert made[0]["backend"] == "gloo" and made[0]["timeout"] >= 6 * PROCESS_GROUP_TIMEOUT
+    assert waited == ["patient group"] * 3 and shared == ["patient group"]
+    assert made[-1] == ("destroyed", "patient group")
+
+
+def test_later_turns_get_what_rank_0_handed_on_and_rank_0_gets_none(simulated_group):
     from glowtrain.distributed import in_turns
 
     ranks, handed_to = _SequentialRanks(), {}
@@ -213,7 +239,8 @@ def test_later_turns_get_what_rank_0_handed_on_and_rank_0_gets_none():
     assert handed_to == {0: None, 1: "FOUND BY 0", 2: "FOUND BY 0", 3: "FOUND BY 0"}
 
 
-def test_only_rank_0_reads_a_folders_image_files_for_the_check_the_others_reuse_its_findings(tmp_path, monkeypatch):
+def test_only_rank_0_reads_a_folders_image_files_for_the_check_the_others_reuse_its_findings(tmp_path, monkeypatch,
+                                                                                            simulated_group):
     import numpy as np
     from PIL import Image
 
