@@ -69,6 +69,9 @@ class FlowLayer(nn.Module):
         return [x], y, logdet
 
 
+MIN_INIT_STD = 1e-4  # below this spread, ActNorm's init leaves a channel's scale at 1
+
+
 class ActNorm(FlowLayer):
     """Per-channel affine map y = (x + bias) * exp(logs), initialised from the first batch."""
 
@@ -88,7 +91,10 @@ class ActNorm(FlowLayer):
         mean = x.mean(dim=(0, 2, 3), keepdim=True)
         std = x.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
         self.bias.copy_(-mean)
-        self.logs.copy_(-torch.log(std + 1e-6))
+        # A channel with one value in the batch (one image of a 1x1 level), or the same value everywhere, says
+        # nothing about its scale: it keeps scale 1 instead of the 1e6 that -log(0 + 1e-6) would give it.
+        informative = std > MIN_INIT_STD
+        self.logs.copy_(torch.where(informative, -torch.log(std + 1e-6), torch.zeros_like(std)))
         self.initialized.fill_(True)
         self._known_initialized = True
 

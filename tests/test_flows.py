@@ -1,3 +1,4 @@
+import math
 from typing import get_args, get_type_hints
 
 import pytest
@@ -86,6 +87,33 @@ def test_actnorm_initialises_to_zero_mean_unit_variance():
     y, _ = layer(x)
     assert torch.allclose(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-10)
     assert torch.allclose(y.std(dim=(0, 2, 3), unbiased=False), torch.ones(3), atol=1e-5)
+
+
+def test_actnorm_init_leaves_the_scale_of_a_channel_without_spread_at_one():
+    """One value per channel (one image of a 1x1 level), or a constant channel, would otherwise be scaled by 1e6."""
+    single = ActNorm(3)
+    single.initialize(torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1))
+    assert torch.equal(single.logs, torch.zeros(1, 3, 1, 1))
+    assert torch.equal(single.bias.flatten(), torch.tensor([-1.0, 2.0, -0.5]))
+    x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    x[:, 1] = 0.25  # constant channel
+    layer = ActNorm(3)
+    layer.initialize(x)
+    assert layer.logs[0, 1].item() == 0.0
+    y, _ = layer(x)
+    for channel in (0, 2):
+        assert abs(y[:, channel].std(unbiased=False).item() - 1) < 1e-4
+
+
+def test_a_glow_initialised_on_one_image_with_a_1x1_top_level_gives_finite_likelihoods():
+    from glowtrain.model import Glow
+
+    torch.manual_seed(0)
+    model = Glow((1, 8, 8), n_levels=3, n_steps=2, hidden_channels=8)
+    model.initialize(torch.rand(1, 1, 8, 8) - 0.5)
+    log_prob = model.log_prob(torch.rand(16, 1, 8, 8) - 0.5)
+    assert torch.isfinite(log_prob).all()
+    assert (-log_prob / (64 * math.log(2))).max() < 20  # bits/dim of the order of the data's, not 1e7
 
 
 def test_actnorm_does_not_reinitialise_after_state_dict_round_trip():
