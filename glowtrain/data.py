@@ -622,10 +622,12 @@ def _batches(dataset, index_batches: Iterable[list[int]], n_workers: int, pin_me
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group but is the main process's to handle (finish the step, save);
-    # a worker killed by it would turn a clean stop into "DataLoader worker exited unexpectedly".
-    # SIGTERM stays default: DataLoader itself uses it to end workers that do not stop in time.
+    # Ctrl-C reaches the whole process group, and torchrun and batch schedulers send SIGTERM to every process
+    # of a job; stopping is the main process's to handle (finish the step, save): a worker killed by the signal
+    # would turn a clean stop into "DataLoader worker is killed by signal". Workers still end with the main
+    # process: DataLoader tells them to, and they exit on their own when it is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _gathered(dataset, index_batches: Iterable[list[int]], pin: bool) -> Iterator[tuple[Tensor, Tensor]]:

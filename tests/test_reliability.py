@@ -46,11 +46,11 @@ def _logged_steps(metrics: Path) -> list[int]:
     return [m["step"] for m in lines if m["split"] == "train" and "bpd" in m]
 
 
-def _fit(run_dir: Path, steps: int, *extra: str, wait: bool = True):
+def _fit(run_dir: Path, steps: int, *extra: str, wait: bool = True, own_group: bool = False):
     sets = [arg for item in TINY + [f"train.steps={steps}"] for arg in ("--set", item)]
     child = subprocess.Popen([sys.executable, "-m", "glowtrain", "fit", "--out", str(run_dir), "--no-progress",
                               *sets, *extra], cwd=run_dir.parent, env=ENV, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, start_new_session=own_group)
     if wait:
         _, stderr = child.communicate(timeout=300)
         assert child.returncode == 0, stderr
@@ -87,6 +87,27 @@ def test_sigterm_during_fit_saves_exits_130_and_resume_equals_an_uninterrupted_r
 
 def test_ctrl_c_during_fit_saves_and_exits_130(tmp_path):
     _interrupt(tmp_path / "run", signal.SIGINT)
+
+
+def test_sigterm_to_the_whole_process_group_with_data_workers_still_saves_and_exits_130(tmp_path):
+    """torchrun and batch schedulers signal every process of a job, DataLoader workers included: the workers
+    must outlive the signal so that the trainer can finish its step and save."""
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, pixels in enumerate(np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8)):
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    run_dir = tmp_path / "run"
+    folder = ["data.dataset=folder", f"data.root={images}", "data.n_workers=2", "train.eval_batch_size=8"]
+    child = _fit(run_dir, 400, *[a for s in folder for a in ("--set", s)], wait=False, own_group=True)
+    _wait_for(lambda: len(_logged_steps(run_dir / "metrics.jsonl")) >= 3, child)
+    os.killpg(child.pid, signal.SIGTERM)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr
+    assert "glowtrain fit --resume auto --out" in stderr and "Traceback" not in stderr
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] >= 3
 
 
 def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
