@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -166,6 +167,21 @@ def test_fit_into_an_existing_run_exits_2_and_suggests_resume(fitted):
     result = invoke("fit", "--no-progress", "--out", str(run_dir), *sets("run.device=cpu", *TINY))
     assert_one_line_error(result, 2, "--resume auto")
     assert RunDir(run_dir).metrics.read_text() == before
+
+
+def test_resuming_another_runs_checkpoint_into_a_directory_that_holds_a_run_is_refused(fitted, tmp_path):
+    """--resume PATH --out DIR: DIR's config, metrics and best.pt would mix with the resumed run's."""
+    _, run_dir, _ = fitted
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    before = {p.relative_to(other): p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    result = invoke("fit", "--no-progress", "--resume", str(RunDir(run_dir).last), "--out", str(other))
+    assert_one_line_error(result, 2, f"{other} already holds another run", "choose an empty --out")
+    assert {p.relative_to(other): p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+    # Continuing from a checkpoint inside the run itself (best.pt, say) stays allowed.
+    own = invoke("fit", "--no-progress", "--resume", str(RunDir(other).best), "--out", str(other),
+                 *sets("train.steps=5"))
+    assert own.exit_code == 0, own.output
 
 
 def test_resume_without_a_checkpoint_exits_2(tmp_path):
