@@ -548,13 +548,19 @@ class Trainer:
         if not (self.state.step % self.cfg.train.log_every == 0 or not self.ctx.distributed):
             return False
         if self.ctx.any(stop.requested):
-            self.save(self.run_dir.last)
+            self._save_before_stopping()
             raise Interrupted(self.state.step, str(self.run_dir.path))
         if self.deadline is not None and self.ctx.any(self._now() >= self.deadline):
-            self.save(self.run_dir.last)
+            self._save_before_stopping()
             self.timed_out = True
             return True
         return False
+
+    def _save_before_stopping(self) -> None:
+        """last.pt, after the divergence check that a checkpoint step runs: a run of bad steps not yet checked
+        rolls back now, so the resumed run goes on as an uninterrupted one would."""
+        self._rolled_back()
+        self.save(self.run_dir.last)
 
     def _now(self) -> float:
         return time.monotonic()

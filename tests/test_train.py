@@ -411,6 +411,31 @@ def test_a_checkpoint_due_after_too_many_bad_steps_rolls_back_instead_of_saving(
     assert rollback == [{"step": 3, "split": "train", "event": "rollback", "from_step": 6, "lr_scale": 0.5}]
 
 
+def test_a_stop_between_checks_after_a_run_of_bad_steps_resumes_exactly_as_an_uninterrupted_run(tmp_path,
+                                                                                                  monkeypatch):
+    """Bad steps 6-8 are checked at step 10 (a logging step); a stop after step 9 must not hide them."""
+
+    class Poisoned(Trainer):
+        def prepare_batch(self, images, labels):
+            images, labels, noise = super().prepare_batch(images, labels)
+            bad = self.state.step + 1 in (6, 7, 8) and self.state.n_rollbacks == 0
+            return images, labels, noise * float("nan") if bad else noise
+
+    cfg = apply_overrides(default_config(), NAN_RUN + ["train.log_every=5", "train.checkpoint_every=5"])
+    train(cfg, out=str(tmp_path / "straight"), progress=False, trainer=Poisoned)
+    monkeypatch.setattr(Trainer, "_now", lambda self: 10.0 * self.state.step)  # stops after step 9
+    stopped = train(apply_overrides(cfg, ["train.max_time=85s"]), out=str(tmp_path / "stopped"), progress=False,
+                    trainer=Poisoned)
+    assert stopped.timed_out
+    monkeypatch.undo()
+    train(cfg, out=str(tmp_path / "stopped"), resume="auto", progress=False, trainer=Poisoned)
+    straight, resumed = (load_checkpoint(RunDir(tmp_path / name).last) for name in ("straight", "stopped"))
+    assert straight["train_state"]["lr_scale"] == resumed["train_state"]["lr_scale"] == 0.5
+    assert straight["step"] == resumed["step"] == 10
+    for name, tensor in straight["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+
+
 def test_resuming_keeps_this_runs_fused_adam_whatever_the_checkpoint_says(tmp_path):
     cfg = apply_overrides(default_config(), NAN_RUN + ["train.optimizer=adam", "train.steps=3"])
     out = tmp_path / "run"
