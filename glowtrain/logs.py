@@ -8,14 +8,21 @@ import shutil
 
 import torch
 
+from glowtrain.files import atomic_write
 from glowtrain.runs import RunDir
 
 
 class RunLogger:
-    """Rank 0's logs: every event to metrics.jsonl and its numbers to TensorBoard."""
+    """Rank 0's logs: every event to metrics.jsonl and its numbers to TensorBoard.
 
-    def __init__(self, run: RunDir):
+    A run resumed at `resumed_step` goes on from there: what was logged after it (training lost when the run
+    stopped without saving) is moved out of metrics.jsonl (`n_moved` records) and hidden in TensorBoard, so
+    each step is logged once."""
+
+    def __init__(self, run: RunDir, resumed_step: int | None = None):
         self.run = run
+        self.n_moved = 0 if resumed_step is None else move_records_after(run, resumed_step)
+        self._purge_step = None if resumed_step is None else resumed_step + 1
         self.metrics = open(run.metrics, "a", buffering=1)
         self._writer = None
 
@@ -25,7 +32,7 @@ class RunLogger:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
 
-            self._writer = SummaryWriter(log_dir=str(self.run.tb))
+            self._writer = SummaryWriter(log_dir=str(self.run.tb), purge_step=self._purge_step)
         return self._writer
 
     def log(self, step: int, split: str, **values) -> None:
@@ -45,6 +52,27 @@ class RunLogger:
         if self._writer is not None:
             self._writer.close()
         self.metrics.close()
+
+
+def move_records_after(run: RunDir, step: int) -> int:
+    """Move the records of metrics.jsonl logged after `step` (and lines cut short by a crash) to
+    metrics_discarded.jsonl, keeping them; returns how many moved."""
+    try:
+        lines = run.metrics.read_text().splitlines(keepends=True)
+    except OSError:
+        return 0
+    kept, moved = [], []
+    for line in lines:
+        try:
+            after = json.loads(line)["step"] > step
+        except (ValueError, KeyError, TypeError):
+            after = True
+        (moved if after else kept).append(line if line.endswith("\n") else line + "\n")
+    if moved:
+        with open(run.metrics_discarded, "a") as f:
+            f.writelines(moved)
+        atomic_write(run.metrics, lambda f: f.writelines(kept), mode="w", durable=False)
+    return len(moved)
 
 
 def write_hparams(run: RunDir, cfg, best_test_bpd: float, step: int) -> None:

@@ -572,7 +572,10 @@ class Trainer:
                 self.run_dir.set_aside_unfinished()
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir.config)
-            self.logger = RunLogger(self.run_dir)
+            self.logger = RunLogger(self.run_dir, self.state.step if self.resumed else None)
+            if self.logger.n_moved:
+                tqdm.write(f"note: {self.logger.n_moved} metrics.jsonl record(s) logged after step {self.state.step} "
+                           f"(training lost when the run stopped unsaved) moved to {self.run_dir.metrics_discarded}")
             self._record_data()
         show = self.progress and ctx.is_main
         self.bar = tqdm(total=cfg.train.steps, initial=self.state.step, disable=not show, unit="step",

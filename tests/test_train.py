@@ -436,6 +436,31 @@ def test_a_stop_between_checks_after_a_run_of_bad_steps_resumes_exactly_as_an_un
         assert torch.equal(resumed["model"][name], tensor), name
 
 
+def test_a_resume_after_a_crash_logs_each_step_once_and_keeps_the_lost_records_aside(tmp_path):
+    """A crash after step 5 with last.pt at step 3: steps 4-5 run again; their first records are moved out of
+    metrics.jsonl (into metrics_discarded.jsonl) and hidden in TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = apply_overrides(default_config(), NAN_RUN + ["train.steps=3", "train.checkpoint_every=3"])
+    run = RunDir(tmp_path / "run")
+    train(cfg, out=str(run.path), progress=False)
+    at_step_3 = run.last.read_bytes()
+    train(apply_overrides(cfg, ["train.steps=5", "train.lr=1e-3"]), out=str(run.path), resume="auto", progress=False)
+    lost = [m for m in _metrics(run.path) if m["step"] > 3]
+    assert [m["step"] for m in lost if m["split"] == "train" and "bpd" in m] == [4, 5]
+    run.last.write_bytes(at_step_3)  # the crash: nothing of steps 4-5 was saved
+    train(apply_overrides(cfg, ["train.steps=5"]), out=str(run.path), resume="auto", progress=False)
+    kept = _metrics(run.path)
+    assert [m["step"] for m in kept if m["split"] == "train" and "bpd" in m] == [1, 2, 3, 4, 5]
+    assert [json.loads(line) for line in run.metrics_discarded.read_text().splitlines()] == lost
+    accumulator = EventAccumulator(str(run.tb))
+    accumulator.Reload()
+    events = accumulator.Scalars("train/bpd")
+    assert [e.step for e in events] == [1, 2, 3, 4, 5]
+    new = {m["step"]: m["bpd"] for m in kept if m["split"] == "train" and "bpd" in m}
+    assert [e.value for e in events] == pytest.approx([new[step] for step in range(1, 6)])
+
+
 def test_resuming_keeps_this_runs_fused_adam_whatever_the_checkpoint_says(tmp_path):
     cfg = apply_overrides(default_config(), NAN_RUN + ["train.optimizer=adam", "train.steps=3"])
     out = tmp_path / "run"
