@@ -208,6 +208,7 @@ class Trainer:
                  progress: bool = True, datasets: tuple | None = None):
         self.cfg, self.ctx, self.run_dir, self.device = cfg, ctx, run, ctx.device
         self.progress = progress
+        self.notes: list[str] = []  # what set-up found worth saying, said once the run directory is open
         self.train_set, self.test_set = datasets or self._load_datasets()
         torch.manual_seed(cfg.run.seed)
         self.model = Glow.from_config(cfg).to(self.device)
@@ -265,8 +266,19 @@ class Trainer:
         _load_objective(self.objective, state["model"], state.get("objective"), str(path))
         self._load_optimizer(state)
         self.state = TrainState.from_checkpoint(state)
+        self._forget_rollbacks_if_retuned(state.get("config", {}).get("train", {}))
         torch.set_rng_state(state["rng"]["torch"].cpu())
         return state
+
+    def _forget_rollbacks_if_retuned(self, saved_train: dict) -> None:
+        """A rollback halves the learning rate and leaves no second chance; a resume that sets train.lr or
+        train.warmup_steps anew (as the divergence message advises) takes over from it."""
+        retuned = [key for key in ("lr", "warmup_steps")
+                   if key in saved_train and saved_train[key] != getattr(self.cfg.train, key)]
+        if retuned and (self.state.lr_scale != 1.0 or self.state.n_rollbacks):
+            self.notes.append(f"train.{retuned[0]} changed since the rollback: training goes on at the configured "
+                              f"learning rate (not {self.state.lr_scale:g} of it), with a rollback allowed again")
+            self.state.lr_scale, self.state.n_rollbacks = 1.0, 0
 
     def _load_optimizer(self, state: dict) -> None:
         """Moments and counts, and under fp16 the loss scale (a resumed run continues with the same one)."""
@@ -584,6 +596,8 @@ class Trainer:
         self._n_bad_logged = self.guard.read()[0]
         if self.resumed:
             self.say(resume_message(self.run_dir.path, self.state.step, cfg.train.steps))
+        for note in self.notes:
+            self.say(note)
         if self.forward.pending:
             self.say(f"train.compile={cfg.train.compile}: the first step compiles the model (minutes for a large one; "
                      "train.compile=off skips it)")

@@ -461,6 +461,26 @@ def test_a_resume_after_a_crash_logs_each_step_once_and_keeps_the_lost_records_a
     assert [e.value for e in events] == pytest.approx([new[step] for step in range(1, 6)])
 
 
+def test_a_resume_with_a_new_learning_rate_takes_over_from_the_rollbacks_halving(tmp_path, capsys):
+    """After a rollback (lr halved, no second chance), the divergence message advises lowering train.lr and
+    resuming: the new lr is then used as set, with a rollback allowed again."""
+    poisoned = _poisoned(lambda call: call in (5, 6, 7))
+    cfg = apply_overrides(default_config(), NAN_RUN)
+    train(cfg, out=str(tmp_path / "run"), progress=False, trainer=poisoned)
+    assert load_checkpoint(RunDir(tmp_path / "run").last)["train_state"]["lr_scale"] == 0.5
+    same = train(apply_overrides(cfg, ["train.steps=11"]), out=str(tmp_path / "run"), resume="auto", progress=False)
+    state = load_checkpoint(RunDir(same.run_dir).last)["train_state"]
+    assert (state["lr_scale"], state["n_rollbacks"]) == (0.5, 1)
+    capsys.readouterr()
+    train(apply_overrides(cfg, ["train.steps=12", "train.lr=1e-3"]), out=str(tmp_path / "run"), resume="auto",
+          progress=False)
+    assert "train.lr changed since the rollback" in capsys.readouterr().out
+    state = load_checkpoint(RunDir(tmp_path / "run").last)["train_state"]
+    assert (state["lr_scale"], state["n_rollbacks"]) == (1.0, 0)
+    logged = [m for m in _metrics(tmp_path / "run") if m["step"] == 12 and "lr" in m]
+    assert logged[-1]["lr"] == pytest.approx(1e-3)
+
+
 def test_resuming_keeps_this_runs_fused_adam_whatever_the_checkpoint_says(tmp_path):
     cfg = apply_overrides(default_config(), NAN_RUN + ["train.optimizer=adam", "train.steps=3"])
     out = tmp_path / "run"
