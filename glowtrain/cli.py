@@ -76,8 +76,9 @@ def _errors_to_exit_codes(command):
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except Interrupted as e:
             step, run_dir = e.args
-            typer.echo(f"interrupted at step {step}; checkpoint saved. Continue with: "
-                       f"glowtrain fit --resume auto --out {shlex.quote(run_dir)}", err=True)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the job, not one per process
+                typer.echo(f"interrupted at step {step}; checkpoint saved. Continue with: "
+                           f"glowtrain fit --resume auto --out {shlex.quote(run_dir)}", err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)

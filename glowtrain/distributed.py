@@ -53,6 +53,8 @@ class Context:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     local_rank: int = 0  # the process's place on its own machine
+    # A gloo group beside NCCL's, for questions asked on the host every step (None: the default group is gloo)
+    host_group: dist.ProcessGroup | None = None
 
     @property
     def is_main(self) -> bool:
@@ -78,6 +80,15 @@ class Context:
 
     def any(self, flag: bool) -> bool:
         return not self.all_agree(not flag)
+
+    def any_on_host(self, flag: bool) -> bool:
+        """Whether `flag` is True on some rank, asked through a CPU group: cheap enough for every step, and it
+        never waits for the GPU."""
+        if not self.distributed:
+            return flag
+        value = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.host_group)
+        return bool(value[0])
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.distributed:
@@ -163,7 +174,8 @@ def setup(device_name: str, tf32: bool = True, deterministic: bool = False) -> C
         if use_cuda and "device_id" in inspect.signature(dist.init_process_group).parameters:
             options["device_id"] = device  # binds NCCL to this GPU now, instead of guessing from the rank
         dist.init_process_group("nccl" if use_cuda else "gloo", **options)
-    return Context(dist.get_rank(), dist.get_world_size(), device, local_rank)
+    host_group = dist.new_group(backend="gloo") if use_cuda else None
+    return Context(dist.get_rank(), dist.get_world_size(), device, local_rank, host_group)
 
 
 def _uses_cuda(device_name: str) -> bool:

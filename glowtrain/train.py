@@ -556,13 +556,12 @@ class Trainer:
 
     def _stop_if_asked(self, stop: _StopFlag) -> bool:
         """Raise Interrupted after saving on a signal; True (after saving) once train.max_time is used up."""
-        # Several processes must agree on stopping: they ask each other only at logging steps.
-        if not (self.state.step % self.cfg.train.log_every == 0 or not self.ctx.distributed):
-            return False
-        if self.ctx.any(stop.requested):
+        # Several processes must agree on stopping, every step: torchrun and schedulers kill what has not
+        # stopped within seconds. They ask each other on the host, so the GPU is never waited for here.
+        if self.ctx.any_on_host(stop.requested):
             self._save_before_stopping()
             raise Interrupted(self.state.step, str(self.run_dir.path))
-        if self.deadline is not None and self.ctx.any(self._now() >= self.deadline):
+        if self.deadline is not None and self.ctx.any_on_host(self._now() >= self.deadline):
             self._save_before_stopping()
             self.timed_out = True
             return True

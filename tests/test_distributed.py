@@ -68,6 +68,32 @@ def test_two_gloo_processes_match_one_process_with_spline_couplings_and_a_learne
 
 
 @pytest.mark.slow
+def test_a_signal_to_the_whole_job_stops_every_rank_at_the_next_step_and_saves(tmp_path):
+    """torchrun (and a scheduler) kill what has not stopped within seconds of a SIGTERM: the ranks agree on
+    stopping at every step, not only at logging steps (here every 50,000, far beyond the seconds it may take)."""
+    import re
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    sets = [arg for item in SETS + ["train.batch_size=8", "train.steps=100000", "train.log_every=50000",
+                                    "train.eval_every=50000", "train.sample_every=50000", "train.checkpoint_every=5"]
+            for arg in ("--set", item)]
+    job = subprocess.Popen([sys.executable, "-m", "glowtrain", "fit", "--out", str(out), "--no-progress",
+                            "--nproc", "2", *sets], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "last.pt").exists():  # polled: returns as soon as training is under way
+        assert job.poll() is None and time.monotonic() < deadline, job.stderr.read() if job.poll() else "timeout"
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGTERM)
+    _, stderr = job.communicate(timeout=120)
+    stopped = re.findall(r"interrupted at step (\d+); checkpoint saved", stderr)
+    assert len(stopped) == 1, stderr[-3000:]  # one line for the job, from rank 0
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == int(stopped[0]) >= 5
+
+
+@pytest.mark.slow
 def test_two_gloo_processes_accumulating_two_micro_batches_match_one_process(tmp_path):
     _fit(tmp_path / "two", 8, "--nproc", "2", "--set", "train.grad_accum_steps=2")
     _fit(tmp_path / "one", 32)
