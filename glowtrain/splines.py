@@ -86,6 +86,9 @@ def rq_spline_forward(x: torch.Tensor, raw: torch.Tensor, n_bins: int, bound: fl
     y = y_k + height * (slope * xi**2 + d_left * xi_1m) / denominator
     derivative_numerator = slope**2 * (d_right * xi**2 + 2 * slope * xi_1m + d_left * (1 - xi) ** 2)
     log_derivative = torch.log(derivative_numerator) - 2 * torch.log(denominator)
+    # Rounding can carry y a step past +-bound, where the inverse would take it for a tail (identity) input.
+    # Not y.clamp: its gradient vanishes on the bound itself, where y lands exactly for x = +-bound.
+    y = torch.where(y.abs() > bound, torch.copysign(torch.full_like(y, bound), y), y)
     return torch.where(inside, y, x), torch.where(inside, log_derivative, torch.zeros_like(log_derivative))
 
 

@@ -157,3 +157,13 @@ def test_deep_float32_spline_model_round_trips_within_1e_4():
         assert (model.decode(zs) - x).abs().max() <= 1e-4
         coupling = model.levels[0].layers[5].layers[2]
         assert coupling.net(torch.randn(2, 6, 8, 8)).abs().max() > 0.01  # the couplings really act
+
+
+def test_inputs_on_the_bound_map_inside_it_in_float32():
+    """Rounding used to carry y = f(+-bound) one step past the bound, where the inverse takes it for a tail."""
+    n_bins, bound = 8, 3.0
+    raw = torch.randn(400, 3 * n_bins - 1, generator=torch.Generator().manual_seed(0)) * 2
+    x = torch.tensor([bound, -bound]).repeat(200)
+    y, _ = rq_spline_forward(x, raw, n_bins, bound)
+    assert (y.abs() <= bound).all()
+    assert (rq_spline_inverse(y, raw, n_bins, bound) - x).abs().max() < 1e-4
