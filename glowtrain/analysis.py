@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,7 +37,8 @@ MANIPULATE_ALPHAS = [-1.0, 0.0, 1.0, 2.0]
 
 
 def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.device,
-                 batch_size: int | None = None, progress: bool = False) -> dict:
+                 batch_size: int | None = None, progress: bool = False,
+                 warn: Callable[[str], None] | None = None) -> dict:
     """Bits/dim over the whole split: the single-draw bound averaged over `n_dequant` dequantisation draws and,
     for n_dequant > 1, the importance-weighted bound over them (`bpd_iw`, tighter)."""
     if split not in ("test", "train"):
@@ -51,6 +53,8 @@ def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.de
     run = RunDir(loaded.run_dir) if loaded.run_dir else None
     dataset = _run_dataset(loaded, split, cfg)
     changed = data_changed_warning(read_json(run.data_record), split, dataset) if run and run.config.is_file() else None
+    if changed and warn is not None:
+        warn(changed)  # before the evaluation's progress bar, not lost after it
     scored = evaluate(loaded.objective or loaded.model, dataset, cfg, device, seed=EVAL_NOISE_SEED,
                       n_dequant=n_dequant, progress=progress)
     result = {"bpd": scored["bpd"], "bpd_stderr": scored["bpd_stderr"], "n_images": scored["n_images"]}
@@ -60,8 +64,8 @@ def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.de
                   ema=loaded.used_ema)
     if "accuracy" in scored:
         result["accuracy"] = scored["accuracy"]
-    if changed:
-        result["warning"] = changed  # the CLI prints it as a line of its own
+    if changed and warn is None:
+        result["warning"] = changed
     return result
 
 

@@ -253,10 +253,8 @@ def eval_(
     from glowtrain.analysis import eval_command
 
     loaded, resolved = _open(run, checkpoint, device, seed, no_ema)
-    result = eval_command(loaded, split, n_dequant, resolved, batch_size, progress)
-    warning = result.pop("warning", None)
-    if warning:
-        typer.echo(warning, err=True)
+    result = eval_command(loaded, split, n_dequant, resolved, batch_size, progress,
+                          warn=lambda text: typer.echo(text, err=True))
     _print_json(result)
 
 

@@ -355,6 +355,18 @@ def _apply(cfg: Config, overrides: Sequence[str]) -> Config:
 RESUME_SAFE_DATA_KEYS = ("data.root", "data.cache", "data.download", "data.n_workers")
 
 
+def with_absolute_data_paths(cfg: Config) -> Config:
+    """data.root and data.cache as absolute paths (~ expanded): a run's stored config then finds its data from
+    any working directory (eval, score and the other commands read it from the checkpoint)."""
+    if cfg.data.dataset == "digits":  # bundled: no files to find
+        return cfg
+
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().absolute()) if path else path
+    data = dataclasses.replace(cfg.data, root=absolute(cfg.data.root), cache=absolute(cfg.data.cache))
+    return dataclasses.replace(cfg, data=data)
+
+
 def resume_may_change(key: str) -> bool:
     """Whether `key` may differ between a run's stored config and the config it resumes with."""
     return key.split(".")[0] in ("run", "train") or key in RESUME_SAFE_DATA_KEYS

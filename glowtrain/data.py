@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import io
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -614,11 +617,25 @@ def _batches(dataset, index_batches: Iterable[list[int]], n_workers: int, pin_me
              persistent: bool) -> Iterator[tuple[Tensor, Tensor]]:
     if hasattr(dataset, "get_batch"):
         return _gathered(dataset, index_batches, pin_memory and torch.cuda.is_available())
+    if n_workers > 0:
+        _end_workers_at_exit()
     loader = DataLoader(dataset, batch_sampler=index_batches, num_workers=n_workers,
                         worker_init_fn=_ignore_stop_signals,
                         pin_memory=pin_memory and torch.cuda.is_available(),
                         persistent_workers=persistent and n_workers > 0)
     return _one_line_errors(loader)
+
+
+@functools.cache
+def _end_workers_at_exit() -> None:
+    """Workers ignore SIGTERM, the signal multiprocessing's own exit handler ends them with before it waits for
+    them: kill those still running first (handlers registered later run earlier)."""
+    def kill_workers() -> None:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # DataLoader's handler would report the kills as failures
+        for child in multiprocessing.active_children():
+            if child.daemon:  # DataLoader's workers; processes the user started are left alone
+                child.kill()
+    atexit.register(kill_workers)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

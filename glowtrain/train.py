@@ -25,7 +25,7 @@ from glowtrain.checkpoint import (
     save_checkpoint,
 )
 from glowtrain.compilation import LazyCompile, compile_enabled
-from glowtrain.config import Config, config_to_dict, derived_seed, load_config, save_config
+from glowtrain.config import Config, config_to_dict, derived_seed, load_config, save_config, with_absolute_data_paths
 from glowtrain.data import build_dataset, check_class_count, check_records, make_train_batches, record_run_data
 from glowtrain.distributed import Context, broadcast_state, identical_across_ranks, in_turns, setup, teardown
 from glowtrain.errors import UserError
@@ -647,6 +647,7 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
 
     `trainer` may be a subclass (tests inject faults by overriding `prepare_batch`)."""
     saved = precision.settings()
+    cfg = with_absolute_data_paths(cfg)
     ctx = setup(cfg.run.device, tf32=cfg.run.tf32, deterministic=cfg.run.deterministic)
     try:
         precision.check_amp(cfg.train.amp, ctx.device, cfg.train.allow_emulated_bf16)

@@ -555,3 +555,24 @@ def test_a_run_trained_from_a_cache_records_the_crop_the_cache_was_made_with(tmp
 
     digits = data.build_dataset(data_cfg(dataset="digits"), "train")
     assert "crop" not in data.data_record(data_cfg(dataset="digits"), digits, digits)
+
+
+def test_a_process_exits_with_loader_workers_still_running(tmp_path):
+    """Workers ignore SIGTERM (a signal to the whole job must not kill them before the trainer saves), which is
+    what multiprocessing ends them with at exit: the process must still exit, promptly and without a traceback."""
+    import subprocess
+    import sys
+    import textwrap
+
+    make_folder(tmp_path / "images", 12, size=(8, 8))
+    script = textwrap.dedent(f"""
+        from glowtrain.config import DataConfig
+        from glowtrain.data import build_dataset, make_train_batches
+        dataset = build_dataset(DataConfig(dataset="folder", root={str(tmp_path / "images")!r}, image_size=8), "train")
+        batches = make_train_batches(dataset, 4, seed=0, n_workers=2)
+        next(batches)  # persistent workers now run, and nothing shuts them down before exit
+        print("done")
+    """)
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0 and child.stdout == "done\n", child.stderr
+    assert "Traceback" not in child.stderr

@@ -181,3 +181,24 @@ def test_a_file_that_vanishes_between_listing_and_checking_is_an_unreadable_file
     checked = folders.check_images(paths, tmp_path, 3, 8, None)
     assert checked.good == [paths[0], paths[2]] and [p for p, _ in checked.bad] == [paths[1]]
     assert folders.conversions("CMYK", 8, 8, 3, 8, None) == ["CMYK→RGB"]
+
+
+def test_a_run_finds_its_folder_from_any_working_directory(tmp_path, monkeypatch):
+    """A relative data.root is stored as an absolute path, so eval works from elsewhere."""
+    from glowtrain.config import load_config
+
+    images = tmp_path / "work" / "photos"
+    images.mkdir(parents=True)
+    for i, pixels in enumerate(np.random.default_rng(0).integers(0, 256, (20, 8, 8), dtype=np.uint8)):
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    monkeypatch.chdir(tmp_path / "work")
+    fitted = invoke("fit", "--out", "run", "--no-progress", *sets(
+        "run.device=cpu", "data.dataset=folder", "data.root=photos", "data.image_size=8", "model.n_levels=2",
+        "model.n_steps=1", "model.hidden_channels=8", "model.coupling=affine", "model.dequantization=uniform",
+        "train.batch_size=8", "train.init_batch_size=16", "train.steps=2", "train.eval_every=2", "train.n_samples=1"))
+    assert fitted.exit_code == 0, fitted.output
+    assert load_config(tmp_path / "work" / "run" / "config.yaml").data.root == str(images)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("eval", "--run", tmp_path / "work" / "run", "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n_images"] > 0
