@@ -227,10 +227,13 @@ def sample(
 def _numbers(values: list[str], option: str, example: str) -> list[float]:
     """Numbers given as a repeated option, a comma-separated list, or both."""
     try:
-        return [float(part) for value in values for part in value.split(",") if part.strip()]
+        numbers = [float(part) for value in values for part in value.split(",") if part.strip()]
     except ValueError:
         raise UserError(f"{option} takes numbers, repeated or comma-separated like {example}, "
                         f"got {' '.join(values)!r}") from None
+    if not numbers:
+        raise UserError(f"{option} got no number ({' '.join(values)!r}); give at least one, like {example}")
+    return numbers
 
 
 @app.command("eval")

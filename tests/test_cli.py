@@ -180,11 +180,20 @@ def test_resume_without_a_checkpoint_exits_2(tmp_path):
     (["--checkpoint", "nope.pt"], "nope.pt"),
     (["--run", "nowhere"], "nowhere"),
     ([], "no finished run"),
-], ids=["negative-temp", "zero-n", "missing-checkpoint", "missing-run", "no-runs"])
+    (["--temp", ""], "--temp got no number ('')"),
+    (["--temp", ",", "--grid"], "--temp got no number (',')"),
+], ids=["negative-temp", "zero-n", "missing-checkpoint", "missing-run", "no-runs", "empty-temp", "comma-temp"])
 def test_sample_errors_exit_2_with_one_line(tmp_path, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)
     result = invoke("sample", *args)
     assert_one_line_error(result, 2, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manipulate_with_an_empty_alpha_list_exits_2_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("manipulate", "--alphas", " , ")
+    assert_one_line_error(result, 2, "--alphas got no number", "like -1,0,1,2")
     assert list(tmp_path.iterdir()) == []
 
 
