@@ -349,7 +349,7 @@ def score(
         "--against", metavar="PATH",
             help="A second set of files or folders, treated as out-of-distribution (repeatable).")] = None,
     reference_run: Annotated[Optional[str], typer.Option(
-        "--reference-run", metavar="DIR", help="A second run (or checkpoint) for the likelihood-ratio score.")] = None,
+        "--reference-run", metavar="PATH", help="A second run (or checkpoint) for the likelihood-ratio score.")] = None,
     n_dequant: Annotated[int, typer.Option("--n-dequant", metavar="S",
         help="Dequantisation draws to average over.")] = 1,
     batch_size: Annotated[int, typer.Option("--batch-size", metavar="N",
@@ -376,7 +376,10 @@ def score(
                            progress=progress, overwrite=overwrite)
     options.check()
     loaded, _ = _open(run, checkpoint, device, 0, no_ema)
-    reference = _open(reference_run, None, device, 0, no_ema)[0] if reference_run else None
+    reference = None
+    if reference_run:  # a run directory or, like glowtrain.load_run, a checkpoint file
+        as_file = Path(reference_run).is_file()
+        reference = _open(None if as_file else reference_run, reference_run if as_file else None, device, 0, no_ema)[0]
     summary = score_command(loaded, images or [], dataset, split, against or [], reference, out, options, not no_ema)
     lines, warnings = report(summary)
     for line in warnings:

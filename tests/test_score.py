@@ -126,9 +126,40 @@ def test_against_the_same_images_gives_auroc_one_half_and_against_noise_the_tabl
         assert picture.format == "PNG" and picture.size == (520, 300)
 
 
-def test_a_reference_run_gives_the_likelihood_ratio(run_dir, tmp_path):
-    rows, _ = score(run_dir, tmp_path, "--dataset", "digits", "--reference-run", run_dir)
+@pytest.mark.parametrize("reference", ["run", "checkpoint"])
+def test_a_reference_run_gives_the_likelihood_ratio(run_dir, tmp_path, reference):
+    path = run_dir if reference == "run" else run_dir / "checkpoints" / "last.pt"
+    rows, _ = score(run_dir, tmp_path, "--dataset", "digits", "--reference-run", path)
     assert all(float(r["ratio"]) == 0.0 and r["reference_bpd"] == r["bpd"] for r in rows)
+
+
+def test_a_read_only_run_directory_scores_without_caching_the_typical_set(run_dir, tmp_path, monkeypatch):
+    import errno
+
+    import glowtrain.score as score_module
+
+    written = score_module.atomic_write
+
+    def read_only_run(path, *args, **kwargs):
+        if Path(path).parent == run_dir:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return written(path, *args, **kwargs)
+
+    (run_dir / TRAIN_CACHE).unlink(missing_ok=True)
+    monkeypatch.setattr(score_module, "atomic_write", read_only_run)
+    result = ok(invoke("score", "--run", run_dir, "--out", tmp_path / "out", *CPU, "--dataset", "digits"))
+    assert "warning: cannot cache the typical set" in result.stderr and "Read-only file system" in result.stderr
+    assert not (run_dir / TRAIN_CACHE).exists()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["entropy_bpd"] == pytest.approx(eval_json(run_dir, "--split", "train")["bpd"], abs=1e-6)
+
+
+def test_an_out_that_is_a_file_is_refused_as_an_output_folder(run_dir, tmp_path):
+    (tmp_path / "taken").write_text("mine")
+    result = invoke("score", "--run", run_dir, "--out", tmp_path / "taken", *CPU, "--dataset", "digits")
+    line = assert_one_line_error(result, 2, "cannot create the output folder", "is a file", "choose another --out")
+    assert "run directory" not in line
+    assert (tmp_path / "taken").read_text() == "mine"
 
 
 def test_scoring_streams_in_batches_that_do_not_change_the_scores(run_dir, digit_files, tmp_path, monkeypatch):
