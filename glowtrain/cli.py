@@ -443,6 +443,7 @@ def prepare(
     if cfg.data.cache:
         raise UserError("data.cache is set: prepare reads the images themselves — remove data.cache for this command")
     target = out or f"{cfg.data.root}/glowtrain-cache-{cfg.data.dataset}-{cfg.data.image_size}px"
+    target = os.path.abspath(os.path.expanduser(target))  # said below as a path that works from anywhere
     index = prepare_cache(cfg.data, target, progress=progress)
     typer.echo(index["summary"])
     if index["warning"]:

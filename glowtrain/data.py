@@ -391,7 +391,7 @@ def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True) ->
     The cache is built in a hidden folder beside out_path and swapped in only when complete, so a
     failed or interrupted prepare leaves an existing cache exactly as it was."""
     shape = image_shape(data_cfg)
-    out = Path(out_path).expanduser()
+    out = Path(os.path.abspath(Path(out_path).expanduser()))  # '.' and '..' have no name to build beside
     _check_cache_target(out)
     # Both splits are found (and the config checked) before anything is written.
     splits = {split: _build_uncached(data_cfg, split) for split in ("train", "test")}

@@ -227,6 +227,18 @@ def test_prepare_writes_a_cache_that_fit_trains_from(tmp_path):
     assert "test bpd" in result.stdout
 
 
+def test_prepare_into_the_current_folder_writes_the_cache_there(tmp_path, monkeypatch):
+    import numpy as np
+
+    (tmp_path / "cache").mkdir()
+    monkeypatch.chdir(tmp_path / "cache")
+    result = invoke("prepare", "--out", ".", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert f"data.cache={tmp_path / 'cache'}" in result.stdout
+    assert np.load(tmp_path / "cache" / "test.npy").shape == (297, 1, 8, 8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing left beside it
+
+
 def test_prepare_refuses_a_config_that_already_reads_a_cache(tmp_path):
     result = invoke("prepare", *sets("data.cache=somewhere"), "--out", str(tmp_path / "c"))
     assert_one_line_error(result, 2, "data.cache is set")
