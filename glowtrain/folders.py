@@ -42,9 +42,15 @@ def relative(path: str, base: Path) -> str:
     return Path(path).relative_to(base).as_posix()
 
 
+def name_bytes(text: str) -> bytes:
+    """A file name's own bytes: UTF-8, and a name that is not UTF-8 (b"caf\xe9.png", which Python holds as
+    surrogates) back as the bytes on disk. The same bytes as str.encode() for every valid name."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def _position(relpath: str, split_seed: int) -> float:
     """Where a file falls in [0, 1): a hash of its own relative path, so other files never move it."""
-    digest = hashlib.sha256(f"{split_seed}\0{relpath}".encode()).digest()
+    digest = hashlib.sha256(name_bytes(f"{split_seed}\0{relpath}")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
@@ -69,7 +75,7 @@ def fingerprint(paths: list[str], base: Path) -> dict:
     digest = hashlib.sha256()
     for path in paths:
         size = os.path.getsize(path) if os.path.exists(path) else -1  # -1: gone since the folder was listed
-        digest.update(f"{relative(path, base)}\t{size}\n".encode())
+        digest.update(name_bytes(f"{relative(path, base)}\t{size}\n"))
     return {"n_images": len(paths), "digest": digest.hexdigest()[:16]}
 
 

@@ -352,7 +352,8 @@ def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: 
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / "scores.csv.partial"  # renamed when complete: an interrupted run leaves no half CSV
     try:
-        with open(partial, "w", newline="") as f:
+        # surrogateescape: a file name that is not UTF-8 is written as its own bytes, so it names the file.
+        with open(partial, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.DictWriter(f, fieldnames=None)
             scores = {image_set.role: _stream(image_set, scorer, writer, options) for image_set in sets}
     except BaseException:

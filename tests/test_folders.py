@@ -1,6 +1,8 @@
 """Image folders end to end: every file checked before training, skip counts, the stable split, the data record."""
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +183,36 @@ def test_a_file_that_vanishes_between_listing_and_checking_is_an_unreadable_file
     checked = folders.check_images(paths, tmp_path, 3, 8, None)
     assert checked.good == [paths[0], paths[2]] and [p for p, _ in checked.bad] == [paths[1]]
     assert folders.conversions("CMYK", 8, 8, 3, 8, None) == ["CMYK→RGB"]
+
+
+needs_byte_names = pytest.mark.skipif(os.name != "posix" or sys.platform == "darwin",
+                                      reason="file names that are not UTF-8 need a POSIX file system other than APFS")
+
+
+def test_a_valid_name_keeps_the_split_position_it_always_had():
+    import hashlib
+
+    from glowtrain.folders import _position
+
+    for name in ("img001.png", "café/été.png"):  # hashed as before: str.encode() of seed, NUL, relative path
+        expected = int.from_bytes(hashlib.sha256(f"7\0{name}".encode()).digest()[:8], "big") / 2**64
+        assert _position(name, 7) == expected
+
+
+@needs_byte_names
+def test_file_names_that_are_not_utf8_are_split_fingerprinted_prepared_and_trained(tmp_path):
+    from glowtrain.folders import find_images, fingerprint, split_paths
+
+    root = tmp_path / "images"
+    make_images(root, 12)
+    for i in range(3):  # Latin-1 names, as old cameras and archives write them
+        os.rename(root / f"img{i:03d}.png", os.fsdecode(os.fsencode(root) + b"/caf\xe9%d.png" % i))
+    base, paths = find_images(str(root))
+    train, test = (split_paths(paths, base, 0.25, 0, split) for split in ("train", "test"))
+    assert sorted(train + test) == sorted(paths) and not set(train) & set(test)
+    assert fingerprint(paths, base)["n_images"] == 12
+    result = invoke("prepare", *sets(*FOLDER_RUN, f"data.root={root}"), "--out", tmp_path / "cache", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "12 images found" in result.stdout
+    result = fit(root, tmp_path / "run")
+    assert result.exit_code == 0, result.output

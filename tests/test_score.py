@@ -4,8 +4,10 @@ OOD metrics through the CLI, streaming, bad input, and the README's Python examp
 import csv
 import io
 import json
+import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -344,3 +346,19 @@ def test_a_learned_dequantiser_is_part_of_every_score(tmp_path):
     test = build_dataset(loaded.cfg.data, "test")
     first = loaded.bits_per_dim(test.images[:8])
     assert torch.allclose(first, torch.tensor([float(r["bpd"]) for r in rows[:8]], dtype=first.dtype), atol=2e-5)
+
+
+@pytest.mark.skipif(os.name != "posix" or sys.platform == "darwin",
+                    reason="file names that are not UTF-8 need a POSIX file system other than APFS")
+def test_a_file_name_that_is_not_utf8_is_written_to_the_csv_as_its_own_bytes(run_dir, digit_files, tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(digit_files / "noise", folder)
+    latin1 = os.fsencode(folder) + b"/caf\xe9.png"
+    os.rename(folder / "0000.png", os.fsdecode(latin1))
+    ok(invoke("score", "--run", run_dir, "--out", tmp_path / "out", *CPU, "--images", folder))
+    lines = (tmp_path / "out" / "scores.csv").read_bytes().splitlines()
+    named = [line for line in lines if b"caf" in line]
+    assert len(lines) == 41 and len(named) == 1 and named[0].startswith(b"images," + latin1 + b",")
+    with open(tmp_path / "out" / "scores.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        paths = [row["path"] for row in csv.DictReader(f)]
+    assert os.fsdecode(latin1) in paths and Path(os.fsdecode(latin1)).is_file()  # the CSV names the file
