@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,16 +27,50 @@ def find_images(root: str) -> tuple[Path, list[str]]:
         raise UserError(f"data.root {base} is a file, not a folder; set data.root to the directory holding the images")
     if not base.is_dir():
         raise UserError(f"image folder {base} does not exist; set data.root to a directory of images")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        # Hidden files include macOS "._x.jpg" resource forks, which are not images.
-        found += [os.path.join(dirpath, f) for f in filenames
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    found = _each_file_once(sorted(_walk(base), key=lambda p: relative(p, base)))
     if not found:
         raise UserError(f"no images under {base}; data.root needs files ending in "
                         f"{', '.join(IMAGE_EXTENSIONS)} (any case, any depth)")
-    return base, sorted(found, key=lambda p: relative(p, base))
+    return base, found
+
+
+def _walk(base: Path) -> Iterator[str]:
+    """Every image file under base, following links to folders (in name order) but entering each real
+    folder once: a link back up (`loop -> .`) or a second link to a folder adds nothing."""
+    seen = {_identity(base)}
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        entered = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            identity = _identity(os.path.join(dirpath, name))
+            if identity is not None and identity not in seen:
+                seen.add(identity)
+                entered.append(name)
+        dirnames[:] = entered
+        # Hidden files include macOS "._x.jpg" resource forks, which are not images.
+        yield from (os.path.join(dirpath, f) for f in filenames
+                    if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+
+
+def _identity(path: str | Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)  # follows links: the real file or folder
+    except OSError:  # a broken link; a file gone since it was listed is found unreadable later
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _each_file_once(paths: list[str]) -> list[str]:
+    """The first path of each real file (one reached twice through links, or hard-linked, is one image:
+    it must not land in both splits)."""
+    seen, once = set(), []
+    for path in paths:
+        identity = _identity(path)
+        if identity in seen:
+            continue
+        if identity is not None:
+            seen.add(identity)
+        once.append(path)
+    return once
 
 
 def relative(path: str, base: Path) -> str:

@@ -216,3 +216,20 @@ def test_file_names_that_are_not_utf8_are_split_fingerprinted_prepared_and_train
     assert "12 images found" in result.stdout
     result = fit(root, tmp_path / "run")
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links")
+def test_linked_folders_list_each_file_once_and_keep_it_in_one_split(tmp_path):
+    from glowtrain.folders import find_images, split_paths
+
+    root = tmp_path / "images"
+    make_images(root / "a", 20)
+    base, plain = find_images(str(root))
+    before = {split: split_paths(plain, base, 0.25, 0, split) for split in ("train", "test")}
+    os.symlink(".", root / "loop")  # a link back up: endless without loop detection
+    os.symlink(root / "a", root / "b")  # a second way to the same folder
+    os.symlink(root / "a" / "img003.png", root / "a" / "z.png")  # a second name for one file
+    base, linked = find_images(str(root))
+    assert linked == plain  # each real file once, by its first path in name order
+    after = {split: split_paths(linked, base, 0.25, 0, split) for split in ("train", "test")}
+    assert after == before and not set(after["train"]) & set(after["test"])
