@@ -27,6 +27,7 @@ from glowtrain.errors import UserError
 from glowtrain.folders import (
     PIL_DECODE_ERRORS,
     SPLIT_SCHEME,
+    WIDE_GREY_MODES,
     check_images,
     find_images,
     fingerprint,
@@ -151,12 +152,22 @@ class ImageFiles(Dataset):
 
 
 def read_image(source: str | Path | Image.Image, channels: int) -> Image.Image:
-    """A file or PIL image, upright (EXIF rotation applied), in greyscale (channels 1) or RGB (3)."""
+    """A file or PIL image, upright (EXIF rotation applied), in greyscale (channels 1) or RGB (3); 16-bit
+    greyscale scaled to 8 bits."""
     if isinstance(source, Image.Image):
-        return ImageOps.exif_transpose(source).convert("RGB" if channels == 3 else "L")
+        return _to_8_bits(ImageOps.exif_transpose(source)).convert("RGB" if channels == 3 else "L")
     with Image.open(source) as img:
         img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
-        return img.convert("RGB" if channels == 3 else "L")
+        return _to_8_bits(img).convert("RGB" if channels == 3 else "L")
+
+
+def _to_8_bits(img: Image.Image) -> Image.Image:
+    """16-bit greyscale as 8 bits: 0..65535 scaled to 0..255 with rounding (Pillow's own convert("L") clips
+    everything above 255 to white). Values outside 0..65535 (mode "I" is 32-bit) are clipped first."""
+    if img.mode not in WIDE_GREY_MODES:
+        return img
+    wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+    return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
 
 
 def square_image(img: Image.Image, image_size: int | None, crop: int | None = None) -> Tensor:

@@ -17,7 +17,10 @@ from glowtrain.errors import UserError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PIL_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 SPLIT_SCHEME = "path-hash-1"  # recorded with a run: which rule put each file into train or test
-_GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+# Greyscale wider than 8 bits: Pillow opens 16-bit PNGs (and PGM, TIFF) in these modes. Mode "I" (32-bit
+# integers) is how older Pillow, and some TIFFs, hold 16-bit greyscale, so it is read on the same 0..65535 scale.
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_GREY_MODES = {"1", "L", "LA", "F", *WIDE_GREY_MODES}
 
 
 def find_images(root: str) -> tuple[Path, list[str]]:
@@ -189,6 +192,8 @@ def check_images(paths: list[str], base: Path, channels: int, image_size: int, c
 def conversions(mode: str, width: int, height: int, channels: int, image_size: int, crop: int | None) -> list[str]:
     """What turning an image of this mode and size into the training shape does to it, in words."""
     done = []
+    if mode in WIDE_GREY_MODES:
+        done.append("16-bit→8-bit")
     if channels == 3 and mode in _GREY_MODES:
         done.append("grey→RGB")
     if channels == 1 and mode not in _GREY_MODES:
