@@ -188,12 +188,15 @@ def square_image(img: Image.Image, image_size: int | None, crop: int | None = No
 def preprocess_image(source: str | Path | Image.Image, data_cfg: DataConfig, crop: int | None = None) -> Tensor:
     """One image -> uint8 (C, H, W) as training reads this dataset's images: channels, crop and resize.
 
-    Built-in sets: the largest centred square at the set's native size (resized with antialiasing if needed),
-    then the set's own path to data.image_size (MNIST's zero border, ...). Folders and CelebA: as ImageFiles,
-    with the centre crop training used (`training_crop`; None: the largest square)."""
+    Built-in sets: an image already at data.image_size (a sample of the run itself, say) as it is; any other
+    size, the largest centred square at the set's native size (resized with antialiasing if needed), then the
+    set's own path to data.image_size (MNIST's zero border, ...). Folders and CelebA: as ImageFiles, with the
+    centre crop training used (`training_crop`; None: the largest square)."""
     channels, size, _ = image_shape(data_cfg)
     img = read_image(source, channels)
     name = data_cfg.dataset
+    if (name == "digits" or name in _TORCHVISION) and img.size == (size, size):
+        return square_image(img, None)
     if name == "digits" or name in _TORCHVISION:
         native = 8 if name == "digits" else _TORCHVISION[name][2]
         square = square_image(img, None)

@@ -256,6 +256,9 @@ def test_preprocess_image_follows_each_datasets_training_path(tmp_path):
     mnist = preprocess_image(Image.fromarray(digit), DataConfig(dataset="mnist", image_size=32, channels=1))
     assert mnist.shape == (1, 32, 32) and mnist[:, :2].sum() == 0  # MNIST's zero border, the digit untouched
     assert torch.equal(mnist[0, 2:30, 2:30], torch.from_numpy(digit))
+    at_32 = np.random.default_rng(2).integers(0, 256, (32, 32), dtype=np.uint8)  # e.g. a sample of the run
+    mnist_32 = preprocess_image(Image.fromarray(at_32), DataConfig(dataset="mnist", image_size=32, channels=1))
+    assert torch.equal(mnist_32[0], torch.from_numpy(at_32))  # not shrunk to 28 and bordered again
     eight = np.arange(64, dtype=np.uint8).reshape(8, 8)
     assert torch.equal(preprocess_image(Image.fromarray(eight), DataConfig())[0], torch.from_numpy(eight))
 
