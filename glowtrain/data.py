@@ -413,7 +413,8 @@ def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True) ->
              "warning": skipped_warning(*splits.values()),
              "root": str(Path(data_cfg.root).expanduser().resolve()), "image_size": shape[1],
              "channels": shape[0], "image_shape": list(shape), "n_classes": splits["train"].n_classes, "splits": {},
-             "fingerprints": {split: ds.report.fingerprint for split, ds in splits.items()}}
+             "fingerprints": {split: ds.report.fingerprint for split, ds in splits.items()},
+             "keys": _content_keys(data_cfg, *splits.values())}
     if isinstance(splits["train"], ImageFiles):  # runs trained from the cache record it (training_crop)
         index["crop"] = splits["train"].crop
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -427,6 +428,27 @@ def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True) ->
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return index
+
+
+def _content_keys(data_cfg, train, test) -> dict:
+    """The data.* keys besides the dataset and image shape that decide which images a cache holds (not data.root:
+    a cache often moves to a machine whose images live elsewhere, or nowhere; not n_bits: it holds 8 bits)."""
+    names = []
+    if getattr(train, "split_scheme", None):  # a folder split by path hash
+        names += ["test_fraction", "split_seed", "labels"]
+    if train.report.skipped or test.report.skipped:  # with data.on_bad_image: error they would have stopped it
+        names.append("on_bad_image")
+    return {name: getattr(data_cfg, name) for name in names}
+
+
+def _check_content_keys(data_cfg, index: dict, cache: Path) -> None:
+    """Refuse a cache prepared with other values of the keys that decide its images (one made before these
+    were recorded has none, and is taken as it is)."""
+    for name, recorded in index.get("keys", {}).items():
+        current = getattr(data_cfg, name)
+        if current != recorded:
+            raise UserError(f"the cache at {cache} was prepared with data.{name}={recorded}, not {current}, and so "
+                            f"holds other images; prepare it again with this config, or set data.{name}={recorded}")
 
 
 def _check_cache_target(out: Path) -> None:
@@ -481,6 +503,7 @@ def _load_cache(data_cfg, split: str) -> TensorImages:
     if index.get("dataset") != data_cfg.dataset or tuple(index.get("image_shape", ())) != image_shape(data_cfg):
         raise UserError(f"the cache at {cache} holds {index.get('dataset')} at {index.get('image_shape')}, "
                         f"not {data_cfg.dataset} at {list(image_shape(data_cfg))}; prepare it again")
+    _check_content_keys(data_cfg, index, cache)
     # Copy-on-write mapping: pages load on demand and torch gets a writable array (no warning).
     images = torch.from_numpy(np.load(cache / f"{split}.npy", mmap_mode="c"))
     labels = torch.from_numpy(np.load(cache / f"{split}_labels.npy"))
