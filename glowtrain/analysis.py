@@ -157,7 +157,7 @@ def _mean_latent(model: Glow, dataset, indices: list[int], cfg: Config, device: 
 
 def _celeba_attributes(cfg: Config, dataset) -> tuple[list[str], dict[str, list[int]]]:
     """Attribute names and, per file name, its +1/-1 values from list_attr_celeba.txt."""
-    root = Path(cfg.data.root)
+    root = Path(cfg.data.root).expanduser()  # as the images themselves are found (data.root: ~/data)
     for candidate in (root / "celeba" / "list_attr_celeba.txt", root / "list_attr_celeba.txt"):
         if candidate.is_file():
             lines = candidate.read_text().splitlines()

@@ -193,12 +193,7 @@ def prepare_run_dir(run: RunDir, resume: str | None) -> Path | None:
             raise UserError(f"{run.path} already holds a run — continue it with --resume auto, or choose another "
                             "--out or run.name")
         return None
-    checkpoint = checkpoint_to_resume(resume, run)
-    if run.has_checkpoint() and not checkpoint.resolve().is_relative_to(run.path.resolve()):
-        # Its config, metrics, best.pt and (at a rollback) last.pt would mix with those of the resumed run.
-        raise UserError(f"{run.path} already holds another run — to continue from {checkpoint} choose an empty "
-                        f"--out, or continue {run.path} itself with --resume auto")
-    return checkpoint
+    return checkpoint_to_resume(resume, run)
 
 
 def check_writable(path: Path) -> None:
