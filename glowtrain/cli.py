@@ -228,10 +228,13 @@ def sample(
 def _numbers(values: list[str], option: str, example: str) -> list[float]:
     """Numbers given as a repeated option, a comma-separated list, or both."""
     try:
-        return [float(part) for value in values for part in value.split(",") if part.strip()]
+        numbers = [float(part) for value in values for part in value.split(",") if part.strip()]
     except ValueError:
         raise UserError(f"{option} takes numbers, repeated or comma-separated like {example}, "
                         f"got {' '.join(values)!r}") from None
+    if not numbers:
+        raise UserError(f"{option} got no number ({' '.join(values)!r}); give at least one, like {example}")
+    return numbers
 
 
 @app.command("eval")
@@ -345,7 +348,7 @@ def score(
         "--against", metavar="PATH",
             help="A second set of files or folders, treated as out-of-distribution (repeatable).")] = None,
     reference_run: Annotated[Optional[str], typer.Option(
-        "--reference-run", metavar="DIR", help="A second run (or checkpoint) for the likelihood-ratio score.")] = None,
+        "--reference-run", metavar="PATH", help="A second run (or checkpoint) for the likelihood-ratio score.")] = None,
     n_dequant: Annotated[int, typer.Option("--n-dequant", metavar="S",
         help="Dequantisation draws to average over.")] = 1,
     batch_size: Annotated[int, typer.Option("--batch-size", metavar="N",
@@ -372,7 +375,10 @@ def score(
                            progress=progress, overwrite=overwrite)
     options.check()
     loaded, _ = _open(run, checkpoint, device, 0, no_ema)
-    reference = _open(reference_run, None, device, 0, no_ema)[0] if reference_run else None
+    reference = None
+    if reference_run:  # a run directory or, like glowtrain.load_run, a checkpoint file
+        as_file = Path(reference_run).is_file()
+        reference = _open(None if as_file else reference_run, reference_run if as_file else None, device, 0, no_ema)[0]
     summary = score_command(loaded, images or [], dataset, split, against or [], reference, out, options, not no_ema)
     lines, warnings = report(summary)
     for line in warnings:
@@ -436,6 +442,7 @@ def prepare(
     if cfg.data.cache:
         raise UserError("data.cache is set: prepare reads the images themselves — remove data.cache for this command")
     target = out or f"{cfg.data.root}/glowtrain-cache-{cfg.data.dataset}-{cfg.data.image_size}px"
+    target = os.path.abspath(os.path.expanduser(target))  # said below as a path that works from anywhere
     index = prepare_cache(cfg.data, target, progress=progress)
     typer.echo(index["summary"])
     if index["warning"]:

@@ -30,6 +30,7 @@ from glowtrain.errors import UserError
 from glowtrain.folders import (
     PIL_DECODE_ERRORS,
     SPLIT_SCHEME,
+    WIDE_GREY_MODES,
     check_images,
     find_images,
     fingerprint,
@@ -154,12 +155,22 @@ class ImageFiles(Dataset):
 
 
 def read_image(source: str | Path | Image.Image, channels: int) -> Image.Image:
-    """A file or PIL image, upright (EXIF rotation applied), in greyscale (channels 1) or RGB (3)."""
+    """A file or PIL image, upright (EXIF rotation applied), in greyscale (channels 1) or RGB (3); 16-bit
+    greyscale scaled to 8 bits."""
     if isinstance(source, Image.Image):
-        return ImageOps.exif_transpose(source).convert("RGB" if channels == 3 else "L")
+        return _to_8_bits(ImageOps.exif_transpose(source)).convert("RGB" if channels == 3 else "L")
     with Image.open(source) as img:
         img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
-        return img.convert("RGB" if channels == 3 else "L")
+        return _to_8_bits(img).convert("RGB" if channels == 3 else "L")
+
+
+def _to_8_bits(img: Image.Image) -> Image.Image:
+    """16-bit greyscale as 8 bits: 0..65535 scaled to 0..255 with rounding (Pillow's own convert("L") clips
+    everything above 255 to white). Values outside 0..65535 (mode "I" is 32-bit) are clipped first."""
+    if img.mode not in WIDE_GREY_MODES:
+        return img
+    wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+    return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
 
 
 def square_image(img: Image.Image, image_size: int | None, crop: int | None = None) -> Tensor:
@@ -180,12 +191,15 @@ def square_image(img: Image.Image, image_size: int | None, crop: int | None = No
 def preprocess_image(source: str | Path | Image.Image, data_cfg: DataConfig, crop: int | None = None) -> Tensor:
     """One image -> uint8 (C, H, W) as training reads this dataset's images: channels, crop and resize.
 
-    Built-in sets: the largest centred square at the set's native size (resized with antialiasing if needed),
-    then the set's own path to data.image_size (MNIST's zero border, ...). Folders and CelebA: as ImageFiles,
-    with the centre crop training used (`training_crop`; None: the largest square)."""
+    Built-in sets: an image already at data.image_size (a sample of the run itself, say) as it is; any other
+    size, the largest centred square at the set's native size (resized with antialiasing if needed), then the
+    set's own path to data.image_size (MNIST's zero border, ...). Folders and CelebA: as ImageFiles, with the
+    centre crop training used (`training_crop`; None: the largest square)."""
     channels, size, _ = image_shape(data_cfg)
     img = read_image(source, channels)
     name = data_cfg.dataset
+    if (name == "digits" or name in _TORCHVISION) and img.size == (size, size):
+        return square_image(img, None)
     if name == "digits" or name in _TORCHVISION:
         native = 8 if name == "digits" else _TORCHVISION[name][2]
         square = square_image(img, None)
@@ -394,7 +408,7 @@ def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True) ->
     The cache is built in a hidden folder beside out_path and swapped in only when complete, so a
     failed or interrupted prepare leaves an existing cache exactly as it was."""
     shape = image_shape(data_cfg)
-    out = Path(out_path).expanduser()
+    out = Path(os.path.abspath(Path(out_path).expanduser()))  # '.' and '..' have no name to build beside
     _check_cache_target(out)
     # Both splits are found (and the config checked) before anything is written.
     splits = {split: _build_uncached(data_cfg, split) for split in ("train", "test")}
@@ -402,7 +416,8 @@ def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True) ->
              "warning": skipped_warning(*splits.values()),
              "root": str(Path(data_cfg.root).expanduser().resolve()), "image_size": shape[1],
              "channels": shape[0], "image_shape": list(shape), "n_classes": splits["train"].n_classes, "splits": {},
-             "fingerprints": {split: ds.report.fingerprint for split, ds in splits.items()}}
+             "fingerprints": {split: ds.report.fingerprint for split, ds in splits.items()},
+             "keys": _content_keys(data_cfg, *splits.values())}
     if isinstance(splits["train"], ImageFiles):  # runs trained from the cache record it (training_crop)
         index["crop"] = splits["train"].crop
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -416,6 +431,27 @@ def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True) ->
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return index
+
+
+def _content_keys(data_cfg, train, test) -> dict:
+    """The data.* keys besides the dataset and image shape that decide which images a cache holds (not data.root:
+    a cache often moves to a machine whose images live elsewhere, or nowhere; not n_bits: it holds 8 bits)."""
+    names = []
+    if getattr(train, "split_scheme", None):  # a folder split by path hash
+        names += ["test_fraction", "split_seed", "labels"]
+    if train.report.skipped or test.report.skipped:  # with data.on_bad_image: error they would have stopped it
+        names.append("on_bad_image")
+    return {name: getattr(data_cfg, name) for name in names}
+
+
+def _check_content_keys(data_cfg, index: dict, cache: Path) -> None:
+    """Refuse a cache prepared with other values of the keys that decide its images (one made before these
+    were recorded has none, and is taken as it is)."""
+    for name, recorded in index.get("keys", {}).items():
+        current = getattr(data_cfg, name)
+        if current != recorded:
+            raise UserError(f"the cache at {cache} was prepared with data.{name}={recorded}, not {current}, and so "
+                            f"holds other images; prepare it again with this config, or set data.{name}={recorded}")
 
 
 def _check_cache_target(out: Path) -> None:
@@ -470,6 +506,7 @@ def _load_cache(data_cfg, split: str) -> TensorImages:
     if index.get("dataset") != data_cfg.dataset or tuple(index.get("image_shape", ())) != image_shape(data_cfg):
         raise UserError(f"the cache at {cache} holds {index.get('dataset')} at {index.get('image_shape')}, "
                         f"not {data_cfg.dataset} at {list(image_shape(data_cfg))}; prepare it again")
+    _check_content_keys(data_cfg, index, cache)
     # Copy-on-write mapping: pages load on demand and torch gets a writable array (no warning).
     images = torch.from_numpy(np.load(cache / f"{split}.npy", mmap_mode="c"))
     labels = torch.from_numpy(np.load(cache / f"{split}_labels.npy"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,10 @@ from glowtrain.errors import UserError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PIL_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 SPLIT_SCHEME = "path-hash-1"  # recorded with a run: which rule put each file into train or test
-_GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+# Greyscale wider than 8 bits: Pillow opens 16-bit PNGs (and PGM, TIFF) in these modes. Mode "I" (32-bit
+# integers) is how older Pillow, and some TIFFs, hold 16-bit greyscale, so it is read on the same 0..65535 scale.
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_GREY_MODES = {"1", "L", "LA", "F", *WIDE_GREY_MODES}
 
 
 def find_images(root: str) -> tuple[Path, list[str]]:
@@ -26,25 +30,65 @@ def find_images(root: str) -> tuple[Path, list[str]]:
         raise UserError(f"data.root {base} is a file, not a folder; set data.root to the directory holding the images")
     if not base.is_dir():
         raise UserError(f"image folder {base} does not exist; set data.root to a directory of images")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        # Hidden files include macOS "._x.jpg" resource forks, which are not images.
-        found += [os.path.join(dirpath, f) for f in filenames
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    found = _each_file_once(sorted(_walk(base), key=lambda p: relative(p, base)))
     if not found:
         raise UserError(f"no images under {base}; data.root needs files ending in "
                         f"{', '.join(IMAGE_EXTENSIONS)} (any case, any depth)")
-    return base, sorted(found, key=lambda p: relative(p, base))
+    return base, found
+
+
+def _walk(base: Path) -> Iterator[str]:
+    """Every image file under base, following links to folders (in name order) but entering each real
+    folder once: a link back up (`loop -> .`) or a second link to a folder adds nothing."""
+    seen = {_identity(base)}
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        entered = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            identity = _identity(os.path.join(dirpath, name))
+            if identity is not None and identity not in seen:
+                seen.add(identity)
+                entered.append(name)
+        dirnames[:] = entered
+        # Hidden files include macOS "._x.jpg" resource forks, which are not images.
+        yield from (os.path.join(dirpath, f) for f in filenames
+                    if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+
+
+def _identity(path: str | Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)  # follows links: the real file or folder
+    except OSError:  # a broken link; a file gone since it was listed is found unreadable later
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _each_file_once(paths: list[str]) -> list[str]:
+    """The first path of each real file (one reached twice through links, or hard-linked, is one image:
+    it must not land in both splits)."""
+    seen, once = set(), []
+    for path in paths:
+        identity = _identity(path)
+        if identity in seen:
+            continue
+        if identity is not None:
+            seen.add(identity)
+        once.append(path)
+    return once
 
 
 def relative(path: str, base: Path) -> str:
     return Path(path).relative_to(base).as_posix()
 
 
+def name_bytes(text: str) -> bytes:
+    """A file name's own bytes: UTF-8, and a name that is not UTF-8 (b"caf\xe9.png", which Python holds as
+    surrogates) back as the bytes on disk. The same bytes as str.encode() for every valid name."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def _position(relpath: str, split_seed: int) -> float:
     """Where a file falls in [0, 1): a hash of its own relative path, so other files never move it."""
-    digest = hashlib.sha256(f"{split_seed}\0{relpath}".encode()).digest()
+    digest = hashlib.sha256(name_bytes(f"{split_seed}\0{relpath}")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
@@ -69,7 +113,7 @@ def fingerprint(paths: list[str], base: Path) -> dict:
     digest = hashlib.sha256()
     for path in paths:
         size = os.path.getsize(path) if os.path.exists(path) else -1  # -1: gone since the folder was listed
-        digest.update(f"{relative(path, base)}\t{size}\n".encode())
+        digest.update(name_bytes(f"{relative(path, base)}\t{size}\n"))
     return {"n_images": len(paths), "digest": digest.hexdigest()[:16]}
 
 
@@ -148,6 +192,8 @@ def check_images(paths: list[str], base: Path, channels: int, image_size: int, c
 def conversions(mode: str, width: int, height: int, channels: int, image_size: int, crop: int | None) -> list[str]:
     """What turning an image of this mode and size into the training shape does to it, in words."""
     done = []
+    if mode in WIDE_GREY_MODES:
+        done.append("16-bit→8-bit")
     if channels == 3 and mode in _GREY_MODES:
         done.append("grey→RGB")
     if channels == 1 and mode not in _GREY_MODES:

@@ -253,7 +253,11 @@ def training_bpd(loaded: LoadedRun, use_ema: bool, options: ScoreOptions) -> np.
     bpd = np.concatenate(values)
     if cache is not None:
         text = json.dumps({"key": key, "entropy_bpd": float(bpd.mean()), "bpd": bpd.tolist()})
-        atomic_write(cache, lambda f: f.write(text.encode()), durable=False)
+        try:
+            atomic_write(cache, lambda f: f.write(text.encode()), durable=False)
+        except OSError as e:  # a read-only run directory: score on, computing the typical set again next time
+            tqdm.write(f"warning: cannot cache the typical set in {cache} ({e.strerror or e}); "
+                       "it is computed again on every score", file=sys.stderr)
     return bpd
 
 
@@ -297,6 +301,14 @@ def earlier_score(out_dir: Path) -> list[Path]:
                   or (p.name.startswith("hist_") and p.suffix == ".png"))
 
 
+def _check_out_folder(out_dir: Path) -> None:
+    """check_writable, its messages speaking of score's output folder rather than fit's run directory."""
+    try:
+        check_writable(out_dir)
+    except UserError as e:
+        raise UserError(str(e).replace("the run directory", "the output folder").replace(" or run.name", "")) from None
+
+
 def _refuse_to_overwrite(out_dir: Path, options: ScoreOptions) -> None:
     if earlier_score(out_dir) and not options.overwrite:
         raise UserError(f"{out_dir} holds an earlier score (scores.csv, summary.json): give this one its own "
@@ -323,7 +335,7 @@ def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: 
                use_ema: bool = True, reference: LoadedRun | None = None) -> dict:
     """Score every set into out_dir/scores.csv (streamed), then summary.json, histograms and OOD metrics."""
     options.check()
-    check_writable(out_dir)
+    _check_out_folder(out_dir)
     _refuse_to_overwrite(out_dir, options)
     if reference is not None and reference.model.image_shape != loaded.model.image_shape:
         raise UserError(f"--reference-run takes {reference.model.image_shape} images but the run takes "
@@ -340,7 +352,8 @@ def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: 
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / "scores.csv.partial"  # renamed when complete: an interrupted run leaves no half CSV
     try:
-        with open(partial, "w", newline="") as f:
+        # surrogateescape: a file name that is not UTF-8 is written as its own bytes, so it names the file.
+        with open(partial, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.DictWriter(f, fieldnames=None)
             scores = {image_set.role: _stream(image_set, scorer, writer, options) for image_set in sets}
     except BaseException:

@@ -502,6 +502,18 @@ def test_manipulate_errors_on_a_folder_run_exit_2(folder_run, tmp_path, args, ne
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_attribute_file_is_found_under_a_data_root_starting_with_a_tilde(tmp_path, monkeypatch):
+    from glowtrain.analysis import _celeba_attributes
+    from glowtrain.config import apply_overrides, default_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "faces" / "celeba").mkdir(parents=True)
+    text = "1\nSmiling Young\n000001.jpg  1 -1\n"
+    (tmp_path / "faces" / "celeba" / "list_attr_celeba.txt").write_text(text)
+    cfg = apply_overrides(default_config(), ["data.dataset=celeba", "data.root=~/faces"])
+    assert _celeba_attributes(cfg, None) == (["Smiling", "Young"], {"000001.jpg": [1, -1]})
+
+
 def test_manipulate_attribute_without_the_attribute_file_exits_2(folder_run, tmp_path):
     run_dir, images, _ = folder_run
     table = images / "list_attr_celeba.txt"

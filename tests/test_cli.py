@@ -196,11 +196,20 @@ def test_resume_without_a_checkpoint_exits_2(tmp_path):
     (["--checkpoint", "nope.pt"], "nope.pt"),
     (["--run", "nowhere"], "nowhere"),
     ([], "no finished run"),
-], ids=["negative-temp", "zero-n", "missing-checkpoint", "missing-run", "no-runs"])
+    (["--temp", ""], "--temp got no number ('')"),
+    (["--temp", ",", "--grid"], "--temp got no number (',')"),
+], ids=["negative-temp", "zero-n", "missing-checkpoint", "missing-run", "no-runs", "empty-temp", "comma-temp"])
 def test_sample_errors_exit_2_with_one_line(tmp_path, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)
     result = invoke("sample", *args)
     assert_one_line_error(result, 2, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manipulate_with_an_empty_alpha_list_exits_2_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("manipulate", "--alphas", " , ")
+    assert_one_line_error(result, 2, "--alphas got no number", "like -1,0,1,2")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -232,6 +241,18 @@ def test_prepare_writes_a_cache_that_fit_trains_from(tmp_path):
                     *sets(*TINY, *data, f"data.cache={cache}", "train.batch_size=8", "train.init_batch_size=8"))
     assert result.exit_code == 0, result.output
     assert "test bpd" in result.stdout
+
+
+def test_prepare_into_the_current_folder_writes_the_cache_there(tmp_path, monkeypatch):
+    import numpy as np
+
+    (tmp_path / "cache").mkdir()
+    monkeypatch.chdir(tmp_path / "cache")
+    result = invoke("prepare", "--out", ".", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert f"data.cache={tmp_path / 'cache'}" in result.stdout
+    assert np.load(tmp_path / "cache" / "test.npy").shape == (297, 1, 8, 8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing left beside it
 
 
 def test_prepare_refuses_a_config_that_already_reads_a_cache(tmp_path):

@@ -387,6 +387,40 @@ def test_cache_prepared_at_another_size_or_missing_is_a_user_error(tmp_path):
         data.build_dataset(data_cfg(**{**vars(cfg), "cache": str(tmp_path / "elsewhere")}), "train")
 
 
+@pytest.mark.parametrize("key,value", [("test_fraction", 0.5), ("split_seed", 3), ("labels", "subfolders")])
+def test_a_cache_refuses_a_key_that_decides_its_images_but_not_another_root(tmp_path, key, value):
+    make_folder(tmp_path / "images" / "cats", 4)
+    make_folder(tmp_path / "images" / "dogs", 4, seed=1)
+    cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=6, channels=3, test_fraction=0.25,
+                   labels="none", cache=str(tmp_path / "cache"))
+    data.prepare_cache(data_cfg(**{**vars(cfg), "cache": ""}), cfg.cache, progress=False)
+    recorded = getattr(cfg, key)
+    with pytest.raises(UserError) as info:
+        data.build_dataset(data_cfg(**{**vars(cfg), key: value}), "train")
+    assert str(info.value) == (f"the cache at {tmp_path / 'cache'} was prepared with data.{key}={recorded}, not "
+                               f"{value}, and so holds other images; prepare it again with this config, or set "
+                               f"data.{key}={recorded}")
+    elsewhere = data.build_dataset(data_cfg(**{**vars(cfg), "root": "/nowhere", "n_bits": 3, "hflip": True}), "train")
+    assert torch.equal(elsewhere.images, data.build_dataset(cfg, "train").images)
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    del index["keys"]  # a cache prepared before the keys were recorded loads as it did
+    (tmp_path / "cache" / "index.json").write_text(json.dumps(index))
+    assert len(data.build_dataset(data_cfg(**{**vars(cfg), key: value}), "train")) == len(elsewhere)
+
+
+def test_a_cache_that_skipped_files_refuses_on_bad_image_error(tmp_path):
+    paths = make_folder(tmp_path / "images", 6)
+    paths[2].write_bytes(b"not an image")
+    cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=6, channels=3, on_bad_image="skip")
+    data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    strict = data_cfg(**{**vars(cfg), "on_bad_image": "error", "cache": str(tmp_path / "cache")})
+    with pytest.raises(UserError, match="prepared with data.on_bad_image=skip, not error"):
+        data.build_dataset(strict, "train")
+    paths[2].unlink()  # nothing skipped: the images are the same either way, so either value loads the cache
+    data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    assert len(data.build_dataset(strict, "train")) + len(data.build_dataset(strict, "test")) == 5
+
+
 # ---------------------------------------------------------------- samplers and loaders
 
 def take(iterator, n):

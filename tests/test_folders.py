@@ -1,6 +1,8 @@
 """Image folders end to end: every file checked before training, skip counts, the stable split, the data record."""
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +106,8 @@ def test_a_data_root_that_is_a_file_says_so(tmp_path):
 
 @pytest.mark.parametrize("mode,channels,expected", [
     ("L", 3, ["grey→RGB"]), ("RGB", 1, ["colour→grey"]), ("RGBA", 3, ["alpha dropped"]),
-    ("P", 3, ["palette→RGB"]), ("RGB", 3, []),
+    ("P", 3, ["palette→RGB"]), ("RGB", 3, []), ("I;16", 1, ["16-bit→8-bit"]),
+    ("I;16B", 3, ["16-bit→8-bit", "grey→RGB"]), ("I", 1, ["16-bit→8-bit"]),
 ])
 def test_conversions_name_what_happens_to_each_mode(mode, channels, expected):
     from glowtrain import folders
@@ -202,3 +205,91 @@ def test_a_run_finds_its_folder_from_any_working_directory(tmp_path, monkeypatch
     result = invoke("eval", "--run", tmp_path / "work" / "run", "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["n_images"] > 0
+
+
+needs_byte_names = pytest.mark.skipif(os.name != "posix" or sys.platform == "darwin",
+                                      reason="file names that are not UTF-8 need a POSIX file system other than APFS")
+
+
+def test_a_valid_name_keeps_the_split_position_it_always_had():
+    import hashlib
+
+    from glowtrain.folders import _position
+
+    for name in ("img001.png", "café/été.png"):  # hashed as before: str.encode() of seed, NUL, relative path
+        expected = int.from_bytes(hashlib.sha256(f"7\0{name}".encode()).digest()[:8], "big") / 2**64
+        assert _position(name, 7) == expected
+
+
+@needs_byte_names
+def test_file_names_that_are_not_utf8_are_split_fingerprinted_prepared_and_trained(tmp_path):
+    from glowtrain.folders import find_images, fingerprint, split_paths
+
+    root = tmp_path / "images"
+    make_images(root, 12)
+    for i in range(3):  # Latin-1 names, as old cameras and archives write them
+        os.rename(root / f"img{i:03d}.png", os.fsdecode(os.fsencode(root) + b"/caf\xe9%d.png" % i))
+    base, paths = find_images(str(root))
+    train, test = (split_paths(paths, base, 0.25, 0, split) for split in ("train", "test"))
+    assert sorted(train + test) == sorted(paths) and not set(train) & set(test)
+    assert fingerprint(paths, base)["n_images"] == 12
+    result = invoke("prepare", *sets(*FOLDER_RUN, f"data.root={root}"), "--out", tmp_path / "cache", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "12 images found" in result.stdout
+    result = fit(root, tmp_path / "run")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links")
+def test_linked_folders_list_each_file_once_and_keep_it_in_one_split(tmp_path):
+    from glowtrain.folders import find_images, split_paths
+
+    root = tmp_path / "images"
+    make_images(root / "a", 20)
+    base, plain = find_images(str(root))
+    before = {split: split_paths(plain, base, 0.25, 0, split) for split in ("train", "test")}
+    os.symlink(".", root / "loop")  # a link back up: endless without loop detection
+    os.symlink(root / "a", root / "b")  # a second way to the same folder
+    os.symlink(root / "a" / "img003.png", root / "a" / "z.png")  # a second name for one file
+    base, linked = find_images(str(root))
+    assert linked == plain  # each real file once, by its first path in name order
+    after = {split: split_paths(linked, base, 0.25, 0, split) for split in ("train", "test")}
+    assert after == before and not set(after["train"]) & set(after["test"])
+
+
+def sixteen_bit(array: np.ndarray, mode: str) -> Image.Image:
+    order = ">u2" if mode == "I;16B" else "<u2"
+    if mode == "I":
+        return Image.frombytes("I", array.shape[::-1], array.astype("<i4").tobytes())
+    return Image.frombytes(mode, array.shape[::-1], array.astype(order).tobytes())
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped_to_white(mode, channels):
+    from glowtrain.data import read_image
+
+    wide = np.array([[0, 128, 255, 256], [1000, 32768, 60000, 65535]], dtype=np.int64)
+    expected = np.floor(wide / 65535 * 255 + 0.5).astype(np.uint8)  # [[0, 0, 1, 1], [4, 128, 233, 255]]
+    read = np.asarray(read_image(sixteen_bit(wide, mode), channels))
+    assert np.array_equal(read if channels == 1 else read[..., 0], expected)
+    assert channels == 1 or (read == read[..., :1]).all()
+
+
+def test_a_folder_of_16_bit_pngs_trains_on_scaled_pixels_and_counts_the_conversion(tmp_path):
+    from glowtrain import data
+    from glowtrain.config import DataConfig
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "scans").mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 65536, (8, 8), dtype=np.uint16)).save(tmp_path / "scans" / f"{i}.png")
+    with Image.open(tmp_path / "scans" / "0.png") as img:
+        assert img.mode == "I;16"
+        expected = (np.asarray(img).astype(np.int64) * 255 + 32767) // 65535
+    cfg = DataConfig(dataset="folder", root=str(tmp_path / "scans"), image_size=8, channels=1, test_fraction=0.5)
+    train, test = data.build_dataset(cfg, "train"), data.build_dataset(cfg, "test")
+    assert "converted: 6 16-bit→8-bit" in data.data_summary(cfg, train, test)
+    assert np.array_equal(data.preprocess_image(tmp_path / "scans" / "0.png", cfg)[0].numpy(), expected)
+    pixels = np.concatenate([ds[i][0].numpy().ravel() for ds in (train, test) for i in range(len(ds))])
+    assert pixels.mean() == pytest.approx(127.5, abs=8)  # clipping made nearly every pixel 255

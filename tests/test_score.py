@@ -4,8 +4,10 @@ OOD metrics through the CLI, streaming, bad input, and the README's Python examp
 import csv
 import io
 import json
+import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -126,9 +128,40 @@ def test_against_the_same_images_gives_auroc_one_half_and_against_noise_the_tabl
         assert picture.format == "PNG" and picture.size == (520, 300)
 
 
-def test_a_reference_run_gives_the_likelihood_ratio(run_dir, tmp_path):
-    rows, _ = score(run_dir, tmp_path, "--dataset", "digits", "--reference-run", run_dir)
+@pytest.mark.parametrize("reference", ["run", "checkpoint"])
+def test_a_reference_run_gives_the_likelihood_ratio(run_dir, tmp_path, reference):
+    path = run_dir if reference == "run" else run_dir / "checkpoints" / "last.pt"
+    rows, _ = score(run_dir, tmp_path, "--dataset", "digits", "--reference-run", path)
     assert all(float(r["ratio"]) == 0.0 and r["reference_bpd"] == r["bpd"] for r in rows)
+
+
+def test_a_read_only_run_directory_scores_without_caching_the_typical_set(run_dir, tmp_path, monkeypatch):
+    import errno
+
+    import glowtrain.score as score_module
+
+    written = score_module.atomic_write
+
+    def read_only_run(path, *args, **kwargs):
+        if Path(path).parent == run_dir:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return written(path, *args, **kwargs)
+
+    (run_dir / TRAIN_CACHE).unlink(missing_ok=True)
+    monkeypatch.setattr(score_module, "atomic_write", read_only_run)
+    result = ok(invoke("score", "--run", run_dir, "--out", tmp_path / "out", *CPU, "--dataset", "digits"))
+    assert "warning: cannot cache the typical set" in result.stderr and "Read-only file system" in result.stderr
+    assert not (run_dir / TRAIN_CACHE).exists()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["entropy_bpd"] == pytest.approx(eval_json(run_dir, "--split", "train")["bpd"], abs=1e-6)
+
+
+def test_an_out_that_is_a_file_is_refused_as_an_output_folder(run_dir, tmp_path):
+    (tmp_path / "taken").write_text("mine")
+    result = invoke("score", "--run", run_dir, "--out", tmp_path / "taken", *CPU, "--dataset", "digits")
+    line = assert_one_line_error(result, 2, "cannot create the output folder", "is a file", "choose another --out")
+    assert "run directory" not in line
+    assert (tmp_path / "taken").read_text() == "mine"
 
 
 def test_scoring_streams_in_batches_that_do_not_change_the_scores(run_dir, digit_files, tmp_path, monkeypatch):
@@ -223,6 +256,9 @@ def test_preprocess_image_follows_each_datasets_training_path(tmp_path):
     mnist = preprocess_image(Image.fromarray(digit), DataConfig(dataset="mnist", image_size=32, channels=1))
     assert mnist.shape == (1, 32, 32) and mnist[:, :2].sum() == 0  # MNIST's zero border, the digit untouched
     assert torch.equal(mnist[0, 2:30, 2:30], torch.from_numpy(digit))
+    at_32 = np.random.default_rng(2).integers(0, 256, (32, 32), dtype=np.uint8)  # e.g. a sample of the run
+    mnist_32 = preprocess_image(Image.fromarray(at_32), DataConfig(dataset="mnist", image_size=32, channels=1))
+    assert torch.equal(mnist_32[0], torch.from_numpy(at_32))  # not shrunk to 28 and bordered again
     eight = np.arange(64, dtype=np.uint8).reshape(8, 8)
     assert torch.equal(preprocess_image(Image.fromarray(eight), DataConfig())[0], torch.from_numpy(eight))
 
@@ -313,3 +349,19 @@ def test_a_learned_dequantiser_is_part_of_every_score(tmp_path):
     test = build_dataset(loaded.cfg.data, "test")
     first = loaded.bits_per_dim(test.images[:8])
     assert torch.allclose(first, torch.tensor([float(r["bpd"]) for r in rows[:8]], dtype=first.dtype), atol=2e-5)
+
+
+@pytest.mark.skipif(os.name != "posix" or sys.platform == "darwin",
+                    reason="file names that are not UTF-8 need a POSIX file system other than APFS")
+def test_a_file_name_that_is_not_utf8_is_written_to_the_csv_as_its_own_bytes(run_dir, digit_files, tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(digit_files / "noise", folder)
+    latin1 = os.fsencode(folder) + b"/caf\xe9.png"
+    os.rename(folder / "0000.png", os.fsdecode(latin1))
+    ok(invoke("score", "--run", run_dir, "--out", tmp_path / "out", *CPU, "--images", folder))
+    lines = (tmp_path / "out" / "scores.csv").read_bytes().splitlines()
+    named = [line for line in lines if b"caf" in line]
+    assert len(lines) == 41 and len(named) == 1 and named[0].startswith(b"images," + latin1 + b",")
+    with open(tmp_path / "out" / "scores.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        paths = [row["path"] for row in csv.DictReader(f)]
+    assert os.fsdecode(latin1) in paths and Path(os.fsdecode(latin1)).is_file()  # the CSV names the file
