@@ -166,10 +166,15 @@ def read_image(source: str | Path | Image.Image, channels: int) -> Image.Image:
 
 def _to_8_bits(img: Image.Image) -> Image.Image:
     """16-bit greyscale as 8 bits: 0..65535 scaled to 0..255 with rounding (Pillow's own convert("L") clips
-    everything above 255 to white). Values outside 0..65535 (mode "I" is 32-bit) are clipped first."""
+    everything above 255 to white). Pillow's 32-bit mode "I" holds either (older Pillow opens 16-bit PNGs
+    in it, and 8-bit values arrive in it from Python): it is scaled only when a value exceeds 255, and clipped
+    to 0..65535 first."""
     if img.mode not in WIDE_GREY_MODES:
         return img
-    wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+    wide = np.asarray(img).astype(np.int64)
+    if img.mode == "I" and wide.max(initial=0) <= 255:
+        return img  # 8-bit values: convert() keeps them as they are
+    wide = np.clip(wide, 0, 65535)
     return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
 
 

@@ -81,14 +81,14 @@ class Context:
     def any(self, flag: bool) -> bool:
         return not self.all_agree(not flag)
 
-    def any_on_host(self, flag: bool) -> bool:
-        """Whether `flag` is True on some rank, asked through a CPU group: cheap enough for every step, and it
-        never waits for the GPU."""
+    def any_on_host(self, *flags: bool) -> tuple[bool, ...]:
+        """For each flag, whether it is True on some rank: one small all-reduce through a CPU group, cheap enough
+        for every step, and it never waits for the GPU."""
         if not self.distributed:
-            return flag
-        value = torch.tensor([int(flag)], dtype=torch.int32)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.host_group)
-        return bool(value[0])
+            return tuple(bool(flag) for flag in flags)
+        values = torch.tensor([int(flag) for flag in flags], dtype=torch.int32)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.host_group)
+        return tuple(bool(value) for value in values.tolist())
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.distributed:
@@ -174,7 +174,7 @@ def setup(device_name: str, tf32: bool = True, deterministic: bool = False) -> C
         if use_cuda and "device_id" in inspect.signature(dist.init_process_group).parameters:
             options["device_id"] = device  # binds NCCL to this GPU now, instead of guessing from the rank
         dist.init_process_group("nccl" if use_cuda else "gloo", **options)
-    host_group = dist.new_group(backend="gloo") if use_cuda else None
+    host_group = dist.new_group(backend="gloo", timeout=PROCESS_GROUP_TIMEOUT) if use_cuda else None
     return Context(dist.get_rank(), dist.get_world_size(), device, local_rank, host_group)
 
 

@@ -192,7 +192,7 @@ def check_images(paths: list[str], base: Path, channels: int, image_size: int, c
 def conversions(mode: str, width: int, height: int, channels: int, image_size: int, crop: int | None) -> list[str]:
     """What turning an image of this mode and size into the training shape does to it, in words."""
     done = []
-    if mode in WIDE_GREY_MODES:
+    if mode in WIDE_GREY_MODES and mode != "I":  # "I" may hold 8-bit values: the header cannot tell
         done.append("16-bit→8-bit")
     if channels == 3 and mode in _GREY_MODES:
         done.append("grey→RGB")

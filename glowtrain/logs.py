@@ -35,6 +35,18 @@ class RunLogger:
             self._writer = SummaryWriter(log_dir=str(self.run.tb), purge_step=self._purge_step)
         return self._writer
 
+    def restart_at(self, step: int) -> int:
+        """Go on from `step` (a rollback): the records logged after it move out of metrics.jsonl and TensorBoard
+        hides them, as on a resume; returns how many moved."""
+        self.metrics.close()
+        moved = move_records_after(self.run, step)
+        self.metrics = open(self.run.metrics, "a", buffering=1)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._purge_step = step + 1
+        return moved
+
     def log(self, step: int, split: str, **values) -> None:
         # Strict JSON: a non-finite number (a diverging step) is written as null, not NaN.
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
@@ -96,6 +108,9 @@ def write_hparams(run: RunDir, cfg, best_test_bpd: float, step: int) -> None:
 
 class NullLogger:
     """What ranks other than 0 log to."""
+
+    def restart_at(self, step: int) -> int:
+        return 0
 
     def log(self, *args, **kwargs) -> None:
         pass

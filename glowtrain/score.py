@@ -294,11 +294,14 @@ def _mean_stderr(values: np.ndarray) -> dict[str, float]:
 
 
 def earlier_score(out_dir: Path) -> list[Path]:
-    """The files an earlier score left in out_dir (its CSV, summary and histograms)."""
-    if not out_dir.is_dir():
-        return []
-    return sorted(p for p in out_dir.iterdir() if p.name in ("scores.csv", "summary.json")
-                  or (p.name.startswith("hist_") and p.suffix == ".png"))
+    """The files an earlier score wrote in out_dir: its CSV, and its summary.json with the histograms that
+    summary lists. Files of the same names that no score wrote are not counted (and never removed)."""
+    summary = read_json(out_dir / "summary.json")
+    ours = summary is not None and isinstance(summary.get("files"), dict)
+    histograms = summary["files"].get("histograms", {}) if ours else {}
+    names = {"scores.csv", *(["summary.json"] if ours else []),
+             *(Path(path).name for path in (histograms.values() if isinstance(histograms, dict) else []))}
+    return sorted(out_dir / name for name in names if (out_dir / name).is_file())
 
 
 def _check_out_folder(out_dir: Path) -> None:
@@ -310,7 +313,8 @@ def _check_out_folder(out_dir: Path) -> None:
 
 
 def _refuse_to_overwrite(out_dir: Path, options: ScoreOptions) -> None:
-    if earlier_score(out_dir) and not options.overwrite:
+    replaced = [out_dir / name for name in ("scores.csv", "summary.json") if (out_dir / name).exists()]
+    if replaced and not options.overwrite:
         raise UserError(f"{out_dir} holds an earlier score (scores.csv, summary.json): give this one its own "
                         "--out DIR, or pass --overwrite to replace it")
 

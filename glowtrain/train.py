@@ -489,7 +489,9 @@ class Trainer:
         saved = TrainState.from_checkpoint(state)
         self.state.step, self.state.lr_scale = saved.step, saved.lr_scale * 0.5
         self.state.n_rollbacks += 1
-        self.logger.log(saved.step, "train", event="rollback", from_step=bad_step, lr_scale=self.state.lr_scale)
+        self.logger.restart_at(saved.step)  # the abandoned steps' records go to metrics_discarded.jsonl
+        self.logger.log(saved.step, "train", event="rollback", from_step=bad_step, bad_steps_in_row=n_bad_in_row,
+                        lr_scale=self.state.lr_scale)
         self.say(f"step {bad_step}: {n_bad_in_row} non-finite steps; rolled back to step {saved.step} "
                  f"with the learning rate halved")
         self.batches = self._batches_from(saved.step)
@@ -558,10 +560,12 @@ class Trainer:
         """Raise Interrupted after saving on a signal; True (after saving) once train.max_time is used up."""
         # Several processes must agree on stopping, every step: torchrun and schedulers kill what has not
         # stopped within seconds. They ask each other on the host, so the GPU is never waited for here.
-        if self.ctx.any_on_host(stop.requested):
+        asked, out_of_time = self.ctx.any_on_host(stop.requested,
+                                                  self.deadline is not None and self._now() >= self.deadline)
+        if asked:
             self._save_before_stopping()
             raise Interrupted(self.state.step, str(self.run_dir.path))
-        if self.deadline is not None and self.ctx.any_on_host(self._now() >= self.deadline):
+        if out_of_time:
             self._save_before_stopping()
             self.timed_out = True
             return True

@@ -436,3 +436,15 @@ def test_max_time_reads_hours_minutes_and_seconds(text, seconds):
 def test_max_time_that_is_not_a_positive_duration_is_a_user_error(text):
     with pytest.raises(UserError, match="train.max_time"):
         load_config(None, [f"train.max_time={text}"])
+
+
+def test_data_paths_are_stored_absolute_except_the_unused_root_of_the_bundled_digits(tmp_path, monkeypatch):
+    from glowtrain.config import with_absolute_data_paths
+
+    monkeypatch.chdir(tmp_path)
+    folder = with_absolute_data_paths(apply_overrides(default_config(), ["data.dataset=folder", "data.root=photos",
+                                                                         "data.cache=photos/cache"]))
+    assert (folder.data.root, folder.data.cache) == (str(tmp_path / "photos"), str(tmp_path / "photos" / "cache"))
+    digits = with_absolute_data_paths(apply_overrides(default_config(), ["data.cache=mycache"]))
+    assert (digits.data.root, digits.data.cache) == ("data", str(tmp_path / "mycache"))
+    assert with_absolute_data_paths(default_config()).data.cache == ""

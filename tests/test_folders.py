@@ -107,7 +107,7 @@ def test_a_data_root_that_is_a_file_says_so(tmp_path):
 @pytest.mark.parametrize("mode,channels,expected", [
     ("L", 3, ["grey→RGB"]), ("RGB", 1, ["colour→grey"]), ("RGBA", 3, ["alpha dropped"]),
     ("P", 3, ["palette→RGB"]), ("RGB", 3, []), ("I;16", 1, ["16-bit→8-bit"]),
-    ("I;16B", 3, ["16-bit→8-bit", "grey→RGB"]), ("I", 1, ["16-bit→8-bit"]),
+    ("I;16B", 3, ["16-bit→8-bit", "grey→RGB"]), ("I", 1, []),
 ])
 def test_conversions_name_what_happens_to_each_mode(mode, channels, expected):
     from glowtrain import folders
@@ -274,6 +274,13 @@ def test_16_bit_greyscale_is_scaled_to_8_bits_not_clipped_to_white(mode, channel
     read = np.asarray(read_image(sixteen_bit(wide, mode), channels))
     assert np.array_equal(read if channels == 1 else read[..., 0], expected)
     assert channels == 1 or (read == read[..., :1]).all()
+
+
+def test_32_bit_integer_images_holding_8_bit_values_keep_them():
+    from glowtrain.data import read_image
+
+    eight = np.array([[0, 128, 255]], dtype=np.int32)
+    assert np.asarray(read_image(Image.fromarray(eight, "I"), 1)).tolist() == [[0, 128, 255]]
 
 
 def test_a_folder_of_16_bit_pngs_trains_on_scaled_pixels_and_counts_the_conversion(tmp_path):

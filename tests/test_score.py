@@ -221,6 +221,19 @@ def test_a_second_score_into_the_same_folder_is_refused_unless_overwrite_and_lea
     assert "hist_ratio.png" not in histograms  # the earlier score's likelihood-ratio histogram is gone
 
 
+def test_files_of_score_names_that_no_score_wrote_are_never_removed(run_dir, digit_files,
+                                                                                              tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "hist_mine.png").write_bytes(b"my own picture")
+    (out / "summary.json").write_text('{"my": "notes"}')
+    refused = invoke("score", "--run", run_dir, "--out", out, *CPU, "--images", digit_files / "noise")
+    assert_one_line_error(refused, 2, "--overwrite")  # its summary.json would be replaced
+    assert (out / "summary.json").read_text() == '{"my": "notes"}'
+    score(run_dir, out, "--images", digit_files / "noise", "--overwrite")
+    assert (out / "hist_mine.png").read_bytes() == b"my own picture"  # not a histogram a score wrote
+
+
 def test_an_unreadable_image_is_rejected_in_one_line_or_skipped(run_dir, digit_files, tmp_path):
     folder = tmp_path / "images"
     shutil.copytree(digit_files / "noise", folder)

@@ -396,7 +396,13 @@ def test_a_run_of_non_finite_steps_rolls_back_with_half_the_learning_rate(tmp_pa
     metrics = _metrics(tmp_path / "run")
     rollback = [m for m in metrics if m.get("event") == "rollback"]
     # last.pt was written at step 6 (skipped steps leave the weights as they were), so that is where it resumes.
-    assert rollback == [{"step": 6, "split": "train", "event": "rollback", "from_step": 7, "lr_scale": 0.5}]
+    assert rollback == [{"step": 6, "split": "train", "event": "rollback", "from_step": 7, "bad_steps_in_row": 3,
+                         "lr_scale": 0.5}]
+    # Each step once: step 7's records, of the abandoned steps, were moved aside when training went back to 6.
+    steps = [m["step"] for m in metrics if m["split"] == "train" and "bpd" in m]
+    assert steps == list(range(1, 11))
+    discarded = [json.loads(line) for line in RunDir(tmp_path / "run").metrics_discarded.read_text().splitlines()]
+    assert {m["step"] for m in discarded} == {7} and {"step": 7, "split": "train", "bad_steps": 3} in discarded
     after = [m for m in metrics[metrics.index(rollback[0]):] if "lr" in m]
     assert after and all(m["lr"] == pytest.approx(0.5 * cfg.train.lr) for m in after)
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
@@ -408,7 +414,8 @@ def test_a_checkpoint_due_after_too_many_bad_steps_rolls_back_instead_of_saving(
     cfg = apply_overrides(default_config(), NAN_RUN + ["train.log_every=8", "train.checkpoint_every=3"])
     train(cfg, out=str(tmp_path / "run"), progress=False, trainer=poisoned)
     rollback = [m for m in _metrics(tmp_path / "run") if m.get("event") == "rollback"]
-    assert rollback == [{"step": 3, "split": "train", "event": "rollback", "from_step": 6, "lr_scale": 0.5}]
+    assert rollback == [{"step": 3, "split": "train", "event": "rollback", "from_step": 6, "bad_steps_in_row": 3,
+                         "lr_scale": 0.5}]
 
 
 def test_a_stop_between_checks_after_a_run_of_bad_steps_resumes_exactly_as_an_uninterrupted_run(tmp_path,
