@@ -38,6 +38,7 @@ from glowtrain.folders import (
     relative,
     split_paths,
     unreadable_error,
+    unsupported_mode,
 )
 from glowtrain.runs import RunDir, read_json, write_json
 
@@ -158,10 +159,17 @@ def read_image(source: str | Path | Image.Image, channels: int) -> Image.Image:
     """A file or PIL image, upright (EXIF rotation applied), in greyscale (channels 1) or RGB (3); 16-bit
     greyscale scaled to 8 bits."""
     if isinstance(source, Image.Image):
-        return _to_8_bits(ImageOps.exif_transpose(source)).convert("RGB" if channels == 3 else "L")
+        return _to_8_bits(_readable(ImageOps.exif_transpose(source))).convert("RGB" if channels == 3 else "L")
     with Image.open(source) as img:
-        img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
+        img = _readable(ImageOps.exif_transpose(img))  # phone photos store their rotation in EXIF
         return _to_8_bits(img).convert("RGB" if channels == 3 else "L")
+
+
+def _readable(img: Image.Image) -> Image.Image:
+    problem = unsupported_mode(img.mode)
+    if problem:  # a decode error like any other: refused, or skipped under on_bad_image: skip
+        raise ValueError(problem)
+    return img
 
 
 def _to_8_bits(img: Image.Image) -> Image.Image:

@@ -20,7 +20,7 @@ SPLIT_SCHEME = "path-hash-1"  # recorded with a run: which rule put each file in
 # Greyscale wider than 8 bits: Pillow opens 16-bit PNGs (and PGM, TIFF) in these modes. Mode "I" (32-bit
 # integers) is how older Pillow, and some TIFFs, hold 16-bit greyscale, so it is read on the same 0..65535 scale.
 WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-_GREY_MODES = {"1", "L", "LA", "F", *WIDE_GREY_MODES}
+_GREY_MODES = {"1", "L", "LA", *WIDE_GREY_MODES}
 
 
 def find_images(root: str) -> tuple[Path, list[str]]:
@@ -141,9 +141,17 @@ def _header(path: str) -> list:
         return [0, 0, None, 0, 0, e.strerror or type(e).__name__]
     try:
         with Image.open(path) as img:
-            return [stat.st_size, stat.st_mtime_ns, img.mode, img.width, img.height, None]
+            return [stat.st_size, stat.st_mtime_ns, img.mode, img.width, img.height, unsupported_mode(img.mode)]
     except PIL_DECODE_ERRORS as e:
         return [stat.st_size, stat.st_mtime_ns, None, 0, 0, str(e) or type(e).__name__]
+
+
+def unsupported_mode(mode: str) -> str | None:
+    """Why images of this Pillow mode cannot be read as pixels 0..255 (None: they can)."""
+    if mode == "F":  # floats may span 0..1, 0..255 or anything: no conversion would be right for all
+        return ("32-bit float pixels (mode F), whose range glowtrain cannot know; save the image as an 8- or "
+                "16-bit PNG")
+    return None
 
 
 def _decoded(path: str, record: list) -> list:

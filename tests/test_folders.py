@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -300,3 +301,24 @@ def test_a_folder_of_16_bit_pngs_trains_on_scaled_pixels_and_counts_the_conversi
     assert np.array_equal(data.preprocess_image(tmp_path / "scans" / "0.png", cfg)[0].numpy(), expected)
     pixels = np.concatenate([ds[i][0].numpy().ravel() for ds in (train, test) for i in range(len(ds))])
     assert pixels.mean() == pytest.approx(127.5, abs=8)  # clipping made nearly every pixel 255
+
+
+def test_float_images_are_refused_or_skipped_as_unreadable_not_clipped(tmp_path):
+    """Mode F pixels may span 0..1 or 0..255 or anything: Pillow's conversion would silently clip them."""
+    from glowtrain import data
+    from glowtrain.config import DataConfig
+    from glowtrain.errors import UserError
+
+    (tmp_path / "images").mkdir()
+    for i in range(20):
+        Image.fromarray(np.full((8, 8), 100, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    Image.fromarray(np.full((8, 8), 0.5, np.float32), "F").save(tmp_path / "images" / "float.tiff")
+    shutil.move(tmp_path / "images" / "float.tiff", tmp_path / "images" / "float.png")  # found by extension
+    cfg = DataConfig(dataset="folder", root=str(tmp_path / "images"), image_size=8, test_fraction=0.25)
+    with pytest.raises(UserError, match=r"float\.png.*32-bit float pixels \(mode F\)"):
+        data.build_dataset(cfg, "train"), data.build_dataset(cfg, "test")
+    skipping = DataConfig(**{**vars(cfg), "on_bad_image": "skip"})
+    kept = len(data.build_dataset(skipping, "train")) + len(data.build_dataset(skipping, "test"))
+    assert kept == 20
+    with pytest.raises(ValueError, match="mode F"):
+        data.read_image(Image.fromarray(np.zeros((2, 2), np.float32), "F"), 1)
