@@ -169,15 +169,26 @@ TensorboardOption = Annotated[bool, typer.Option("--tensorboard", metavar="",
                                                  help="Also add the images to the run's TensorBoard.")]
 
 
-def _open(run, checkpoint, device: str, seed: int, no_ema: bool):
+DataOption = Annotated[Optional[str], typer.Option("--data", metavar="DIR",
+    help="Where the run's data is on this machine: its image folder or dataset root, or a prepared cache; "
+         "default: where it was trained.")]
+
+
+def _open(run, checkpoint, device: str, seed: int, no_ema: bool, data: str | None = None):
+    import dataclasses
+
     import torch
 
     from glowtrain.checkpoint import open_run
+    from glowtrain.data import relocated
     from glowtrain.distributed import resolve_device
 
     torch.manual_seed(seed)
     resolved = resolve_device(device, "--device")
-    return open_run(run, checkpoint, resolved, use_ema=not no_ema), resolved
+    loaded = open_run(run, checkpoint, resolved, use_ema=not no_ema)
+    if data:
+        loaded = dataclasses.replace(loaded, cfg=dataclasses.replace(loaded.cfg, data=relocated(loaded.cfg.data, data)))
+    return loaded, resolved
 
 
 def _print_json(result: dict) -> None:
@@ -250,12 +261,13 @@ def eval_(
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
     no_ema: NoEmaOption = False,
+    data: DataOption = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar (stderr).")] = True,
 ) -> None:
     """Bits per dimension over a whole split, printed as JSON (with accuracy for class-conditional models)."""
     from glowtrain.analysis import eval_command
 
-    loaded, resolved = _open(run, checkpoint, device, seed, no_ema)
+    loaded, resolved = _open(run, checkpoint, device, seed, no_ema, data)
     result = eval_command(loaded, split, n_dequant, resolved, batch_size, progress,
                           warn=lambda text: typer.echo(text, err=True))
     _print_json(result)
@@ -271,13 +283,14 @@ def reconstruct(
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
     no_ema: NoEmaOption = False,
+    data: DataOption = None,
     tensorboard: TensorboardOption = False,
     overwrite: PictureOverwriteOption = False,
 ) -> None:
     """Encode and decode real test images: prints the error, writes originals above reconstructions."""
     from glowtrain.analysis import reconstruct_command
 
-    loaded, resolved = _open(run, checkpoint, device, seed, no_ema)
+    loaded, resolved = _open(run, checkpoint, device, seed, no_ema, data)
     _print_json(reconstruct_command(loaded, n, resolved, out, tensorboard, not no_ema, overwrite))
 
 
@@ -292,13 +305,14 @@ def interpolate(
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
     no_ema: NoEmaOption = False,
+    data: DataOption = None,
     tensorboard: TensorboardOption = False,
     overwrite: PictureOverwriteOption = False,
 ) -> None:
     """Walk in latent space (all levels) between pairs of test images; writes a grid."""
     from glowtrain.analysis import interpolate_command
 
-    loaded, resolved = _open(run, checkpoint, device, seed, no_ema)
+    loaded, resolved = _open(run, checkpoint, device, seed, no_ema, data)
     typer.echo(str(interpolate_command(loaded, pairs, steps, resolved, out, tensorboard, not no_ema, overwrite)))
 
 
@@ -320,6 +334,7 @@ def manipulate(
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
     no_ema: NoEmaOption = False,
+    data: DataOption = None,
     tensorboard: TensorboardOption = False,
     overwrite: PictureOverwriteOption = False,
 ) -> None:
@@ -327,7 +342,7 @@ def manipulate(
     from glowtrain.analysis import manipulate_command
 
     alpha_values = _numbers(alphas or ["-1,0,1,2"], "--alphas", "-1,0,1,2")
-    loaded, resolved = _open(run, checkpoint, device, seed, no_ema)
+    loaded, resolved = _open(run, checkpoint, device, seed, no_ema, data)
     _print_json(manipulate_command(loaded, resolved, out, alpha_values, n, attribute, from_class, to_class,
                                    tensorboard=tensorboard, use_ema=not no_ema, overwrite=overwrite))
 
@@ -364,6 +379,7 @@ def score(
         help="Output folder; default <run>/score.")] = None,
     device: DeviceOption = "auto",
     no_ema: NoEmaOption = False,
+    data: DataOption = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", metavar="", help="Replace an earlier score in the output folder instead of refusing.")] = False,
@@ -374,7 +390,7 @@ def score(
     options = ScoreOptions(n_dequant, batch_size, batch_test, n_bootstrap, on_bad_image=on_bad_image,
                            progress=progress, overwrite=overwrite)
     options.check()
-    loaded, _ = _open(run, checkpoint, device, 0, no_ema)
+    loaded, _ = _open(run, checkpoint, device, 0, no_ema, data)
     reference = None
     if reference_run:  # a run directory or, like glowtrain.load_run, a checkpoint file
         as_file = Path(reference_run).is_file()

@@ -13,7 +13,7 @@ import shutil
 import signal
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -220,6 +220,18 @@ def preprocess_image(source: str | Path | Image.Image, data_cfg: DataConfig, cro
             square = _resize(square[None], native)[0]
         return _to_image_size(square[None], native, size)[0]
     return square_image(img, size, crop)
+
+
+def relocated(data_cfg: DataConfig, where: str) -> DataConfig:
+    """The run's data found at `where` on this machine (the stored paths say where it was trained): a prepared
+    cache (a folder holding index.json), or what data.root names (an image folder or a dataset root)."""
+    path = Path(where).expanduser().absolute()
+    if not path.is_dir():
+        raise UserError(f"--data {where}: no such folder — pass the folder holding the run's images, its dataset "
+                        "root, or its prepared cache")
+    if (path / "index.json").is_file():
+        return replace(data_cfg, cache=str(path))
+    return replace(data_cfg, root=str(path), cache="")
 
 
 def training_crop(data_cfg: DataConfig, run_dir: str | Path | None) -> int | None:

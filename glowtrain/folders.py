@@ -29,7 +29,8 @@ def find_images(root: str) -> tuple[Path, list[str]]:
     if base.exists() and not base.is_dir():
         raise UserError(f"data.root {base} is a file, not a folder; set data.root to the directory holding the images")
     if not base.is_dir():
-        raise UserError(f"image folder {base} does not exist; set data.root to a directory of images")
+        raise UserError(f"image folder {base} does not exist; set data.root to a directory of images (for a trained "
+                        "run moved to another machine: --data DIR)")
     found = _each_file_once(sorted(_walk(base), key=lambda p: relative(p, base)))
     if not found:
         raise UserError(f"no images under {base}; data.root needs files ending in "

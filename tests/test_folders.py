@@ -322,3 +322,40 @@ def test_float_images_are_refused_or_skipped_as_unreadable_not_clipped(tmp_path)
     assert kept == 20
     with pytest.raises(ValueError, match="mode F"):
         data.read_image(Image.fromarray(np.zeros((2, 2), np.float32), "F"), 1)
+
+
+def test_a_run_moved_to_another_machine_reads_its_data_from_where_data_says(tmp_path, monkeypatch):
+    """The stored data.root is where the run was trained; --data names where the images (or their prepared
+    cache) are here, for eval, score and the other commands that read the run's data."""
+    from glowtrain.config import load_config
+
+    images = tmp_path / "gpu-box" / "photos"
+    images.mkdir(parents=True)
+    for i, pixels in enumerate(np.random.default_rng(0).integers(0, 256, (20, 8, 8), dtype=np.uint8)):
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    run = tmp_path / "run"
+    fitted = invoke("fit", "--out", run, "--no-progress", *sets(
+        "run.device=cpu", "data.dataset=folder", f"data.root={images}", "data.image_size=8", "model.n_levels=2",
+        "model.n_steps=1", "model.hidden_channels=8", "model.coupling=affine", "model.dequantization=uniform",
+        "train.batch_size=8", "train.init_batch_size=16", "train.steps=2", "train.eval_every=2", "train.n_samples=1"))
+    assert fitted.exit_code == 0, fitted.output
+    trained = json.loads(invoke("eval", "--run", run, "--device", "cpu", "--no-progress").stdout)
+    laptop = tmp_path / "laptop" / "pics"
+    laptop.parent.mkdir()
+    shutil.move(images, laptop)
+    assert_one_line_error(invoke("eval", "--run", run, "--device", "cpu"), 2, str(images), "--data DIR")
+    moved = invoke("eval", "--run", run, "--device", "cpu", "--no-progress", "--data", laptop)
+    assert moved.exit_code == 0 and moved.stderr == "", moved.output  # the same files: no changed-data warning
+    assert json.loads(moved.stdout)["bpd"] == trained["bpd"]
+    assert invoke("score", "--run", run, "--device", "cpu", "--no-progress", "--data", laptop, "--images", laptop,
+                  "--out", tmp_path / "score").exit_code == 0
+    cache = tmp_path / "laptop" / "cache"
+    prepared = invoke("prepare", "--config", run / "config.yaml", "--set", f"data.root={laptop}", "--out", cache,
+                      "--no-progress")
+    assert prepared.exit_code == 0, prepared.output
+    from_cache = invoke("eval", "--run", run, "--device", "cpu", "--no-progress", "--data", cache)
+    assert from_cache.exit_code == 0, from_cache.output
+    assert json.loads(from_cache.stdout)["bpd"] == pytest.approx(trained["bpd"], abs=1e-6)
+    assert load_config(run / "config.yaml").data.root == str(images)  # the run itself is left as it was
+    assert_one_line_error(invoke("eval", "--run", run, "--device", "cpu", "--data", tmp_path / "nowhere"), 2,
+                          "--data", "no such folder")
