@@ -573,7 +573,7 @@ class Trainer:
 
     def _save_before_stopping(self) -> None:
         """last.pt, after the divergence check that a checkpoint step runs: a run of bad steps not yet checked
-        rolls back now, so the resumed run goes on as an uninterrupted one would."""
+        rolls back now instead of being forgotten by the resumed run."""
         self._rolled_back()
         self.save(self.run_dir.last)
 
