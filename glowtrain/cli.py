@@ -16,6 +16,7 @@ from glowtrain import __version__
 from glowtrain.errors import UserError
 
 EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+STOP_GRACE_S = 300  # what `fit --nproc` gives its processes to stop cleanly after a SIGTERM
 
 
 def _hide_flag_value_types() -> None:
@@ -136,6 +137,9 @@ def fit(
     if nproc > 1 and not launched_by_torchrun():
         # Become torchrun (no parent left behind), so signals reach it and it forwards them to the workers.
         command = torchrun_command(nproc, _without_option(sys.argv[1:], "--nproc"))
+        # torchrun SIGKILLs workers this long after forwarding a SIGTERM (30 s by default): enough for the
+        # current step and a paper-size checkpoint on a slow disk. Set it yourself to choose another.
+        os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(STOP_GRACE_S))
         os.execv(command[0], command)
     result = train(cfg, out=out, resume=resume, progress=progress)
     if result.rank != 0:

@@ -140,6 +140,25 @@ def _fake_gpus(monkeypatch, count: int) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
 
 
+def test_fit_nproc_becomes_torchrun_with_time_to_save_after_a_sigterm(monkeypatch, tmp_path):
+    """torchrun SIGKILLs its workers 30 s after a SIGTERM unless told otherwise: too little for a step and a large
+    checkpoint on a slow disk. A value the user set is kept."""
+    from helpers import invoke
+
+    started = []
+
+    def execv(path, args):  # the real one never returns: this process becomes torchrun
+        started.append((args, os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")))
+        raise SystemExit(0)
+    monkeypatch.setattr(os, "execv", execv)
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    invoke("fit", "--nproc", "2", "--out", tmp_path / "run", "--no-progress", "--set", "run.device=cpu")
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "45")
+    invoke("fit", "--nproc", "2", "--out", tmp_path / "run", "--no-progress", "--set", "run.device=cpu")
+    (first, grace), (_, kept) = started
+    assert "--nproc_per_node=2" in first and "--nproc" not in first and grace == "300" and kept == "45"
+
+
 def test_more_processes_than_gpus_is_refused_before_torchrun_starts(monkeypatch, tmp_path):
     from helpers import assert_one_line_error, invoke
 
