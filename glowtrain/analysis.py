@@ -64,8 +64,6 @@ def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.de
                   ema=loaded.used_ema)
     if "accuracy" in scored:
         result["accuracy"] = scored["accuracy"]
-    if changed and warn is None:
-        result["warning"] = changed
     return result
 
 

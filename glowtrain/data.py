@@ -159,17 +159,17 @@ def read_image(source: str | Path | Image.Image, channels: int) -> Image.Image:
     """A file or PIL image, upright (EXIF rotation applied), in greyscale (channels 1) or RGB (3); 16-bit
     greyscale scaled to 8 bits."""
     if isinstance(source, Image.Image):
-        return _to_8_bits(_readable(ImageOps.exif_transpose(source))).convert("RGB" if channels == 3 else "L")
+        return _normalised(source, channels)
     with Image.open(source) as img:
-        img = _readable(ImageOps.exif_transpose(img))  # phone photos store their rotation in EXIF
-        return _to_8_bits(img).convert("RGB" if channels == 3 else "L")
+        return _normalised(img, channels)
 
 
-def _readable(img: Image.Image) -> Image.Image:
+def _normalised(img: Image.Image, channels: int) -> Image.Image:
     problem = unsupported_mode(img.mode)
     if problem:  # a decode error like any other: refused, or skipped under on_bad_image: skip
         raise ValueError(problem)
-    return img
+    img = ImageOps.exif_transpose(img)  # phone photos store their rotation in EXIF
+    return _to_8_bits(img).convert("RGB" if channels == 3 else "L")
 
 
 def _to_8_bits(img: Image.Image) -> Image.Image:
@@ -211,9 +211,9 @@ def preprocess_image(source: str | Path | Image.Image, data_cfg: DataConfig, cro
     channels, size, _ = image_shape(data_cfg)
     img = read_image(source, channels)
     name = data_cfg.dataset
-    if (name == "digits" or name in _TORCHVISION) and img.size == (size, size):
-        return square_image(img, None)
     if name == "digits" or name in _TORCHVISION:
+        if img.size == (size, size):
+            return square_image(img, None)
         native = 8 if name == "digits" else _TORCHVISION[name][2]
         square = square_image(img, None)
         if square.shape[-1] != native:

@@ -206,20 +206,20 @@ def prepare_run_dir(run: RunDir, resume: str | None) -> Path | None:
     return checkpoint
 
 
-def check_writable(path: Path) -> None:
-    """Fail before any work if `path` cannot be created or written (nothing is created here)."""
+def check_writable(path: Path, what: str = "the run directory", choices: str = "another --out or run.name") -> None:
+    """Fail before any work if `path` (`what`, in messages) cannot be created or written (nothing is created
+    here); the fixes offered are `choices`."""
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"cannot create the run directory {path}: {existing} is a file — choose another --out")
+        raise UserError(f"cannot create {what} {path}: {existing} is a file — choose another --out")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {existing} (permission denied) — choose another --out or run.name")
+        raise UserError(f"cannot write to {existing} (permission denied) — choose {choices}")
     try:  # the permission bits do not tell everything (/proc, read-only mounts): try, and leave nothing behind
         os.rmdir(tempfile.mkdtemp(prefix=".glowtrain-probe-", dir=existing))
     except OSError as e:
-        raise UserError(f"cannot create the run directory {path.absolute()} ({e.strerror}) — choose another --out "
-                        "or run.name") from None
+        raise UserError(f"cannot create {what} {path.absolute()} ({e.strerror}) — choose {choices}") from None
 
 
 def latest_run(runs_root: Path = RUNS_ROOT) -> RunDir:

@@ -294,22 +294,15 @@ def _mean_stderr(values: np.ndarray) -> dict[str, float]:
 
 
 def earlier_score(out_dir: Path) -> list[Path]:
-    """The files an earlier score wrote in out_dir: its CSV, and its summary.json with the histograms that
-    summary lists. Files of the same names that no score wrote are not counted (and never removed)."""
+    """The summary.json an earlier score wrote in out_dir and the histograms it lists (its scores.csv is replaced
+    whole); files of the same names that no score wrote are not counted, and never removed."""
     summary = read_json(out_dir / "summary.json")
-    ours = summary is not None and isinstance(summary.get("files"), dict)
-    histograms = summary["files"].get("histograms", {}) if ours else {}
-    names = {"scores.csv", *(["summary.json"] if ours else []),
-             *(Path(path).name for path in (histograms.values() if isinstance(histograms, dict) else []))}
+    if summary is None or not isinstance(summary.get("files"), dict):
+        return []
+    histograms = summary["files"].get("histograms", {})
+    names = {"summary.json", *(Path(path).name for path in (histograms.values() if isinstance(histograms, dict)
+                                                              else []))}
     return sorted(out_dir / name for name in names if (out_dir / name).is_file())
-
-
-def _check_out_folder(out_dir: Path) -> None:
-    """check_writable, its messages speaking of score's output folder rather than fit's run directory."""
-    try:
-        check_writable(out_dir)
-    except UserError as e:
-        raise UserError(str(e).replace("the run directory", "the output folder").replace(" or run.name", "")) from None
 
 
 def _refuse_to_overwrite(out_dir: Path, options: ScoreOptions) -> None:
@@ -322,8 +315,7 @@ def _refuse_to_overwrite(out_dir: Path, options: ScoreOptions) -> None:
 def _write_outputs(out_dir: Path, scores: dict[str, dict[str, np.ndarray]], summary: dict) -> dict[str, str]:
     """summary.json and a histogram PNG per score (overlaid when there are two sets); returns what was written."""
     for stale in earlier_score(out_dir):  # only with --overwrite: no histogram of the earlier score stays behind
-        if stale.name != "scores.csv":
-            stale.unlink()
+        stale.unlink()
     written = {}
     for name in scores["images"]:
         picture = histogram_picture({role: values[name] for role, values in scores.items()}, name)
@@ -339,7 +331,7 @@ def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: 
                use_ema: bool = True, reference: LoadedRun | None = None) -> dict:
     """Score every set into out_dir/scores.csv (streamed), then summary.json, histograms and OOD metrics."""
     options.check()
-    _check_out_folder(out_dir)
+    check_writable(out_dir, "the output folder", "another --out")
     _refuse_to_overwrite(out_dir, options)
     if reference is not None and reference.model.image_shape != loaded.model.image_shape:
         raise UserError(f"--reference-run takes {reference.model.image_shape} images but the run takes "
