@@ -73,7 +73,8 @@ class GatedAdamax(torch.optim.Adamax):
         torch._foreach_add_(magnitude, group["eps"])
         torch._foreach_mul_(magnitude, go)  # 0 when skipping, and max(exp_inf, 0) is exp_inf
         torch._foreach_maximum_(exp_infs, magnitude)
-        torch._foreach_add_(steps, go.float())
+        # A list, not the 0-d `go` itself: torch's binding would take that for a number and read it on the host.
+        torch._foreach_add_(steps, [go.float()] * len(steps))
         # -lr / (1 - beta1^t) per parameter, 0 when skipping; t >= 1 so that a skipped first step is 0, not 0/0.
         step_sizes = torch._foreach_pow(beta1, torch._foreach_clamp_min([s.to(go.dtype) for s in steps], 1.0))
         torch._foreach_sub_(step_sizes, 1.0)

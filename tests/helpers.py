@@ -1,9 +1,12 @@
-"""Shared test helpers: the test device, brute-force Jacobians, random non-identity weights, CLI invocation."""
+"""Shared test helpers: the test device, brute-force Jacobians, random non-identity weights, CLI invocation,
+host reads."""
 
 import os
 import re
+import traceback
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from typer.testing import CliRunner
 
 from glowtrain.cli import app
@@ -16,6 +19,8 @@ _DEVICE_NAME = os.environ.get(DEVICE_VARIABLE) or "cpu"
 _DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 # An unusable name stops the session in conftest before any test runs; the CPU only keeps this import working.
 TEST_DEVICE = torch.device(_DEVICE_NAME if _DEVICE_PATTERN.fullmatch(_DEVICE_NAME) else "cpu")
+if TEST_DEVICE.type == "cuda" and TEST_DEVICE.index is None:
+    TEST_DEVICE = torch.device("cuda", 0)  # what tensors report: torch.device("cuda") != torch.device("cuda:0")
 
 
 def device_problem() -> str | None:
@@ -103,3 +108,54 @@ def assert_same_training_state(expected: dict, actual: dict, keys: tuple[str, ..
     for index, param_state in expected["optimizer"]["state"].items():
         for name, value in param_state.items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(actual["optimizer"]["state"][index][name]))
+
+
+class HostReads(TorchDispatchMode):
+    """Records every read of a tensor's values on the host while active: on a GPU each one stalls the queue.
+
+    Watched at torch's dispatcher, so implicit reads count too: a 0-d tensor passed where torch's Python
+    binding takes a number (`torch._foreach_add_(tensors, t)` picks the Scalar overload and reads `t`)
+    dispatches `_local_scalar_dense` just as `.item()` and `bool()` do. Ops whose output size depends on
+    the values (`nonzero`, boolean indexing) wait for the GPU as well. `tolist` and `numpy` copy out in C++
+    without dispatching, so they are patched. `reads` holds (label, what, innermost glowtrain frame).
+    """
+
+    SYNCING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique", "unique_", "unique_dim",
+                   "unique_consecutive", "repeat_interleave.Tensor")
+
+    def __init__(self, label=lambda: None, ignore=lambda frame: False):
+        super().__init__()
+        self.label, self.ignore, self.reads = label, ignore, []
+        self._patched = {}
+
+    def _record(self, what: str) -> None:
+        frames = [f for f in traceback.extract_stack() if "/glowtrain/" in f.filename]
+        if frames and any(self.ignore(f) for f in frames):
+            return
+        where = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
+        self.reads.append((self.label(), what, where))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket.__name__) + "." + func._overloadname
+        boolean_index = name.startswith("index.") and any(
+            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else ()) or ())
+        if boolean_index or any(name.startswith(op) for op in self.SYNCING_OPS):
+            self._record(name)
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        for name in ("tolist", "numpy"):
+            real = getattr(torch.Tensor, name)
+
+            def recording(tensor, *args, _real=real, _name=name, **kwargs):
+                self._record(_name)
+                return _real(tensor, *args, **kwargs)
+
+            self._patched[name] = real
+            setattr(torch.Tensor, name, recording)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, real in self._patched.items():
+            setattr(torch.Tensor, name, real)
+        return super().__exit__(*exc)
