@@ -1,5 +1,6 @@
 """scripts/gpu_check.py runs on a lent GPU once in a while; run it tiny on the CPU here so it cannot rot."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -33,3 +34,26 @@ def test_every_section_runs_tiny_on_the_cpu_and_reports_sane_figures(tmp_path):
         assert reads["per_quiet_step"] <= 1 and all("data.py" in place for place in quiet), (optimizer, quiet)
     table = (tmp_path / "gpu_check.md").read_text().splitlines()
     assert len(table) == 2 + len(rows) and all(line.startswith("|") for line in table)
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_only_and_skip_pick_sections_or_single_variants():
+    gpu_check = _gpu_check()
+    rows = gpu_check.FOREGROUND + gpu_check.BACKGROUND
+
+    def plan(only, skip=()):
+        return [row for row in rows if gpu_check.chosen(row, only, list(skip))]
+
+    assert plan(None) == rows
+    assert plan(["throughput:cudagraphs-tf32", "exact64"]) == [("exact64", ""), ("throughput", "cudagraphs-tf32")]
+    assert {v for _, v in plan(["throughput"], ["throughput:eager-fp32"])} == \
+        {"eager-tf32", "eager-bf16", "compiled-tf32", "compiled-bf16", "cudagraphs-tf32"}
+    assert plan(["fit"], ["fit"]) == []
+    # The recommended mode compiles first: with one compiler at a time, later ones may miss the deadline.
+    assert gpu_check.BACKGROUND[0] == ("throughput", "cudagraphs-tf32")
