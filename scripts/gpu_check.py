@@ -12,6 +12,7 @@ Sections (each runs in its own process and prints one JSON line when it finishes
               TF32 and bf16: images/s, kernels and launches per step, GPU busy share, host syncs, the
               slowest kernels, peak memory, sampling speed
   exact64     float64 log-determinants on the device against brute-force Jacobians
+  mix64       what the float64 1x1 convolutions cost per training step at the paper size, against float32
   roundtrip   float32 decode(encode(x)) and memory-saving drift at the paper size, per precision policy
   fit         the real `fit` loop for 60 steps on a synthetic uint8 CIFAR-shaped cache: images/s,
               host reads and CUDA syncs per step and where they come from, evaluation speed
@@ -82,7 +83,7 @@ QUICK = {
 FOREGROUND = [
     ("env", ""),
     ("throughput", "eager-tf32"), ("throughput", "eager-bf16"), ("throughput", "eager-fp32"),
-    ("exact64", ""), ("roundtrip", ""),
+    ("exact64", ""), ("mix64", ""), ("roundtrip", ""),
     ("fit", "adamax"), ("fit", "adam"),
     ("memory", ""), ("ddp", ""),
     ("resume", "default"), ("resume", "deterministic"),
@@ -372,6 +373,54 @@ def section_exact64(args, device, sizes) -> dict:
     logdets = {k: v for k, v in errors.items() if not k.endswith("inverse")}
     return {"max_logdet_error": max(logdets.values()), "max_inverse_error": max(
         v for k, v in errors.items() if k.endswith("inverse")), "errors": errors}
+
+
+def level_shapes(image_shape, n_levels: int) -> list[tuple[int, int]]:
+    """(channels, height) that each level's 1x1 convolutions mix: squeeze x4 channels, split off half after."""
+    channels, height = image_shape[0], image_shape[1]
+    shapes = []
+    for level in range(n_levels):
+        channels, height = channels * 4, height // 2
+        shapes.append((channels, height))
+        if level < n_levels - 1:
+            channels //= 2
+    return shapes
+
+
+def section_mix64(args, device, sizes) -> dict:
+    """What the policy's float64 1x1 convolutions cost per training step, against float32 without TF32."""
+    from glowtrain.flows import mix_channels
+
+    shape, levels, k, _, _, batch, _ = sizes["cifar"]
+
+    def float32_mix(weight, x):
+        n, c, h, w = x.shape
+        return torch.matmul(weight, x.reshape(n, c, h * w)).reshape(n, c, h, w)
+
+    def one_step(mix) -> None:  # every 1x1 convolution of the model, forward and backward
+        for channels, height in level_shapes(shape, levels):
+            x = torch.randn(batch, channels, height, height, device=device, requires_grad=True)
+            weights = [torch.linalg.qr(torch.randn(channels, channels, device=device))[0].requires_grad_()
+                       for _ in range(k)]
+            y = x
+            for weight in weights:
+                y = mix(weight, y)
+            y.square().sum().backward()
+
+    result = {"levels": level_shapes(shape, levels), "steps_per_level": k, "batch": batch}
+    with precision(False), gpu_lock(args.lock):
+        for name, mix in (("float64", mix_channels), ("float32", float32_mix)):
+            times = []
+            for i in range(3 + (3 if args.quick else 10)):
+                sync(device)
+                start = time.perf_counter()
+                one_step(mix)
+                sync(device)
+                if i >= 3:
+                    times.append(time.perf_counter() - start)
+            result[f"{name}_ms_per_step"] = 1000 * statistics.median(times)
+    result["float64_extra_ms_per_step"] = result["float64_ms_per_step"] - result["float32_ms_per_step"]
+    return result
 
 
 POLICIES = {
@@ -685,6 +734,7 @@ def section_resume(args, device, sizes) -> dict:
 
 
 SECTION_FUNCTIONS = {"env": section_env, "throughput": section_throughput, "exact64": section_exact64,
+                     "mix64": section_mix64,
                      "roundtrip": section_roundtrip, "fit": section_fit, "memory": section_memory,
                      "ddp": section_ddp, "resume": section_resume}
 
@@ -806,6 +856,9 @@ def headline(row: dict) -> str:
         return text
     if s == "exact64":
         return f"log-det error {row['max_logdet_error']:.1e}, inverse error {row['max_inverse_error']:.1e}"
+    if s == "mix64":
+        return (f"1x1 convolutions per training step: {row['float64_ms_per_step']:.1f} ms in float64, "
+                f"{row['float32_ms_per_step']:.1f} ms in float32 without TF32")
     if s == "roundtrip":
         return "; ".join(f"{k}: {v['roundtrip_max_error']:.1e} round trip, {v['memory_saving_drift']:.1e} drift"
                          for k, v in row.items() if isinstance(v, dict) and "roundtrip_max_error" in v)

@@ -18,7 +18,9 @@ def test_every_section_runs_tiny_on_the_cpu_and_reports_sane_figures(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((tmp_path / "gpu_check.json").read_text())
     by_name = {(r["section"], r["variant"]): r for r in rows}
-    assert {s for s, _ in by_name} == {"env", "throughput", "exact64", "roundtrip", "fit", "memory", "ddp", "resume"}
+    assert {s for s, _ in by_name} == {"env", "throughput", "exact64", "mix64", "roundtrip", "fit", "memory", "ddp",
+                                      "resume"}
+    assert by_name[("mix64", "")]["float64_ms_per_step"] > 0
     assert all(r["status"] == "ok" for r in rows)
     assert by_name[("exact64", "")]["max_logdet_error"] < 1e-8
     roundtrip = by_name[("roundtrip", "")]
