@@ -95,8 +95,9 @@ class GatedAdamax(torch.optim.Adamax):
 
 class _FlatState:
     """Adamax's moments and step counts for a list of parameters of one device and dtype, each in one flat
-    buffer (in the parameters' order, elements in each one's logical order); `step_views`, `exp_avgs` and
-    `exp_infs` are the per-parameter views the optimiser's state holds."""
+    buffer (in the parameters' order, elements in each one's logical order: a non-contiguous parameter still
+    steps right, on per-tensor kernels); `step_views`, `exp_avgs` and `exp_infs` are the per-parameter views
+    the optimiser's state holds."""
 
     def __init__(self, params: list[torch.Tensor], states: list[dict | None]):
         device, dtype = params[0].device, params[0].dtype

@@ -109,6 +109,15 @@ def test_a_step_reads_nothing_back_on_the_host():
     assert host.reads == []
 
 
+def test_host_reads_pass_a_repeat_interleave_told_its_output_size_and_catch_one_that_is_not():
+    repeats = torch.tensor([2, 3], dtype=torch.int32)
+    with HostReads() as sized:
+        torch.repeat_interleave(repeats, output_size=5)
+    with HostReads() as unsized:  # on a GPU this waits to learn the total
+        torch.repeat_interleave(repeats)
+    assert sized.reads == [] and [what for _, what, _ in unsized.reads] == ["repeat_interleave.Tensor"]
+
+
 @pytest.mark.usefixtures("gated_on_cpu")
 def test_state_dicts_load_both_ways_with_torchs_adamax():
     """Checkpoints written with torch.optim.Adamax (every run before GatedAdamax) resume, and the reverse."""
