@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import GLOW_LAYERS, HostReads, assert_same_training_state
+from helpers import GLOW_LAYERS, TEST_DEVICE, HostReads, assert_same_training_state
 
 from glowtrain.checkpoint import load_checkpoint, model_from_checkpoint, objective_from_checkpoint
 from glowtrain.config import apply_overrides, default_config
@@ -164,7 +164,7 @@ def _reference_step(params, states, found_inf, lr, betas, eps):
     a 0-d step count each. The new form must match it bit for bit."""
     stepped = [i for i, p in enumerate(params) if p.grad is not None]
     for i in stepped:
-        states.setdefault(i, {"step": torch.zeros(()), "exp_avg": torch.zeros_like(params[i]),
+        states.setdefault(i, {"step": torch.zeros((), device=params[i].device), "exp_avg": torch.zeros_like(params[i]),
                               "exp_inf": torch.zeros_like(params[i])})
     params, grads = [params[i] for i in stepped], [params[i].grad for i in stepped]
     steps = [states[i]["step"] for i in stepped]
@@ -172,7 +172,8 @@ def _reference_step(params, states, found_inf, lr, betas, eps):
     beta1, beta2 = betas
     go = 1.0 - found_inf.reshape(())
     go_flag = go > 0
-    flat = torch.where(go_flag, torch.cat([g.reshape(-1) for g in grads]), torch.zeros((), dtype=grads[0].dtype))
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.where(go_flag, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
     grads = [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in grads]), grads)]
     go = go.to(params[0].dtype)
     delta = torch._foreach_sub(grads, exp_avgs)
@@ -213,25 +214,27 @@ def _loaded_state(params, seed=1):
 @pytest.mark.parametrize("start", ["fresh", "loaded"])
 def test_the_flat_update_is_bit_for_bit_the_per_parameter_one(dtype, start):
     """10 steps over 21 parameters of 7 shapes, some flagged (the first of a fresh run too), some with a
-    parameter without gradient, from no state or from a loaded one with a different count per parameter."""
+    parameter without gradient, from no state or from a loaded one with a different count per parameter
+    (on the CPU, as from a checkpoint). On the test device: on a GPU, foreach kernels against single ones."""
     generator = torch.Generator().manual_seed(0)
     # A loaded run starts from zero weights, which the first step's update then shows unrounded.
-    ours = [torch.nn.Parameter(torch.randn(_SHAPES[i % len(_SHAPES)], generator=generator, dtype=dtype)
-                               * (start == "fresh")) for i in range(21)]
+    ours = [torch.nn.Parameter((torch.randn(_SHAPES[i % len(_SHAPES)], generator=generator, dtype=dtype)
+                                * (start == "fresh")).to(TEST_DEVICE)) for i in range(21)]
     reference = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     optimizer, states = GatedAdamax(ours, lr=0.01, betas=(0.99, 0.999), eps=1e-8), {}
     if start == "loaded":
-        states = _loaded_state(ours)
+        saved = _loaded_state(ours)
         groups = optimizer.state_dict()["param_groups"]
-        optimizer.load_state_dict({"state": copy.deepcopy(states), "param_groups": groups})
+        optimizer.load_state_dict({"state": copy.deepcopy(saved), "param_groups": groups})
+        states = {i: {key: value.to(TEST_DEVICE) for key, value in state.items()} for i, state in saved.items()}
     flagged, no_grad = {0, 4, 5}, {6: [2], 7: [2, 9]}
     for step in range(10):
         for i, (a, b) in enumerate(zip(ours, reference)):
-            grad = torch.randn(a.shape, generator=generator, dtype=dtype)
+            grad = torch.randn(a.shape, generator=generator, dtype=dtype).to(TEST_DEVICE)
             if step in flagged and i == 3:
                 grad.fill_(float("nan"))
             a.grad, b.grad = (None, None) if i in no_grad.get(step, ()) else (grad.clone(), grad.clone())
-        found_inf = torch.tensor(float(step in flagged))
+        found_inf = torch.tensor(float(step in flagged), device=TEST_DEVICE)
         optimizer.found_inf = found_inf
         optimizer.step()
         _reference_step(reference, states, found_inf, lr=0.01, betas=(0.99, 0.999), eps=1e-8)
