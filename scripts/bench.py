@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench.py                       # CPU: the digits shape and the CIFAR shape
     .venv/bin/python scripts/bench.py --amp off bf16        # also with bf16 coupling networks
     .venv/bin/python scripts/bench.py --memory [ARGS]       # memory saving off/on: scripts/bench_memory.py
+    .venv/bin/python scripts/bench.py --optimizer --configs cifar_paper   # GatedAdamax alone: launches, ms
     PYTHONPATH=. python3 scripts/bench.py --device cuda --configs cifar_shape cifar_paper --compile off on
 
 Each setting runs in a fresh subprocess (so peak memory is its own) and times the real
@@ -16,6 +17,10 @@ median of the per-step ratios). It also profiles two steps for the share of oper
 convolutions and matrix products; fraction / share is those kernels' own fraction of matmul, so
 what stands between them and the target is told apart from the overhead between them.
 Prints one JSON line per setting, then a markdown table. Timings are noisy: compare ratios.
+
+--optimizer times only the optimiser's gated step (the form accelerators run, here on the given device)
+over each config's parameters with random gradients, and counts the ops it dispatches as a stand-in for
+GPU kernel launches (see `LaunchCount`); one JSON line per config.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 CONFIGS = {
     # name: (image shape, n_levels, n_steps, hidden_channels, batch, n_bits)
@@ -122,6 +128,68 @@ def synthetic_trainer(image_shape, overrides: list[str], device: torch.device, b
     return trainer, batch_images, batch_labels
 
 
+class LaunchCount(TorchDispatchMode):
+    """Ops dispatched while active, as a device-free estimate of the GPU kernels they would launch.
+
+    A view launches nothing; a foreach op over n tensors counts ceil(n / 48), a rough figure for how often
+    CUDA's multi_tensor_apply splits its lists (every 48 to 110 tensors, by op and dtype); any other op one.
+    """
+
+    TENSORS_PER_FOREACH_LAUNCH = 48
+
+    def __init__(self):
+        super().__init__()
+        self.foreach_ops = self.other_ops = self.launches = 0
+        self.names: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and not name.startswith("_record_function"):  # profiler marks, not work
+            if name.startswith("_foreach_"):
+                self.foreach_ops += 1
+                n_tensors = len(next(a for a in args if isinstance(a, (list, tuple))))  # pow's base may lead
+                self.launches += math.ceil(n_tensors / self.TENSORS_PER_FOREACH_LAUNCH)
+            else:
+                self.other_ops += 1
+                self.launches += 1
+            self.names[name] = self.names.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _optimizer_row(config: str, device: torch.device, steps: int) -> dict:
+    """Launch estimate and median time of one gated GatedAdamax step over `config`'s parameters."""
+    import tempfile
+
+    from glowtrain.optim import GatedAdamax
+
+    shape, levels, n_steps, width, _, n_bits = CONFIGS[config]
+    overrides = [f"model.n_levels={levels}", f"model.n_steps={n_steps}", f"model.hidden_channels={width}",
+                 f"data.n_bits={n_bits}", "train.optimizer=adamax"]
+    optimizer = synthetic_trainer(shape, overrides, device, 2, tempfile.mkdtemp())[0].optimizer
+    GatedAdamax.gate_on_cpu = True  # the accelerators' form, on whatever device this is
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    generator = torch.Generator(device=device).manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator, device=device, dtype=p.dtype)
+    optimizer.found_inf = torch.zeros((), device=device)
+    optimizer.step()  # creates the state
+    with LaunchCount() as count:
+        optimizer.step()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"config": config, "device": str(device), "parameters": len(params),
+            "elements": sum(p.numel() for p in params), "foreach_ops": count.foreach_ops,
+            "other_ops": count.other_ops, "launch_estimate": count.launches, "ops": count.names,
+            "ms_per_step": 1000 * statistics.median(times)}
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     """CUDA's peak allocation, or the process's peak RSS on a CPU."""
     if device.type == "cuda":
@@ -209,7 +277,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--optimizer", action="store_true", help="time and count the optimiser's step alone")
     args = parser.parse_args()
+    if args.optimizer:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        for config in args.configs:
+            print(json.dumps(_optimizer_row(config, torch.device(args.device), args.steps)), flush=True)
+        return
     if args.child:
         args.amp, args.compile = args.amp[0], args.compile[0]
         _child(args)

@@ -116,7 +116,8 @@ class HostReads(TorchDispatchMode):
     Watched at torch's dispatcher, so implicit reads count too: a 0-d tensor passed where torch's Python
     binding takes a number (`torch._foreach_add_(tensors, t)` picks the Scalar overload and reads `t`)
     dispatches `_local_scalar_dense` just as `.item()` and `bool()` do. Ops whose output size depends on
-    the values (`nonzero`, boolean indexing) wait for the GPU as well. `tolist` and `numpy` copy out in C++
+    the values (`nonzero`, boolean indexing, `repeat_interleave` with tensor repeats unless given its
+    `output_size`) wait for the GPU as well. `tolist` and `numpy` copy out in C++
     without dispatching, so they are patched. `reads` holds (label, what, innermost glowtrain frame).
     """
 
@@ -139,7 +140,8 @@ class HostReads(TorchDispatchMode):
         name = str(func.overloadpacket.__name__) + "." + func._overloadname
         boolean_index = name.startswith("index.") and any(
             isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else ()) or ())
-        if boolean_index or any(name.startswith(op) for op in self.SYNCING_OPS):
+        sized = name.startswith("repeat_interleave.Tensor") and (kwargs or {}).get("output_size") is not None
+        if boolean_index or (any(name.startswith(op) for op in self.SYNCING_OPS) and not sized):
             self._record(name)
         return func(*args, **(kwargs or {}))
 
