@@ -4,6 +4,7 @@
     .venv/bin/python scripts/bench.py --amp off bf16        # also with bf16 coupling networks
     .venv/bin/python scripts/bench.py --memory [ARGS]       # memory saving off/on: scripts/bench_memory.py
     .venv/bin/python scripts/bench.py --optimizer --configs cifar_paper   # GatedAdamax alone: launches, ms
+    .venv/bin/python scripts/bench.py --launches --configs cifar_paper    # a training step's launches, by part
     PYTHONPATH=. python3 scripts/bench.py --device cuda --configs cifar_shape cifar_paper --compile off on
 
 Each setting runs in a fresh subprocess (so peak memory is its own) and times the real
@@ -21,6 +22,10 @@ Prints one JSON line per setting, then a markdown table. Timings are noisy: comp
 --optimizer times only the optimiser's gated step (the form accelerators run, here on the given device)
 over each config's parameters with random gradients, and counts the ops it dispatches as a stand-in for
 GPU kernel launches (see `LaunchCount`); one JSON line per config.
+
+--launches counts one whole `Trainer.train_step` that way (the optimiser in the accelerators' form), by
+part: the model's forward and backward (what a compiled graph holds), and what runs around it (batch
+preparation, clipping with the finite checks, the optimiser, EMA); one JSON line per config.
 """
 
 from __future__ import annotations
@@ -141,6 +146,8 @@ class LaunchCount(TorchDispatchMode):
         super().__init__()
         self.foreach_ops = self.other_ops = self.launches = 0
         self.names: dict[str, int] = {}
+        self.part = ""  # what the caller is running: launches are also summed per part
+        self.by_part: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -153,7 +160,22 @@ class LaunchCount(TorchDispatchMode):
                 self.other_ops += 1
                 self.launches += 1
             self.names[name] = self.names.get(name, 0) + 1
+            self.by_part[self.part] = self.by_part.get(self.part, 0) + self.launches - sum(self.by_part.values())
         return func(*args, **(kwargs or {}))
+
+    def parts(self, obj, methods: dict[str, str]):
+        """Wrap obj's methods (name -> part) so that the launches they make are summed under their part."""
+        for method, part in methods.items():
+            real = getattr(obj, method)
+
+            def counted(*args, _real=real, _part=part, **kwargs):
+                outer, self.part = self.part, _part
+                try:
+                    return _real(*args, **kwargs)
+                finally:
+                    self.part = outer
+
+            setattr(obj, method, counted)
 
 
 def _optimizer_row(config: str, device: torch.device, steps: int) -> dict:
@@ -188,6 +210,32 @@ def _optimizer_row(config: str, device: torch.device, steps: int) -> dict:
             "elements": sum(p.numel() for p in params), "foreach_ops": count.foreach_ops,
             "other_ops": count.other_ops, "launch_estimate": count.launches, "ops": count.names,
             "ms_per_step": 1000 * statistics.median(times)}
+
+
+def _launches_row(config: str, device: torch.device) -> dict:
+    """Launch estimate of one whole training step over `config`, by part (see `LaunchCount`)."""
+    import tempfile
+
+    import glowtrain.train as training
+    from glowtrain.optim import GatedAdamax
+
+    shape, levels, n_steps, width, batch, n_bits = CONFIGS[config]
+    overrides = [f"model.n_levels={levels}", f"model.n_steps={n_steps}", f"model.hidden_channels={width}",
+                 f"data.n_bits={n_bits}", "train.optimizer=adamax", "train.ema_decay=0.999"]
+    GatedAdamax.gate_on_cpu = True  # the accelerators' form, on whatever device this is
+    trainer, images, labels = synthetic_trainer(shape, overrides, device, batch, tempfile.mkdtemp())
+    trainer.train_step(images, labels)  # creates the optimiser's state
+    count = LaunchCount()
+    count.parts(trainer, {"prepare_batch": "prepare batch", "_forward_backward": "model forward and backward",
+                          "_optimizer_step": "clipping and finite checks"})
+    count.parts(trainer.optimizer, {"step": "optimiser"})
+    count.parts(training, {"update_ema": "EMA"})
+    with count:
+        trainer.train_step(images, labels)
+    parts = {part or "other": n for part, n in count.by_part.items()}
+    return {"config": config, "device": str(device), "parameters": len(list(trainer.objective.parameters())),
+            "launch_estimate": count.launches, "by_part": parts,
+            "outside_the_model": count.launches - parts.get("model forward and backward", 0)}
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -278,7 +326,12 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--optimizer", action="store_true", help="time and count the optimiser's step alone")
+    parser.add_argument("--launches", action="store_true", help="count a training step's launches, by part")
     args = parser.parse_args()
+    if args.launches:
+        for config in args.configs:
+            print(json.dumps(_launches_row(config, torch.device(args.device))), flush=True)
+        return
     if args.optimizer:
         if args.threads:
             torch.set_num_threads(args.threads)
