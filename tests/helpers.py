@@ -117,12 +117,16 @@ class HostReads(TorchDispatchMode):
     binding takes a number (`torch._foreach_add_(tensors, t)` picks the Scalar overload and reads `t`)
     dispatches `_local_scalar_dense` just as `.item()` and `bool()` do. Ops whose output size depends on
     the values (`nonzero`, boolean indexing, `repeat_interleave` with tensor repeats unless given its
-    `output_size`) wait for the GPU as well. `tolist` and `numpy` copy out in C++
+    `output_size`), ops that answer a bool (`equal`) and copies from a device to the host wait for the
+    GPU as well. `tolist` and `numpy` copy out in C++
     without dispatching, so they are patched. `reads` holds (label, what, innermost glowtrain frame).
     """
 
-    SYNCING_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique", "unique_", "unique_dim",
-                   "unique_consecutive", "repeat_interleave.Tensor")
+    # Ops (by overload packet) that wait for the device's values: scalars and bools out, or outputs whose size
+    # depends on the values.
+    SYNCING_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "equal", "allclose", "nonzero", "masked_select",
+                             "_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive",
+                             "bincount", "repeat_interleave"})
 
     def __init__(self, label=lambda: None, ignore=lambda frame: False):
         super().__init__()
@@ -136,13 +140,25 @@ class HostReads(TorchDispatchMode):
         where = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
         self.reads.append((self.label(), what, where))
 
+    @classmethod
+    def waits(cls, func, args, kwargs) -> bool:
+        """Whether this op makes the host wait for a device's values (on a CPU: would, on a GPU)."""
+        name, kwargs = func.overloadpacket.__name__, kwargs or {}
+        if name == "repeat_interleave":
+            return func._overloadname == "Tensor" and kwargs.get("output_size") is None
+        if name in cls.SYNCING_OPS:
+            return True
+        if name in ("index", "index_put", "index_put_"):  # boolean masks become indices on the host
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            return any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in indices or ())
+        if name in ("_to_copy", "copy_"):  # a device's values copied into host memory
+            source, target = (args[0], kwargs.get("device")) if name == "_to_copy" else (args[1], args[0].device)
+            return source.device.type != "cpu" and target is not None and torch.device(target).type == "cpu"
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket.__name__) + "." + func._overloadname
-        boolean_index = name.startswith("index.") and any(
-            isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (args[1] if len(args) > 1 else ()) or ())
-        sized = name.startswith("repeat_interleave.Tensor") and (kwargs or {}).get("output_size") is not None
-        if boolean_index or (any(name.startswith(op) for op in self.SYNCING_OPS) and not sized):
-            self._record(name)
+        if self.waits(func, args, kwargs):
+            self._record(f"{func.overloadpacket.__name__}.{func._overloadname}")
         return func(*args, **(kwargs or {}))
 
     def __enter__(self):

@@ -59,3 +59,10 @@ def test_only_and_skip_pick_sections_or_single_variants():
     assert plan(["fit"], ["fit"]) == []
     # The recommended mode compiles first: with one compiler at a time, later ones may miss the deadline.
     assert gpu_check.BACKGROUND[0] == ("throughput", "cudagraphs-tf32")
+
+
+def test_a_selection_that_leaves_nothing_to_run_is_refused_before_any_section_starts(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--only", "throughput:cudagraphs-tf32",
+                           "--no-compile", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "leave nothing to run" in done.stderr
+    assert not (tmp_path / "gpu_check.json").exists()

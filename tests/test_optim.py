@@ -118,6 +118,30 @@ def test_host_reads_pass_a_repeat_interleave_told_its_output_size_and_catch_one_
     assert sized.reads == [] and [what for _, what, _ in unsized.reads] == ["repeat_interleave.Tensor"]
 
 
+@pytest.mark.parametrize(("what", "read"), [
+    ("item", lambda t: t[0].item()), ("bool", lambda t: bool(t[0])), ("equal", lambda t: torch.equal(t, t)),
+    ("allclose", lambda t: torch.allclose(t, t)), ("mask index", lambda t: t[t > 1]),
+    ("mask assignment", lambda t: t.clone().index_put_((t > 1,), torch.tensor(0.0))),
+    ("bincount", lambda t: torch.bincount(t.long())), ("tolist", lambda t: t.tolist()),
+    ("a number where a binding takes one", lambda t: torch._foreach_add_([t.clone()], t[0])),
+])
+def test_host_reads_catch_every_kind_of_read(what, read):
+    values = torch.arange(4.0)
+    with HostReads() as host:
+        read(values)
+    assert len(host.reads) >= 1, what
+
+
+def test_host_reads_leave_ops_alone_that_do_not_wait():
+    values = torch.arange(4.0)
+    with HostReads() as host:
+        torch.nonzero_static(values, size=2)  # a fixed size: no read (a name match would flag it)
+        torch.where(values > 1, values, torch.zeros(()))
+        torch._foreach_mul_([values.clone()], values[0])  # mul's binding takes the 0-d tensor as a tensor
+        values.to("cpu")
+    assert host.reads == []
+
+
 @pytest.mark.usefixtures("gated_on_cpu")
 def test_state_dicts_load_both_ways_with_torchs_adamax():
     """Checkpoints written with torch.optim.Adamax (every run before GatedAdamax) resume, and the reverse."""
