@@ -159,7 +159,8 @@ class InvConv2d(FlowLayer):
             self.log_s = nn.Parameter(torch.log(torch.abs(diag)).to(dtype))
         else:
             self.weight = nn.Parameter(rotation.to(dtype))
-        self._inverse_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        # kind -> (parameters' identity and versions, the matrix in the widest float, in the parameters' dtype)
+        self._cache: dict[str, tuple[tuple, torch.Tensor, torch.Tensor]] = {}
 
     def _lu_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         lower = self.lower * self.lower_mask + self.eye
@@ -199,27 +200,39 @@ class InvConv2d(FlowLayer):
     def _inverses(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W^-1 in the widest float, W^-1 in the parameters' dtype), cached in eval mode until any
         parameter changes (in place or replaced)."""
-        params = tuple(self.parameters())
-        dtype = params[0].dtype
         if self.training:
-            self._inverse_cache = None
+            self._cache.clear()
             inverse = self._compute_inverse()
-            return inverse, inverse.to(dtype)
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if self._inverse_cache is None or self._inverse_cache[0] != key:
+            return inverse, inverse.to(self._param_dtype())
+        return self._cached("inverse", self._compute_inverse)
+
+    def _forward_matrix(self) -> torch.Tensor:
+        """W in the widest float; cached where nothing needs its gradient (evaluation, scoring), as building
+        it from the LU factors is a dozen small kernels per layer and batch, more than the product itself."""
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._wide_matrix()
+        return self._cached("matrix", self._wide_matrix)[0]
+
+    def _param_dtype(self) -> torch.dtype:
+        return (self.lower if self.lu else self.weight).dtype
+
+    def _cached(self, kind: str, compute) -> tuple[torch.Tensor, torch.Tensor]:
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        cached = self._cache.get(kind)
+        if cached is None or cached[0] != key:
             # Outside inference mode even when called from it (sampling): an inference tensor in the
             # cache would make any later reverse under autograd fail.
             with torch.inference_mode(False), torch.no_grad():
-                inverse = self._compute_inverse()
-                self._inverse_cache = (key, inverse, inverse.to(dtype))
-        return self._inverse_cache[1], self._inverse_cache[2]
+                wide = compute()
+                cached = self._cache[kind] = (key, wide, wide.to(self._param_dtype()))
+        return cached[1], cached[2]
 
     def inverse_matrix(self) -> torch.Tensor:
         """W^-1 in the parameters' dtype (cached in eval mode)."""
         return self._inverses()[1]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y = mix_channels(self._wide_matrix(), x)
+        y = mix_channels(self._forward_matrix(), x)
         logdet = self.log_abs_det() * (x.shape[2] * x.shape[3])
         return y, logdet.expand(x.shape[0])
 

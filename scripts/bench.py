@@ -25,7 +25,8 @@ GPU kernel launches (see `LaunchCount`); one JSON line per config.
 
 --launches counts one whole `Trainer.train_step` that way (the optimiser in the accelerators' form), by
 part: the model's forward and backward (what a compiled graph holds), and what runs around it (batch
-preparation, clipping with the finite checks, the optimiser, EMA); one JSON line per config.
+preparation, clipping with the finite checks, the optimiser, EMA), and one evaluation batch (the
+model's log-density in eval mode); one JSON line per config.
 """
 
 from __future__ import annotations
@@ -233,9 +234,16 @@ def _launches_row(config: str, device: torch.device) -> dict:
     with count:
         trainer.train_step(images, labels)
     parts = {part or "other": n for part, n in count.by_part.items()}
+    model = trainer.eval_objective.model.eval()
+    inputs = images.to(device).float() / 255 - 0.5
+    with torch.inference_mode():
+        model.log_prob(inputs)  # evaluation caches what does not change between batches
+        with LaunchCount() as evaluation:
+            model.log_prob(inputs)
     return {"config": config, "device": str(device), "parameters": len(list(trainer.objective.parameters())),
             "launch_estimate": count.launches, "by_part": parts,
-            "outside_the_model": count.launches - parts.get("model forward and backward", 0)}
+            "outside_the_model": count.launches - parts.get("model forward and backward", 0),
+            "evaluation_batch": evaluation.launches}
 
 
 def _peak_memory_mb(device: torch.device) -> float:

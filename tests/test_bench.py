@@ -50,3 +50,9 @@ def test_launches_split_a_training_step_by_part_and_the_optimisers_share_does_no
     one_foreach_op = math.ceil(rows[8]["parameters"] / 48) - math.ceil(rows[2]["parameters"] / 48)
     assert one_foreach_op > 0
     assert deep["optimiser"] - shallow["optimiser"] == one_foreach_op == deep["EMA"] - shallow["EMA"]
+    # Evaluation builds each 1x1 convolution's W once, not per batch.
+    from glowtrain.flows import InvConv2d
+
+    monkeypatch.setattr(InvConv2d, "_forward_matrix", InvConv2d._wide_matrix)
+    uncached = bench._launches_row("tiny", torch.device("cpu"))["evaluation_batch"]
+    assert 0 < rows[8]["evaluation_batch"] < uncached - 8 * 2  # at least one kernel saved per 1x1 convolution
