@@ -134,6 +134,13 @@ def synthetic_trainer(image_shape, overrides: list[str], device: torch.device, b
     return trainer, batch_images, batch_labels
 
 
+def model_overrides(config: str) -> list[str]:
+    """The config overrides that build `config`'s model (CONFIGS) over its number of bits."""
+    _, levels, n_steps, width, _, n_bits = CONFIGS[config]
+    return [f"model.n_levels={levels}", f"model.n_steps={n_steps}", f"model.hidden_channels={width}",
+            f"data.n_bits={n_bits}"]
+
+
 class LaunchCount(TorchDispatchMode):
     """Ops dispatched while active, as a device-free estimate of the GPU kernels they would launch.
 
@@ -156,12 +163,13 @@ class LaunchCount(TorchDispatchMode):
             if name.startswith("_foreach_"):
                 self.foreach_ops += 1
                 n_tensors = len(next(a for a in args if isinstance(a, (list, tuple))))  # pow's base may lead
-                self.launches += math.ceil(n_tensors / self.TENSORS_PER_FOREACH_LAUNCH)
+                launches = math.ceil(n_tensors / self.TENSORS_PER_FOREACH_LAUNCH)
             else:
                 self.other_ops += 1
-                self.launches += 1
+                launches = 1
+            self.launches += launches
             self.names[name] = self.names.get(name, 0) + 1
-            self.by_part[self.part] = self.by_part.get(self.part, 0) + self.launches - sum(self.by_part.values())
+            self.by_part[self.part] = self.by_part.get(self.part, 0) + launches
         return func(*args, **(kwargs or {}))
 
     def parts(self, obj, methods: dict[str, str]):
@@ -185,10 +193,8 @@ def _optimizer_row(config: str, device: torch.device, steps: int) -> dict:
 
     from glowtrain.optim import GatedAdamax
 
-    shape, levels, n_steps, width, _, n_bits = CONFIGS[config]
-    overrides = [f"model.n_levels={levels}", f"model.n_steps={n_steps}", f"model.hidden_channels={width}",
-                 f"data.n_bits={n_bits}", "train.optimizer=adamax"]
-    optimizer = synthetic_trainer(shape, overrides, device, 2, tempfile.mkdtemp())[0].optimizer
+    overrides = [*model_overrides(config), "train.optimizer=adamax"]
+    optimizer = synthetic_trainer(CONFIGS[config][0], overrides, device, 2, tempfile.mkdtemp())[0].optimizer
     GatedAdamax.gate_on_cpu = True  # the accelerators' form, on whatever device this is
     params = [p for group in optimizer.param_groups for p in group["params"]]
     generator = torch.Generator(device=device).manual_seed(0)
@@ -220,9 +226,8 @@ def _launches_row(config: str, device: torch.device) -> dict:
     import glowtrain.train as training
     from glowtrain.optim import GatedAdamax
 
-    shape, levels, n_steps, width, batch, n_bits = CONFIGS[config]
-    overrides = [f"model.n_levels={levels}", f"model.n_steps={n_steps}", f"model.hidden_channels={width}",
-                 f"data.n_bits={n_bits}", "train.optimizer=adamax", "train.ema_decay=0.999"]
+    shape, batch = CONFIGS[config][0], CONFIGS[config][4]
+    overrides = [*model_overrides(config), "train.optimizer=adamax", "train.ema_decay=0.999"]
     GatedAdamax.gate_on_cpu = True  # the accelerators' form, on whatever device this is
     trainer, images, labels = synthetic_trainer(shape, overrides, device, batch, tempfile.mkdtemp())
     trainer.train_step(images, labels)  # creates the optimiser's state
@@ -262,9 +267,8 @@ def _child(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)  # with glowtrain's own math settings (TF32 on CUDA)
-    shape, levels, steps, width, batch, n_bits = CONFIGS[args.config]
-    overrides = [f"model.n_levels={levels}", f"model.n_steps={steps}", f"model.hidden_channels={width}",
-                 f"data.n_bits={n_bits}", f"train.amp='{args.amp}'", f"train.compile={args.compile == 'on'}"]
+    shape, batch = CONFIGS[args.config][0], CONFIGS[args.config][4]
+    overrides = [*model_overrides(args.config), f"train.amp='{args.amp}'", f"train.compile={args.compile == 'on'}"]
     trainer, images, labels = synthetic_trainer(shape, overrides, device, batch, tempfile.mkdtemp())
     model = trainer.model
     macs = multiply_adds(model)

@@ -800,30 +800,25 @@ def compile_env() -> dict:
 def run_all(args, plan_fg, plan_bg, deadline: float, report) -> None:
     lock = tempfile.NamedTemporaryFile(prefix="gpu_check_lock_", delete=False).name
 
+    def run(section: str, variant: str, **popen) -> None:
+        left = deadline - time.perf_counter()
+        if left < 5:
+            report({"section": section, "variant": variant, "status": "skipped: deadline reached"})
+            return
+        start = time.perf_counter()
+        process = subprocess.Popen(child_command(args, section, variant, lock), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
+        report(finish(section, variant, *collect(process, left), time.perf_counter() - start))
+
     def run_background():  # one compiler at a time: side by side they starve each other past the deadline
         for section, variant in plan_bg:
-            left = deadline - time.perf_counter()
-            if left < 5:
-                report({"section": section, "variant": variant, "status": "skipped: deadline reached"})
-                continue
-            start = time.perf_counter()
-            process = subprocess.Popen(child_command(args, section, variant, lock), stdout=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, text=True, env=compile_env(),
-                                       preexec_fn=lambda: os.nice(10), start_new_session=True)
-            report(finish(section, variant, *collect(process, left), time.perf_counter() - start))
+            run(section, variant, env=compile_env(), preexec_fn=lambda: os.nice(10))
 
     background = threading.Thread(target=run_background, daemon=True)
     for section, variant in plan_fg:
         if background.ident is None and section not in ("env", "throughput"):
             background.start()  # after the eager timings, so compiling cannot slow what they measure
-        left = deadline - time.perf_counter()
-        if left < 5:
-            report({"section": section, "variant": variant, "status": "skipped: deadline reached"})
-            continue
-        start = time.perf_counter()
-        process = subprocess.Popen(child_command(args, section, variant, lock), stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
-        report(finish(section, variant, *collect(process, left), time.perf_counter() - start))
+        run(section, variant)
     if background.ident is None:
         background.start()
     background.join()
