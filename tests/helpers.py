@@ -118,15 +118,15 @@ class HostReads(TorchDispatchMode):
     dispatches `_local_scalar_dense` just as `.item()` and `bool()` do. Ops whose output size depends on
     the values (`nonzero`, boolean indexing, `repeat_interleave` with tensor repeats unless given its
     `output_size`), ops that answer a bool (`equal`) and copies from a device to the host wait for the
-    GPU as well. `tolist` and `numpy` copy out in C++
-    without dispatching, so they are patched. `reads` holds (label, what, innermost glowtrain frame).
+    GPU as well. `tolist` and `numpy` copy out in C++ without dispatching, so they are patched. `reads`
+    holds (label, what, innermost glowtrain frame).
     """
 
     # Ops (by overload packet) that wait for the device's values: scalars and bools out, or outputs whose size
-    # depends on the values.
+    # depends on the values (repeat_interleave, which does unless told its size, is judged in `waits`).
     SYNCING_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "equal", "allclose", "nonzero", "masked_select",
                              "_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive",
-                             "bincount", "repeat_interleave"})
+                             "bincount"})
 
     def __init__(self, label=lambda: None, ignore=lambda frame: False):
         super().__init__()
