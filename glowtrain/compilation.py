@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -39,22 +39,43 @@ NOT_COMPILER_FAILURES = (torch.OutOfMemoryError, UserError)
 
 
 class LazyCompile:
-    """A module compiled on first use. Failures surface in the first step's forward or in its backward
-    (compiled lazily): then warn once, and that step and all later ones run eager."""
+    """A module compiled on first use: whole, or region by region (`regions`: submodules whose forward is
+    compiled, the code between them eager; compiled only for calls through this object, so evaluation and
+    sampling run them eager as they do the whole). Failures surface in the first step's forward or in its
+    backward (compiled lazily): then warn once, and that step and all later ones run eager."""
 
-    def __init__(self, module: torch.nn.Module, enabled: bool, mode: str = "default"):
+    def __init__(self, module: torch.nn.Module, enabled: bool, mode: str = "default",
+                 regions: Sequence[torch.nn.Module] = ()):
         self.eager = module
         self.module = module
+        self.compiled_regions: list[tuple[torch.nn.Module, Callable]] = []
         self.pending = False
         if enabled:
+            options = {"mode": None if mode == "default" else mode}
             try:
-                self.module = torch.compile(module, mode=None if mode == "default" else mode)
+                if regions:
+                    _allow_recompiles(4 * len(regions))
+                    # Static shapes: each level's graph is its own, where dynamo would otherwise make the
+                    # second shape it meets dynamic, slower and harder for CUDA graphs.
+                    self.compiled_regions = [(region, torch.compile(region.forward, dynamic=False, **options))
+                                             for region in regions]
+                else:
+                    self.module = torch.compile(module, **options)
                 self.pending = True
             except Exception as e:  # noqa: BLE001 - e.g. a platform without a compiler backend
+                self._go_eager()
                 _warn_eager("unavailable", e)
 
     def __call__(self, *args):
-        return self.module(*args)
+        if not self.compiled_regions:
+            return self.module(*args)
+        for region, forward in self.compiled_regions:
+            region.forward = forward  # an instance attribute: nn.Module calls it instead of the class's
+        try:
+            return self.module(*args)
+        finally:
+            for region, _ in self.compiled_regions:
+                del region.forward
 
     def first_use(self, work: Callable[[], T], undo: Callable[[], None]) -> T:
         """`work()` (a forward and backward through this module). The first time, if compiling fails in it:
@@ -67,11 +88,22 @@ class LazyCompile:
             raise  # eager would fail the same way (or worse, for memory): the error itself is the message
         except Exception as e:  # noqa: BLE001 - the compiler's errors have no common type
             _warn_eager("failed", e)
-            self.module, self.pending = self.eager, False
+            self._go_eager()
             undo()
             return work()
         self.pending = False
         return result
+
+    def _go_eager(self) -> None:
+        self.module, self.compiled_regions, self.pending = self.eager, [], False
+
+
+def _allow_recompiles(limit: int) -> None:
+    """Let dynamo keep up to `limit` graphs per function (8 by default). Regions of one class share their
+    forward's code, where dynamo keeps a graph for each shape and autograd mode it meets: each level has a
+    shape of its own, and the first region may take an input that needs no gradient."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, limit)
 
 
 def _warn_eager(what: str, error: Exception) -> None:

@@ -128,6 +128,9 @@ class TrainConfig:
                                                  "for CUDA when a compiler backend works, off elsewhere")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = _opt(
         "default", "torch.compile mode: reduce-overhead adds CUDA graphs; max-autotune also searches kernels")
+    compile_scope: Literal["model", "steps"] = _opt(
+        "model", "what compiles: model (one graph, first step minutes for deep models) or steps (each flow "
+        "step, compiled once per level and reused: a much shorter first step)")
     memory_saving: bool = _opt(False, "constant-memory backprop: rebuild activations by inverting each flow step "
                                "(~1.3x step time)")
     max_time: str = _opt("", "stop cleanly (checkpoint saved) after this wall-clock time, e.g. 3h50m, 90m, 45s "

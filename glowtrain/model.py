@@ -109,6 +109,10 @@ class Glow(nn.Module):
                    coupling=m.coupling, conv=m.conv, learn_top=m.learn_top, n_classes=m.n_classes,
                    spline_bins=m.spline_bins, spline_bound=m.spline_bound)
 
+    def flow_steps(self) -> list[FlowSequence]:
+        """Every flow step (ActNorm, mixing, coupling), level by level; a level's steps share one shape."""
+        return [step for level in self.levels for step in level.layers]
+
     def _conditioners(self) -> list[Conditioner]:
         return [module for module in self.modules() if isinstance(module, Conditioner)]
 

@@ -229,7 +229,8 @@ class Trainer:
         self._configure_model()
         self.wrapped = self._distributed(self.objective)
         compiled = compile_enabled(cfg.train.compile, self.device)
-        self.forward = LazyCompile(self.wrapped, compiled, cfg.train.compile_mode)
+        regions = self.model.flow_steps() if cfg.train.compile_scope == "steps" else ()
+        self.forward = LazyCompile(self.wrapped, compiled, cfg.train.compile_mode, regions)
         self.batches = self._batches_from(self.state.step)  # a batch larger than the dataset fails here
         self.logger, self.say = NullLogger(), _quiet
 
@@ -602,8 +603,9 @@ class Trainer:
         for note in self.notes:
             self.say(note)
         if self.forward.pending:
-            self.say(f"train.compile={cfg.train.compile}: the first step compiles the model (minutes for a large one; "
-                     "train.compile=off skips it)")
+            what = ("each level's flow step" if cfg.train.compile_scope == "steps"
+                    else "the model (minutes for a large one; train.compile_scope=steps shortens it)")
+            self.say(f"train.compile={cfg.train.compile}: the first step compiles {what}; train.compile=off skips it")
 
     def _record_data(self) -> None:
         """Say what the run trains on, warn about skipped or changed files, and keep the data's record."""

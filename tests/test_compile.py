@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch._dynamo as dynamo
 from helpers import GLOW_LAYERS
+from torch._dynamo.backends.debugging import aot_eager
 from torch._dynamo.utils import counters
 
 from glowtrain.compilation import LazyCompile, compile_enabled
@@ -111,16 +112,22 @@ STEP_RUN = ["run.device=cpu", "model.n_levels=2", "model.n_steps=2", "model.hidd
             *GLOW_LAYERS]
 
 
-def _compile_with(monkeypatch, backend: str, fullgraph: bool = True):
+def _compile_with(monkeypatch, backend, fullgraph: bool = True):
     real = torch.compile
 
     def patched(module, mode=None, **kwargs):
-        return real(module, backend=backend, fullgraph=fullgraph)
+        return real(module, backend=backend, fullgraph=fullgraph, **kwargs)
     monkeypatch.setattr(torch, "compile", patched)
 
 
-def test_the_training_step_compiles_once_and_is_never_recompiled(tmp_path, monkeypatch):
-    """Forward and backward (AOTAutograd) whole, across warm-up learning rates, logging, evaluation with another
+# Graphs of the whole training step's forward and backward: one for the model; one per level for its flow
+# steps (one shape per level), and one more for the very first step, whose input (the image) needs no gradient.
+GRAPHS_BY_SCOPE = {"model": 1, "steps": 3}
+
+
+@pytest.mark.parametrize("scope", GRAPHS_BY_SCOPE)
+def test_the_training_step_compiles_once_and_is_never_recompiled(tmp_path, monkeypatch, scope):
+    """Forward and backward (AOTAutograd), across warm-up learning rates, logging, evaluation with another
     batch size, checkpoints, and a resume."""
     _compile_with(monkeypatch, "aot_eager")
     graphs_by_step = []
@@ -132,14 +139,16 @@ def test_the_training_step_compiles_once_and_is_never_recompiled(tmp_path, monke
 
     dynamo.reset()
     counters.clear()
-    cfg = apply_overrides(default_config(), STEP_RUN)
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    cfg = apply_overrides(default_config(), [*STEP_RUN, f"train.compile_scope={scope}"])
+    # A scope of flow steps compiles one function (FlowSequence.forward) for several shapes: recompiles by design.
+    with torch._dynamo.config.patch(error_on_recompile=scope == "model"):
         train(apply_overrides(cfg, ["train.steps=3"]), out=str(tmp_path / "run"), progress=False, trainer=Counting)
         first_run = counters["stats"]["unique_graphs"]
         train(cfg, out=str(tmp_path / "run"), resume="auto", progress=False, trainer=Counting)
-    # One graph, compiled at the first step; the resumed run's new Trainer passes its guards and reuses it.
-    assert first_run == 1 and counters["stats"]["unique_graphs"] == 1
-    assert graphs_by_step == [0, 1, 1, 1, 1, 1]
+    # Compiled at the first step; the resumed run's new Trainer passes the guards and reuses the graphs.
+    graphs = GRAPHS_BY_SCOPE[scope]
+    assert first_run == graphs and counters["stats"]["unique_graphs"] == graphs
+    assert graphs_by_step == [0] + [graphs] * 5
 
 
 def test_a_compiler_failure_in_the_first_backward_falls_back_to_eager_with_the_same_result(tmp_path, monkeypatch):
@@ -165,6 +174,62 @@ def test_a_compiler_failure_in_the_first_backward_falls_back_to_eager_with_the_s
         fallen_back = train(cfg, out=str(tmp_path / "compiled"), progress=False)
     assert len([w for w in warned if "torch.compile" in str(w.message)]) == 1
     assert fallen_back.test == eager.test and fallen_back.step == 2
+
+
+def test_compiled_flow_steps_train_as_eager_does_and_leave_evaluation_eager(tmp_path, monkeypatch):
+    """Without EMA, evaluation runs the training model itself: its steps run eager there (no graphs for
+    evaluation's batch sizes), as the whole model does in the model scope."""
+    cfg = apply_overrides(default_config(), [*STEP_RUN, "train.steps=4", "train.ema_decay=0",
+                                             "train.compile_scope=steps"])
+    eager = train(apply_overrides(cfg, ["train.compile=off"]), out=str(tmp_path / "eager"), progress=False)
+    _compile_with(monkeypatch, "aot_eager")
+    dynamo.reset()
+    counters.clear()
+    compiled = train(cfg, out=str(tmp_path / "compiled"), progress=False)
+    assert counters["stats"]["unique_graphs"] == GRAPHS_BY_SCOPE["steps"]
+    assert compiled.test == pytest.approx(eager.test, abs=1e-5) and compiled.step == eager.step == 4
+
+
+def test_a_compiler_failure_in_a_flow_step_falls_back_to_eager_steps(tmp_path, monkeypatch):
+    def broken_compile(function, mode=None, **kwargs):
+        def call(*args, **kwargs):
+            raise RuntimeError("the step's graph did not compile")
+        return call
+
+    cfg = apply_overrides(default_config(), [*STEP_RUN, "train.steps=2", "train.grad_accum_steps=1",
+                                             "train.compile_scope=steps"])
+    eager = train(apply_overrides(cfg, ["train.compile=off"]), out=str(tmp_path / "eager"), progress=False)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match="torch.compile failed .*the step's graph did not compile") as warned:
+        fallen_back = train(cfg, out=str(tmp_path / "compiled"), progress=False)
+    assert len([w for w in warned if "torch.compile" in str(w.message)]) == 1
+    assert fallen_back.test == eager.test and fallen_back.step == 2
+
+
+def test_compiled_steps_keep_a_graph_for_every_level_past_dynamos_limit(monkeypatch):
+    """Every level's steps share one function, and dynamo keeps only so many graphs of a function (8 by default;
+    2 here, against the 4 this model needs) before quietly running the rest eager. Each graph has static shapes
+    (dynamo would make the second level's sizes symbolic and reuse that graph for the third)."""
+    symbolic_sizes = []
+
+    def recording(graph, example_inputs):  # a graph with symbolic sizes takes them as inputs of their own
+        symbolic_sizes.extend(value for value in example_inputs if isinstance(value, torch.SymInt))
+        return aot_eager(graph, example_inputs)
+    _compile_with(monkeypatch, recording)
+    torch.manual_seed(0)
+    model = Glow((3, 16, 16), n_levels=3, n_steps=2, hidden_channels=8)
+    x = torch.rand(2, 3, 16, 16) - 0.5
+    model.initialize(x)
+    expected = model(x)[0]
+    dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        compiled = LazyCompile(model, True, regions=model.flow_steps())
+        result = compiled(x)[0]
+        result.sum().backward()
+    assert counters["stats"]["unique_graphs"] == 4 and symbolic_sizes == []
+    torch.testing.assert_close(result, expected)
+    assert all("forward" not in vars(step) for step in model.flow_steps())  # eager again outside the call
 
 
 def test_lazy_compile_passes_the_mode_on(monkeypatch):
