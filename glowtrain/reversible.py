@@ -38,8 +38,9 @@ class _ReversibleChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, chain, *params):
         # Custom Function forwards run with autograd off: nothing inside the chain is recorded. The
-        # chain itself runs (not its flattened layers), so log-dets add up in the standard order.
-        h, logdet = chain(x)
+        # chain itself runs (not its flattened layers), so log-dets add up in the standard order. Detached,
+        # so every step inside sees an input that needs no gradient (one compiled graph per level, not two).
+        h, logdet = chain(x.detach())
         ctx.layers = flat_layers(chain)
         ctx.slot = {id(p): i for i, p in enumerate(params)}  # where each parameter's gradient goes
         # The backward engine may run on another thread, where autocast is off: record it to replay.

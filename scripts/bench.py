@@ -5,12 +5,12 @@
     .venv/bin/python scripts/bench.py --memory [ARGS]       # memory saving off/on: scripts/bench_memory.py
     .venv/bin/python scripts/bench.py --optimizer --configs cifar_paper   # GatedAdamax alone: launches, ms
     .venv/bin/python scripts/bench.py --launches --configs cifar_paper    # a training step's launches, by part
-    PYTHONPATH=. python3 scripts/bench.py --device cuda --configs cifar_shape cifar_paper --compile off on
+    PYTHONPATH=. python3 scripts/bench.py --device cuda --configs cifar_shape cifar_paper --compile off on steps
 
 Each setting runs in a fresh subprocess (so peak memory is its own) and times the real
 `Trainer.train_step` (dequantise, forward, bits/dim, backward, clipping, Adamax, EMA) on random
 images held in memory: it reports training images/s and ms per step (median over the timed steps
-after warm-up), peak memory (CUDA max allocated, or
+after warm-up), the first step's seconds (compiling, with --compile on or steps), peak memory (CUDA max allocated, or
 the process's peak RSS on CPU), sampling images/s at T = 0.7, multiply-adds per image, and the
 achieved FLOP/s of a training step (3 x 2 x multiply-adds per image, forward plus a backward of
 about twice the forward) as a fraction of a dense matmul's FLOP/s timed right after each step (the
@@ -268,7 +268,8 @@ def _child(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)  # with glowtrain's own math settings (TF32 on CUDA)
     shape, batch = CONFIGS[args.config][0], CONFIGS[args.config][4]
-    overrides = [*model_overrides(args.config), f"train.amp='{args.amp}'", f"train.compile={args.compile == 'on'}"]
+    overrides = [*model_overrides(args.config), f"train.amp='{args.amp}'", f"train.compile={args.compile != 'off'}",
+                 f"train.compile_scope={'steps' if args.compile == 'steps' else 'model'}"]
     trainer, images, labels = synthetic_trainer(shape, overrides, device, batch, tempfile.mkdtemp())
     model = trainer.model
     macs = multiply_adds(model)
@@ -280,7 +281,11 @@ def _child(args: argparse.Namespace) -> None:
     def run_step() -> None:
         trainer.train_step(images, labels)
 
-    for _ in range(max(1, args.warmup)):
+    start = time.perf_counter()
+    run_step()  # compiles, when compiling
+    sync()
+    first_step = time.perf_counter() - start
+    for _ in range(max(1, args.warmup) - 1):
         run_step()
     sync()
     peak_mb = _peak_memory_mb(device)  # the training step's own: the matmul reference below allocates more
@@ -314,7 +319,8 @@ def _child(args: argparse.Namespace) -> None:
     achieved = flops_per_step / step
     print(json.dumps({
         "config": args.config, "device": str(device), "amp": args.amp, "compile": args.compile, "batch": batch,
-        "train_images_per_s": batch / step, "ms_per_step": 1000 * step, "peak_memory_mb": peak_mb,
+        "train_images_per_s": batch / step, "ms_per_step": 1000 * step, "first_step_s": first_step,
+        "peak_memory_mb": peak_mb,
         "sample_images_per_s": batch / sample, "sample_vs_train_step_per_image": step / sample,
         "multiply_adds_per_image": macs, "achieved_gflops": achieved / 1e9,
         "matmul_gflops": statistics.median(references) / 1e9, "fraction_of_matmul": statistics.median(fractions),
@@ -331,7 +337,8 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["digits", "cifar_shape"], choices=sorted(CONFIGS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", nargs="+", default=["off"], choices=["off", "bf16"])
-    parser.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"])
+    parser.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on", "steps"],
+                        help="on: the whole model (train.compile_scope=model); steps: each flow step")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -369,13 +376,14 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     print()
-    print("| config | device | amp | compile | batch | train img/s | ms/step | peak MB | sample img/s "
+    print("| config | device | amp | compile | batch | train img/s | ms/step | first step s | peak MB | sample img/s "
           "| sample speed-up per image | GFLOP/s | matmul GFLOP/s | fraction | conv+matmul time share "
           "| conv+matmul fraction |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['config']} | {r['device']} | {r['amp']} | {r['compile']} | {r['batch']} "
-              f"| {r['train_images_per_s']:.0f} | {r['ms_per_step']:.1f} | {r['peak_memory_mb']:.0f} "
+              f"| {r['train_images_per_s']:.0f} | {r['ms_per_step']:.1f} | {r['first_step_s']:.1f} "
+              f"| {r['peak_memory_mb']:.0f} "
               f"| {r['sample_images_per_s']:.0f} | {r['sample_vs_train_step_per_image']:.1f}x "
               f"| {r['achieved_gflops']:.1f} | {r['matmul_gflops']:.0f} | {r['fraction_of_matmul']:.2f} "
               f"| {r['dense_kernel_share']:.2f} | {r['dense_kernel_fraction_of_matmul']:.2f} |")

@@ -8,8 +8,8 @@
 Sections (each runs in its own process and prints one JSON line when it finishes):
   env         driver, torch, CUDA, cuDNN, capability, bf16 support, the TF32 flags glowtrain sets
   throughput  the paper's CIFAR-10 model (3x32x32, L=3, K=32, width 512, affine, batch 64): a real
-              training step (forward, bits/dim, backward, clipping, Adamax, EMA), eager and compiled,
-              TF32 and bf16: images/s, kernels and launches per step, GPU busy share, host syncs, the
+              training step (forward, bits/dim, backward, clipping, Adamax, EMA), eager and compiled
+              (the whole model, or each flow step: `steps-`), TF32 and bf16: images/s, kernels and launches per step, GPU busy share, host syncs, the
               slowest kernels, peak memory, sampling speed
   exact64     float64 log-determinants on the device against brute-force Jacobians
   mix64       what the float64 1x1 convolutions cost per training step at the paper size, against float32
@@ -24,13 +24,15 @@ Sections (each runs in its own process and prints one JSON line when it finishes
 All sections share one deadline (--deadline seconds from the start): a section still running then is
 stopped and reported as such, so partial results always come back. Compiled throughput compiles in the
 background (niced) while the other sections run, one variant after another (three compiling side by side
-on the H200's 16 cores all missed a 415 s deadline; one alone took 149 s), and times itself only while no
-other section holds the GPU. The sections after the eager throughput therefore share the CPU with a
+on the H200's 16 cores all missed a 415 s deadline; the whole model alone took 149 s), the flow-step
+variants first (they compile in a fraction of that), and times itself only while no other section holds
+the GPU. The sections after the eager throughput therefore share the CPU with a
 compiler: their speeds are lower bounds. Writes gpu_check.json and gpu_check.md to --out.
 
 Everything takes about 15 minutes on an H200, more than one device call allows; two calls fit:
     gpu_check.py --out $OUT --no-compile --deadline 540                       # about 470 s
-    gpu_check.py --out $OUT --only throughput:cudagraphs-tf32 throughput:compiled-bf16 --deadline 400
+    gpu_check.py --out $OUT --only throughput:steps-cudagraphs-tf32 throughput:steps-cudagraphs-bf16 \
+        throughput:cudagraphs-tf32 --deadline 400
 """
 
 from __future__ import annotations
@@ -88,8 +90,10 @@ FOREGROUND = [
     ("memory", ""), ("ddp", ""),
     ("resume", "default"), ("resume", "deterministic"),
 ]
-# The mode we recommend first: with the deadline, later ones may not get their turn.
-BACKGROUND = [("throughput", "cudagraphs-tf32"), ("throughput", "compiled-tf32"), ("throughput", "compiled-bf16")]
+# Quickest to compile first (train.compile_scope: steps compiles one flow step per level), then the whole
+# model with CUDA graphs: with the deadline, later ones may not get their turn.
+BACKGROUND = [("throughput", "steps-cudagraphs-tf32"), ("throughput", "steps-cudagraphs-bf16"),
+              ("throughput", "cudagraphs-tf32"), ("throughput", "compiled-tf32"), ("throughput", "compiled-bf16")]
 SECTIONS = sorted({s for s, _ in FOREGROUND + BACKGROUND})
 VARIANTS = sorted(f"{s}:{v}" for s, v in FOREGROUND + BACKGROUND if v)
 
@@ -249,7 +253,8 @@ def section_throughput(args, device, sizes) -> dict:
     from glowtrain.analysis import multiply_adds
     from glowtrain.compilation import LazyCompile
 
-    mode, _, dtype = args.variant.partition("-")
+    *modes, dtype = args.variant.split("-")  # [steps-]{eager,compiled,cudagraphs}-{tf32,bf16,fp32}
+    compiled = modes != ["eager"]
     spec = sizes["cifar"]
     shape, levels, k, width, coupling, batch, n_bits = spec
     apply_glowtrain_device_settings(device)
@@ -263,12 +268,13 @@ def section_throughput(args, device, sizes) -> dict:
         macs = multiply_adds(model)
         result = {"variant": args.variant, "batch": batch, "image_shape": list(shape),
                   "parameters": sum(p.numel() for p in model.parameters()), "multiply_adds_per_image": macs}
-        if mode != "eager":
+        if compiled:
             import torch._dynamo as dynamo
 
             dynamo.reset()
-            compile_mode = "reduce-overhead" if mode == "cudagraphs" else "default"
-            trainer.forward = LazyCompile(trainer.wrapped, True, compile_mode)
+            compile_mode = "reduce-overhead" if "cudagraphs" in modes else "default"
+            regions = model.flow_steps() if "steps" in modes else ()  # train.compile_scope: steps
+            trainer.forward = LazyCompile(trainer.wrapped, True, compile_mode, regions)
 
         def step() -> None:
             trainer.train_step(images, labels)
@@ -280,7 +286,7 @@ def section_throughput(args, device, sizes) -> dict:
         for _ in range(2):
             step()
         sync(device)
-        if mode != "eager":
+        if compiled:
             result.update(dynamo_counts())
             emit_partial(result)
         n_timed = 3 if args.quick else 20
@@ -288,7 +294,7 @@ def section_throughput(args, device, sizes) -> dict:
             for _ in range(2):  # warm again: the lock may have waited while others used the device
                 step()
             sync(device)
-            graphs_before = dynamo_counts()["graphs"] if mode != "eager" else 0
+            graphs_before = dynamo_counts()["graphs"] if compiled else 0
             times = []
             for _ in range(n_timed):
                 start = time.perf_counter()
@@ -298,7 +304,7 @@ def section_throughput(args, device, sizes) -> dict:
             ms = 1000 * statistics.median(times)
             result.update(ms_per_step=ms, images_per_s=1000 * batch / ms, peak_memory_mb=peak_mb(device),
                           achieved_tflops=6 * macs * batch / (ms / 1000) / 1e12)
-            if mode != "eager":
+            if compiled:
                 result["recompiled_while_timing"] = dynamo_counts()["graphs"] != graphs_before
             try:
                 profiled = profile_steps(step, device, 3)
@@ -307,7 +313,7 @@ def section_throughput(args, device, sizes) -> dict:
             if "device_busy_ms_per_step" in profiled:
                 profiled["device_busy_share"] = profiled["device_busy_ms_per_step"] / ms
             result.update(profiled)
-            if mode == "eager":
+            if not compiled:
                 result.update(sampling(model, device, batch))
     return result
 

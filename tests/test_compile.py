@@ -232,6 +232,25 @@ def test_compiled_steps_keep_a_graph_for_every_level_past_dynamos_limit(monkeypa
     assert all("forward" not in vars(step) for step in model.flow_steps())  # eager again outside the call
 
 
+def test_memory_saving_runs_compiled_steps_in_its_forward_and_rebuilds_them_eager(monkeypatch):
+    """The forward without autograd compiles one graph per level; backward's rebuild, layer by layer, stays eager."""
+    _compile_with(monkeypatch, "aot_eager")
+    model, (x,) = _fresh()
+    model.set_memory_saving(True)
+    expected = model(x)[0].sum()
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    dynamo.reset()
+    counters.clear()
+    result = LazyCompile(model, True, regions=model.flow_steps())(x)[0].sum()
+    result.backward()
+    assert counters["stats"]["unique_graphs"] == model.n_levels
+    torch.testing.assert_close(result, expected)
+    for grad, expected_grad in zip((p.grad for p in model.parameters()), expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+
+
 def test_lazy_compile_passes_the_mode_on(monkeypatch):
     seen = {}
     monkeypatch.setattr(torch, "compile", lambda module, mode=None: seen.setdefault("mode", mode) and module)

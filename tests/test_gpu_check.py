@@ -55,10 +55,12 @@ def test_only_and_skip_pick_sections_or_single_variants():
     assert plan(None) == rows
     assert plan(["throughput:cudagraphs-tf32", "exact64"]) == [("exact64", ""), ("throughput", "cudagraphs-tf32")]
     assert {v for _, v in plan(["throughput"], ["throughput:eager-fp32"])} == \
-        {"eager-tf32", "eager-bf16", "compiled-tf32", "compiled-bf16", "cudagraphs-tf32"}
+        {"eager-tf32", "eager-bf16", "compiled-tf32", "compiled-bf16", "cudagraphs-tf32", "steps-cudagraphs-tf32",
+         "steps-cudagraphs-bf16"}
     assert plan(["fit"], ["fit"]) == []
-    # The recommended mode compiles first: with one compiler at a time, later ones may miss the deadline.
-    assert gpu_check.BACKGROUND[0] == ("throughput", "cudagraphs-tf32")
+    # The quickest compiles come first: with one compiler at a time, later ones may miss the deadline.
+    assert gpu_check.BACKGROUND[:3] == [("throughput", "steps-cudagraphs-tf32"), ("throughput", "steps-cudagraphs-bf16"),
+                                        ("throughput", "cudagraphs-tf32")]
 
 
 def test_a_selection_that_leaves_nothing_to_run_is_refused_before_any_section_starts(tmp_path):
