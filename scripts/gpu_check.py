@@ -9,8 +9,9 @@ Sections (each runs in its own process and prints one JSON line when it finishes
   env         driver, torch, CUDA, cuDNN, capability, bf16 support, the TF32 flags glowtrain sets
   throughput  the paper's CIFAR-10 model (3x32x32, L=3, K=32, width 512, affine, batch 64): a real
               training step (forward, bits/dim, backward, clipping, Adamax, EMA), eager and compiled
-              (the whole model, or each flow step: `steps-`), TF32 and bf16: images/s, kernels and launches per step, GPU busy share, host syncs, the
-              slowest kernels, peak memory, sampling speed
+              (the whole model, or each flow step: `steps-`), TF32 and bf16: images/s, kernels and
+              launches per step, GPU busy share, host syncs, the slowest kernels, peak memory,
+              sampling speed
   exact64     float64 log-determinants on the device against brute-force Jacobians
   mix64       what the float64 1x1 convolutions cost per training step at the paper size, against float32
   roundtrip   float32 decode(encode(x)) and memory-saving drift at the paper size, per precision policy
