@@ -107,6 +107,27 @@ def test_two_gloo_processes_accumulating_two_micro_batches_match_one_process(tmp
         assert torch.allclose(wa[name], tensor, atol=1e-5, rtol=1e-4), name
 
 
+@pytest.fixture(scope="module")
+def one_eager_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eager") / "one"
+    _fit(out, 16)
+    return _metrics(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scope", ["model", "steps"])
+def test_two_gloo_processes_compiling_match_one_eager_process(tmp_path, one_eager_process, scope):
+    """torchrun on GPUs compiles by default (train.compile: auto): DDP around a compiled model, or compiled flow
+    steps inside DDP, trains as one eager process does (Inductor's fused kernels round a little differently)."""
+    two = _fit(tmp_path / "two", 8, "--nproc", "2", "--set", "train.compile=on",
+               "--set", f"train.compile_scope={scope}")
+    assert "torch.compile failed" not in two.stderr and "torch.compile unavailable" not in two.stderr
+    a = _metrics(tmp_path / "two")
+    assert [(m["step"], m["split"]) for m in a] == [(m["step"], m["split"]) for m in one_eager_process]
+    for ma, mb in zip(a, one_eager_process):
+        assert abs(ma["bpd"] - mb["bpd"]) < 1e-4, (ma, mb)
+
+
 @pytest.mark.slow
 def test_resume_with_a_different_number_of_processes(tmp_path):
     # Memory-saving backward and fused Adam's on-device skip verdict (all-reduced across ranks) under DDP
