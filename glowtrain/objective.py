@@ -54,6 +54,11 @@ class Objective(nn.Module):
             terms["loss"] = terms["loss"] + self.class_weight * terms["class_ce"]
         return terms
 
+    def compile_regions(self) -> list[nn.Module]:
+        """What `train.compile_scope: steps` compiles one by one: a learned dequantiser whole, and every flow step."""
+        learned = [self.dequantizer] if any(True for _ in self.dequantizer.parameters()) else []
+        return learned + self.model.flow_steps()
+
     def level_terms(self, images: torch.Tensor, noise: torch.Tensor,
                     labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """forward()'s bits/dim per image, decomposed: "bpd" (N,) = n_bits + "dequantizer" (N,) + the sum over

@@ -229,7 +229,7 @@ class Trainer:
         self._configure_model()
         self.wrapped = self._distributed(self.objective)
         compiled = compile_enabled(cfg.train.compile, self.device)
-        regions = self.model.flow_steps() if cfg.train.compile_scope == "steps" else ()
+        regions = self.objective.compile_regions() if cfg.train.compile_scope == "steps" else ()
         self.forward = LazyCompile(self.wrapped, compiled, cfg.train.compile_mode, regions)
         self.batches = self._batches_from(self.state.step)  # a batch larger than the dataset fails here
         self.logger, self.say = NullLogger(), _quiet

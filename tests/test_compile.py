@@ -190,6 +190,20 @@ def test_compiled_flow_steps_train_as_eager_does_and_leave_evaluation_eager(tmp_
     assert compiled.test == pytest.approx(eager.test, abs=1e-5) and compiled.step == eager.step == 4
 
 
+def test_a_learned_dequantiser_compiles_whole_beside_the_flow_steps(tmp_path, monkeypatch):
+    """The default model (spline couplings, variational dequantisation): a graph per level and the noise flow's.
+    (The flow's first step needs no graph of its own here: the dequantiser's output needs a gradient.)"""
+    layers = ["model.coupling=spline", "model.dequantization=variational"]
+    cfg = apply_overrides(default_config(), [*STEP_RUN, *layers, "train.steps=2", "train.compile_scope=steps"])
+    eager = train(apply_overrides(cfg, ["train.compile=off"]), out=str(tmp_path / "eager"), progress=False)
+    _compile_with(monkeypatch, "aot_eager")
+    dynamo.reset()
+    counters.clear()
+    compiled = train(cfg, out=str(tmp_path / "compiled"), progress=False)
+    assert counters["stats"]["unique_graphs"] == 2 + 1
+    assert compiled.test == pytest.approx(eager.test, abs=1e-5)
+
+
 def test_a_compiler_failure_in_a_flow_step_falls_back_to_eager_steps(tmp_path, monkeypatch):
     def broken_compile(function, mode=None, **kwargs):
         def call(*args, **kwargs):
