@@ -49,12 +49,13 @@ class LazyCompile:
         self.eager = module
         self.module = module
         self.compiled_regions: list[tuple[torch.nn.Module, Callable]] = []
+        self.graphs_needed = _graphs_needed(regions)
+        self.cuda_graphs = mode == "reduce-overhead"
         self.pending = False
         if enabled:
             options = {"mode": None if mode == "default" else mode}
             try:
                 if regions:
-                    _allow_recompiles(4 * len(regions))
                     # Static shapes: each level's graph is its own, where dynamo would otherwise make the
                     # second shape it meets dynamic, slower and harder for CUDA graphs.
                     self.compiled_regions = [(region, torch.compile(region.forward, dynamic=False, **options))
@@ -69,10 +70,19 @@ class LazyCompile:
     def __call__(self, *args):
         if not self.compiled_regions:
             return self.module(*args)
+        if self.cuda_graphs:
+            # Each training forward is one step for CUDA graphs. Unmarked, torch starts a new one at every call
+            # of a region that owes no backward (memory saving's steps, run without autograd), and that frees
+            # the output the next region takes in.
+            torch.compiler.cudagraph_mark_step_begin()
         for region, forward in self.compiled_regions:
             region.forward = forward  # an instance attribute: nn.Module calls it instead of the class's
+        # Regions of one class share their forward's code, and dynamo keeps only so many graphs of one function
+        # (8 by default) before it quietly runs the rest eager.
+        limit = max(torch._dynamo.config.recompile_limit, self.graphs_needed)
         try:
-            return self.module(*args)
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                return self.module(*args)
         finally:
             for region, _ in self.compiled_regions:
                 del region.forward
@@ -98,12 +108,12 @@ class LazyCompile:
         self.module, self.compiled_regions, self.pending = self.eager, [], False
 
 
-def _allow_recompiles(limit: int) -> None:
-    """Let dynamo keep up to `limit` graphs per function (8 by default). Regions of one class share their
-    forward's code, where dynamo keeps a graph for each shape and autograd mode it meets: each level has a
-    shape of its own, and the first region may take an input that needs no gradient."""
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, limit)
+def _graphs_needed(regions: Sequence[torch.nn.Module]) -> int:
+    """Graphs that compiling `regions` makes at most: two per kind of region (class and parameter shapes, as a
+    level's flow steps), one for an input that needs a gradient and one for an input that needs none (the
+    image, taken by the first step; every step's inside memory saving's chain, which runs without autograd)."""
+    kinds = {(type(region), tuple(p.shape for p in region.parameters())) for region in regions}
+    return 2 * len(kinds)
 
 
 def _warn_eager(what: str, error: Exception) -> None:

@@ -274,7 +274,7 @@ def section_throughput(args, device, sizes) -> dict:
 
             dynamo.reset()
             compile_mode = "reduce-overhead" if "cudagraphs" in modes else "default"
-            regions = model.flow_steps() if "steps" in modes else ()  # train.compile_scope: steps
+            regions = trainer.objective.compile_regions() if "steps" in modes else ()  # compile_scope: steps
             trainer.forward = LazyCompile(trainer.wrapped, True, compile_mode, regions)
 
         def step() -> None:

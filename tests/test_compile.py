@@ -275,6 +275,22 @@ def test_lazy_compile_passes_the_mode_on(monkeypatch):
     assert seen["mode"] is None
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_regions_get_the_mode_and_static_shapes_and_each_call_is_one_cuda_graph_step(monkeypatch, mode):
+    """With CUDA graphs, every training forward marks a new step: unmarked, torch would start one at each region
+    that owes no backward (memory saving's steps) and free the output the next region takes in."""
+    calls, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda function, **options: calls.append(options) or function)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    model, (x,) = _fresh()
+    compiled = LazyCompile(model, True, mode, regions=model.flow_steps())
+    expected = {"mode": None if mode == "default" else mode, "dynamic": False}
+    assert calls == [expected] * len(model.flow_steps())
+    compiled(x)
+    compiled(x)
+    assert len(marks) == (2 if mode == "reduce-overhead" else 0)
+
+
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
                                    UserError("labels must lie in 0..9")])
 def test_errors_of_the_step_itself_are_not_taken_for_compiler_failures(error):

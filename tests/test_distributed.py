@@ -122,6 +122,7 @@ def test_two_gloo_processes_compiling_match_one_eager_process(tmp_path, one_eage
     two = _fit(tmp_path / "two", 8, "--nproc", "2", "--set", "train.compile=on",
                "--set", f"train.compile_scope={scope}")
     assert "torch.compile failed" not in two.stderr and "torch.compile unavailable" not in two.stderr
+    assert ("compiles each level's flow step" in two.stdout) == (scope == "steps")
     a = _metrics(tmp_path / "two")
     assert [(m["step"], m["split"]) for m in a] == [(m["step"], m["split"]) for m in one_eager_process]
     for ma, mb in zip(a, one_eager_process):
