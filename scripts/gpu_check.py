@@ -9,9 +9,9 @@ Sections (each runs in its own process and prints one JSON line when it finishes
   env         driver, torch, CUDA, cuDNN, capability, bf16 support, the TF32 flags glowtrain sets
   throughput  the paper's CIFAR-10 model (3x32x32, L=3, K=32, width 512, affine, batch 64): a real
               training step (forward, bits/dim, backward, clipping, Adamax, EMA), eager and compiled
-              (the whole model, or each flow step: `steps-`), TF32 and bf16: images/s, kernels and
-              launches per step, GPU busy share, host syncs, the slowest kernels, peak memory,
-              sampling speed
+              (the whole model, or each flow step: `steps-`; `-memsave`: memory saving on), TF32 and
+              bf16: images/s, kernels and launches per step, GPU busy share, host syncs, the slowest
+              kernels, peak memory, sampling speed
   exact64     float64 log-determinants on the device against brute-force Jacobians
   mix64       what the float64 1x1 convolutions cost per training step at the paper size, against float32
   roundtrip   float32 decode(encode(x)) and memory-saving drift at the paper size, per precision policy
@@ -33,7 +33,7 @@ compiler: their speeds are lower bounds. Writes gpu_check.json and gpu_check.md 
 Everything takes about 15 minutes on an H200, more than one device call allows; two calls fit:
     gpu_check.py --out $OUT --no-compile --deadline 540                       # about 470 s
     gpu_check.py --out $OUT --only throughput:steps-cudagraphs-tf32 throughput:steps-cudagraphs-bf16 \
-        throughput:cudagraphs-tf32 --deadline 400
+        throughput:steps-cudagraphs-memsave-tf32 throughput:cudagraphs-tf32 --deadline 400
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ FOREGROUND = [
 # Quickest to compile first (train.compile_scope: steps compiles one flow step per level), then the whole
 # model with CUDA graphs: with the deadline, later ones may not get their turn.
 BACKGROUND = [("throughput", "steps-cudagraphs-tf32"), ("throughput", "steps-cudagraphs-bf16"),
-              ("throughput", "cudagraphs-tf32"), ("throughput", "compiled-tf32"), ("throughput", "compiled-bf16")]
+              ("throughput", "steps-cudagraphs-memsave-tf32"), ("throughput", "cudagraphs-tf32"),
+              ("throughput", "compiled-tf32"), ("throughput", "compiled-bf16")]
 SECTIONS = sorted({s for s, _ in FOREGROUND + BACKGROUND})
 VARIANTS = sorted(f"{s}:{v}" for s, v in FOREGROUND + BACKGROUND if v)
 
@@ -254,15 +255,17 @@ def section_throughput(args, device, sizes) -> dict:
     from glowtrain.analysis import multiply_adds
     from glowtrain.compilation import LazyCompile
 
-    *modes, dtype = args.variant.split("-")  # [steps-]{eager,compiled,cudagraphs}-{tf32,bf16,fp32}
-    compiled = modes != ["eager"]
+    # [steps-]{eager,compiled,cudagraphs}[-memsave]-{tf32,bf16,fp32}
+    *modes, dtype = args.variant.split("-")
+    compiled = "eager" not in modes
     spec = sizes["cifar"]
     shape, levels, k, width, coupling, batch, n_bits = spec
     apply_glowtrain_device_settings(device)
     tf32 = dtype != "fp32"
     overrides = [f"model.n_levels={levels}", f"model.n_steps={k}", f"model.hidden_channels={width}",
                  f"model.coupling={coupling}", f"data.n_bits={n_bits}", "train.optimizer=adamax",
-                 f"train.amp='{'bf16' if dtype == 'bf16' else 'off'}'", "train.ema_decay=0.999"]
+                 f"train.amp='{'bf16' if dtype == 'bf16' else 'off'}'", "train.ema_decay=0.999",
+                 f"train.memory_saving={'memsave' in modes}"]
     with precision(tf32):
         trainer, images, labels = synthetic_trainer(shape, overrides, device, batch, tempfile.mkdtemp())
         model = trainer.model

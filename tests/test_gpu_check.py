@@ -56,11 +56,11 @@ def test_only_and_skip_pick_sections_or_single_variants():
     assert plan(["throughput:cudagraphs-tf32", "exact64"]) == [("exact64", ""), ("throughput", "cudagraphs-tf32")]
     assert {v for _, v in plan(["throughput"], ["throughput:eager-fp32"])} == \
         {"eager-tf32", "eager-bf16", "compiled-tf32", "compiled-bf16", "cudagraphs-tf32", "steps-cudagraphs-tf32",
-         "steps-cudagraphs-bf16"}
+         "steps-cudagraphs-bf16", "steps-cudagraphs-memsave-tf32"}
     assert plan(["fit"], ["fit"]) == []
     # The quickest compiles come first: with one compiler at a time, later ones may miss the deadline.
-    assert [variant for _, variant in gpu_check.BACKGROUND[:3]] == ["steps-cudagraphs-tf32", "steps-cudagraphs-bf16",
-                                                                    "cudagraphs-tf32"]
+    assert [variant for _, variant in gpu_check.BACKGROUND[:4]] == [
+        "steps-cudagraphs-tf32", "steps-cudagraphs-bf16", "steps-cudagraphs-memsave-tf32", "cudagraphs-tf32"]
 
 
 def test_a_selection_that_leaves_nothing_to_run_is_refused_before_any_section_starts(tmp_path):
