@@ -151,73 +151,71 @@ def test_the_training_step_compiles_once_and_is_never_recompiled(tmp_path, monke
     assert graphs_by_step == [0] + [graphs] * 5
 
 
-def test_a_compiler_failure_in_the_first_backward_falls_back_to_eager_with_the_same_result(tmp_path, monkeypatch):
-    class FailingBackward(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
+class _FailingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
 
-        @staticmethod
-        def backward(ctx, grad):
-            raise RuntimeError("backward graph did not compile")
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward graph did not compile")
 
-    def broken_compile(module, mode=None, **kwargs):
-        def call(*args):
-            terms = module(*args)
-            return {**terms, "loss": FailingBackward.apply(terms["loss"])}
-        return call
 
-    cfg = apply_overrides(default_config(), STEP_RUN + ["train.steps=2", "train.grad_accum_steps=1"])
+def _failing_in_backward(module, mode=None, **kwargs):
+    def call(*args):
+        terms = module(*args)
+        return {**terms, "loss": _FailingBackward.apply(terms["loss"])}
+    return call
+
+
+def _failing_in_forward(function, mode=None, **kwargs):
+    def call(*args, **kwargs):
+        raise RuntimeError("the step's graph did not compile")
+    return call
+
+
+@pytest.mark.parametrize("scope, broken_compile, message", [
+    ("model", _failing_in_backward, "backward graph did not compile"),
+    ("steps", _failing_in_forward, "the step's graph did not compile")])
+def test_a_compiler_failure_in_the_first_step_falls_back_to_eager_with_the_same_result(
+        tmp_path, monkeypatch, scope, broken_compile, message):
+    cfg = apply_overrides(default_config(), STEP_RUN + ["train.steps=2", "train.grad_accum_steps=1",
+                                                        f"train.compile_scope={scope}"])
     eager = train(apply_overrides(cfg, ["train.compile=off"]), out=str(tmp_path / "eager"), progress=False)
     monkeypatch.setattr(torch, "compile", broken_compile)
-    with pytest.warns(UserWarning, match="torch.compile failed .*backward graph did not compile") as warned:
+    with pytest.warns(UserWarning, match=f"torch.compile failed .*{message}") as warned:
         fallen_back = train(cfg, out=str(tmp_path / "compiled"), progress=False)
     assert len([w for w in warned if "torch.compile" in str(w.message)]) == 1
     assert fallen_back.test == eager.test and fallen_back.step == 2
 
 
-def test_compiled_flow_steps_train_as_eager_does_and_leave_evaluation_eager(tmp_path, monkeypatch):
-    """Without EMA, evaluation runs the training model itself: its steps run eager there (no graphs for
-    evaluation's batch sizes), as the whole model does in the model scope."""
-    cfg = apply_overrides(default_config(), [*STEP_RUN, "train.steps=4", "train.ema_decay=0",
-                                             "train.compile_scope=steps"])
+def _eager_and_compiled(tmp_path, monkeypatch, overrides: list[str]) -> tuple:
+    """(eager run's result, compiled run's result, graphs compiled) of one short run, compiled with aot_eager."""
+    cfg = apply_overrides(default_config(), [*STEP_RUN, *overrides])
     eager = train(apply_overrides(cfg, ["train.compile=off"]), out=str(tmp_path / "eager"), progress=False)
     _compile_with(monkeypatch, "aot_eager")
     dynamo.reset()
     counters.clear()
     compiled = train(cfg, out=str(tmp_path / "compiled"), progress=False)
-    assert counters["stats"]["unique_graphs"] == GRAPHS_BY_SCOPE["steps"]
+    return eager, compiled, counters["stats"]["unique_graphs"]
+
+
+def test_compiled_flow_steps_train_as_eager_does_and_leave_evaluation_eager(tmp_path, monkeypatch):
+    """Without EMA, evaluation runs the training model itself: its steps run eager there (no graphs for
+    evaluation's batch sizes), as the whole model does in the model scope."""
+    eager, compiled, graphs = _eager_and_compiled(tmp_path, monkeypatch, ["train.steps=4", "train.ema_decay=0",
+                                                                          "train.compile_scope=steps"])
+    assert graphs == GRAPHS_BY_SCOPE["steps"]
     assert compiled.test == pytest.approx(eager.test, abs=1e-5) and compiled.step == eager.step == 4
 
 
 def test_a_learned_dequantiser_compiles_whole_beside_the_flow_steps(tmp_path, monkeypatch):
     """The default model (spline couplings, variational dequantisation): a graph per level and the noise flow's.
     (The flow's first step needs no graph of its own here: the dequantiser's output needs a gradient.)"""
-    layers = ["model.coupling=spline", "model.dequantization=variational"]
-    cfg = apply_overrides(default_config(), [*STEP_RUN, *layers, "train.steps=2", "train.compile_scope=steps"])
-    eager = train(apply_overrides(cfg, ["train.compile=off"]), out=str(tmp_path / "eager"), progress=False)
-    _compile_with(monkeypatch, "aot_eager")
-    dynamo.reset()
-    counters.clear()
-    compiled = train(cfg, out=str(tmp_path / "compiled"), progress=False)
-    assert counters["stats"]["unique_graphs"] == 2 + 1
+    eager, compiled, graphs = _eager_and_compiled(tmp_path, monkeypatch, [
+        "model.coupling=spline", "model.dequantization=variational", "train.steps=2", "train.compile_scope=steps"])
+    assert graphs == 2 + 1
     assert compiled.test == pytest.approx(eager.test, abs=1e-5)
-
-
-def test_a_compiler_failure_in_a_flow_step_falls_back_to_eager_steps(tmp_path, monkeypatch):
-    def broken_compile(function, mode=None, **kwargs):
-        def call(*args, **kwargs):
-            raise RuntimeError("the step's graph did not compile")
-        return call
-
-    cfg = apply_overrides(default_config(), [*STEP_RUN, "train.steps=2", "train.grad_accum_steps=1",
-                                             "train.compile_scope=steps"])
-    eager = train(apply_overrides(cfg, ["train.compile=off"]), out=str(tmp_path / "eager"), progress=False)
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    with pytest.warns(UserWarning, match="torch.compile failed .*the step's graph did not compile") as warned:
-        fallen_back = train(cfg, out=str(tmp_path / "compiled"), progress=False)
-    assert len([w for w in warned if "torch.compile" in str(w.message)]) == 1
-    assert fallen_back.test == eager.test and fallen_back.step == 2
 
 
 def test_compiled_steps_keep_a_graph_for_every_level_past_dynamos_limit(monkeypatch):
