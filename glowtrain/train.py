@@ -231,6 +231,10 @@ class Trainer:
         compiled = compile_enabled(cfg.train.compile, self.device)
         regions = self.objective.compile_regions() if cfg.train.compile_scope == "steps" else ()
         self.forward = LazyCompile(self.wrapped, compiled, cfg.train.compile_mode, regions)
+        # A CUDA graph's outputs are overwritten at its next replay, so a gradient the compiled backward
+        # allocated would be gone before the next micro-batch adds to it: accumulation keeps .grad buffers
+        # of its own (torch's advice for reduce-overhead with gradient accumulation).
+        self.stable_grads = compiled and cfg.train.compile_mode == "reduce-overhead" and cfg.train.grad_accum_steps > 1
         self.batches = self._batches_from(self.state.step)  # a batch larger than the dataset fails here
         self.logger, self.say = NullLogger(), _quiet
 
@@ -333,14 +337,24 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = self.prepare_batch(images, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        bpd, loss_finite = self.forward.first_use(lambda: self._forward_backward(*batch),
-                                                  lambda: self.optimizer.zero_grad(set_to_none=True))
+        self._clear_grads()
+        bpd, loss_finite = self.forward.first_use(lambda: self._forward_backward(*batch), self._clear_grads)
         grad_norm, finite = self._optimizer_step(loss_finite, lr)
         self.guard.record(finite)
         if self.ema is not None:
             update_ema(self.ema, self.objective, ema_decay_at(self.state.step, self.cfg.train.ema_decay))
         return {"bpd": bpd, "grad_norm": grad_norm}
+
+    def _clear_grads(self) -> None:
+        """Gradients gone before a step's backward passes: freed, or zeroed where they stay (`stable_grads`)."""
+        if not self.stable_grads:
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is None and param.requires_grad:
+                    param.grad = torch.zeros_like(param)
+        self.optimizer.zero_grad(set_to_none=False)
 
     def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor,
                           noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -218,6 +218,32 @@ def test_a_learned_dequantiser_compiles_whole_beside_the_flow_steps(tmp_path, mo
     assert compiled.test == pytest.approx(eager.test, abs=1e-5)
 
 
+@pytest.mark.parametrize("accumulation, stable", [(2, True), (1, False)])
+def test_cuda_graphs_accumulate_gradients_into_buffers_of_their_own(tmp_path, monkeypatch, accumulation, stable):
+    """A CUDA graph overwrites its outputs at its next replay, so a .grad allocated by the compiled backward would
+    be gone before the next micro-batch adds to it: with accumulation, .grad buffers are allocated outside the
+    graphs once and zeroed in place; without, they are freed each step as usual. Either way the result is eager's."""
+    grads_seen = []
+
+    class Watching(Trainer):
+        def _clear_grads(self):
+            super()._clear_grads()
+            grads_seen.append([None if p.grad is None else p.grad.data_ptr() for p in self.model.parameters()])
+
+    overrides = ["train.steps=3", f"train.grad_accum_steps={accumulation}", "train.compile_mode=reduce-overhead",
+                 "train.compile_scope=steps"]
+    cfg = apply_overrides(default_config(), [*STEP_RUN, *overrides])
+    eager = train(apply_overrides(cfg, ["train.compile=off"]), out=str(tmp_path / "eager"), progress=False)
+    _compile_with(monkeypatch, "aot_eager")
+    compiled = train(cfg, out=str(tmp_path / "compiled"), progress=False, trainer=Watching)
+    assert len(grads_seen) == 3
+    if stable:
+        assert None not in grads_seen[0] and grads_seen == [grads_seen[0]] * 3
+    else:
+        assert all(pointer is None for pointers in grads_seen for pointer in pointers)
+    assert compiled.test == pytest.approx(eager.test, abs=1e-5)
+
+
 def test_compiled_steps_keep_a_graph_for_every_level_past_dynamos_limit(monkeypatch):
     """Every level's steps share one function, and dynamo keeps only so many graphs of a function (8 by default;
     2 here, against the 4 this model needs) before quietly running the rest eager. Each graph has static shapes
