@@ -24,6 +24,11 @@ def compiler_works(device: torch.device) -> bool:
     return has_triton()
 
 
+def uses_cuda_graphs(mode: str) -> bool:
+    """Whether train.compile_mode runs the compiled graphs as CUDA graphs (max-autotune does too)."""
+    return mode in ("reduce-overhead", "max-autotune")
+
+
 def compile_enabled(setting: str, device: torch.device) -> bool:
     """train.compile: `on`, `off`, or `auto` (on for CUDA when a compiler backend works, off elsewhere).
 
@@ -50,7 +55,7 @@ class LazyCompile:
         self.module = module
         self.compiled_regions: list[tuple[torch.nn.Module, Callable]] = []
         self.graphs_needed = _graphs_needed(regions)
-        self.cuda_graphs = mode == "reduce-overhead"
+        self.cuda_graphs = uses_cuda_graphs(mode)
         self.pending = False
         if enabled:
             options = {"mode": None if mode == "default" else mode}
