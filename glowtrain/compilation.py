@@ -72,6 +72,11 @@ class LazyCompile:
                 self._go_eager()
                 _warn_eager("unavailable", e)
 
+    @property
+    def active(self) -> bool:
+        """Whether calls run compiled code (False when compiling was off, unavailable or failed)."""
+        return self.module is not self.eager or bool(self.compiled_regions)
+
     def __call__(self, *args):
         if not self.compiled_regions:
             return self.module(*args)

@@ -528,10 +528,13 @@ class Trainer:
                     if self._stop_if_asked(stop):
                         break
                     images, labels = next(self.batches)
+                    compiling, started = self.forward.pending, time.perf_counter()
                     metrics = self.train_step(images, labels)
                     state.step += 1
                     window.add(images.shape[0])
                     self.bar.update(1)
+                    if compiling:
+                        self._compiled(time.perf_counter() - started, window)
                     if self._events_due() and self._rolled_back():
                         window.restart()
                         continue
@@ -551,6 +554,12 @@ class Trainer:
             raise RuntimeError("the ranks finished with different weights; please report this with your config")
         return TrainResult(self.ctx.rank, str(self.run_dir.path), state.step, state.best_test_bpd, final,
                            self.timed_out)
+
+    def _compiled(self, seconds: float, window: _Throughput) -> None:
+        """After the step that compiled: say how long it took, and leave it out of the images/s logged next."""
+        if self.forward.active:  # not when compiling failed and the step ran eager (a warning said so)
+            self.say(f"the first step compiled in {seconds:.0f} s")
+        window.restart()
 
     def _due(self, every: int) -> bool:
         return self.state.step % every == 0 or self.state.step == self.cfg.train.steps

@@ -1,7 +1,10 @@
 """torch.compile: the model compiles whole (fresh, resumed, class-conditional, eval), the training step
 compiles once and never again, train.compile resolves per device, and a compiler failure falls back to eager."""
 
+import json
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from helpers import GLOW_LAYERS
 from torch._dynamo.backends.debugging import aot_eager
 from torch._dynamo.utils import counters
 
+from glowtrain import train as train_module
 from glowtrain.compilation import LazyCompile, compile_enabled
 from glowtrain.config import apply_overrides, default_config
 from glowtrain.errors import UserError
@@ -178,7 +182,7 @@ def _failing_in_forward(function, mode=None, **kwargs):
     ("model", _failing_in_backward, "backward graph did not compile"),
     ("steps", _failing_in_forward, "the step's graph did not compile")])
 def test_a_compiler_failure_in_the_first_step_falls_back_to_eager_with_the_same_result(
-        tmp_path, monkeypatch, scope, broken_compile, message):
+        tmp_path, monkeypatch, capsys, scope, broken_compile, message):
     cfg = apply_overrides(default_config(), STEP_RUN + ["train.steps=2", "train.grad_accum_steps=1",
                                                         f"train.compile_scope={scope}"])
     eager = train(apply_overrides(cfg, ["train.compile=off"]), out=str(tmp_path / "eager"), progress=False)
@@ -187,6 +191,33 @@ def test_a_compiler_failure_in_the_first_step_falls_back_to_eager_with_the_same_
         fallen_back = train(cfg, out=str(tmp_path / "compiled"), progress=False)
     assert len([w for w in warned if "torch.compile" in str(w.message)]) == 1
     assert fallen_back.test == eager.test and fallen_back.step == 2
+    assert "compiled in" not in capsys.readouterr().out  # it did not: the step ran eager
+
+
+@pytest.mark.parametrize("compiles", [True, False])
+def test_the_compiling_step_is_timed_and_left_out_of_the_images_per_second(tmp_path, monkeypatch, capsys, compiles):
+    """On a clock where compiling takes 100 s and every step 1 s, the first logged speed is a step's: 16 images
+    per second (steps of 2 x 8), not 32 images in 101 s; the compile time is said once."""
+    clock = [0.0]
+
+    class Clock:  # the trainer's view of time: perf_counter moves only when a step says so
+        perf_counter = staticmethod(lambda: clock[0])
+        monotonic = staticmethod(time.monotonic)
+
+    class Timed(Trainer):
+        def train_step(self, images, labels):
+            clock[0] += 100.0 if self.forward.pending else 1.0
+            return super().train_step(images, labels)
+
+    _compile_with(monkeypatch, "aot_eager")
+    monkeypatch.setattr(train_module, "time", Clock)
+    cfg = apply_overrides(default_config(), [*STEP_RUN, "train.steps=2", f"train.compile={'on' if compiles else 'off'}",
+                                             "train.compile_scope=steps"])
+    run = train(cfg, out=str(tmp_path / "run"), progress=False, trainer=Timed)
+    logged = [json.loads(line) for line in (Path(run.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    first_speed = next(m["images_per_s"] for m in logged if m["split"] == "train")
+    assert first_speed == pytest.approx(16.0)
+    assert capsys.readouterr().out.count("the first step compiled in 100 s") == (1 if compiles else 0)
 
 
 def _eager_and_compiled(tmp_path, monkeypatch, overrides: list[str]) -> tuple:
