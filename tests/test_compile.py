@@ -231,11 +231,13 @@ def _eager_and_compiled(tmp_path, monkeypatch, overrides: list[str]) -> tuple:
     return eager, compiled, counters["stats"]["unique_graphs"]
 
 
-def test_compiled_flow_steps_train_as_eager_does_and_leave_evaluation_eager(tmp_path, monkeypatch):
+@pytest.mark.parametrize("classes", [0, 10])
+def test_compiled_flow_steps_train_as_eager_does_and_leave_evaluation_eager(tmp_path, monkeypatch, classes):
     """Without EMA, evaluation runs the training model itself: its steps run eager there (no graphs for
-    evaluation's batch sizes), as the whole model does in the model scope."""
-    eager, compiled, graphs = _eager_and_compiled(tmp_path, monkeypatch, ["train.steps=4", "train.ema_decay=0",
-                                                                          "train.compile_scope=steps"])
+    evaluation's batch sizes), as the whole model does in the model scope. Labels shape only the prior, outside
+    the steps: a class-conditional model compiles the same graphs."""
+    eager, compiled, graphs = _eager_and_compiled(tmp_path, monkeypatch, [
+        "train.steps=4", "train.ema_decay=0", "train.compile_scope=steps", f"model.n_classes={classes}"])
     assert graphs == GRAPHS_BY_SCOPE["steps"]
     assert compiled.test == pytest.approx(eager.test, abs=1e-5) and compiled.step == eager.step == 4
 
