@@ -121,7 +121,7 @@ class LazyCompile:
 def _graphs_needed(regions: Sequence[torch.nn.Module]) -> int:
     """Graphs that compiling `regions` makes at most: two per kind of region (class and parameter shapes, as a
     level's flow steps), one for an input that needs a gradient and one for an input that needs none (the
-    image, taken by the first step; every step's inside memory saving's chain, which runs without autograd)."""
+    image, taken by the first step; every input inside memory saving's chain, which runs without autograd)."""
     kinds = {(type(region), tuple(p.shape for p in region.parameters())) for region in regions}
     return 2 * len(kinds)
 
