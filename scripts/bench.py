@@ -49,6 +49,8 @@ CONFIGS = {
     "digits": ((1, 8, 8), 2, 8, 64, 64, 4),  # the bundled digits' shape, with Glow's layers
     "cifar_shape": ((3, 32, 32), 3, 8, 256, 16, 8),
     "cifar_paper": ((3, 32, 32), 3, 32, 512, 64, 8),
+    # The paper's depth with almost no arithmetic: a step's time is the host's (Python, dispatch, guards).
+    "paper_depth_tiny": ((3, 32, 32), 3, 32, 8, 2, 8),
 }
 
 
