@@ -24,7 +24,7 @@ from glowtrain.checkpoint import (
     resume_config,
     save_checkpoint,
 )
-from glowtrain.compilation import LazyCompile, compile_enabled, uses_cuda_graphs
+from glowtrain.compilation import LazyCompile, compile_enabled
 from glowtrain.config import Config, config_to_dict, derived_seed, load_config, save_config, with_absolute_data_paths
 from glowtrain.data import build_dataset, check_class_count, check_records, make_train_batches, record_run_data
 from glowtrain.distributed import Context, broadcast_state, identical_across_ranks, in_turns, setup, teardown
@@ -234,7 +234,7 @@ class Trainer:
         # A CUDA graph's outputs are overwritten at its next replay, so a gradient the compiled backward
         # allocated would be gone before the next micro-batch adds to it: accumulation keeps .grad buffers
         # of its own (torch's advice for CUDA graphs with gradient accumulation).
-        self.stable_grads = compiled and uses_cuda_graphs(cfg.train.compile_mode) and cfg.train.grad_accum_steps > 1
+        self.stable_grads = self.forward.active and self.forward.cuda_graphs and cfg.train.grad_accum_steps > 1
         self.batches = self._batches_from(self.state.step)  # a batch larger than the dataset fails here
         self.logger, self.say = NullLogger(), _quiet
 

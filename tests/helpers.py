@@ -68,6 +68,16 @@ def perturb(module: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> None:
             param.add_(scale * noise.to(param))  # drawn on the CPU: the same values on any device
 
 
+def compile_with(monkeypatch, backend, fullgraph: bool = True) -> None:
+    """Make torch.compile use `backend` (e.g. aot_eager: dynamo's graphs, no Inductor), keeping the options
+    glowtrain passes but its mode, which a CPU test backend does not take."""
+    real = torch.compile
+
+    def patched(module, mode=None, **kwargs):
+        return real(module, backend=backend, fullgraph=fullgraph, **kwargs)
+    monkeypatch.setattr(torch, "compile", patched)
+
+
 def brute_force_logdet(fn, x: torch.Tensor) -> torch.Tensor:
     """log|det J| per sample, from the full autograd Jacobian of fn on each sample alone."""
     values = []

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch._dynamo as dynamo
-from helpers import GLOW_LAYERS
+from helpers import GLOW_LAYERS, compile_with
 from torch._dynamo.backends.debugging import aot_eager
 from torch._dynamo.utils import counters
 
@@ -116,14 +116,6 @@ STEP_RUN = ["run.device=cpu", "model.n_levels=2", "model.n_steps=2", "model.hidd
             *GLOW_LAYERS]
 
 
-def _compile_with(monkeypatch, backend, fullgraph: bool = True):
-    real = torch.compile
-
-    def patched(module, mode=None, **kwargs):
-        return real(module, backend=backend, fullgraph=fullgraph, **kwargs)
-    monkeypatch.setattr(torch, "compile", patched)
-
-
 # Graphs of the whole training step's forward and backward: one for the model; one per level for its flow
 # steps (one shape per level), and one more for the very first step, whose input (the image) needs no gradient.
 GRAPHS_BY_SCOPE = {"model": 1, "steps": 3}
@@ -133,7 +125,7 @@ GRAPHS_BY_SCOPE = {"model": 1, "steps": 3}
 def test_the_training_step_compiles_once_and_is_never_recompiled(tmp_path, monkeypatch, scope):
     """Forward and backward (AOTAutograd), across warm-up learning rates, logging, evaluation with another
     batch size, checkpoints, and a resume."""
-    _compile_with(monkeypatch, "aot_eager")
+    compile_with(monkeypatch, "aot_eager")
     graphs_by_step = []
 
     class Counting(Trainer):
@@ -209,7 +201,7 @@ def test_the_compiling_step_is_timed_and_left_out_of_the_images_per_second(tmp_p
             clock[0] += 100.0 if self.forward.pending else 1.0
             return super().train_step(images, labels)
 
-    _compile_with(monkeypatch, "aot_eager")
+    compile_with(monkeypatch, "aot_eager")
     monkeypatch.setattr(train_module, "time", Clock)
     cfg = apply_overrides(default_config(), [*STEP_RUN, "train.steps=2", f"train.compile={'on' if compiles else 'off'}",
                                              "train.compile_scope=steps"])
@@ -224,7 +216,7 @@ def _eager_and_compiled(tmp_path, monkeypatch, overrides: list[str]) -> tuple:
     """(eager run's result, compiled run's result, graphs compiled) of one short run, compiled with aot_eager."""
     cfg = apply_overrides(default_config(), [*STEP_RUN, *overrides])
     eager = train(apply_overrides(cfg, ["train.compile=off"]), out=str(tmp_path / "eager"), progress=False)
-    _compile_with(monkeypatch, "aot_eager")
+    compile_with(monkeypatch, "aot_eager")
     dynamo.reset()
     counters.clear()
     compiled = train(cfg, out=str(tmp_path / "compiled"), progress=False)
@@ -269,7 +261,7 @@ def test_cuda_graphs_accumulate_gradients_into_buffers_of_their_own(tmp_path, mo
                  "train.compile_scope=steps"]
     cfg = apply_overrides(default_config(), [*STEP_RUN, *overrides])
     eager = train(apply_overrides(cfg, ["train.compile=off"]), out=str(tmp_path / "eager"), progress=False)
-    _compile_with(monkeypatch, "aot_eager")
+    compile_with(monkeypatch, "aot_eager")
     # The real mark would switch CUDA graphs to marked steps for the rest of this process, GPU tests included.
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
     compiled = train(cfg, out=str(tmp_path / "compiled"), progress=False, trainer=Watching)
@@ -290,7 +282,7 @@ def test_compiled_steps_keep_a_graph_for_every_level_past_dynamos_limit(monkeypa
     def recording(graph, example_inputs):  # a graph with symbolic sizes takes them as inputs of their own
         symbolic_sizes.extend(value for value in example_inputs if isinstance(value, torch.SymInt))
         return aot_eager(graph, example_inputs)
-    _compile_with(monkeypatch, recording)
+    compile_with(monkeypatch, recording)
     torch.manual_seed(0)
     model = Glow((3, 16, 16), n_levels=3, n_steps=2, hidden_channels=8)
     x = torch.rand(2, 3, 16, 16) - 0.5
@@ -309,7 +301,7 @@ def test_compiled_steps_keep_a_graph_for_every_level_past_dynamos_limit(monkeypa
 
 def test_memory_saving_runs_compiled_steps_in_its_forward_and_rebuilds_them_eager(monkeypatch):
     """The forward without autograd compiles one graph per level; backward's rebuild, layer by layer, stays eager."""
-    _compile_with(monkeypatch, "aot_eager")
+    compile_with(monkeypatch, "aot_eager")
     model, (x,) = _fresh()
     model.set_memory_saving(True)
     expected = model(x)[0].sum()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import GLOW_LAYERS, assert_same_training_state
+from helpers import GLOW_LAYERS, assert_same_training_state, compile_with
 from torch._dynamo.utils import counters
 
 from glowtrain.checkpoint import load_checkpoint, open_run
@@ -101,8 +101,7 @@ def test_cuda_graphs_train_as_eager_does_on_the_test_device(tmp_path, device, mo
     cfg = apply_overrides(default_config(), overrides)
     eager = train(apply_overrides(cfg, ["train.compile=off"]), out=str(tmp_path / "eager"), progress=False)
     if device.type != "cuda":
-        real = torch.compile
-        monkeypatch.setattr(torch, "compile", lambda f, mode=None, **options: real(f, backend="aot_eager", **options))
+        compile_with(monkeypatch, "aot_eager")
     counters.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
