@@ -10,8 +10,8 @@
 Each setting runs in a fresh subprocess (so peak memory is its own) and times the real
 `Trainer.train_step` (dequantise, forward, bits/dim, backward, clipping, Adamax, EMA) on random
 images held in memory: it reports training images/s and ms per step (median over the timed steps
-after warm-up), the first step's seconds (compiling, with --compile on or steps), peak memory (CUDA max allocated, or
-the process's peak RSS on CPU), sampling images/s at T = 0.7, multiply-adds per image, and the
+after warm-up), the first step's seconds (compiling, with --compile on or steps), peak memory (CUDA
+max allocated, or the process's peak RSS on CPU), sampling images/s at T = 0.7, multiply-adds per image, and the
 achieved FLOP/s of a training step (3 x 2 x multiply-adds per image, forward plus a backward of
 about twice the forward) as a fraction of a dense matmul's FLOP/s timed right after each step (the
 median of the per-step ratios). It also profiles two steps for the share of operator time spent in

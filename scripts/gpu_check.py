@@ -27,8 +27,8 @@ stopped and reported as such, so partial results always come back. Compiled thro
 background (niced) while the other sections run, one variant after another (three compiling side by side
 on the H200's 16 cores all missed a 415 s deadline; the whole model alone took 149 s), the flow-step
 variants first (they compile in a fraction of that), and times itself only while no other section holds
-the GPU. The sections after the eager throughput therefore share the CPU with a
-compiler: their speeds are lower bounds. Writes gpu_check.json and gpu_check.md to --out.
+the GPU. The sections after the eager throughput therefore share the CPU with a compiler: their speeds
+are lower bounds. Writes gpu_check.json and gpu_check.md to --out.
 
 Everything takes about 15 minutes on an H200, more than one device call allows; two calls fit:
     gpu_check.py --out $OUT --no-compile --deadline 540                       # about 470 s
