@@ -1,6 +1,7 @@
 """The training loop on the test device (GLOWTRAIN_TEST_DEVICE; the CPU when unset): it trains there, a run
-resumed halfway in deterministic mode ends bit for bit where an uninterrupted one does, and its checkpoint
-samples reproducibly there."""
+resumed halfway in deterministic mode ends bit for bit where an uninterrupted one does, its checkpoint
+samples reproducibly there, CUDA graphs train as eager does, and every command that reads a run (eval, score,
+reconstruct, interpolate, manipulate, sample, glowtrain.load_run) works there."""
 
 import json
 import warnings
@@ -8,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import GLOW_LAYERS, assert_same_training_state, compile_with
+from helpers import GLOW_LAYERS, assert_same_training_state, compile_with, invoke
 from torch._dynamo.utils import counters
 
+import glowtrain
 from glowtrain.checkpoint import load_checkpoint, open_run
 from glowtrain.config import apply_overrides, default_config
+from glowtrain.data import build_dataset
 from glowtrain.images import sample_images
 from glowtrain.runs import RunDir
 from glowtrain.train import train
@@ -111,3 +114,66 @@ def test_cuda_graphs_train_as_eager_does_on_the_test_device(tmp_path, device, mo
     assert not [str(w.message) for w in caught if "torch.compile" in str(w.message) or "CUDAGraphs" in str(w.message)]
     assert counters["inductor"]["cudagraph_skips"] == 0
     assert compiled.step == STEPS and compiled.test == pytest.approx(eager.test, abs=2e-3)
+
+
+# Every command that reads a trained run, on the test device, with the layers the runs above leave out: spline
+# couplings, learned dequantisation and a class-conditional prior.
+READER_LAYERS = ["model.coupling=spline", "model.dequantization=variational", "model.dequant_steps=2",
+                 "model.dequant_hidden_channels=8", "model.n_classes=10"]
+
+
+@pytest.fixture(scope="module")
+def reader_run(tmp_path_factory, device):
+    """(a run trained on the test device with READER_LAYERS, its final test bits/dim from metrics.jsonl)."""
+    run_dir = tmp_path_factory.mktemp("reader") / "run"
+    train(apply_overrides(default_config(), [f"run.device={device}", *TINY, *READER_LAYERS]), out=str(run_dir),
+          progress=False)
+    (test,) = [r for r in _metrics(run_dir) if r["split"] == "test"]
+    return run_dir, test["bpd"]
+
+
+def _ok_json(*args) -> dict:
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_eval_and_score_on_the_test_device_agree_with_training_and_with_the_cpu(reader_run, device, tmp_path):
+    run_dir, trained_bpd = reader_run
+    evaluated = _ok_json("eval", "--run", run_dir, "--device", device, "--no-progress")
+    assert evaluated["bpd"] == pytest.approx(trained_bpd, abs=1e-5) and 0 <= evaluated["accuracy"] <= 1
+
+    def mean_score(on: torch.device | str, out: Path) -> float:
+        result = invoke("score", "--run", run_dir, "--device", on, "--no-progress", "--dataset", "digits",
+                        "--out", out)
+        assert result.exit_code == 0, result.output
+        return json.loads((out / "summary.json").read_text())["sets"]["images"]["scores"]["bpd"]["mean"]
+
+    # A class-conditional model scores the class marginal, so the reference is the same score on the CPU.
+    assert mean_score(device, tmp_path / "device") == pytest.approx(mean_score("cpu", tmp_path / "cpu"), abs=1e-4)
+
+
+def test_reconstruct_interpolate_manipulate_and_sample_run_on_the_test_device(reader_run, device, tmp_path):
+    run_dir, _ = reader_run
+    on_device = ("--run", run_dir, "--device", device, "--out", tmp_path)
+    reconstructed = _ok_json("reconstruct", *on_device, "--n", 6)
+    assert reconstructed["max_abs_error"] < 1e-2  # in pixel levels: every pixel decodes to its own value
+    for command in (["interpolate", "--pairs", 2, "--steps", 3], ["manipulate", "--from-class", 1, "--to-class", 7],
+                    ["sample", "--class", 3, "--n", 4, "--temp", 0.7]):
+        result = invoke(*command, *on_device)
+        assert result.exit_code == 0, result.output
+    assert len(list(tmp_path.glob("*.png"))) == 4
+
+
+def test_load_run_on_the_test_device_encodes_decodes_scores_and_samples_there(reader_run, device):
+    run_dir, _ = reader_run
+    run = glowtrain.load_run(run_dir, device=str(device))
+    images = build_dataset(run.cfg.data, "test").images[:5]
+    pixels = run.preprocess(list(images.permute(0, 2, 3, 1).numpy()))
+    assert pixels.device == device
+    latents, logdet = run.encode(pixels)
+    assert all(z.device == device for z in latents) and logdet.shape == (5,)
+    assert torch.equal(run.decode(latents), pixels)
+    bpd = run.bits_per_dim(pixels)
+    assert bpd.shape == (5,) and torch.isfinite(bpd).all()
+    assert torch.equal(run.sample(3, seed=1), run.sample(3, seed=1))
