@@ -5,7 +5,7 @@ interior derivatives (the two boundary derivatives are 1), so that outside the i
 is the identity and the whole map is continuously differentiable. Inputs outside the interval
 never enter the spline arithmetic: they are replaced by 0 before and selected out after, which keeps
 NaN values and NaN gradients out of the tails even when every element of a batch lies there.
-The inverse solves the bin's quadratic with the numerically stable root 2c / (-b - sqrt(b^2 - 4ac)).
+The inverse solves the bin's quadratic with whichever form of its root has no cancellation for the sign of b.
 """
 
 from __future__ import annotations
@@ -105,6 +105,12 @@ def rq_spline_inverse(y: torch.Tensor, raw: torch.Tensor, n_bins: int, bound: fl
     b = height * d_left - offset * curvature
     c = -slope * offset
     discriminant = (b**2 - 4 * a * c).clamp(min=0)
-    # This form of the root has no 1 / a: a vanishes where a bin's spline is nearly linear (Durkan et al., eq. 29).
-    xi = (2 * c / (-b - torch.sqrt(discriminant))).clamp(0, 1)
-    return torch.where(inside, x_k + xi * width, y)
+    # The root in [0, 1] is 2c / (-b - sqrt(D)) = (-b + sqrt(D)) / 2a. The first (Durkan et al., eq. 29) has no
+    # 1 / a, which vanishes where a bin is nearly linear, but for b < 0 (a steep right end, far enough up the bin)
+    # -b and sqrt(D) cancel and the root loses up to 3 digits in float32; there a >= height * slope > 0 and the
+    # second form is exact to rounding. q = -(b + sign(b) sqrt(D)) / 2 sums two terms of one sign in both.
+    b_negative = b < 0
+    q = -0.5 * (b + torch.where(b_negative, -1.0, 1.0) * torch.sqrt(discriminant))
+    # The branch not taken gets a harmless divisor, so neither its value nor its gradient is inf or NaN.
+    xi = torch.where(b_negative, q / torch.where(b_negative, a, 1.0), c / torch.where(b_negative, 1.0, q))
+    return torch.where(inside, x_k + xi.clamp(0, 1) * width, y)
