@@ -14,6 +14,9 @@ from glowtrain.errors import UserError
 from glowtrain.files import atomic_write
 
 RUNS_ROOT = Path("runs")
+# The first line of every config.yaml that `fit` writes: how a fresh start tells a run of its own that died before
+# its first checkpoint (whose files it may replace) from a folder of the user's that happens to hold a config.yaml.
+RUN_CONFIG_HEADER = "The whole config of this run, written by glowtrain fit (its checkpoints keep their own copy)."
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,22 @@ class RunDir:
 
     def has_checkpoint(self) -> bool:
         return self.last.is_file()
+
+    def written_by_fit(self) -> bool:
+        """Whether config.yaml is one that `fit` wrote (a run, perhaps one that stopped before any checkpoint)."""
+        try:
+            with open(self.config, encoding="utf-8") as f:
+                return f.readline().strip() == f"# {RUN_CONFIG_HEADER}"
+        except (OSError, UnicodeDecodeError):
+            return False
+
+    def files_a_run_would_replace(self) -> list[str]:
+        """What a fresh start here would overwrite or move that no run of glowtrain's left (the user's own files)."""
+        if self.written_by_fit():
+            return []
+        names = (self.config, self.data_record, self.data_check, self.metrics, self.metrics_discarded, self.tb,
+                 self.checkpoints, self.samples)
+        return [path.name for path in names if path.exists()]
 
     def set_aside_unfinished(self) -> None:
         """A run that stopped before its first checkpoint left logs but nothing to resume: keep them as *.old."""
@@ -191,18 +210,19 @@ def checkpoint_to_resume(resume: str, run: RunDir) -> Path:
 def prepare_run_dir(run: RunDir, resume: str | None) -> Path | None:
     """Check that `run` may be written, and return the checkpoint to resume from (None: a fresh start).
 
-    A fresh start never overwrites a run that has a checkpoint."""
+    A fresh start never overwrites a run that has a checkpoint, nor files that no run wrote."""
     check_writable(run.path)
-    if resume is None:
-        if run.has_checkpoint():
-            raise UserError(f"{run.path} already holds a run — continue it with --resume auto, or choose another "
-                            "--out or run.name")
-        return None
-    checkpoint = checkpoint_to_resume(resume, run)
-    if run.has_checkpoint() and not checkpoint.resolve().is_relative_to(run.path.resolve()):
+    if resume is None and run.has_checkpoint():
+        raise UserError(f"{run.path} already holds a run — continue it with --resume auto, or choose another "
+                        "--out or run.name")
+    checkpoint = None if resume is None else checkpoint_to_resume(resume, run)
+    if checkpoint and run.has_checkpoint() and not checkpoint.resolve().is_relative_to(run.path.resolve()):
         # Its config, metrics, best.pt and (at a rollback) last.pt would mix with those of the resumed run.
         raise UserError(f"{run.path} already holds another run — to continue from {checkpoint} choose an empty "
                         f"--out, or continue {run.path} itself with --resume auto")
+    if not run.has_checkpoint() and (theirs := run.files_a_run_would_replace()):
+        raise UserError(f"{run.path} holds {', '.join(theirs)}, which no glowtrain run wrote and this run would "
+                        "replace — choose another --out or run.name (a new or empty folder)")
     return checkpoint
 
 

@@ -36,7 +36,15 @@ from glowtrain.losses import dequantize
 from glowtrain.model import Glow
 from glowtrain.objective import Objective, batch_noise, build_objective
 from glowtrain.optim import build_optimizer, load_optimizer_state, skips_on_device
-from glowtrain.runs import RunDir, checked_files, checkpoint_to_resume, prepare_run_dir, resume_message, run_dir_for
+from glowtrain.runs import (
+    RUN_CONFIG_HEADER,
+    RunDir,
+    checked_files,
+    checkpoint_to_resume,
+    prepare_run_dir,
+    resume_message,
+    run_dir_for,
+)
 
 
 class Interrupted(Exception):
@@ -610,7 +618,7 @@ class Trainer:
             if not self.resumed:
                 self.run_dir.set_aside_unfinished()
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir.config)
+            save_config(cfg, self.run_dir.config, header=RUN_CONFIG_HEADER)
             self.logger = RunLogger(self.run_dir, self.state.step if self.resumed else None)
             if self.logger.n_moved:
                 tqdm.write(f"note: {self.logger.n_moved} metrics.jsonl record(s) logged after step {self.state.step} "

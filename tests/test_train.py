@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import GLOW_LAYERS, HostReads, assert_same_training_state
+from helpers import GLOW_LAYERS, HostReads, assert_one_line_error, assert_same_training_state, invoke, sets
 from PIL import Image
 
 from glowtrain.checkpoint import load_checkpoint, model_from_checkpoint
@@ -590,14 +590,41 @@ def test_a_batch_larger_than_the_dataset_fails_before_anything_is_written(tmp_pa
 
 def test_a_run_without_a_checkpoint_starts_afresh_and_keeps_its_old_logs(tmp_path):
     run_dir = tmp_path / "run"
-    (run_dir / "tb").mkdir(parents=True)
-    (run_dir / "metrics.jsonl").write_text('{"step": 1, "split": "train", "bpd": 9.0}\n')
+
+    class DiesAtStepTwo(Trainer):
+        def prepare_batch(self, images, labels):
+            if self.state.step == 1:
+                raise RuntimeError("the machine went away")
+            return super().prepare_batch(images, labels)
+
+    with pytest.raises(RuntimeError, match="went away"):
+        train(apply_overrides(default_config(), SMALL), out=str(run_dir), progress=False, trainer=DiesAtStepTwo)
+    assert not (run_dir / "checkpoints" / "last.pt").exists()
+    died = (run_dir / "metrics.jsonl").read_text()
+    assert died and (run_dir / "tb").is_dir()
     train(apply_overrides(default_config(), SMALL), out=str(run_dir), progress=False)
-    assert (run_dir / "metrics.jsonl.old").read_text() == '{"step": 1, "split": "train", "bpd": 9.0}\n'
+    assert (run_dir / "metrics.jsonl.old").read_text() == died
     assert (run_dir / "tb.old").is_dir()
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    logged = [json.loads(line).get("bpd") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps[0] == 1 and 9.0 not in logged
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]  # the new run's alone
+
+
+@pytest.mark.parametrize("theirs", [["config.yaml"], ["data.json", "samples/step1.png"], ["tb/events"]])
+def test_a_new_run_refuses_a_folder_whose_run_files_no_run_wrote_and_changes_nothing(tmp_path, theirs):
+    folder = tmp_path / "project"
+    for name in [*theirs, "notes.txt"]:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(f"the user's own {name}\n")
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    result = invoke("fit", "--out", folder, "--no-progress", *sets(*SMALL))
+    assert_one_line_error(result, 2, f"{folder} holds {theirs[0].split('/')[0]}", "choose another --out")
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def test_a_new_run_may_go_into_a_folder_of_unrelated_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine\n")
+    train(apply_overrides(default_config(), SMALL), out=str(tmp_path), progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine\n" and (tmp_path / "checkpoints" / "last.pt").is_file()
 
 
 def test_weights_that_became_non_finite_are_never_saved_over_a_checkpoint(tmp_path, monkeypatch):
