@@ -438,8 +438,8 @@ class SplineTransform(CouplingTransform):
     """
 
     def __init__(self, n_bins: int = 8, bound: float = 3.0, hidden_channels: int = 1):
-        if n_bins < 1 or n_bins * MIN_BIN_WIDTH >= 1 or bound <= 0:
-            raise ValueError(f"a spline needs 1 <= bins < {1 / MIN_BIN_WIDTH:.0f} and bound > 0, "
+        if n_bins < 2 or n_bins * MIN_BIN_WIDTH >= 1 or bound <= 0:
+            raise ValueError(f"a spline needs 2 <= bins < {1 / MIN_BIN_WIDTH:.0f} and bound > 0, "
                              f"got {n_bins} bins on [-{bound}, {bound}]")
         self.n_bins, self.bound = n_bins, bound
         self.raw_scale = 1.0 / math.sqrt(hidden_channels)

@@ -33,7 +33,7 @@ def spline_params(raw: torch.Tensor, n_bins: int, bound: float, raw_scale: float
     x_knots = _knots(raw_widths * raw_scale, MIN_BIN_WIDTH, bound)
     y_knots = _knots(raw_heights * raw_scale, MIN_BIN_HEIGHT, bound)
     interior = MIN_DERIVATIVE + F.softplus(raw_derivatives + DERIVATIVE_SHIFT)
-    one = torch.ones_like(interior[..., :1])
+    one = torch.ones_like(raw_widths[..., :1])
     return x_knots, y_knots, torch.cat([one, interior, one], -1)
 
 

@@ -294,6 +294,9 @@ def test_non_mapping_section_and_top_level_are_rejected():
         ("run.name=a/b", "run.name"),
         ("train.min_lr_ratio=1.5", "train.min_lr_ratio"),
         ("train.grad_clip=-1", "train.grad_clip"),
+        ("model.spline_bins=1", "model.spline_bins"),  # one bin with fixed ends is the identity
+        ("model.spline_bins=1000", "model.spline_bins"),
+        ("model.spline_bound=0", "model.spline_bound"),
     ],
 )
 def test_out_of_range_values_are_rejected_naming_key_and_value(item, key):
