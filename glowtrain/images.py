@@ -16,7 +16,7 @@ from glowtrain.files import atomic_write
 from glowtrain.losses import to_uint8
 from glowtrain.model import Glow
 from glowtrain.precision import full_float32
-from glowtrain.runs import RunDir
+from glowtrain.runs import RunDir, check_writable
 
 
 @torch.inference_mode()
@@ -49,7 +49,10 @@ def save_png(picture: torch.Tensor, path: Path, upscale: int = 1) -> Path:
 
 
 def refuse_existing(targets: list[Path], overwrite: bool, alternative: str = "choose another --out") -> None:
-    """Never replace earlier pictures silently: every target is checked before anything is computed."""
+    """Never replace earlier pictures silently, nor find out after the work that their folder cannot be written:
+    every target and its folder are checked before anything is computed."""
+    for folder in dict.fromkeys(target.parent for target in targets):
+        check_writable(folder, "the output folder", "another --out")
     existing = [t for t in targets if t.exists() and (t.is_file() or any(t.iterdir()))]
     if existing and not overwrite:
         raise UserError(f"{existing[0]} already exists — pass --overwrite to replace it, or {alternative}")

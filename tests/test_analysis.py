@@ -755,6 +755,18 @@ def test_every_command_without_any_run_exits_2(tmp_path, monkeypatch, command):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", [
+    ["sample"], ["reconstruct"], ["interpolate"], ["manipulate", "--from-class", "0", "--to-class", "1"],
+], ids=lambda c: c[0])
+@pytest.mark.parametrize("out", ["afile", "afile/sub"])
+def test_an_out_that_is_or_lies_under_a_file_exits_2_before_any_work(fitted, tmp_path, command, out):
+    _, run_dir = fitted
+    (tmp_path / "afile").write_text("mine\n")
+    result = invoke(*command, "--run", run_dir, "--out", tmp_path / out, *CPU)
+    assert_one_line_error(result, 2, f"cannot create the output folder {tmp_path / out}", "is a file")
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"] and (tmp_path / "afile").read_text() == "mine\n"
+
+
 def test_sample_nan_temperature_exits_2(fitted, tmp_path):
     _, run_dir = fitted
     assert_one_line_error(invoke("sample", "--run", run_dir, "--temp", "nan", "--out", tmp_path, *CPU), 2)
