@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import shlex
 import sys
@@ -249,6 +250,8 @@ def _numbers(values: list[str], option: str, example: str) -> list[float]:
                         f"got {' '.join(values)!r}") from None
     if not numbers:
         raise UserError(f"{option} got no number ({' '.join(values)!r}); give at least one, like {example}")
+    if bad := [number for number in numbers if not math.isfinite(number)]:
+        raise UserError(f"{option} takes finite numbers, got {bad[0]}; give values like {example}")
     return numbers
 
 

@@ -64,7 +64,8 @@ def display_upscale(image_size: int) -> int:
 
 
 def temperature_name(temperature: float) -> str:
-    return f"t{temperature:.2f}".replace(".", "p")
+    """t0p70 for 0.7; in powers of ten from 10,000 up (t1e+30), so a file name stays short for any temperature."""
+    return f"t{temperature:.2f}".replace(".", "p") if temperature < 1e4 else f"t{temperature:.3g}".replace(".", "p")
 
 
 def labelled_rows(pictures: list[torch.Tensor], labels: list[str], upscale: int = 1) -> Image.Image:

@@ -19,6 +19,7 @@ from glowtrain.checkpoint import load_checkpoint, model_from_checkpoint, open_ru
 from glowtrain.config import load_config
 from glowtrain.data import build_dataset
 from glowtrain.evaluation import evaluate
+from glowtrain.images import temperature_name
 from glowtrain.model import Glow
 from glowtrain.runs import RunDir
 
@@ -727,9 +728,14 @@ def test_commands_without_run_or_checkpoint_use_the_most_recent_run(fitted, cond
     (["interpolate", "--run", "{tiny}", "--pairs", "200"], "test split has 297"),
     (["reconstruct", "--run", "{tiny}", "--n", "0"], "--n must be at least 1"),
     (["reconstruct", "--checkpoint", "{config}"], "config.yaml"),
+    (["manipulate", "--run", "{tiny}", "--from-class", "0", "--to-class", "1", "--alphas", "1,nan"],
+     "--alphas takes finite numbers, got nan"),
+    (["manipulate", "--run", "{tiny}", "--from-class", "0", "--to-class", "1", "--alphas", "-inf"],
+     "--alphas takes finite numbers, got -inf"),
+    (["sample", "--run", "{tiny}", "--temp", "0.7,inf"], "--temp takes finite numbers, got inf"),
 ], ids=["negative-temp", "empty-run-dir", "missing-checkpoint", "class-on-unconditional", "class-out-of-range",
         "bad-split", "zero-dequant", "run-and-checkpoint", "one-step", "zero-pairs", "too-many-pairs", "zero-n",
-        "config-as-checkpoint"])
+        "config-as-checkpoint", "nan-alpha", "infinite-alpha", "infinite-temp"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(fitted, conditional, tmp_path, monkeypatch, args,
                                                             needle):
     _, tiny = fitted
@@ -765,6 +771,11 @@ def test_an_out_that_is_or_lies_under_a_file_exits_2_before_any_work(fitted, tmp
     result = invoke(*command, "--run", run_dir, "--out", tmp_path / out, *CPU)
     assert_one_line_error(result, 2, f"cannot create the output folder {tmp_path / out}", "is a file")
     assert [p.name for p in tmp_path.iterdir()] == ["afile"] and (tmp_path / "afile").read_text() == "mine\n"
+
+
+def test_temperatures_name_files_briefly_however_large():
+    assert [temperature_name(t) for t in (0, 0.7, 1.0, 9999.99)] == ["t0p00", "t0p70", "t1p00", "t9999p99"]
+    assert [temperature_name(t) for t in (12345.6, 1e30, 1e300)] == ["t1p23e+04", "t1e+30", "t1e+300"]
 
 
 def test_sample_nan_temperature_exits_2(fitted, tmp_path):
