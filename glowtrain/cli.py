@@ -128,6 +128,7 @@ def fit(
 ) -> None:
     """Train a model. With no --config, trains the bundled 8x8 digits in a few minutes on a CPU."""
     from glowtrain.distributed import check_process_count, launched_by_torchrun, torchrun_command
+    from glowtrain.runs import RunDir
     from glowtrain.train import fit_config, resolve_resume, train
 
     resume = resolve_resume(resume, config, set_ or [], out)
@@ -150,9 +151,10 @@ def fit(
         typer.echo(f"stopped at step {result.step} of {cfg.train.steps}: train.max_time ({cfg.train.max_time}) is used "
                    f"up; checkpoint saved. Continue with: glowtrain fit --resume auto --out {shlex.quote(run_dir)}")
     if "bpd" in result.test:
-        typer.echo(f"test bpd {result.test['bpd']:.4f} at step {result.step}")
+        typer.echo(f"test bpd {result.test['bpd']:.4f} at step {result.test['step']}")  # maybe before a stop
     typer.echo(f"run directory:  {run_dir}")
-    typer.echo(f"checkpoints:    {run_dir}/checkpoints/last.pt (and best.pt)")
+    best = " (and best.pt)" if RunDir(run_dir).best.is_file() else " (no best.pt: no evaluation gave a finite test bpd)"
+    typer.echo(f"checkpoints:    {run_dir}/checkpoints/last.pt{best}")
     typer.echo(f"samples:        {run_dir}/samples/")
     typer.echo(f"tensorboard:    tensorboard --logdir {run_dir}/tb")
 
@@ -199,7 +201,12 @@ def _open(run, checkpoint, device: str, seed: int, no_ema: bool, data: str | Non
 def _print_json(result: dict) -> None:
     import json
 
-    typer.echo(json.dumps(result, indent=2))
+    from glowtrain.logs import strict_json
+
+    if not_finite := [key for key, value in result.items() if isinstance(value, float) and not math.isfinite(value)]:
+        typer.echo(f"warning: not finite, so printed as null: {', '.join(not_finite)} — the weights may have "
+                   "diverged", err=True)
+    typer.echo(json.dumps(strict_json(result), indent=2))
 
 
 @app.command()

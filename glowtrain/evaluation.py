@@ -40,7 +40,7 @@ def importance_weighted_bpd(bpd: torch.Tensor, n_dims: int) -> torch.Tensor:
 
 def _mean_and_stderr(total: float, total_sq: float, n: int) -> tuple[float, float]:
     mean = total / n
-    variance = max(0.0, total_sq / n - mean**2)
+    variance = max(0.0, total_sq / n - mean**2) if math.isfinite(mean) else math.nan  # max() would hide a NaN
     return mean, math.sqrt(variance / max(1, n - 1))
 
 

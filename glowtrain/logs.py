@@ -12,6 +12,18 @@ from glowtrain.files import atomic_write
 from glowtrain.runs import RunDir
 
 
+def strict_json(value):
+    """`value` with every non-finite float (a diverged model's NaN) as None: JSON has no NaN or Infinity, and
+    json.dumps would write them anyway, which strict readers (jq, JavaScript) refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
+
+
 class RunLogger:
     """Rank 0's logs: every event to metrics.jsonl and its numbers to TensorBoard.
 
@@ -48,9 +60,7 @@ class RunLogger:
         return moved
 
     def log(self, step: int, split: str, **values) -> None:
-        # Strict JSON: a non-finite number (a diverging step) is written as null, not NaN.
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
-        self.metrics.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
+        self.metrics.write(json.dumps(strict_json({"step": step, "split": split, **values})) + "\n")
         for key, value in values.items():
             if isinstance(value, (int, float)):
                 self.writer.add_scalar(f"{split}/{key}", value, step)

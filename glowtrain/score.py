@@ -38,6 +38,7 @@ from glowtrain.evaluation import EVAL_NOISE_SEED, per_image_noise
 from glowtrain.files import atomic_write
 from glowtrain.folders import IMAGE_EXTENSIONS, find_images
 from glowtrain.images import histogram_picture, save_image
+from glowtrain.logs import strict_json
 from glowtrain.losses import reduce_bits
 from glowtrain.objective import Objective
 from glowtrain.ood_metrics import ood_metrics, typicality_test
@@ -322,7 +323,7 @@ def _write_outputs(out_dir: Path, scores: dict[str, dict[str, np.ndarray]], summ
         written[name] = str(save_image(picture, out_dir / f"hist_{name}.png"))
     summary["files"] = {"csv": str(out_dir / "scores.csv"), "summary": str(out_dir / "summary.json"),
                         "histograms": written}
-    text = json.dumps(summary, indent=2) + "\n"
+    text = json.dumps(strict_json(summary), indent=2) + "\n"
     atomic_write(out_dir / "summary.json", lambda f: f.write(text.encode()), durable=False)
     return written
 

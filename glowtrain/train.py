@@ -201,7 +201,7 @@ class TrainResult:
     run_dir: str
     step: int
     best_test_bpd: float
-    test: dict  # the last evaluation's metrics (bpd, bpd_stderr, n_images[, accuracy]); empty if none ran
+    test: dict  # the last evaluation's metrics (bpd, bpd_stderr, n_images[, accuracy]) and its step; {} if none
     timed_out: bool = False  # stopped (after saving) because train.max_time was used up
 
 
@@ -549,7 +549,7 @@ class Trainer:
                     if self._due(cfg.log_every):
                         self.log_train(metrics, window.restart())
                     if self._due(cfg.eval_every):
-                        final = self.evaluate()
+                        final = {**self.evaluate(), "step": state.step}
                         if cfg.memory_saving:
                             self.log_reconstruction(images[: cfg.batch_size])
                     if self.ctx.is_main and self._due(cfg.sample_every):

@@ -1,6 +1,7 @@
 """The `glowtrain` command end to end: help and version, a tiny fit, sampling, and errors as exit codes."""
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -407,11 +408,39 @@ def test_max_time_stops_cleanly_with_a_checkpoint_and_the_resume_command(tmp_pat
 
     monkeypatch.setattr(Trainer, "_now", lambda self: 10.0 * self.state.step)  # a clock of 10 s per step
     run_dir = tmp_path / "run"
-    result = tiny_fit(run_dir, "train.max_time=25s", "train.steps=8", "train.log_every=1")
+    result = tiny_fit(run_dir, "train.max_time=25s", "train.steps=8", "train.log_every=1", "train.eval_every=2")
     assert result.exit_code == 0, result.output
     assert "stopped at step 3 of 8: train.max_time (25s) is used up; checkpoint saved" in result.stdout
+    test_line = re.search(r"^test bpd \S+ at step (\d+)$", result.stdout, re.M)
+    assert test_line and test_line.group(1) == "2"  # when it was measured, not where the run stopped
     assert f"glowtrain fit --resume auto --out {run_dir}" in result.stdout
     assert torch.load(RunDir(run_dir).last, weights_only=True)["step"] == 3
+
+
+def test_a_diverged_run_says_it_has_no_best_checkpoint_and_eval_prints_strict_json(tmp_path):
+    run_dir = tmp_path / "run"
+    result = tiny_fit(run_dir, "train.lr=1e9", "train.warmup_steps=0", "train.steps=2", "train.eval_every=2")
+    assert result.exit_code == 0, result.output
+    assert "test bpd nan at step 2" in result.stdout and not RunDir(run_dir).best.exists()
+    assert "last.pt (no best.pt: no evaluation gave a finite test bpd)" in result.stdout
+    evaluated = invoke("eval", "--run", run_dir, "--device", "cpu", "--no-progress")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert evaluated.stderr.strip() == ("warning: not finite, so printed as null: bpd, bpd_stderr — the weights may "
+                                        "have diverged")
+    printed = json.loads(evaluated.stdout, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert printed["bpd"] is None and printed["bpd_stderr"] is None and printed["n_images"] == 297
+
+
+def test_strict_json_nulls_every_non_finite_float_however_deep():
+    from glowtrain.logs import strict_json
+
+    value = {"bpd": math.nan, "sets": {"a": {"mean": -math.inf, "n": 3}}, "bpds": [1.5, math.inf], "name": "x"}
+    assert strict_json(value) == {"bpd": None, "sets": {"a": {"mean": None, "n": 3}}, "bpds": [1.5, None],
+                                  "name": "x"}
+
+
+def test_a_finished_run_names_its_best_checkpoint(fitted):
+    assert "checkpoints/last.pt (and best.pt)" in fitted[2].stdout
 
 
 def test_tensorboard_holds_one_hparams_session_with_the_key_settings_updated_on_resume(tmp_path):
