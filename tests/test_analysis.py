@@ -599,6 +599,16 @@ def test_info_of_the_cifar10_config_counts_every_parameter(tmp_path, monkeypatch
                                                                     m.coupling, m.conv)
 
 
+def test_the_parameter_counts_quoted_for_the_flowpp_config_are_what_info_counts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = REPO / "configs" / "cifar10-flowpp.yaml"
+    values, _ = parse_info(ok(invoke("info", "--config", config)).stdout)
+    quoted = (f"{values['parameters_total'] / 1e6:.1f}M parameters", "plus "
+              f"{values['parameters_dequantizer'] / 1e6:.2g}M in the noise flow")
+    for text in (config.read_text(), (REPO / "README.md").read_text()):
+        assert all(part in text for part in quoted), quoted
+
+
 @pytest.mark.parametrize("channels,size,n_levels,n_steps,hidden,coupling,conv", [
     (1, 8, 2, 1, 4, "affine", "lu"),
     (3, 8, 3, 2, 6, "additive", "plain"),

@@ -427,6 +427,7 @@ def test_readme_lists_which_keys_a_resumed_run_may_change():
     refused = [key for key in dotted_keys() if not resume_may_change(key)]
     assert refused and all(key.startswith(("data.", "model.")) for key in refused)
     assert "`data.*`" in section and "`model.*`" in section and "`train.*`" in section
+    assert "but `train.optimizer`" in section  # refused on its own when resuming (train._check_optimizer)
 
 
 @pytest.mark.parametrize("text,seconds", [("", None), ("45s", 45.0), ("90m", 5400.0), ("3h50m", 13800.0),
