@@ -231,6 +231,9 @@ def relocated(data_cfg: DataConfig, where: str) -> DataConfig:
                         "root, or its prepared cache")
     if (path / "index.json").is_file():
         return replace(data_cfg, cache=str(path))
+    if data_cfg.dataset == "digits":  # data.root means nothing to it: taking the folder would silently ignore it
+        raise UserError(f"--data {where}: this run trained on the bundled digits, which are read from the package — "
+                        "leave out --data (or pass a cache made by glowtrain prepare)")
     return replace(data_cfg, root=str(path), cache="")
 
 

@@ -743,9 +743,10 @@ def test_commands_without_run_or_checkpoint_use_the_most_recent_run(fitted, cond
     (["manipulate", "--run", "{tiny}", "--from-class", "0", "--to-class", "1", "--alphas", "-inf"],
      "--alphas takes finite numbers, got -inf"),
     (["sample", "--run", "{tiny}", "--temp", "0.7,inf"], "--temp takes finite numbers, got inf"),
+    (["eval", "--run", "{tiny}", "--data", "{empty}"], "trained on the bundled digits"),
 ], ids=["negative-temp", "empty-run-dir", "missing-checkpoint", "class-on-unconditional", "class-out-of-range",
         "bad-split", "zero-dequant", "run-and-checkpoint", "one-step", "zero-pairs", "too-many-pairs", "zero-n",
-        "config-as-checkpoint", "nan-alpha", "infinite-alpha", "infinite-temp"])
+        "config-as-checkpoint", "nan-alpha", "infinite-alpha", "infinite-temp", "data-for-digits"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(fitted, conditional, tmp_path, monkeypatch, args,
                                                             needle):
     _, tiny = fitted
