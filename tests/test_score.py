@@ -203,6 +203,19 @@ def test_bad_options_give_one_line_errors_and_write_nothing(run_dir, tmp_path, a
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("role", ["--images", "--against"])
+@pytest.mark.parametrize("inside", ["", "scores"])
+def test_an_out_inside_a_folder_being_scored_is_refused_and_the_folder_left_alone(run_dir, digit_files, tmp_path,
+                                                                                  role, inside):
+    folder = tmp_path / "mine"
+    shutil.copytree(digit_files / "noise", folder)
+    before = sorted(p.name for p in folder.rglob("*"))
+    images = ("--images", digit_files / "digits") if role == "--against" else ()
+    result = invoke("score", "--run", run_dir, "--out", folder / inside, *CPU, *images, role, folder)
+    assert_one_line_error(result, 2, f"lies inside the image folder {folder}", "choose an --out outside it")
+    assert sorted(p.name for p in folder.rglob("*")) == before
+
+
 def test_a_second_score_into_the_same_folder_is_refused_unless_overwrite_and_leaves_no_stale_file(
         run_dir, digit_files, tmp_path):
     out = tmp_path / "score"
