@@ -101,13 +101,13 @@ def rq_spline_inverse(y: torch.Tensor, raw: torch.Tensor, n_bins: int, bound: fl
                                                                  derivatives)
     offset = y_in - y_k
     curvature = d_right + d_left - 2 * slope
-    a = height * (slope - d_left) + offset * curvature
     b = height * d_left - offset * curvature
+    a = height * slope - b  # = height (slope - d_left) + offset * curvature, and > 0 by construction where b < 0
     c = -slope * offset
     discriminant = (b**2 - 4 * a * c).clamp(min=0)
     # The root in [0, 1] is 2c / (-b - sqrt(D)) = (-b + sqrt(D)) / 2a. The first (Durkan et al., eq. 29) has no
     # 1 / a, which vanishes where a bin is nearly linear, but for b < 0 (a steep right end, far enough up the bin)
-    # -b and sqrt(D) cancel and the root loses up to 3 digits in float32; there a >= height * slope > 0 and the
+    # -b and sqrt(D) cancel and the root loses up to 3 digits in float32; there a > height * slope > 0 and the
     # second form is exact to rounding. q = -(b + sign(b) sqrt(D)) / 2 sums two terms of one sign in both.
     b_negative = b < 0
     q = -0.5 * (b + torch.where(b_negative, -1.0, 1.0) * torch.sqrt(discriminant))

@@ -102,8 +102,8 @@ def test_float32_round_trip_at_32_bins_with_moderate_random_weights():
     assert (coupling(coupling.reverse(x))[0] - x).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("raw_scale", [1.0, 3.0])
-def test_float32_inverse_is_as_accurate_as_rounding_allows_where_the_spline_is_well_conditioned(raw_scale):
+@pytest.mark.parametrize("raw_scale", [3.0, 5.0])  # sharp splines, where Durkan et al.'s root alone lost 2-3 digits
+def test_float32_inverse_is_within_a_few_times_what_rounding_allows(raw_scale):
     # A round trip in float32 can be no better than the rounding of x and y, the latter magnified by dx/dy; the
     # root formula must not add to that (Durkan et al.'s form alone lost up to 3 digits where b < 0).
     generator = torch.Generator().manual_seed(0)
@@ -113,7 +113,7 @@ def test_float32_inverse_is_as_accurate_as_rounding_allows_where_the_spline_is_w
     rounding = 2.0**-23 * BOUND * (1 + torch.exp(-log_derivative))
     y, _ = rq_spline_forward(x.float(), raw, 8, BOUND)
     error = (rq_spline_inverse(y, raw, 8, BOUND).double() - x).abs()
-    assert (error / rounding).max() < 16
+    assert (error / rounding).max() < 12
 
 
 def test_the_precision_script_prints_a_row_per_scale(monkeypatch, capsys):
@@ -121,7 +121,7 @@ def test_the_precision_script_prints_a_row_per_scale(monkeypatch, capsys):
     runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / "spline_precision.py"),
                    run_name="__main__")
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[1:]]
-    assert [float(row[0]) for row in rows] == [1.0, 3.0] and all(0 < float(row[1]) < 16 for row in rows)
+    assert [float(row[0]) for row in rows] == [1.0, 3.0] and all(0 < float(row[1]) < 12 for row in rows)
 
 
 def test_zero_initialised_spline_coupling_starts_as_the_identity():
