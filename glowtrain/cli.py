@@ -258,7 +258,7 @@ def _numbers(values: list[str], option: str, example: str) -> list[float]:
     if not numbers:
         raise UserError(f"{option} got no number ({' '.join(values)!r}); give at least one, like {example}")
     if bad := [number for number in numbers if not math.isfinite(number)]:
-        raise UserError(f"{option} takes finite numbers, got {bad[0]}; give values like {example}")
+        raise UserError(f"{option} takes finite numbers, got {bad[0]} — give values like {example}")
     return numbers
 
 

@@ -405,11 +405,12 @@ def score_command(loaded: LoadedRun, images: list[str], dataset: str | None, spl
     if against:
         sets.append(file_set("against", against, loaded, options.on_bad_image))
     out_dir = Path(out) if out else default_out_dir(loaded)
-    for folder in (Path(p) for p in [*images, *against] if Path(p).is_dir()):
-        if out_dir.absolute().is_relative_to(folder.absolute()):
-            # Its histograms (PNG) would be among the images the next score of that folder reads.
-            raise UserError(f"--out {out_dir} lies inside the image folder {folder}, where the histograms this "
-                            "writes would be scored next time — choose an --out outside it")
+    for given in [*images, *against]:
+        folder = Path(given).expanduser()
+        # Resolved (links, ..): its histograms (PNG) would be among the images the next score of the folder reads.
+        if folder.is_dir() and out_dir.expanduser().resolve().is_relative_to(folder.resolve()):
+            raise UserError(f"the output folder {out_dir} lies inside the image folder {given}, where the histograms "
+                            "this writes would be scored next time — choose an --out outside it")
     return score_sets(loaded, sets, out_dir, options, use_ema, reference)
 
 

@@ -744,9 +744,12 @@ def test_commands_without_run_or_checkpoint_use_the_most_recent_run(fitted, cond
      "--alphas takes finite numbers, got -inf"),
     (["sample", "--run", "{tiny}", "--temp", "0.7,inf"], "--temp takes finite numbers, got inf"),
     (["eval", "--run", "{tiny}", "--data", "{empty}"], "trained on the bundled digits"),
+    (["sample", "--run", "{tiny}", "--temp", "0.701,0.704"], "--temp 0.701 and 0.704 would share the file name t0p70"),
+    (["sample", "--run", "{tiny}", "--temp", "12345,12346"], "would share the file name t1p23e+04"),
 ], ids=["negative-temp", "empty-run-dir", "missing-checkpoint", "class-on-unconditional", "class-out-of-range",
         "bad-split", "zero-dequant", "run-and-checkpoint", "one-step", "zero-pairs", "too-many-pairs", "zero-n",
-        "config-as-checkpoint", "nan-alpha", "infinite-alpha", "infinite-temp", "data-for-digits"])
+        "config-as-checkpoint", "nan-alpha", "infinite-alpha", "infinite-temp", "data-for-digits", "same-name-temps",
+        "same-name-large-temps"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(fitted, conditional, tmp_path, monkeypatch, args,
                                                             needle):
     _, tiny = fitted

@@ -308,6 +308,14 @@ def test_out_of_range_values_are_rejected_naming_key_and_value(item, key):
     assert value.strip("[]").split(",")[-1] in message
 
 
+def test_one_spline_bin_is_refused_only_where_a_spline_is_used():
+    for layers in (["model.coupling=spline"], ["model.coupling=affine", "model.dequant_coupling=spline"]):
+        with pytest.raises(UserError, match="model.spline_bins=1 is not allowed"):
+            load_config(None, [*layers, "model.spline_bins=1"])
+    unused = load_config(None, ["model.coupling=affine", "model.dequantization=uniform", "model.spline_bins=1"])
+    assert unused.model.spline_bins == 1
+
+
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
 def test_valid_devices_are_accepted(device):
     assert override(f"run.device={device}").run.device == device
