@@ -153,7 +153,8 @@ def fit(
     if "bpd" in result.test:
         typer.echo(f"test bpd {result.test['bpd']:.4f} at step {result.test['step']}")  # maybe before a stop
     typer.echo(f"run directory:  {run_dir}")
-    best = " (and best.pt)" if RunDir(run_dir).best.is_file() else " (no best.pt: no evaluation gave a finite test bpd)"
+    best = (" (and best.pt)" if RunDir(run_dir).best.is_file() else
+            "" if math.isfinite(result.best_test_bpd) else " (no best.pt: no evaluation gave a finite test bpd)")
     typer.echo(f"checkpoints:    {run_dir}/checkpoints/last.pt{best}")
     typer.echo(f"samples:        {run_dir}/samples/")
     typer.echo(f"tensorboard:    tensorboard --logdir {run_dir}/tb")

@@ -16,7 +16,8 @@ from glowtrain.files import atomic_write
 RUNS_ROOT = Path("runs")
 # The first line of every config.yaml that `fit` writes: how a fresh start tells a run of its own that died before
 # its first checkpoint (whose files it may replace) from a folder of the user's that happens to hold a config.yaml.
-RUN_CONFIG_HEADER = "The whole config of this run, written by glowtrain fit (its checkpoints keep their own copy)."
+RUN_CONFIG_MARK = "written by glowtrain fit"  # what is checked: keep it when rewording the rest
+RUN_CONFIG_HEADER = f"{RUN_CONFIG_MARK}: this run's whole config (its checkpoints keep their own copy)"
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class RunDir:
         """Whether config.yaml is one that `fit` wrote (a run, perhaps one that stopped before any checkpoint)."""
         try:
             with open(self.config, encoding="utf-8") as f:
-                return f.readline().strip() == f"# {RUN_CONFIG_HEADER}"
+                return f.readline().startswith(f"# {RUN_CONFIG_MARK}")
         except (OSError, UnicodeDecodeError):
             return False
 
@@ -91,8 +92,9 @@ class RunDir:
         return [path.name for path in names if path.exists()]
 
     def set_aside_unfinished(self) -> None:
-        """A run that stopped before its first checkpoint left logs but nothing to resume: keep them as *.old."""
-        for path in (self.metrics, self.tb):
+        """A run that stopped before its first checkpoint left logs (and perhaps a best.pt) but nothing to resume:
+        keep them as *.old."""
+        for path in (self.metrics, self.tb, self.best):
             if path.exists():
                 old = path.with_name(path.name + ".old")
                 shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)

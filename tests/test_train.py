@@ -597,14 +597,19 @@ def test_a_run_without_a_checkpoint_starts_afresh_and_keeps_its_old_logs(tmp_pat
                 raise RuntimeError("the machine went away")
             return super().prepare_batch(images, labels)
 
-    with pytest.raises(RuntimeError, match="went away"):
-        train(apply_overrides(default_config(), SMALL), out=str(run_dir), progress=False, trainer=DiesAtStepTwo)
-    assert not (run_dir / "checkpoints" / "last.pt").exists()
-    died = (run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(RuntimeError, match="went away"):  # after step 1's evaluation wrote a best.pt
+        train(apply_overrides(default_config(), [*SMALL, "train.eval_every=1"]), out=str(run_dir), progress=False,
+              trainer=DiesAtStepTwo)
+    checkpoints = run_dir / "checkpoints"
+    assert not (checkpoints / "last.pt").exists() and (checkpoints / "best.pt").is_file()
+    died, died_best = (run_dir / "metrics.jsonl").read_text(), (checkpoints / "best.pt").read_bytes()
     assert died and (run_dir / "tb").is_dir()
-    train(apply_overrides(default_config(), SMALL), out=str(run_dir), progress=False)
+    train(apply_overrides(default_config(), [*SMALL, "train.eval_every=1000"]), out=str(run_dir), progress=False)
     assert (run_dir / "metrics.jsonl.old").read_text() == died
     assert (run_dir / "tb.old").is_dir()
+    # The new run's best.pt is its own (its final evaluation): the dead run's is kept aside, not passed off as it.
+    assert (checkpoints / "best.pt.old").read_bytes() == died_best
+    assert torch.load(checkpoints / "best.pt", weights_only=True)["step"] == 4
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]  # the new run's alone
 
