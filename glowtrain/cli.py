@@ -103,11 +103,15 @@ def _end(code: int, line: str | None) -> NoReturn:
     """Exit `code` after saying `line` on stderr; a process of `fit --nproc` leaves both to its parent."""
     folder = os.environ.get(JOB_REPORTS)
     if folder and "RANK" in os.environ:
-        from glowtrain.files import atomic_write
-
-        report = json.dumps({"exit_code": code, "line": line})
-        atomic_write(Path(folder) / f"{int(os.environ['RANK'])}.json", lambda f: f.write(report), "w", durable=False)
-    elif line:
+        report = Path(folder) / f"{os.environ['RANK']}.json"
+        partial = report.with_suffix(".partial")
+        try:
+            partial.write_text(json.dumps({"exit_code": code, "line": line}))
+            partial.replace(report)  # the parent never reads half a report
+            line = None
+        except OSError:  # the parent is gone (its folder with it): say it here
+            pass
+    if line:
         typer.echo(line, err=True)
     raise typer.Exit(code) from None
 

@@ -231,9 +231,11 @@ def test_fit_nproc_runs_torchruns_launcher_with_time_to_save_after_a_sigterm(mon
 
 
 def _no_launch(monkeypatch):
-    from glowtrain import distributed
+    """Fail the test if torchrun starts, in this process or by replacing it."""
+    from torch.distributed import run as torchrun
 
-    monkeypatch.setattr(distributed, "run_local_job", lambda *a, **k: pytest.fail("torchrun must not start"))
+    for module, name in ((torchrun, "run"), (os, "execv")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("torchrun must not start"))
 
 
 def test_more_processes_than_gpus_is_refused_before_torchrun_starts(monkeypatch, tmp_path):
