@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import shlex
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 
@@ -74,27 +75,101 @@ def _errors_to_exit_codes(command):
         except UserError as e:
             if _state["debug"]:
                 traceback.print_exc()
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(EXIT_BAD_INPUT) from None
+            _end(EXIT_BAD_INPUT, f"error: {e}")
         except Interrupted as e:
             step, run_dir = e.args
-            if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the job, not one per process
-                typer.echo(f"interrupted at step {step}; checkpoint saved. Continue with: "
-                           f"glowtrain fit --resume auto --out {shlex.quote(run_dir)}", err=True)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            on_rank_0 = os.environ.get("RANK", "0") == "0"  # under torchrun, one line for the job, not one per process
+            _end(EXIT_INTERRUPTED, f"interrupted at step {step}; checkpoint saved. Continue with: "
+                                   f"glowtrain fit --resume auto --out {shlex.quote(run_dir)}" if on_rank_0 else None)
         except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            _end(EXIT_INTERRUPTED, "interrupted")
         except (typer.Exit, typer.Abort):
             raise
         except Exception as e:  # noqa: BLE001 - the last line of defence for users
             if _state["debug"]:
                 traceback.print_exc()
-            else:
-                typer.echo(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
-            raise typer.Exit(EXIT_FAILURE) from None
+            _end(EXIT_FAILURE, None if _state["debug"] else
+                 f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
 
     return wrapper
+
+
+# Set by `fit --nproc` for the processes it starts: a folder where each one leaves how it ended, so that the
+# parent speaks once for the job instead of every process repeating the same line.
+JOB_REPORTS = "GLOWTRAIN_JOB_REPORTS"
+
+
+def _end(code: int, line: str | None) -> NoReturn:
+    """Exit `code` after saying `line` on stderr; a process of `fit --nproc` leaves both to its parent."""
+    folder = os.environ.get(JOB_REPORTS)
+    if folder and "RANK" in os.environ:
+        report = Path(folder) / f"{os.environ['RANK']}.json"
+        partial = report.with_suffix(".partial")
+        try:
+            partial.write_text(json.dumps({"exit_code": code, "line": line}))
+            partial.replace(report)  # the parent never reads half a report
+            line = None
+        except OSError:  # the parent is gone (its folder with it): say it here
+            pass
+    if line:
+        typer.echo(line, err=True)
+    raise typer.Exit(code) from None
+
+
+def _run_processes(nproc: int, args: list[str]) -> None:
+    """`glowtrain <args>` in nproc processes through torchrun's launcher, ended as one process would end."""
+    import tempfile
+
+    from glowtrain.distributed import run_local_job
+
+    # torchrun SIGKILLs workers this long after forwarding a SIGTERM (30 s by default): enough for the
+    # current step and a paper-size checkpoint on a slow disk. Set it yourself to choose another.
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(STOP_GRACE_S))
+    with tempfile.TemporaryDirectory(prefix="glowtrain-job-") as folder:
+        os.environ[JOB_REPORTS] = folder  # the processes inherit it
+        try:
+            end = run_local_job(nproc, args, quiet=not _state["debug"])
+        finally:
+            del os.environ[JOB_REPORTS]
+        reports = {int(path.stem): json.loads(path.read_text()) for path in Path(folder).glob("*.json")}
+    code, lines = _job_end(reports, end.failed, end.signalled)
+    for line in lines:
+        typer.echo(line, err=True)
+    if code:
+        raise typer.Exit(code)
+
+
+def _job_end(reports: dict[int, dict], failed: dict[int, int], signalled: bool) -> tuple[int, list[str]]:
+    """The exit code and lines of one process, from the reports of a job's processes (rank -> exit code and line),
+    torchrun's failed ranks (rank -> exit code) and whether a signal stopped it. Bad input comes first (what the
+    other processes then hit follows from it), then a failure, then an interruption; each line is said once."""
+
+    def said(code: int) -> list[str]:
+        lines = [report["line"] for _, report in sorted(reports.items()) if report["exit_code"] == code]
+        return list(dict.fromkeys(line for line in lines if line))
+
+    codes = {report["exit_code"] for report in reports.values()}
+    if EXIT_BAD_INPUT in codes:
+        return EXIT_BAD_INPUT, said(EXIT_BAD_INPUT)
+    silent = [_silent_failure(rank, code) for rank, code in sorted(failed.items()) if rank not in reports]
+    if EXIT_FAILURE in codes or silent:
+        return EXIT_FAILURE, said(EXIT_FAILURE) or silent
+    if signalled or EXIT_INTERRUPTED in codes:
+        return EXIT_INTERRUPTED, said(EXIT_INTERRUPTED) or ["interrupted"]
+    return 0, []
+
+
+def _silent_failure(rank: int, exit_code: int) -> str:
+    """A line for a process that ended without a report: killed, or failed before glowtrain's error handling."""
+    import signal
+
+    if exit_code >= 0:
+        return f"error: process {rank} of the job exited with code {exit_code}"
+    try:
+        name = signal.Signals(-exit_code).name
+    except ValueError:
+        name = f"signal {-exit_code}"
+    return f"error: process {rank} of the job was killed by {name}"
 
 
 def _without_option(args: list[str], name: str) -> list[str]:
@@ -127,7 +202,7 @@ def fit(
         help="Processes (GPUs) on this machine; >1 launches torchrun.")] = 1,
 ) -> None:
     """Train a model. With no --config, trains the bundled 8x8 digits in a few minutes on a CPU."""
-    from glowtrain.distributed import check_process_count, launched_by_torchrun, torchrun_command
+    from glowtrain.distributed import check_process_count, launched_by_torchrun
     from glowtrain.runs import RunDir
     from glowtrain.train import fit_config, resolve_resume, train
 
@@ -137,12 +212,8 @@ def fit(
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     check_process_count(nproc, cfg.run.device)
     if nproc > 1 and not launched_by_torchrun():
-        # Become torchrun (no parent left behind), so signals reach it and it forwards them to the workers.
-        command = torchrun_command(nproc, _without_option(sys.argv[1:], "--nproc"))
-        # torchrun SIGKILLs workers this long after forwarding a SIGTERM (30 s by default): enough for the
-        # current step and a paper-size checkpoint on a slow disk. Set it yourself to choose another.
-        os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(STOP_GRACE_S))
-        os.execv(command[0], command)
+        _run_processes(nproc, _without_option(sys.argv[1:], "--nproc"))
+        return
     result = train(cfg, out=out, resume=resume, progress=progress)
     if result.rank != 0:
         return

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import os
-import sys
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -184,8 +185,13 @@ def _uses_cuda(device_name: str) -> bool:
 
 
 def check_process_count(n_processes: int, device_name: str) -> None:
-    """Refuse more processes than GPUs before torchrun starts them (each would fail on its own)."""
-    if n_processes <= 1 or not _uses_cuda(device_name):
+    """Refuse more processes than GPUs, or CUDA where there is none, before torchrun starts them (each would fail
+    on its own)."""
+    if n_processes <= 1:
+        return
+    if device_name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"run.device={device_name} but CUDA is not available here — use run.device=cpu or auto")
+    if not _uses_cuda(device_name):
         return
     if n_processes > torch.cuda.device_count():
         raise UserError(f"--nproc {n_processes} but only {torch.cuda.device_count()} GPU(s) are visible here — "
@@ -215,7 +221,52 @@ def identical_across_ranks(module: torch.nn.Module, ctx: Context) -> bool:
     return bool(torch.equal(low, high))
 
 
-def torchrun_command(n_processes: int, args: list[str]) -> list[str]:
-    """The command that runs `glowtrain <args>` in n processes on this machine."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_processes}",
-            "-m", "glowtrain", *args]
+def torchrun_arguments(n_processes: int, args: list[str]) -> list[str]:
+    """torchrun's arguments for `glowtrain <args>` in n processes on this machine."""
+    return ["--standalone", f"--nproc_per_node={n_processes}", "-m", "glowtrain", *args]
+
+
+@dataclass(frozen=True)
+class JobEnd:
+    """How torchrun's processes ended, as its launcher saw it."""
+
+    failed: dict[int, int]  # rank -> exit code of each process it saw fail (negative: killed by that signal)
+    signalled: bool  # a signal stopped the launcher; it passed the signal on and waited for the processes
+
+
+# Where torchrun's launcher logs; torch's own handler prints what reaches `torch.distributed`.
+_LAUNCHER_LOGGERS = ("torch.distributed.run", "torch.distributed.launcher", "torch.distributed.elastic")
+# The signals torchrun's launcher catches (and passes on to its processes) while they run.
+_LAUNCHER_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+                          if hasattr(signal, name))
+
+
+def run_local_job(n_processes: int, args: list[str], quiet: bool = True) -> JobEnd:
+    """Run `glowtrain <args>` in n processes with torchrun's launcher inside this process, which stays their
+    parent. torchrun passes SIGINT/SIGTERM on to the processes and waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds
+    for them. `quiet` keeps its own log lines and failure report off the terminal: the caller speaks for the job."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    handlers = {sig: signal.getsignal(sig) for sig in _LAUNCHER_SIGNALS}
+    loggers = [logging.getLogger(name) for name in _LAUNCHER_LOGGERS] if quiet else []
+    muted = [(logger, logger.propagate) for logger in loggers]
+    silent = logging.NullHandler()
+    for logger in loggers:
+        logger.propagate = False
+        logger.addHandler(silent)
+    try:
+        torchrun.run(torchrun.parse_args(torchrun_arguments(n_processes, args)))
+        return JobEnd({}, False)
+    except ChildFailedError as e:
+        return JobEnd({rank: failure.exitcode for rank, failure in e.failures.items()}, False)
+    except SignalException:
+        return JobEnd({}, True)
+    finally:
+        for sig, handler in handlers.items():  # torchrun's handlers would turn a late Ctrl-C into its exception
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(sig, handler)
+        for logger, propagate in muted:
+            logger.removeHandler(silent)
+            logger.propagate = propagate

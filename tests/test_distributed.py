@@ -91,6 +91,50 @@ def test_a_signal_to_the_whole_job_stops_every_rank_at_the_next_step_and_saves(t
     stopped = re.findall(r"interrupted at step (\d+); checkpoint saved", stderr)
     assert len(stopped) == 1, stderr[-3000:]  # one line for the job, from rank 0
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == int(stopped[0]) >= 5
+    assert job.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_a_two_process_fit_ends_it_as_one_process_would(tmp_path):
+    """The launcher passes the signal on and says nothing itself: the one `interrupted` line, exit 130."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    sets = [arg for item in SETS + ["train.batch_size=8", "train.steps=100000", "train.eval_every=50000",
+                                    "train.sample_every=50000", "train.checkpoint_every=50000"]
+            for arg in ("--set", item)]
+    job = subprocess.Popen([sys.executable, "-m", "glowtrain", "fit", "--out", str(out), "--no-progress",
+                            "--nproc", "2", *sets], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    metrics = out / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().strip()):  # polled: the first step has been logged
+        assert job.poll() is None and time.monotonic() < deadline, job.stderr.read() if job.poll() else "timeout"
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "SignalException" not in stderr, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted at step "), stderr[-3000:]
+    step = int(lines[0].split()[3].rstrip(";"))
+    assert lines[0] == (f"interrupted at step {step}; checkpoint saved. Continue with: "
+                        f"glowtrain fit --resume auto --out {out}")
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == step >= 1
+
+
+@pytest.mark.slow
+def test_bad_input_found_inside_a_two_process_fit_is_one_error_line_and_exit_2(tmp_path):
+    """A batch larger than the data is found by every process once it loads the data: the job says it once."""
+    sets = [arg for item in SETS + ["train.batch_size=1000"] for arg in ("--set", item)]
+    done = subprocess.run([sys.executable, "-m", "glowtrain", "fit", "--out", str(tmp_path / "run"), "--no-progress",
+                           "--nproc", "2", *sets], env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [
+        "error: a step needs 2000 images (1000 per process, train.batch_size x train.grad_accum_steps, x 2 "
+        "process(es)) but the dataset has 1500; lower train.batch_size"]
 
 
 @pytest.mark.slow
@@ -162,33 +206,96 @@ def _fake_gpus(monkeypatch, count: int) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
 
 
-def test_fit_nproc_becomes_torchrun_with_time_to_save_after_a_sigterm(monkeypatch, tmp_path):
+def test_fit_nproc_runs_torchruns_launcher_with_time_to_save_after_a_sigterm(monkeypatch, tmp_path):
     """torchrun SIGKILLs its workers 30 s after a SIGTERM unless told otherwise: too little for a step and a large
-    checkpoint on a slow disk. A value the user set is kept."""
+    checkpoint on a slow disk. A value the user set is kept. The processes learn where to report how they end."""
     from helpers import invoke
+    from torch.distributed import run as torchrun
+
+    from glowtrain.cli import JOB_REPORTS
 
     started = []
 
-    def execv(path, args):  # the real one never returns: this process becomes torchrun
-        started.append((args, os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")))
-        raise SystemExit(0)
-    monkeypatch.setattr(os, "execv", execv)
+    def run(args):
+        started.append((args, os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"), os.environ.get(JOB_REPORTS)))
+    monkeypatch.setattr(torchrun, "run", run)
     monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
-    invoke("fit", "--nproc", "2", "--out", tmp_path / "run", "--no-progress", "--set", "run.device=cpu")
+    fit = ("fit", "--nproc", "2", "--out", tmp_path / "run", "--no-progress", "--set", "run.device=cpu")
+    assert invoke(*fit).exit_code == 0
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "45")
-    invoke("fit", "--nproc", "2", "--out", tmp_path / "run", "--no-progress", "--set", "run.device=cpu")
-    (first, grace), (_, kept) = started
-    assert "--nproc_per_node=2" in first and "--nproc" not in first and grace == "300" and kept == "45"
+    assert invoke(*fit).exit_code == 0
+    (first, grace, reports), (_, kept, _) = started
+    assert first.standalone and first.nproc_per_node == "2" and first.module and first.training_script == "glowtrain"
+    assert "--nproc" not in first.training_script_args and grace == "300" and kept == "45"
+    assert reports and JOB_REPORTS not in os.environ and not os.path.exists(reports)  # removed after the job
+
+
+def _no_launch(monkeypatch):
+    """Fail the test if torchrun starts, in this process or by replacing it."""
+    from torch.distributed import run as torchrun
+
+    for module, name in ((torchrun, "run"), (os, "execv")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("torchrun must not start"))
 
 
 def test_more_processes_than_gpus_is_refused_before_torchrun_starts(monkeypatch, tmp_path):
     from helpers import assert_one_line_error, invoke
 
     _fake_gpus(monkeypatch, 1)
-    monkeypatch.setattr(os, "execv", lambda *a: pytest.fail("torchrun must not start"))
+    _no_launch(monkeypatch)
     result = invoke("fit", "--nproc", "2", "--out", tmp_path / "run", "--no-progress")
     assert_one_line_error(result, 2, "--nproc 2", "1 GPU(s)", "--nproc 1")
     assert not (tmp_path / "run").exists()
+
+
+def test_cuda_where_there_is_none_is_refused_before_torchrun_starts(monkeypatch, tmp_path):
+    from helpers import assert_one_line_error, invoke
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _no_launch(monkeypatch)
+    for device in ("cuda", "cuda:1"):
+        result = invoke("fit", "--nproc", "2", "--out", tmp_path / "run", "--set", f"run.device={device}")
+        line = assert_one_line_error(result, 2)
+        assert line == f"error: run.device={device} but CUDA is not available here — use run.device=cpu or auto"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_process_of_fit_nproc_leaves_its_exit_code_and_line_to_the_parent(monkeypatch, tmp_path):
+    from helpers import invoke
+
+    from glowtrain.cli import JOB_REPORTS
+
+    monkeypatch.setenv(JOB_REPORTS, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    result = invoke("info", "--run", tmp_path / "a", "--config", tmp_path / "b")
+    assert result.exit_code == 2 and result.stderr == ""
+    assert json.loads((tmp_path / "1.json").read_text()) == {
+        "exit_code": 2, "line": "error: give either --run or --config, not both"}
+    monkeypatch.delenv(JOB_REPORTS)  # under torchrun by hand: every process says its own line, as before
+    result = invoke("info", "--run", tmp_path / "a", "--config", tmp_path / "b")
+    assert result.stderr == "error: give either --run or --config, not both\n"
+
+
+def test_a_job_ends_with_the_exit_code_and_lines_one_process_would_end_with():
+    from glowtrain.cli import _job_end
+
+    bad, crash, stop = "error: lower train.batch_size", "error: RuntimeError: boom", "interrupted at step 7; ..."
+    # Bad input said by every process, once for the job; what the others then hit follows from it.
+    assert _job_end({0: {"exit_code": 2, "line": bad}, 1: {"exit_code": 2, "line": bad}}, {0: 2, 1: 2},
+                    False) == (2, [bad])
+    assert _job_end({0: {"exit_code": 1, "line": crash}, 1: {"exit_code": 2, "line": bad}}, {0: 1, 1: 2},
+                    False) == (2, [bad])
+    # A failure outranks the interruption it caused; a process killed without a word gets a line of its own.
+    assert _job_end({0: {"exit_code": 130, "line": stop}, 1: {"exit_code": 1, "line": crash}}, {1: 1},
+                    False) == (1, [crash])
+    assert _job_end({0: {"exit_code": 130, "line": stop}}, {1: -9}, False) == (
+        1, ["error: process 1 of the job was killed by SIGKILL"])
+    assert _job_end({}, {0: 3}, False) == (1, ["error: process 0 of the job exited with code 3"])
+    # A signal: rank 0's line; processes that stopped without a word still make it an interruption.
+    assert _job_end({0: {"exit_code": 130, "line": stop}, 1: {"exit_code": 130, "line": None}}, {},
+                    True) == (130, [stop])
+    assert _job_end({}, {}, True) == (130, ["interrupted"])
+    assert _job_end({}, {}, False) == (0, [])
 
 
 def test_cpu_processes_are_not_limited_by_the_gpu_count(monkeypatch):
