@@ -138,19 +138,22 @@ def _ok_json(*args) -> dict:
     return json.loads(result.stdout)
 
 
-def test_eval_and_score_on_the_test_device_agree_with_training_and_with_the_cpu(reader_run, device, tmp_path):
+def test_eval_and_score_on_the_test_device_agree_with_training_and_across_batch_sizes(reader_run, device, tmp_path):
     run_dir, trained_bpd = reader_run
     evaluated = _ok_json("eval", "--run", run_dir, "--device", device, "--no-progress")
-    assert evaluated["bpd"] == pytest.approx(trained_bpd, abs=1e-5) and 0 <= evaluated["accuracy"] <= 1
+    # README promises eval reproduces the test line to its 4 printed decimals (eval may pick other cuDNN kernels).
+    assert evaluated["bpd"] == pytest.approx(trained_bpd, abs=5e-5) and 0 <= evaluated["accuracy"] <= 1
 
-    def mean_score(on: torch.device | str, out: Path) -> float:
-        result = invoke("score", "--run", run_dir, "--device", on, "--no-progress", "--dataset", "digits",
-                        "--out", out)
+    def mean_score(batch_size: int) -> float:
+        out = tmp_path / f"b{batch_size}"
+        result = invoke("score", "--run", run_dir, "--device", device, "--no-progress", "--dataset", "digits",
+                        "--batch-size", batch_size, "--out", out)
         assert result.exit_code == 0, result.output
         return json.loads((out / "summary.json").read_text())["sets"]["images"]["scores"]["bpd"]["mean"]
 
-    # A class-conditional model scores the class marginal, so the reference is the same score on the CPU.
-    assert mean_score(device, tmp_path / "device") == pytest.approx(mean_score("cpu", tmp_path / "cpu"), abs=1e-4)
+    # The dequantisation noise is keyed by image, not by batch (a class-conditional model scores the class
+    # marginal, so eval's class-given figure is not the reference; the noise differs between devices).
+    assert mean_score(7) == pytest.approx(mean_score(256), abs=1e-5)
 
 
 def test_reconstruct_interpolate_manipulate_and_sample_run_on_the_test_device(reader_run, device, tmp_path):
