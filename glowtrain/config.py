@@ -451,6 +451,15 @@ def save_config(cfg: Config, path: str | os.PathLike, header: str = "") -> None:
 # ---------------------------------------------------------------------------- validation
 
 
+def _check_splines(model: ModelConfig) -> None:
+    _require(1 <= model.spline_bins < 1000, "model.spline_bins", model.spline_bins, "use 2 to 999 bins")
+    # One bin with its ends and end derivatives fixed is the identity whatever the network says: nothing to learn.
+    # (Only where a spline is used, so that a run without one whose config said 1 still loads.)
+    uses_splines = "spline" in (model.coupling, model.dequant_coupling if model.dequantization == "variational" else "")
+    _require(model.spline_bins >= 2 or not uses_splines, "model.spline_bins", model.spline_bins, "use 2 to 999 bins")
+    _require(model.spline_bound > 0, "model.spline_bound", model.spline_bound, "use a bound > 0")
+
+
 def _require(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
         raise UserError(f"{key}={value!r} is not allowed — {rule}")
@@ -487,12 +496,7 @@ def validate(cfg: Config) -> None:
 
     for key in ("n_levels", "n_steps", "hidden_channels", "dequant_steps", "dequant_hidden_channels"):
         _require(getattr(model, key) >= 1, f"model.{key}", getattr(model, key), "use an integer >= 1")
-    _require(1 <= model.spline_bins < 1000, "model.spline_bins", model.spline_bins, "use 2 to 999 bins")
-    # One bin with its ends and end derivatives fixed is the identity whatever the network says: nothing to learn.
-    # (Only where a spline is used, so that a run without one whose config said 1 still loads.)
-    uses_splines = "spline" in (model.coupling, model.dequant_coupling if model.dequantization == "variational" else "")
-    _require(model.spline_bins >= 2 or not uses_splines, "model.spline_bins", model.spline_bins, "use 2 to 999 bins")
-    _require(model.spline_bound > 0, "model.spline_bound", model.spline_bound, "use a bound > 0")
+    _check_splines(model)
     _require(model.n_classes >= 0, "model.n_classes", model.n_classes, "use 0 (unconditional) or the class count")
     # Each level halves the spatial size with a squeeze, so the size must survive L halvings.
     factor = 2**model.n_levels
