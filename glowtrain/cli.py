@@ -271,8 +271,6 @@ def _open(run, checkpoint, device: str, seed: int, no_ema: bool, data: str | Non
 
 
 def _print_json(result: dict) -> None:
-    import json
-
     from glowtrain.logs import strict_json
 
     if not_finite := [key for key, value in result.items() if isinstance(value, float) and not math.isfinite(value)]:

@@ -452,11 +452,11 @@ def save_config(cfg: Config, path: str | os.PathLike, header: str = "") -> None:
 
 
 def _check_splines(model: ModelConfig) -> None:
-    _require(1 <= model.spline_bins < 1000, "model.spline_bins", model.spline_bins, "use 2 to 999 bins")
     # One bin with its ends and end derivatives fixed is the identity whatever the network says: nothing to learn.
-    # (Only where a spline is used, so that a run without one whose config said 1 still loads.)
+    # (Required only where a spline is used, so that a run without one whose config said 1 still loads.)
     uses_splines = "spline" in (model.coupling, model.dequant_coupling if model.dequantization == "variational" else "")
-    _require(model.spline_bins >= 2 or not uses_splines, "model.spline_bins", model.spline_bins, "use 2 to 999 bins")
+    fewest = 2 if uses_splines else 1
+    _require(fewest <= model.spline_bins < 1000, "model.spline_bins", model.spline_bins, "use 2 to 999 bins")
     _require(model.spline_bound > 0, "model.spline_bound", model.spline_bound, "use a bound > 0")
 
 

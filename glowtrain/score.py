@@ -405,10 +405,11 @@ def score_command(loaded: LoadedRun, images: list[str], dataset: str | None, spl
     if against:
         sets.append(file_set("against", against, loaded, options.on_bad_image))
     out_dir = Path(out) if out else default_out_dir(loaded)
+    resolved_out = out_dir.expanduser().resolve()
     for given in [*images, *against]:
         folder = Path(given).expanduser()
         # Resolved (links, ..): its histograms (PNG) would be among the images the next score of the folder reads.
-        if folder.is_dir() and out_dir.expanduser().resolve().is_relative_to(folder.resolve()):
+        if folder.is_dir() and resolved_out.is_relative_to(folder.resolve()):
             raise UserError(f"the output folder {out_dir} lies inside the image folder {given}, where the histograms "
                             "this writes would be scored next time — choose an --out outside it")
     return score_sets(loaded, sets, out_dir, options, use_ema, reference)
