@@ -15,7 +15,9 @@ SETS = ["run.device=cpu", "model.n_levels=2", "model.n_steps=2", "model.hidden_c
         "train.eval_batch_size=100", "train.steps=6", "train.log_every=1", "train.eval_every=3",
         "train.sample_every=6", "train.checkpoint_every=3", "train.n_samples=4", "train.warmup_steps=2",
         *GLOW_LAYERS]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# One thread each: the processes share the machine's cores. Inductor compiles in one thread per process too (its
+# pools of compile workers, one per rank, once ended a rank in SIGABRT here: cause not found, 1 run in about 8).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
 
 
 def _fit(out, batch_size, *extra):
