@@ -568,4 +568,30 @@ def runs_(
 
 
 def main() -> None:
-    app(prog_name="glowtrain")
+    """The `glowtrain` command: typer's own usage errors (an unknown option, a value of the wrong type) end in one
+    line and exit 2 like ours, instead of a usage banner and a boxed message."""
+    try:
+        code = app(prog_name="glowtrain", standalone_mode=False)
+    except _ParseError as error:
+        sys.exit(_usage_error(error))
+    except typer.Abort:
+        _end(EXIT_FAILURE, "aborted")
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+try:
+    from typer.exceptions import TyperException as _ParseError  # typer that carries its own copy of click
+except ImportError:  # older typer, built on click itself
+    from click import ClickException as _ParseError
+
+
+def _usage_error(error: Exception) -> int:
+    """Say a usage error in one line and return its exit code; with no arguments at all, the help was the answer."""
+    context = getattr(error, "ctx", None)
+    if type(error).__name__ == "NoArgsIsHelpError":
+        if error.format_message():  # rich help prints itself while the error is made; plain help comes here
+            error.show()
+        return EXIT_BAD_INPUT
+    hint = f" — see '{context.command_path} -h'" if context is not None else ""
+    typer.echo(f"error: {error.format_message()}{hint}", err=True)
+    return getattr(error, "exit_code", EXIT_BAD_INPUT)

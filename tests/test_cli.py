@@ -16,6 +16,7 @@ from PIL import Image
 import glowtrain.train as training
 from glowtrain import __version__
 from glowtrain.checkpoint import load_checkpoint
+from glowtrain.cli import main
 from glowtrain.config import apply_overrides, default_config
 from glowtrain.runs import RunDir
 
@@ -43,6 +44,38 @@ def test_version_prints_the_package_version():
     result = invoke("--version")
     assert result.exit_code == 0
     assert result.output.strip() == f"glowtrain {__version__}"
+
+
+def _run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """The `glowtrain` entry point itself (not CliRunner): exit code, stdout, stderr."""
+    monkeypatch.setattr(sys, "argv", ["glowtrain", *args])
+    with pytest.raises(SystemExit) as ended:
+        main()
+    out = capsys.readouterr()
+    return ended.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize("args, needle, hint", [
+    (("fit", "--sett", "train.steps=1"), "No such option: --sett (Possible options: --set)", "'glowtrain fit -h'"),
+    (("fitt",), "No such command 'fitt'. Did you mean 'fit'?", "'glowtrain -h'"),
+    (("sample", "--n", "abc"), "Invalid value for '--n'", "'glowtrain sample -h'"),
+])
+def test_typers_own_usage_errors_are_one_line_with_exit_2(monkeypatch, capsys, args, needle, hint):
+    code, out, err = _run_main(monkeypatch, capsys, *args)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert lines[0].endswith(f"see {hint}")
+
+
+def test_the_entry_point_keeps_exit_codes_help_and_our_own_errors(monkeypatch, capsys):
+    assert _run_main(monkeypatch, capsys, "--version")[:2] == (0, f"glowtrain {__version__}\n")
+    code, out, _ = _run_main(monkeypatch, capsys, "--help")
+    assert code == 0 and "sample" in out
+    code, out, _ = _run_main(monkeypatch, capsys)  # no arguments: the help, as a usage error
+    assert code == 2 and "sample" in out
+    code, _, err = _run_main(monkeypatch, capsys, "info", "--config", "missing.yaml")
+    assert code == 2 and err == "error: config file not found: missing.yaml — pass an existing YAML file to --config\n"
 
 
 @pytest.mark.slow
