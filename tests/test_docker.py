@@ -38,7 +38,7 @@ def test_image_installs_the_package_and_its_own_entry_point():
     assert _instructions("ENTRYPOINT") == ['["glowtrain"]']
     entry = re.search(r'^glowtrain = "([\w.]+):(\w+)"$', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
     module, function = entry.groups()
-    assert module == "glowtrain.cli" and function == "app"
+    assert module == "glowtrain.cli" and function == "main"
     import glowtrain.cli
 
     assert callable(getattr(glowtrain.cli, function))
