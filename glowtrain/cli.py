@@ -128,21 +128,25 @@ def _run_processes(nproc: int, args: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="glowtrain-job-") as folder:
         os.environ[JOB_REPORTS] = folder  # the processes inherit it
         try:
-            end = run_local_job(nproc, args, quiet=not _state["debug"])
+            end = run_local_job(nproc, args, quiet=not _state["debug"], pid_folder=Path(folder),
+                                ignore_late_signals=True)
         finally:
             del os.environ[JOB_REPORTS]
         reports = {int(path.stem): json.loads(path.read_text()) for path in Path(folder).glob("*.json")}
-    code, lines = _job_end(reports, end.failed, end.signalled)
+    code, lines = _job_end(reports, end.failed, end.signalled, end.forced)
     for line in lines:
         typer.echo(line, err=True)
     if code:
         raise typer.Exit(code)
 
 
-def _job_end(reports: dict[int, dict], failed: dict[int, int], signalled: bool) -> tuple[int, list[str]]:
+def _job_end(reports: dict[int, dict], failed: dict[int, int], signalled: bool,
+             forced: bool = False) -> tuple[int, list[str]]:
     """The exit code and lines of one process, from the reports of a job's processes (rank -> exit code and line),
-    torchrun's failed ranks (rank -> exit code) and whether a signal stopped it. Bad input comes first (what the
-    other processes then hit follows from it), then a failure, then an interruption; each line is said once."""
+    torchrun's failed ranks (rank -> exit code), whether a signal stopped it and whether another then stopped it
+    at once. Bad input comes first (what the other processes then hit follows from it), then a stop at once (what
+    they hit on the way out, a peer gone mid-step, is its doing), then a failure, then an interruption; each line
+    is said once."""
 
     def said(code: int) -> list[str]:
         lines = [report["line"] for _, report in sorted(reports.items()) if report["exit_code"] == code]
@@ -151,6 +155,8 @@ def _job_end(reports: dict[int, dict], failed: dict[int, int], signalled: bool) 
     codes = {report["exit_code"] for report in reports.values()}
     if EXIT_BAD_INPUT in codes:
         return EXIT_BAD_INPUT, said(EXIT_BAD_INPUT)
+    if forced:
+        return EXIT_INTERRUPTED, said(EXIT_INTERRUPTED)[:1] or ["interrupted"]
     silent = [_silent_failure(rank, code) for rank, code in sorted(failed.items()) if rank not in reports]
     if EXIT_FAILURE in codes or silent:
         return EXIT_FAILURE, said(EXIT_FAILURE) or silent
@@ -202,7 +208,7 @@ def fit(
         help="Processes (GPUs) on this machine; >1 launches torchrun.")] = 1,
 ) -> None:
     """Train a model. With no --config, trains the bundled 8x8 digits in a few minutes on a CPU."""
-    from glowtrain.distributed import check_process_count, launched_by_torchrun
+    from glowtrain.distributed import check_process_count, launched_by_torchrun, leave_pid
     from glowtrain.runs import RunDir
     from glowtrain.train import fit_config, resolve_resume, train
 
@@ -211,6 +217,8 @@ def fit(
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     check_process_count(nproc, cfg.run.device)
+    if os.environ.get(JOB_REPORTS) and "RANK" in os.environ:  # a process of `fit --nproc`
+        leave_pid(os.environ[JOB_REPORTS], os.environ["RANK"])
     if nproc > 1 and not launched_by_torchrun():
         _run_processes(nproc, _without_option(sys.argv[1:], "--nproc"))
         return

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -232,6 +233,7 @@ class JobEnd:
 
     failed: dict[int, int]  # rank -> exit code of each process it saw fail (negative: killed by that signal)
     signalled: bool  # a signal stopped the launcher; it passed the signal on and waited for the processes
+    forced: bool = False  # another signal followed, and stopped them at once (or killed them)
 
 
 # Where torchrun's launcher logs; torch's own handler prints what reaches `torch.distributed`.
@@ -241,14 +243,65 @@ _LAUNCHER_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM"
                           if hasattr(signal, name))
 
 
-def run_local_job(n_processes: int, args: list[str], quiet: bool = True) -> JobEnd:
+class Escalation:
+    """The launcher's signal handler: the first signal is torchrun's (it raises `first`, and torchrun passes the
+    signal on and waits for the processes); each later one stops them harder instead of abandoning them: the
+    second passes SIGINT on again (a process stops at once on its second, as one `fit` does), the third kills
+    them. Processes are found by the `<rank>.pid` files they leave in `folder` (each leads a session of its own)."""
+
+    def __init__(self, folder: Path, first: Callable[[int, object], None]):
+        self.folder, self.first, self.count = folder, first, 0
+
+    def __call__(self, signum: int, frame) -> None:
+        self.count += 1
+        if self.count == 1:
+            self.first(signum, frame)
+            return
+        stop = signal.SIGINT if self.count == 2 else getattr(signal, "SIGKILL", signal.SIGTERM)
+        for pid in job_pids(self.folder):
+            try:
+                os.killpg(pid, stop)
+            except (ProcessLookupError, PermissionError):  # already gone (or its pid taken by another's)
+                pass
+
+
+PID_SUFFIX = ".pid"
+
+
+def leave_pid(folder: str | Path, rank: str) -> None:
+    """A process of `fit --nproc` says who it is, so that the launcher can stop it harder on a second signal."""
+    (Path(folder) / f"{rank}{PID_SUFFIX}").write_text(str(os.getpid()))
+
+
+def job_pids(folder: Path) -> list[int]:
+    pids = []
+    for path in folder.glob(f"*{PID_SUFFIX}"):
+        try:
+            pids.append(int(path.read_text()))
+        except (OSError, ValueError):  # being written
+            pass
+    return pids
+
+
+def run_local_job(n_processes: int, args: list[str], quiet: bool = True, pid_folder: Path | None = None,
+                  ignore_late_signals: bool = False) -> JobEnd:
     """Run `glowtrain <args>` in n processes with torchrun's launcher inside this process, which stays their
     parent. torchrun passes SIGINT/SIGTERM on to the processes and waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds
-    for them. `quiet` keeps its own log lines and failure report off the terminal: the caller speaks for the job."""
+    for them; with `pid_folder`, where they leave their pids, later signals stop them harder (`Escalation`).
+    `quiet` keeps its own log lines and failure report off the terminal: the caller speaks for the job.
+    `ignore_late_signals`: once a signal has stopped the job, this process ignores more of them (for a caller
+    that then only says how the job ended, which a Ctrl-C still held down should not cut short)."""
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing import api as launcher
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    # torchrun installs its handler by this module-level name when it starts the processes; its own would raise
+    # again on a second signal, out of its wait for them, and leave them running behind a parent that has ended.
+    torchruns_handler = getattr(launcher, "_terminate_process_handler", None)
+    escalation = Escalation(pid_folder or Path(os.devnull), torchruns_handler)
+    if pid_folder is not None and torchruns_handler is not None:
+        launcher._terminate_process_handler = escalation
     handlers = {sig: signal.getsignal(sig) for sig in _LAUNCHER_SIGNALS}
     loggers = [logging.getLogger(name) for name in _LAUNCHER_LOGGERS] if quiet else []
     muted = [(logger, logger.propagate) for logger in loggers]
@@ -262,11 +315,13 @@ def run_local_job(n_processes: int, args: list[str], quiet: bool = True) -> JobE
     except ChildFailedError as e:
         return JobEnd({rank: failure.exitcode for rank, failure in e.failures.items()}, False)
     except SignalException:
-        return JobEnd({}, True)
+        return JobEnd({}, True, forced=escalation.count > 1)
     finally:
         for sig, handler in handlers.items():  # torchrun's handlers would turn a late Ctrl-C into its exception
             if handler is not None:  # None: set outside Python, cannot be put back
-                signal.signal(sig, handler)
+                signal.signal(sig, signal.SIG_IGN if escalation.count and ignore_late_signals else handler)
         for logger, propagate in muted:
             logger.removeHandler(silent)
             logger.propagate = propagate
+        if torchruns_handler is not None:
+            launcher._terminate_process_handler = torchruns_handler

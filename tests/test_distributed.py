@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,13 +97,10 @@ def test_a_signal_to_the_whole_job_stops_every_rank_at_the_next_step_and_saves(t
     assert job.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
 
 
-@pytest.mark.slow
-def test_ctrl_c_to_a_two_process_fit_ends_it_as_one_process_would(tmp_path):
-    """The launcher passes the signal on and says nothing itself: the one `interrupted` line, exit 130."""
-    import signal
+def _long_job_under_way(out) -> subprocess.Popen:
+    """A two-process fit of many steps, returned once its first step has been logged."""
     import time
 
-    out = tmp_path / "run"
     sets = [arg for item in SETS + ["train.batch_size=8", "train.steps=100000", "train.eval_every=50000",
                                     "train.sample_every=50000", "train.checkpoint_every=50000"]
             for arg in ("--set", item)]
@@ -114,6 +112,29 @@ def test_ctrl_c_to_a_two_process_fit_ends_it_as_one_process_would(tmp_path):
     while not (metrics.exists() and metrics.read_text().strip()):  # polled: the first step has been logged
         assert job.poll() is None and time.monotonic() < deadline, job.stderr.read() if job.poll() else "timeout"
         time.sleep(0.05)
+    return job
+
+
+def _processes_naming(text: str) -> list[str]:
+    """Command lines of the live processes that mention `text` (Linux /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended while we looked
+            continue
+        if text in command:
+            found.append(command)
+    return found
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_a_two_process_fit_ends_it_as_one_process_would(tmp_path):
+    """The launcher passes the signal on and says nothing itself: the one `interrupted` line, exit 130."""
+    import signal
+
+    out = tmp_path / "run"
+    job = _long_job_under_way(out)
     os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
     _, stderr = job.communicate(timeout=120)
     assert job.returncode == 130, stderr[-3000:]
@@ -124,6 +145,29 @@ def test_ctrl_c_to_a_two_process_fit_ends_it_as_one_process_would(tmp_path):
     assert lines[0] == (f"interrupted at step {step}; checkpoint saved. Continue with: "
                         f"glowtrain fit --resume auto --out {out}")
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == step >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="looks for left-over processes in /proc")
+def test_ctrl_c_pressed_again_and_again_stops_every_process_before_the_launcher_ends(tmp_path):
+    """Each Ctrl-C after the first stops the processes harder (at once, then killed); none is left running
+    behind a launcher that has said its line and ended."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    job = _long_job_under_way(out)
+    deadline = time.monotonic() + 120
+    while job.poll() is None:  # polled: Ctrl-C held down until the job has ended
+        assert time.monotonic() < deadline, "still running"
+        os.killpg(job.pid, signal.SIGINT)
+        time.sleep(0.05)
+    left = _processes_naming(str(out))
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted"), stderr[-3000:]
+    assert left == []
 
 
 @pytest.mark.slow
@@ -298,6 +342,89 @@ def test_a_job_ends_with_the_exit_code_and_lines_one_process_would_end_with():
                     True) == (130, [stop])
     assert _job_end({}, {}, True) == (130, ["interrupted"])
     assert _job_end({}, {}, False) == (0, [])
+
+
+def test_a_stop_at_once_is_an_interruption_whatever_the_processes_hit_on_the_way_out():
+    from glowtrain.cli import _job_end
+
+    stop, peer_gone = "interrupted at step 7; ...", "error: RuntimeError: Connection closed by peer"
+    assert _job_end({0: {"exit_code": 130, "line": "interrupted"}, 1: {"exit_code": 1, "line": peer_gone}}, {},
+                    True, forced=True) == (130, ["interrupted"])
+    assert _job_end({0: {"exit_code": 130, "line": stop}, 1: {"exit_code": 130, "line": "interrupted"}}, {},
+                    True, forced=True) == (130, [stop])
+    assert _job_end({}, {}, True, forced=True) == (130, ["interrupted"])  # killed: no process said a word
+    bad = "error: lower train.batch_size"
+    assert _job_end({0: {"exit_code": 2, "line": bad}}, {}, True, forced=True) == (2, [bad])
+
+
+_IGNORES_SIGINT = ("import signal, sys\n"
+                   "signal.signal(signal.SIGINT, lambda *_: print('SIGINT', flush=True))\n"
+                   "print('ready', flush=True)\n"
+                   "while True:\n"
+                   "    signal.pause()\n")
+
+
+def test_the_launchers_second_signal_passes_sigint_on_again_and_its_third_kills(tmp_path):
+    """Processes busy in a step (here: ignoring SIGINT but saying they got it) get SIGINT on the second signal,
+    and SIGKILL on the third; the first is left to torchrun's own handler."""
+    import signal
+
+    from glowtrain.distributed import PID_SUFFIX, Escalation
+
+    processes = [subprocess.Popen([sys.executable, "-c", _IGNORES_SIGINT], stdout=subprocess.PIPE, text=True,
+                                  start_new_session=True) for _ in range(2)]
+    try:
+        for rank, process in enumerate(processes):
+            assert process.stdout.readline() == "ready\n"
+            (tmp_path / f"{rank}{PID_SUFFIX}").write_text(str(process.pid))
+        (tmp_path / f"2{PID_SUFFIX}").write_text("999999999")  # a process already gone
+        first_calls = []
+        escalation = Escalation(tmp_path, lambda signum, frame: first_calls.append(signum))
+        escalation(signal.SIGINT, None)
+        assert first_calls == [signal.SIGINT]
+        escalation(signal.SIGINT, None)
+        assert [process.stdout.readline() for process in processes] == ["SIGINT\n", "SIGINT\n"]
+        escalation(signal.SIGTERM, None)
+        assert [process.wait(timeout=60) for process in processes] == [-signal.SIGKILL, -signal.SIGKILL]
+        assert first_calls == [signal.SIGINT]
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
+def test_the_launcher_runs_with_the_escalating_handler_and_puts_torchruns_back(monkeypatch, tmp_path):
+    import signal
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing import api as launcher
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from glowtrain.distributed import Escalation, run_local_job
+
+    torchruns = launcher._terminate_process_handler
+
+    def run_until_two_signals(args):
+        handler = launcher._terminate_process_handler  # what torchrun installs when it starts the processes
+        assert isinstance(handler, Escalation)
+        try:
+            handler(signal.SIGTERM, None)  # the first: torchrun's own, which raises
+        except SignalException:
+            handler(signal.SIGINT, None)  # the second, while torchrun waits for the processes
+            raise
+
+    monkeypatch.setattr(torchrun, "run", run_until_two_signals)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        end = run_local_job(2, ["fit"], pid_folder=tmp_path)
+        assert (end.signalled, end.forced) == (True, True)
+        assert launcher._terminate_process_handler is torchruns
+        assert {sig: signal.getsignal(sig) for sig in before} == before  # not ignored: not asked to
+        run_local_job(2, ["fit"], pid_folder=tmp_path, ignore_late_signals=True)
+        assert {sig: signal.getsignal(sig) for sig in before} == {sig: signal.SIG_IGN for sig in before}
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def test_cpu_processes_are_not_limited_by_the_gpu_count(monkeypatch):
