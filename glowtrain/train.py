@@ -614,16 +614,21 @@ class Trainer:
 
     def _open_run_dir(self) -> None:
         cfg, ctx = self.cfg, self.ctx
+        # A resume of a run already at train.steps trains nothing: it leaves the run's record (config, data,
+        # TensorBoard's settings) as it was, or the record would describe settings no weights were trained with.
+        self._nothing_to_train = self.resumed and self.state.step >= cfg.train.steps
         if ctx.is_main:
             if not self.resumed:
                 self.run_dir.set_aside_unfinished()
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir.config, header=RUN_CONFIG_HEADER)
+            if not self._nothing_to_train:
+                save_config(cfg, self.run_dir.config, header=RUN_CONFIG_HEADER)
             self.logger = RunLogger(self.run_dir, self.state.step if self.resumed else None)
             if self.logger.n_moved:
                 tqdm.write(f"note: {self.logger.n_moved} metrics.jsonl record(s) logged after step {self.state.step} "
                            f"(training lost when the run stopped unsaved) moved to {self.run_dir.metrics_discarded}")
-            self._record_data()
+            if not self._nothing_to_train:
+                self._record_data()
         show = self.progress and ctx.is_main
         self.bar = tqdm(total=cfg.train.steps, initial=self.state.step, disable=not show, unit="step",
                         dynamic_ncols=True)
@@ -649,7 +654,7 @@ class Trainer:
 
     def _close(self, final: dict) -> None:
         self.bar.close()
-        self.logger.close(self.cfg, self.state.best_test_bpd, self.state.step)
+        self.logger.close(None if self._nothing_to_train else self.cfg, self.state.best_test_bpd, self.state.step)
 
 
 class _Throughput:

@@ -331,9 +331,14 @@ def test_resume_says_where_it_continues_from_and_when_there_is_nothing_left(tmp_
     longer = tiny_fit(run_dir, "train.steps=6", resume=True)
     assert longer.exit_code == 0, longer.output
     assert f"resuming {run_dir} from step 4 of 6" in longer.stdout
-    again = tiny_fit(run_dir, "train.steps=6", resume=True)
+    record = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "data.json")}
+    hparams = sorted(path.name for path in (run_dir / "tb").rglob("*"))
+    again = tiny_fit(run_dir, "train.steps=6", "train.lr=0.5", "run.seed=7", resume=True)
     assert again.exit_code == 0
     assert f"{run_dir} is already at step 6 of 6 — raise train.steps to continue" in again.stdout
+    # It trained nothing, so the run's record still describes the weights (not lr 0.5 and seed 7).
+    assert {name: (run_dir / name).read_bytes() for name in record} == record
+    assert sorted(path.name for path in (run_dir / "tb").rglob("*")) == hparams
 
 
 def test_no_progress_prints_one_plain_line_per_logging_step(tmp_path):
