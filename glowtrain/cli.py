@@ -245,7 +245,7 @@ CheckpointOption = Annotated[Optional[str], typer.Option("--checkpoint", metavar
     help="A checkpoint file instead of a run.")]
 DeviceOption = Annotated[str, typer.Option("--device", metavar="DEVICE",
     help="auto (CUDA when present), cpu, cuda or cuda:N.")]
-SeedOption = Annotated[int, typer.Option("--seed", metavar="N",
+SeedOption = Annotated[int, typer.Option("--seed", metavar="N", min=0, max=2**64 - 1,
     help="Random seed; the same seed gives the same output.")]
 NoEmaOption = Annotated[bool, typer.Option("--no-ema", metavar="", help="Use the raw weights instead of the EMA.")]
 OutOption = Annotated[Optional[str], typer.Option("--out", "-o", metavar="DIR",

@@ -187,7 +187,10 @@ def default_config() -> Config:
 
 def derived_seed(seed: int, index: int) -> int:
     """The seed of the index-th independent stream (an epoch, a step, an image) of run.seed."""
-    return seed * 1_000_003 + index
+    return (seed * 1_000_003 + index) % SEED_LIMIT  # torch takes seeds below 2**64; smaller ones are unchanged
+
+
+SEED_LIMIT = 2**64  # seeds run from 0 to 2**64 - 1, what torch.Generator.manual_seed takes
 
 
 def dotted_keys() -> list[str]:
@@ -478,7 +481,7 @@ def validate(cfg: Config) -> None:
     name = run.name
     _require(bool(name) and name not in {".", ".."} and not re.search(r"[/\\]", name),
              "run.name", name, "use a plain directory name (no slashes)")
-    _require(run.seed >= 0, "run.seed", run.seed, "use an integer >= 0")
+    _require(0 <= run.seed < SEED_LIMIT, "run.seed", run.seed, "use an integer from 0 to 2**64 - 1")
     _require(DEVICE_PATTERN.fullmatch(run.device) is not None, "run.device", run.device,
              "use auto, cpu, cuda, cuda:N or mps")
 

@@ -15,6 +15,7 @@ from glowtrain.config import (
     config_to_dict,
     config_to_yaml,
     default_config,
+    derived_seed,
     describe_keys,
     dotted_keys,
     load_config,
@@ -460,3 +461,14 @@ def test_data_paths_are_stored_absolute_except_the_unused_root_of_the_bundled_di
     digits = with_absolute_data_paths(apply_overrides(default_config(), ["data.cache=mycache"]))
     assert (digits.data.root, digits.data.cache) == ("data", str(tmp_path / "mycache"))
     assert with_absolute_data_paths(default_config()).data.cache == ""
+
+
+def test_every_seed_torch_takes_is_allowed_and_its_streams_stay_within_torchs_range():
+    largest = 2**64 - 1
+    validate(apply_overrides(default_config(), [f"run.seed={largest}"]))
+    with pytest.raises(UserError, match=r"run.seed=18446744073709551616 is not allowed — use an integer from 0 to "
+                                        r"2\*\*64 - 1"):
+        validate(apply_overrides(default_config(), [f"run.seed={largest + 1}"]))
+    for index in (0, 1, 10**9):
+        torch.Generator().manual_seed(derived_seed(largest, index))  # raised an overflow above about 1.8e13
+    assert derived_seed(7, 3) == 7 * 1_000_003 + 3  # small seeds keep their streams, so old runs resume the same
