@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import os
@@ -575,9 +576,48 @@ def runs_(
         typer.echo(line)
 
 
+class _OutputThatOutlivesItsReader(io.TextIOBase):
+    """stdout whose reader may leave (`glowtrain fit | head`): what follows is dropped and the work goes on,
+    instead of a BrokenPipeError ending a training run before it saves."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self._guarded(self.stream.write, text) or len(text)
+
+    def flush(self) -> None:
+        self._guarded(self.stream.flush)
+
+    def _guarded(self, action, *args):
+        try:
+            return action(*args)
+        except BrokenPipeError:
+            # Whatever is buffered or written later (here, by libraries, at exit) goes nowhere, silently.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+            return None
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    @property
+    def encoding(self) -> str:
+        return self.stream.encoding
+
+    @property
+    def buffer(self):
+        return self.stream.buffer
+
+
 def main() -> None:
     """The `glowtrain` command: typer's own usage errors (an unknown option, a value of the wrong type) end in one
     line and exit 2 like ours, instead of a usage banner and a boxed message."""
+    sys.stdout = _OutputThatOutlivesItsReader(sys.stdout)
     try:
         code = app(prog_name="glowtrain", standalone_mode=False)
     except _ParseError as error:

@@ -69,6 +69,20 @@ def test_typers_own_usage_errors_are_one_line_with_exit_2(monkeypatch, capsys, a
     assert lines[0].endswith(f"see {hint}")
 
 
+@pytest.mark.slow
+def test_fit_whose_output_reader_leaves_trains_on_and_saves(tmp_path):
+    """`glowtrain fit | head -1`: the lines after the reader has gone are dropped, the run finishes."""
+    settings = sets(*TINY, "train.steps=12", "train.log_every=1", "train.checkpoint_every=12")
+    job = subprocess.Popen([sys.executable, "-m", "glowtrain", "fit", "--out", str(tmp_path / "run"), "--no-progress",
+                            *settings], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    assert job.stdout.readline().startswith("data: ")
+    job.stdout.close()  # the reader leaves; 12 logging steps are still to come
+    stderr = job.stderr.read()
+    assert job.wait(timeout=300) == 0, stderr
+    assert "Error" not in stderr and "Traceback" not in stderr, stderr
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 12
+
+
 def test_the_entry_point_keeps_exit_codes_help_and_our_own_errors(monkeypatch, capsys):
     assert _run_main(monkeypatch, capsys, "--version")[:2] == (0, f"glowtrain {__version__}\n")
     code, out, _ = _run_main(monkeypatch, capsys, "--help")
