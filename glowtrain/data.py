@@ -282,19 +282,49 @@ def _build_uncached(data_cfg, split: str, checked: dict | None = None) -> Datase
         return _digits(split)
     if name in _TORCHVISION:
         return _torchvision_set(data_cfg, split, shape)
-    if name == "celeba":
-        celeba = _celeba_official_root(data_cfg)
-        if celeba is not None:
-            return _checked_files(data_cfg, celeba, _celeba_official(celeba, split), CELEBA_CROP, checked)
-    base, paths = _celeba_folder(data_cfg.root) if name == "celeba" else find_images(data_cfg.root)
-    labels, class_names = _subfolder_labels(base, paths) if data_cfg.labels == "subfolders" else (None, [])
-    chosen = split_paths(paths, base, data_cfg.test_fraction, data_cfg.split_seed, split)
+    base, chosen, every = _image_files(data_cfg, split)
+    if every is None:  # CelebA in torchvision's layout: its own split, its own crop
+        return _checked_files(data_cfg, base, chosen, CELEBA_CROP, checked)
+    labels, class_names = _subfolder_labels(base, every) if data_cfg.labels == "subfolders" else (None, [])
     dataset = _checked_files(data_cfg, base, chosen, None, checked)
     dataset.split_scheme = SPLIT_SCHEME
     if labels is not None:
         dataset.labels, dataset.n_classes = [labels[p] for p in dataset.paths], len(class_names)
         dataset.class_names = class_names
     return dataset
+
+
+def _image_files(data_cfg, split: str) -> tuple[Path, list[str], list[str] | None]:
+    """(folder, the split's files, all the dataset's files) of a folder or CelebA dataset as they are now; all
+    the files are None for CelebA in torchvision's layout, which lists each split itself."""
+    if data_cfg.dataset == "celeba":
+        celeba = _celeba_official_root(data_cfg)
+        if celeba is not None:
+            return celeba, _celeba_official(celeba, split), None
+    base, paths = _celeba_folder(data_cfg.root) if data_cfg.dataset == "celeba" else find_images(data_cfg.root)
+    return base, split_paths(paths, base, data_cfg.test_fraction, data_cfg.split_seed, split), paths
+
+
+def stale_cache_warning(data_cfg) -> str | None:
+    """For data.cache: a warning when the image folder the cache was prepared from now holds other files (the
+    cache keeps the old images); None when they match, or the folder is not on this machine."""
+    cache = Path(data_cfg.cache).expanduser() if data_cfg.cache else None
+    index = read_json(cache / "index.json") if cache else None
+    if not index or not index.get("root") or data_cfg.dataset in _TORCHVISION or data_cfg.dataset == "digits":
+        return None
+    source = replace(data_cfg, root=index["root"], cache="")
+    changed = []
+    for split in ("train", "test"):
+        try:
+            base, files, _ = _image_files(source, split)
+        except UserError:  # the folder is not here: a cache is often moved to where the images are not
+            return None
+        if fingerprint_differs(index.get("fingerprints", {}).get(split), fingerprint(files, base)):
+            changed.append(split)
+    if not changed:
+        return None
+    return (f"warning: the images under {index['root']} changed after the cache at {cache} was prepared from them "
+            f"({' and '.join(changed)} split); training uses the cache's copies — prepare it again to use the new ones")
 
 
 def _celeba_folder(root: str) -> tuple[Path, list[str]]:
@@ -620,7 +650,8 @@ def record_run_data(run: RunDir, data_cfg: DataConfig, train, test, resumed: boo
     (files skipped; on resume, files that differ from those the run recorded)."""
     recorded = read_json(run.data_record)
     changed = [data_changed_warning(recorded, s, d) for s, d in zip(SPLITS, (train, test))] if resumed else []
-    warnings = [w for w in dict.fromkeys([skipped_warning(train, test), *changed]) if w]  # each line once
+    warnings = [w for w in dict.fromkeys([skipped_warning(train, test), stale_cache_warning(data_cfg), *changed])
+                if w]  # each line once
     write_json(run.data_record, data_record(data_cfg, train, test))
     if check_records(train, test):  # image files only
         write_json(run.data_check, check_records(train, test))

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import shutil
 import struct
 import warnings
 from importlib import resources
@@ -375,6 +376,22 @@ def test_cache_batches_equal_folder_batches(tmp_path):
         x, y = cached.get_batch(torch.arange(len(folder)))
         assert torch.equal(x, torch.stack([img for img, _ in all_items(folder)]))
         assert y.tolist() == [-1] * len(folder)
+
+
+def test_a_cache_whose_image_folder_changed_since_it_was_prepared_says_so(tmp_path):
+    paths = make_folder(tmp_path / "images", 9, size=(10, 13))
+    cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=6, channels=3, test_fraction=0.3)
+    data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    cached = data_cfg(**{**vars(cfg), "root": "elsewhere", "cache": str(tmp_path / "cache")})  # it knows its folder
+    assert data.stale_cache_warning(cached) is None
+    write_image(paths[0], random_image(np.random.default_rng(5), 20, 20))  # another picture, another size
+    warning = data.stale_cache_warning(cached)
+    assert warning.startswith(f"warning: the images under {tmp_path / 'images'} changed after the cache at "
+                              f"{tmp_path / 'cache'} was prepared from them (")
+    assert warning.endswith("split); training uses the cache's copies — prepare it again to use the new ones")
+    shutil.rmtree(tmp_path / "images")  # a cache moved to a machine without the images: nothing to compare
+    assert data.stale_cache_warning(cached) is None
+    assert data.stale_cache_warning(cfg) is None  # no cache at all
 
 
 def test_cache_prepared_at_another_size_or_missing_is_a_user_error(tmp_path):
