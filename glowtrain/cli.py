@@ -16,7 +16,7 @@ from typing import Annotated, NoReturn, Optional
 import typer
 
 from glowtrain import __version__
-from glowtrain.errors import UserError
+from glowtrain.errors import Stopped, UserError
 
 EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 STOP_GRACE_S = 300  # what `fit --nproc` gives its processes to stop cleanly after a SIGTERM
@@ -82,6 +82,8 @@ def _errors_to_exit_codes(command):
             on_rank_0 = os.environ.get("RANK", "0") == "0"  # under torchrun, one line for the job, not one per process
             _end(EXIT_INTERRUPTED, f"interrupted at step {step}; checkpoint saved. Continue with: "
                                    f"glowtrain fit --resume auto --out {shlex.quote(run_dir)}" if on_rank_0 else None)
+        except Stopped as e:
+            _end(EXIT_INTERRUPTED, str(e))
         except KeyboardInterrupt:
             _end(EXIT_INTERRUPTED, "interrupted")
         except (typer.Exit, typer.Abort):

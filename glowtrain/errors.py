@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A one-line message naming the problem and the fix; the CLI maps it to exit code 2."""
+
+
+class Stopped(Exception):
+    """Ctrl-C stopped a command part way: the one line says what it left behind; the CLI exits 130."""

@@ -34,7 +34,8 @@ def sample_batches(model: Glow, n: int, temperature: float, n_bits: int, generat
         count = min(batch_size, n - start)
         labels = None if y is None else y[start : start + count]
         with torch.inference_mode(), full_float32():
-            yield to_uint8(model.sample(count, temperature, y=labels, generator=generator), n_bits).cpu()
+            batch = to_uint8(model.sample(count, temperature, y=labels, generator=generator), n_bits).cpu()
+        yield batch  # outside the contexts: the caller's code between batches runs under its own settings
 
 
 def image_grid(images: torch.Tensor, n_columns: int | None = None) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from glowtrain.checkpoint import open_run
-from glowtrain.errors import UserError
+from glowtrain.errors import Stopped, UserError
 from glowtrain.images import (
     check_tensorboard,
     display_upscale,
@@ -116,11 +116,18 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
 def _stream(batches, folder: Path | None, n: int) -> tuple[torch.Tensor, list[Path]]:
     """Write each batch's images to `folder` (if any) as they come; keep only the first GRID_LIMIT for the grid."""
     shown, singles, index = [], [], 0
-    for batch in batches:
-        shown.append(batch[: max(0, GRID_LIMIT - index)])
-        if folder is not None:
-            singles += _write_individual(batch, folder, index, n)
-        index += len(batch)
+    try:
+        for batch in batches:
+            shown.append(batch[: max(0, GRID_LIMIT - index)])
+            if folder is not None:
+                singles += _write_individual(batch, folder, index, n)
+            index += len(batch)
+    except KeyboardInterrupt:
+        if folder is None or not folder.is_dir():
+            raise
+        written = sum(1 for _ in folder.glob("*.png"))  # a batch may have been cut short
+        raise Stopped(f"interrupted: {folder} holds {written:,} of the {n:,} images; the same command with "
+                      "--overwrite writes them all") from None
     return torch.cat(shown), singles
 
 

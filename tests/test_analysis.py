@@ -862,6 +862,32 @@ def test_sample_streams_individual_files_batch_by_batch(fitted, tmp_path, monkey
     assert written_before_next_batch == [4, 8, 10]
 
 
+def test_sample_stopped_part_way_names_its_partial_folder_and_the_way_to_finish(fitted, tmp_path, monkeypatch):
+    import glowtrain.sample as sample_module
+
+    _, run_dir = fitted
+    original = sample_module._write_individual
+
+    def ctrl_c_in_the_second_batch(batch, folder, start, n):
+        if start > 0:
+            original(batch[:1], folder, start, n)  # one file of the batch written, then Ctrl-C
+            raise KeyboardInterrupt
+        return original(batch, folder, start, n)
+
+    monkeypatch.setattr(sample_module, "_write_individual", ctrl_c_in_the_second_batch)
+    command = ("sample", "--run", run_dir, "--n", "10", "--batch-size", "4", "--individual", "--no-grid",
+               "--out", tmp_path, *CPU)
+    result = invoke(*command)
+    folder = tmp_path / "sample_step0000004_t0p70_seed0_n10_b4"
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert result.stderr == (f"interrupted: {folder} holds 5 of the 10 images; the same command with --overwrite "
+                             "writes them all\n")
+    monkeypatch.setattr(sample_module, "_write_individual", original)
+    assert_one_line_error(invoke(*command), 2, "--overwrite")  # the partial folder is not written over unasked
+    ok(invoke(*command, "--overwrite"))
+    assert len(list(folder.iterdir())) == 10
+
+
 def test_temperatures_and_alphas_take_both_comma_lists_and_repeats(fitted, tmp_path):
     _, run_dir = fitted
     commas = ok(invoke("sample", "--run", run_dir, "--n", "1", "--temp", "0.5,1", "--out", tmp_path / "a", *CPU))
