@@ -72,11 +72,13 @@ def _run_dataset(loaded: LoadedRun, split: str, cfg: Config | None = None):
     return build_dataset((cfg or loaded.cfg).data, split, checked_files(loaded.run_dir))
 
 
-def _test_images(cfg: Config, n: int, device: torch.device, loaded: LoadedRun | None = None):
-    """The first n test images at bin centres (no noise), with labels."""
+def _test_images(cfg: Config, n: int, device: torch.device, loaded: LoadedRun | None = None, per_unit: int = 1,
+                 option: str = "--n"):
+    """The first n test images at bin centres (no noise), with labels; `option` asked for n / per_unit of them."""
     dataset = _run_dataset(loaded, "test", cfg) if loaded else build_dataset(cfg.data, "test")
     if n > len(dataset):
-        raise UserError(f"asked for {n} test images but the test split has {len(dataset)}")
+        raise UserError(f"asked for {n} test images but the test split has {len(dataset)} — use {option} "
+                        f"{len(dataset) // per_unit} or less")
     items = [dataset[i] for i in range(n)]
     images = torch.stack([image for image, _ in items]).to(device)
     labels = torch.tensor([label for _, label in items], device=device)
@@ -116,7 +118,7 @@ def interpolate_command(loaded: LoadedRun, n_pairs: int, n_steps: int, device: t
     named = [f"pairs{n_pairs}"] * (n_pairs != INTERPOLATE_PAIRS) + [f"steps{n_steps}"] * (n_steps != INTERPOLATE_STEPS)
     target = _picture_path(loaded, out, "interpolate", named, use_ema, overwrite)
     cfg, model = loaded.cfg, loaded.model
-    x, _ = _test_images(cfg, 2 * n_pairs, device, loaded)
+    x, _ = _test_images(cfg, 2 * n_pairs, device, loaded, per_unit=2, option="--pairs")
     zs, _ = model.encode(x)
     weights = torch.linspace(0, 1, n_steps, device=device, dtype=x.dtype)
     rows = []

@@ -570,6 +570,8 @@ def runs_(
     """List the runs under runs/: step reached, best test bits/dim and status."""
     from glowtrain.runs import format_runs, list_runs
 
+    if root != "runs" and not Path(root).is_dir():  # the default is simply not there before a first run
+        raise UserError(f"--root {root}: no such folder — pass the folder that holds your runs (default: runs)")
     rows = list_runs(Path(root))
     if not rows:
         typer.echo(f"no runs under {Path(root).absolute()}/ — train one with 'glowtrain fit'")

@@ -262,6 +262,9 @@ def resolve_checkpoint(run: str | None = None, checkpoint: str | None = None, wh
             raise UserError(f"checkpoint not found: {path} — pass an existing .pt file")
         return path
     run_dir = RunDir(Path(run)) if run else latest_run()
+    if run_dir.path.is_file():
+        raise UserError(f"--run takes a run directory, and {run_dir.path} is a file — pass its run directory, or "
+                        f"the file as --checkpoint {run_dir.path}")
     if not run_dir.path.is_dir():
         raise UserError(f"run directory not found: {run_dir.path} — pass a directory made by 'glowtrain fit'")
     path = getattr(run_dir, which)

@@ -453,7 +453,18 @@ def test_runs_lists_each_run_with_step_best_bpd_and_status(fitted, tmp_path, mon
     (root / "runs" / "empty" / "config.yaml").unlink()
     (root / "runs" / "empty").rmdir()
     monkeypatch.chdir(tmp_path)
-    assert "no runs under" in invoke("runs").stdout
+    assert "no runs under" in invoke("runs").stdout  # before the first run, runs/ is simply not there yet
+    assert assert_one_line_error(invoke("runs", "--root", "rusn"), 2) == (
+        "error: --root rusn: no such folder — pass the folder that holds your runs (default: runs)")
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    assert assert_one_line_error(invoke("info", "--run", checkpoint), 2) == (
+        f"error: --run takes a run directory, and {checkpoint} is a file — pass its run directory, or the file as "
+        f"--checkpoint {checkpoint}")
+    line = assert_one_line_error(invoke("reconstruct", "--run", run_dir, "--n", "5000", "--out", tmp_path / "r.png"), 2)
+    assert line.endswith("the test split has 297 — use --n 297 or less")
+    line = assert_one_line_error(invoke("interpolate", "--run", run_dir, "--pairs", "500", "--out", tmp_path / "i.png"),
+                                 2)
+    assert line.endswith("the test split has 297 — use --pairs 148 or less")
 
 
 def test_max_time_stops_cleanly_with_a_checkpoint_and_the_resume_command(tmp_path, monkeypatch):
