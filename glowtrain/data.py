@@ -475,6 +475,9 @@ def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True) ->
              "root": str(Path(data_cfg.root).expanduser().resolve()), "image_size": shape[1],
              "channels": shape[0], "image_shape": list(shape), "n_classes": splits["train"].n_classes, "splits": {},
              "fingerprints": {split: ds.report.fingerprint for split, ds in splits.items()},
+             # What the data line says of the files, so a run from the cache says what prepare said.
+             "reports": {split: {"skipped": ds.report.skipped, "conversions": dict(ds.report.conversions)}
+                         for split, ds in splits.items()},
              "keys": _content_keys(data_cfg, *splits.values())}
     if isinstance(splits["train"], ImageFiles):  # runs trained from the cache record it (training_crop)
         index["crop"] = splits["train"].crop
@@ -571,6 +574,11 @@ def _load_cache(data_cfg, split: str) -> TensorImages:
     dataset = TensorImages(images, labels, n_classes=index["n_classes"])
     # The fingerprint of the files the cache was made from, so a run sees the same data either way.
     dataset.report.fingerprint = index.get("fingerprints", {}).get(split, dataset.report.fingerprint)
+    report = index.get("reports", {}).get(split)
+    if report:  # not in a cache made by an earlier glowtrain
+        dataset.report.skipped = [tuple(pair) for pair in report["skipped"]]
+        dataset.report.n_found = len(dataset) + len(dataset.report.skipped)
+        dataset.report.conversions = Counter(report["conversions"])
     if "crop" in index:
         dataset.crop = index["crop"]  # the centre crop its image files were read with
     return dataset

@@ -378,6 +378,21 @@ def test_cache_batches_equal_folder_batches(tmp_path):
         assert y.tolist() == [-1] * len(folder)
 
 
+def test_a_run_from_a_cache_says_what_prepare_said_of_the_files(tmp_path):
+    make_folder(tmp_path / "images", 9, size=(10, 13))
+    (tmp_path / "images" / "broken.png").write_bytes(b"not a picture")
+    cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=6, channels=1, test_fraction=0.3,
+                   on_bad_image="skip")
+    index = data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    cached_cfg = data_cfg(**{**vars(cfg), "cache": str(tmp_path / "cache")})
+    train, test = (data.build_dataset(cached_cfg, split) for split in ("train", "test"))
+    line = data.data_summary(cached_cfg, train, test)
+    assert line.split(": ", 2)[2] == index["summary"].split(": ", 2)[2]  # after "data: folder <where>: "
+    assert line.endswith(": 10 images found, 7 train / 2 test, 1 skipped; 6x6 grey, 5 bits; converted: "
+                         "9 colour→grey, 9 centre-cropped, 9 resized")
+    assert data.skipped_warning(train, test) == index["warning"]
+
+
 def test_a_cache_whose_image_folder_changed_since_it_was_prepared_says_so(tmp_path):
     paths = make_folder(tmp_path / "images", 9, size=(10, 13))
     cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=6, channels=3, test_fraction=0.3)
