@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections import Counter
@@ -31,28 +32,51 @@ def find_images(root: str) -> tuple[Path, list[str]]:
     if not base.is_dir():
         raise UserError(f"image folder {base} does not exist; set data.root to a directory of images (for a trained "
                         "run moved to another machine: --data DIR)")
-    found = _each_file_once(sorted(_walk(base), key=lambda p: relative(p, base)))
+    found = sorted(_each_file_once(_walk(base)), key=functools.partial(relative, base=base))
     if not found:
         raise UserError(f"no images under {base}; data.root needs files ending in "
                         f"{', '.join(IMAGE_EXTENSIONS)} (any case, any depth)")
     return base, found
 
 
-def _walk(base: Path) -> Iterator[str]:
-    """Every image file under base, following links to folders (in name order) but entering each real
-    folder once: a link back up (`loop -> .`) or a second link to a folder adds nothing."""
-    seen = {_identity(base)}
-    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+def _walk(base: Path) -> list[str]:
+    """Every image file under base: first the real ones, then what links add, each group in name order.
+    Links to folders are followed, but each real folder is entered once (a link back up, `loop -> .`, or a
+    second link to a folder adds nothing); listed first, a file's own path wins over a link's (its name
+    decides its split, so adding a link must not rename it)."""
+    seen, links, linked_files, through_links = {_identity(base)}, [], [], []
+    real = list(_walk_real(base, seen, links, linked_files))
+    while links:  # folders reached only through links, each walked the same way
+        folder = links.pop(0)
+        identity = _identity(folder)
+        if identity is not None and identity not in seen:
+            seen.add(identity)
+            through_links += _walk_real(folder, seen, links, linked_files)
+    by_name = functools.partial(relative, base=base)
+    return sorted(real, key=by_name) + sorted(through_links, key=by_name) + sorted(linked_files, key=by_name)
+
+
+def _walk_real(top: str | Path, seen: set, links: list[str], linked_files: list[str]) -> Iterator[str]:
+    """The image files under top reached without links; links to folders and to files are set aside in
+    `links` and `linked_files`."""
+    for dirpath, dirnames, filenames in os.walk(top):
         entered = []
         for name in sorted(d for d in dirnames if not d.startswith(".")):
-            identity = _identity(os.path.join(dirpath, name))
-            if identity is not None and identity not in seen:
-                seen.add(identity)
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                links.append(path)
+            elif _identity(path) not in seen:
+                seen.add(_identity(path))
                 entered.append(name)
         dirnames[:] = entered
         # Hidden files include macOS "._x.jpg" resource forks, which are not images.
-        yield from (os.path.join(dirpath, f) for f in filenames
-                    if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                path = os.path.join(dirpath, name)
+                if os.path.islink(path):
+                    linked_files.append(path)
+                else:
+                    yield path
 
 
 def _identity(path: str | Path) -> tuple[int, int] | None:
@@ -63,9 +87,9 @@ def _identity(path: str | Path) -> tuple[int, int] | None:
     return stat.st_dev, stat.st_ino
 
 
-def _each_file_once(paths: list[str]) -> list[str]:
-    """The first path of each real file (one reached twice through links, or hard-linked, is one image:
-    it must not land in both splits)."""
+def _each_file_once(paths) -> list[str]:
+    """The first path of each real file, in the order given (one reached twice through links, or hard-linked,
+    is one image: it must not land in both splits)."""
     seen, once = set(), []
     for path in paths:
         identity = _identity(path)

@@ -252,10 +252,18 @@ def test_linked_folders_list_each_file_once_and_keep_it_in_one_split(tmp_path):
     os.symlink(".", root / "loop")  # a link back up: endless without loop detection
     os.symlink(root / "a", root / "b")  # a second way to the same folder
     os.symlink(root / "a" / "img003.png", root / "a" / "z.png")  # a second name for one file
+    # Links whose names sort first: the files keep their own names (a name decides the split).
+    os.symlink(root / "a" / "img005.png", root / "a" / "aa.png")
+    os.symlink(root / "a", root / "0a")
     base, linked = find_images(str(root))
-    assert linked == plain  # each real file once, by its first path in name order
+    assert linked == plain  # each real file once, by its own path
     after = {split: split_paths(linked, base, 0.25, 0, split) for split in ("train", "test")}
     assert after == before and not set(after["train"]) & set(after["test"])
+    make_images(tmp_path / "elsewhere", 3)  # a folder outside data.root, reached only through a link
+    os.symlink(tmp_path / "elsewhere", root / "a" / "more")
+    os.symlink(tmp_path / "elsewhere" / "img001.png", root / "0.png")  # and one of its files by a second name
+    base, linked = find_images(str(root))
+    assert linked == sorted(plain + [str(root / "a" / "more" / f"img{i:03d}.png") for i in range(3)])
 
 
 def sixteen_bit(array: np.ndarray, mode: str) -> Image.Image:
