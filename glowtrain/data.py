@@ -32,9 +32,11 @@ from glowtrain.folders import (
     SPLIT_SCHEME,
     WIDE_GREY_MODES,
     check_images,
+    describe_ignored,
     find_images,
     fingerprint,
     fingerprint_differs,
+    ignored_counts,
     relative,
     split_paths,
     unreadable_error,
@@ -98,6 +100,7 @@ class SplitReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     conversions: Counter = field(default_factory=Counter)
     check_records: dict = field(default_factory=dict)  # per file: what the check found (kept in the run)
+    ignored: tuple[int, int] = (0, 0)  # (hidden folders, other files) in the folder that are not read
 
 
 class TensorImages(Dataset):
@@ -282,11 +285,13 @@ def _build_uncached(data_cfg, split: str, checked: dict | None = None) -> Datase
         return _digits(split)
     if name in _TORCHVISION:
         return _torchvision_set(data_cfg, split, shape)
-    base, chosen, every = _image_files(data_cfg, split)
+    ignored = []
+    base, chosen, every = _image_files(data_cfg, split, ignored)
     if every is None:  # CelebA in torchvision's layout: its own split, its own crop
         return _checked_files(data_cfg, base, chosen, CELEBA_CROP, checked)
     labels, class_names = _subfolder_labels(base, every) if data_cfg.labels == "subfolders" else (None, [])
     dataset = _checked_files(data_cfg, base, chosen, None, checked)
+    dataset.report.ignored = ignored_counts(ignored)
     dataset.split_scheme = SPLIT_SCHEME
     if labels is not None:
         dataset.labels, dataset.n_classes = [labels[p] for p in dataset.paths], len(class_names)
@@ -294,14 +299,16 @@ def _build_uncached(data_cfg, split: str, checked: dict | None = None) -> Datase
     return dataset
 
 
-def _image_files(data_cfg, split: str) -> tuple[Path, list[str], list[str] | None]:
+def _image_files(data_cfg, split: str, ignored: list[str] | None = None) -> tuple[Path, list[str], list[str] | None]:
     """(folder, the split's files, all the dataset's files) of a folder or CelebA dataset as they are now; all
-    the files are None for CelebA in torchvision's layout, which lists each split itself."""
+    the files are None for CelebA in torchvision's layout, which lists each split itself. What a folder holds
+    besides images goes to `ignored`."""
     if data_cfg.dataset == "celeba":
         celeba = _celeba_official_root(data_cfg)
         if celeba is not None:
             return celeba, _celeba_official(celeba, split), None
-    base, paths = _celeba_folder(data_cfg.root) if data_cfg.dataset == "celeba" else find_images(data_cfg.root)
+    base, paths = (_celeba_folder(data_cfg.root, ignored) if data_cfg.dataset == "celeba" else
+                   find_images(data_cfg.root, ignored))
     return base, split_paths(paths, base, data_cfg.test_fraction, data_cfg.split_seed, split), paths
 
 
@@ -327,9 +334,9 @@ def stale_cache_warning(data_cfg) -> str | None:
             f"({' and '.join(changed)} split); training uses the cache's copies — prepare it again to use the new ones")
 
 
-def _celeba_folder(root: str) -> tuple[Path, list[str]]:
+def _celeba_folder(root: str, ignored: list[str] | None = None) -> tuple[Path, list[str]]:
     try:
-        return find_images(root)
+        return find_images(root, ignored)
     except UserError:
         base = Path(root).expanduser().absolute()
         raise UserError(f"no CelebA images under {base}: put the aligned faces in {base}/celeba/img_align_celeba/ "
@@ -476,7 +483,8 @@ def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True) ->
              "channels": shape[0], "image_shape": list(shape), "n_classes": splits["train"].n_classes, "splits": {},
              "fingerprints": {split: ds.report.fingerprint for split, ds in splits.items()},
              # What the data line says of the files, so a run from the cache says what prepare said.
-             "reports": {split: {"skipped": ds.report.skipped, "conversions": dict(ds.report.conversions)}
+             "reports": {split: {"skipped": [list(pair) for pair in ds.report.skipped],  # as JSON gives it back
+                                 "conversions": dict(ds.report.conversions), "ignored": list(ds.report.ignored)}
                          for split, ds in splits.items()},
              "keys": _content_keys(data_cfg, *splits.values())}
     if isinstance(splits["train"], ImageFiles):  # runs trained from the cache record it (training_crop)
@@ -579,6 +587,7 @@ def _load_cache(data_cfg, split: str) -> TensorImages:
         dataset.report.skipped = [tuple(pair) for pair in report["skipped"]]
         dataset.report.n_found = len(dataset) + len(dataset.report.skipped)
         dataset.report.conversions = Counter(report["conversions"])
+        dataset.report.ignored = tuple(report.get("ignored", (0, 0)))
     if "crop" in index:
         dataset.crop = index["crop"]  # the centre crop its image files were read with
     return dataset
@@ -607,8 +616,9 @@ def data_summary(data_cfg: DataConfig, train, test) -> str:
     found = sum(r.n_found for r in reports)
     skipped = sum(len(r.skipped) for r in reports)
     c, h, w = train.image_shape
-    text = (f"data: {data_cfg.dataset}{where}: {found:,} images found, {len(train):,} train / {len(test):,} test, "
-            f"{skipped:,} skipped; {h}x{w} {'RGB' if c == 3 else 'grey'}, {data_cfg.n_bits} bits")
+    text = (f"data: {data_cfg.dataset}{where}: {found:,} images found{describe_ignored(*train.report.ignored)}, "
+            f"{len(train):,} train / {len(test):,} test, {skipped:,} skipped; {h}x{w} {'RGB' if c == 3 else 'grey'}, "
+            f"{data_cfg.n_bits} bits")
     if train.n_classes:
         text += f", {train.n_classes} classes"
     conversions = reports[0].conversions + reports[1].conversions

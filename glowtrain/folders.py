@@ -24,46 +24,52 @@ WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _GREY_MODES = {"1", "L", "LA", *WIDE_GREY_MODES}
 
 
-def find_images(root: str) -> tuple[Path, list[str]]:
-    """(the absolute root, every image file under it) in a sorted order that is the same on every machine."""
+def find_images(root: str, ignored: list[str] | None = None) -> tuple[Path, list[str]]:
+    """(the absolute root, every image file under it) in a sorted order that is the same on every machine;
+    what else is there (hidden folders, with a trailing separator, and files hidden or without an image
+    extension) is added to `ignored`."""
     base = Path(root).expanduser().absolute()
     if base.exists() and not base.is_dir():
         raise UserError(f"data.root {base} is a file, not a folder; set data.root to the directory holding the images")
     if not base.is_dir():
         raise UserError(f"image folder {base} does not exist; set data.root to a directory of images (for a trained "
                         "run moved to another machine: --data DIR)")
-    found = sorted(_each_file_once(_walk(base)), key=functools.partial(relative, base=base))
+    found = sorted(_each_file_once(_walk(base, ignored if ignored is not None else [])),
+                   key=functools.partial(relative, base=base))
     if not found:
         raise UserError(f"no images under {base}; data.root needs files ending in "
                         f"{', '.join(IMAGE_EXTENSIONS)} (any case, any depth)")
     return base, found
 
 
-def _walk(base: Path) -> list[str]:
-    """Every image file under base: first the real ones, then what links add, each group in name order.
-    Links to folders are followed, but each real folder is entered once (a link back up, `loop -> .`, or a
-    second link to a folder adds nothing); listed first, a file's own path wins over a link's (its name
-    decides its split, so adding a link must not rename it)."""
+def _walk(base: Path, ignored: list[str]) -> list[str]:
+    """Every image file under base (the rest goes to `ignored`): first the real ones, then what links add,
+    each group in name order. Links to folders are followed, but each real folder is entered once (a link
+    back up, `loop -> .`, or a second link to a folder adds nothing); listed first, a file's own path wins
+    over a link's (its name decides its split, so adding a link must not rename it)."""
     seen, links, linked_files, through_links = {_identity(base)}, [], [], []
-    real = list(_walk_real(base, seen, links, linked_files))
+    real = list(_walk_real(base, seen, links, linked_files, ignored))
     while links:  # folders reached only through links, each walked the same way
         folder = links.pop(0)
         identity = _identity(folder)
         if identity is not None and identity not in seen:
             seen.add(identity)
-            through_links += _walk_real(folder, seen, links, linked_files)
+            through_links += _walk_real(folder, seen, links, linked_files, ignored)
     by_name = functools.partial(relative, base=base)
     return sorted(real, key=by_name) + sorted(through_links, key=by_name) + sorted(linked_files, key=by_name)
 
 
-def _walk_real(top: str | Path, seen: set, links: list[str], linked_files: list[str]) -> Iterator[str]:
+def _walk_real(top: str | Path, seen: set, links: list[str], linked_files: list[str],
+               ignored: list[str]) -> Iterator[str]:
     """The image files under top reached without links; links to folders and to files are set aside in
-    `links` and `linked_files`."""
+    `links` and `linked_files`, hidden folders and other files in `ignored`."""
     for dirpath, dirnames, filenames in os.walk(top):
         entered = []
-        for name in sorted(d for d in dirnames if not d.startswith(".")):
+        for name in sorted(dirnames):
             path = os.path.join(dirpath, name)
-            if os.path.islink(path):
+            if name.startswith("."):  # .git, .thumbs, .ipynb_checkpoints: not entered, but said
+                ignored.append(path + os.sep)
+            elif os.path.islink(path):
                 links.append(path)
             elif _identity(path) not in seen:
                 seen.add(_identity(path))
@@ -71,12 +77,26 @@ def _walk_real(top: str | Path, seen: set, links: list[str], linked_files: list[
         dirnames[:] = entered
         # Hidden files include macOS "._x.jpg" resource forks, which are not images.
         for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                path = os.path.join(dirpath, name)
-                if os.path.islink(path):
-                    linked_files.append(path)
-                else:
-                    yield path
+            path = os.path.join(dirpath, name)
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                ignored.append(path)
+            elif os.path.islink(path):
+                linked_files.append(path)
+            else:
+                yield path
+
+
+def ignored_counts(ignored: list[str]) -> tuple[int, int]:
+    """(hidden folders, other files) among what find_images left out."""
+    folders = sum(path.endswith(os.sep) for path in ignored)
+    return folders, len(ignored) - folders
+
+
+def describe_ignored(folders: int, files: int) -> str:
+    """What a data line says of the folders and files that are not read (empty when there are none)."""
+    parts = [f"{folders:,} hidden folder{'s' * (folders != 1)}"] * bool(folders)
+    parts += [f"{files:,} file{'s' * (files != 1)} hidden or not {'/'.join(IMAGE_EXTENSIONS)}"] * bool(files)
+    return f" (not read: {', '.join(parts)})" if parts else ""
 
 
 def _identity(path: str | Path) -> tuple[int, int] | None:

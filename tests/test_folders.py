@@ -367,3 +367,28 @@ def test_a_run_moved_to_another_machine_reads_its_data_from_where_data_says(tmp_
     assert load_config(run / "config.yaml").data.root == str(images)  # the run itself is left as it was
     assert_one_line_error(invoke("eval", "--run", run, "--device", "cpu", "--data", tmp_path / "nowhere"), 2,
                           "--data", "no such folder")
+
+
+def test_the_data_line_says_how_many_hidden_folders_and_other_files_it_did_not_read(tmp_path):
+    from glowtrain import data
+    from glowtrain.config import DataConfig
+
+    root = tmp_path / "photos"
+    make_images(root, 6)
+    make_images(root / ".thumbs", 4)  # a hidden folder: not entered, but said
+    for name in ("notes.txt", "scan.tif", ".DS_Store", "sub/.hidden.png"):
+        (root / name).parent.mkdir(exist_ok=True)
+        (root / name).write_bytes(b"x")
+    cfg = DataConfig(dataset="folder", root=str(root), image_size=8, channels=3, test_fraction=0.5)
+    train, test = data.build_dataset(cfg, "train"), data.build_dataset(cfg, "test")
+    assert data.data_summary(cfg, train, test).startswith(
+        f"data: folder {root}: 6 images found (not read: 1 hidden folder, 4 files hidden or not "
+        ".png/.jpg/.jpeg/.webp/.bmp), ")
+    index = data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    cached = DataConfig(**{**vars(cfg), "cache": str(tmp_path / "cache")})
+    line = data.data_summary(cached, data.build_dataset(cached, "train"), data.build_dataset(cached, "test"))
+    assert line.split(": ", 2)[2] == index["summary"].split(": ", 2)[2]
+    make_images(tmp_path / "plain", 4)
+    plain = DataConfig(**{**vars(cfg), "root": str(tmp_path / "plain")})
+    assert ": 4 images found, " in data.data_summary(plain, data.build_dataset(plain, "train"),
+                                                       data.build_dataset(plain, "test"))
