@@ -529,13 +529,15 @@ class Trainer:
         self._open_run_dir()
         self.deadline = None if cfg.max_time_s is None else self._now() + cfg.max_time_s
         self.timed_out = False
-        window = _Throughput(self.ctx.world_size)
+        window, start = _Throughput(self.ctx.world_size), state.step
         try:
             with _StopFlag() as stop:
                 while state.step < cfg.steps:
                     if self._stop_if_asked(stop):
                         break
                     images, labels = next(self.batches)
+                    if state.step == start:  # the window starts with the first batch, not the data workers' start-up
+                        window.restart()
                     compiling, started = self.forward.pending, time.perf_counter()
                     metrics = self.train_step(images, labels)
                     state.step += 1
@@ -548,14 +550,15 @@ class Trainer:
                         continue
                     if self._due(cfg.log_every):
                         self.log_train(metrics, window.restart())
-                    if self._due(cfg.eval_every):
-                        final = {**self.evaluate(), "step": state.step}
-                        if cfg.memory_saving:
-                            self.log_reconstruction(images[: cfg.batch_size])
-                    if self.ctx.is_main and self._due(cfg.sample_every):
-                        self.write_samples()
-                    if self._due(cfg.checkpoint_every):
-                        self.save(self.run_dir.last)
+                    with window.paused():  # evaluations, samples and saves are not training's images/s
+                        if self._due(cfg.eval_every):
+                            final = {**self.evaluate(), "step": state.step}
+                            if cfg.memory_saving:
+                                self.log_reconstruction(images[: cfg.batch_size])
+                        if self.ctx.is_main and self._due(cfg.sample_every):
+                            self.write_samples()
+                        if self._due(cfg.checkpoint_every):
+                            self.save(self.run_dir.last)
         finally:
             self._close(final)
         if not identical_across_ranks(self.objective, self.ctx):
@@ -666,6 +669,15 @@ class _Throughput:
 
     def add(self, n_images: int) -> None:
         self.images += n_images
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside is left out of the window."""
+        paused_at = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - paused_at
 
     def restart(self) -> float:
         """The window's images per second; a new window starts now."""

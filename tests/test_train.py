@@ -707,3 +707,37 @@ def test_resume_allows_keys_that_leave_the_model_and_data_as_they_are(tiny_run):
     resumed = fit_config(None, safe, str(straight_dir), "auto")
     assert (resumed.train.steps, resumed.train.log_every, resumed.data.n_workers) == (9, 1, 2)
     assert resumed.model == cfg.model and resumed.data.n_bits == cfg.data.n_bits
+
+
+def test_images_per_s_counts_training_steps_only(tmp_path, monkeypatch):
+    """On a clock where a step takes 1 s and the data workers' start, evaluations, samples and saves take
+    100 s each, every logged window says exactly one batch per second, also after a resume."""
+    import glowtrain.train as training
+
+    clock = [0.0]
+    monkeypatch.setattr(training.time, "perf_counter", lambda: clock[0])
+
+    def taking(seconds, method):
+        def timed(*args, **kwargs):
+            clock[0] += seconds
+            return method(*args, **kwargs)
+        return timed
+
+    for name, seconds in (("train_step", 1.0), ("evaluate", 100.0), ("write_samples", 100.0), ("save", 100.0)):
+        monkeypatch.setattr(Trainer, name, taking(seconds, getattr(Trainer, name)))
+    batches_from = Trainer._batches_from
+
+    def slow_to_start(self, step):
+        batches = batches_from(self, step)
+
+        def started_late():
+            clock[0] += 100.0  # the data workers start with the first batch
+            yield from batches
+        return started_late()
+
+    monkeypatch.setattr(Trainer, "_batches_from", slow_to_start)
+    out = tmp_path / "run"
+    train(tiny_config("train.steps=4"), out=str(out), progress=False)
+    train(tiny_config(), out=str(out), resume="auto", progress=False)
+    rates = [r["images_per_s"] for r in read_metrics(out) if r["split"] == "train"]
+    assert rates == [16.0] * 3  # steps 2, 4 and, after the resume at 4, 6
