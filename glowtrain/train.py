@@ -629,7 +629,7 @@ class Trainer:
             self.logger = RunLogger(self.run_dir, self.state.step if self.resumed else None)
             if self.logger.n_moved:
                 tqdm.write(f"note: {self.logger.n_moved} metrics.jsonl record(s) logged after step {self.state.step} "
-                           f"(training lost when the run stopped unsaved) moved to {self.run_dir.metrics_discarded}")
+                           f"(the step this run resumes from) moved to {self.run_dir.metrics_discarded}")
             if not self._nothing_to_train:
                 self._record_data()
         show = self.progress and ctx.is_main

@@ -700,6 +700,20 @@ def test_resume_refuses_keys_that_change_what_is_modelled_and_changes_nothing(ti
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_resume_with_a_config_that_leaves_a_model_key_at_its_default_says_to_resume_without_it(tiny_run, tmp_path):
+    from helpers import assert_one_line_error, invoke
+
+    _, straight_dir, _ = tiny_run
+    out = tmp_path / "run"
+    shutil.copytree(straight_dir, out)
+    partial = tmp_path / "longer.yaml"
+    partial.write_text("train:\n  steps: 8\n")  # model.n_steps etc. fall back to their defaults
+    line = assert_one_line_error(invoke("fit", "--resume", "auto", "--out", out, "--config", partial), 2)
+    assert "cannot change when resuming" in line
+    assert line.endswith("; or resume without --config: the run's own config is used, and --set changes its run.* "
+                         "and train.* keys")
+
+
 def test_resume_allows_keys_that_leave_the_model_and_data_as_they_are(tiny_run):
     cfg, straight_dir, _ = tiny_run
     safe = ["train.steps=9", "train.log_every=1", "train.eval_every=2", "train.lr=0.001", "data.n_workers=2",
