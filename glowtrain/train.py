@@ -210,8 +210,7 @@ class TrainResult:
     run_dir: str
     step: int
     best_test_bpd: float
-    test: dict  # the last evaluation's metrics (bpd, bpd_stderr, n_images, the objective's other terms) and its
-    # step; {} if none
+    test: dict  # the last evaluation's metrics (bpd, bpd_stderr, n_images, other terms) and its step; {} if none
     timed_out: bool = False  # stopped (after saving) because train.max_time was used up
 
 
