@@ -62,8 +62,7 @@ def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.de
         result.update(bpd_iw=scored["bpd_iw"], bpd_iw_stderr=scored["bpd_iw_stderr"])
     result.update(n_dequant=n_dequant, split=split, step=loaded.step, checkpoint=str(loaded.checkpoint),
                   ema=loaded.used_ema)
-    if "accuracy" in scored:
-        result["accuracy"] = scored["accuracy"]
+    result.update({name: value for name, value in scored.items() if name not in result})  # the objective's terms
     return result
 
 

@@ -48,18 +48,20 @@ def _mean_and_stderr(total: float, total_sq: float, n: int) -> tuple[float, floa
 @full_float32()  # bits/dim must not depend on the GPU generation (precision.py)
 def evaluate(model: Glow | Objective, dataset, cfg: Config, device: torch.device, seed: int = EVAL_NOISE_SEED,
              ctx: Context | None = None, n_dequant: int = 1, progress: bool = False) -> dict:
-    """bits/dim over the whole split (mean of per-image bpd), plus accuracy for class-conditional models.
+    """bits/dim over the whole split (mean of per-image bpd), and the mean over its images of every other term
+    the objective reports (class_ce and accuracy for class-conditional models; ObjectiveOutput).
 
     With `n_dequant` S > 1, each image gets S dequantisation draws (seeds seed .. seed + S - 1): `bpd` is
-    then the single-draw bound averaged over them, and `bpd_iw` the importance-weighted bound.
-    Under torchrun each rank scores its share and the sums are all-reduced. `progress`: a bar on stderr (this
-    rank's images), gone when done."""
+    then the single-draw bound averaged over them, and `bpd_iw` the importance-weighted bound; the other
+    terms are the first draw's. Under torchrun each rank scores its share and the sums are all-reduced.
+    `progress`: a bar on stderr (this rank's images), gone when done."""
     ctx = ctx or Context(device=device)
     objective = model if isinstance(model, Objective) else Objective(model, cfg.data.n_bits)
     was_training = objective.training
     objective.eval()
     wide = widest_float(device)
-    sums = torch.zeros(6, dtype=wide, device=device)  # bpd, bpd^2, correct, images, iw bpd, iw bpd^2
+    sums = torch.zeros(5, dtype=wide, device=device)  # bpd, bpd^2, images, iw bpd, iw bpd^2
+    term_sums: dict[str, torch.Tensor] = {}  # every other term, summed over the images
     mine = list(range(ctx.rank, len(dataset), ctx.world_size))
     batch_size = cfg.train.eval_batch_size
     batches = make_eval_batches(dataset, batch_size, rank=ctx.rank, world_size=ctx.world_size,
@@ -72,21 +74,36 @@ def evaluate(model: Glow | Objective, dataset, cfg: Config, device: torch.device
         draws = []
         for draw in range(n_dequant):
             noise = per_image_noise(mine[start : start + len(images)], tuple(images.shape[1:]), seed + draw, device)
-            terms = objective(images, labels, noise)
+            terms = objective(images, labels, noise).terms
             draws.append(terms["bpd"].to(wide))
-            if draw == 0 and "correct" in terms:
-                sums[2] += terms["correct"].sum()
+            if draw == 0:
+                _add_terms(term_sums, terms, len(images), wide)
         bpd, iw = torch.stack(draws).mean(0), importance_weighted_bpd(torch.stack(draws), objective.model.n_dims)
-        sums += torch.stack([bpd.sum(), (bpd**2).sum(), sums.new_zeros(()), sums.new_tensor(len(images)),
-                             iw.sum(), (iw**2).sum()])
+        sums += torch.stack([bpd.sum(), (bpd**2).sum(), sums.new_tensor(len(images)), iw.sum(), (iw**2).sum()])
     bar.close()
     objective.train(was_training)
-    total_bpd, total_sq, n_correct, n_images, total_iw, total_iw_sq = ctx.sum_(sums).tolist()
+    return _split_means(sums, term_sums, n_dequant, ctx)
+
+
+def _add_terms(term_sums: dict[str, torch.Tensor], terms: dict[str, torch.Tensor], n_images: int,
+               wide: torch.dtype) -> None:
+    """Add a batch's terms other than bpd to their sums over images; a batch's mean () counts for each image."""
+    for name, value in terms.items():
+        if name != "bpd":
+            total = value.to(wide).expand(n_images).sum()
+            term_sums[name] = term_sums[name] + total if name in term_sums else total
+
+
+def _split_means(sums: torch.Tensor, term_sums: dict[str, torch.Tensor], n_dequant: int, ctx: Context) -> dict:
+    """The per-rank sums, all-reduced, as means (and standard errors for the bits/dim)."""
+    names = ctx.share(list(term_sums), group=ctx.host_group)  # rank 0's: a rank may have no images of its own
+    own = [term_sums.get(name, sums.new_zeros(())).reshape(1) for name in names]
+    totals = ctx.sum_(torch.cat([sums, *own])).tolist()
+    (total_bpd, total_sq, n_images, total_iw, total_iw_sq), term_totals = totals[:5], totals[5:]
     n_images = int(n_images)
     mean, stderr = _mean_and_stderr(total_bpd, total_sq, n_images)
     result = {"bpd": mean, "bpd_stderr": stderr, "n_images": n_images}
     if n_dequant > 1:
         result["bpd_iw"], result["bpd_iw_stderr"] = _mean_and_stderr(total_iw, total_iw_sq, n_images)
-    if cfg.model.n_classes > 0:
-        result["accuracy"] = n_correct / n_images
+    result.update({name: total / n_images for name, total in zip(names, term_totals)})
     return result

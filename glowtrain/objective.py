@@ -8,6 +8,7 @@ trained with the flow, and the optimiser, EMA, DDP and checkpoints pick it up th
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +19,23 @@ from glowtrain.dequantization import UniformDequantizer, make_dequantizer
 from glowtrain.losses import bits_per_dim, dequantize
 from glowtrain.model import Glow
 
-__all__ = ["Objective", "UniformDequantizer", "batch_noise", "build_objective"]
+__all__ = ["Objective", "ObjectiveOutput", "UniformDequantizer", "batch_noise", "build_objective"]
+
+
+class ObjectiveOutput(NamedTuple):
+    """One forward pass: what training minimises, and the named terms that training and evaluation report.
+
+    A new loss term is added here alone: put it in `terms` (under its own name) and into `loss` with its
+    weight. Training then logs its batch mean (metrics.jsonl, TensorBoard, the progress line) and evaluation
+    its mean over the split, with no change elsewhere."""
+
+    loss: torch.Tensor  # () what the optimiser minimises
+    terms: dict[str, torch.Tensor]  # name -> floating (N,) per image or () for the batch; "bpd" always first
 
 
 class Objective(nn.Module):
-    """uint8 images (+ labels, + uniform noise) -> {"loss", "bpd" (per image), "class_ce", "correct"}."""
+    """uint8 images (+ labels, + uniform noise) -> ObjectiveOutput: the loss, and the terms "bpd" (per image)
+    and, for class-conditional models, "class_ce" (the batch's mean) and "accuracy" (per image, 0 or 1)."""
 
     def __init__(self, model: Glow, n_bits: int, class_weight: float = 0.0, dequantizer: nn.Module | None = None):
         super().__init__()
@@ -41,18 +54,18 @@ class Objective(nn.Module):
         self.model.initialize(x, labels)
         return self
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor) -> ObjectiveOutput:
         x, log_q = self.dequantizer(images, noise)
         conditional = self.model.n_classes > 0
         log_prob, logits = self.model(x, labels if conditional else None)
         # The discrete model's bits/dim bound: E[-log p(x + u) + log q(u | x)] per dimension.
         bpd = bits_per_dim(log_prob - log_q, self.model.n_dims, self.n_bits)
-        terms = {"bpd": bpd, "loss": bpd.mean()}
+        terms, loss = {"bpd": bpd}, bpd.mean()
         if logits is not None:
             terms["class_ce"] = F.cross_entropy(logits, labels)
-            terms["correct"] = logits.argmax(1) == labels
-            terms["loss"] = terms["loss"] + self.class_weight * terms["class_ce"]
-        return terms
+            terms["accuracy"] = (logits.argmax(1) == labels).to(bpd.dtype)
+            loss = loss + self.class_weight * terms["class_ce"]
+        return ObjectiveOutput(loss, terms)
 
     def compile_regions(self) -> list[nn.Module]:
         """What `train.compile_scope: steps` compiles one by one: a learned dequantiser whole, and every flow step."""

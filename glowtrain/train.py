@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import math
 import signal
@@ -12,6 +13,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -193,6 +195,13 @@ def _load_objective(objective: Objective, model_state: dict, extras: dict | None
         objective.load_state_dict({**{f"model.{k}": v for k, v in model_state.items()}, **extras})
 
 
+class StepMetrics(NamedTuple):
+    """What one optimiser step reports, left on the device until a logging step reads it."""
+
+    terms: dict[str, torch.Tensor]  # each of the objective's terms, as the step's mean over its images
+    grad_norm: torch.Tensor  # before clipping
+
+
 @dataclass
 class TrainResult:
     """What `train` returns: where the run is and how it ended."""
@@ -201,7 +210,7 @@ class TrainResult:
     run_dir: str
     step: int
     best_test_bpd: float
-    test: dict  # the last evaluation's metrics (bpd, bpd_stderr, n_images[, accuracy]) and its step; {} if none
+    test: dict  # the last evaluation's metrics (bpd, bpd_stderr, n_images, other terms) and its step; {} if none
     timed_out: bool = False  # stopped (after saving) because train.max_time was used up
 
 
@@ -337,21 +346,21 @@ class Trainer:
 
     # --- one optimiser step --------------------------------------------------------------------
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> StepMetrics:
         """Forward and backward over the micro-batches, clip, the skippable optimiser step, EMA.
 
-        Returns the step's mean bits/dim and gradient norm, left on the device."""
+        Returns the step's mean of each of the objective's terms (bits/dim, ...) and its gradient norm."""
         lr = lr_at(self.state.step, self.cfg) * self.state.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = self.prepare_batch(images, labels)
         self._clear_grads()
-        bpd, loss_finite = self.forward.first_use(lambda: self._forward_backward(*batch), self._clear_grads)
+        terms, loss_finite = self.forward.first_use(lambda: self._forward_backward(*batch), self._clear_grads)
         grad_norm, finite = self._optimizer_step(loss_finite, lr)
         self.guard.record(finite)
         if self.ema is not None:
             update_ema(self.ema, self.objective, ema_decay_at(self.state.step, self.cfg.train.ema_decay))
-        return {"bpd": bpd, "grad_norm": grad_norm}
+        return StepMetrics(terms, grad_norm)
 
     def _clear_grads(self) -> None:
         """Gradients gone before a step's backward passes: freed, or zeroed where they stay (`stable_grads`)."""
@@ -365,21 +374,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=False)
 
     def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor,
-                          noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradients of the step's loss, accumulated over its micro-batches: (mean bits/dim, loss finite)."""
+                          noise: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Gradients of the step's loss, accumulated over its micro-batches: (each term's mean, loss finite)."""
         n_micro, distributed = self.cfg.train.grad_accum_steps, self.ctx.distributed
-        bpd, loss_finite = 0.0, torch.ones((), dtype=torch.bool, device=self.device)
+        means: dict[str, torch.Tensor] = {}
+        loss_finite = torch.ones((), dtype=torch.bool, device=self.device)
         parts = zip(images.chunk(n_micro), labels.chunk(n_micro), noise.chunk(n_micro))
         for index, (part_images, part_labels, part_noise) in enumerate(parts):
             last = index == n_micro - 1
             # DDP averages gradients over ranks once, after the last micro-batch's backward.
             with contextlib.nullcontext() if last or not distributed else self.wrapped.no_sync():
-                terms = self.forward(part_images, part_labels, part_noise)
-                loss = terms["loss"] / n_micro
+                output = self.forward(part_images, part_labels, part_noise)
+                loss = output.loss / n_micro
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            bpd = bpd + terms["bpd"].detach().mean() / n_micro
-            loss_finite = loss_finite & torch.isfinite(terms["loss"].detach())
-        return bpd, loss_finite
+            # Read now: under CUDA graphs the next micro-batch's replay overwrites the outputs.
+            for name, value in output.terms.items():
+                means[name] = means.get(name, 0.0) + value.detach().mean() / n_micro
+            loss_finite = loss_finite & torch.isfinite(output.loss.detach())
+        return means, loss_finite
 
     def prepare_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """This rank's share of the step's batch on the device, flipped, with its dequantisation noise.
@@ -441,15 +453,24 @@ class Trainer:
             drift = self.model.reconstruction_errors(x)
         self.logger.log(self.state.step, "reconstruction", **{f"max_error_level{i}": e for i, e in enumerate(drift)})
 
-    def log_train(self, metrics: dict[str, torch.Tensor], images_per_s: float) -> None:
+    def log_train(self, metrics: StepMetrics, images_per_s: float) -> None:
+        """Every term the objective reports (bpd first), the learning rate, gradient norm and speed."""
         lr = lr_at(self.state.step - 1, self.cfg) * self.state.lr_scale
-        mean_bpd = self.ctx.sum_(metrics["bpd"].detach().clone()).item() / self.ctx.world_size
-        values = {"bpd": mean_bpd, "lr": lr, "grad_norm": metrics["grad_norm"].item(), "images_per_s": images_per_s}
+        terms = self._mean_over_ranks(metrics.terms)
+        values = {**terms, "lr": lr, "grad_norm": metrics.grad_norm.item(), "images_per_s": images_per_s}
         self.logger.log(self.state.step, "train", **values)
-        self.bar.set_postfix(bpd=f"{mean_bpd:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
+        self.bar.set_postfix(**{name: f"{value:.3f}" for name, value in terms.items()}, lr=f"{lr:.2e}",
+                             img_s=f"{images_per_s:.0f}")
         if not self.progress:  # no bar: one plain line per logging step, for log files of batch jobs
-            self.say(f"step {self.state.step}/{self.cfg.train.steps}: train bpd {mean_bpd:.4f}, lr {lr:.2e}, "
+            shown = ", ".join(f"{name} {value:.4f}" for name, value in terms.items())
+            self.say(f"step {self.state.step}/{self.cfg.train.steps}: train {shown}, lr {lr:.2e}, "
                      f"{images_per_s:.0f} images/s")
+
+    def _mean_over_ranks(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Each term averaged over the ranks' batches: one all-reduce, one host read (at logging steps only)."""
+        dtype = functools.reduce(torch.promote_types, [value.dtype for value in terms.values()])
+        sums = self.ctx.sum_(torch.stack([value.detach().to(dtype) for value in terms.values()]))
+        return {name: total / self.ctx.world_size for name, total in zip(terms, sums.tolist())}
 
     def write_samples(self) -> list[Path]:
         """A grid per temperature from the EMA weights, in full precision, as PNG and in TensorBoard."""

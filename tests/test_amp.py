@@ -59,7 +59,7 @@ def test_fp16_runs_the_coupling_networks_in_float16_and_scales_the_loss(tmp_path
         images, labels = next(trainer.batches)
         metrics = trainer.train_step(images, labels)
         trainer.state.step += 1
-    assert torch.isfinite(metrics["bpd"]) and trainer.guard.read()[0] == 0
+    assert torch.isfinite(metrics.terms["bpd"]) and trainer.guard.read()[0] == 0
     assert trainer.scaler.get_scale() == 2.0**16  # no overflow, no growth yet
 
 

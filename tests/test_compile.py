@@ -159,8 +159,8 @@ class _FailingBackward(torch.autograd.Function):
 
 def _failing_in_backward(module, mode=None, **kwargs):
     def call(*args):
-        terms = module(*args)
-        return {**terms, "loss": _FailingBackward.apply(terms["loss"])}
+        output = module(*args)
+        return output._replace(loss=_FailingBackward.apply(output.loss))
     return call
 
 

@@ -124,7 +124,7 @@ def _draw_bpds(objective: Objective, images: torch.Tensor, n_draws: int, seed: i
         for _ in range(n_draws // 256):
             repeated = images.repeat(256, 1, 1, 1)
             noise = torch.rand(repeated.shape, generator=generator)
-            rows.append(objective(repeated, torch.zeros(len(repeated)), noise)["bpd"].view(256, -1))
+            rows.append(objective(repeated, torch.zeros(len(repeated)), noise).terms["bpd"].view(256, -1))
     return torch.cat(rows)
 
 

@@ -1,12 +1,15 @@
+import dataclasses
 import math
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import pytest
 import torch
 from helpers import brute_force_logdet, perturb
 
-from glowtrain.config import apply_overrides, default_config
+from glowtrain.config import ModelConfig, apply_overrides, default_config
 from glowtrain.flows import Conditioner
 from glowtrain.model import Glow
+from glowtrain.objective import build_objective
 from glowtrain.precision import full_float32
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -239,6 +242,55 @@ def test_from_config_builds_the_architecture_the_config_describes():
     assert model.levels[0].layers[0].layers[2].transform.params_per_channel == 1
     mine, theirs = model.state_dict(), expected.state_dict()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+# Small, so that every key's change builds quickly; 16x16 RGB lets n_levels grow.
+_SMALL = ["data.dataset=cifar10", "data.channels=3", "data.image_size=16", "model.n_steps=1",
+          "model.hidden_channels=4", "model.dequant_steps=1", "model.dequant_hidden_channels=4"]
+
+
+def _another_value(hint, value) -> str:
+    """An allowed value of a config key other than `value`, as a --set override writes it."""
+    if get_origin(hint) is Literal:
+        return next(choice for choice in get_args(hint) if choice != value)
+    if hint is bool:
+        return str(not value).lower()
+    return str(value + 1 if hint is int else value * 2)
+
+
+def _fingerprint(module: torch.nn.Module, run) -> tuple:
+    """What a key can change: parameter and buffer names and shapes, and outputs once weights are perturbed."""
+    torch.manual_seed(0)
+    perturb(module, 0.1, seed=0)
+    with torch.no_grad():
+        outputs = run(module)
+    return tuple((k, tuple(v.shape)) for k, v in module.state_dict().items()), [o.tolist() for o in outputs]
+
+
+def _built(cfg) -> tuple[tuple, tuple]:
+    """Fingerprints of the flow that Glow.from_config builds and of the dequantiser build_objective adds."""
+    torch.manual_seed(0)
+    objective = build_objective(Glow.from_config(cfg), cfg)
+    x = torch.rand(2, *cfg.image_shape, generator=torch.Generator().manual_seed(1)) - 0.5
+    images = torch.randint(0, 2**cfg.data.n_bits, (2, *cfg.image_shape), generator=torch.Generator().manual_seed(2))
+    noise = torch.rand(images.shape, generator=torch.Generator().manual_seed(3))
+    objective.model.initialize(x)
+    return (_fingerprint(objective.model, lambda model: [model.log_prob(x)]),
+            _fingerprint(objective.dequantizer, lambda dequantizer: dequantizer(images, noise)))
+
+
+@pytest.mark.parametrize("key", [field.name for field in dataclasses.fields(ModelConfig)])
+def test_every_model_key_changes_what_from_config_builds(key):
+    """A model.* key set to another allowed value changes the flow Glow.from_config builds (the dequantisation
+    keys, model.dequant*, the objective's noise model instead): a key that from_config forgets fails here."""
+    base = apply_overrides(default_config(), _SMALL)
+    value = _another_value(get_type_hints(ModelConfig)[key], getattr(base.model, key))
+    changed = apply_overrides(base, [f"model.{key}={value}"])
+    (flow, noise), (changed_flow, changed_noise) = _built(base), _built(changed)
+    if key.startswith("dequant"):
+        assert changed_noise != noise and changed_flow == flow, (key, value)
+    else:
+        assert changed_flow != flow, (key, value)
 
 
 def test_amp_dtype_reports_what_set_amp_set_on_every_conditioner():

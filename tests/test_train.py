@@ -1,5 +1,6 @@
 """The training loop end to end on a tiny model: run directory, logging, exact resume, schedules, evaluation."""
 
+import copy
 import json
 import math
 import shutil
@@ -12,10 +13,13 @@ from PIL import Image
 
 from glowtrain.checkpoint import load_checkpoint, model_from_checkpoint
 from glowtrain.config import apply_overrides, default_config, load_config
-from glowtrain.data import build_dataset, make_train_batches
+from glowtrain.data import build_dataset, make_eval_batches, make_train_batches
+from glowtrain.distributed import Context
 from glowtrain.errors import UserError
+from glowtrain.evaluation import EVAL_NOISE_SEED, per_image_noise
 from glowtrain.losses import dequantize
 from glowtrain.model import Glow
+from glowtrain.objective import Objective, ObjectiveOutput
 from glowtrain.optim import GatedAdamax
 from glowtrain.runs import RunDir
 from glowtrain.sample import display_upscale
@@ -296,6 +300,10 @@ def test_class_conditional_training_logs_test_accuracy(tmp_path):
     assert [r["step"] for r in test_lines] == [3]
     assert 0 <= test_lines[0]["accuracy"] <= 1
     assert result.test["accuracy"] == test_lines[0]["accuracy"]
+    # Training logs the objective's classification terms too: cross-entropy near log(10) at the start.
+    train_lines = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train" and "bpd" in r]
+    assert train_lines and all(0 <= r["accuracy"] <= 1 and 0 < r["class_ce"] < 2 * math.log(10) for r in train_lines)
+    assert 0 < test_lines[0]["class_ce"] < 2 * math.log(10)
 
 
 def test_class_count_that_does_not_match_the_dataset_is_a_user_error(tmp_path):
@@ -678,6 +686,82 @@ def test_accumulated_micro_batches_train_like_one_big_batch(tmp_path, memory_sav
     for name, tensor in big["model"].items():
         assert torch.allclose(tensor, acc["model"][name], rtol=1e-4, atol=1e-5), name
     assert len([m for m in acc_metrics if m["split"] == "train"]) == 4  # 20 steps, not 40 micro-batches
+
+
+# ---------------------------------------------------------------------------- a new loss term: objective.py alone
+
+Z_L2_WEIGHT = 0.5
+
+
+def _latent_mean_square(objective: Objective, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Per image, the mean of z**2 over all its latents: a made-up loss term with a gradient for every layer."""
+    zs, _ = objective.model.encode(objective.dequantizer(images, noise)[0])
+    return torch.cat([z.flatten(1) for z in zs], 1).pow(2).mean(1)
+
+
+def _add_a_latent_penalty(monkeypatch):
+    """Objective.forward with one more term, as objective.py would add it: named in `terms`, weighted into `loss`.
+    Nothing else is changed. Returns the plain forward."""
+    plain = Objective.forward
+
+    def forward(self, images, labels, noise):
+        output = plain(self, images, labels, noise)
+        z_l2 = _latent_mean_square(self, images, noise)
+        return ObjectiveOutput(output.loss + Z_L2_WEIGHT * z_l2.mean(), {**output.terms, "z_l2": z_l2})
+
+    monkeypatch.setattr(Objective, "forward", forward)
+    return plain
+
+
+def test_a_term_added_to_the_objective_alone_is_in_the_trainers_gradient(tmp_path, monkeypatch):
+    plain = _add_a_latent_penalty(monkeypatch)
+    cfg = tiny_config("train.grad_clip=0")  # no clipping: the step leaves the backward's gradients as they were
+    data = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
+    trainer = Trainer(cfg, Context(device=torch.device("cpu")), RunDir(tmp_path / "run"), datasets=data,
+                      progress=False)
+    images, labels = next(trainer.batches)
+    batch = trainer.prepare_batch(images, labels)
+    reference = copy.deepcopy(trainer.objective)
+    params = list(reference.parameters())
+    without = torch.autograd.grad(plain(reference, *batch).loss, params)
+    penalty = _latent_mean_square(reference, batch[0], batch[2]).mean()
+    expected = torch.autograd.grad(plain(reference, *batch).loss + Z_L2_WEIGHT * penalty, params)
+    metrics = trainer.train_step(images, labels)
+    got = [p.grad for p in trainer.objective.parameters()]
+    assert all(torch.allclose(g, e, rtol=1e-5, atol=1e-7) for g, e in zip(got, expected, strict=True))
+    assert not all(torch.allclose(w, e, rtol=1e-3, atol=1e-5) for w, e in zip(without, expected))  # it mattered
+    assert metrics.terms["z_l2"] == pytest.approx(penalty.item(), rel=1e-6)
+
+
+def test_a_term_added_to_the_objective_alone_is_logged_and_evaluated(tmp_path, monkeypatch, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    plain = _add_a_latent_penalty(monkeypatch)
+    cfg = tiny_config("train.grad_accum_steps=2", "train.batch_size=8")
+    result = train(cfg, out=str(tmp_path / "run"), progress=False)
+    records = [r for r in read_metrics(tmp_path / "run") if "bpd" in r]
+    assert [r["step"] for r in records if "z_l2" in r] == [r["step"] for r in records] == [2, 3, 4, 6, 6]
+    assert all(math.isfinite(r["z_l2"]) and r["z_l2"] > 0 for r in records)
+    assert result.test["z_l2"] == records[-1]["z_l2"]
+    events = EventAccumulator(str(RunDir(tmp_path / "run").tb), size_guidance={"scalars": 0})
+    events.Reload()
+    for split in ("train", "test"):
+        logged = [r["z_l2"] for r in records if r["split"] == split]
+        assert [s.value for s in events.Scalars(f"{split}/z_l2")] == pytest.approx(logged, rel=1e-6)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "train bpd" in line]
+    assert len(lines) == 3 and all(", z_l2 " in line for line in lines)
+    # Evaluation: the term's mean over the test split, each image with its own evaluation noise; bpd as before.
+    objective = Trainer(cfg, Context(device=torch.device("cpu")), RunDir(tmp_path / "fresh"), progress=False).objective
+    test_set = build_dataset(cfg.data, "test")
+    evaluated = evaluate(objective, test_set, cfg, torch.device("cpu"))
+    images, _ = next(make_eval_batches(test_set, len(test_set)))
+    noise = per_image_noise(list(range(len(test_set))), tuple(images.shape[1:]), EVAL_NOISE_SEED, torch.device("cpu"))
+    with torch.no_grad():
+        direct = _latent_mean_square(objective, images, noise).double().mean().item()
+    assert evaluated["z_l2"] == pytest.approx(direct, rel=1e-6)
+    monkeypatch.setattr(Objective, "forward", plain)
+    assert evaluate(objective, test_set, cfg, torch.device("cpu")) == {k: v for k, v in evaluated.items()
+                                                                        if k != "z_l2"}
 
 
 # ---------------------------------------------------------------------------- resuming with other keys (issue 14)
