@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -46,7 +47,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-_state = {"debug": False}
+_state = {"debug": False, "whole_process": False}
 
 
 def _version(value: bool) -> None:
@@ -104,6 +105,13 @@ JOB_REPORTS = "GLOWTRAIN_JOB_REPORTS"
 
 def _end(code: int, line: str | None) -> NoReturn:
     """Exit `code` after saying `line` on stderr; a process of `fit --nproc` leaves both to its parent."""
+    import signal
+
+    if _state["whole_process"]:  # the `glowtrain` command, not a caller in Python (such as the tests)
+        with contextlib.suppress(ValueError):  # ValueError: not the main thread, where Ctrl-C does not land anyway
+            # On its way out, a Ctrl-C still held down would only break the clean-up (progress bars closing in
+            # their __del__) with tracebacks after the one line.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     folder = os.environ.get(JOB_REPORTS)
     if folder and "RANK" in os.environ:
         report = Path(folder) / f"{os.environ['RANK']}.json"
@@ -622,6 +630,7 @@ def main() -> None:
     """The `glowtrain` command: typer's own usage errors (an unknown option, a value of the wrong type) end in one
     line and exit 2 like ours, instead of a usage banner and a boxed message."""
     sys.stdout = _OutputThatOutlivesItsReader(sys.stdout)
+    _state["whole_process"] = True
     try:
         code = app(prog_name="glowtrain", standalone_mode=False)
     except _ParseError as error:

@@ -47,10 +47,21 @@ def test_version_prints_the_package_version():
 
 
 def _run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """The `glowtrain` entry point itself (not CliRunner): exit code, stdout, stderr."""
+    """The `glowtrain` entry point itself (not CliRunner): exit code, stdout, stderr. What it sets for the rest of
+    a process (its stdout wrapper, its own state, Ctrl-C ignored on the way out) is put back afterwards."""
+    import signal
+
+    import glowtrain.cli as cli
+
     monkeypatch.setattr(sys, "argv", ["glowtrain", *args])
-    with pytest.raises(SystemExit) as ended:
-        main()
+    monkeypatch.setattr(sys, "stdout", sys.stdout)
+    monkeypatch.setitem(cli._state, "whole_process", False)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as ended:
+            main()
+    finally:
+        signal.signal(signal.SIGINT, handler)
     out = capsys.readouterr()
     return ended.value.code, out.out, out.err
 
@@ -67,6 +78,26 @@ def test_typers_own_usage_errors_are_one_line_with_exit_2(monkeypatch, capsys, a
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
     assert lines[0].endswith(f"see {hint}")
+
+
+def test_the_command_ignores_ctrl_c_on_its_way_out_but_python_callers_keep_theirs(monkeypatch, capsys):
+    """A Ctrl-C still held down after the one `interrupted` line would only print tracebacks from clean-ups."""
+    import signal
+
+    import typer
+
+    import glowtrain.cli as cli
+
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        for whole_process, expected in ((False, handler), (True, signal.SIG_IGN)):
+            monkeypatch.setitem(cli._state, "whole_process", whole_process)
+            with pytest.raises(typer.Exit):
+                cli._end(130, "interrupted")
+            assert signal.getsignal(signal.SIGINT) == expected
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert capsys.readouterr().err == "interrupted\ninterrupted\n"
 
 
 @pytest.mark.slow
