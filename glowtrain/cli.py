@@ -589,8 +589,8 @@ def runs_(
 
 
 class _OutputThatOutlivesItsReader(io.TextIOBase):
-    """stdout whose reader may leave (`glowtrain fit | head`): what follows is dropped and the work goes on,
-    instead of a BrokenPipeError ending a training run before it saves."""
+    """stdout or stderr whose reader may leave (`glowtrain fit | head`): what follows is dropped and the work
+    goes on, instead of a BrokenPipeError ending a training run before it saves."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -629,7 +629,7 @@ class _OutputThatOutlivesItsReader(io.TextIOBase):
 def main() -> None:
     """The `glowtrain` command: typer's own usage errors (an unknown option, a value of the wrong type) end in one
     line and exit 2 like ours, instead of a usage banner and a boxed message."""
-    sys.stdout = _OutputThatOutlivesItsReader(sys.stdout)
+    sys.stdout, sys.stderr = _OutputThatOutlivesItsReader(sys.stdout), _OutputThatOutlivesItsReader(sys.stderr)
     _state["whole_process"] = True
     try:
         code = app(prog_name="glowtrain", standalone_mode=False)

@@ -55,6 +55,7 @@ def _run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
 
     monkeypatch.setattr(sys, "argv", ["glowtrain", *args])
     monkeypatch.setattr(sys, "stdout", sys.stdout)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
     monkeypatch.setitem(cli._state, "whole_process", False)
     handler = signal.getsignal(signal.SIGINT)
     try:
@@ -102,7 +103,8 @@ def test_the_command_ignores_ctrl_c_on_its_way_out_but_python_callers_keep_their
 
 @pytest.mark.slow
 def test_fit_whose_output_reader_leaves_trains_on_and_saves(tmp_path):
-    """`glowtrain fit | head -1`: the lines after the reader has gone are dropped, the run finishes."""
+    """`glowtrain fit | head -1` (and `2>&1 | head -1`): the lines after the reader has gone are dropped, the run
+    finishes."""
     settings = sets(*TINY, "train.steps=12", "train.log_every=1", "train.checkpoint_every=12")
     job = subprocess.Popen([sys.executable, "-m", "glowtrain", "fit", "--out", str(tmp_path / "run"), "--no-progress",
                             *settings], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
@@ -112,6 +114,12 @@ def test_fit_whose_output_reader_leaves_trains_on_and_saves(tmp_path):
     assert job.wait(timeout=300) == 0, stderr
     assert "Error" not in stderr and "Traceback" not in stderr, stderr
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 12
+    both = subprocess.Popen([sys.executable, "-m", "glowtrain", "fit", "--out", str(tmp_path / "both"), *settings],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    assert both.stdout.readline()  # then the reader of both streams (and of the progress bar) leaves
+    both.stdout.close()
+    assert both.wait(timeout=300) == 0
+    assert load_checkpoint(tmp_path / "both" / "checkpoints" / "last.pt")["step"] == 12
 
 
 def test_the_entry_point_keeps_exit_codes_help_and_our_own_errors(monkeypatch, capsys):
