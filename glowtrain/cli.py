@@ -101,6 +101,7 @@ def _errors_to_exit_codes(command):
 # Set by `fit --nproc` for the processes it starts: a folder where each one leaves how it ended, so that the
 # parent speaks once for the job instead of every process repeating the same line.
 JOB_REPORTS = "GLOWTRAIN_JOB_REPORTS"
+LAUNCHER_PID = "GLOWTRAIN_LAUNCHER_PID"  # the parent of `fit --nproc`'s processes: they stop if it dies
 
 
 def _end(code: int, line: str | None) -> NoReturn:
@@ -138,11 +139,12 @@ def _run_processes(nproc: int, args: list[str]) -> None:
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(STOP_GRACE_S))
     with tempfile.TemporaryDirectory(prefix="glowtrain-job-") as folder:
         os.environ[JOB_REPORTS] = folder  # the processes inherit it
+        os.environ[LAUNCHER_PID] = str(os.getpid())
         try:
             end = run_local_job(nproc, args, quiet=not _state["debug"], pid_folder=Path(folder),
                                 ignore_late_signals=True)
         finally:
-            del os.environ[JOB_REPORTS]
+            del os.environ[JOB_REPORTS], os.environ[LAUNCHER_PID]
         reports = {int(path.stem): json.loads(path.read_text()) for path in Path(folder).glob("*.json")}
     code, lines = _job_end(reports, end.failed, end.signalled, end.forced)
     for line in lines:
@@ -219,7 +221,7 @@ def fit(
         help="Processes (GPUs) on this machine; >1 launches torchrun.")] = 1,
 ) -> None:
     """Train a model. With no --config, trains the bundled 8x8 digits in a few minutes on a CPU."""
-    from glowtrain.distributed import check_process_count, launched_by_torchrun, leave_pid
+    from glowtrain.distributed import check_process_count, launched_by_torchrun, leave_pid, stop_with_launcher
     from glowtrain.runs import RunDir
     from glowtrain.train import fit_config, resolve_resume, train
 
@@ -230,6 +232,7 @@ def fit(
     check_process_count(nproc, cfg.run.device)
     if os.environ.get(JOB_REPORTS) and "RANK" in os.environ:  # a process of `fit --nproc`
         leave_pid(os.environ[JOB_REPORTS], os.environ["RANK"])
+        stop_with_launcher(int(os.environ[LAUNCHER_PID]))
     if nproc > 1 and not launched_by_torchrun():
         _run_processes(nproc, _without_option(sys.argv[1:], "--nproc"))
         return

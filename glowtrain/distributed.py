@@ -273,6 +273,23 @@ def leave_pid(folder: str | Path, rank: str) -> None:
     (Path(folder) / f"{rank}{PID_SUFFIX}").write_text(str(os.getpid()))
 
 
+def stop_with_launcher(launcher_pid: int) -> None:
+    """A process of `fit --nproc` is asked to stop (SIGTERM: save, then end) when its launcher dies without
+    passing a signal on (SIGKILL, the OOM killer), instead of training on unseen into the same run directory.
+    Linux only (prctl); elsewhere a process outlives a killed launcher as before."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        set_parent_death_signal = 1  # PR_SET_PDEATHSIG
+        if libc.prctl(set_parent_death_signal, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # no prctl here
+        return
+    if os.getppid() != launcher_pid:  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def job_pids(folder: Path) -> list[int]:
     pids = []
     for path in folder.glob(f"*{PID_SUFFIX}"):

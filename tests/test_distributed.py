@@ -171,6 +171,26 @@ def test_ctrl_c_pressed_again_and_again_stops_every_process_before_the_launcher_
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_processes_whose_launcher_is_killed_save_and_stop_instead_of_training_on(tmp_path):
+    """SIGKILL (the OOM killer, kill -9) to `fit --nproc`: its processes get a SIGTERM, save and end, rather
+    than train on unseen into the run directory that a restart would use."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    job = _long_job_under_way(out)
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait(timeout=60)
+    deadline = time.monotonic() + 120
+    while _processes_naming(str(out)):  # polled: the processes end once they have saved
+        assert time.monotonic() < deadline, _processes_naming(str(out))
+        time.sleep(0.1)
+    step = load_checkpoint(out / "checkpoints" / "last.pt")["step"]  # written only by the stop (every 50,000)
+    assert step >= 1 and max(r["step"] for r in _metrics(out)) <= step
+
+
+@pytest.mark.slow
 def test_bad_input_found_inside_a_two_process_fit_is_one_error_line_and_exit_2(tmp_path):
     """A batch larger than the data is found by every process once it loads the data: the job says it once."""
     sets = [arg for item in SETS + ["train.batch_size=1000"] for arg in ("--set", item)]
