@@ -193,6 +193,10 @@ def check_process_count(n_processes: int, device_name: str) -> None:
     if device_name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"run.device={device_name} but CUDA is not available here — use run.device=cpu or auto")
     if not _uses_cuda(device_name):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if n_processes > cores:  # more ranks than cores only wait on each other (64 on 2 cores: no output for minutes)
+            raise UserError(f"--nproc {n_processes} on the CPU but only {cores} core(s) are available here — use "
+                            f"--nproc {cores} or fewer")
         return
     if n_processes > torch.cuda.device_count():
         raise UserError(f"--nproc {n_processes} but only {torch.cuda.device_count()} GPU(s) are visible here — "

@@ -68,9 +68,9 @@ class RunLogger:
     def image(self, tag: str, picture: torch.Tensor, step: int) -> None:
         self.writer.add_image(tag, picture, step)
 
-    def close(self, cfg=None, best_test_bpd: float = math.inf, step: int = 0) -> None:
+    def close(self, cfg=None, best_test_bpd: float = math.inf, step: int = 0, processes: int = 1) -> None:
         if cfg is not None and math.isfinite(best_test_bpd):
-            write_hparams(self.run, cfg, best_test_bpd, step)
+            write_hparams(self.run, cfg, best_test_bpd, step, processes)
         if self._writer is not None:
             self._writer.close()
         self.metrics.close()
@@ -97,9 +97,10 @@ def move_records_after(run: RunDir, step: int) -> int:
     return len(moved)
 
 
-def write_hparams(run: RunDir, cfg, best_test_bpd: float, step: int) -> None:
+def write_hparams(run: RunDir, cfg, best_test_bpd: float, step: int, processes: int = 1) -> None:
     """The run's one HParams session (tb/hparams): its key settings and best test bpd, rewritten on each
-    close, so a resumed run updates it instead of adding another."""
+    close, so a resumed run updates it instead of adding another. Its batch size is the global one (over
+    micro-batches and `processes`), so runs that train alike show alike."""
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams as hparams_summary
 
@@ -107,7 +108,7 @@ def write_hparams(run: RunDir, cfg, best_test_bpd: float, step: int) -> None:
     settings = {"dataset": d.dataset, "image_size": d.image_size, "channels": d.channels, "n_bits": d.n_bits,
                 "n_levels": m.n_levels, "n_steps": m.n_steps, "hidden_channels": m.hidden_channels,
                 "coupling": m.coupling, "n_classes": m.n_classes, "optimizer": t.optimizer, "lr": t.lr,
-                "batch_size": t.batch_size * t.grad_accum_steps, "seed": cfg.run.seed}
+                "batch_size": t.batch_size * t.grad_accum_steps * processes, "seed": cfg.run.seed}
     folder = run.tb / "hparams"
     shutil.rmtree(folder, ignore_errors=True)
     with SummaryWriter(log_dir=str(folder)) as writer:

@@ -678,7 +678,8 @@ class Trainer:
 
     def _close(self, final: dict) -> None:
         self.bar.close()
-        self.logger.close(None if self._nothing_to_train else self.cfg, self.state.best_test_bpd, self.state.step)
+        self.logger.close(None if self._nothing_to_train else self.cfg, self.state.best_test_bpd, self.state.step,
+                          self.ctx.world_size)
 
 
 class _Throughput:

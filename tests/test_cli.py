@@ -569,3 +569,11 @@ def test_tensorboard_holds_one_hparams_session_with_the_key_settings_updated_on_
     n_files = len(list(tb.glob("events.*")))
     assert tiny_fit(run_dir, "train.steps=8", resume=True).exit_code == 0  # nothing left to do: no new file
     assert len(list(tb.glob("events.*"))) == n_files
+    # The batch shown is the global one, so runs that train alike (2 processes of 8, 1 of 16) show alike.
+    from glowtrain.logs import write_hparams
+
+    cfg = apply_overrides(default_config(), ["train.batch_size=8", "train.grad_accum_steps=2"])
+    write_hparams(RunDir(run_dir), cfg, 1.0, 8, processes=2)
+    plugin = EventAccumulator(str(tb / "hparams")).Reload().PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(plugin["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["batch_size"].number_value == 32

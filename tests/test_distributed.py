@@ -11,6 +11,7 @@ import torch
 from helpers import GLOW_LAYERS
 
 from glowtrain.checkpoint import load_checkpoint
+from glowtrain.errors import UserError
 
 SETS = ["run.device=cpu", "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16", "train.init_batch_size=32",
         "train.eval_batch_size=100", "train.steps=6", "train.log_every=1", "train.eval_every=3",
@@ -447,12 +448,17 @@ def test_the_launcher_runs_with_the_escalating_handler_and_puts_torchruns_back(m
             signal.signal(sig, handler)
 
 
-def test_cpu_processes_are_not_limited_by_the_gpu_count(monkeypatch):
+def test_cpu_processes_are_not_limited_by_the_gpu_count_but_by_the_cores(monkeypatch):
     from glowtrain.distributed import check_process_count
 
     _fake_gpus(monkeypatch, 1)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     check_process_count(4, "cpu")
     check_process_count(1, "auto")
+    with pytest.raises(UserError) as refused:
+        check_process_count(64, "cpu")
+    assert str(refused.value) == ("--nproc 64 on the CPU but only 4 core(s) are available here — use --nproc 4 or "
+                                  "fewer")
 
 
 def test_torchrun_without_local_rank_is_a_one_line_error(monkeypatch):
