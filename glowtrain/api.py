@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 
 from glowtrain.checkpoint import open_run
-from glowtrain.config import Config
+from glowtrain.config import SEED_LIMIT, Config
 from glowtrain.data import preprocess_image, training_crop
 from glowtrain.distributed import resolve_device
 from glowtrain.errors import UserError
@@ -41,6 +42,15 @@ def _as_sources(images) -> list:
     return [item for image in images for item in _as_sources(image)]
 
 
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _to_pil(source) -> str | Path | Image.Image:
     if isinstance(source, np.ndarray):
         return Image.fromarray(source[..., 0] if source.ndim == 3 and source.shape[-1] == 1 else source)
@@ -67,9 +77,11 @@ class Run:
         """Paths, PIL images, uint8 arrays or tensors (one or a list) -> uint8 (N, C, H, W) on the run's device:
         channels, crop and resize as training read its images, and the pixels reduced to the run's n_bits (shown
         on the full 0..255 scale, like samples). The model sees exactly these pixels' bins."""
+        sources = _as_sources(images)
+        _require(len(sources) > 0, "no images given; pass paths, PIL images or uint8 arrays (one or a list)")
         try:
             crop = training_crop(self.cfg.data, self.run_dir)
-            pixels = torch.stack([preprocess_image(_to_pil(s), self.cfg.data, crop) for s in _as_sources(images)])
+            pixels = torch.stack([preprocess_image(_to_pil(s), self.cfg.data, crop) for s in sources])
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read an image ({e}); pass paths, PIL images or uint8 arrays") from None
         return to_uint8(dequantize(pixels, self.n_bits, 0.5), self.n_bits).to(self.device)
@@ -77,6 +89,8 @@ class Run:
     def bits_per_dim(self, images, n_dequant: int = 1, batch_size: int = 256) -> torch.Tensor:
         """bits/dim of each image (float64, on the CPU), with `glowtrain eval`'s dequantisation noise keyed by the
         image's position in `images`, averaged over n_dequant draws (what `glowtrain score` reports)."""
+        _require(_whole(n_dequant) and n_dequant >= 1, f"n_dequant must be a whole number >= 1, got {n_dequant!r}")
+        _require(_whole(batch_size) and batch_size >= 1, f"batch_size must be a whole number >= 1, got {batch_size!r}")
         pixels = self.preprocess(images)
         objective = self.objective.eval()
         parts = [dequantized_terms(objective, pixels[start:start + batch_size],
@@ -86,6 +100,11 @@ class Run:
 
     def sample(self, n: int, temperature: float = 0.7, seed: int = 0) -> torch.Tensor:
         """n uint8 images (N, C, H, W) on the CPU; the same seed gives the same images (as `glowtrain sample`)."""
+        _require(_whole(n) and n >= 1, f"n must be a whole number >= 1, got {n!r}")
+        _require(math.isfinite(temperature) and temperature >= 0,
+                 f"temperature must be a finite number >= 0 (0.7 is usual), got {temperature!r}")
+        _require(_whole(seed) and 0 <= seed < SEED_LIMIT,
+                 f"seed must be a whole number from 0 to 2**64 - 1, got {seed!r}")
         generator = torch.Generator(device=self.device).manual_seed(seed)
         return sample_images(self.model, n, temperature, self.n_bits, generator)
 
@@ -99,12 +118,20 @@ class Run:
     @full_float32()
     def decode(self, zs: list[torch.Tensor]) -> torch.Tensor:
         """Latents (one per level) -> uint8 images (N, C, H, W) on the run's device."""
+        shapes = [tuple(shape) for shape in self.model.latent_shapes]
+        given = [(tuple(z.shape[1:]), z.dtype) if isinstance(z, torch.Tensor) else (None, None) for z in zs]
+        _require(len(given) == len(shapes) and all(shape == want for (shape, _), want in zip(given, shapes))
+                 and all(dtype == self.model.top_prior.dtype for _, dtype in given),
+                 f"decode takes the latents encode gives: {len(shapes)} {self.model.top_prior.dtype} tensors shaped "
+                 f"(N, *s) for s in {shapes}, got {[(shape, str(dtype)) for shape, dtype in given]}")
         return to_uint8(self.model.decode(zs), self.n_bits)
 
 
 def load_run(path: str | Path, device: str = "auto", ema: bool = True) -> Run:
     """A run directory (its checkpoints/last.pt) or a checkpoint file, with the model on `device`."""
     path = Path(path)
-    resolved = resolve_device(device, "device")
+    _require(path.exists(), f"no run directory or checkpoint at {path}; pass a folder made by 'glowtrain fit' or a "
+                            ".pt file")
+    resolved = resolve_device(str(device), "device")
     loaded = open_run(str(path), None, resolved, ema) if path.is_dir() else open_run(None, str(path), resolved, ema)
     return Run(loaded.model, loaded.cfg, loaded.step, loaded.checkpoint, loaded.run_dir, resolved, loaded.objective)

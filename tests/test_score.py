@@ -311,6 +311,28 @@ def test_load_run_preprocesses_scores_samples_and_inverts(run_dir, digit_files):
         run.preprocess(torch.rand(2, 1, 8, 8))
 
 
+def test_load_run_refuses_what_the_cli_refuses_with_a_user_error(run_dir, tmp_path):
+    run = glowtrain.load_run(run_dir, device=torch.device("cpu"))  # a torch.device works like its name
+    pixels = run.preprocess(build_dataset(run.cfg.data, "test").images[:2])
+    zs, _ = run.encode(pixels)
+    bad = [
+        (lambda: run.bits_per_dim(pixels, n_dequant=0), "n_dequant must be a whole number >= 1, got 0"),
+        (lambda: run.bits_per_dim(pixels, batch_size=0), "batch_size must be a whole number >= 1, got 0"),
+        (lambda: run.bits_per_dim([]), "no images given"),
+        (lambda: run.sample(0), "n must be a whole number >= 1, got 0"),
+        (lambda: run.sample(2, temperature=float("nan")), "temperature must be a finite number >= 0"),
+        (lambda: run.sample(2, temperature=-1.0), "temperature must be a finite number >= 0"),
+        (lambda: run.sample(2, seed=2**64), "seed must be a whole number from 0 to 2**64 - 1"),
+        (lambda: run.decode([z.double() for z in zs]), "decode takes the latents encode gives"),
+        (lambda: run.decode(zs[:1]), "decode takes the latents encode gives"),
+        (lambda: glowtrain.load_run(tmp_path / "nope"), "no run directory or checkpoint at"),
+    ]
+    for call, message in bad:
+        with pytest.raises(glowtrain.UserError) as refused:
+            call()
+        assert message in str(refused.value)
+
+
 def _readme_python_example() -> str:
     text = (REPO / "README.md").read_text()
     section = text.split("### A trained run in a notebook: `glowtrain.load_run`", 1)[1]
