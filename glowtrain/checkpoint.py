@@ -61,14 +61,13 @@ def resume_config(checkpoint: Path, config_path: str | None, overrides: list[str
     """The config a resumed run continues with: the stored one (or --config) plus overrides, refused when it
     changes what the run models (data.*, model.*)."""
     saved = config_of(load_checkpoint(checkpoint), str(checkpoint))
-    if config_path is None:
-        cfg = apply_overrides(saved, overrides)
-        check_resume_config(saved, cfg)
-        return cfg
-    cfg = load_config(config_path, overrides)
+    cfg = load_config(config_path, overrides) if config_path is not None else apply_overrides(saved, overrides)
     try:
         check_resume_config(saved, cfg)
-    except UserError as e:  # often a key --config leaves out, so at its default, not the run's value
+    except UserError as e:
+        if config_path is None:
+            raise
+        # Often a key that --config leaves out, so at its default rather than the run's value.
         raise UserError(f"{e}; or resume without --config: the run's own config is used, and --set changes "
                         "its run.* and train.* keys") from None
     return cfg

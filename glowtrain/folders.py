@@ -71,8 +71,8 @@ def _walk_real(top: str | Path, seen: set, links: list[str], linked_files: list[
                 ignored.append(path + os.sep)
             elif os.path.islink(path):
                 links.append(path)
-            elif _identity(path) not in seen:
-                seen.add(_identity(path))
+            elif (identity := _identity(path)) is not None and identity not in seen:
+                seen.add(identity)
                 entered.append(name)
         dirnames[:] = entered
         # Hidden files include macOS "._x.jpg" resource forks, which are not images.
