@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from glowtrain.losses import dequantize, to_uint8
 from glowtrain.model import Glow
 from glowtrain.objective import Objective
 from glowtrain.precision import full_float32
+from glowtrain.sample import class_labels
 from glowtrain.score import dequantized_terms
 
 
@@ -48,7 +50,17 @@ def _require(ok: bool, message: str) -> None:
 
 
 def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's integers too
+
+
+def _as_list(value) -> list:
+    """One item or an iterable of them -> a list (None -> [])."""
+    if value is None:
+        return []
+    try:
+        return [value] if _whole(value) or isinstance(value, str) else list(value)
+    except TypeError:
+        return [value]
 
 
 def _to_pil(source) -> str | Path | Image.Image:
@@ -98,15 +110,22 @@ class Run:
                  for start in range(0, len(pixels), batch_size)]
         return torch.from_numpy(np.concatenate(parts))
 
-    def sample(self, n: int, temperature: float = 0.7, seed: int = 0) -> torch.Tensor:
-        """n uint8 images (N, C, H, W) on the CPU; the same seed gives the same images (as `glowtrain sample`)."""
+    def sample(self, n: int, temperature: float = 0.7, seed: int = 0, classes: int | list[int] | None = None
+               ) -> torch.Tensor:
+        """n uint8 images (N, C, H, W) on the CPU; the same seed gives the same images (as `glowtrain sample`).
+
+        `classes` (one class or a list; class-conditional runs) draws each in turn, in equal consecutive
+        blocks, as `glowtrain sample --class`; without it a conditional run draws random classes."""
         _require(_whole(n) and n >= 1, f"n must be a whole number >= 1, got {n!r}")
         _require(math.isfinite(temperature) and temperature >= 0,
                  f"temperature must be a finite number >= 0 (0.7 is usual), got {temperature!r}")
         _require(_whole(seed) and 0 <= seed < SEED_LIMIT,
                  f"seed must be a whole number from 0 to 2**64 - 1, got {seed!r}")
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        return sample_images(self.model, n, temperature, self.n_bits, generator)
+        wanted = _as_list(classes.tolist() if isinstance(classes, torch.Tensor) else classes)
+        _require(all(_whole(k) for k in wanted), f"classes must be a whole number or a list of them, got {classes!r}")
+        labels = class_labels([int(k) for k in wanted], int(n), self.cfg.model.n_classes, self.device, "classes")
+        generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        return sample_images(self.model, int(n), temperature, self.n_bits, generator, labels)
 
     @torch.inference_mode()
     @full_float32()

@@ -28,15 +28,16 @@ GRID_LIMIT = 1024  # images per grid: a 1,024-image grid of 64x64 images is abou
 DEFAULT_N, DEFAULT_BATCH_SIZE = 64, 256  # the CLI's defaults, left out of file names
 
 
-def class_labels(classes: list[int] | None, n: int, n_classes: int, device) -> torch.Tensor | None:
-    """Labels for n images: each requested class in turn, in equal consecutive blocks."""
+def class_labels(classes: list[int] | None, n: int, n_classes: int, device,
+                 option: str = "--class") -> torch.Tensor | None:
+    """Labels for n images: each requested class in turn, in equal consecutive blocks; errors name `option`."""
     if not classes:
         return None
     if n_classes == 0:
-        raise UserError("--class needs a class-conditional model (model.n_classes > 0); this one is unconditional")
+        raise UserError(f"{option} needs a class-conditional model (model.n_classes > 0); this one is unconditional")
     bad = [k for k in classes if not 0 <= k < n_classes]
     if bad:
-        raise UserError(f"--class {bad[0]} is out of range: this model has classes 0..{n_classes - 1}")
+        raise UserError(f"{option} {bad[0]} is out of range: this model has classes 0..{n_classes - 1}")
     per_class = math.ceil(n / len(classes))
     return torch.tensor(classes, device=device).repeat_interleave(per_class)[:n]
 

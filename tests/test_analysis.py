@@ -14,6 +14,7 @@ import torch
 from helpers import TINY_RUN, assert_one_line_error, invoke, sets
 from PIL import Image
 
+import glowtrain
 from glowtrain.analysis import multiply_adds
 from glowtrain.checkpoint import load_checkpoint, model_from_checkpoint, open_run
 from glowtrain.config import load_config
@@ -300,6 +301,31 @@ def test_sample_several_classes_fill_rows_of_equal_length(conditional, tmp_path)
     assert (tile(picture, 0, 0) == tile(picture, 0, 1)).all()
     assert (tile(picture, 1, 0) == tile(picture, 1, 1)).all()
     assert (picture[(1 + 2 * (SIZE + 1)) * UP :, (1 + SIZE + 1) * UP :] == 0).all()  # the empty fifth slot
+
+
+
+def test_load_run_samples_the_classes_asked_for_as_the_cli_does(conditional, tmp_path):
+    folder = tmp_path / "cli"
+    written = ok(invoke("sample", "--run", conditional, "--temp", "0.7", "--seed", "2", "--class", "3", "--class",
+                        "5", "--n", "5", "--individual", "--no-grid", "--out", folder, *CPU)).stdout.split()
+    assert len(written) == 5
+    from_cli = torch.stack([torch.tensor(pixels(path)).reshape(1, SIZE, SIZE) for path in written])
+    run = glowtrain.load_run(conditional, device="cpu")
+    assert torch.equal(run.sample(5, 0.7, seed=2, classes=[3, 5]), from_cli)
+    assert torch.equal(run.sample(5, 0.7, seed=2, classes=np.array([3, 5])), from_cli)
+    means = run.sample(2, 0.0, classes=4)  # one class: every image is that class's mean at T = 0
+    assert torch.equal(means[0], means[1]) and not torch.equal(means[0], run.sample(1, 0.0, classes=3)[0])
+    for classes, message in ((10, "classes 10 is out of range: this model has classes 0..9"),
+                             (1.5, "classes must be a whole number or a list of them, got 1.5"),
+                             (["3"], "classes must be a whole number or a list of them")):
+        with pytest.raises(glowtrain.UserError, match=message):
+            run.sample(2, classes=classes)
+
+
+def test_load_run_refuses_classes_for_an_unconditional_model(fitted):
+    run = glowtrain.load_run(fitted[1], device="cpu")
+    with pytest.raises(glowtrain.UserError, match="classes needs a class-conditional model"):
+        run.sample(2, classes=[1])
 
 
 # ---------------------------------------------------------------------------- eval
