@@ -20,6 +20,7 @@ from glowtrain.images import (
     check_tensorboard,
     display_upscale,
     image_grid,
+    picture_tag,
     refuse_existing,
     save_png,
     write_to_tensorboard,
@@ -101,7 +102,7 @@ def reconstruct_command(loaded: LoadedRun, n: int, device: torch.device, out: st
     picture = image_grid(pairs.cpu(), n)
     path = save_png(picture, target, display_upscale(cfg.data.image_size))
     if tensorboard:
-        write_to_tensorboard(loaded.run_dir, loaded.step, {"reconstruct": picture})
+        write_to_tensorboard(loaded.run_dir, loaded.step, {picture_tag(target): picture})
     return {"max_abs_error": error.max().item(), "mean_abs_error": error.mean().item(),
             "unit": "pixel levels (1/256 of the intensity range)", "n_images": n, "path": str(path)}
 
@@ -129,7 +130,7 @@ def interpolate_command(loaded: LoadedRun, n_pairs: int, n_steps: int, device: t
         rows.append(to_uint8(model.decode(path), cfg.data.n_bits).cpu())
     picture = image_grid(torch.cat(rows), n_steps)
     if tensorboard:
-        write_to_tensorboard(loaded.run_dir, loaded.step, {"interpolate": picture})
+        write_to_tensorboard(loaded.run_dir, loaded.step, {picture_tag(target): picture})
     return save_png(picture, target, display_upscale(cfg.data.image_size))
 
 
@@ -222,7 +223,7 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
         rows.append(to_uint8(model.decode(_unflatten_latents(model, moved)), cfg.data.n_bits).cpu())
     picture = image_grid(torch.cat(rows), len(alphas))
     if tensorboard:
-        write_to_tensorboard(loaded.run_dir, loaded.step, {"manipulate": picture})
+        write_to_tensorboard(loaded.run_dir, loaded.step, {picture_tag(target): picture})
     path = save_png(picture, target, display_upscale(cfg.data.image_size))
     return {"direction": label, "n_with": min(len(with_), max_per_group),
             "n_without": min(len(without), max_per_group), "alphas": alphas, "path": str(path)}

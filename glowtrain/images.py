@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,6 +104,12 @@ def check_tensorboard(run_dir: Path | None, tensorboard: bool) -> None:
     """--tensorboard writes into a run directory, so a loose checkpoint file cannot take it."""
     if tensorboard and run_dir is None:
         raise UserError("--tensorboard needs a run directory: pass --run DIR (not a loose checkpoint file)")
+
+
+def picture_tag(path: Path) -> str:
+    """The TensorBoard tag of a command's picture: its file name without the step, which TensorBoard shows
+    itself. Calls with other options get cards of their own; the same options at later checkpoints share one."""
+    return re.sub(r"_step\d+", "", path.stem)
 
 
 def write_to_tensorboard(run_dir: Path | None, step: int, pictures: dict[str, torch.Tensor]) -> None:

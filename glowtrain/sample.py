@@ -109,7 +109,8 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
     if grid:
         written.append(save_image(labelled_rows(pictures, [f"T={t:g}" for t in temperatures], upscale), figure))
     if tensorboard:
-        tagged = {f"samples/T={t:g}": p for t, p in zip(temperatures, pictures)}  # the tags training uses
+        # Beside training's samples/T=... cards, and apart from them: its seed and options are not this call's.
+        tagged = {f"samples/T={t:g} sample seed{seed}{tag}": p for t, p in zip(temperatures, pictures)}
         write_to_tensorboard(loaded.run_dir, loaded.step, tagged)
     return written
 

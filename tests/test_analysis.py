@@ -698,14 +698,17 @@ def test_tensorboard_flag_adds_every_grid_to_the_runs_log(fitted, tmp_path):
     ok(invoke("interpolate", "--run", run_dir, "--pairs", "2", "--steps", "3", "--tensorboard", *out, *CPU))
     ok(invoke("manipulate", "--run", run_dir, "--from-class", "3", "--to-class", "5", "--n", "2", "--alphas", "0,1",
               "--tensorboard", *out, *CPU))
+    ok(invoke("sample", "--run", run_dir, "--temp", "0.7", "--n", "9", "--seed", "3", "--tensorboard", *out, *CPU))
     images = tensorboard_images(run_dir)
-    expected = {"samples/T=0": grid_size(4), "samples/T=0.7": grid_size(4), "reconstruct": grid_size(6, 3),
-                "interpolate": grid_size(6, 3), "manipulate": grid_size(4, 2)}
-    assert set(images) == before | set(expected)  # sample uses the tags training uses
+    # A card per picture and set of options, named as its file is without the step; none added to training's.
+    expected = {"samples/T=0 sample seed0_n4": grid_size(4), "samples/T=0.7 sample seed0_n4": grid_size(4),
+                "samples/T=0.7 sample seed3_n9": grid_size(9), "reconstruct_n3": grid_size(6, 3),
+                "interpolate_pairs2_steps3": grid_size(6, 3), "manipulate_class3-5_a0,1_n2": grid_size(4, 2)}
+    assert "samples/T=0.7" in before and set(images) == before | set(expected)
+    assert all(len(images[tag]) == len(tensorboard_images(shared)[tag]) for tag in before)
     for tag, (width, height) in expected.items():
-        event = images[tag][-1]
-        assert len(images[tag]) == (2 if tag in before else 1) and event.step == 4
-        assert (event.width, event.height) == (width // UP, height // UP)  # TensorBoard gets the unenlarged grid
+        assert len(images[tag]) == 1 and images[tag][0].step == 4
+        assert (images[tag][0].width, images[tag][0].height) == (width // UP, height // UP)  # unenlarged grids
 
 
 def test_tensorboard_needs_a_run_directory(fitted, tmp_path):
