@@ -11,6 +11,7 @@ import os
 import shlex
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
@@ -629,11 +630,38 @@ class _OutputThatOutlivesItsReader(io.TextIOBase):
         return self.stream.buffer
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning for the command: each warning once, as one line (`warning: ...`, naming the library
+    it came from when that is not glowtrain), instead of Python's two lines with a source path; --debug keeps those.
+    Under `fit --nproc` only rank 0 speaks, as every process would repeat the same warnings."""
+    if _state["debug"]:
+        with contextlib.suppress(OSError):
+            (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))
+        return
+    text = " ".join(str(message).split())
+    if (category, text) in _warned or (JOB_REPORTS in os.environ and os.environ.get("RANK", "0") != "0"):
+        return
+    _warned.add((category, text))
+    source = Path(filename).parts
+    package = source[source.index("site-packages") + 1] if "site-packages" in source else Path(filename).stem
+    origin = "" if "glowtrain" in source else f" ({package.removesuffix('.py')})"
+    try:
+        from tqdm import tqdm  # between a progress bar's redraws, not through one
+
+        tqdm.write(f"warning{origin}: {text}", file=file or sys.stderr)
+    except OSError:  # as Python's own: a closed or invalid stream loses the warning, not the run
+        pass
+
+
+_warned: set[tuple[type, str]] = set()
+
+
 def main() -> None:
     """The `glowtrain` command: typer's own usage errors (an unknown option, a value of the wrong type) end in one
     line and exit 2 like ours, instead of a usage banner and a boxed message."""
     sys.stdout, sys.stderr = _OutputThatOutlivesItsReader(sys.stdout), _OutputThatOutlivesItsReader(sys.stderr)
     _state["whole_process"] = True
+    warnings.showwarning = _one_line_warning
     try:
         code = app(prog_name="glowtrain", standalone_mode=False)
     except _ParseError as error:

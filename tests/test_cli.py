@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,7 @@ def _run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     monkeypatch.setattr(sys, "stdout", sys.stdout)
     monkeypatch.setattr(sys, "stderr", sys.stderr)
     monkeypatch.setitem(cli._state, "whole_process", False)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
     handler = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit) as ended:
@@ -120,6 +122,47 @@ def test_fit_whose_output_reader_leaves_trains_on_and_saves(tmp_path):
     both.stdout.close()
     assert both.wait(timeout=300) == 0
     assert load_checkpoint(tmp_path / "both" / "checkpoints" / "last.pt")["step"] == 12
+
+
+def test_the_command_says_each_warning_once_in_one_line_naming_its_library(monkeypatch, capsys):
+    import glowtrain.cli as cli
+
+    monkeypatch.setattr(cli, "_warned", set())
+    ours, torchs = "/x/glowtrain/train.py", "/env/lib/python3.11/site-packages/torch/utils/data/dataloader.py"
+    for _ in range(2):
+        cli._one_line_warning(UserWarning("train.amp=bf16 on a CPU: slow"), UserWarning, ours, 3)
+        cli._one_line_warning(UserWarning("This DataLoader will create 4 worker processes.\n  Lower it."), UserWarning,
+                              torchs, 431)
+    assert capsys.readouterr().err == ("warning: train.amp=bf16 on a CPU: slow\n"
+                                       "warning (torch): This DataLoader will create 4 worker processes. Lower it.\n")
+    monkeypatch.setenv(cli.JOB_REPORTS, "/tmp/reports")  # a process of `fit --nproc`: rank 0 speaks for the job
+    for rank, said in (("1", ""), ("0", "warning: another\n")):
+        monkeypatch.setenv("RANK", rank)
+        cli._one_line_warning(UserWarning("another"), UserWarning, ours, 3)
+        assert capsys.readouterr().err == said
+    monkeypatch.setitem(cli._state, "debug", True)  # --debug: Python's own form, with the source
+    cli._one_line_warning(UserWarning("train.amp=bf16 on a CPU: slow"), UserWarning, ours, 3)
+    assert "train.py:3: UserWarning: train.amp=bf16" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_fit_prints_torchs_and_its_own_warnings_once_as_one_line_each(tmp_path):
+    import os
+
+    for i in range(12):
+        Image.new("RGB", (10, 10), (i * 20, 0, 0)).save(tmp_path / f"{i:02d}.png")
+    too_many = len(os.sched_getaffinity(0)) + 1  # DataLoader warns (at start and at each pass) above the core count
+    settings = sets(*TINY, "data.dataset=folder", f"data.root={tmp_path}", "data.image_size=8", "data.channels=3",
+                    f"data.n_workers={too_many}", "train.batch_size=4", "train.amp=bf16", "train.steps=2",
+                    "train.eval_every=2", "train.sample_every=2", "train.checkpoint_every=2")
+    done = subprocess.run([sys.executable, "-m", "glowtrain", "fit", "--out", str(tmp_path / "run"), "--no-progress",
+                           *settings], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert [line for line in lines if "DataLoader will create" in line] == [
+        next(line for line in lines if line.startswith("warning (torch): This DataLoader will create"))]
+    assert sum(line.startswith("warning: train.amp=bf16 on a CPU") for line in lines) == 1
+    assert "UserWarning" not in done.stderr and ".py:" not in done.stderr, done.stderr
 
 
 def test_the_entry_point_keeps_exit_codes_help_and_our_own_errors(monkeypatch, capsys):
