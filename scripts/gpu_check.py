@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 scripts/gpu_check.py --out $OUT             # on the GPU machine (deadline 470 s)
     PYTHONPATH=. python3 scripts/gpu_check.py --only roundtrip fit   # rerun some sections
     PYTHONPATH=. python3 scripts/gpu_check.py --only throughput:cudagraphs-tf32   # one variant of a section
-    .venv/bin/python scripts/gpu_check.py --device cpu --quick       # every section, tiny, on a CPU
+    .venv/bin/python scripts/gpu_check.py --device cpu --quick --jobs 2   # every section, tiny, on a CPU, two at a time
 
 Sections (each runs in its own process and prints one JSON line when it finishes):
   env         driver, torch, CUDA, cuDNN, capability, bf16 support, the TF32 flags glowtrain sets
@@ -57,6 +57,7 @@ import threading
 import time
 import traceback
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -825,7 +826,11 @@ def run_all(args, plan_fg, plan_bg, deadline: float, report) -> None:
             run(section, variant, env=compile_env(), preexec_fn=lambda: os.nice(10))
 
     background = threading.Thread(target=run_background, daemon=True)
-    for section, variant in plan_fg:
+    if args.jobs > 1:  # a smoke run: sections side by side, each on its share of the cores
+        threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda row: run(*row, env={**os.environ, "OMP_NUM_THREADS": threads}), plan_fg))
+    for section, variant in plan_fg if args.jobs == 1 else []:
         if background.ident is None and section not in ("env", "throughput"):
             background.start()  # after the eager timings, so compiling cannot slow what they measure
         run(section, variant)
@@ -910,6 +915,9 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="leave out the compiled throughput runs")
     parser.add_argument("--deadline", type=float, default=470.0, help="seconds until every section must be done")
     parser.add_argument("--out", help="folder for gpu_check.json and gpu_check.md")
+    parser.add_argument("--jobs", type=int, default=1, choices=range(1, 17), metavar="N",
+                        help="run N sections at once, each on its share of the cores: a quicker smoke run whose "
+                             "timings mean nothing (the test suite's --device cpu --quick)")
     parser.add_argument("--child", choices=SECTIONS, help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="", help=argparse.SUPPRESS)
     parser.add_argument("--lock", default="", help=argparse.SUPPRESS)
@@ -937,6 +945,10 @@ def main() -> None:
                 (out / "gpu_check.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
 
     run_all(args, plan_fg, plan_bg, deadline, report)
+    order = {row: i for i, row in enumerate(FOREGROUND + BACKGROUND)}
+    rows.sort(key=lambda row: order[row["section"], row["variant"]])  # as planned, however they finished
+    if out:
+        (out / "gpu_check.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
     table = ["| section | variant | status | seconds | result |", "|---|---|---|---|---|"]
     for row in rows:
         table.append(f"| {row['section']} | {row.get('variant', '')} | {row['status'].split(':')[0]} "

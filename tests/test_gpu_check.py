@@ -13,10 +13,11 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
 
 @pytest.mark.slow
 def test_every_section_runs_tiny_on_the_cpu_and_reports_sane_figures(tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--no-compile",
+    done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick", "--no-compile", "--jobs", "2",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [(r["section"], r["variant"]) for r in rows] == _gpu_check().FOREGROUND  # in order, two at a time
     by_name = {(r["section"], r["variant"]): r for r in rows}
     assert {s for s, _ in by_name} == {"env", "throughput", "exact64", "mix64", "roundtrip", "fit", "memory", "ddp",
                                       "resume"}
