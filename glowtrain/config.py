@@ -44,6 +44,8 @@ class RunConfig:
     tf32: bool = _opt(True, "CUDA: TF32 tensor cores for the coupling networks in training (never for 1x1 convs or "
                       "evaluation)")
     deterministic: bool = _opt(False, "deterministic kernels, no cuDNN autotuning: bit-exact resume on CUDA (slower)")
+    threads: int = _opt(0, "CPU threads per training process (0 = torch's choice, one per core; 1 keeps pace beside "
+                        "other busy programs)")
 
 
 @dataclass(frozen=True)
@@ -484,6 +486,7 @@ def validate(cfg: Config) -> None:
     _require(0 <= run.seed < SEED_LIMIT, "run.seed", run.seed, "use an integer from 0 to 2**64 - 1")
     _require(DEVICE_PATTERN.fullmatch(run.device) is not None, "run.device", run.device,
              "use auto, cpu, cuda, cuda:N or mps")
+    _require(run.threads >= 0, "run.threads", run.threads, "use 0 (torch's choice) or a number of threads")
 
     _require(1 <= data.n_bits <= 8, "data.n_bits", data.n_bits, "use an integer from 1 to 8")
     _require(data.channels in CHANNEL_CHOICES, "data.channels", data.channels, "use 1 (greyscale) or 3 (RGB)")

@@ -722,10 +722,12 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
     """Train the model `cfg` describes into --out (or runs/<run.name>), fresh or resumed.
 
     `trainer` may be a subclass (tests inject faults by overriding `prepare_batch`)."""
-    saved = precision.settings()
+    saved, saved_threads = precision.settings(), torch.get_num_threads()
     cfg = with_absolute_data_paths(cfg)
     ctx = setup(cfg.run.device, tf32=cfg.run.tf32, deterministic=cfg.run.deterministic)
     try:
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
         precision.check_amp(cfg.train.amp, ctx.device, cfg.train.allow_emulated_bf16)
         run = run_dir_for(out, cfg.run.name, resume)
         resume_from = prepare_run_dir(run, resume)
@@ -734,6 +736,7 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
     finally:
         teardown()
         precision.restore(saved)  # a notebook's later work runs as it did before
+        torch.set_num_threads(saved_threads)
 
 
 def resolve_resume(resume: str | None, config_path: str | None, overrides: list[str], out: str | None) -> str | None:

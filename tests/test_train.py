@@ -326,6 +326,23 @@ def test_weight_decay_shrinks_weights_relative_to_no_decay(tmp_path):
     assert norms[50.0] < 0.9 * norms[0.0]
 
 
+def test_run_threads_sets_torchs_cpu_threads_while_training_and_puts_them_back(tmp_path):
+    seen = []
+
+    class Watching(Trainer):
+        def prepare_batch(self, images, labels):
+            seen.append(torch.get_num_threads())
+            return super().prepare_batch(images, labels)
+
+    before = torch.get_num_threads()
+    train(tiny_config("run.threads=2", "train.steps=2"), out=str(tmp_path / "run"), progress=False, trainer=Watching)
+    assert seen == [2, 2] and torch.get_num_threads() == before
+    train(tiny_config("train.steps=1"), out=str(tmp_path / "default"), progress=False, trainer=Watching)
+    assert seen[2:] == [before]  # 0: left as it was
+    with pytest.raises(UserError, match="run.threads"):
+        tiny_config("run.threads=-1")
+
+
 def _poisoned(bad_calls) -> type[Trainer]:
     """A trainer whose batches become NaN on the given calls of prepare_batch (1: the first training step)."""
 
