@@ -252,12 +252,14 @@ def _counting_modules(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def _counted_multiply_adds(module: nn.Module, probe) -> int:
-    """Multiply-adds that the counting modules inside `module` report while `probe(module)` runs once."""
+def _counted_multiply_adds(module: nn.Module, probe, upscale: tuple[int, int] = (1, 1)) -> int:
+    """Multiply-adds that the counting modules inside `module` report while `probe(module)` runs once, each at
+    the (C, H, W) it saw with H and W multiplied by `upscale` (a probe image that much smaller than the real one)."""
     counts: list[int] = []
 
     def count(counted: nn.Module, inputs, output) -> None:
-        counts.append(counted.multiply_adds(tuple(inputs[0].shape[1:])))
+        channels, height, width = inputs[0].shape[1:]
+        counts.append(counted.multiply_adds((channels, height * upscale[0], width * upscale[1])))
 
     hooks = [counted.register_forward_hook(count) for counted in _counting_modules(module)]
     try:
@@ -273,12 +275,17 @@ def multiply_adds(model: Glow) -> int:
     """Multiply-adds of one forward pass for one image, as counted by each module that does the work.
 
     The convolutions run functionally (with ActNorm folded in), so counting nn.Conv2d calls would
-    miss them: the layers and conditioners that own them (`multiply_adds(shape)`) count instead,
-    at the input shape a probe image gives them.
+    miss them: the layers and conditioners that own them (`multiply_adds(shape)`) count instead, at
+    the input shape a probe image gives them. The probe is the smallest image the levels take (2**L
+    pixels a side, 1x1 at the top); every layer sees the image shrunk by a power of two, so scaling the
+    shapes it saw by image/probe gives the real ones, without the real image's work (minutes for 256x256).
     """
     model = copy.deepcopy(model)  # the probe below would initialise the ActNorms of an untrained model
     device = next(model.parameters()).device
-    return _counted_multiply_adds(model, lambda m: m.log_prob(torch.zeros(1, *m.image_shape, device=device)))
+    channels, height, width = model.image_shape
+    side = 2**model.n_levels
+    probe = torch.zeros(1, channels, side, side, device=device)
+    return _counted_multiply_adds(model, lambda m: m.log_prob(probe), (height // side, width // side))
 
 
 def dequantizer_multiply_adds(dequantizer: nn.Module, image_shape: tuple[int, int, int]) -> int:
