@@ -54,13 +54,10 @@ def _whole(value) -> bool:
 
 
 def _as_list(value) -> list:
-    """One item or an iterable of them -> a list (None -> [])."""
-    if value is None:
-        return []
-    try:
-        return [value] if _whole(value) or isinstance(value, str) else list(value)
-    except TypeError:
-        return [value]
+    """One item or a sequence of them (a list, tuple, range, array or tensor) -> a list; anything else -> [value]."""
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        value = value.tolist()
+    return list(value) if isinstance(value, (list, tuple, range)) else [value]
 
 
 def _to_pil(source) -> str | Path | Image.Image:
@@ -121,8 +118,9 @@ class Run:
                  f"temperature must be a finite number >= 0 (0.7 is usual), got {temperature!r}")
         _require(_whole(seed) and 0 <= seed < SEED_LIMIT,
                  f"seed must be a whole number from 0 to 2**64 - 1, got {seed!r}")
-        wanted = _as_list(classes.tolist() if isinstance(classes, torch.Tensor) else classes)
-        _require(all(_whole(k) for k in wanted), f"classes must be a whole number or a list of them, got {classes!r}")
+        wanted = [] if classes is None else _as_list(classes)
+        _require(classes is None or (len(wanted) > 0 and all(_whole(k) for k in wanted)),
+                 f"classes must be a whole number or a non-empty list of them, got {classes!r}")
         labels = class_labels([int(k) for k in wanted], int(n), self.cfg.model.n_classes, self.device, "classes")
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
         return sample_images(self.model, int(n), temperature, self.n_bits, generator, labels)

@@ -633,24 +633,43 @@ class _OutputThatOutlivesItsReader(io.TextIOBase):
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """warnings.showwarning for the command: each warning once, as one line (`warning: ...`, naming the library
     it came from when that is not glowtrain), instead of Python's two lines with a source path; --debug keeps those.
-    Under `fit --nproc` only rank 0 speaks, as every process would repeat the same warnings."""
+    In a job of several processes only rank 0 speaks, as every process would repeat the same warnings."""
     if _state["debug"]:
         with contextlib.suppress(OSError):
             (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))
         return
     text = " ".join(str(message).split())
-    if (category, text) in _warned or (JOB_REPORTS in os.environ and os.environ.get("RANK", "0") != "0"):
+    if (category, text) in _warned or os.environ.get("RANK", "0") != "0":
         return
     _warned.add((category, text))
-    source = Path(filename).parts
-    package = source[source.index("site-packages") + 1] if "site-packages" in source else Path(filename).stem
-    origin = "" if "glowtrain" in source else f" ({package.removesuffix('.py')})"
+    origin = _warning_origin(filename)
+    stream = file or sys.stderr
     try:
+        if _in_data_worker():  # its copy of a progress bar is stale: written through it, the bar would jump back
+            stream.write(f"warning{origin}: {text}\n")
+            return
         from tqdm import tqdm  # between a progress bar's redraws, not through one
 
-        tqdm.write(f"warning{origin}: {text}", file=file or sys.stderr)
+        tqdm.write(f"warning{origin}: {text}", file=stream)
     except OSError:  # as Python's own: a closed or invalid stream loses the warning, not the run
         pass
+
+
+def _warning_origin(filename: str) -> str:
+    """' (torch)' for a warning raised in an installed package, '' for glowtrain's own or an unknown place."""
+    parts = Path(filename).parts
+    for installed in ("site-packages", "dist-packages"):
+        if installed in parts[:-1]:
+            return f" ({parts[parts.index(installed) + 1].removesuffix('.py')})"
+    ours = Path(__file__).resolve().parent
+    if not filename or filename.startswith("<") or Path(filename).resolve().is_relative_to(ours):
+        return ""
+    return f" ({Path(filename).stem})"
+
+
+def _in_data_worker() -> bool:
+    data = sys.modules.get("torch.utils.data")
+    return data is not None and data.get_worker_info() is not None
 
 
 _warned: set[tuple[type, str]] = set()

@@ -44,8 +44,8 @@ class RunConfig:
     tf32: bool = _opt(True, "CUDA: TF32 tensor cores for the coupling networks in training (never for 1x1 convs or "
                       "evaluation)")
     deterministic: bool = _opt(False, "deterministic kernels, no cuDNN autotuning: bit-exact resume on CUDA (slower)")
-    threads: int = _opt(0, "CPU threads per training process (0 = torch's choice, one per core; 1 keeps pace beside "
-                        "other busy programs)")
+    threads: int = _opt(0, "CPU threads per training process (0 = torch's choice: one per core, or one under "
+                        "--nproc/torchrun; 1 keeps pace beside other busy programs)")
 
 
 @dataclass(frozen=True)

@@ -778,9 +778,10 @@ def _one_line_errors(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
         prefix = f"{UserError.__module__}.{UserError.__qualname__}: "
         raise UserError(message.removeprefix(prefix)) from None
     finally:
-        # Stop the workers now, when the batches stop (an error, or a consumer that is done). Left to garbage
-        # collection, an iterator caught in an exception's reference cycle sees its queues finalised first: its
-        # stop signal then never leaves, and its shutdown waits 5 s per worker (10 s with our SIGTERM-proof ones).
+        # Stop the workers as the batches stop, above all on an error from a worker: left to garbage collection,
+        # the iterator caught in the error's reference cycle sees its queues finalised first, so its stop signal
+        # never leaves and its shutdown waits 5 s per worker (10 s with our SIGTERM-proof ones). A consumer that
+        # itself keeps this generator in such a cycle still meets that wait; close() the generator when done.
         stop_workers = getattr(batches, "_shutdown_workers", None)  # DataLoader's own, as its __del__ calls it
         if stop_workers is not None:
             stop_workers()

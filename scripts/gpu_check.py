@@ -826,7 +826,8 @@ def run_all(args, plan_fg, plan_bg, deadline: float, report) -> None:
             run(section, variant, env=compile_env(), preexec_fn=lambda: os.nice(10))
 
     background = threading.Thread(target=run_background, daemon=True)
-    if args.jobs > 1:  # a smoke run: sections side by side, each on its share of the cores
+    if args.jobs > 1:  # a smoke run: sections side by side, each on its share of the cores; compiles beside them
+        background.start()
         threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda row: run(*row, env={**os.environ, "OMP_NUM_THREADS": threads}), plan_fg))

@@ -303,7 +303,6 @@ def test_sample_several_classes_fill_rows_of_equal_length(conditional, tmp_path)
     assert (picture[(1 + 2 * (SIZE + 1)) * UP :, (1 + SIZE + 1) * UP :] == 0).all()  # the empty fifth slot
 
 
-
 def test_load_run_samples_the_classes_asked_for_as_the_cli_does(conditional, tmp_path):
     folder = tmp_path / "cli"
     written = ok(invoke("sample", "--run", conditional, "--temp", "0.7", "--seed", "2", "--class", "3", "--class",
@@ -315,9 +314,13 @@ def test_load_run_samples_the_classes_asked_for_as_the_cli_does(conditional, tmp
     assert torch.equal(run.sample(5, 0.7, seed=2, classes=np.array([3, 5])), from_cli)
     means = run.sample(2, 0.0, classes=4)  # one class: every image is that class's mean at T = 0
     assert torch.equal(means[0], means[1]) and not torch.equal(means[0], run.sample(1, 0.0, classes=3)[0])
+    assert torch.equal(run.sample(2, 0.0, classes=torch.tensor(4)), means)
     for classes, message in ((10, "classes 10 is out of range: this model has classes 0..9"),
-                             (1.5, "classes must be a whole number or a list of them, got 1.5"),
-                             (["3"], "classes must be a whole number or a list of them")):
+                             (1.5, "classes must be a whole number or a non-empty list of them, got 1.5"),
+                             (["3"], "classes must be a whole number or a non-empty list"),
+                             ([], "classes must be a whole number or a non-empty list"),
+                             (b"\x03", "classes must be a whole number or a non-empty list"),
+                             ({3: "a"}, "classes must be a whole number or a non-empty list")):
         with pytest.raises(glowtrain.UserError, match=message):
             run.sample(2, classes=classes)
 

@@ -128,18 +128,27 @@ def test_the_command_says_each_warning_once_in_one_line_naming_its_library(monke
     import glowtrain.cli as cli
 
     monkeypatch.setattr(cli, "_warned", set())
-    ours, torchs = "/x/glowtrain/train.py", "/env/lib/python3.11/site-packages/torch/utils/data/dataloader.py"
+    monkeypatch.delenv("RANK", raising=False)
+    ours = str(Path(cli.__file__).parent / "train.py")
+    torchs = "/home/u/glowtrain/.venv/lib/python3.11/site-packages/torch/utils/data/dataloader.py"  # a clone's venv
     for _ in range(2):
         cli._one_line_warning(UserWarning("train.amp=bf16 on a CPU: slow"), UserWarning, ours, 3)
         cli._one_line_warning(UserWarning("This DataLoader will create 4 worker processes.\n  Lower it."), UserWarning,
                               torchs, 431)
     assert capsys.readouterr().err == ("warning: train.amp=bf16 on a CPU: slow\n"
                                        "warning (torch): This DataLoader will create 4 worker processes. Lower it.\n")
-    monkeypatch.setenv(cli.JOB_REPORTS, "/tmp/reports")  # a process of `fit --nproc`: rank 0 speaks for the job
-    for rank, said in (("1", ""), ("0", "warning: another\n")):
+    for place, origin in (("/usr/lib/python3/dist-packages/PIL/Image.py", " (PIL)"), ("<frozen importlib>", ""),
+                          ("/home/u/notebook_helpers.py", " (notebook_helpers)")):
+        assert cli._warning_origin(place) == origin
+    for rank, said in (("1", ""), ("0", "warning: another\n")):  # torchrun's processes: rank 0 speaks for the job
         monkeypatch.setenv("RANK", rank)
         cli._one_line_warning(UserWarning("another"), UserWarning, ours, 3)
         assert capsys.readouterr().err == said
+    # In a data worker, not through tqdm: the worker's copy of the progress bar would be redrawn at an old step.
+    monkeypatch.setattr(cli, "_in_data_worker", lambda: True)
+    monkeypatch.setattr("tqdm.tqdm.write", lambda *a, **k: pytest.fail("a data worker wrote through tqdm"))
+    cli._one_line_warning(UserWarning("odd image"), UserWarning, ours, 3)
+    assert capsys.readouterr().err == "warning: odd image\n"
     monkeypatch.setitem(cli._state, "debug", True)  # --debug: Python's own form, with the source
     cli._one_line_warning(UserWarning("train.amp=bf16 on a CPU: slow"), UserWarning, ours, 3)
     assert "train.py:3: UserWarning: train.amp=bf16" in capsys.readouterr().err

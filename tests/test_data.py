@@ -259,15 +259,6 @@ def test_an_image_that_breaks_after_the_check_fails_in_one_line_also_from_a_work
     assert not [child for child in multiprocessing.active_children() if child.daemon]
 
 
-def test_a_consumer_that_stops_early_stops_the_loaders_workers(tmp_path):
-    make_folder(tmp_path, 8, size=(6, 6))
-    ds = data.build_dataset(data_cfg(dataset="folder", root=str(tmp_path), image_size=4, channels=3), "train")
-    for batches in (data.make_eval_batches(ds, 2, n_workers=2), data.make_train_batches(ds, 2, seed=0, n_workers=2)):
-        next(batches)
-        assert len([child for child in multiprocessing.active_children() if child.daemon]) == 2
-        batches.close()
-        assert not [child for child in multiprocessing.active_children() if child.daemon]
-
 
 def test_skip_drops_and_counts_an_unreadable_image_instead_of_repeating_another(tmp_path):
     cfg = folder_with_corrupt_file(tmp_path, "skip")
