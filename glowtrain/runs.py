@@ -101,6 +101,35 @@ class RunDir:
                 path.rename(old)
 
 
+    def keep_checkpoints_after(self, step: int) -> list[Path]:
+        """A resume from an earlier step goes back, and will save over last.pt and best.pt: those saved after `step`
+        (the training given up) are kept as checkpoints/discarded_<name>_step<N>.pt. Hard links where the file
+        system has them (saves replace a file, so the link keeps the old one), else copies."""
+        kept = []
+        for path in (self.last, self.best):
+            saved_at = saved_step(path)
+            if saved_at is None or saved_at <= step:
+                continue
+            keep = path.with_name(f"discarded_{path.stem}_step{saved_at:07d}.pt")
+            keep.unlink(missing_ok=True)
+            try:
+                os.link(path, keep)
+            except OSError:
+                shutil.copy2(path, keep)
+            kept.append(keep)
+        return kept
+
+
+def saved_step(checkpoint: Path) -> int | None:
+    """The step a checkpoint was saved at (None when there is no readable one), without loading its weights."""
+    import torch  # late: the rest of this module needs no torch
+
+    try:  # memory-mapped: only the few numbers read here are loaded, however large the weights
+        return int(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("step", 0))
+    except Exception:  # noqa: BLE001 - missing or damaged: nothing to keep
+        return None
+
+
 def resume_message(path: Path, step: int, steps: int) -> str:
     """What `fit --resume` says before it continues (or finds nothing left to do)."""
     if step >= steps:

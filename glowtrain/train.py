@@ -651,6 +651,11 @@ class Trainer:
             if self.logger.n_moved:
                 tqdm.write(f"note: {self.logger.n_moved} metrics.jsonl record(s) logged after step {self.state.step} "
                            f"(the step this run resumes from) moved to {self.run_dir.metrics_discarded}")
+            going_on = self.resumed and not self._nothing_to_train
+            kept = self.run_dir.keep_checkpoints_after(self.state.step) if going_on else []
+            if kept:
+                tqdm.write(f"note: this run saves over the last.pt/best.pt saved after step {self.state.step}; "
+                           f"they are kept as {', '.join(str(path) for path in kept)}")
             if not self._nothing_to_train:
                 self._record_data()
         show = self.progress and ctx.is_main

@@ -486,6 +486,27 @@ def test_a_resume_after_a_crash_logs_each_step_once_and_keeps_the_lost_records_a
     assert [e.value for e in events] == pytest.approx([new[step] for step in range(1, 6)])
 
 
+def test_going_back_to_an_earlier_checkpoint_keeps_the_later_last_and_best(tmp_path, capsys):
+    cfg = apply_overrides(default_config(), NAN_RUN + ["train.steps=2", "train.checkpoint_every=2",
+                                                       "train.eval_every=2"])
+    run = RunDir(tmp_path / "run")
+    train(cfg, out=str(run.path), progress=False)
+    earlier = run.checkpoints / "at_step_2.pt"
+    earlier.write_bytes(run.last.read_bytes())
+    train(apply_overrides(cfg, ["train.steps=4"]), out=str(run.path), resume="auto", progress=False)
+    later_last, later_best = run.last.read_bytes(), run.best.read_bytes()
+    assert torch.load(run.best, weights_only=True)["step"] == 4  # step 4 beat step 2
+    capsys.readouterr()
+    train(apply_overrides(cfg, ["train.steps=3", "train.lr=1e-4"]), out=str(run.path), resume=str(earlier),
+          progress=False)
+    kept = {name: run.checkpoints / f"discarded_{name}_step0000004.pt" for name in ("last", "best")}
+    assert kept["last"].read_bytes() == later_last and kept["best"].read_bytes() == later_best
+    assert load_checkpoint(run.last)["step"] == 3
+    assert f"they are kept as {kept['last']}, {kept['best']}" in capsys.readouterr().out
+    train(apply_overrides(cfg, ["train.steps=4"]), out=str(run.path), resume="auto", progress=False)
+    assert sorted(p.name for p in run.checkpoints.glob("discarded_*")) == sorted(p.name for p in kept.values())
+
+
 def test_a_resume_with_a_new_learning_rate_takes_over_from_the_rollbacks_halving(tmp_path, capsys):
     """After a rollback (lr halved, no second chance), the divergence message advises lowering train.lr and
     resuming: the new lr is then used as set, with a rollback allowed again."""
