@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -72,6 +73,11 @@ class RunDir:
         """data_check.json: what checking each image file found, so a resume does not read them again."""
         return self.path / "data_check.json"
 
+    @property
+    def lock(self) -> Path:
+        """Held by the `fit` training this run (see training_lock)."""
+        return self.path / ".fit.lock"
+
     def has_checkpoint(self) -> bool:
         return self.last.is_file()
 
@@ -118,6 +124,54 @@ class RunDir:
                 shutil.copy2(path, keep)
             kept.append(keep)
         return kept
+
+
+@contextlib.contextmanager
+def training_lock(run: RunDir):
+    """Hold the run's lock while `fit` trains it: a second `fit` on the same run (which would log every step twice
+    and save over its checkpoints) is refused. The kernel drops the lock with the process: a crash leaves none."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): train unguarded
+        yield
+        return
+    created = [folder for folder in (run.path, *run.path.parents) if not folder.exists()]
+    run.path.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(run.lock, "a+", encoding="utf-8") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = trainer_pid(run) or "unknown"
+                raise UserError(f"{run.path} is being trained by another process (pid {pid}) — wait for it to "
+                                "finish or stop it, or choose another --out or run.name") from None
+            except OSError:  # a file system without locks (some network mounts): train unguarded
+                pass
+            handle.truncate(0)
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield
+    finally:
+        if created and [p.name for p in run.path.iterdir()] == [run.lock.name]:  # refused before any work
+            run.lock.unlink()
+            for folder in created:
+                folder.rmdir()
+
+
+def trainer_pid(run: RunDir) -> int | None:
+    """The pid of the `fit` training `run` now (-1 when unknown), or None when none holds its lock."""
+    try:
+        import fcntl
+
+        with open(run.lock, encoding="utf-8") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = handle.read().strip()
+                return int(text) if text.isdigit() else -1
+            return None
+    except (ImportError, OSError):
+        return None
 
 
 def saved_step(checkpoint: Path) -> int | None:
@@ -182,6 +236,8 @@ def list_runs(runs_root: Path = RUNS_ROOT) -> list[dict]:
                 step, best = int(state.get("step", 0)), float(state.get("best_test_bpd", math.inf))
                 row.update(step=step, steps=steps, best_test_bpd=best if math.isfinite(best) else None,
                            status="finished" if step >= steps else "stopped (resume with --resume auto)")
+        if (pid := trainer_pid(run)) is not None:
+            row["status"] = f"training now (pid {pid})" if pid > 0 else "training now"
         found.append(row)
     return found
 

@@ -46,6 +46,7 @@ from glowtrain.runs import (
     prepare_run_dir,
     resume_message,
     run_dir_for,
+    training_lock,
 )
 
 
@@ -736,8 +737,9 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
         precision.check_amp(cfg.train.amp, ctx.device, cfg.train.allow_emulated_bf16)
         run = run_dir_for(out, cfg.run.name, resume)
         resume_from = prepare_run_dir(run, resume)
-        ctx.barrier()  # every rank has checked the run directory before rank 0 writes into it
-        return trainer(cfg, ctx, run, resume_from, progress).run()
+        with training_lock(run) if ctx.is_main else contextlib.nullcontext():
+            ctx.barrier()  # every rank has checked the run directory before rank 0 writes into it
+            return trainer(cfg, ctx, run, resume_from, progress).run()
     finally:
         teardown()
         precision.restore(saved)  # a notebook's later work runs as it did before

@@ -486,6 +486,31 @@ def test_a_resume_after_a_crash_logs_each_step_once_and_keeps_the_lost_records_a
     assert [e.value for e in events] == pytest.approx([new[step] for step in range(1, 6)])
 
 
+def test_a_second_fit_on_a_run_being_trained_is_refused_and_runs_says_it_is_training(tmp_path):
+    import os
+
+    from glowtrain.runs import list_runs
+
+    seen = {}
+
+    class Meddling(Trainer):
+        def prepare_batch(self, images, labels):
+            if not seen:  # mid-run: another fit of the same run, as from a second terminal
+                with pytest.raises(UserError) as refused:
+                    train(tiny_config("train.steps=4"), out=str(self.run_dir.path), progress=False)
+                seen["error"], seen["runs"] = str(refused.value), list_runs(tmp_path)
+            return super().prepare_batch(images, labels)
+
+    run = tmp_path / "run"
+    train(tiny_config("train.steps=2"), out=str(run), progress=False, trainer=Meddling)
+    assert seen["error"] == (f"{run} is being trained by another process (pid {os.getpid()}) — wait for it to "
+                             "finish or stop it, or choose another --out or run.name")
+    assert [row["status"] for row in seen["runs"]] == [f"training now (pid {os.getpid()})"]
+    assert [m["step"] for m in _metrics(run) if m["split"] == "train" and "bpd" in m] == [2]  # logged once
+    assert [row["status"] for row in list_runs(tmp_path)] == ["finished"]  # the lock went with the run
+    train(tiny_config("train.steps=3"), out=str(run), resume="auto", progress=False)
+
+
 def test_going_back_to_an_earlier_checkpoint_keeps_the_later_last_and_best(tmp_path, capsys):
     cfg = apply_overrides(default_config(), NAN_RUN + ["train.steps=2", "train.checkpoint_every=2",
                                                        "train.eval_every=2"])
