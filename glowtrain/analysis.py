@@ -16,6 +16,7 @@ from glowtrain.config import Config, config_to_yaml
 from glowtrain.data import build_dataset, data_changed_warning
 from glowtrain.errors import UserError
 from glowtrain.evaluation import EVAL_NOISE_SEED, evaluate
+from glowtrain.folders import refuse_output_among_training_images
 from glowtrain.images import (
     check_tensorboard,
     display_upscale,
@@ -234,6 +235,7 @@ def _picture_path(loaded: LoadedRun, out: str | None, what: str, named: list[str
     """Where a command's picture goes: named by step and every option that changes it (`_raw`: --no-ema),
     refused before any work when it exists (unless `overwrite`)."""
     folder = Path(out) if out else (loaded.run_dir or loaded.checkpoint.parent) / "samples"
+    refuse_output_among_training_images(folder, loaded.cfg.data)
     parts = [*named, *([] if use_ema else ["raw"])]
     path = folder / (f"{what}_step{loaded.step:07d}" + "".join(f"_{part}" for part in parts) + ".png")
     refuse_existing([path], overwrite)

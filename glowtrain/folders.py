@@ -271,3 +271,24 @@ def unreadable_error(bad: list[tuple[str, str]], base: Path) -> UserError:
     more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
     return UserError(f"cannot read image {path} ({reason}){more} under {base}; fix or remove it, "
                      "or set data.on_bad_image: skip")
+
+
+def refuse_output_among_images(out: Path, image_folder: str | Path, whose: str) -> None:
+    """Refuse to write pictures into a folder of images that is read recursively (outside its hidden folders):
+    they would be read as images of `whose` next time (e.g. "the image folder X", "the images this run trains on")."""
+    folder = Path(image_folder).expanduser()
+    if not folder.is_dir():
+        return
+    # Resolved (links, ..) on both sides, as the folder walk itself sees them.
+    resolved_out, resolved_folder = Path(out).expanduser().resolve(), folder.resolve()
+    if resolved_out.is_relative_to(resolved_folder) and not any(
+            part.startswith(".") for part in resolved_out.relative_to(resolved_folder).parts):
+        raise UserError(f"the output folder {out} lies inside {whose} ({image_folder}), where the pictures this "
+                        "writes would be read as images next time — choose an --out outside it")
+
+
+def refuse_output_among_training_images(out: Path, data_cfg) -> None:
+    """As refuse_output_among_images, for the image folder a run trains on (data.dataset: folder)."""
+    if data_cfg.dataset == "folder":
+        refuse_output_among_images(out, data_cfg.root, "the image folder this run trains on")
+

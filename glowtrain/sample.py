@@ -10,6 +10,7 @@ import torch
 
 from glowtrain.checkpoint import open_run
 from glowtrain.errors import Stopped, UserError
+from glowtrain.folders import refuse_output_among_training_images
 from glowtrain.images import (
     check_tensorboard,
     display_upscale,
@@ -85,6 +86,7 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
     cfg, model = loaded.cfg, loaded.model
     labels = class_labels(classes, n, cfg.model.n_classes, device)
     out_dir = Path(out) if out else (loaded.run_dir or loaded.checkpoint.parent) / "samples"
+    refuse_output_among_training_images(out_dir, cfg.data)
     stem, tag = f"sample_step{loaded.step:07d}", options_tag(n, classes, batch_size, use_ema)
     names = {t: f"{stem}_{temperature_name(t)}_seed{seed}{tag}" for t in temperatures}
     figure = out_dir / f"{stem}_grid_{'-'.join(temperature_name(t) for t in temperatures)}_seed{seed}{tag}.png"

@@ -36,7 +36,12 @@ from glowtrain.dequantization import UniformDequantizer
 from glowtrain.errors import UserError
 from glowtrain.evaluation import EVAL_NOISE_SEED, per_image_noise
 from glowtrain.files import atomic_write
-from glowtrain.folders import IMAGE_EXTENSIONS, find_images
+from glowtrain.folders import (
+    IMAGE_EXTENSIONS,
+    find_images,
+    refuse_output_among_images,
+    refuse_output_among_training_images,
+)
 from glowtrain.images import histogram_picture, save_image
 from glowtrain.logs import strict_json
 from glowtrain.losses import reduce_bits
@@ -405,13 +410,9 @@ def score_command(loaded: LoadedRun, images: list[str], dataset: str | None, spl
     if against:
         sets.append(file_set("against", against, loaded, options.on_bad_image))
     out_dir = Path(out) if out else default_out_dir(loaded)
-    resolved_out = out_dir.expanduser().resolve()
-    for given in [*images, *against]:
-        folder = Path(given).expanduser()
-        # Resolved (links, ..): its histograms (PNG) would be among the images the next score of the folder reads.
-        if folder.is_dir() and resolved_out.is_relative_to(folder.resolve()):
-            raise UserError(f"the output folder {out_dir} lies inside the image folder {given}, where the histograms "
-                            "this writes would be scored next time — choose an --out outside it")
+    for given in [*images, *against]:  # its histograms (PNG) would be among the images the next score reads
+        refuse_output_among_images(out_dir, given, "the image folder given to score")
+    refuse_output_among_training_images(out_dir, loaded.cfg.data)
     return score_sets(loaded, sets, out_dir, options, use_ema, reference)
 
 

@@ -331,6 +331,23 @@ def test_load_run_refuses_classes_for_an_unconditional_model(fitted):
         run.sample(2, classes=[1])
 
 
+
+def test_pictures_are_never_written_among_the_images_the_run_trains_on(folder_run, tmp_path):
+    run_dir, images, _ = folder_run
+    before = sorted(p.name for p in images.rglob("*"))
+    for command in (["sample", "--temp", "0.7", "--n", "2", "--individual"], ["reconstruct", "--n", "2"],
+                    ["interpolate", "--pairs", "1", "--steps", "2"],
+                    ["score", "--images", images / "img000.png", "--no-progress"]):
+        for out in (images / "samples", images):
+            result = invoke(*command, "--run", run_dir, "--out", out, *CPU)
+            assert_one_line_error(result, 2, f"the output folder {out} lies inside the image folder this run trains on "
+                                             f"({images})", "choose an --out outside it")
+    assert sorted(p.name for p in images.rglob("*")) == before
+    hidden = images / ".scores"  # hidden folders are not read as images
+    ok(invoke("score", "--run", run_dir, "--images", images / "img000.png", "--out", hidden, "--no-progress", *CPU))
+    shutil.rmtree(hidden)
+
+
 # ---------------------------------------------------------------------------- eval
 
 

@@ -214,7 +214,8 @@ def test_an_out_inside_a_folder_being_scored_is_refused_and_the_folder_left_alon
     (tmp_path / "link").symlink_to(folder)
     for given in (folder, tmp_path / "link", tmp_path / "mine" / ".." / "mine"):
         result = invoke("score", "--run", run_dir, "--out", folder / inside, *CPU, *images, role, given)
-        assert_one_line_error(result, 2, f"lies inside the image folder {given}", "choose an --out outside it")
+        assert_one_line_error(result, 2, f"lies inside the image folder given to score ({given})",
+                              "choose an --out outside it")
     assert sorted(p.name for p in folder.rglob("*")) == before
     outside = tmp_path / "mine" / ".." / "elsewhere"  # spelt through the folder, but outside it
     assert invoke("score", "--run", run_dir, "--out", outside, *CPU, *images, role, folder).exit_code == 0
