@@ -32,6 +32,7 @@ from glowtrain.data import build_dataset, check_class_count, check_records, make
 from glowtrain.distributed import Context, broadcast_state, identical_across_ranks, in_turns, setup, teardown
 from glowtrain.errors import UserError
 from glowtrain.evaluation import evaluate
+from glowtrain.folders import refuse_output_among_training_images
 from glowtrain.images import display_upscale, image_grid, sample_images, save_png, temperature_name
 from glowtrain.logs import NullLogger, RunLogger
 from glowtrain.losses import dequantize
@@ -736,6 +737,7 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
             torch.set_num_threads(cfg.run.threads)
         precision.check_amp(cfg.train.amp, ctx.device, cfg.train.allow_emulated_bf16)
         run = run_dir_for(out, cfg.run.name, resume)
+        refuse_output_among_training_images(run.path, cfg.data)  # its sample grids would become training images
         resume_from = prepare_run_dir(run, resume)
         with training_lock(run) if ctx.is_main else contextlib.nullcontext():
             ctx.barrier()  # every rank has checked the run directory before rank 0 writes into it

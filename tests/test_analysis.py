@@ -332,7 +332,7 @@ def test_load_run_refuses_classes_for_an_unconditional_model(fitted):
 
 
 
-def test_pictures_are_never_written_among_the_images_the_run_trains_on(folder_run, tmp_path):
+def test_pictures_and_runs_are_never_written_among_the_images_the_run_trains_on(folder_run, tmp_path):
     run_dir, images, _ = folder_run
     before = sorted(p.name for p in images.rglob("*"))
     for command in (["sample", "--temp", "0.7", "--n", "2", "--individual"], ["reconstruct", "--n", "2"],
@@ -342,6 +342,8 @@ def test_pictures_are_never_written_among_the_images_the_run_trains_on(folder_ru
             result = invoke(*command, "--run", run_dir, "--out", out, *CPU)
             assert_one_line_error(result, 2, f"the output folder {out} lies inside the image folder this run trains on "
                                              f"({images})", "choose an --out outside it")
+    fit = invoke("fit", "--out", images / "run2", "--no-progress", "--config", run_dir / "config.yaml")
+    assert_one_line_error(fit, 2, f"the output folder {images / 'run2'} lies inside the image folder this run")
     assert sorted(p.name for p in images.rglob("*")) == before
     hidden = images / ".scores"  # hidden folders are not read as images
     ok(invoke("score", "--run", run_dir, "--images", images / "img000.png", "--out", hidden, "--no-progress", *CPU))

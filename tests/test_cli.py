@@ -158,10 +158,12 @@ def test_the_command_says_each_warning_once_in_one_line_naming_its_library(monke
 def test_a_fit_prints_torchs_and_its_own_warnings_once_as_one_line_each(tmp_path):
     import os
 
+    (tmp_path / "images").mkdir()
     for i in range(12):
-        Image.new("RGB", (10, 10), (i * 20, 0, 0)).save(tmp_path / f"{i:02d}.png")
+        Image.new("RGB", (10, 10), (i * 20, 0, 0)).save(tmp_path / "images" / f"{i:02d}.png")
     too_many = len(os.sched_getaffinity(0)) + 1  # DataLoader warns (at start and at each pass) above the core count
-    settings = sets(*TINY, "data.dataset=folder", f"data.root={tmp_path}", "data.image_size=8", "data.channels=3",
+    settings = sets(*TINY, "data.dataset=folder", f"data.root={tmp_path / 'images'}", "data.image_size=8",
+                    "data.channels=3",
                     f"data.n_workers={too_many}", "train.batch_size=4", "train.amp=bf16", "train.steps=2",
                     "train.eval_every=2", "train.sample_every=2", "train.checkpoint_every=2")
     done = subprocess.run([sys.executable, "-m", "glowtrain", "fit", "--out", str(tmp_path / "run"), "--no-progress",
