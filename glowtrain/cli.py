@@ -556,6 +556,9 @@ def prepare(
             help="Cache directory to write; default <data.root>/glowtrain-cache-<dataset>-<size>px, "
                             "inside the image folder.")] = "",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace a cache at --out prepared with other settings (runs may train from it).")
+    ] = False,
 ) -> None:
     """Decode a dataset once into a uint8 cache at the training resolution; train from it with data.cache."""
     from glowtrain.config import load_config
@@ -566,7 +569,7 @@ def prepare(
         raise UserError("data.cache is set: prepare reads the images themselves — remove data.cache for this command")
     target = out or f"{cfg.data.root}/glowtrain-cache-{cfg.data.dataset}-{cfg.data.image_size}px"
     target = os.path.abspath(os.path.expanduser(target))  # said below as a path that works from anywhere
-    index = prepare_cache(cfg.data, target, progress=progress)
+    index = prepare_cache(cfg.data, target, progress=progress, overwrite=overwrite)
     typer.echo(index["summary"])
     if index["warning"]:
         typer.echo(index["warning"], err=True)

@@ -467,14 +467,17 @@ def _celeba_official(celeba: Path, split: str) -> list[str]:
 
 
 # The cache is a directory: index.json, {split}.npy uint8 (N, C, H, W), {split}_labels.npy int64 (N,).
-def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True) -> dict:
+def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True, overwrite: bool = False) -> dict:
     """Decode both splits once into a uint8 cache directory at out_path; returns its index.
 
     The cache is built in a hidden folder beside out_path and swapped in only when complete, so a
-    failed or interrupted prepare leaves an existing cache exactly as it was."""
+    failed or interrupted prepare leaves an existing cache exactly as it was. An existing cache of
+    other settings (which runs may train from) is replaced only with `overwrite`."""
     shape = image_shape(data_cfg)
     out = Path(os.path.abspath(Path(out_path).expanduser()))  # '.' and '..' have no name to build beside
     _check_cache_target(out)
+    if not overwrite:
+        _refuse_other_settings(out, data_cfg)
     # Both splits are found (and the config checked) before anything is written.
     splits = {split: _build_uncached(data_cfg, split) for split in ("train", "test")}
     index = {"format": CACHE_FORMAT, "dataset": data_cfg.dataset, "summary": data_summary(data_cfg, *splits.values()),
@@ -521,6 +524,22 @@ def _check_content_keys(data_cfg, index: dict, cache: Path) -> None:
         if current != recorded:
             raise UserError(f"the cache at {cache} was prepared with data.{name}={recorded}, not {current}, and so "
                             f"holds other images; prepare it again with this config, or set data.{name}={recorded}")
+
+
+def _refuse_other_settings(out: Path, data_cfg) -> None:
+    """Refuse to replace a cache prepared with other settings: runs that train from it would then fail (or, at the
+    same shape, train on other images). Preparing again with the same settings (new images) replaces it."""
+    index = read_json(out / "index.json")
+    if index is None:
+        return
+    recorded = {"dataset": index.get("dataset"), "image_shape": list(index.get("image_shape", [])),
+                **{f"data.{name}": value for name, value in index.get("keys", {}).items()}}
+    current = {"dataset": data_cfg.dataset, "image_shape": list(image_shape(data_cfg)),
+               **{f"data.{name}": getattr(data_cfg, name) for name in index.get("keys", {})}}
+    differ = [f"{key} {recorded[key]}, not {current[key]}" for key in recorded if recorded[key] != current[key]]
+    if differ:
+        raise UserError(f"{out} holds a cache of other settings ({'; '.join(differ)}) that runs may train from — "
+                        "choose another --out, or pass --overwrite to replace it")
 
 
 def _check_cache_target(out: Path) -> None:

@@ -571,6 +571,24 @@ def test_prepare_replaces_a_complete_cache_and_refuses_a_folder_that_is_not_one(
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 
+@pytest.mark.parametrize("key,value", [("channels", 1), ("image_size", 2), ("split_seed", 3)])
+def test_prepare_replaces_a_cache_of_other_settings_only_with_overwrite(tmp_path, key, value):
+    make_folder(tmp_path / "images", 8, size=(6, 6))
+    cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=4, channels=3)
+    cache = tmp_path / "cache"
+    data.prepare_cache(cfg, str(cache), progress=False)
+    before = {path.name: path.read_bytes() for path in cache.iterdir()}
+    other = data_cfg(**{**vars(cfg), key: value})
+    with pytest.raises(UserError) as refused:
+        data.prepare_cache(other, str(cache), progress=False)
+    assert str(refused.value).startswith(f"{cache} holds a cache of other settings (")
+    assert str(refused.value).endswith("that runs may train from — choose another --out, or pass --overwrite to "
+                                       "replace it")
+    assert {path.name: path.read_bytes() for path in cache.iterdir()} == before
+    data.prepare_cache(other, str(cache), progress=False, overwrite=True)
+    assert len(data.build_dataset(data_cfg(**{**vars(other), "cache": str(cache)}), "train")) > 0
+
+
 def test_the_crop_of_a_celeba_run_is_recorded_and_used_from_any_working_directory(tmp_path, monkeypatch):
     """score and load_run crop new images as training did, even where data.root is not at hand."""
     from dataclasses import replace
