@@ -246,12 +246,12 @@ def fit(
                    f"up; checkpoint saved. Continue with: glowtrain fit --resume auto --out {shlex.quote(run_dir)}")
     if "bpd" in result.test:
         typer.echo(f"test bpd {result.test['bpd']:.4f} at step {result.test['step']}")  # maybe before a stop
-    typer.echo(f"run directory:  {run_dir}")
+    typer.echo(f"run directory:  {shlex.quote(run_dir)}")  # quoted, so that every path pastes into a shell
     best = (" (and best.pt)" if RunDir(run_dir).best.is_file() else
             "" if math.isfinite(result.best_test_bpd) else " (no best.pt: no evaluation gave a finite test bpd)")
-    typer.echo(f"checkpoints:    {run_dir}/checkpoints/last.pt{best}")
-    typer.echo(f"samples:        {run_dir}/samples/")
-    typer.echo(f"tensorboard:    tensorboard --logdir {run_dir}/tb")
+    typer.echo(f"checkpoints:    {shlex.quote(f'{run_dir}/checkpoints/last.pt')}{best}")
+    typer.echo(f"samples:        {shlex.quote(f'{run_dir}/samples/')}")
+    typer.echo(f"tensorboard:    tensorboard --logdir {shlex.quote(f'{run_dir}/tb')}")
 
 
 RunOption = Annotated[Optional[str], typer.Option("--run", metavar="DIR",

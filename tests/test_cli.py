@@ -211,6 +211,17 @@ def test_fit_trains_into_out_and_says_where_everything_is(fitted):
     assert RunDir(run_dir).last.is_file() and RunDir(run_dir).config.is_file()
 
 
+def test_the_paths_fit_prints_paste_into_a_shell_even_with_spaces(tmp_path):
+    import shlex
+
+    run_dir = tmp_path / "my run"
+    result = tiny_fit(run_dir)
+    lines = {line.split(":", 1)[0]: line.split(":", 1)[1] for line in result.stdout.splitlines() if ":" in line}
+    assert shlex.split(lines["run directory"]) == [str(run_dir)]
+    assert shlex.split(lines["checkpoints"])[0] == str(run_dir / "checkpoints" / "last.pt")
+    assert shlex.split(lines["tensorboard"]) == ["tensorboard", "--logdir", str(run_dir / "tb")]
+
+
 def sample_pngs(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
 
