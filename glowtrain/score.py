@@ -19,6 +19,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -88,7 +89,8 @@ class ImageSet:
 
 
 def image_paths(sources: list[str], option: str = "--images") -> list[str]:
-    """Image files named directly, and every image under each folder named (sorted)."""
+    """Image files named directly, and every image under each folder named (sorted); a file named twice (a folder
+    and a file in it, or two spellings of one folder) counts once, where it first came."""
     paths: list[str] = []
     for source in sources:
         path = Path(source).expanduser()
@@ -102,7 +104,10 @@ def image_paths(sources: list[str], option: str = "--images") -> list[str]:
             paths.append(str(path))
         else:
             raise UserError(f"{option} {source}: no such file or folder — pass image files or a folder of images")
-    return paths
+    first = {}
+    for path in paths:
+        first.setdefault(os.path.realpath(path), path)
+    return list(first.values())
 
 
 def file_set(role: str, sources: list[str], loaded: LoadedRun, on_bad_image: str) -> ImageSet:
@@ -127,6 +132,15 @@ def file_set(role: str, sources: list[str], loaded: LoadedRun, on_bad_image: str
 
     image_set.batches = batches
     return image_set
+
+
+def warn_of_shared_files(images: list[str], against: list[str]) -> None:
+    """A file in both sets makes the out-of-distribution scores compare it with itself: say so in one line."""
+    mine = {os.path.realpath(path) for path in images}
+    shared = [path for path in against if os.path.realpath(path) in mine]
+    if shared:
+        warnings.warn(f"--images and --against share {len(shared):,} of {len(against):,} file(s) (such as "
+                      f"{shared[0]}): the out-of-distribution scores compare those with themselves", stacklevel=2)
 
 
 def dataset_set(role: str, name: str, split: str, loaded: LoadedRun) -> ImageSet:
@@ -409,6 +423,8 @@ def score_command(loaded: LoadedRun, images: list[str], dataset: str | None, spl
         sets = [file_set("images", images, loaded, options.on_bad_image)]
     if against:
         sets.append(file_set("against", against, loaded, options.on_bad_image))
+        if not dataset:
+            warn_of_shared_files(sets[0].names, sets[1].names)
     out_dir = Path(out) if out else default_out_dir(loaded)
     for given in [*images, *against]:  # its histograms (PNG) would be among the images the next score reads
         refuse_output_among_images(out_dir, given, "the image folder given to score")

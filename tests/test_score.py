@@ -112,8 +112,18 @@ def test_typicality_uses_the_training_splits_mean_bpd_and_caches_it_in_the_run(r
     (run_dir / TRAIN_CACHE).unlink()
 
 
+def test_a_file_named_twice_is_scored_once(run_dir, digit_files, tmp_path):
+    digits = digit_files / "digits"
+    rows, summary = score(run_dir, tmp_path / "twice", "--images", digits, "--images", digits / "0003.png",
+                          "--images", digits / ".." / "digits")
+    assert summary["sets"]["images"]["n_images"] == len(rows) == 297
+    assert len({row["path"] for row in rows}) == 297
+
+
 def test_against_the_same_images_gives_auroc_one_half_and_against_noise_the_table(run_dir, digit_files, tmp_path):
-    _, same = score(run_dir, tmp_path / "same", "--images", digit_files / "digits", "--against", digit_files / "digits")
+    with pytest.warns(UserWarning, match=r"--images and --against share 297 of 297 file\(s\) \(such as .*0000.png\)"):
+        _, same = score(run_dir, tmp_path / "same", "--images", digit_files / "digits", "--against",
+                        digit_files / "digits")
     assert {m["higher_is_ood"]["auroc"] for m in same["ood"].values()} == {0.5}
     result = ok(invoke("score", "--run", run_dir, "--out", tmp_path / "noise", *CPU, "--dataset", "digits",
                        "--against", digit_files / "noise", "--batch-test", "--n-bootstrap", "99"))
