@@ -689,7 +689,14 @@ def main() -> None:
     except _ParseError as error:
         sys.exit(_usage_error(error))
     except typer.Abort:
-        _end(EXIT_FAILURE, "aborted")
+        code = EXIT_FAILURE, "aborted"
+    if code == EXIT_INTERRUPTED:  # typer's own word for a Ctrl-C before a command took over (while importing torch)
+        code = EXIT_INTERRUPTED, "interrupted"
+    if isinstance(code, tuple):
+        try:
+            _end(*code)
+        except typer.Exit as end:  # _end speaks to typer; out here, the process exits itself
+            sys.exit(end.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 
 

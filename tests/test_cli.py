@@ -176,6 +176,18 @@ def test_a_fit_prints_torchs_and_its_own_warnings_once_as_one_line_each(tmp_path
     assert "UserWarning" not in done.stderr and ".py:" not in done.stderr, done.stderr
 
 
+def test_ctrl_c_before_a_command_takes_over_still_says_interrupted(monkeypatch, capsys):
+    import types
+
+    def pressed(name):
+        raise KeyboardInterrupt  # as if Ctrl-C came while the command imported torch
+
+    starting = types.ModuleType("glowtrain.train")
+    starting.__getattr__ = pressed
+    monkeypatch.setitem(sys.modules, "glowtrain.train", starting)
+    assert _run_main(monkeypatch, capsys, "eval", "--run", "nowhere") == (130, "", "interrupted\n")
+
+
 def test_the_entry_point_keeps_exit_codes_help_and_our_own_errors(monkeypatch, capsys):
     assert _run_main(monkeypatch, capsys, "--version")[:2] == (0, f"glowtrain {__version__}\n")
     code, out, _ = _run_main(monkeypatch, capsys, "--help")
