@@ -184,6 +184,9 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
     by_class = from_class is not None or to_class is not None
     if (attribute is not None and by_class) or (attribute is None and (from_class is None or to_class is None)):
         raise UserError("give either --attribute NAME or both --from-class A and --to-class B")
+    if by_class and from_class == to_class:
+        raise UserError(f"--from-class and --to-class are both {from_class}: there is no direction between a class "
+                        "and itself — give two different classes")
     if n < 1 or not alphas:
         raise UserError(f"need --n >= 1 and at least one value in --alphas, got --n {n} and {len(alphas)} alphas")
     check_tensorboard(loaded.run_dir, tensorboard)

@@ -501,7 +501,11 @@ def score(
     reference = None
     if reference_run:  # a run directory or, like glowtrain.load_run, a checkpoint file
         as_file = Path(reference_run).is_file()
-        reference = _open(None if as_file else reference_run, reference_run if as_file else None, device, 0, no_ema)[0]
+        try:
+            reference = _open(None if as_file else reference_run, reference_run if as_file else None, device, 0,
+                              no_ema)[0]
+        except UserError as e:
+            raise UserError(f"--reference-run: {e}") from None
     summary = score_command(loaded, images or [], dataset, split, against or [], reference, out, options, not no_ema)
     lines, warnings = report(summary)
     for line in warnings:
@@ -573,7 +577,7 @@ def prepare(
     typer.echo(index["summary"])
     if index["warning"]:
         typer.echo(index["warning"], err=True)
-    typer.echo(f"cached {index['splits']['train']} train and {index['splits']['test']} test images in {target}")
+    typer.echo(f"cached {index['splits']['train']:,} train and {index['splits']['test']:,} test images in {target}")
     typer.echo(f"train from it with: --set data.cache={target}")
 
 

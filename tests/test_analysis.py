@@ -580,9 +580,11 @@ def test_manipulate_attribute_without_the_attribute_file_exits_2(folder_run, tmp
     (["--from-class", "3"], "give either --attribute"),
     (["--attribute", "Smiling"], "--attribute needs a dataset of image files"),
     (["--from-class", "3", "--to-class", "12"], "class 12"),
+    (["--from-class", "3", "--to-class", "3"], "--from-class and --to-class are both 3"),
     (["--from-class", "3", "--to-class", "5", "--alphas", "a,b"], "--alphas"),
     (["--from-class", "3", "--to-class", "5", "--n", "1000"], "test split has 297"),
-], ids=["neither", "from-only", "attribute-on-digits", "class-out-of-range", "bad-alphas", "too-many"])
+], ids=["neither", "from-only", "attribute-on-digits", "class-out-of-range", "same-class", "bad-alphas",
+        "too-many"])
 def test_manipulate_bad_input_exits_2(fitted, tmp_path, args, needle):
     _, run_dir = fitted
     assert_one_line_error(invoke("manipulate", "--run", run_dir, *args, "--out", tmp_path, *CPU), 2, needle)

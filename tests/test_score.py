@@ -206,6 +206,7 @@ def test_progress_bars_go_to_stderr(run_dir, digit_files, tmp_path):
     (("--dataset", "digits", "--n-dequant", "0"), "--n-dequant must be at least 1"),
     (("--dataset", "digits", "--batch-size", "0"), "--batch-size must be at least 1"),
     (("--dataset", "digits", "--on-bad-image", "ignore"), "--on-bad-image must be 'skip' or 'error'"),
+    (("--dataset", "digits", "--reference-run", "nowhere"), "--reference-run: "),
 ])
 def test_bad_options_give_one_line_errors_and_write_nothing(run_dir, tmp_path, args, needle):
     result = invoke("score", "--run", run_dir, "--out", tmp_path / "out", *CPU, *args)
