@@ -48,7 +48,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-_state = {"debug": False, "whole_process": False}
+_state = {"debug": False, "whole_process": False, "ended": False}  # ended: _end has said how the command ended
 
 
 def _version(value: bool) -> None:
@@ -126,6 +126,7 @@ def _end(code: int, line: str | None) -> NoReturn:
             pass
     if line:
         typer.echo(line, err=True)
+    _state["ended"] = True
     raise typer.Exit(code) from None
 
 
@@ -150,6 +151,7 @@ def _run_processes(nproc: int, args: list[str]) -> None:
     code, lines = _job_end(reports, end.failed, end.signalled, end.forced)
     for line in lines:
         typer.echo(line, err=True)
+    _state["ended"] = True  # the job's lines are this command's: nothing more to say
     if code:
         raise typer.Exit(code)
 
@@ -686,7 +688,7 @@ def main() -> None:
     """The `glowtrain` command: typer's own usage errors (an unknown option, a value of the wrong type) end in one
     line and exit 2 like ours, instead of a usage banner and a boxed message."""
     sys.stdout, sys.stderr = _OutputThatOutlivesItsReader(sys.stdout), _OutputThatOutlivesItsReader(sys.stderr)
-    _state["whole_process"] = True
+    _state["whole_process"], _state["ended"] = True, False
     warnings.showwarning = _one_line_warning
     try:
         code = app(prog_name="glowtrain", standalone_mode=False)
@@ -694,8 +696,8 @@ def main() -> None:
         sys.exit(_usage_error(error))
     except typer.Abort:
         code = EXIT_FAILURE, "aborted"
-    if code == EXIT_INTERRUPTED:  # typer's own word for a Ctrl-C before a command took over (while importing torch)
-        code = EXIT_INTERRUPTED, "interrupted"
+    if code == EXIT_INTERRUPTED and not _state["ended"]:  # typer's own, silent word for a Ctrl-C before a command
+        code = EXIT_INTERRUPTED, "interrupted"  # took over (while torch was imported)
     if isinstance(code, tuple):
         try:
             _end(*code)

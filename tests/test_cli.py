@@ -58,6 +58,7 @@ def _run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     monkeypatch.setattr(sys, "stdout", sys.stdout)
     monkeypatch.setattr(sys, "stderr", sys.stderr)
     monkeypatch.setitem(cli._state, "whole_process", False)
+    monkeypatch.setitem(cli._state, "ended", cli._state["ended"])
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
     handler = signal.getsignal(signal.SIGINT)
     try:
@@ -179,10 +180,14 @@ def test_a_fit_prints_torchs_and_its_own_warnings_once_as_one_line_each(tmp_path
 def test_ctrl_c_before_a_command_takes_over_still_says_interrupted(monkeypatch, capsys):
     import types
 
-    def pressed(name):
-        raise KeyboardInterrupt  # as if Ctrl-C came while the command imported torch
+    def pressed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if Ctrl-C came now
 
-    starting = types.ModuleType("glowtrain.train")
+    import glowtrain.cli as cli
+
+    monkeypatch.setattr(cli, "_open", pressed)  # inside the command: its own line, said once
+    assert _run_main(monkeypatch, capsys, "eval", "--run", "nowhere") == (130, "", "interrupted\n")
+    starting = types.ModuleType("glowtrain.train")  # before the command took over: while it imports torch
     starting.__getattr__ = pressed
     monkeypatch.setitem(sys.modules, "glowtrain.train", starting)
     assert _run_main(monkeypatch, capsys, "eval", "--run", "nowhere") == (130, "", "interrupted\n")
