@@ -106,18 +106,24 @@ class RunDir:
                 shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
                 path.rename(old)
 
-
-    def keep_checkpoints_after(self, step: int) -> list[Path]:
-        """A resume from an earlier step goes back, and will save over last.pt and best.pt: those saved after `step`
-        (the training given up) are kept as checkpoints/discarded_<name>_step<N>.pt. Hard links where the file
-        system has them (saves replace a file, so the link keeps the old one), else copies."""
+    def keep_checkpoints_given_up(self, resumed: Path) -> list[Path]:
+        """A resume from another checkpoint than last.pt (going back, or to another branch) saves over last.pt and
+        best.pt, which hold the training it gives up: keep them (all but the checkpoint resumed) as
+        checkpoints/discarded_<name>_step<N>.pt. Hard links where the file system has them (saves replace a file,
+        so the link keeps the old one), else copies."""
         kept = []
+        if not self.last.exists() or resumed.resolve() == self.last.resolve():
+            return kept
         for path in (self.last, self.best):
             saved_at = saved_step(path)
-            if saved_at is None or saved_at <= step:
+            if saved_at is None or path.resolve() == resumed.resolve():
                 continue
-            keep = path.with_name(f"discarded_{path.stem}_step{saved_at:07d}.pt")
-            keep.unlink(missing_ok=True)
+            keep, copies = path.with_name(f"discarded_{path.stem}_step{saved_at:07d}.pt"), 1
+            while keep.exists() and not keep.samefile(path):  # one of another branch, at the same step: keep both
+                copies += 1
+                keep = path.with_name(f"discarded_{path.stem}_step{saved_at:07d}_{copies}.pt")
+            if keep.exists():
+                continue  # kept already
             try:
                 os.link(path, keep)
             except OSError:

@@ -235,7 +235,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.objective.parameters())
         # float16's narrow range needs loss scaling; bfloat16 has float32's range and needs none.
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.amp == "fp16" else None
-        self.state, self.resumed = TrainState(), resume_from is not None
+        self.state, self.resumed, self.resume_from = TrainState(), resume_from is not None, resume_from
         saved = self.restore(resume_from) if self.resumed else None
         if not self.resumed:
             self._initialize()
@@ -654,10 +654,10 @@ class Trainer:
                 tqdm.write(f"note: {self.logger.n_moved} metrics.jsonl record(s) logged after step {self.state.step} "
                            f"(the step this run resumes from) moved to {self.run_dir.metrics_discarded}")
             going_on = self.resumed and not self._nothing_to_train
-            kept = self.run_dir.keep_checkpoints_after(self.state.step) if going_on else []
+            kept = self.run_dir.keep_checkpoints_given_up(self.resume_from) if going_on else []
             if kept:
-                tqdm.write(f"note: this run saves over the last.pt/best.pt saved after step {self.state.step}; "
-                           f"they are kept as {', '.join(str(path) for path in kept)}")
+                tqdm.write(f"note: going on from step {self.state.step}, this run saves over the last.pt/best.pt of "
+                           f"the training it gives up; they are kept as {', '.join(str(path) for path in kept)}")
             if not self._nothing_to_train:
                 self._record_data()
         show = self.progress and ctx.is_main

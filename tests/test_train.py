@@ -530,6 +530,10 @@ def test_going_back_to_an_earlier_checkpoint_keeps_the_later_last_and_best(tmp_p
     assert f"they are kept as {kept['last']}, {kept['best']}" in capsys.readouterr().out
     train(apply_overrides(cfg, ["train.steps=4"]), out=str(run.path), resume="auto", progress=False)
     assert sorted(p.name for p in run.checkpoints.glob("discarded_*")) == sorted(p.name for p in kept.values())
+    second = run.last.read_bytes()  # back to the first branch, also at step 4: both step-4 checkpoints are kept
+    train(apply_overrides(cfg, ["train.steps=5"]), out=str(run.path), resume=str(kept["last"]), progress=False)
+    assert kept["last"].read_bytes() == later_last != second and load_checkpoint(run.last)["step"] == 5
+    assert (run.checkpoints / "discarded_last_step0000004_2.pt").read_bytes() == second
 
 
 def test_a_resume_with_a_new_learning_rate_takes_over_from_the_rollbacks_halving(tmp_path, capsys):
