@@ -80,6 +80,7 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
                    say: Callable[[str], None] | None = None) -> list[Path]:
     """`glowtrain sample`: a PNG grid per temperature (or one labelled figure, or none), and with `individual`
     every image as its own PNG at the model's resolution, written batch by batch; returns the paths written."""
+    temperatures = list(dict.fromkeys(temperatures))  # one asked for twice is drawn and written once
     _check_options(temperatures, n, batch_size, grid, no_grid, individual)
     loaded = open_run(run, checkpoint, device, use_ema)
     check_tensorboard(loaded.run_dir, tensorboard)

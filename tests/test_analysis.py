@@ -303,6 +303,13 @@ def test_sample_several_classes_fill_rows_of_equal_length(conditional, tmp_path)
     assert (picture[(1 + 2 * (SIZE + 1)) * UP :, (1 + SIZE + 1) * UP :] == 0).all()  # the empty fifth slot
 
 
+def test_a_temperature_asked_for_twice_is_written_once(fitted, tmp_path):
+    _, run_dir = fitted
+    written = ok(invoke("sample", "--run", run_dir, "--temp", "0.7", "--temp", "0.7", "--n", "4", "--out", tmp_path,
+                        *CPU)).stdout.split()
+    assert written == [str(tmp_path / "sample_step0000004_t0p70_seed0_n4.png")]
+
+
 def test_load_run_samples_the_classes_asked_for_as_the_cli_does(conditional, tmp_path):
     folder = tmp_path / "cli"
     written = ok(invoke("sample", "--run", conditional, "--temp", "0.7", "--seed", "2", "--class", "3", "--class",
