@@ -39,7 +39,9 @@ from glowtrain.evaluation import EVAL_NOISE_SEED, per_image_noise
 from glowtrain.files import atomic_write
 from glowtrain.folders import (
     IMAGE_EXTENSIONS,
+    describe_ignored,
     find_images,
+    ignored_counts,
     refuse_output_among_images,
     refuse_output_among_training_images,
 )
@@ -83,20 +85,22 @@ class ImageSet:
     names: list[str]
     batches: Callable[[int], Iterator[tuple[list[int], torch.Tensor]]]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    not_read: list[str] = field(default_factory=list)  # in its folders: hidden folders, files hidden or not images
 
 
 # --- where the images come from ----------------------------------------------------------------
 
 
-def image_paths(sources: list[str], option: str = "--images") -> list[str]:
+def image_paths(sources: list[str], option: str = "--images", not_read: list[str] | None = None) -> list[str]:
     """Image files named directly, and every image under each folder named (sorted); a file named twice (a folder
-    and a file in it, or two spellings of one folder) counts once, where it first came."""
+    and a file in it, or two spellings of one folder) counts once, where it first came. What the folders hold
+    besides images (hidden folders, files hidden or not images) is added to `not_read`."""
     paths: list[str] = []
     for source in sources:
         path = Path(source).expanduser()
         if path.is_dir():
             try:
-                paths += find_images(str(path))[1]
+                paths += find_images(str(path), not_read)[1]
             except UserError:
                 raise UserError(f"no images under {path}; {option} needs image files ending in "
                                 f"{', '.join(IMAGE_EXTENSIONS)} or a folder of them") from None
@@ -112,8 +116,9 @@ def image_paths(sources: list[str], option: str = "--images") -> list[str]:
 
 def file_set(role: str, sources: list[str], loaded: LoadedRun, on_bad_image: str) -> ImageSet:
     """Image files preprocessed as the run's training data was, decoded a batch at a time."""
-    paths = image_paths(sources, "--images" if role == "images" else "--against")
-    image_set = ImageSet(role, paths, lambda batch_size: iter(()))
+    not_read: list[str] = []
+    paths = image_paths(sources, "--images" if role == "images" else "--against", not_read)
+    image_set = ImageSet(role, paths, lambda batch_size: iter(()), not_read=sorted(set(not_read)))
     policy = on_bad_image or loaded.cfg.data.on_bad_image
 
     def batches(batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
@@ -381,6 +386,7 @@ def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: 
     for image_set in sets:
         values = scores[image_set.role]
         summary["sets"][image_set.role] = {"n_images": len(values["bpd"]), "skipped": image_set.skipped,
+                                           "not_read": ignored_counts(image_set.not_read),
                                            "scores": {n: _mean_stderr(v) for n, v in values.items()}}
     if "against" in scores:
         inliers, outliers = scores["images"], scores["against"]
@@ -438,7 +444,9 @@ def report(summary: dict) -> tuple[list[str], list[str]]:
     for role, part in summary["sets"].items():
         warnings += [f"skipped unreadable image {path} ({reason})" for path, reason in part["skipped"]]
         bpd = part["scores"]["bpd"]
-        lines.append(f"{role}: {part['n_images']} images, bpd {bpd['mean']:.4f} ± {bpd['stderr']:.4f}")
+        n = part["n_images"]
+        lines.append(f"{role}: {n:,} image{'s' * (n != 1)}{describe_ignored(*part.get('not_read', (0, 0)))}, "
+                     f"bpd {bpd['mean']:.4f} ± {bpd['stderr']:.4f}")
     if "ood" in summary:
         lines.append(ood_table(summary))
     for role, test in summary.get("batch_test", {}).items():

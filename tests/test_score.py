@@ -112,6 +112,18 @@ def test_typicality_uses_the_training_splits_mean_bpd_and_caches_it_in_the_run(r
     (run_dir / TRAIN_CACHE).unlink()
 
 
+def test_the_images_line_names_what_the_folders_hold_besides_images(run_dir, digit_files, tmp_path):
+    folder = tmp_path / "mixed"
+    shutil.copytree(digit_files / "noise", folder)
+    (folder / "scan.tif").write_bytes(b"II*\x00")  # not an extension score reads
+    (folder / ".cache").mkdir()
+    result = ok(invoke("score", "--run", run_dir, "--out", tmp_path / "out", *CPU, "--images", folder))
+    assert result.stdout.startswith("images: 40 images (not read: 1 hidden folder, 1 file hidden or not ")
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["sets"]["images"]["not_read"] == [1, 1]
+    one = ok(invoke("score", "--run", run_dir, "--out", tmp_path / "one", *CPU, "--images", folder / "0000.png"))
+    assert one.stdout.startswith("images: 1 image, bpd ")
+
+
 def test_a_file_named_twice_is_scored_once(run_dir, digit_files, tmp_path):
     digits = digit_files / "digits"
     rows, summary = score(run_dir, tmp_path / "twice", "--images", digits, "--images", digits / "0003.png",
