@@ -695,15 +695,18 @@ def main() -> None:
     except _ParseError as error:
         sys.exit(_usage_error(error))
     except typer.Abort:
-        code = EXIT_FAILURE, "aborted"
+        _exit_saying(EXIT_FAILURE, "aborted")
     if code == EXIT_INTERRUPTED and not _state["ended"]:  # typer's own, silent word for a Ctrl-C before a command
-        code = EXIT_INTERRUPTED, "interrupted"  # took over (while torch was imported)
-    if isinstance(code, tuple):
-        try:
-            _end(*code)
-        except typer.Exit as end:  # _end speaks to typer; out here, the process exits itself
-            sys.exit(end.exit_code)
+        _exit_saying(EXIT_INTERRUPTED, "interrupted")  # took over (while torch was imported)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _exit_saying(code: int, line: str) -> NoReturn:
+    """_end outside typer: the process exits itself with the code _end hands typer."""
+    try:
+        _end(code, line)
+    except typer.Exit as end:
+        sys.exit(end.exit_code)
 
 
 try:

@@ -34,7 +34,7 @@ def find_images(root: str, ignored: list[str] | None = None) -> tuple[Path, list
     if not base.is_dir():
         raise UserError(f"image folder {base} does not exist; set data.root to a directory of images (for a trained "
                         "run moved to another machine: --data DIR)")
-    found = sorted(_each_file_once(_walk(base, ignored if ignored is not None else [])),
+    found = sorted(each_file_once(_walk(base, ignored if ignored is not None else [])),
                    key=functools.partial(relative, base=base))
     if not found:
         raise UserError(f"no images under {base}; data.root needs files ending in "
@@ -107,7 +107,7 @@ def _identity(path: str | Path) -> tuple[int, int] | None:
     return stat.st_dev, stat.st_ino
 
 
-def _each_file_once(paths) -> list[str]:
+def each_file_once(paths) -> list[str]:
     """The first path of each real file, in the order given (one reached twice through links, or hard-linked,
     is one image: it must not land in both splits)."""
     seen, once = set(), []
@@ -291,4 +291,3 @@ def refuse_output_among_training_images(out: Path, data_cfg) -> None:
     """As refuse_output_among_images, for the image folder a run trains on (data.dataset: folder)."""
     if data_cfg.dataset == "folder":
         refuse_output_among_images(out, data_cfg.root, "the image folder this run trains on")
-

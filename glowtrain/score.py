@@ -40,6 +40,7 @@ from glowtrain.files import atomic_write
 from glowtrain.folders import (
     IMAGE_EXTENSIONS,
     describe_ignored,
+    each_file_once,
     find_images,
     ignored_counts,
     refuse_output_among_images,
@@ -108,10 +109,7 @@ def image_paths(sources: list[str], option: str = "--images", not_read: list[str
             paths.append(str(path))
         else:
             raise UserError(f"{option} {source}: no such file or folder — pass image files or a folder of images")
-    first = {}
-    for path in paths:
-        first.setdefault(os.path.realpath(path), path)
-    return list(first.values())
+    return each_file_once(paths)
 
 
 def file_set(role: str, sources: list[str], loaded: LoadedRun, on_bad_image: str) -> ImageSet:

@@ -235,7 +235,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.objective.parameters())
         # float16's narrow range needs loss scaling; bfloat16 has float32's range and needs none.
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.amp == "fp16" else None
-        self.state, self.resumed, self.resume_from = TrainState(), resume_from is not None, resume_from
+        self.state, self.resume_from = TrainState(), resume_from
         saved = self.restore(resume_from) if self.resumed else None
         if not self.resumed:
             self._initialize()
@@ -345,6 +345,10 @@ class Trainer:
         return make_train_batches(self.train_set, cfg.train.batch_size * cfg.train.grad_accum_steps,
                                   seed=cfg.run.seed, start_step=step, n_workers=cfg.data.n_workers,
                                   pin_memory=self.device.type == "cuda", rank=ctx.rank, world_size=ctx.world_size)
+
+    @property
+    def resumed(self) -> bool:
+        return self.resume_from is not None
 
     # --- one optimiser step --------------------------------------------------------------------
 
