@@ -66,8 +66,11 @@ def display_upscale(image_size: int) -> int:
 
 
 def temperature_name(temperature: float) -> str:
-    """t0p70 for 0.7; in powers of ten from 10,000 up (t1e+30), so a file name stays short for any temperature."""
-    return f"t{temperature:.2f}".replace(".", "p") if temperature < 1e4 else f"t{temperature:.3g}".replace(".", "p")
+    """t0p70 for 0.7; a temperature that two decimals do not hold keeps its shortest exact form (t0p705, t1e+30),
+    so two temperatures never share a file name."""
+    two_decimals = f"{temperature:.2f}"
+    exact = two_decimals if temperature < 1e4 and float(two_decimals) == temperature else repr(float(temperature))
+    return "t" + exact.replace(".", "p")
 
 
 def labelled_rows(pictures: list[torch.Tensor], labels: list[str], upscale: int = 1) -> Image.Image:

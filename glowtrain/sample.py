@@ -60,11 +60,6 @@ def _check_options(temperatures: list[float], n: int, batch_size: int, grid: boo
     bad = [t for t in temperatures if not (math.isfinite(t) and t >= 0)]
     if bad:
         raise UserError(f"temperatures must be >= 0 and finite, got {bad[0]} — use --temp 0.7 or another value >= 0")
-    named: dict[str, float] = {}
-    for t in temperatures:
-        if named.setdefault(temperature_name(t), t) != t:  # one file would hold the other's grid
-            raise UserError(f"--temp {named[temperature_name(t)]:g} and {t:g} would share the file name "
-                            f"{temperature_name(t)} — give temperatures that differ within two decimals")
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
     if batch_size < 1:
