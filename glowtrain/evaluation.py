@@ -38,10 +38,18 @@ def importance_weighted_bpd(bpd: torch.Tensor, n_dims: int) -> torch.Tensor:
     return -log_mean / (n_dims * math.log(2.0))
 
 
-def _mean_and_stderr(total: float, total_sq: float, n: int) -> tuple[float, float]:
+def _mean_and_stderr(total: float, total_sq: float, n: int) -> tuple[float, float | None]:
+    """The mean and its standard error; None for one image, which has no spread to estimate one from."""
     mean = total / n
+    if n < 2:
+        return mean, None
     variance = max(0.0, total_sq / n - mean**2) if math.isfinite(mean) else math.nan  # max() would hide a NaN
-    return mean, math.sqrt(variance / max(1, n - 1))
+    return mean, math.sqrt(variance / (n - 1))
+
+
+def mean_text(mean: float, stderr: float | None) -> str:
+    """'2.3456 ± 0.0012', or '2.3456 (one image, no error bar)' where there is no standard error."""
+    return f"{mean:.4f} ± {stderr:.4f}" if stderr is not None else f"{mean:.4f} (one image, no error bar)"
 
 
 @torch.inference_mode()

@@ -35,7 +35,7 @@ from glowtrain.data import DATASETS, build_dataset, image_shape, make_eval_batch
 from glowtrain.data import read_images as read_image_files
 from glowtrain.dequantization import UniformDequantizer
 from glowtrain.errors import UserError
-from glowtrain.evaluation import EVAL_NOISE_SEED, per_image_noise
+from glowtrain.evaluation import EVAL_NOISE_SEED, mean_text, per_image_noise
 from glowtrain.files import atomic_write
 from glowtrain.folders import (
     IMAGE_EXTENSIONS,
@@ -311,8 +311,8 @@ def _stream(image_set: ImageSet, scorer: Scorer, writer, options: ScoreOptions) 
     return {name: np.concatenate(parts) for name, parts in columns.items()}
 
 
-def _mean_stderr(values: np.ndarray) -> dict[str, float]:
-    stderr = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+def _mean_stderr(values: np.ndarray) -> dict[str, float | None]:
+    stderr = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None  # none from one image
     return {"mean": float(values.mean()), "stderr": stderr}
 
 
@@ -444,7 +444,7 @@ def report(summary: dict) -> tuple[list[str], list[str]]:
         bpd = part["scores"]["bpd"]
         n = part["n_images"]
         lines.append(f"{role}: {n:,} image{'s' * (n != 1)}{describe_ignored(*part.get('not_read', (0, 0)))}, "
-                     f"bpd {bpd['mean']:.4f} ± {bpd['stderr']:.4f}")
+                     f"bpd {mean_text(bpd['mean'], bpd['stderr'])}")
     if "ood" in summary:
         lines.append(ood_table(summary))
     for role, test in summary.get("batch_test", {}).items():

@@ -31,7 +31,7 @@ from glowtrain.config import Config, config_to_dict, derived_seed, load_config, 
 from glowtrain.data import build_dataset, check_class_count, check_records, make_train_batches, record_run_data
 from glowtrain.distributed import Context, broadcast_state, identical_across_ranks, in_turns, setup, teardown
 from glowtrain.errors import UserError
-from glowtrain.evaluation import evaluate
+from glowtrain.evaluation import evaluate, mean_text
 from glowtrain.folders import refuse_output_among_training_images
 from glowtrain.images import display_upscale, image_grid, sample_images, save_png, temperature_name
 from glowtrain.logs import NullLogger, RunLogger
@@ -446,7 +446,7 @@ class Trainer:
             result = evaluate(self.eval_objective, self.test_set, self.cfg, self.device, ctx=self.ctx,
                               progress=self.progress and self.ctx.is_main)
         self.logger.log(self.state.step, "test", **result)
-        self.say(f"step {self.state.step}: test bpd {result['bpd']:.4f} ± {result['bpd_stderr']:.4f}")
+        self.say(f"step {self.state.step}: test bpd {mean_text(result['bpd'], result['bpd_stderr'])}")
         if result["bpd"] < self.state.best_test_bpd:
             self.state.best_test_bpd = result["bpd"]
             self.save(self.run_dir.best)

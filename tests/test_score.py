@@ -121,7 +121,9 @@ def test_the_images_line_names_what_the_folders_hold_besides_images(run_dir, dig
     assert result.stdout.startswith("images: 40 images (not read: 1 hidden folder, 1 file hidden or not ")
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["sets"]["images"]["not_read"] == [1, 1]
     one = ok(invoke("score", "--run", run_dir, "--out", tmp_path / "one", *CPU, "--images", folder / "0000.png"))
-    assert one.stdout.startswith("images: 1 image, bpd ")
+    assert re.match(r"images: 1 image, bpd \d+\.\d{4} \(one image, no error bar\)\n", one.stdout)
+    one_summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert one_summary["sets"]["images"]["scores"]["bpd"]["stderr"] is None
 
 
 def test_a_file_named_twice_is_scored_once(run_dir, digit_files, tmp_path):

@@ -10,13 +10,14 @@ import pytest
 import torch
 from helpers import GLOW_LAYERS, HostReads, assert_one_line_error, assert_same_training_state, invoke, sets
 from PIL import Image
+from torch.utils.data import Subset
 
 from glowtrain.checkpoint import load_checkpoint, model_from_checkpoint
 from glowtrain.config import apply_overrides, default_config, load_config
 from glowtrain.data import build_dataset, make_eval_batches, make_train_batches
 from glowtrain.distributed import Context
 from glowtrain.errors import UserError
-from glowtrain.evaluation import EVAL_NOISE_SEED, per_image_noise
+from glowtrain.evaluation import EVAL_NOISE_SEED, mean_text, per_image_noise
 from glowtrain.losses import dequantize
 from glowtrain.model import Glow
 from glowtrain.objective import Objective, ObjectiveOutput
@@ -282,6 +283,16 @@ def test_evaluate_is_deterministic_over_the_whole_digits_test_split(fresh_model,
     # Batch size does not change the result beyond rounding (same noise stream, same images).
     small = evaluate(model, test_set, apply_overrides(cfg, ["train.eval_batch_size=297"]), torch.device("cpu"))
     assert small["bpd"] == pytest.approx(first["bpd"], rel=1e-6)
+
+
+def test_one_image_has_a_mean_and_no_standard_error(fresh_model):
+    cfg, model = fresh_model
+    test_set = build_dataset(cfg.data, "test")
+    one, two = (evaluate(model, Subset(test_set, range(n)), cfg, torch.device("cpu")) for n in (1, 2))
+    assert one["n_images"] == 1 and one["bpd_stderr"] is None and 0 < one["bpd"] < 8
+    assert two["n_images"] == 2 and two["bpd_stderr"] > 0
+    assert mean_text(one["bpd"], None) == f"{one['bpd']:.4f} (one image, no error bar)"
+    assert mean_text(2.5, 0.00123) == "2.5000 ± 0.0012"
 
 
 def test_short_training_lowers_test_bpd_below_the_initial_model(fresh_model, tmp_path):
