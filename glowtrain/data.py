@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from glowtrain.config import CHANNEL_CHOICES, FIXED_CHANNELS, derived_seed
 from glowtrain.errors import UserError
+from glowtrain.files import missing_folders, remove_if_empty
 from glowtrain.folders import (
     PIL_DECODE_ERRORS,
     SPLIT_SCHEME,
@@ -388,13 +389,13 @@ def _torchvision_set(data_cfg, split: str, shape: tuple[int, int, int]) -> Tenso
     cls_name, folder, native = _TORCHVISION[data_cfg.dataset]
     root = os.path.abspath(os.path.expanduser(data_cfg.root))
     where = os.path.join(root, folder)
-    missing = _missing_folders(Path(where))
+    missing = missing_folders(Path(where))
     try:
         # torchvision prints each download attempt; the outcome is said in one line here instead
         with contextlib.redirect_stdout(io.StringIO()):
             ds = getattr(torchvision.datasets, cls_name)(root, train=split == "train", download=data_cfg.download)
     except (RuntimeError, OSError) as e:
-        _remove_if_empty(missing)  # a failed download leaves no empty folders behind
+        remove_if_empty(missing)  # a failed download leaves no empty folders behind
         if not data_cfg.download:
             raise UserError(f"{cls_name} not found under {root}/ — set data.download: true "
                             f"(or --set data.download=true) or put the files in {where}") from None
@@ -420,23 +421,6 @@ def _to_image_size(images: Tensor, native: int, size: int) -> Tensor:
     if size != native:
         return _resize(images, size)
     return images
-
-
-def _missing_folders(path: Path) -> list[Path]:
-    """path and those of its parents that do not exist yet, deepest first."""
-    missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
-
-
-def _remove_if_empty(folders: list[Path]) -> None:
-    for folder in folders:  # deepest first, so a parent is empty once its child is gone
-        try:
-            folder.rmdir()
-        except OSError:  # not empty, or never made
-            pass
 
 
 def _resize(images: Tensor, size: int, chunk: int = 4096) -> Tensor:

@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash or Ctrl-C mid-write leaves the previous file, never half a new one."""
+"""Atomic file writes (a crash or Ctrl-C mid-write leaves the previous file, never half a new one), and folders
+that a failed command leaves as it found them."""
 
 from __future__ import annotations
 
@@ -37,3 +38,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], mode: str
         finally:
             os.close(dir_fd)
     return path
+
+
+def missing_folders(path: Path) -> list[Path]:
+    """path and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove those of `folders` (deepest first, as missing_folders gives them) that are empty."""
+    for folder in folders:  # deepest first, so a parent is empty once its child is gone
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or never made
+            pass

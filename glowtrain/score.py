@@ -36,7 +36,7 @@ from glowtrain.data import read_images as read_image_files
 from glowtrain.dequantization import UniformDequantizer
 from glowtrain.errors import UserError
 from glowtrain.evaluation import EVAL_NOISE_SEED, mean_text, per_image_noise
-from glowtrain.files import atomic_write
+from glowtrain.files import atomic_write, missing_folders, remove_if_empty
 from glowtrain.folders import (
     IMAGE_EXTENSIONS,
     describe_ignored,
@@ -350,6 +350,21 @@ def _write_outputs(out_dir: Path, scores: dict[str, dict[str, np.ndarray]], summ
     return written
 
 
+def _score_into_csv(sets: list[ImageSet], scorer: Scorer, out_dir: Path, options: ScoreOptions) -> dict:
+    """Each set's scores by name, streamed into out_dir/scores.csv, which appears only once complete."""
+    partial = out_dir / "scores.csv.partial"
+    try:
+        # surrogateescape: a file name that is not UTF-8 is written as its own bytes, so it names the file.
+        with open(partial, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            writer = csv.DictWriter(f, fieldnames=None)
+            scores = {image_set.role: _stream(image_set, scorer, writer, options) for image_set in sets}
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, out_dir / "scores.csv")
+    return scores
+
+
 def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: ScoreOptions,
                use_ema: bool = True, reference: LoadedRun | None = None) -> dict:
     """Score every set into out_dir/scores.csv (streamed), then summary.json, histograms and OOD metrics."""
@@ -368,17 +383,13 @@ def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: 
         train_bpd = None
     entropy = float(train_bpd.mean()) if train_bpd is not None else None
     scorer = Scorer(loaded, options.n_dequant, entropy, reference)
+    made = missing_folders(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    partial = out_dir / "scores.csv.partial"  # renamed when complete: an interrupted run leaves no half CSV
     try:
-        # surrogateescape: a file name that is not UTF-8 is written as its own bytes, so it names the file.
-        with open(partial, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-            writer = csv.DictWriter(f, fieldnames=None)
-            scores = {image_set.role: _stream(image_set, scorer, writer, options) for image_set in sets}
+        scores = _score_into_csv(sets, scorer, out_dir, options)
     except BaseException:
-        partial.unlink(missing_ok=True)
+        remove_if_empty(made)  # a score that failed leaves no empty --out behind
         raise
-    os.replace(partial, out_dir / "scores.csv")
     summary = {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "n_dequant": options.n_dequant,
                "entropy_bpd": entropy, "sets": {}}
     for image_set in sets:

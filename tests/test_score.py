@@ -281,9 +281,14 @@ def test_an_unreadable_image_is_rejected_in_one_line_or_skipped(run_dir, digit_f
     folder = tmp_path / "images"
     shutil.copytree(digit_files / "noise", folder)
     (folder / "0003.png").write_bytes(b"not a png")
+    result = invoke("score", "--run", run_dir, "--out", tmp_path / "out" / "new", *CPU, "--images", folder)
+    assert_one_line_error(result, 2, "0003.png", "--on-bad-image skip")
+    assert not (tmp_path / "out").exists()  # the folders it made for its output are gone with the failure
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("kept")
     result = invoke("score", "--run", run_dir, "--out", tmp_path / "out", *CPU, "--images", folder)
     assert_one_line_error(result, 2, "0003.png", "--on-bad-image skip")
-    assert not (tmp_path / "out" / "scores.csv").exists() and not (tmp_path / "out" / "scores.csv.partial").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mine.txt"]  # no scores.csv, nor a partial one
     result = ok(invoke("score", "--run", run_dir, "--out", tmp_path / "out", *CPU, "--images", folder,
                        "--on-bad-image", "skip"))
     assert "skipped unreadable image" in result.stderr and "0003.png" in result.stderr
