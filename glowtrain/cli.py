@@ -256,6 +256,7 @@ def fit(
     typer.echo(f"tensorboard:    tensorboard --logdir {shlex.quote(f'{run_dir}/tb')}")
 
 
+ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars (stderr).")]
 RunOption = Annotated[Optional[str], typer.Option("--run", metavar="DIR",
     help="Run directory; default: the most recent under runs/.")]
 CheckpointOption = Annotated[Optional[str], typer.Option("--checkpoint", metavar="PATH",
@@ -330,6 +331,7 @@ def sample(
     seed: SeedOption = 0,
     no_ema: NoEmaOption = False,
     tensorboard: TensorboardOption = False,
+    progress: ProgressOption = True,
 ) -> None:
     """Sample PNG grids at one or more temperatures (0 gives the prior means)."""
     from glowtrain.distributed import resolve_device
@@ -338,7 +340,7 @@ def sample(
     temperatures = _numbers(temp or ["0.7"], "--temp", "0.5,0.7")
     paths = sample_command(run, checkpoint, temperatures, n, seed, out, resolve_device(device, "--device"), not no_ema,
                            class_, batch_size, grid, individual, tensorboard, no_grid, overwrite,
-                           say=lambda line: typer.echo(line, err=True))
+                           say=lambda line: typer.echo(line, err=True), progress=progress)
     for path in paths:
         typer.echo(str(path))
 
@@ -371,7 +373,7 @@ def eval_(
     seed: SeedOption = 0,
     no_ema: NoEmaOption = False,
     data: DataOption = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar (stderr).")] = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Bits per dimension over a whole split, printed as JSON (with accuracy for class-conditional models)."""
     from glowtrain.analysis import eval_command
@@ -489,7 +491,7 @@ def score(
     device: DeviceOption = "auto",
     no_ema: NoEmaOption = False,
     data: DataOption = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    progress: ProgressOption = True,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", metavar="", help="Replace an earlier score in the output folder instead of refusing.")] = False,
 ) -> None:
@@ -561,7 +563,7 @@ def prepare(
         "--out", "-o", metavar="DIR",
             help="Cache directory to write; default <data.root>/glowtrain-cache-<dataset>-<size>px, "
                             "inside the image folder.")] = "",
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    progress: ProgressOption = True,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace a cache at --out prepared with other settings (runs may train from it).")
     ] = False,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from glowtrain.checkpoint import open_run
 from glowtrain.errors import Stopped, UserError
@@ -72,9 +74,10 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
                    out: str | None, device: torch.device, use_ema: bool = True, classes: list[int] | None = None,
                    batch_size: int = DEFAULT_BATCH_SIZE, grid: bool = False, individual: bool = False,
                    tensorboard: bool = False, no_grid: bool = False, overwrite: bool = False,
-                   say: Callable[[str], None] | None = None) -> list[Path]:
+                   say: Callable[[str], None] | None = None, progress: bool = False) -> list[Path]:
     """`glowtrain sample`: a PNG grid per temperature (or one labelled figure, or none), and with `individual`
-    every image as its own PNG at the model's resolution, written batch by batch; returns the paths written."""
+    every image as its own PNG at the model's resolution, written batch by batch; returns the paths written.
+    `progress`: a bar on stderr over the images of every temperature, gone when done."""
     temperatures = list(dict.fromkeys(temperatures))  # one asked for twice is drawn and written once
     _check_options(temperatures, n, batch_size, grid, no_grid, individual)
     loaded = open_run(run, checkpoint, device, use_ema)
@@ -96,14 +99,16 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
     n_columns = per_class if per_class and per_class <= GRID_LIMIT else None
     upscale = display_upscale(cfg.data.image_size)
     written, pictures = [], []
-    for temperature in temperatures:
-        generator = torch.Generator(device=device).manual_seed(seed)
-        batches = sample_batches(model, n, temperature, cfg.data.n_bits, generator, labels, batch_size)
-        shown, singles = _stream(batches, out_dir / names[temperature] if individual else None, n)
-        pictures.append(image_grid(shown, n_columns))
-        if not (grid or no_grid):
-            written.append(save_png(pictures[-1], out_dir / f"{names[temperature]}.png", upscale))
-        written += singles
+    with tqdm(total=n * len(temperatures), desc="sampling", unit="img", leave=False, file=sys.stderr,
+              disable=not progress, delay=1, dynamic_ncols=True) as bar:  # a draw done within 1 s stays quiet
+        for temperature in temperatures:
+            generator = torch.Generator(device=device).manual_seed(seed)
+            batches = sample_batches(model, n, temperature, cfg.data.n_bits, generator, labels, batch_size)
+            shown, singles = _stream(batches, out_dir / names[temperature] if individual else None, n, bar)
+            pictures.append(image_grid(shown, n_columns))
+            if not (grid or no_grid):
+                written.append(save_png(pictures[-1], out_dir / f"{names[temperature]}.png", upscale))
+            written += singles
     if grid:
         written.append(save_image(labelled_rows(pictures, [f"T={t:g}" for t in temperatures], upscale), figure))
     if tensorboard:
@@ -113,7 +118,7 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
     return written
 
 
-def _stream(batches, folder: Path | None, n: int) -> tuple[torch.Tensor, list[Path]]:
+def _stream(batches, folder: Path | None, n: int, bar: tqdm) -> tuple[torch.Tensor, list[Path]]:
     """Write each batch's images to `folder` (if any) as they come; keep only the first GRID_LIMIT for the grid."""
     shown, singles, index = [], [], 0
     try:
@@ -122,6 +127,7 @@ def _stream(batches, folder: Path | None, n: int) -> tuple[torch.Tensor, list[Pa
             if folder is not None:
                 singles += _write_individual(batch, folder, index, n)
             index += len(batch)
+            bar.update(len(batch))
     except KeyboardInterrupt:
         if folder is None or not folder.is_dir():
             raise

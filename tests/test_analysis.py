@@ -4,6 +4,7 @@ import ast
 import json
 import math
 import os
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -13,8 +14,10 @@ import pytest
 import torch
 from helpers import TINY_RUN, assert_one_line_error, invoke, sets
 from PIL import Image
+from tqdm import tqdm
 
 import glowtrain
+from glowtrain import sample as sample_module
 from glowtrain.analysis import multiply_adds
 from glowtrain.checkpoint import load_checkpoint, model_from_checkpoint, open_run
 from glowtrain.config import load_config
@@ -372,6 +375,19 @@ def test_eval_prints_the_training_loops_final_test_bpd_for_the_same_checkpoint(f
     assert result["n_dequant"] == 1 and result["split"] == "test"
     assert result["checkpoint"] == str(RunDir(run_dir).last)
     assert 0 < result["bpd_stderr"] < 0.1 and 0 < result["bpd"] < 8
+
+
+def test_sample_shows_progress_for_a_long_draw_and_not_with_no_progress(fitted, tmp_path, monkeypatch):
+    _, run_dir = fitted
+    args = ["sample", "--run", run_dir, "--temp", "0,0.7", "--n", "6", "--batch-size", "4", *CPU]
+    # As if the draw were slow: the bar shows at once and redraws at every batch.
+    eager = {"delay": 0, "mininterval": 0, "miniters": 1}
+    monkeypatch.setattr(sample_module, "tqdm", lambda *a, **k: tqdm(*a, **{**k, **eager}))
+    shown = ok(invoke(*args, "--out", tmp_path / "shown"))
+    counts = re.findall(r"sampling: .*?\| (\d+/\d+) ", shown.stderr)
+    assert counts == ["0/12", "4/12", "6/12", "10/12", "12/12"]  # both temperatures' images, batch by batch
+    quiet = ok(invoke(*args, "--out", tmp_path / "quiet", "--no-progress"))
+    assert quiet.stderr == "" and quiet.stdout == shown.stdout.replace("shown", "quiet")
 
 
 def test_eval_shows_its_progress_on_stderr_and_leaves_stdout_to_the_json(fitted):
