@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import io
 import json
 import math
@@ -18,7 +19,7 @@ from typing import Annotated, NoReturn, Optional
 import typer
 
 from glowtrain import __version__
-from glowtrain.errors import Stopped, UserError
+from glowtrain.errors import MissingData, Stopped, UserError
 
 EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 STOP_GRACE_S = 300  # what `fit --nproc` gives its processes to stop cleanly after a SIGTERM
@@ -68,6 +69,7 @@ def _root(
 
 def _errors_to_exit_codes(command):
     """UserError -> one line on stderr and exit 2; interruption -> exit 130; anything else -> exit 1."""
+    on_a_run = "data" in inspect.signature(command).parameters  # it takes --data, not the config's data keys
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -78,7 +80,7 @@ def _errors_to_exit_codes(command):
         except UserError as e:
             if _state["debug"]:
                 traceback.print_exc()
-            _end(EXIT_BAD_INPUT, f"error: {e}")
+            _end(EXIT_BAD_INPUT, f"error: {e.for_run() if on_a_run and isinstance(e, MissingData) else e}")
         except Interrupted as e:
             step, run_dir = e.args
             on_rank_0 = os.environ.get("RANK", "0") == "0"  # under torchrun, one line for the job, not one per process

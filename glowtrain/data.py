@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from glowtrain.config import CHANNEL_CHOICES, FIXED_CHANNELS, derived_seed
-from glowtrain.errors import UserError
+from glowtrain.errors import MissingData, UserError
 from glowtrain.files import missing_folders, remove_if_empty
 from glowtrain.folders import (
     PIL_DECODE_ERRORS,
@@ -340,9 +340,9 @@ def _celeba_folder(root: str, ignored: list[str] | None = None) -> tuple[Path, l
         return find_images(root, ignored)
     except UserError:
         base = Path(root).expanduser().absolute()
-        raise UserError(f"no CelebA images under {base}: put the aligned faces in {base}/celeba/img_align_celeba/ "
-                        f"with {base}/celeba/list_eval_partition.txt (torchvision's layout), or any folder of "
-                        f"aligned face images in {base}") from None
+        raise MissingData(f"no CelebA images under {base}", f"put the aligned faces in {base}/celeba/img_align_celeba/ "
+                          f"with {base}/celeba/list_eval_partition.txt (torchvision's layout), or any folder of "
+                          f"aligned face images in {base}") from None
 
 
 def _checked_files(data_cfg, base: Path, paths: list[str], crop: int | None, checked: dict | None) -> ImageFiles:
@@ -397,8 +397,8 @@ def _torchvision_set(data_cfg, split: str, shape: tuple[int, int, int]) -> Tenso
     except (RuntimeError, OSError) as e:
         remove_if_empty(missing)  # a failed download leaves no empty folders behind
         if not data_cfg.download:
-            raise UserError(f"{cls_name} not found under {root}/ — set data.download: true "
-                            f"(or --set data.download=true) or put the files in {where}") from None
+            raise MissingData(f"{cls_name} not found under {root}/", "set data.download: true "
+                              f"(or --set data.download=true) or put the files in {where}") from None
         reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise UserError(f"could not download {cls_name} into {root}/ ({reason}); "
                         f"put the files in {where} yourself") from None
@@ -574,7 +574,8 @@ def _load_cache(data_cfg, split: str) -> TensorImages:
     try:
         index = json.loads((cache / "index.json").read_text())
     except (OSError, ValueError):
-        raise UserError(f"no prepared cache at {cache}; run `glowtrain prepare` first or set data.cache: ''") from None
+        raise MissingData(f"no prepared cache at {cache}",
+                          "run `glowtrain prepare` first or set data.cache: ''") from None
     if index.get("dataset") != data_cfg.dataset or tuple(index.get("image_shape", ())) != image_shape(data_cfg):
         raise UserError(f"the cache at {cache} holds {index.get('dataset')} at {index.get('image_shape')}, "
                         f"not {data_cfg.dataset} at {list(image_shape(data_cfg))}; prepare it again")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from glowtrain.errors import UserError
+from glowtrain.errors import MissingData, UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PIL_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -32,8 +32,7 @@ def find_images(root: str, ignored: list[str] | None = None) -> tuple[Path, list
     if base.exists() and not base.is_dir():
         raise UserError(f"data.root {base} is a file, not a folder; set data.root to the directory holding the images")
     if not base.is_dir():
-        raise UserError(f"image folder {base} does not exist; set data.root to a directory of images (for a trained "
-                        "run moved to another machine: --data DIR)")
+        raise MissingData(f"image folder {base} does not exist", "set data.root to a directory of images")
     found = sorted(each_file_once(_walk(base, ignored if ignored is not None else [])),
                    key=functools.partial(relative, base=base))
     if not found:

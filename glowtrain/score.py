@@ -34,7 +34,7 @@ from glowtrain.config import FIXED_CHANNELS
 from glowtrain.data import DATASETS, build_dataset, image_shape, make_eval_batches, training_crop
 from glowtrain.data import read_images as read_image_files
 from glowtrain.dequantization import UniformDequantizer
-from glowtrain.errors import UserError
+from glowtrain.errors import MissingData, UserError
 from glowtrain.evaluation import EVAL_NOISE_SEED, mean_text, per_image_noise
 from glowtrain.files import atomic_write, missing_folders, remove_if_empty
 from glowtrain.folders import (
@@ -377,9 +377,11 @@ def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: 
     try:
         train_bpd = training_bpd(loaded, use_ema, options)
     except UserError as e:
+        reason = e.for_run() if isinstance(e, MissingData) else str(e)
         if options.batch_test:
-            raise UserError(f"--batch-test needs the training split to estimate the typical set: {e}") from None
-        tqdm.write(f"warning: no typicality score: the training split cannot be read here ({e})", file=sys.stderr)
+            raise UserError(f"--batch-test needs the training split to estimate the typical set: {reason}") from None
+        tqdm.write(f"warning: no typicality score: the training split cannot be read here ({reason})",
+                   file=sys.stderr)
         train_bpd = None
     entropy = float(train_bpd.mean()) if train_bpd is not None else None
     scorer = Scorer(loaded, options.n_dequant, entropy, reference)

@@ -351,7 +351,10 @@ def test_a_run_moved_to_another_machine_reads_its_data_from_where_data_says(tmp_
     laptop = tmp_path / "laptop" / "pics"
     laptop.parent.mkdir()
     shutil.move(images, laptop)
-    assert_one_line_error(invoke("eval", "--run", run, "--device", "cpu"), 2, str(images), "--data DIR")
+    gone = assert_one_line_error(invoke("eval", "--run", run, "--device", "cpu"), 2, str(images), "--data DIR")
+    assert "data.root" not in gone  # eval takes no config keys: the fix it names is its own option
+    refit = invoke("fit", "--out", tmp_path / "refit", "--config", run / "config.yaml", "--no-progress")
+    assert "set data.root" in assert_one_line_error(refit, 2, str(images)) and "--data" not in refit.stderr
     moved = invoke("eval", "--run", run, "--device", "cpu", "--no-progress", "--data", laptop)
     assert moved.exit_code == 0 and moved.stderr == "", moved.output  # the same files: no changed-data warning
     assert json.loads(moved.stdout)["bpd"] == trained["bpd"]
@@ -367,6 +370,17 @@ def test_a_run_moved_to_another_machine_reads_its_data_from_where_data_says(tmp_
     assert load_config(run / "config.yaml").data.root == str(images)  # the run itself is left as it was
     assert_one_line_error(invoke("eval", "--run", run, "--device", "cpu", "--data", tmp_path / "nowhere"), 2,
                           "--data", "no such folder")
+    cached = invoke("fit", "--out", tmp_path / "cached", "--config", run / "config.yaml", "--no-progress",
+                    "--set", f"data.cache={cache}", "--set", "train.steps=1", "--set", "train.eval_every=1")
+    assert cached.exit_code == 0, cached.output
+    shutil.rmtree(cache)
+    message = assert_one_line_error(invoke("eval", "--run", tmp_path / "cached", "--device", "cpu"), 2,
+                                    f"no prepared cache at {cache} — pass --data DIR")
+    assert "data.cache" not in message
+    score_message = assert_one_line_error(invoke("score", "--run", tmp_path / "cached", "--device", "cpu",
+                                                 "--images", laptop, "--batch-test", "--out", tmp_path / "s2"), 2,
+                                          "--batch-test needs the training split", "— pass --data DIR")
+    assert "data.cache" not in score_message and not (tmp_path / "s2").exists()
 
 
 def test_the_data_line_says_how_many_hidden_folders_and_other_files_it_did_not_read(tmp_path):
