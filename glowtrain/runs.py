@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from glowtrain.config import Config, config_to_yaml
 from glowtrain.errors import UserError
 from glowtrain.files import atomic_write
 
@@ -19,6 +21,9 @@ RUNS_ROOT = Path("runs")
 # its first checkpoint (whose files it may replace) from a folder of the user's that happens to hold a config.yaml.
 RUN_CONFIG_MARK = "written by glowtrain fit"  # what is checked: keep it when rewording the rest
 RUN_CONFIG_HEADER = f"{RUN_CONFIG_MARK}: this run's whole config (its checkpoints keep their own copy)"
+# The header ends with a digest of the lines below it, so that a config.yaml the user has since edited (their
+# notes, changed values) is told from one fit may replace. Files of versions before it have none: trusted.
+_DIGEST_TAG = " [sha256 "
 
 
 @dataclass(frozen=True)
@@ -81,21 +86,45 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return self.last.is_file()
 
-    def written_by_fit(self) -> bool:
-        """Whether config.yaml is one that `fit` wrote (a run, perhaps one that stopped before any checkpoint)."""
+    def config_origin(self) -> str:
+        """Who wrote config.yaml: 'fit' (as fit wrote it), 'edited' (by fit, then changed by hand), 'other' (not
+        fit: a folder of the user's that happens to hold one) or 'none'."""
         try:
-            with open(self.config, encoding="utf-8") as f:
-                return f.readline().startswith(f"# {RUN_CONFIG_MARK}")
-        except (OSError, UnicodeDecodeError):
-            return False
+            first, rest = self.config.read_bytes().decode("utf-8").split("\n", 1)
+        except FileNotFoundError:
+            return "none"
+        except (OSError, UnicodeDecodeError, ValueError):
+            return "other"
+        if not first.startswith(f"# {RUN_CONFIG_MARK}"):
+            return "other"
+        written, tagged, digest = first.partition(_DIGEST_TAG)
+        return "fit" if not tagged or digest == f"{_digest(rest)}]" else "edited"
 
     def files_a_run_would_replace(self) -> list[str]:
         """What a fresh start here would overwrite or move that no run of glowtrain's left (the user's own files)."""
-        if self.written_by_fit():
+        if self.config_origin() in ("fit", "edited"):  # a run's folder (write_config keeps an edited config.yaml)
             return []
         names = (self.config, self.data_record, self.data_check, self.metrics, self.metrics_discarded, self.tb,
                  self.checkpoints, self.samples)
         return [path.name for path in names if path.exists()]
+
+    def write_config(self, cfg: Config) -> Path | None:
+        """Write config.yaml as fit does; one edited by hand since is kept first, as config.edited.yaml (then
+        config.edited_2.yaml, ...), and its new name returned."""
+        kept = None
+        if self.config_origin() == "edited":
+            kept, copies = self.path / "config.edited.yaml", 1
+            while kept.exists():
+                copies += 1
+                kept = self.path / f"config.edited_{copies}.yaml"
+            try:
+                os.link(self.config, kept)  # the write below replaces the file: the link keeps the old one
+            except OSError:
+                shutil.copy2(self.config, kept)
+        body = config_to_yaml(cfg)
+        text = f"# {RUN_CONFIG_HEADER}{_DIGEST_TAG}{_digest(body)}]\n{body}"
+        atomic_write(self.config, lambda f: f.write(text.encode()))
+        return kept
 
     def set_aside_unfinished(self) -> None:
         """A run that stopped before its first checkpoint left logs (and perhaps a best.pt) but nothing to resume:
@@ -298,6 +327,10 @@ def checkpoint_to_resume(resume: str, run: RunDir) -> Path:
     if not path.is_file():
         raise UserError(f"nothing to resume: {path} does not exist — start the run without --resume")
     return path
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def prepare_run_dir(run: RunDir, resume: str | None) -> Path | None:

@@ -27,7 +27,7 @@ from glowtrain.checkpoint import (
     save_checkpoint,
 )
 from glowtrain.compilation import LazyCompile, compile_enabled
-from glowtrain.config import Config, config_to_dict, derived_seed, load_config, save_config, with_absolute_data_paths
+from glowtrain.config import Config, config_to_dict, derived_seed, load_config, with_absolute_data_paths
 from glowtrain.data import build_dataset, check_class_count, check_records, make_train_batches, record_run_data
 from glowtrain.distributed import Context, broadcast_state, identical_across_ranks, in_turns, setup, teardown
 from glowtrain.errors import UserError
@@ -40,7 +40,6 @@ from glowtrain.model import Glow
 from glowtrain.objective import Objective, batch_noise, build_objective
 from glowtrain.optim import build_optimizer, load_optimizer_state, skips_on_device
 from glowtrain.runs import (
-    RUN_CONFIG_HEADER,
     RunDir,
     checked_files,
     checkpoint_to_resume,
@@ -651,8 +650,8 @@ class Trainer:
             if not self.resumed:
                 self.run_dir.set_aside_unfinished()
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
-            if not self._nothing_to_train:
-                save_config(cfg, self.run_dir.config, header=RUN_CONFIG_HEADER)
+            if not self._nothing_to_train and (kept := self.run_dir.write_config(cfg)):
+                tqdm.write(f"note: {self.run_dir.config} had been edited since fit wrote it; kept as {kept}")
             self.logger = RunLogger(self.run_dir, self.state.step if self.resumed else None)
             if self.logger.n_moved:
                 tqdm.write(f"note: {self.logger.n_moved} metrics.jsonl record(s) logged after step {self.state.step} "

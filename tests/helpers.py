@@ -92,6 +92,12 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
+def ok(result):
+    """A CliRunner result that exited 0 (its output shown otherwise)."""
+    assert result.exit_code == 0, result.output
+    return result
+
+
 def sets(*overrides: str) -> list[str]:
     return [arg for item in overrides for arg in ("--set", item)]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_RUN, assert_one_line_error, invoke, sets
+from helpers import TINY_RUN, assert_one_line_error, invoke, ok, sets
 from PIL import Image
 from tqdm import tqdm
 
@@ -37,11 +37,6 @@ CONDITIONAL = [
 ]
 SIZE, UP = 8, 8  # digits are 8x8 and saved grids enlarge them 8x (display_upscale)
 CPU = ("--device", "cpu")
-
-
-def ok(result):
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture

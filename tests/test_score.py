@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_line_error, invoke
+from helpers import assert_one_line_error, invoke, ok
 from PIL import Image
 
 import glowtrain
@@ -46,11 +46,6 @@ def digit_files(tmp_path_factory):
         for index, image in enumerate(images):
             Image.fromarray(image, "L").save(root / name / f"{index:04d}.png")
     return root
-
-
-def ok(result):
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def read_csv(path: Path) -> list[dict]:

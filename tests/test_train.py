@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import GLOW_LAYERS, HostReads, assert_one_line_error, assert_same_training_state, invoke, sets
+from helpers import GLOW_LAYERS, HostReads, assert_one_line_error, assert_same_training_state, invoke, ok, sets
 from PIL import Image
 from torch.utils.data import Subset
 
@@ -698,6 +698,27 @@ def test_a_run_without_a_checkpoint_starts_afresh_and_keeps_its_old_logs(tmp_pat
     assert torch.load(checkpoints / "best.pt", weights_only=True)["step"] == 4
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]  # the new run's alone
+
+
+def test_a_config_yaml_edited_since_fit_wrote_it_is_kept_not_replaced(tmp_path):
+    first, copied = tmp_path / "first", tmp_path / "copied"
+    ok(invoke("fit", "--out", first, "--no-progress", *sets(*SMALL)))
+    copied.mkdir()
+    notes = (first / "config.yaml").read_text() + "# my notes: the lr sweep's third point\n"
+    (copied / "config.yaml").write_text(notes)
+    fresh = ok(invoke("fit", "--config", copied / "config.yaml", "--out", copied, "--no-progress"))
+    assert f"note: {copied / 'config.yaml'} had been edited since fit wrote it; kept as " in fresh.stdout
+    assert (copied / "config.edited.yaml").read_text() == notes
+    assert (copied / "config.yaml").read_text() == (first / "config.yaml").read_text()  # the same settings
+
+    resumed = ok(invoke("fit", "--out", first, "--resume", "auto", "--no-progress", *sets("train.steps=5")))
+    assert "had been edited" not in resumed.stdout and not (first / "config.edited.yaml").exists()  # as fit wrote it
+    for n, name in ((6, "config.edited.yaml"), (7, "config.edited_2.yaml")):
+        text = (first / "config.yaml").read_text().replace("  lr: ", "  lr:  ")  # a value retouched by hand
+        (first / "config.yaml").write_text(text)
+        ok(invoke("fit", "--out", first, "--resume", "auto", "--no-progress", *sets(f"train.steps={n}")))
+        assert (first / name).read_text() == text
+    assert RunDir(first).config_origin() == "fit" and load_config(first / "config.yaml").train.steps == 7
 
 
 @pytest.mark.parametrize("theirs", [["config.yaml"], ["data.json", "samples/step1.png"], ["tb/events"]])
