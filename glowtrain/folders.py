@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -68,6 +69,8 @@ def _walk_real(top: str | Path, seen: set, links: list[str], linked_files: list[
             path = os.path.join(dirpath, name)
             if name.startswith("."):  # .git, .thumbs, .ipynb_checkpoints: not entered, but said
                 ignored.append(path + os.sep)
+            elif is_prepared_cache(path):  # glowtrain prepare's own output (by default inside data.root)
+                continue
             elif os.path.islink(path):
                 links.append(path)
             elif (identity := _identity(path)) is not None and identity not in seen:
@@ -83,6 +86,18 @@ def _walk_real(top: str | Path, seen: set, links: list[str], linked_files: list[
                 linked_files.append(path)
             else:
                 yield path
+
+
+def is_prepared_cache(folder: str | Path) -> bool:
+    """Whether `folder` is a cache `glowtrain prepare` wrote: its index.json is written last, once complete."""
+    index = Path(folder) / "index.json"
+    if not index.is_file():
+        return False
+    try:
+        fields = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(fields, dict) and {"format", "splits", "image_shape", "fingerprints"} <= fields.keys()
 
 
 def ignored_counts(ignored: list[str]) -> tuple[int, int]:

@@ -241,6 +241,23 @@ def test_file_names_that_are_not_utf8_are_split_fingerprinted_prepared_and_train
     assert result.exit_code == 0, result.output
 
 
+def test_a_cache_prepared_inside_the_image_folder_is_not_taken_for_files_there(tmp_path):
+    from glowtrain.folders import find_images
+
+    root = tmp_path / "images"
+    make_images(root, 12)
+    (root / "notes.txt").write_text("mine")
+    before = find_images(str(root), ignored := [])
+    result = invoke("prepare", *sets(*FOLDER_RUN, f"data.root={root}"), "--no-progress")  # the default: in root
+    assert result.exit_code == 0, result.output
+    cache = root / "glowtrain-cache-folder-8px"
+    assert (cache / "index.json").is_file() and f"in {cache}\n" in result.stdout
+    assert find_images(str(root), again := []) == before and again == ignored == [str(root / "notes.txt")]
+    (root / "glowtrain-cache-folder-8px" / "index.json").write_text('{"not": "a cache"}')  # a folder of the user's
+    assert len(find_images(str(root), mine := [])[1]) == 12 and sorted(mine) == sorted(
+        [str(root / "notes.txt"), *(str(p) for p in cache.iterdir())])
+
+
 @pytest.mark.skipif(os.name != "posix", reason="symbolic links")
 def test_linked_folders_list_each_file_once_and_keep_it_in_one_split(tmp_path):
     from glowtrain.folders import find_images, split_paths
