@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,38 @@ CHECKPOINT_FORMAT = 1
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write atomically: a crash mid-save leaves the previous file at `path` intact."""
-    atomic_write(path, lambda f: torch.save(state, f))
+    """Write atomically: a crash mid-save leaves the previous file at `path` intact. Tensors are stored on the
+    CPU, so the file loads anywhere as it is."""
+    on_host = host_copy(state)
+    atomic_write(path, lambda f: torch.save(on_host, f))
+
+
+def host_copy(tree: Any) -> Any:
+    """`tree` (dicts, lists and tuples of tensors and plain values) with every tensor on the CPU. The copies from
+    a GPU are queued together and waited for once: torch.save would wait on each (thousands per checkpoint)."""
+    waits_for: set[torch.device] = set()
+
+    def to_host(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if value.device.type != "cuda":  # on the CPU already, or a device whose copies we do not queue
+                return value.detach().cpu()
+            waits_for.add(value.device)
+            return value.detach().to("cpu", non_blocking=True)  # into pinned memory: queued, not waited for
+        if isinstance(value, dict):
+            copied = {key: to_host(item) for key, item in value.items()}
+            if isinstance(value, OrderedDict):  # a state_dict: keep its class and the module versions it carries
+                copied = OrderedDict(copied)
+                if hasattr(value, "_metadata"):
+                    copied._metadata = value._metadata
+            return copied
+        if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+            return type(value)(to_host(item) for item in value)
+        return value
+
+    moved = to_host(tree)
+    for device in waits_for:
+        torch.cuda.synchronize(device)
+    return moved
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -52,6 +52,17 @@ def assert_same_tensors(a: dict, b: dict) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _tensors(value)
+
+
 # ---------------------------------------------------------------------------- atomic saves
 
 
@@ -63,6 +74,11 @@ def test_save_checkpoint_writes_a_loadable_file_and_leaves_no_temporary_files(tm
     assert loaded["step"] == 7 and loaded["best_test_bpd"] == 3.5 and loaded["config"] == state["config"]
     assert_same_tensors(loaded["model"], state["model"])
     assert_same_tensors(loaded["ema"], state["ema"])
+    raw = torch.load(path, weights_only=True)  # where each tensor was stored (a GPU's are copied to the CPU)
+    assert {t.device.type for t in _tensors(raw)} == {"cpu"} and len(list(_tensors(raw))) == len(list(_tensors(state)))
+    assert raw["model"]._metadata == state["model"]._metadata  # module versions, which load_state_dict reads
+    assert raw["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert raw["rng"]["cuda"] == state["rng"]["cuda"] and torch.equal(raw["rng"]["torch"], state["rng"]["torch"])
     # Overwriting is atomic too and leaves one file.
     save_checkpoint({**state, "step": 8}, path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]

@@ -54,6 +54,10 @@ def test_a_run_trains_on_the_test_device(runs, device):
     cfg, straight, _ = runs
     state = load_checkpoint(RunDir(straight).last)
     assert state["step"] == STEPS and state["config"]["run"]["device"] == str(device)
+    raw = torch.load(RunDir(straight).last, weights_only=True)  # each tensor where it was stored: on the CPU
+    stored = [*raw["model"].values(), *raw["ema"].values(),
+              *(t for moments in raw["optimizer"]["state"].values() for t in moments.values() if torch.is_tensor(t))]
+    assert {t.device.type for t in stored} == {"cpu"} and len(stored) > 3 * len(raw["model"])
     train_bpd = [r["bpd"] for r in _metrics(straight) if r["split"] == "train"]
     assert len(train_bpd) == STEPS and train_bpd[-1] < train_bpd[0]  # it learned
     test = [r for r in _metrics(straight) if r["split"] == "test"]
