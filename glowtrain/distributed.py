@@ -177,7 +177,15 @@ def setup(device_name: str, tf32: bool = True, deterministic: bool = False) -> C
             options["device_id"] = device  # binds NCCL to this GPU now, instead of guessing from the rank
         dist.init_process_group("nccl" if use_cuda else "gloo", **options)
     host_group = dist.new_group(backend="gloo", timeout=PROCESS_GROUP_TIMEOUT) if use_cuda else None
+    quiet_library_logs(dist.get_rank())
     return Context(dist.get_rank(), dist.get_world_size(), device, local_rank, host_group)
+
+
+def quiet_library_logs(rank: int) -> None:
+    """torch's own log warnings (compiling, profiler hooks) from rank 0 alone: every process would repeat them,
+    once per GPU. Errors still come from all; TORCH_LOGS, when set, is left to decide."""
+    if rank != 0 and not os.environ.get("TORCH_LOGS"):
+        torch._logging.set_logs(all=logging.ERROR)
 
 
 def _uses_cuda(device_name: str) -> bool:

@@ -1,6 +1,7 @@
 """Two gloo processes on CPU train like one process with the same global batch."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -234,6 +235,7 @@ def test_two_gloo_processes_compiling_match_one_eager_process(tmp_path, one_eage
                "--set", f"train.compile_scope={scope}")
     assert "torch.compile failed" not in two.stderr and "torch.compile unavailable" not in two.stderr
     assert ("compiles each level's flow step" in two.stdout) == (scope == "steps")
+    assert "[rank1]" not in two.stderr  # torch's own log lines come from rank 0 alone, not once per process
     a, b = _metrics(tmp_path / "two"), _metrics(one_eager_process)
     assert [(m["step"], m["split"]) for m in a] == [(m["step"], m["split"]) for m in b]
     for ma, mb in zip(a, b):
@@ -623,3 +625,22 @@ def test_evaluation_of_image_files_loads_them_in_the_data_workers(tmp_path, monk
     with_workers = evaluate(model, test_set, cfg, torch.device("cpu"))
     without = evaluate(model, test_set, apply_overrides(cfg, ["data.n_workers=0"]), torch.device("cpu"))
     assert seen == [2, 0] and with_workers == without
+
+
+def test_torchs_log_warnings_come_from_rank_0_alone(monkeypatch):
+    from glowtrain.distributed import quiet_library_logs
+
+    loggers = [logging.getLogger(name) for name in ("torch._dynamo", "torch._inductor", "torch.utils.cpp_extension")]
+    monkeypatch.delenv("TORCH_LOGS", raising=False)
+    try:
+        quiet_library_logs(0)
+        assert all(logger.isEnabledFor(logging.WARNING) for logger in loggers)
+        monkeypatch.setenv("TORCH_LOGS", "+dynamo")  # the user asked for torch's logs: theirs to decide
+        quiet_library_logs(1)
+        assert all(logger.isEnabledFor(logging.WARNING) for logger in loggers)
+        monkeypatch.delenv("TORCH_LOGS")
+        quiet_library_logs(1)
+        assert not any(logger.isEnabledFor(logging.WARNING) for logger in loggers)
+        assert all(logger.isEnabledFor(logging.ERROR) for logger in loggers)
+    finally:
+        torch._logging.set_logs()  # torch's defaults again, for the tests that follow
