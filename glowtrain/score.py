@@ -164,7 +164,13 @@ def dataset_set(role: str, name: str, split: str, loaded: LoadedRun) -> ImageSet
     if shape != loaded.model.image_shape:
         raise UserError(f"--dataset {name} does not come in this model's {'x'.join(map(str, loaded.model.image_shape))}"
                         " images — save the images to a folder and pass it with --images")
-    dataset = build_dataset(data, split, checked_files(loaded.run_dir) if data == loaded.cfg.data else None)
+    try:
+        dataset = build_dataset(data, split, checked_files(loaded.run_dir) if data == loaded.cfg.data else None)
+    except MissingData as e:
+        if name == loaded.cfg.data.dataset:
+            raise  # the run's own data: --data says where it is now
+        raise UserError(f"--dataset {name}: {e.problem} — put its files there, or pass a folder of its images "
+                        "with --images") from None
 
     def batches(batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
         start = 0
