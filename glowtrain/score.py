@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -78,13 +79,21 @@ class ScoreOptions:
             raise UserError(f"--on-bad-image must be 'skip' or 'error', got {self.on_bad_image!r}")
 
 
+class Batch(NamedTuple):
+    """Images read together: where each sits in its set's names, the key of its dequantisation noise, the pixels."""
+
+    indices: list[int]
+    noise_keys: list[int]  # its place among the images that could be read, as in `glowtrain eval` of the folder
+    images: torch.Tensor  # uint8
+
+
 @dataclass
 class ImageSet:
-    """Images to score, read lazily: a name per image and batches of (indices into names, uint8 images)."""
+    """Images to score, read lazily: a name per image and batches of them."""
 
     role: str
     names: list[str]
-    batches: Callable[[int], Iterator[tuple[list[int], torch.Tensor]]]
+    batches: Callable[[int], Iterator[Batch]]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     not_read: list[str] = field(default_factory=list)  # in its folders: hidden folders, files hidden or not images
 
@@ -119,19 +128,20 @@ def file_set(role: str, sources: list[str], loaded: LoadedRun, on_bad_image: str
     image_set = ImageSet(role, paths, lambda batch_size: iter(()), not_read=sorted(set(not_read)))
     policy = on_bad_image or loaded.cfg.data.on_bad_image
 
-    def batches(batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+    def batches(batch_size: int) -> Iterator[Batch]:
         images = read_image_files(paths, loaded.cfg.data, policy, image_set.skipped, "pass --on-bad-image skip",
                                   training_crop(loaded.cfg.data, loaded.run_dir))
-        indices, pending = [], []
+        indices, pending, n_read = [], [], 0
         for index, image in enumerate(images):
             if image is not None:
                 indices.append(index)
                 pending.append(image)
             if len(pending) == batch_size:
-                yield indices, torch.stack(pending)
+                yield Batch(indices, list(range(n_read, n_read + len(pending))), torch.stack(pending))
+                n_read += len(pending)
                 indices, pending = [], []
         if pending:
-            yield indices, torch.stack(pending)
+            yield Batch(indices, list(range(n_read, n_read + len(pending))), torch.stack(pending))
 
     image_set.batches = batches
     return image_set
@@ -172,10 +182,11 @@ def dataset_set(role: str, name: str, split: str, loaded: LoadedRun) -> ImageSet
         raise UserError(f"--dataset {name}: {e.problem} — put its files there, or pass a folder of its images "
                         "with --images") from None
 
-    def batches(batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+    def batches(batch_size: int) -> Iterator[Batch]:
         start = 0
         for images, _ in make_eval_batches(dataset, batch_size):
-            yield list(range(start, start + len(images))), images
+            indices = list(range(start, start + len(images)))
+            yield Batch(indices, indices, images)
             start += len(images)
 
     return ImageSet(role, [f"{name}/{split}/{i}" for i in range(len(dataset))], batches)
@@ -210,14 +221,14 @@ def png_bits_per_dim(images: torch.Tensor, n_bits: int) -> np.ndarray:
 
 @torch.inference_mode()
 @full_float32()  # bits/dim must not depend on the GPU generation (precision.py)
-def dequantized_terms(objective: Objective, images: torch.Tensor, indices: list[int],
+def dequantized_terms(objective: Objective, images: torch.Tensor, noise_keys: list[int],
                       n_dequant: int) -> dict[str, np.ndarray]:
-    """Objective.level_terms averaged over n_dequant draws of `glowtrain eval`'s noise (keyed by image index)."""
+    """Objective.level_terms averaged over n_dequant draws of `glowtrain eval`'s noise (keyed by noise_keys)."""
     device = objective.model.top_prior.device
     images = images.to(device)
     totals: dict[str, torch.Tensor] = {}
     for draw in range(n_dequant):
-        noise = per_image_noise(indices, tuple(images.shape[1:]), EVAL_NOISE_SEED + draw, device)
+        noise = per_image_noise(noise_keys, tuple(images.shape[1:]), EVAL_NOISE_SEED + draw, device)
         for key, value in objective.level_terms(images, noise).items():
             totals[key] = totals[key] + value if key in totals else value
     return {key: (value / n_dequant).double().cpu().numpy() for key, value in totals.items()}
@@ -234,8 +245,8 @@ class Scorer:
         self.n_bits, self.n_dequant, self.entropy_bpd = loaded.cfg.data.n_bits, n_dequant, entropy_bpd
         self.learned_dequantizer = not isinstance(self.objective.dequantizer, UniformDequantizer)
 
-    def __call__(self, images: torch.Tensor, indices: list[int]) -> dict[str, np.ndarray]:
-        terms = dequantized_terms(self.objective, images, indices, self.n_dequant)
+    def __call__(self, images: torch.Tensor, noise_keys: list[int]) -> dict[str, np.ndarray]:
+        terms = dequantized_terms(self.objective, images, noise_keys, self.n_dequant)
         bpd, prior, logdet = terms["bpd"], terms["prior"], terms["logdet"]
         columns = {"bpd": bpd}
         for level in range(prior.shape[1]):
@@ -250,7 +261,7 @@ class Scorer:
         if self.entropy_bpd is not None:
             columns["typicality"] = np.abs(bpd - self.entropy_bpd)
         if self.reference is not None:
-            columns["reference_bpd"] = dequantized_terms(self.reference, images, indices, self.n_dequant)["bpd"]
+            columns["reference_bpd"] = dequantized_terms(self.reference, images, noise_keys, self.n_dequant)["bpd"]
             columns["ratio"] = bpd - columns["reference_bpd"]
         return columns
 
@@ -299,8 +310,8 @@ def _stream(image_set: ImageSet, scorer: Scorer, writer, options: ScoreOptions) 
     bar = tqdm(total=len(image_set.names), desc=f"scoring {image_set.role}", unit="img",
                disable=not options.progress)
     done = 0
-    for indices, images in image_set.batches(options.batch_size):
-        scores = scorer(images, indices)
+    for indices, noise_keys, images in image_set.batches(options.batch_size):
+        scores = scorer(images, noise_keys)
         if writer.fieldnames is None:
             writer.fieldnames = ["set", "path", *scores]
             writer.writeheader()

@@ -193,10 +193,10 @@ def test_scoring_streams_in_batches_that_do_not_change_the_scores(run_dir, digit
     monkeypatch.setattr(data_module, "preprocess_image", lambda *a: decoded.append(a) or original(*a))
     image_set = file_set("images", [str(digit_files / "noise")], open_run(str(run_dir), None), "error")
     batches = image_set.batches(4)
-    indices, images = next(batches)
-    assert indices == [0, 1, 2, 3] and images.shape == (4, 1, 8, 8)
+    indices, noise_keys, images = next(batches)
+    assert indices == noise_keys == [0, 1, 2, 3] and images.shape == (4, 1, 8, 8)
     assert len(decoded) == 4  # only the first batch has been read
-    assert sum(len(i) for i, _ in batches) == 36
+    assert sum(len(batch.indices) for batch in batches) == 36
 
 
 def test_progress_bars_go_to_stderr(run_dir, digit_files, tmp_path):
@@ -290,6 +290,10 @@ def test_an_unreadable_image_is_rejected_in_one_line_or_skipped(run_dir, digit_f
     assert "skipped unreadable image" in result.stderr and "0003.png" in result.stderr
     rows = read_csv(tmp_path / "out" / "scores.csv")
     assert len(rows) == 39 and not any(r["path"].endswith("0003.png") for r in rows)
+    (folder / "0003.png").unlink()  # the images after it get the noise they get in a folder without it
+    without, _ = score(run_dir, tmp_path / "without", "--images", folder)
+    assert [{**r, "path": Path(r["path"]).name} for r in rows] == [{**r, "path": Path(r["path"]).name}
+                                                                   for r in without]
 
 
 def test_png_bits_per_dim_counts_the_compressed_image_data_of_the_quantised_image():
