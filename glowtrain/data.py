@@ -37,6 +37,7 @@ from glowtrain.folders import (
     find_images,
     fingerprint,
     fingerprint_differs,
+    is_prepared_cache,
     ignored_counts,
     relative,
     split_paths,
@@ -529,8 +530,9 @@ def _refuse_other_settings(out: Path, data_cfg) -> None:
 def _check_cache_target(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"cannot write a cache to {out}: it is a file — choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / "index.json").is_file():
-        raise UserError(f"{out} holds files but no glowtrain cache (no index.json); choose another --out "
+    if out.is_dir() and any(out.iterdir()) and not is_prepared_cache(out):
+        what = "an index.json that is not a cache's" if (out / "index.json").exists() else "no index.json"
+        raise UserError(f"{out} holds files but no glowtrain cache ({what}); choose another --out "
                         "so that nothing of yours is replaced")
 
 
@@ -555,7 +557,8 @@ def _write_split(ds, folder: Path, split: str, shape: tuple[int, int, int], n_wo
 
 
 def _swap_in(building: Path, out: Path) -> None:
-    """Replace out by the complete cache at building: the old cache is moved aside, then removed."""
+    """Replace out by the complete cache at building: the old cache is moved aside, anything else the folder
+    held (notes, a .DS_Store) moves into the new one, and only the old cache's own files are removed."""
     if not out.exists():
         os.replace(building, out)
         return
@@ -566,7 +569,13 @@ def _swap_in(building: Path, out: Path) -> None:
     except OSError:
         os.replace(old, out)  # put the previous cache back before reporting the failure
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    own = {entry.name for entry in out.iterdir()}
+    for entry in old.iterdir():
+        if entry.name not in own:
+            os.replace(entry, out / entry.name)
+    for name in own:
+        (old / name).unlink(missing_ok=True)
+    old.rmdir()
 
 
 def _load_cache(data_cfg, split: str) -> TensorImages:

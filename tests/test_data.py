@@ -566,9 +566,29 @@ def test_prepare_replaces_a_complete_cache_and_refuses_a_folder_that_is_not_one(
     assert sum(index["splits"].values()) == 12 and json.loads((tmp_path / "cache" / "index.json").read_text()) == index
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
-    with pytest.raises(UserError, match="no glowtrain cache"):
+    with pytest.raises(UserError, match=r"no glowtrain cache \(no index.json\)"):
         data.prepare_cache(cfg, str(tmp_path / "mine"), progress=False)
-    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    (tmp_path / "mine" / "index.json").write_text('{"chapters": 3}')  # an index of the user's, not a cache's
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="no glowtrain cache \\(an index.json that is not a cache's\\)"):
+            data.prepare_cache(cfg, str(tmp_path / "mine"), progress=False, overwrite=overwrite)
+    assert tree_bytes(tmp_path / "mine") == {"thesis.tex": b"precious", "index.json": b'{"chapters": 3}'}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_preparing_a_cache_again_keeps_the_other_files_in_its_folder(tmp_path, overwrite):
+    make_folder(tmp_path / "images", 8, size=(6, 6))
+    cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=4, channels=3)
+    cache = tmp_path / "cache"
+    data.prepare_cache(cfg, str(cache), progress=False)
+    (cache / "NOTES.md").write_text("made from the March images")
+    (cache / "plots").mkdir()
+    (cache / "plots" / "hist.png").write_bytes(b"mine")
+    other = data_cfg(**{**vars(cfg), "image_size": 2}) if overwrite else cfg
+    data.prepare_cache(other, str(cache), progress=False, overwrite=overwrite)
+    assert (cache / "NOTES.md").read_text() == "made from the March images"
+    assert (cache / "plots" / "hist.png").read_bytes() == b"mine"
+    assert data.is_prepared_cache(cache) and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "images"]
 
 
 @pytest.mark.parametrize("key,value", [("channels", 1), ("image_size", 2), ("split_seed", 3)])
