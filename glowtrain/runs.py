@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,10 +114,7 @@ class RunDir:
         config.edited_2.yaml, ...), and its new name returned."""
         kept = None
         if self.config_origin() == "edited":
-            kept, copies = self.path / "config.edited.yaml", 1
-            while kept.exists():
-                copies += 1
-                kept = self.path / f"config.edited_{copies}.yaml"
+            kept = first_unused(lambda n: self.path / f"config.edited{_copy_number(n)}.yaml")
             try:
                 os.link(self.config, kept)  # the write below replaces the file: the link keeps the old one
             except OSError:
@@ -128,12 +126,10 @@ class RunDir:
 
     def set_aside_unfinished(self) -> None:
         """A run that stopped before its first checkpoint left logs (and perhaps a best.pt) but nothing to resume:
-        keep them as *.old."""
+        keep them as *.old (then *.old_2, ...: an earlier one's are kept too)."""
         for path in (self.metrics, self.tb, self.best):
             if path.exists():
-                old = path.with_name(path.name + ".old")
-                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-                path.rename(old)
+                path.rename(first_unused(lambda n, path=path: path.with_name(f"{path.name}.old{_copy_number(n)}")))
 
     def keep_checkpoints_given_up(self, resumed: Path) -> list[Path]:
         """A resume from another checkpoint than last.pt (going back, or to another branch) saves over last.pt and
@@ -159,6 +155,18 @@ class RunDir:
                 shutil.copy2(path, keep)
             kept.append(keep)
         return kept
+
+
+def first_unused(name: Callable[[int], Path]) -> Path:
+    """name(1), or name(2), ...: the first that does not exist, so nothing kept earlier is replaced."""
+    copies = 1
+    while name(copies).exists() or name(copies).is_symlink():
+        copies += 1
+    return name(copies)
+
+
+def _copy_number(n: int) -> str:
+    return "" if n == 1 else f"_{n}"
 
 
 @contextlib.contextmanager

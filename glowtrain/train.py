@@ -652,11 +652,12 @@ class Trainer:
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
             if not self._nothing_to_train and (kept := self.run_dir.write_config(cfg)):
                 tqdm.write(f"note: {self.run_dir.config} had been edited since fit wrote it; kept as {kept}")
-            self.logger = RunLogger(self.run_dir, self.state.step if self.resumed else None)
+            going_on = self.resumed and not self._nothing_to_train
+            # Only a run that goes on replaces what was logged after its step; one that trains nothing moves nothing.
+            self.logger = RunLogger(self.run_dir, self.state.step if going_on else None)
             if self.logger.n_moved:
                 tqdm.write(f"note: {self.logger.n_moved} metrics.jsonl record(s) logged after step {self.state.step} "
                            f"(the step this run resumes from) moved to {self.run_dir.metrics_discarded}")
-            going_on = self.resumed and not self._nothing_to_train
             kept = self.run_dir.keep_checkpoints_given_up(self.resume_from) if going_on else []
             if kept:
                 tqdm.write(f"note: going on from step {self.state.step}, this run saves over the last.pt/best.pt of "

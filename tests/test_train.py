@@ -532,6 +532,11 @@ def test_going_back_to_an_earlier_checkpoint_keeps_the_later_last_and_best(tmp_p
     train(apply_overrides(cfg, ["train.steps=4"]), out=str(run.path), resume="auto", progress=False)
     later_last, later_best = run.last.read_bytes(), run.best.read_bytes()
     assert torch.load(run.best, weights_only=True)["step"] == 4  # step 4 beat step 2
+    metrics = run.metrics.read_bytes()
+    train(cfg, out=str(run.path), resume=str(earlier), progress=False)  # at its train.steps: nothing to train
+    assert (run.metrics.read_bytes(), run.last.read_bytes(), run.best.read_bytes()) == (metrics, later_last,
+                                                                                      later_best)
+    assert not run.metrics_discarded.exists() and not list(run.checkpoints.glob("discarded_*"))
     capsys.readouterr()
     train(apply_overrides(cfg, ["train.steps=3", "train.lr=1e-4"]), out=str(run.path), resume=str(earlier),
           progress=False)
@@ -683,18 +688,21 @@ def test_a_run_without_a_checkpoint_starts_afresh_and_keeps_its_old_logs(tmp_pat
                 raise RuntimeError("the machine went away")
             return super().prepare_batch(images, labels)
 
-    with pytest.raises(RuntimeError, match="went away"):  # after step 1's evaluation wrote a best.pt
-        train(apply_overrides(default_config(), [*SMALL, "train.eval_every=1"]), out=str(run_dir), progress=False,
-              trainer=DiesAtStepTwo)
-    checkpoints = run_dir / "checkpoints"
-    assert not (checkpoints / "last.pt").exists() and (checkpoints / "best.pt").is_file()
-    died, died_best = (run_dir / "metrics.jsonl").read_text(), (checkpoints / "best.pt").read_bytes()
-    assert died and (run_dir / "tb").is_dir()
+    checkpoints, died, died_best = run_dir / "checkpoints", [], []
+    for seed in (0, 1):  # it dies twice: the second start keeps the first's logs, the third both
+        with pytest.raises(RuntimeError, match="went away"):  # after step 1's evaluation wrote a best.pt
+            train(apply_overrides(default_config(), [*SMALL, "train.eval_every=1", f"run.seed={seed}"]),
+                  out=str(run_dir), progress=False, trainer=DiesAtStepTwo)
+        assert not (checkpoints / "last.pt").exists() and (checkpoints / "best.pt").is_file()
+        died.append((run_dir / "metrics.jsonl").read_text())
+        died_best.append((checkpoints / "best.pt").read_bytes())
+        assert died[-1] and (run_dir / "tb").is_dir()
+    assert died[0] != died[1]
     train(apply_overrides(default_config(), [*SMALL, "train.eval_every=1000"]), out=str(run_dir), progress=False)
-    assert (run_dir / "metrics.jsonl.old").read_text() == died
-    assert (run_dir / "tb.old").is_dir()
-    # The new run's best.pt is its own (its final evaluation): the dead run's is kept aside, not passed off as it.
-    assert (checkpoints / "best.pt.old").read_bytes() == died_best
+    assert [(run_dir / name).read_text() for name in ("metrics.jsonl.old", "metrics.jsonl.old_2")] == died
+    assert (run_dir / "tb.old").is_dir() and (run_dir / "tb.old_2").is_dir()
+    # The new run's best.pt is its own (its final evaluation): the dead runs' are kept aside, not passed off as it.
+    assert [(checkpoints / name).read_bytes() for name in ("best.pt.old", "best.pt.old_2")] == died_best
     assert torch.load(checkpoints / "best.pt", weights_only=True)["step"] == 4
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]  # the new run's alone
