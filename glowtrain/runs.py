@@ -113,7 +113,7 @@ class RunDir:
         """Write config.yaml as fit does; one edited by hand since is kept first, as config.edited.yaml (then
         config.edited_2.yaml, ...), and its new name returned."""
         kept = None
-        if self.config_origin() == "edited":
+        if self.config_origin() in ("edited", "other"):  # 'other' in a run's folder: resaved as a BOM or Latin-1
             kept = first_unused(lambda n: self.path / f"config.edited{_copy_number(n)}.yaml")
             try:
                 os.link(self.config, kept)  # the write below replaces the file: the link keeps the old one

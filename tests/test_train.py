@@ -721,12 +721,16 @@ def test_a_config_yaml_edited_since_fit_wrote_it_is_kept_not_replaced(tmp_path):
 
     resumed = ok(invoke("fit", "--out", first, "--resume", "auto", "--no-progress", *sets("train.steps=5")))
     assert "had been edited" not in resumed.stdout and not (first / "config.edited.yaml").exists()  # as fit wrote it
-    for n, name in ((6, "config.edited.yaml"), (7, "config.edited_2.yaml")):
-        text = (first / "config.yaml").read_text().replace("  lr: ", "  lr:  ")  # a value retouched by hand
-        (first / "config.yaml").write_text(text)
+    edits = {"config.edited.yaml": lambda text: text.replace(b"  lr: ", b"  lr:  "),  # a value retouched by hand
+             "config.edited_2.yaml": lambda text: text + b"# tried lr 3e-4 first\n",
+             "config.edited_3.yaml": lambda text: b"\xef\xbb\xbf" + text,  # saved by an editor that adds a BOM
+             "config.edited_4.yaml": lambda text: text + b"# r\xe9sum\xe9 of the sweep\n"}  # ... or writes Latin-1
+    for n, (name, edit) in enumerate(edits.items(), start=6):
+        text = edit((first / "config.yaml").read_bytes())
+        (first / "config.yaml").write_bytes(text)
         ok(invoke("fit", "--out", first, "--resume", "auto", "--no-progress", *sets(f"train.steps={n}")))
-        assert (first / name).read_text() == text
-    assert RunDir(first).config_origin() == "fit" and load_config(first / "config.yaml").train.steps == 7
+        assert (first / name).read_bytes() == text
+    assert RunDir(first).config_origin() == "fit" and load_config(first / "config.yaml").train.steps == 9
 
 
 @pytest.mark.parametrize("theirs", [["config.yaml"], ["data.json", "samples/step1.png"], ["tb/events"]])
