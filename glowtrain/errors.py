@@ -11,7 +11,10 @@ class MissingData(UserError):
 
     def __init__(self, problem: str, config_fix: str):
         super().__init__(f"{problem} — {config_fix}")
-        self.problem = problem
+        self.problem, self.config_fix = problem, config_fix
+
+    def __reduce__(self):  # pickled across processes (data workers, ranks) with both parts, not the joined line
+        return type(self), (self.problem, self.config_fix)
 
     def for_run(self) -> str:
         return (f"{self.problem} — pass --data DIR: where the run's data is on this machine (its image folder, "

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 from helpers import TINY_RUN, assert_one_line_error, invoke, sets
 from PIL import Image
 
+from glowtrain.errors import MissingData
+from glowtrain.folders import find_images
 from glowtrain.runs import RunDir
 
 FOLDER_RUN = [*TINY_RUN, "data.dataset=folder", "data.image_size=8", "data.channels=3", "train.batch_size=4",
@@ -97,6 +100,15 @@ def test_changed_data_is_recorded_and_warned_about_on_resume_and_eval(tmp_path):
     resumed = fit(tmp_path / "images", run, "train.steps=6", resume=True)
     assert resumed.exit_code == 0, resumed.output
     assert "warning: the train images differ" in resumed.stderr
+
+
+def test_missing_data_crosses_processes_with_both_of_its_fixes(tmp_path):
+    with pytest.raises(MissingData) as missing:
+        find_images(str(tmp_path / "gone"))
+    copied = pickle.loads(pickle.dumps(missing.value))  # as from a data worker or another rank
+    assert type(copied) is MissingData and str(copied) == str(missing.value)
+    assert str(copied) == f"image folder {tmp_path / 'gone'} does not exist — set data.root to a directory of images"
+    assert copied.for_run().startswith(f"image folder {tmp_path / 'gone'} does not exist — pass --data DIR: ")
 
 
 def test_a_data_root_that_is_a_file_says_so(tmp_path):
