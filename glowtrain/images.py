@@ -68,9 +68,17 @@ def display_upscale(image_size: int) -> int:
 def temperature_name(temperature: float) -> str:
     """t0p70 for 0.7; a temperature that two decimals do not hold keeps its shortest exact form (t0p705, t1e+30),
     so two temperatures never share a file name."""
+    temperature = float(temperature) + 0.0  # -0.0 is 0.0's name, not t-0p00
     two_decimals = f"{temperature:.2f}"
     exact = two_decimals if temperature < 1e4 and float(two_decimals) == temperature else repr(float(temperature))
     return "t" + exact.replace(".", "p")
+
+
+def temperature_label(temperature: float) -> str:
+    """T=0.7 for grids and TensorBoard tags: short, yet never the same for two temperatures (T=0.7000001)."""
+    temperature = float(temperature) + 0.0
+    short = f"{temperature:g}"
+    return f"T={short if float(short) == temperature else repr(temperature)}"
 
 
 def labelled_rows(pictures: list[torch.Tensor], labels: list[str], upscale: int = 1) -> Image.Image:

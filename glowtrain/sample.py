@@ -23,6 +23,7 @@ from glowtrain.images import (
     sample_images,  # noqa: F401 - re-exported: tests and notebooks import it from here
     save_image,
     save_png,
+    temperature_label,
     temperature_name,
     write_to_tensorboard,
 )
@@ -110,10 +111,11 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
                 written.append(save_png(pictures[-1], out_dir / f"{names[temperature]}.png", upscale))
             written += singles
     if grid:
-        written.append(save_image(labelled_rows(pictures, [f"T={t:g}" for t in temperatures], upscale), figure))
+        labels = [temperature_label(t) for t in temperatures]
+        written.append(save_image(labelled_rows(pictures, labels, upscale), figure))
     if tensorboard:
         # Beside training's samples/T=... cards, and apart from them: its seed and options are not this call's.
-        tagged = {f"samples/T={t:g} sample seed{seed}{tag}": p for t, p in zip(temperatures, pictures)}
+        tagged = {f"samples/{temperature_label(t)} sample seed{seed}{tag}": p for t, p in zip(temperatures, pictures)}
         write_to_tensorboard(loaded.run_dir, loaded.step, tagged)
     return written
 

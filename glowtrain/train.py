@@ -33,7 +33,7 @@ from glowtrain.distributed import Context, broadcast_state, identical_across_ran
 from glowtrain.errors import UserError
 from glowtrain.evaluation import evaluate, mean_text
 from glowtrain.folders import refuse_output_among_training_images
-from glowtrain.images import display_upscale, image_grid, sample_images, save_png, temperature_name
+from glowtrain.images import display_upscale, image_grid, sample_images, save_png, temperature_label, temperature_name
 from glowtrain.logs import NullLogger, RunLogger
 from glowtrain.losses import dequantize
 from glowtrain.model import Glow
@@ -487,7 +487,7 @@ class Trainer:
                 grid = image_grid(sample_images(model, cfg.train.n_samples, temperature, cfg.data.n_bits, generator))
                 name = f"step{self.state.step:07d}_{temperature_name(temperature)}.png"
                 written.append(save_png(grid, self.run_dir.samples / name, display_upscale(cfg.data.image_size)))
-                self.logger.image(f"samples/T={temperature:g}", grid, self.state.step)
+                self.logger.image(f"samples/{temperature_label(temperature)}", grid, self.state.step)
         return written
 
     def save(self, path: Path) -> None:

@@ -23,7 +23,7 @@ from glowtrain.checkpoint import load_checkpoint, model_from_checkpoint, open_ru
 from glowtrain.config import load_config
 from glowtrain.data import build_dataset
 from glowtrain.evaluation import evaluate
-from glowtrain.images import temperature_name
+from glowtrain.images import temperature_label, temperature_name
 from glowtrain.model import Glow
 from glowtrain.runs import RunDir
 
@@ -861,6 +861,9 @@ def test_temperatures_name_files_briefly_and_never_share_a_name():
         "t0p705", "t0p3333333333333333", "t12345p0", "t1e+30", "t1e+300"]
     close = [0.7, 0.70001, 0.7000000000000001, 0.701, 0.704, 0.705, 12345.0, 12346.0, 12345.000000000002]
     assert len({temperature_name(t) for t in close}) == len(close)
+    assert len({temperature_label(t) for t in close}) == len(close)  # grid labels and TensorBoard tags
+    assert [temperature_label(t) for t in (0.7, 1.0, 0.705, 0.7000001)] == ["T=0.7", "T=1", "T=0.705", "T=0.7000001"]
+    assert temperature_name(-0.0) == "t0p00" and temperature_label(-0.0) == "T=0"
 
 
 def test_sample_nan_temperature_exits_2(fitted, tmp_path):
