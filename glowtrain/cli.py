@@ -267,6 +267,10 @@ DeviceOption = Annotated[str, typer.Option("--device", metavar="DEVICE",
     help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 SeedOption = Annotated[int, typer.Option("--seed", metavar="N", min=0, max=2**64 - 1,
     help="Random seed; the same seed gives the same output.")]
+# eval, reconstruct, interpolate and manipulate draw nothing at random (the first test images, eval's own
+# noise): --seed is still taken, so scripts that pass it run, but not offered in their help.
+UnusedSeedOption = Annotated[int, typer.Option("--seed", metavar="N", min=0, max=2**64 - 1, hidden=True,
+    help="No effect: this command's output does not depend on a seed.")]
 NoEmaOption = Annotated[bool, typer.Option("--no-ema", metavar="", help="Use the raw weights instead of the EMA.")]
 OutOption = Annotated[Optional[str], typer.Option("--out", "-o", metavar="DIR",
     help="Output folder; default <run>/samples.")]
@@ -372,7 +376,7 @@ def eval_(
     batch_size: Annotated[Optional[int], typer.Option(
         "--batch-size", metavar="N", help="Images per batch; default train.eval_batch_size.")] = None,
     device: DeviceOption = "auto",
-    seed: SeedOption = 0,
+    seed: UnusedSeedOption = 0,
     no_ema: NoEmaOption = False,
     data: DataOption = None,
     progress: ProgressOption = True,
@@ -394,7 +398,7 @@ def reconstruct(
     n: Annotated[int, typer.Option("--n", metavar="N", help="Test images to encode and decode.")] = 16,
     out: OutOption = None,
     device: DeviceOption = "auto",
-    seed: SeedOption = 0,
+    seed: UnusedSeedOption = 0,
     no_ema: NoEmaOption = False,
     data: DataOption = None,
     tensorboard: TensorboardOption = False,
@@ -416,7 +420,7 @@ def interpolate(
     pairs: Annotated[int, typer.Option("--pairs", metavar="N", help="Pairs of test images, one row each.")] = 4,
     out: OutOption = None,
     device: DeviceOption = "auto",
-    seed: SeedOption = 0,
+    seed: UnusedSeedOption = 0,
     no_ema: NoEmaOption = False,
     data: DataOption = None,
     tensorboard: TensorboardOption = False,
@@ -445,7 +449,7 @@ def manipulate(
     n: Annotated[int, typer.Option("--n", metavar="N", help="Test images to manipulate, one row each.")] = 8,
     out: OutOption = None,
     device: DeviceOption = "auto",
-    seed: SeedOption = 0,
+    seed: UnusedSeedOption = 0,
     no_ema: NoEmaOption = False,
     data: DataOption = None,
     tensorboard: TensorboardOption = False,

@@ -557,6 +557,10 @@ def test_help_shows_plain_flags_without_a_value_and_prepare_says_where_its_cache
         # Flags show no value; options show what they take (PATH, N, KEY=VALUE), not a Python type.
         assert not re.search(r"<(bool|str|int|float|list\[\w+\])>", help_text), (name, help_text)
     assert "inside the image folder" in " ".join(invoke("prepare", "--help").output.split())
+    # --seed is offered where it changes the output, and nowhere else (eval ... take it and ignore it).
+    offering = {name for name in ("sample", "fit", "eval", "reconstruct", "interpolate", "manipulate", "score")
+                if "--seed" in invoke(name, "--help").output}
+    assert offering == {"sample"}
 
 
 def test_runs_lists_each_run_with_step_best_bpd_and_status(fitted, tmp_path, monkeypatch):
