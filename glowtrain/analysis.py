@@ -70,7 +70,13 @@ def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.de
 
 def _run_dataset(loaded: LoadedRun, split: str, cfg: Config | None = None):
     """A split of the run's data; image files the run already checked are not read again for the check."""
-    return build_dataset((cfg or loaded.cfg).data, split, checked_files(loaded.run_dir))
+    data = (cfg or loaded.cfg).data
+    dataset = build_dataset(data, split, checked_files(loaded.run_dir))
+    trained_on, found = loaded.model.n_classes, getattr(dataset, "n_classes", 0)
+    if trained_on and found != trained_on:  # its labels would name other classes, or none the model knows
+        raise UserError(f"{data.cache or data.root} holds {found} class folders but this run was trained on "
+                        f"{trained_on} classes — pass the folder it was trained on with --data DIR")
+    return dataset
 
 
 def _test_images(cfg: Config, n: int, device: torch.device, loaded: LoadedRun | None = None, per_unit: int = 1,

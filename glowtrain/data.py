@@ -234,7 +234,7 @@ def relocated(data_cfg: DataConfig, where: str) -> DataConfig:
     if not path.is_dir():
         raise UserError(f"--data {where}: no such folder — pass the folder holding the run's images, its dataset "
                         "root, or its prepared cache")
-    if (path / "index.json").is_file():
+    if is_prepared_cache(path):  # not any index.json: an image folder may hold one of the user's
         return replace(data_cfg, cache=str(path))
     if data_cfg.dataset == "digits":  # data.root means nothing to it: taking the folder would silently ignore it
         raise UserError(f"--data {where}: this run trained on the bundled digits, which are read from the package — "

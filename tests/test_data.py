@@ -575,6 +575,16 @@ def test_prepare_replaces_a_complete_cache_and_refuses_a_folder_that_is_not_one(
     assert tree_bytes(tmp_path / "mine") == {"thesis.tex": b"precious", "index.json": b'{"chapters": 3}'}
 
 
+def test_data_for_a_moved_run_is_a_cache_only_when_prepare_made_it(tmp_path):
+    make_folder(tmp_path / "images", 8, size=(6, 6))
+    cfg = data_cfg(dataset="folder", root="/where/it/was/trained", image_size=4, channels=3)
+    (tmp_path / "images" / "index.json").write_text('{"photographer": "me"}')  # the user's, in the image folder
+    moved = data.relocated(cfg, str(tmp_path / "images"))
+    assert (moved.root, moved.cache) == (str(tmp_path / "images"), "")
+    data.prepare_cache(moved, str(tmp_path / "cache"), progress=False)
+    assert data.relocated(cfg, str(tmp_path / "cache")).cache == str(tmp_path / "cache")
+
+
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_preparing_a_cache_again_keeps_the_other_files_in_its_folder(tmp_path, overwrite):
     make_folder(tmp_path / "images", 8, size=(6, 6))

@@ -163,6 +163,13 @@ def test_subfolder_labels_train_a_class_conditional_model_and_refuse_loose_files
     assert any(r["split"] == "test" and "accuracy" in r for r in records)
     wrong = fit(tmp_path / "images", tmp_path / "run2", "data.labels=subfolders")
     assert_one_line_error(wrong, 2, "found 3 class folders", "set model.n_classes=3")
+    for names in (("birds", "cats"), ("ants", "birds", "cats", "dogs")):  # --data with other classes than trained
+        other = tmp_path / f"other{len(names)}"
+        make_classes(other, names)
+        for command in ("eval", "reconstruct"):
+            moved = invoke(command, "--run", tmp_path / "run", "--data", other, "--device", "cpu")
+            assert_one_line_error(moved, 2, f"{other} holds {len(names)} class folders but this run was trained on 3 "
+                                  "classes — pass the folder it was trained on with --data DIR")
     Image.new("RGB", (8, 8)).save(tmp_path / "images" / "loose.png")
     loose = fit(tmp_path / "images", tmp_path / "run3", *labelled)
     assert_one_line_error(loose, 2, "first-level subfolder", str(tmp_path / "images" / "loose.png"))
