@@ -482,7 +482,7 @@ class Trainer:
         cfg, model = self.cfg, self.eval_objective.model
         written = []
         with full_precision(model):
-            for temperature in cfg.train.sample_temperatures:
+            for temperature in dict.fromkeys(cfg.train.sample_temperatures):  # one listed twice is drawn once
                 generator = torch.Generator(device=self.device).manual_seed(cfg.run.seed)
                 grid = image_grid(sample_images(model, cfg.train.n_samples, temperature, cfg.data.n_bits, generator))
                 name = f"step{self.state.step:07d}_{temperature_name(temperature)}.png"

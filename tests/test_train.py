@@ -679,6 +679,17 @@ def test_a_batch_larger_than_the_dataset_fails_before_anything_is_written(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+def test_a_temperature_listed_twice_is_sampled_once(tmp_path, monkeypatch):
+    import glowtrain.train as train_module
+
+    drawn, original = [], train_module.sample_images
+    monkeypatch.setattr(train_module, "sample_images", lambda model, n, t, *rest: drawn.append(t) or
+                        original(model, n, t, *rest))
+    train(apply_overrides(default_config(), [*SMALL, "train.sample_temperatures=[0.7,1,0.7]"]),
+          out=str(tmp_path / "run"), progress=False)
+    assert drawn == [0.7, 1.0]  # once, at the last step
+
+
 def test_a_run_without_a_checkpoint_starts_afresh_and_keeps_its_old_logs(tmp_path):
     run_dir = tmp_path / "run"
 
