@@ -251,11 +251,15 @@ def fit(
     if "bpd" in result.test:
         typer.echo(f"test bpd {result.test['bpd']:.4f} at step {result.test['step']}")  # maybe before a stop
     typer.echo(f"run directory:  {shlex.quote(run_dir)}")  # quoted, so that every path pastes into a shell
-    best = (" (and best.pt)" if RunDir(run_dir).best.is_file() else
-            "" if math.isfinite(result.best_test_bpd) else " (no best.pt: no evaluation gave a finite test bpd)")
-    typer.echo(f"checkpoints:    {shlex.quote(f'{run_dir}/checkpoints/last.pt')}{best}")
-    typer.echo(f"samples:        {shlex.quote(f'{run_dir}/samples/')}")
-    typer.echo(f"tensorboard:    tensorboard --logdir {shlex.quote(f'{run_dir}/tb')}")
+    paths = RunDir(run_dir)
+    best = (" (and best.pt)" if paths.best.is_file() else "" if math.isfinite(result.best_test_bpd) else
+            " (no best.pt yet: no evaluation has run)" if not result.test else
+            " (no best.pt: no evaluation gave a finite test bpd)")
+    typer.echo(f"checkpoints:    {shlex.quote(str(paths.last))}{best}")
+    if paths.samples.is_dir():  # a stop (train.max_time) before the first sample step has none
+        typer.echo(f"samples:        {shlex.quote(f'{paths.samples}/')}")
+    if paths.tb.is_dir():
+        typer.echo(f"tensorboard:    tensorboard --logdir {shlex.quote(str(paths.tb))}")
 
 
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars (stderr).")]
@@ -588,7 +592,7 @@ def prepare(
     if index["warning"]:
         typer.echo(index["warning"], err=True)
     typer.echo(f"cached {index['splits']['train']:,} train and {index['splits']['test']:,} test images in {target}")
-    typer.echo(f"train from it with: --set data.cache={target}")
+    typer.echo(f"train from it with: --set {shlex.quote(f'data.cache={target}')}")
 
 
 @app.command("runs")

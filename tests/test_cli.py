@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -399,16 +400,17 @@ def test_prepare_writes_a_cache_that_fit_trains_from(tmp_path):
         Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
     data = ["data.dataset=folder", f"data.root={tmp_path / 'imgs'}", "data.channels=3", "data.image_size=8",
             "model.n_levels=2"]
-    cache = tmp_path / "cache"
+    cache = tmp_path / "my cache"
     result = invoke("prepare", *sets(*data), "--out", str(cache), "--no-progress")
     assert result.exit_code == 0, result.output
     n_train, n_test = (np.load(cache / f"{split}.npy").shape[0] for split in ("train", "test"))
     assert n_train + n_test == 40 and np.load(cache / "train.npy").shape[1:] == (3, 8, 8)
     assert f"cached {n_train} train and {n_test} test images" in result.stdout
-    assert f"data.cache={cache}" in result.stdout
     assert f"data: folder {tmp_path / 'imgs'}: 40 images found, {n_train} train / {n_test} test" in result.stdout
-    result = invoke("fit", "--out", str(tmp_path / "run"), "--no-progress",
-                    *sets(*TINY, *data, f"data.cache={cache}", "train.batch_size=8", "train.init_batch_size=8"))
+    suggested = shlex.split(result.stdout.split("train from it with: ")[1].splitlines()[0])  # as a shell reads it
+    assert suggested == ["--set", f"data.cache={cache}"]
+    result = invoke("fit", "--out", str(tmp_path / "run"), "--no-progress", *suggested,
+                    *sets(*TINY, *data, "train.batch_size=8", "train.init_batch_size=8"))
     assert result.exit_code == 0, result.output
     assert "test bpd" in result.stdout
 
@@ -604,6 +606,11 @@ def test_max_time_stops_cleanly_with_a_checkpoint_and_the_resume_command(tmp_pat
     assert test_line and test_line.group(1) == "2"  # when it was measured, not where the run stopped
     assert f"glowtrain fit --resume auto --out {run_dir}" in result.stdout
     assert torch.load(RunDir(run_dir).last, weights_only=True)["step"] == 3
+    early = tiny_fit(tmp_path / "early", "train.max_time=15s", "train.steps=8", "train.eval_every=5",
+                     "train.sample_every=5")  # stopped at step 2, before anything was evaluated or drawn
+    assert "stopped at step 2 of 8" in early.stdout and "test bpd" not in early.stdout
+    assert "last.pt (no best.pt yet: no evaluation has run)" in early.stdout
+    assert "samples:" not in early.stdout and not RunDir(tmp_path / "early").samples.exists()
 
 
 def test_a_diverged_run_says_it_has_no_best_checkpoint_and_eval_prints_strict_json(tmp_path):
