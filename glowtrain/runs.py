@@ -264,10 +264,8 @@ def list_runs(runs_root: Path = RUNS_ROOT) -> list[dict]:
     import torch  # late: the rest of this module needs no torch
 
     found = []
-    for path in sorted(p for p in Path(runs_root).glob("*") if p.is_dir()):
-        run = RunDir(path)
-        if not run.config.is_file() and not run.has_checkpoint():
-            continue  # not a run directory
+    for run in run_dirs(runs_root):
+        path = run.path
         row = {"run": str(path), "step": None, "steps": None, "best_test_bpd": None, "status": "no checkpoint yet"}
         if run.has_checkpoint():
             try:  # memory-mapped: only the few numbers read here are loaded, however large the weights
@@ -376,9 +374,33 @@ def check_writable(path: Path, what: str = "the run directory", choices: str = "
         raise UserError(f"cannot create {what} {path.absolute()} ({e.strerror}) — choose {choices}") from None
 
 
+RUN_SEARCH_DEPTH = 3  # runs/<name>, runs/<group>/<name>, runs/<sweep>/<group>/<name>
+
+
+def run_dirs(runs_root: Path = RUNS_ROOT) -> list[RunDir]:
+    """The run directories (a config.yaml or a last.pt) under runs_root, sorted by path: its folders and theirs,
+    RUN_SEARCH_DEPTH deep, hidden ones and a run's own folders left out."""
+    found = []
+
+    def visit(folder: Path, depth: int) -> None:
+        try:
+            children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:  # unreadable: nothing of it can be listed
+            return
+        for child in children:
+            run = RunDir(child)
+            if run.config.is_file() or run.has_checkpoint():
+                found.append(run)
+            elif depth < RUN_SEARCH_DEPTH and not child.is_symlink():
+                visit(child, depth + 1)
+
+    visit(Path(runs_root), 1)
+    return found
+
+
 def latest_run(runs_root: Path = RUNS_ROOT) -> RunDir:
     """The run under runs_root whose last checkpoint was written most recently."""
-    candidates = [RunDir(p.parent.parent) for p in Path(runs_root).glob("*/checkpoints/last.pt")]
+    candidates = [run for run in run_dirs(runs_root) if run.has_checkpoint()]
     if not candidates:
         raise UserError(f"no finished run found under {runs_root}/ — train one with 'glowtrain fit' or pass --run DIR")
     return max(candidates, key=lambda run: run.last.stat().st_mtime)

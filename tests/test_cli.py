@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_RUN, assert_one_line_error, invoke, sets
+from helpers import TINY_RUN, assert_one_line_error, invoke, ok, sets
 from PIL import Image
 
 import glowtrain.train as training
@@ -563,6 +564,24 @@ def test_help_shows_plain_flags_without_a_value_and_prepare_says_where_its_cache
     offering = {name for name in ("sample", "fit", "eval", "reconstruct", "interpolate", "manipulate", "score")
                 if "--seed" in invoke(name, "--help").output}
     assert offering == {"sample"}
+
+
+def test_runs_and_the_latest_run_are_found_in_groups_but_not_in_hidden_folders(fitted, tmp_path, monkeypatch):
+    from glowtrain.runs import latest_run
+
+    _, run_dir, _ = fitted
+    monkeypatch.chdir(tmp_path)
+    for name, mtime in (("sweep/lr3e-4", 1_000_000), ("sweep/lr1e-3", 2_000_000), (".trash/old", 3_000_000),
+                        ("a/b/c/too_deep", 4_000_000)):
+        (tmp_path / "runs" / name / "checkpoints").mkdir(parents=True)
+        last = tmp_path / "runs" / name / "checkpoints" / "last.pt"
+        shutil.copy(run_dir / "checkpoints" / "last.pt", last)
+        os.utime(last, (mtime, mtime))
+    rows = [line.split()[0] for line in ok(invoke("runs")).stdout.splitlines()[1:]]
+    assert rows == ["runs/sweep/lr1e-3", "runs/sweep/lr3e-4"]
+    assert latest_run().path == Path("runs/sweep/lr1e-3")  # not the newer one in a hidden folder
+    evaluated = json.loads(ok(invoke("eval", "--device", "cpu", "--no-progress")).stdout)
+    assert evaluated["checkpoint"] == str(Path("runs/sweep/lr1e-3/checkpoints/last.pt"))
 
 
 def test_runs_lists_each_run_with_step_best_bpd_and_status(fitted, tmp_path, monkeypatch):
