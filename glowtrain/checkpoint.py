@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from glowtrain.objective import Objective, build_objective
 from glowtrain.runs import resolve_checkpoint
 
 CHECKPOINT_FORMAT = 1
+# Tensors are copied from a GPU in buckets of about this size: few copies, yet only this much extra memory at once.
+HOST_COPY_BUCKET_BYTES = 64 * 2**20
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -28,32 +31,85 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda f: torch.save(on_host, f))
 
 
-def host_copy(tree: Any) -> Any:
-    """`tree` (dicts, lists and tuples of tensors and plain values) with every tensor on the CPU. The copies from
-    a GPU are queued together and waited for once: torch.save would wait on each (thousands per checkpoint)."""
-    waits_for: set[torch.device] = set()
+def _on_cuda(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "cuda"
 
-    def to_host(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            if value.device.type != "cuda":  # on the CPU already, or a device whose copies we do not queue
-                return value.detach().cpu()
-            waits_for.add(value.device)
-            return value.detach().to("cpu", non_blocking=True)  # into pinned memory: queued, not waited for
-        if isinstance(value, dict):
-            copied = {key: to_host(item) for key, item in value.items()}
-            if isinstance(value, OrderedDict):  # a state_dict: keep its class and the module versions it carries
-                copied = OrderedDict(copied)
-                if hasattr(value, "_metadata"):
-                    copied._metadata = value._metadata
-            return copied
-        if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-            return type(value)(to_host(item) for item in value)
-        return value
 
-    moved = to_host(tree)
-    for device in waits_for:
-        torch.cuda.synchronize(device)
-    return moved
+def host_copy(tree: Any, bucket_bytes: int = HOST_COPY_BUCKET_BYTES,
+              on_device: Callable[[torch.Tensor], bool] = _on_cuda) -> Any:
+    """`tree` (dicts, lists and tuples, namedtuples included, of tensors and plain values) rebuilt with every tensor
+    detached and on the CPU; other values are kept as they are. The tensors are gathered as gather_to_host does."""
+    found: list[torch.Tensor] = []
+    _map_tensors(tree, found.append)  # a first pass only finds them, in the order the second one meets them
+    copies = iter(gather_to_host(found, bucket_bytes, on_device))
+    return _map_tensors(tree, lambda _: next(copies))
+
+
+def _map_tensors(value: Any, change: Callable[[torch.Tensor], Any]) -> Any:
+    """`value` with `change` applied to each tensor in it, every container rebuilt as the same kind."""
+    if isinstance(value, torch.Tensor):
+        return change(value)
+    if isinstance(value, dict):
+        copied = {key: _map_tensors(item, change) for key, item in value.items()}
+        if isinstance(value, OrderedDict):  # a state_dict: keep its class and the module versions it carries
+            copied = OrderedDict(copied)
+            if hasattr(value, "_metadata"):
+                copied._metadata = value._metadata
+        return copied
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple takes its fields one by one
+        return type(value)(*(_map_tensors(item, change) for item in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(item, change) for item in value)
+    return value
+
+
+def gather_to_host(tensors: list[torch.Tensor], bucket_bytes: int = HOST_COPY_BUCKET_BYTES,
+                   on_device: Callable[[torch.Tensor], bool] = _on_cuda) -> list[torch.Tensor]:
+    """Detached CPU copies of `tensors`, in order. Those `on_device` picks are joined into buckets (plan_buckets)
+    and each bucket crosses in one copy: one per tensor would be thousands per checkpoint. The others are only
+    detached and moved (a CPU tensor is returned as it is, sharing its memory)."""
+    copies: list[torch.Tensor | None] = [None] * len(tensors)
+    for bucket in plan_buckets(tensors, bucket_bytes, on_device):
+        for index, copied in zip(bucket, _copy_bucket([tensors[index] for index in bucket])):
+            copies[index] = copied
+    return [tensor.detach().cpu() if copied is None else copied for tensor, copied in zip(tensors, copies)]
+
+
+def plan_buckets(tensors: list[torch.Tensor], bucket_bytes: int,
+                 on_device: Callable[[torch.Tensor], bool] = _on_cuda) -> list[list[int]]:
+    """Indices of the tensors `on_device` picks, grouped by device and dtype (torch.cat joins only those) and cut
+    into buckets of at most `bucket_bytes`, in order; a tensor larger than that is a bucket of its own."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        if on_device(tensor):
+            groups.setdefault((tensor.device, tensor.dtype), []).append(index)
+    buckets: list[list[int]] = []
+    for indices in groups.values():
+        bucket: list[int] = []
+        filled = 0
+        for index in indices:
+            size = tensors[index].numel() * tensors[index].element_size()
+            if bucket and filled + size > bucket_bytes:
+                buckets.append(bucket)
+                bucket, filled = [], 0
+            bucket.append(index)
+            filled += size
+        buckets.append(bucket)
+    return buckets
+
+
+def _copy_bucket(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors of one bucket (one device, one dtype) on the CPU, each in storage of its own size."""
+    flat = [tensor.detach().reshape(-1) for tensor in tensors]
+    # A lone tensor needs no joining: cat would hold a second copy of it, possibly a large one, on the device.
+    joined = torch.cat(flat) if len(flat) > 1 else flat[0]
+    # A blocking copy into ordinary memory: a non_blocking one lands in pinned memory, as much as the model and
+    # optimiser state take, and torch's caching host allocator keeps that pinned for the rest of the process.
+    on_host = joined.cpu()
+    pieces = on_host.split([tensor.numel() for tensor in tensors])
+    # torch.save writes the whole storage of a view, so a piece of a shared buffer is cloned into its own.
+    return [piece.view(tensor.shape) if piece.untyped_storage().nbytes() == piece.nbytes
+            else piece.view(tensor.shape).clone() for piece, tensor in zip(pieces, tensors)]
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

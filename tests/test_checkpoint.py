@@ -4,6 +4,7 @@ import copy
 import os
 import pathlib
 import pickle
+from collections import OrderedDict, namedtuple
 
 import pytest
 import torch
@@ -11,10 +12,13 @@ from helpers import GLOW_LAYERS, perturb
 
 from glowtrain.checkpoint import (
     checkpoint_state,
+    gather_to_host,
+    host_copy,
     load_checkpoint,
     load_state_checked,
     model_from_checkpoint,
     open_run,
+    plan_buckets,
     save_checkpoint,
 )
 from glowtrain.config import apply_overrides, config_to_dict, default_config, save_config
@@ -101,6 +105,122 @@ def test_failed_save_keeps_the_previous_checkpoint_and_propagates_the_error(tmp_
     assert path.read_bytes() == before
     assert load_checkpoint(path)["step"] == 7
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+# ---------------------------------------------------------------------------- copying to the host
+# `on_device=lambda t: True` sends CPU tensors through the bucketed path a GPU's tensors take (join, copy, split).
+
+
+def every_kind_of_tensor() -> list[torch.Tensor]:
+    """Each dtype a checkpoint holds, in every shape that needs care: 0-dim, empty, transposed, sliced."""
+    wide = torch.arange(60, dtype=torch.float32).reshape(10, 6)
+    return [
+        torch.tensor([1.5, -0.0, float("nan"), float("-inf")]),  # bit for bit: -0.0 and NaN compare oddly
+        torch.linspace(-1, 1, 20, dtype=torch.float64).reshape(4, 5).t(),  # non-contiguous
+        torch.tensor(7, dtype=torch.int64),  # 0-dim, like an optimiser's step
+        torch.tensor([True, False, True]),
+        torch.randn(3, 4, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16),
+        torch.zeros(0, 3),
+        wide[2:5],  # contiguous, inside a larger storage
+        wide[:, 1],  # strided, inside a larger storage
+        torch.full((2, 2), 3.0, requires_grad=True),
+        torch.arange(5, dtype=torch.int64).reshape(5, 1).expand(5, 3),  # stride 0
+        torch.ones(40, dtype=torch.float64),  # larger than the bucket on its own
+    ]
+
+
+def _bits(tensor: torch.Tensor) -> bytes:
+    return bytes(tensor.detach().contiguous().reshape(-1).view(torch.uint8).tolist())
+
+
+def assert_exact_compact_copies(copies: list[torch.Tensor], originals: list[torch.Tensor]) -> None:
+    assert len(copies) == len(originals)
+    for index, (copy_, original) in enumerate(zip(copies, originals)):
+        assert copy_.device.type == "cpu" and copy_.dtype == original.dtype and copy_.shape == original.shape, index
+        assert _bits(copy_) == _bits(original), index
+        assert copy_.is_contiguous() and not copy_.requires_grad, index
+        # torch.save writes a tensor's whole storage: a piece of a bucket must not carry the rest of it.
+        assert copy_.untyped_storage().nbytes() == copy_.numel() * copy_.element_size(), index
+
+
+def test_gather_to_host_copies_every_dtype_and_shape_bit_for_bit_in_buckets(monkeypatch):
+    tensors = every_kind_of_tensor()
+    joined = []
+    real_cat = torch.cat
+    monkeypatch.setattr(torch, "cat", lambda pieces, *a, **k: joined.append(len(pieces)) or real_cat(pieces, *a, **k))
+    copies = gather_to_host(tensors, bucket_bytes=48, on_device=lambda t: True)
+    monkeypatch.undo()
+    assert_exact_compact_copies(copies, tensors)
+    plan = plan_buckets(tensors, 48, lambda t: True)
+    # One join per bucket of several tensors (a lone tensor is copied as it is), each of every tensor in it.
+    assert joined == [len(bucket) for bucket in plan if len(bucket) > 1] and sum(joined) > len(joined)
+
+
+def test_plan_buckets_groups_by_device_and_dtype_and_keeps_each_bucket_within_the_limit():
+    f32 = [torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(20), torch.zeros(1)]  # 16, 16, 16, 80, 4 bytes
+    tensors = [f32[0], torch.zeros(2, dtype=torch.float64), *f32[1:], torch.zeros(0, dtype=torch.float64)]
+    assert plan_buckets(tensors, 32, lambda t: True) == [[0, 2], [3], [4], [5], [1, 6]]
+    # The limit holds for every bucket of several tensors across all the kinds; each tensor is in one bucket.
+    mixed = every_kind_of_tensor()
+    for limit in (1, 16, 48, 10_000):
+        plan = plan_buckets(mixed, limit, lambda t: True)
+        assert sorted(i for bucket in plan for i in bucket) == list(range(len(mixed)))
+        for bucket in plan:
+            assert len({(mixed[i].device, mixed[i].dtype) for i in bucket}) == 1
+            assert len(bucket) == 1 or sum(mixed[i].numel() * mixed[i].element_size() for i in bucket) <= limit
+    assert len(plan_buckets(mixed, 10_000, lambda t: True)) == len({t.dtype for t in mixed})
+    # By default only CUDA tensors are bucketed: these, on the CPU, are copied one by one.
+    assert plan_buckets(mixed, 48) == []
+
+
+def _pinned_handouts(device: torch.device) -> int:
+    """Pinned host blocks torch's caching host allocator has handed out so far (it keeps them for good)."""
+    return torch.cuda.host_memory_stats().get("active_requests.allocated", 0) if device.type == "cuda" else 0
+
+
+def test_gather_to_host_copies_tensors_on_the_test_device_without_pinned_memory(device):
+    originals = every_kind_of_tensor()
+    on_device = [t.to(device) for t in originals]
+    pinned_before = _pinned_handouts(device)
+    copies = gather_to_host(on_device, bucket_bytes=48)
+    assert _pinned_handouts(device) == pinned_before
+    assert [_bits(c) for c in copies] == [_bits(t) for t in originals]
+    if device.type == "cuda":  # CPU tensors are returned as they are, views of a larger storage included
+        assert_exact_compact_copies(copies, originals)
+
+
+Moments = namedtuple("Moments", ["mean", "scale", "count"])
+
+
+def test_host_copy_keeps_the_shape_of_the_tree_and_detaches_every_tensor():
+    weights = OrderedDict(weight=torch.ones(2, 3, requires_grad=True), bias=torch.zeros(3))
+    weights._metadata = OrderedDict({"": {"version": 2}})
+    tree = {"model": weights, "moments": Moments(torch.full((3,), 0.5, requires_grad=True), [torch.ones(1)], 4),
+            "pair": (torch.tensor(1), "name"), "nested": [{"deep": (torch.arange(3),)}, None, 2.5],
+            "shape": torch.Size([2, 3])}
+    for kwargs in ({}, {"bucket_bytes": 8, "on_device": lambda t: True}):
+        copied = host_copy(tree, **kwargs)
+        assert type(copied["model"]) is OrderedDict and copied["model"]._metadata == weights._metadata
+        assert list(copied["model"]) == ["weight", "bias"]
+        assert type(copied["moments"]) is Moments and copied["moments"].count == 4
+        assert type(copied["moments"].scale) is list and type(copied["pair"]) is tuple
+        assert copied["pair"][1] == "name" and copied["nested"][1:] == [None, 2.5]
+        assert type(copied["shape"]) is torch.Size and copied["shape"] == (2, 3)
+        pairs = [(copied["model"]["weight"], weights["weight"]), (copied["model"]["bias"], weights["bias"]),
+                 (copied["moments"].mean, tree["moments"].mean), (copied["moments"].scale[0], tree["moments"].scale[0]),
+                 (copied["pair"][0], tree["pair"][0]), (copied["nested"][0]["deep"][0], tree["nested"][0]["deep"][0])]
+        for copy_, original in pairs:
+            assert copy_ is not original and not copy_.requires_grad and torch.equal(copy_, original.detach())
+
+
+def test_host_copy_of_a_whole_checkpoint_through_buckets_keeps_every_tensor(state):
+    copied = host_copy(state, bucket_bytes=1024, on_device=lambda t: True)
+    originals, copies = list(_tensors(state)), list(_tensors(copied))
+    assert len(copies) == len(originals) > 2 * len(state["model"])  # model, EMA and RNG states
+    assert_exact_compact_copies(copies, originals)
+    assert copied["model"]._metadata == state["model"]._metadata
+    assert copied["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert copied["optimizer"]["state"].keys() == state["optimizer"]["state"].keys()
 
 
 # ---------------------------------------------------------------------------- loading bad files
