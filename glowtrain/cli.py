@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import traceback
@@ -95,10 +96,23 @@ def _errors_to_exit_codes(command):
         except Exception as e:  # noqa: BLE001 - the last line of defence for users
             if _state["debug"]:
                 traceback.print_exc()
-            _end(EXIT_FAILURE, None if _state["debug"] else
+            _end(EXIT_FAILURE, None if _state["debug"] else _out_of_memory_line(e) or
                  f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
 
     return wrapper
+
+
+def _out_of_memory_line(error: Exception) -> str | None:
+    """One line for a model or batch too large for the memory at hand (torch's own message runs to a paragraph)."""
+    import torch
+
+    on_gpu = isinstance(error, torch.OutOfMemoryError)
+    if not on_gpu and not (isinstance(error, RuntimeError) and "DefaultCPUAllocator" in str(error)):
+        return None
+    asked = re.search(r"(?:tried to allocate|Tried to allocate) ([\d.]+ ?\w+)", str(error))
+    where = "GPU" if on_gpu else "CPU"
+    return (f"error: out of {where} memory{f' (it asked for {asked.group(1)} more)' if asked else ''} — "
+            "lower train.batch_size, model.hidden_channels or model.n_steps, or set train.memory_saving=true")
 
 
 # Set by `fit --nproc` for the processes it starts: a folder where each one leaves how it ended, so that the

@@ -179,6 +179,26 @@ def test_a_fit_prints_torchs_and_its_own_warnings_once_as_one_line_each(tmp_path
     assert "UserWarning" not in done.stderr and ".py:" not in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("error,line", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)"),
+     "error: out of CPU memory (it asked for 40000000000 bytes more) — lower train.batch_size, "
+     "model.hidden_channels or model.n_steps, or set train.memory_saving=true"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB "
+                            "of which 1.2 GiB is free. Including non-PyTorch memory, this process has ..."),
+     "error: out of GPU memory (it asked for 2.00 GiB more) — lower train.batch_size, "
+     "model.hidden_channels or model.n_steps, or set train.memory_saving=true"),
+])
+def test_running_out_of_memory_is_one_line_naming_the_keys_that_shrink_it(monkeypatch, capsys, error, line):
+    import glowtrain.analysis as analysis
+
+    def too_large(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(analysis, "info_summary", too_large)
+    assert _run_main(monkeypatch, capsys, "info", "--set", "model.hidden_channels=100000") == (1, "", line + "\n")
+
+
 def test_ctrl_c_before_a_command_takes_over_still_says_interrupted(monkeypatch, capsys):
     import types
 
