@@ -393,6 +393,22 @@ def check_resume_config(saved: Config, new: Config) -> None:
 # ---------------------------------------------------------------------------- files
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error: YAML keeps the last one without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if key_node.value in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'{key_node.value}' is given twice (first on line {first_line[key_node.value]}), "
+                    "and only the last would count — keep one", key_node.start_mark)
+            first_line[key_node.value] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def _yaml_problem(e: yaml.YAMLError) -> str:
     mark = getattr(e, "problem_mark", None)
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
@@ -410,7 +426,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         if p.is_dir():
             raise UserError(f"config path {path} is a directory — pass a YAML file to --config")
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+            raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as e:
             raise UserError(f"config file {path} is not valid YAML ({_yaml_problem(e)})") from None
         except (OSError, UnicodeDecodeError) as e:

@@ -391,6 +391,18 @@ def test_file_that_is_not_yaml_names_the_file(tmp_path):
         load_config(path)
 
 
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text("train:\n  lr: 0.001\n  steps: 100\n  lr: 0.01\nmodel:\n  n_steps: 4\n")
+    with pytest.raises(UserError) as refused:
+        load_config(path)
+    assert str(refused.value) == (f"config file {path} is not valid YAML (line 4: 'lr' is given twice (first on line "
+                                  "2), and only the last would count — keep one)")
+    path.write_text("train:\n  lr: 0.001\ntrain:\n  steps: 5\n")
+    with raises(r"line 3: 'train' is given twice \(first on line 1\)"):
+        load_config(path)
+
+
 @pytest.mark.parametrize("text", ["- 1\n- 2\n", "just text\n", ""])
 def test_file_that_is_not_a_mapping_names_the_file(tmp_path, text):
     path = tmp_path / "list.yaml"
