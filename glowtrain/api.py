@@ -147,6 +147,7 @@ class Run:
 def load_run(path: str | Path, device: str = "auto", ema: bool = True) -> Run:
     """A run directory (its checkpoints/last.pt) or a checkpoint file, with the model on `device`."""
     path = Path(path)
+    _require(isinstance(ema, bool), f"ema must be True or False, got {ema!r}")  # 'no' would be taken as True
     _require(path.exists(), f"no run directory or checkpoint at {path}; pass a folder made by 'glowtrain fit' or a "
                             ".pt file")
     resolved = resolve_device(str(device), "device")
