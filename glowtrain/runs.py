@@ -185,9 +185,7 @@ def training_lock(run: RunDir):
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                pid = trainer_pid(run) or "unknown"
-                raise UserError(f"{run.path} is being trained by another process (pid {pid}) — wait for it to "
-                                "finish or stop it, or choose another --out or run.name") from None
+                raise _being_trained(run, trainer_pid(run) or -1) from None
             except OSError:  # a file system without locks (some network mounts): train unguarded
                 pass
             handle.truncate(0)
@@ -199,6 +197,11 @@ def training_lock(run: RunDir):
             run.lock.unlink()
             for folder in created:
                 folder.rmdir()
+
+
+def _being_trained(run: RunDir, pid: int) -> UserError:
+    return UserError(f"{run.path} is being trained by another process (pid {pid if pid > 0 else 'unknown'}) — wait "
+                     "for it to finish or stop it, or choose another --out or run.name")
 
 
 def trainer_pid(run: RunDir) -> int | None:
@@ -344,6 +347,8 @@ def prepare_run_dir(run: RunDir, resume: str | None) -> Path | None:
 
     A fresh start never overwrites a run that has a checkpoint, nor files that no run wrote."""
     check_writable(run.path)
+    if (pid := trainer_pid(run)) is not None:  # before the checks below, whose fixes (--resume auto) would not do
+        raise _being_trained(run, pid)
     if resume is None and run.has_checkpoint():
         raise UserError(f"{run.path} already holds a run — continue it with --resume auto, or choose another "
                         "--out or run.name")

@@ -506,16 +506,18 @@ def test_a_second_fit_on_a_run_being_trained_is_refused_and_runs_says_it_is_trai
 
     class Meddling(Trainer):
         def prepare_batch(self, images, labels):
-            if not seen:  # mid-run: another fit of the same run, as from a second terminal
-                with pytest.raises(UserError) as refused:
-                    train(tiny_config("train.steps=4"), out=str(self.run_dir.path), progress=False)
-                seen["error"], seen["runs"] = str(refused.value), list_runs(tmp_path)
+            if not seen and self.run_dir.has_checkpoint():  # mid-run: another fit of it, as from a second terminal
+                for resume in (None, "auto"):  # a fresh start was told to resume it, which would be refused too
+                    with pytest.raises(UserError) as refused:
+                        train(tiny_config("train.steps=4"), out=str(self.run_dir.path), resume=resume, progress=False)
+                    seen.setdefault("errors", []).append(str(refused.value))
+                seen["runs"] = list_runs(tmp_path)
             return super().prepare_batch(images, labels)
 
     run = tmp_path / "run"
-    train(tiny_config("train.steps=2"), out=str(run), progress=False, trainer=Meddling)
-    assert seen["error"] == (f"{run} is being trained by another process (pid {os.getpid()}) — wait for it to "
-                             "finish or stop it, or choose another --out or run.name")
+    train(tiny_config("train.steps=2", "train.checkpoint_every=1"), out=str(run), progress=False, trainer=Meddling)
+    assert seen["errors"] == 2 * [f"{run} is being trained by another process (pid {os.getpid()}) — wait for it to "
+                                  "finish or stop it, or choose another --out or run.name"]
     assert [row["status"] for row in seen["runs"]] == [f"training now (pid {os.getpid()})"]
     assert [m["step"] for m in _metrics(run) if m["split"] == "train" and "bpd" in m] == [2]  # logged once
     assert [row["status"] for row in list_runs(tmp_path)] == ["finished"]  # the lock went with the run
