@@ -617,8 +617,9 @@ def runs_(
     """List the runs under runs/: step reached, best test bits/dim and status."""
     from glowtrain.runs import format_runs, list_runs
 
-    if root != "runs" and not Path(root).is_dir():  # the default is simply not there before a first run
-        raise UserError(f"--root {root}: no such folder — pass the folder that holds your runs (default: runs)")
+    if (root != "runs" or Path(root).exists()) and not Path(root).is_dir():  # runs/ is not there before a first run
+        what = "a file, not a folder" if Path(root).exists() else "no such folder"
+        raise UserError(f"--root {root}: {what} — pass the folder that holds your runs (default: runs)")
     rows = list_runs(Path(root))
     if not rows:
         typer.echo(f"no runs under {Path(root).absolute()}/ — train one with 'glowtrain fit'")

@@ -622,6 +622,11 @@ def test_runs_lists_each_run_with_step_best_bpd_and_status(fitted, tmp_path, mon
     assert "no runs under" in invoke("runs").stdout  # before the first run, runs/ is simply not there yet
     assert assert_one_line_error(invoke("runs", "--root", "rusn"), 2) == (
         "error: --root rusn: no such folder — pass the folder that holds your runs (default: runs)")
+    (tmp_path / "runs").write_text("a file of the user's")
+    for args in ((), ("--root", "runs")):
+        assert assert_one_line_error(invoke("runs", *args), 2) == (
+            "error: --root runs: a file, not a folder — pass the folder that holds your runs (default: runs)")
+    (tmp_path / "runs").unlink()
     checkpoint = run_dir / "checkpoints" / "last.pt"
     assert assert_one_line_error(invoke("info", "--run", checkpoint), 2) == (
         f"error: --run takes a run directory, and {checkpoint} is a file — pass its run directory, or the file as "
