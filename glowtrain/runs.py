@@ -199,6 +199,13 @@ def training_lock(run: RunDir):
                 folder.rmdir()
 
 
+def refuse_if_being_trained(run: RunDir) -> None:
+    """Refuse a run another `fit` holds now, before prepare_run_dir's refusals, whose fixes (--resume auto) would
+    not do. For the first process of a job only: the others would see their own job's lock."""
+    if (pid := trainer_pid(run)) is not None:
+        raise _being_trained(run, pid)
+
+
 def _being_trained(run: RunDir, pid: int) -> UserError:
     return UserError(f"{run.path} is being trained by another process (pid {pid if pid > 0 else 'unknown'}) — wait "
                      "for it to finish or stop it, or choose another --out or run.name")
@@ -347,8 +354,6 @@ def prepare_run_dir(run: RunDir, resume: str | None) -> Path | None:
 
     A fresh start never overwrites a run that has a checkpoint, nor files that no run wrote."""
     check_writable(run.path)
-    if (pid := trainer_pid(run)) is not None:  # before the checks below, whose fixes (--resume auto) would not do
-        raise _being_trained(run, pid)
     if resume is None and run.has_checkpoint():
         raise UserError(f"{run.path} already holds a run — continue it with --resume auto, or choose another "
                         "--out or run.name")

@@ -44,6 +44,7 @@ from glowtrain.runs import (
     checked_files,
     checkpoint_to_resume,
     prepare_run_dir,
+    refuse_if_being_trained,
     resume_message,
     run_dir_for,
     training_lock,
@@ -742,6 +743,8 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
         precision.check_amp(cfg.train.amp, ctx.device, cfg.train.allow_emulated_bf16)
         run = run_dir_for(out, cfg.run.name, resume)
         refuse_output_among_training_images(run.path, cfg.data)  # its sample grids would become training images
+        if ctx.is_main:
+            refuse_if_being_trained(run)
         resume_from = prepare_run_dir(run, resume)
         with training_lock(run) if ctx.is_main else contextlib.nullcontext():
             ctx.barrier()  # every rank has checked the run directory before rank 0 writes into it

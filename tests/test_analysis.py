@@ -389,7 +389,7 @@ def test_eval_shows_its_progress_on_stderr_and_leaves_stdout_to_the_json(fitted)
     _, run_dir = fitted
     shown = ok(invoke("eval", "--run", run_dir, *CPU, "--batch-size", "100"))
     assert "evaluating" in shown.stderr and "/297 " in shown.stderr  # a bar over the split's images
-    quiet = ok(invoke("eval", "--run", run_dir, *CPU, "--no-progress"))
+    quiet = ok(invoke("eval", "--run", run_dir, *CPU, "--batch-size", "100", "--no-progress"))  # same batches
     assert quiet.stderr == "" and json.loads(quiet.stdout) == json.loads(shown.stdout)
 
 
