@@ -74,8 +74,9 @@ def _run_dataset(loaded: LoadedRun, split: str, cfg: Config | None = None):
     dataset = build_dataset(data, split, checked_files(loaded.run_dir))
     trained_on, found = loaded.model.n_classes, getattr(dataset, "n_classes", 0)
     if trained_on and found != trained_on:  # its labels would name other classes, or none the model knows
-        raise UserError(f"{data.cache or data.root} holds {found} class folders but this run was trained on "
-                        f"{trained_on} classes — pass the folder it was trained on with --data DIR")
+        raise UserError(f"{data.cache or data.root} holds {found} {'classes' if data.cache else 'class folders'} but "
+                        f"this run was trained on {trained_on} classes — pass the folder it was trained on with "
+                        "--data DIR")
     return dataset
 
 

@@ -14,6 +14,7 @@ import shlex
 import sys
 import traceback
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
@@ -70,7 +71,8 @@ def _root(
 
 def _errors_to_exit_codes(command):
     """UserError -> one line on stderr and exit 2; interruption -> exit 130; anything else -> exit 1."""
-    on_a_run = "data" in inspect.signature(command).parameters  # it takes --data, not the config's data keys
+    options = inspect.signature(command).parameters
+    on_a_run = "data" in options  # it takes --data, not the config's data keys
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -96,23 +98,39 @@ def _errors_to_exit_codes(command):
         except Exception as e:  # noqa: BLE001 - the last line of defence for users
             if _state["debug"]:
                 traceback.print_exc()
-            _end(EXIT_FAILURE, None if _state["debug"] else _out_of_memory_line(e) or
+            _end(EXIT_FAILURE, None if _state["debug"] else _out_of_memory_line(e, options) or
                  f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
 
     return wrapper
 
 
-def _out_of_memory_line(error: Exception) -> str | None:
-    """One line for a model or batch too large for the memory at hand (torch's own message runs to a paragraph)."""
+def _out_of_memory_line(error: Exception, options: Iterable[str]) -> str | None:
+    """One line for a model or batch too large for the memory at hand (torch's own message runs to a paragraph),
+    with the fix the command takes (`options`: its parameters)."""
     import torch
 
     on_gpu = isinstance(error, torch.OutOfMemoryError)
     if not on_gpu and not (isinstance(error, RuntimeError) and "DefaultCPUAllocator" in str(error)):
         return None
-    asked = re.search(r"(?:tried to allocate|Tried to allocate) ([\d.]+ ?\w+)", str(error))
-    where = "GPU" if on_gpu else "CPU"
-    return (f"error: out of {where} memory{f' (it asked for {asked.group(1)} more)' if asked else ''} — "
-            "lower train.batch_size, model.hidden_channels or model.n_steps, or set train.memory_saving=true")
+    asked = re.search(r"[Tt]ried to allocate ([\d.]+ ?\w+)", str(error))
+    amount = asked.group(1) if asked else ""
+    if amount.endswith(" bytes") and amount[:-6].isdigit():  # the CPU's count, in bytes
+        amount = f"{int(amount[:-6]) / 2**30:,.2f} GiB"
+    return (f"error: out of {'GPU' if on_gpu else 'CPU'} memory{f' (it asked for {amount} more)' if amount else ''}"
+            f" — {_memory_fix(set(options))}")
+
+
+def _memory_fix(options: set[str]) -> str:
+    if "resume" in options:  # fit
+        return ("lower train.batch_size (train.eval_batch_size or train.init_batch_size if it ran out evaluating or "
+                "starting), model.hidden_channels or model.n_steps, or set train.memory_saving=true")
+    if "set_" in options:  # info: the model a config describes
+        return "lower model.hidden_channels or model.n_steps"
+    if "batch_size" in options:  # sample, eval, score
+        return "pass a smaller --batch-size"
+    if options & {"n", "pairs"}:  # reconstruct, interpolate, manipulate: all their images in one batch
+        return "ask for fewer images (--n, --pairs)"
+    return "use a device with more memory (--device)"
 
 
 # Set by `fit --nproc` for the processes it starts: a folder where each one leaves how it ended, so that the
@@ -267,7 +285,7 @@ def fit(
     typer.echo(f"run directory:  {shlex.quote(run_dir)}")  # quoted, so that every path pastes into a shell
     paths = RunDir(run_dir)
     best = (" (and best.pt)" if paths.best.is_file() else "" if math.isfinite(result.best_test_bpd) else
-            " (no best.pt yet: no evaluation has run)" if not result.test else
+            " (no best.pt yet: it stopped before an evaluation)" if not result.test else
             " (no best.pt: no evaluation gave a finite test bpd)")
     typer.echo(f"checkpoints:    {shlex.quote(str(paths.last))}{best}")
     if paths.samples.is_dir():  # a stop (train.max_time) before the first sample step has none

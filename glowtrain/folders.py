@@ -97,7 +97,8 @@ def is_prepared_cache(folder: str | Path) -> bool:
         fields = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(fields, dict) and {"format", "splits", "image_shape", "fingerprints"} <= fields.keys()
+    # What every cache's index has held; later ones add fingerprints, reports and keys, which loading does not need.
+    return isinstance(fields, dict) and {"format", "dataset", "splits", "image_shape"} <= fields.keys()
 
 
 def ignored_counts(ignored: list[str]) -> tuple[int, int]:

@@ -388,8 +388,9 @@ RUN_SEARCH_DEPTH = 3  # runs/<name>, runs/<group>/<name>, runs/<sweep>/<group>/<
 
 
 def run_dirs(runs_root: Path = RUNS_ROOT) -> list[RunDir]:
-    """The run directories (a config.yaml or a last.pt) under runs_root, sorted by path: its folders and theirs,
-    RUN_SEARCH_DEPTH deep, hidden ones and a run's own folders left out."""
+    """The run directories (a last.pt, or a config.yaml that fit wrote) under runs_root, sorted by path: its folders
+    and theirs, RUN_SEARCH_DEPTH deep, hidden ones, unreadable ones and a run's own folders left out. A group's own
+    config.yaml (a sweep's base config) does not hide the runs beside it."""
     found = []
 
     def visit(folder: Path, depth: int) -> None:
@@ -399,7 +400,11 @@ def run_dirs(runs_root: Path = RUNS_ROOT) -> list[RunDir]:
             return
         for child in children:
             run = RunDir(child)
-            if run.config.is_file() or run.has_checkpoint():
+            try:
+                is_run = run.has_checkpoint() or run.config_origin() in ("fit", "edited")
+            except OSError:  # another user's run on a shared disk: not one of ours to list or open
+                continue
+            if is_run:
                 found.append(run)
             elif depth < RUN_SEARCH_DEPTH and not child.is_symlink():
                 visit(child, depth + 1)

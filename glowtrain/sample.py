@@ -111,8 +111,8 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
                 written.append(save_png(pictures[-1], out_dir / f"{names[temperature]}.png", upscale))
             written += singles
     if grid:
-        labels = [temperature_label(t) for t in temperatures]
-        written.append(save_image(labelled_rows(pictures, labels, upscale), figure))
+        row_labels = [temperature_label(t) for t in temperatures]
+        written.append(save_image(labelled_rows(pictures, row_labels, upscale), figure))
     if tensorboard:
         # Beside training's samples/T=... cards, and apart from them: its seed and options are not this call's.
         tagged = {f"samples/{temperature_label(t)} sample seed{seed}{tag}": p for t, p in zip(temperatures, pictures)}

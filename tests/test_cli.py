@@ -179,24 +179,34 @@ def test_a_fit_prints_torchs_and_its_own_warnings_once_as_one_line_each(tmp_path
     assert "UserWarning" not in done.stderr and ".py:" not in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("error,line", [
-    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
-                  "to allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)"),
-     "error: out of CPU memory (it asked for 40000000000 bytes more) — lower train.batch_size, "
-     "model.hidden_channels or model.n_steps, or set train.memory_saving=true"),
-    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB "
-                            "of which 1.2 GiB is free. Including non-PyTorch memory, this process has ..."),
-     "error: out of GPU memory (it asked for 2.00 GiB more) — lower train.batch_size, "
-     "model.hidden_channels or model.n_steps, or set train.memory_saving=true"),
+CPU_OUT_OF_MEMORY = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                                 "memory: you tried to allocate 40000000000 bytes. Error code 12")
+GPU_OUT_OF_MEMORY = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                           "capacity of 79.10 GiB of which 1.2 GiB is free. Including non-PyTorch ...")
+
+
+@pytest.mark.parametrize("error,command,line", [
+    (CPU_OUT_OF_MEMORY, ["info", "--set", "model.hidden_channels=100000"],
+     "error: out of CPU memory (it asked for 37.25 GiB more) — lower model.hidden_channels or model.n_steps"),
+    (GPU_OUT_OF_MEMORY, ["eval", "--run", "somewhere"],
+     "error: out of GPU memory (it asked for 2.00 GiB more) — pass a smaller --batch-size"),
+    (GPU_OUT_OF_MEMORY, ["reconstruct", "--run", "somewhere"],
+     "error: out of GPU memory (it asked for 2.00 GiB more) — ask for fewer images (--n, --pairs)"),
+    (GPU_OUT_OF_MEMORY, ["fit"], "error: out of GPU memory (it asked for 2.00 GiB more) — lower train.batch_size "
+     "(train.eval_batch_size or train.init_batch_size if it ran out evaluating or starting), model.hidden_channels "
+     "or model.n_steps, or set train.memory_saving=true"),
 ])
-def test_running_out_of_memory_is_one_line_naming_the_keys_that_shrink_it(monkeypatch, capsys, error, line):
+def test_running_out_of_memory_is_one_line_naming_what_shrinks_it(monkeypatch, capsys, error, command, line):
     import glowtrain.analysis as analysis
+    import glowtrain.cli as cli
 
     def too_large(*args, **kwargs):
         raise error
 
     monkeypatch.setattr(analysis, "info_summary", too_large)
-    assert _run_main(monkeypatch, capsys, "info", "--set", "model.hidden_channels=100000") == (1, "", line + "\n")
+    monkeypatch.setattr(cli, "_open", too_large)
+    monkeypatch.setattr(training, "train", too_large)
+    assert _run_main(monkeypatch, capsys, *command) == (1, "", line + "\n")
 
 
 def test_ctrl_c_before_a_command_takes_over_still_says_interrupted(monkeypatch, capsys):
@@ -597,6 +607,7 @@ def test_runs_and_the_latest_run_are_found_in_groups_but_not_in_hidden_folders(f
         last = tmp_path / "runs" / name / "checkpoints" / "last.pt"
         shutil.copy(run_dir / "checkpoints" / "last.pt", last)
         os.utime(last, (mtime, mtime))
+    (tmp_path / "runs" / "sweep" / "config.yaml").write_text("train:\n  steps: 100\n")  # the sweep's base config
     rows = [line.split()[0] for line in ok(invoke("runs")).stdout.splitlines()[1:]]
     assert rows == ["runs/sweep/lr1e-3", "runs/sweep/lr3e-4"]
     assert latest_run().path == Path("runs/sweep/lr1e-3")  # not the newer one in a hidden folder
@@ -608,7 +619,7 @@ def test_runs_lists_each_run_with_step_best_bpd_and_status(fitted, tmp_path, mon
     root, run_dir, _ = fitted
     monkeypatch.chdir(root)
     (root / "runs" / "empty").mkdir(exist_ok=True)
-    (root / "runs" / "empty" / "config.yaml").write_text("run:\n  name: empty\n")
+    RunDir(root / "runs" / "empty").write_config(default_config())  # a run that has not saved a checkpoint yet
     result = invoke("runs")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
@@ -653,7 +664,7 @@ def test_max_time_stops_cleanly_with_a_checkpoint_and_the_resume_command(tmp_pat
     early = tiny_fit(tmp_path / "early", "train.max_time=15s", "train.steps=8", "train.eval_every=5",
                      "train.sample_every=5")  # stopped at step 2, before anything was evaluated or drawn
     assert "stopped at step 2 of 8" in early.stdout and "test bpd" not in early.stdout
-    assert "last.pt (no best.pt yet: no evaluation has run)" in early.stdout
+    assert "last.pt (no best.pt yet: it stopped before an evaluation)" in early.stdout
     assert "samples:" not in early.stdout and not RunDir(tmp_path / "early").samples.exists()
 
 

@@ -583,6 +583,12 @@ def test_data_for_a_moved_run_is_a_cache_only_when_prepare_made_it(tmp_path):
     assert (moved.root, moved.cache) == (str(tmp_path / "images"), "")
     data.prepare_cache(moved, str(tmp_path / "cache"), progress=False)
     assert data.relocated(cfg, str(tmp_path / "cache")).cache == str(tmp_path / "cache")
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    old = {key: index[key] for key in ("format", "dataset", "image_size", "channels", "image_shape", "n_classes",
+                                       "splits")}  # as the first caches were written: no fingerprints, reports, keys
+    (tmp_path / "cache" / "index.json").write_text(json.dumps(old))
+    assert data.relocated(cfg, str(tmp_path / "cache")).cache == str(tmp_path / "cache")
+    assert len(data.build_dataset(data.relocated(cfg, str(tmp_path / "cache")), "train")) > 0
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

@@ -524,6 +524,16 @@ def test_a_second_fit_on_a_run_being_trained_is_refused_and_runs_says_it_is_trai
     train(tiny_config("train.steps=3"), out=str(run), resume="auto", progress=False)
 
 
+def test_the_other_processes_of_a_job_see_their_own_jobs_lock_without_refusing(tmp_path):
+    from glowtrain.runs import prepare_run_dir, refuse_if_being_trained, training_lock
+
+    run = RunDir(tmp_path / "run")
+    with training_lock(run):  # taken by the job's first process
+        assert prepare_run_dir(run, None) is None  # what every other rank checks: not refused by the lock
+        with pytest.raises(UserError, match="is being trained by another process"):
+            refuse_if_being_trained(run)  # what the first process of another fit checks
+
+
 def test_going_back_to_an_earlier_checkpoint_keeps_the_later_last_and_best(tmp_path, capsys):
     cfg = apply_overrides(default_config(), NAN_RUN + ["train.steps=2", "train.checkpoint_every=2",
                                                        "train.eval_every=2"])
