@@ -72,12 +72,22 @@ def _run_dataset(loaded: LoadedRun, split: str, cfg: Config | None = None):
     """A split of the run's data; image files the run already checked are not read again for the check."""
     data = (cfg or loaded.cfg).data
     dataset = build_dataset(data, split, checked_files(loaded.run_dir))
+    _check_classes(loaded, dataset, data.cache or data.root, "classes" if data.cache else "class folders")
+    return dataset
+
+
+def _check_classes(loaded: LoadedRun, dataset, where: str, what: str) -> None:
+    """The data's labels must mean the classes the model learnt: the same number, and the same folder names
+    where the run recorded them (data.json)."""
     trained_on, found = loaded.model.n_classes, getattr(dataset, "n_classes", 0)
     if trained_on and found != trained_on:  # its labels would name other classes, or none the model knows
-        raise UserError(f"{data.cache or data.root} holds {found} {'classes' if data.cache else 'class folders'} but "
-                        f"this run was trained on {trained_on} classes — pass the folder it was trained on with "
-                        "--data DIR")
-    return dataset
+        raise UserError(f"{where} holds {found} {what} but this run was trained on {trained_on} classes — pass the "
+                        "folder it was trained on with --data DIR")
+    recorded = (read_json(RunDir(loaded.run_dir).data_record) or {}).get("class_names") if loaded.run_dir else None
+    names = getattr(dataset, "class_names", None)
+    if trained_on and recorded and names and names != recorded:
+        raise UserError(f"{where} holds the classes {', '.join(names)}, not the run's {', '.join(recorded)} "
+                        "(each label would mean another class) — pass the folder it was trained on with --data DIR")
 
 
 def _test_images(cfg: Config, n: int, device: torch.device, loaded: LoadedRun | None = None, per_unit: int = 1,

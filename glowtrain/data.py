@@ -470,6 +470,7 @@ def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True, ov
              "root": str(Path(data_cfg.root).expanduser().resolve()), "image_size": shape[1],
              "channels": shape[0], "image_shape": list(shape), "n_classes": splits["train"].n_classes, "splits": {},
              "fingerprints": {split: ds.report.fingerprint for split, ds in splits.items()},
+             "class_names": getattr(splits["train"], "class_names", None),  # labels' meaning, for runs to check
              # What the data line says of the files, so a run from the cache says what prepare said.
              "reports": {split: {"skipped": [list(pair) for pair in ds.report.skipped],  # as JSON gives it back
                                  "conversions": dict(ds.report.conversions), "ignored": list(ds.report.ignored)}
@@ -593,6 +594,8 @@ def _load_cache(data_cfg, split: str) -> TensorImages:
     images = torch.from_numpy(np.load(cache / f"{split}.npy", mmap_mode="c"))
     labels = torch.from_numpy(np.load(cache / f"{split}_labels.npy"))
     dataset = TensorImages(images, labels, n_classes=index["n_classes"])
+    if index.get("class_names"):
+        dataset.class_names = index["class_names"]
     # The fingerprint of the files the cache was made from, so a run sees the same data either way.
     dataset.report.fingerprint = index.get("fingerprints", {}).get(split, dataset.report.fingerprint)
     report = index.get("reports", {}).get(split)
@@ -657,6 +660,8 @@ def data_record(data_cfg: DataConfig, train, test) -> dict:
               "skipped": [path for path, _ in train.report.skipped + test.report.skipped]}
     if hasattr(train, "crop"):  # image files, or a cache of them: so score and load_run crop new images alike
         record["crop"] = train.crop
+    if getattr(train, "class_names", None):  # subfolder labels: so a moved run's --data means the same classes
+        record["class_names"] = train.class_names
     return record
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TINY_RUN, assert_one_line_error, invoke, sets
+from helpers import TINY_RUN, assert_one_line_error, invoke, ok, sets
 from PIL import Image
 
 from glowtrain.errors import MissingData
@@ -170,6 +170,17 @@ def test_subfolder_labels_train_a_class_conditional_model_and_refuse_loose_files
             moved = invoke(command, "--run", tmp_path / "run", "--data", other, "--device", "cpu")
             assert_one_line_error(moved, 2, f"{other} holds {len(names)} class folders but this run was trained on 3 "
                                   "classes — pass the folder it was trained on with --data DIR")
+    renamed = tmp_path / "renamed"
+    make_classes(renamed, ("birds", "dogs", "eels"))  # three, but label 1 would mean dogs where the model learnt cats
+    moved = invoke("eval", "--run", tmp_path / "run", "--data", renamed, "--device", "cpu")
+    assert_one_line_error(moved, 2, f"{renamed} holds the classes birds, dogs, eels, not the run's birds, cats, dogs "
+                          "(each label would mean another class) — pass the folder it was trained on with --data DIR")
+    cache = tmp_path / "renamed-cache"  # a cache keeps its class names for the same check
+    ok(invoke("prepare", "--out", cache, "--no-progress", *sets(*FOLDER_RUN, f"data.root={renamed}", *labelled)))
+    moved = invoke("eval", "--run", tmp_path / "run", "--data", cache, "--device", "cpu")
+    assert_one_line_error(moved, 2, f"{cache} holds the classes birds, dogs, eels, not the run's birds, cats, dogs")
+    shutil.copytree(tmp_path / "images", tmp_path / "moved")  # the same classes elsewhere: evaluated as trained
+    assert invoke("eval", "--run", tmp_path / "run", "--data", tmp_path / "moved", "--device", "cpu").exit_code == 0
     Image.new("RGB", (8, 8)).save(tmp_path / "images" / "loose.png")
     loose = fit(tmp_path / "images", tmp_path / "run3", *labelled)
     assert_one_line_error(loose, 2, "first-level subfolder", str(tmp_path / "images" / "loose.png"))
