@@ -43,6 +43,9 @@ def class_labels(classes: list[int] | None, n: int, n_classes: int, device,
     if bad:
         raise UserError(f"{option} {bad[0]} is out of range: this model has classes 0..{n_classes - 1}")
     per_class = math.ceil(n / len(classes))
+    if per_class * (len(classes) - 1) >= n:  # the last block would be empty: a class asked for, never drawn
+        raise UserError(f"--n {n} leaves class {classes[-1]} without an image (blocks of {per_class} per class, a "
+                        f"row each) — pass --n {per_class * len(classes)}, or fewer classes")
     return torch.tensor(classes, device=device).repeat_interleave(per_class)[:n]
 
 

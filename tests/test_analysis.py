@@ -801,6 +801,10 @@ def test_commands_without_run_or_checkpoint_use_the_most_recent_run(fitted, cond
     (["eval", "--checkpoint", "nope.pt"], "checkpoint not found: nope.pt"),
     (["sample", "--run", "{tiny}", "--class", "1"], "--class needs a class-conditional model"),
     (["sample", "--run", "{cond}", "--class", "10"], "--class 10 is out of range"),
+    (["sample", "--run", "{cond}", "--class", "0", "--class", "1", "--class", "2", "--n", "4"],
+     "--n 4 leaves class 2 without an image (blocks of 2 per class, a row each) — pass --n 6, or fewer classes"),
+    (["sample", "--run", "{cond}", "--class", "0", "--class", "1", "--class", "2", "--n", "2"],
+     "--n 2 leaves class 2 without an image (blocks of 1 per class, a row each) — pass --n 3"),
     (["eval", "--run", "{tiny}", "--split", "valid"], "--split must be 'test' or 'train'"),
     (["eval", "--run", "{tiny}", "--n-dequant", "0"], "--n-dequant"),
     (["eval", "--run", "{tiny}", "--checkpoint", "{last}"], "either --run or --checkpoint"),
@@ -816,7 +820,8 @@ def test_commands_without_run_or_checkpoint_use_the_most_recent_run(fitted, cond
     (["sample", "--run", "{tiny}", "--temp", "0.7,inf"], "--temp takes finite numbers, got inf"),
     (["eval", "--run", "{tiny}", "--data", "{empty}"], "trained on the bundled digits"),
 ], ids=["negative-temp", "empty-run-dir", "missing-checkpoint", "class-on-unconditional", "class-out-of-range",
-        "bad-split", "zero-dequant", "run-and-checkpoint", "one-step", "zero-pairs", "too-many-pairs", "zero-n",
+        "class-left-out", "classes-over-n", "bad-split", "zero-dequant", "run-and-checkpoint", "one-step",
+        "zero-pairs", "too-many-pairs", "zero-n",
         "config-as-checkpoint", "nan-alpha", "infinite-alpha", "infinite-temp", "data-for-digits"])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(fitted, conditional, tmp_path, monkeypatch, args,
                                                             needle):
