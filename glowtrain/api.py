@@ -91,8 +91,9 @@ class Run:
         try:
             crop = training_crop(self.cfg.data, self.run_dir)
             pixels = torch.stack([preprocess_image(_to_pil(s), self.cfg.data, crop) for s in sources])
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read an image ({e}); pass paths, PIL images or uint8 arrays") from None
+        except (OSError, ValueError, TypeError) as e:  # TypeError: PIL's word for an array of an unknown layout
+            raise UserError(f"cannot read an image ({e}); pass paths, PIL images, uint8 arrays (H, W) or (H, W, C), "
+                            "or uint8 tensors (C, H, W)") from None
         return to_uint8(dequantize(pixels, self.n_bits, 0.5), self.n_bits).to(self.device)
 
     def bits_per_dim(self, images, n_dequant: int = 1, batch_size: int = 256) -> torch.Tensor:

@@ -358,6 +358,7 @@ def test_load_run_refuses_what_the_cli_refuses_with_a_user_error(run_dir, tmp_pa
         (lambda: run.decode(zs[:1]), "decode takes the latents encode gives"),
         (lambda: glowtrain.load_run(tmp_path / "nope"), "no run directory or checkpoint at"),
         (lambda: glowtrain.load_run(run_dir, ema="no"), "ema must be True or False, got 'no'"),
+        (lambda: run.preprocess(torch.zeros(8, 8, 1, dtype=torch.uint8)), "or uint8 tensors (C, H, W)"),  # (H, W, C)
     ]
     for call, message in bad:
         with pytest.raises(glowtrain.UserError) as refused:
