@@ -363,8 +363,9 @@ def _subfolder_labels(base: Path, paths: list[str]) -> tuple[dict[str, int], lis
     """Each file's class: the index of its first-level subfolder among all of them, sorted by name."""
     loose = [p for p in paths if "/" not in relative(p, base)]
     if loose:
-        raise UserError(f"data.labels: subfolders needs every image in a first-level subfolder (one per class) "
-                        f"of {base}, but {loose[0]} is not; move it or set data.labels: none")
+        # MissingData: for a trained run, whose labels are fixed, the fix is --data (the folder it trained on).
+        raise MissingData(f"data.labels: subfolders needs every image in a first-level subfolder (one per class) "
+                          f"of {base}, but {loose[0]} is not", "move it or set data.labels: none")
     folder_of = {p: relative(p, base).split("/", 1)[0] for p in paths}
     names = sorted(set(folder_of.values()))
     if len(names) < 2:

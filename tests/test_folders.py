@@ -179,6 +179,13 @@ def test_subfolder_labels_train_a_class_conditional_model_and_refuse_loose_files
     ok(invoke("prepare", "--out", cache, "--no-progress", *sets(*FOLDER_RUN, f"data.root={renamed}", *labelled)))
     moved = invoke("eval", "--run", tmp_path / "run", "--data", cache, "--device", "cpu")
     assert_one_line_error(moved, 2, f"{cache} holds the classes birds, dogs, eels, not the run's birds, cats, dogs")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(4):  # no class folders at all
+        shutil.copy(tmp_path / "images" / "cats" / f"{i}.png", flat / f"cat{i}.png")
+    moved = invoke("eval", "--run", tmp_path / "run", "--data", flat, "--device", "cpu")
+    assert_one_line_error(moved, 2, f"of {flat}, but {flat / 'cat0.png'} is not — pass --data DIR: where the run's "
+                          "data is")
     shutil.copytree(tmp_path / "images", tmp_path / "moved")  # the same classes elsewhere: evaluated as trained
     assert invoke("eval", "--run", tmp_path / "run", "--data", tmp_path / "moved", "--device", "cpu").exit_code == 0
     Image.new("RGB", (8, 8)).save(tmp_path / "images" / "loose.png")
