@@ -341,6 +341,10 @@ def checkpoint_to_resume(resume: str, run: RunDir) -> Path:
     if path.is_dir() or resume == "auto":
         path = RunDir(path).last
     if not path.is_file():
+        if resume != "auto" and not path.exists() and "/" not in resume and not resume.endswith(".pt"):
+            # A bare word that names nothing: more likely a mistyped choice than a missing file.
+            raise UserError(f"--resume {resume}: no such checkpoint or run — pass auto, if-any, a run directory or a "
+                            ".pt file")
         raise UserError(f"nothing to resume: {path} does not exist — start the run without --resume")
     return path
 

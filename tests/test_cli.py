@@ -390,6 +390,12 @@ def test_resume_without_a_checkpoint_exits_2(tmp_path):
     result = invoke("fit", "--no-progress", "--resume", "auto", "--out", str(tmp_path / "none"))
     assert_one_line_error(result, 2, "nothing to resume")
     assert not (tmp_path / "none").exists()
+    typo = invoke("fit", "--no-progress", "--resume", "atuo", "--out", str(tmp_path / "none"))
+    assert_one_line_error(typo, 2, "--resume atuo: no such checkpoint or run — pass auto, if-any, a run directory "
+                          "or a .pt file")
+    missing = invoke("fit", "--no-progress", "--resume", str(tmp_path / "old.pt"), "--out", str(tmp_path / "none"))
+    assert_one_line_error(missing, 2, f"nothing to resume: {tmp_path / 'old.pt'} does not exist")
+    assert not (tmp_path / "none").exists()
 
 
 @pytest.mark.parametrize("args,needle", [
