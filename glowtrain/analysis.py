@@ -224,9 +224,12 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
         label = attribute
     else:
         n_classes = getattr(train_set, "n_classes", 0)
-        for k in (from_class, to_class):
-            if not 0 <= k < max(n_classes, 1) or n_classes == 0:
-                raise UserError(f"class {k} is not a label of {cfg.data.dataset} (it has {n_classes} classes)")
+        if n_classes == 0:
+            raise UserError(f"--from-class and --to-class need labelled data, and this run's {cfg.data.dataset} has "
+                            "none — use --attribute on CelebA, or a run trained with labels")
+        for option, k in (("--from-class", from_class), ("--to-class", to_class)):
+            if not 0 <= k < n_classes:
+                raise UserError(f"{option} {k} is out of range: this run's data has classes 0..{n_classes - 1}")
         labels = [int(train_set.get_batch(torch.tensor([i]))[1]) for i in range(len(train_set))] \
             if hasattr(train_set, "get_batch") else [train_set[i][1] for i in range(len(train_set))]
         with_ = [i for i, y in enumerate(labels) if y == to_class]

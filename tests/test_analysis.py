@@ -558,7 +558,8 @@ def test_manipulate_along_a_celeba_attribute_uses_list_attr_celeba(folder_run, t
 @pytest.mark.parametrize("args,needle", [
     (["--attribute", "Bald"], "unknown attribute 'Bald'"),
     (["--attribute", "Young"], "no training images on one side of Young"),
-    (["--from-class", "0", "--to-class", "1"], "0 classes"),
+    (["--from-class", "0", "--to-class", "1"],
+     "need labelled data, and this run's folder has none — use --attribute on CelebA, or a run trained with labels"),
 ], ids=["unknown-attribute", "attribute-everywhere", "classes-on-unlabelled"])
 def test_manipulate_errors_on_a_folder_run_exit_2(folder_run, tmp_path, args, needle):
     run_dir, _, _ = folder_run
@@ -597,7 +598,7 @@ def test_manipulate_attribute_without_the_attribute_file_exits_2(folder_run, tmp
     ([], "give either --attribute"),
     (["--from-class", "3"], "give either --attribute"),
     (["--attribute", "Smiling"], "--attribute needs a dataset of image files"),
-    (["--from-class", "3", "--to-class", "12"], "class 12"),
+    (["--from-class", "3", "--to-class", "12"], "--to-class 12 is out of range: this run's data has classes 0..9"),
     (["--from-class", "3", "--to-class", "3"], "--from-class and --to-class are both 3"),
     (["--from-class", "3", "--to-class", "5", "--alphas", "a,b"], "--alphas"),
     (["--from-class", "3", "--to-class", "5", "--n", "1000"], "test split has 297"),
