@@ -470,7 +470,7 @@ def report(summary: dict) -> tuple[list[str], list[str]]:
     """(lines for stdout: each set's bpd, the OOD table, batch tests, files written; lines for stderr: skips)."""
     lines, warnings = [], []
     for role, part in summary["sets"].items():
-        warnings += [f"skipped unreadable image {path} ({reason})" for path, reason in part["skipped"]]
+        warnings += [f"warning: skipped unreadable image {path} ({reason})" for path, reason in part["skipped"]]
         bpd = part["scores"]["bpd"]
         n = part["n_images"]
         lines.append(f"{role}: {n:,} image{'s' * (n != 1)}{describe_ignored(*part.get('not_read', (0, 0)))}, "

@@ -287,7 +287,7 @@ def test_an_unreadable_image_is_rejected_in_one_line_or_skipped(run_dir, digit_f
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mine.txt"]  # no scores.csv, nor a partial one
     result = ok(invoke("score", "--run", run_dir, "--out", tmp_path / "out", *CPU, "--images", folder,
                        "--on-bad-image", "skip"))
-    assert "skipped unreadable image" in result.stderr and "0003.png" in result.stderr
+    assert "warning: skipped unreadable image" in result.stderr and "0003.png" in result.stderr
     rows = read_csv(tmp_path / "out" / "scores.csv")
     assert len(rows) == 39 and not any(r["path"].endswith("0003.png") for r in rows)
     (folder / "0003.png").unlink()  # the images after it get the noise they get in a folder without it
