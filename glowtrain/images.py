@@ -70,7 +70,7 @@ def temperature_name(temperature: float) -> str:
     so two temperatures never share a file name."""
     temperature = float(temperature) + 0.0  # -0.0 is 0.0's name, not t-0p00
     two_decimals = f"{temperature:.2f}"
-    exact = two_decimals if temperature < 1e4 and float(two_decimals) == temperature else repr(float(temperature))
+    exact = two_decimals if temperature < 1e4 and float(two_decimals) == temperature else repr(temperature)
     return "t" + exact.replace(".", "p")
 
 

@@ -131,17 +131,18 @@ def file_set(role: str, sources: list[str], loaded: LoadedRun, on_bad_image: str
     def batches(batch_size: int) -> Iterator[Batch]:
         images = read_image_files(paths, loaded.cfg.data, policy, image_set.skipped, "pass --on-bad-image skip",
                                   training_crop(loaded.cfg.data, loaded.run_dir))
-        indices, pending, n_read = [], [], 0
+        indices, noise_keys, pending, n_read = [], [], [], 0
         for index, image in enumerate(images):
             if image is not None:
                 indices.append(index)
+                noise_keys.append(n_read)  # its place among the images read: a skipped file takes none
+                n_read += 1
                 pending.append(image)
             if len(pending) == batch_size:
-                yield Batch(indices, list(range(n_read, n_read + len(pending))), torch.stack(pending))
-                n_read += len(pending)
-                indices, pending = [], []
+                yield Batch(indices, noise_keys, torch.stack(pending))
+                indices, noise_keys, pending = [], [], []
         if pending:
-            yield Batch(indices, list(range(n_read, n_read + len(pending))), torch.stack(pending))
+            yield Batch(indices, noise_keys, torch.stack(pending))
 
     image_set.batches = batches
     return image_set
