@@ -14,6 +14,7 @@ from torch import nn
 from glowtrain.checkpoint import LoadedRun
 from glowtrain.config import Config, config_to_yaml
 from glowtrain.data import build_dataset, data_changed_warning
+from glowtrain.data import n_classes as data_classes
 from glowtrain.errors import UserError
 from glowtrain.evaluation import EVAL_NOISE_SEED, evaluate
 from glowtrain.folders import refuse_output_among_training_images
@@ -31,6 +32,7 @@ from glowtrain.model import Glow
 from glowtrain.objective import build_objective
 from glowtrain.precision import full_float32
 from glowtrain.runs import RunDir, checked_files, read_json
+from glowtrain.sample import class_list, class_names, class_number
 
 PIXEL_LEVELS = 256  # "pixel units": one step of the 8-bit 0..255 scale; x spans [-0.5, 0.5)
 # The CLI's defaults: a picture made with them has the plain name, other values are named in it.
@@ -193,7 +195,8 @@ def _celeba_attributes(cfg: Config, dataset) -> tuple[list[str], dict[str, list[
 @torch.no_grad()
 @full_float32()
 def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None, alphas: list[float], n: int,
-                       attribute: str | None = None, from_class: int | None = None, to_class: int | None = None,
+                       attribute: str | None = None, from_class: int | str | None = None,
+                       to_class: int | str | None = None,
                        max_per_group: int = 2000, tensorboard: bool = False, use_ema: bool = True,
                        overwrite: bool = False) -> dict:
     """The Glow paper's semantic manipulation: move test latents along mean(z | with) - mean(z | without)."""
@@ -201,12 +204,11 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
     by_class = from_class is not None or to_class is not None
     if (attribute is not None and by_class) or (attribute is None and (from_class is None or to_class is None)):
         raise UserError("give either --attribute NAME or both --from-class A and --to-class B")
-    if by_class and from_class == to_class:
-        raise UserError(f"--from-class and --to-class are both {from_class}: there is no direction between a class "
-                        "and itself — give two different classes")
     if n < 1 or not alphas:
         raise UserError(f"need --n >= 1 and at least one value in --alphas, got --n {n} and {len(alphas)} alphas")
     check_tensorboard(loaded.run_dir, tensorboard)
+    if by_class:  # numbers from here on: a class by name and by number is one picture
+        from_class, to_class = _direction_classes(loaded, from_class, to_class)
     named = [attribute or f"class{from_class}-{to_class}"]
     named += [f"a{','.join(f'{a:g}' for a in alphas)}"] * (list(alphas) != MANIPULATE_ALPHAS)
     named += [f"n{n}"] * (n != MANIPULATE_N)
@@ -223,18 +225,13 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
         with_, without = ([i for i, v in enumerate(values) if v == sign] for sign in (1, -1))
         label = attribute
     else:
-        n_classes = getattr(train_set, "n_classes", 0)
-        if n_classes == 0:
-            raise UserError(f"--from-class and --to-class need labelled data, and this run's {cfg.data.dataset} has "
-                            "none — use --attribute on CelebA, or a run trained with labels")
-        for option, k in (("--from-class", from_class), ("--to-class", to_class)):
-            if not 0 <= k < n_classes:
-                raise UserError(f"{option} {k} is out of range: this run's data has classes 0..{n_classes - 1}")
         labels = [int(train_set.get_batch(torch.tensor([i]))[1]) for i in range(len(train_set))] \
             if hasattr(train_set, "get_batch") else [train_set[i][1] for i in range(len(train_set))]
         with_ = [i for i, y in enumerate(labels) if y == to_class]
         without = [i for i, y in enumerate(labels) if y == from_class]
-        label = f"class {from_class} -> {to_class}"
+        names = class_names(loaded.run_dir, cfg.data)
+        label = " -> ".join(f"{k} ({names[k]})" if names else str(k) for k in (from_class, to_class))
+        label = f"class {label}"
     if not with_ or not without:
         raise UserError(f"no training images on one side of {label}: cannot estimate a direction")
     direction = (_mean_latent(model, train_set, with_[:max_per_group], cfg, device)
@@ -251,6 +248,28 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
     path = save_png(picture, target, display_upscale(cfg.data.image_size))
     return {"direction": label, "n_with": min(len(with_), max_per_group),
             "n_without": min(len(without), max_per_group), "alphas": alphas, "path": str(path)}
+
+
+def _direction_classes(loaded: LoadedRun, from_class: int | str, to_class: int | str) -> tuple[int, int]:
+    """--from-class and --to-class as class numbers of the run's data (given by number or name), checked."""
+    data = loaded.cfg.data
+    n_classes = data_classes(data)
+    if n_classes == 0:
+        raise UserError(f"--from-class and --to-class need labelled data, and this run's {data.dataset} has "
+                        "none — use --attribute on CelebA, or a run trained with labels")
+    names = class_names(loaded.run_dir, data)
+    if n_classes is None:  # subfolder labels: the folders the run recorded tell how many
+        n_classes = len(names) or loaded.model.n_classes or getattr(_run_dataset(loaded, "train"), "n_classes", 0)
+    numbers = [class_number(k, names, n_classes, option) for option, k in (("--from-class", from_class),
+                                                                          ("--to-class", to_class))]
+    for option, k in zip(("--from-class", "--to-class"), numbers):
+        if not 0 <= k < n_classes:
+            which = f" ({class_list(names)})" if names else ""
+            raise UserError(f"{option} {k} is out of range: this run's data has classes 0..{n_classes - 1}{which}")
+    if numbers[0] == numbers[1]:
+        raise UserError(f"--from-class and --to-class are both {numbers[0]}: there is no direction between a class "
+                        "and itself — give two different classes")
+    return numbers[0], numbers[1]
 
 
 def _picture_path(loaded: LoadedRun, out: str | None, what: str, named: list[str], use_ema: bool,

@@ -21,7 +21,7 @@ from glowtrain.losses import dequantize, to_uint8
 from glowtrain.model import Glow
 from glowtrain.objective import Objective
 from glowtrain.precision import full_float32
-from glowtrain.sample import class_labels
+from glowtrain.sample import class_labels, class_names, class_numbers
 from glowtrain.score import dequantized_terms
 
 
@@ -82,6 +82,11 @@ class Run:
     def n_bits(self) -> int:
         return self.cfg.data.n_bits
 
+    @property
+    def class_names(self) -> list[str]:
+        """What its class labels mean (class folders' or a built-in set's names); empty when unnamed."""
+        return class_names(self.run_dir, self.cfg.data) if self.cfg.model.n_classes else []
+
     def preprocess(self, images) -> torch.Tensor:
         """Paths, PIL images, uint8 arrays or tensors (one or a list) -> uint8 (N, C, H, W) on the run's device:
         channels, crop and resize as training read its images, and the pixels reduced to the run's n_bits (shown
@@ -108,21 +113,23 @@ class Run:
                  for start in range(0, len(pixels), batch_size)]
         return torch.from_numpy(np.concatenate(parts))
 
-    def sample(self, n: int, temperature: float = 0.7, seed: int = 0, classes: int | list[int] | None = None
-               ) -> torch.Tensor:
+    def sample(self, n: int, temperature: float = 0.7, seed: int = 0,
+               classes: int | str | list[int | str] | None = None) -> torch.Tensor:
         """n uint8 images (N, C, H, W) on the CPU; the same seed gives the same images (as `glowtrain sample`).
 
-        `classes` (one class or a list; class-conditional runs) draws each in turn, in equal consecutive
-        blocks, as `glowtrain sample --class`; without it a conditional run draws random classes."""
+        `classes` (a class number or name, or a list; class-conditional runs) draws each in turn, in equal
+        consecutive blocks, as `glowtrain sample --class`; without it a conditional run draws random classes."""
         _require(_whole(n) and n >= 1, f"n must be a whole number >= 1, got {n!r}")
         _require(math.isfinite(temperature) and temperature >= 0,
                  f"temperature must be a finite number >= 0 (0.7 is usual), got {temperature!r}")
         _require(_whole(seed) and 0 <= seed < SEED_LIMIT,
                  f"seed must be a whole number from 0 to 2**64 - 1, got {seed!r}")
         wanted = [] if classes is None else _as_list(classes)
-        _require(classes is None or (len(wanted) > 0 and all(_whole(k) for k in wanted)),
-                 f"classes must be a whole number or a non-empty list of them, got {classes!r}")
-        labels = class_labels([int(k) for k in wanted], int(n), self.cfg.model.n_classes, self.device, "classes")
+        _require(classes is None or (len(wanted) > 0 and all(_whole(k) or isinstance(k, str) for k in wanted)),
+                 f"classes must be a class number or name, or a non-empty list of them, got {classes!r}")
+        numbers = class_numbers([k if isinstance(k, str) else int(k) for k in wanted], self.class_names,
+                                self.cfg.model.n_classes, "classes")
+        labels = class_labels(numbers, int(n), self.device)
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
         return sample_images(self.model, int(n), temperature, self.n_bits, generator, labels)
 

@@ -356,8 +356,8 @@ def sample(
         "--temp", "-t", metavar="T[,T...]",
         help="Temperature(s): repeatable or comma-separated (--temp 0.5,0.7); default 0.7.")] = None,
     n: Annotated[int, typer.Option("--n", metavar="N", help="Images per temperature.")] = 64,
-    class_: Annotated[Optional[list[int]], typer.Option(
-        "--class", metavar="K", help="Class label(s) for a class-conditional model (repeatable).")] = None,
+    class_: Annotated[Optional[list[str]], typer.Option(
+        "--class", metavar="K", help="Class for a class-conditional model, by number or name (repeatable).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", metavar="N",
         help="Images generated at once (bounds memory).")] = 256,
     grid: Annotated[bool, typer.Option(
@@ -476,9 +476,10 @@ def manipulate(
     checkpoint: CheckpointOption = None,
     attribute: Annotated[Optional[str], typer.Option("--attribute", metavar="NAME",
         help="CelebA attribute, e.g. Smiling.")] = None,
-    from_class: Annotated[Optional[int], typer.Option("--from-class", metavar="K",
-        help="Class to move away from.")] = None,
-    to_class: Annotated[Optional[int], typer.Option("--to-class", metavar="K", help="Class to move towards.")] = None,
+    from_class: Annotated[Optional[str], typer.Option("--from-class", metavar="K",
+        help="Class to move away from, by number or name.")] = None,
+    to_class: Annotated[Optional[str], typer.Option("--to-class", metavar="K",
+        help="Class to move towards, by number or name.")] = None,
     alphas: Annotated[Optional[list[str]], typer.Option(
         "--alphas", metavar="A[,A...]",
         help="Step sizes along the direction: comma-separated or repeated; default -1,0,1,2.")] = None,

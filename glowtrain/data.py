@@ -62,6 +62,13 @@ _TORCHVISION = {
     "fashion_mnist": ("FashionMNIST", "FashionMNIST/raw", 28),
     "cifar10": ("CIFAR10", "cifar-10-batches-py", 32),
 }
+# What the labels of the built-in sets mean (torchvision's `classes`), so commands take --class cat as well as 3.
+# Digits and MNIST are left out: their names are their numbers.
+BUILTIN_CLASS_NAMES = {
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
 
 
 def image_shape(data_cfg: DataConfig) -> tuple[int, int, int]:

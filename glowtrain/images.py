@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,13 +31,24 @@ def sample_images(model: Glow, n: int, temperature: float, n_bits: int, generato
 
 def sample_batches(model: Glow, n: int, temperature: float, n_bits: int, generator: torch.Generator,
                    y: torch.Tensor | None = None, batch_size: int = 256) -> Iterator[torch.Tensor]:
-    """n uint8 images as batches (B, C, H, W) on the CPU, one at a time, so memory stays bounded for any n."""
+    """n uint8 images as batches (B, C, H, W) on the CPU, one at a time, so memory stays bounded for any n.
+    Images the inverse overflowed in (inf or NaN, drawn as meaningless pixels) are counted, and said at the end."""
+    not_finite = 0
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         labels = None if y is None else y[start : start + count]
         with torch.inference_mode(), full_float32():
-            batch = to_uint8(model.sample(count, temperature, y=labels, generator=generator), n_bits).cpu()
+            x = model.sample(count, temperature, y=labels, generator=generator)
+            overflowed = (~torch.isfinite(x)).flatten(1).any(1).sum()
+            batch = to_uint8(x, n_bits).cpu()  # waits for the batch, so reading the count below costs nothing
+        not_finite += int(overflowed)
         yield batch  # outside the contexts: the caller's code between batches runs under its own settings
+    if not_finite:
+        fix = "use a lower temperature, like 0.7" if temperature > 1 else \
+            "the weights may have diverged: try an earlier checkpoint"
+        warnings.warn(f"{not_finite:,} of {n:,} images sampled at temperature {temperature:g} are not finite (the "
+                      f"model's inverse overflowed), so their pixels mean nothing — {fix}", RuntimeWarning,
+                      stacklevel=2)
 
 
 def image_grid(images: torch.Tensor, n_columns: int | None = None) -> torch.Tensor:

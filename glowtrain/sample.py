@@ -11,6 +11,8 @@ import torch
 from tqdm import tqdm
 
 from glowtrain.checkpoint import open_run
+from glowtrain.config import DataConfig
+from glowtrain.data import BUILTIN_CLASS_NAMES
 from glowtrain.errors import Stopped, UserError
 from glowtrain.folders import refuse_output_among_training_images
 from glowtrain.images import (
@@ -27,21 +29,67 @@ from glowtrain.images import (
     temperature_name,
     write_to_tensorboard,
 )
+from glowtrain.runs import RunDir, read_json
 
 GRID_LIMIT = 1024  # images per grid: a 1,024-image grid of 64x64 images is about 2,100 pixels a side
 DEFAULT_N, DEFAULT_BATCH_SIZE = 64, 256  # the CLI's defaults, left out of file names
 
 
-def class_labels(classes: list[int] | None, n: int, n_classes: int, device,
-                 option: str = "--class") -> torch.Tensor | None:
-    """Labels for n images: each requested class in turn, in equal consecutive blocks; errors name `option`."""
-    if not classes:
-        return None
+def class_names(run_dir: Path | None, data_cfg: DataConfig) -> list[str]:
+    """What a run's class labels mean: its class folders' names (data.json), a built-in set's names, or none."""
+    recorded = read_json(RunDir(run_dir).data_record) if run_dir else None
+    return list((recorded or {}).get("class_names") or BUILTIN_CLASS_NAMES.get(data_cfg.dataset, ()))
+
+
+def class_number(value: int | str, names: list[str], n_classes: int, option: str = "--class") -> int:
+    """A class given by number (3) or by name (cats, case aside). A number that is also another class's name is
+    refused, as either reading could be meant. The caller checks the range."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    named = [i for i, name in enumerate(names) if name == text] or \
+        [i for i, name in enumerate(names) if name.casefold() == text.casefold()]
+    if len(named) > 1:
+        raise UserError(f"{option} {text!r} could name classes {' or '.join(repr(names[i]) for i in named)} — "
+                        "give the name as written")
+    if text.lstrip("+-").isdigit():
+        number = int(text)
+        if named and named[0] != number and 0 <= number < n_classes:
+            raise UserError(f"{option} {text} could mean class {number} ({names[number]}) or the class named "
+                            f"{text} (class {named[0]}) — give the one you mean by name: "
+                            f"{names[number]!r} or {names[named[0]]!r}")
+        return named[0] if named else number
+    if named:
+        return named[0]
+    if not names:
+        raise UserError(f"{option} {text!r} is not a class number, and this run's classes have no names — give a "
+                        f"number from 0 to {n_classes - 1}")
+    raise UserError(f"{option} {text!r} names no class of this run — give a number or a name: {class_list(names)}")
+
+
+def class_list(names: list[str]) -> str:
+    """0 birds, 1 cats, 2 dogs."""
+    return ", ".join(f"{i} {name}" for i, name in enumerate(names))
+
+
+def class_numbers(values: list[int | str] | None, names: list[str], n_classes: int,
+                  option: str = "--class") -> list[int]:
+    """Classes asked for by number or name, as numbers the model has; errors name `option`."""
+    if not values:
+        return []
     if n_classes == 0:
         raise UserError(f"{option} needs a class-conditional model (model.n_classes > 0); this one is unconditional")
-    bad = [k for k in classes if not 0 <= k < n_classes]
-    if bad:
-        raise UserError(f"{option} {bad[0]} is out of range: this model has classes 0..{n_classes - 1}")
+    numbers = [class_number(value, names, n_classes, option) for value in values]
+    if bad := [k for k in numbers if not 0 <= k < n_classes]:
+        which = f" ({class_list(names)})" if names else ""
+        raise UserError(f"{option} {bad[0]} is out of range: this model has classes 0..{n_classes - 1}{which}")
+    return numbers
+
+
+def class_labels(classes: list[int] | None, n: int, device) -> torch.Tensor | None:
+    """Labels for n images: each class (checked by class_numbers) in turn, in equal consecutive blocks."""
+    if not classes:
+        return None
     per_class = math.ceil(n / len(classes))
     if per_class * (len(classes) - 1) >= n:  # the last block would be empty: a class asked for, never drawn
         raise UserError(f"--n {n} leaves class {classes[-1]} without an image (blocks of {per_class} per class, a "
@@ -75,7 +123,7 @@ def _check_options(temperatures: list[float], n: int, batch_size: int, grid: boo
 
 
 def sample_command(run: str | None, checkpoint: str | None, temperatures: list[float], n: int, seed: int,
-                   out: str | None, device: torch.device, use_ema: bool = True, classes: list[int] | None = None,
+                   out: str | None, device: torch.device, use_ema: bool = True, classes: list[int | str] | None = None,
                    batch_size: int = DEFAULT_BATCH_SIZE, grid: bool = False, individual: bool = False,
                    tensorboard: bool = False, no_grid: bool = False, overwrite: bool = False,
                    say: Callable[[str], None] | None = None, progress: bool = False) -> list[Path]:
@@ -87,7 +135,8 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
     loaded = open_run(run, checkpoint, device, use_ema)
     check_tensorboard(loaded.run_dir, tensorboard)
     cfg, model = loaded.cfg, loaded.model
-    labels = class_labels(classes, n, cfg.model.n_classes, device)
+    classes = class_numbers(classes, class_names(loaded.run_dir, cfg.data), cfg.model.n_classes)
+    labels = class_labels(classes, n, device)
     out_dir = Path(out) if out else (loaded.run_dir or loaded.checkpoint.parent) / "samples"
     refuse_output_among_training_images(out_dir, cfg.data)
     stem, tag = f"sample_step{loaded.step:07d}", options_tag(n, classes, batch_size, use_ema)

@@ -308,6 +308,23 @@ def test_a_temperature_asked_for_twice_is_written_once(fitted, tmp_path):
     assert written == [str(tmp_path / "sample_step0000004_t0p70_seed0_n4.png")]
 
 
+def test_sample_says_how_many_images_overflowed_instead_of_drawing_them_silently(fitted, tmp_path):
+    _, run_dir = fitted
+    with pytest.warns(RuntimeWarning) as said:  # the CLI prints each warning as one line (test_cli)
+        result = ok(invoke("sample", "--run", run_dir, "--temp", "1e308", "--temp", "0.7", "--n", "4", "--out",
+                           tmp_path, *CPU))
+    assert [str(warning.message) for warning in said] == [
+        "4 of 4 images sampled at temperature 1e+308 are not finite (the model's inverse overflowed), so their "
+        "pixels mean nothing — use a lower temperature, like 0.7"]
+    assert len(result.stdout.split()) == 2  # the grids are still written, as asked
+    run = glowtrain.load_run(run_dir, device="cpu")
+    with torch.no_grad():
+        next(run.model.parameters()).fill_(float("nan"))
+    with pytest.warns(RuntimeWarning, match="3 of 3 images sampled at temperature 0.7 are not finite .* the weights "
+                                            "may have diverged: try an earlier checkpoint"):
+        run.sample(3, 0.7)
+
+
 def test_load_run_samples_the_classes_asked_for_as_the_cli_does(conditional, tmp_path):
     folder = tmp_path / "cli"
     written = ok(invoke("sample", "--run", conditional, "--temp", "0.7", "--seed", "2", "--class", "3", "--class",
@@ -320,14 +337,56 @@ def test_load_run_samples_the_classes_asked_for_as_the_cli_does(conditional, tmp
     means = run.sample(2, 0.0, classes=4)  # one class: every image is that class's mean at T = 0
     assert torch.equal(means[0], means[1]) and not torch.equal(means[0], run.sample(1, 0.0, classes=3)[0])
     assert torch.equal(run.sample(2, 0.0, classes=torch.tensor(4)), means)
+    assert torch.equal(run.sample(5, 0.7, seed=2, classes=["3", "5"]), from_cli)  # digits' names are numbers
     for classes, message in ((10, "classes 10 is out of range: this model has classes 0..9"),
-                             (1.5, "classes must be a whole number or a non-empty list of them, got 1.5"),
-                             (["3"], "classes must be a whole number or a non-empty list"),
-                             ([], "classes must be a whole number or a non-empty list"),
-                             (b"\x03", "classes must be a whole number or a non-empty list"),
-                             ({3: "a"}, "classes must be a whole number or a non-empty list")):
+                             (1.5, "classes must be a class number or name, or a non-empty list of them, got 1.5"),
+                             (["three"], "classes 'three' is not a class number, and this run's classes have no "
+                                         "names — give a number from 0 to 9"),
+                             ([], "classes must be a class number or name, or a non-empty list"),
+                             (b"\x03", "classes must be a class number or name, or a non-empty list"),
+                             ({3: "a"}, "classes must be a class number or name, or a non-empty list")):
         with pytest.raises(glowtrain.UserError, match=message):
             run.sample(2, classes=classes)
+
+
+@pytest.mark.parametrize("value,number", [
+    ("cats", 2), ("CATS", 2), (" cats ", 2), ("0", 0), ("10", 1), ("+0", 0), (2, 2), ("-1", -1), ("7", 7),
+])
+def test_a_class_is_taken_by_number_or_by_name(value, number):
+    # Folders named 1, 10 and cats: "10" is out of range as a number, so it is the folder; "7" stays a number
+    # for the caller's range check, and "-1" too.
+    assert sample_module.class_number(value, ["1", "10", "cats"], 3) == number
+
+
+@pytest.mark.parametrize("value,names,needle", [
+    ("1", ["1", "10", "cats"], "--class 1 could mean class 1 (10) or the class named 1 (class 0) — give the one you "
+                               "mean by name: '10' or '1'"),
+    ("cat", ["Cat", "cat", "dog"], None),  # an exact match wins over a match aside from case
+    ("CAT", ["Cat", "cat", "dog"], "--class 'CAT' could name classes 'Cat' or 'cat' — give the name as written"),
+    ("fish", ["cat", "dog"], "--class 'fish' names no class of this run — give a number or a name: 0 cat, 1 dog"),
+    ("fish", [], "--class 'fish' is not a class number, and this run's classes have no names — give a number from 0 "
+                 "to 2"),
+])
+def test_a_class_name_that_could_mean_two_classes_or_none_is_refused(value, names, needle):
+    if needle is None:
+        assert sample_module.class_number(value, names, 3) == 1
+        return
+    with pytest.raises(glowtrain.UserError) as raised:
+        sample_module.class_number(value, names, 3)
+    assert str(raised.value) == needle
+
+
+def test_the_builtin_sets_class_names_are_torchvisions_in_its_order():
+    import torchvision.datasets
+
+    from glowtrain.config import DataConfig
+
+    # CIFAR10 reads its names from the downloaded files, so only FashionMNIST's can be compared here.
+    assert sample_module.class_names(None, DataConfig(dataset="fashion_mnist")) == \
+        torchvision.datasets.FashionMNIST.classes
+    cifar = sample_module.class_names(None, DataConfig(dataset="cifar10"))
+    assert len(set(cifar)) == 10 and sample_module.class_number("truck", cifar, 10) == 9
+    assert sample_module.class_names(None, DataConfig(dataset="digits")) == []
 
 
 def test_load_run_refuses_classes_for_an_unconditional_model(fitted):

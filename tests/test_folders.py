@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import TINY_RUN, assert_one_line_error, invoke, ok, sets
 from PIL import Image
 
+import glowtrain
 from glowtrain.errors import MissingData
 from glowtrain.folders import find_images
 from glowtrain.runs import RunDir
@@ -191,6 +193,33 @@ def test_subfolder_labels_train_a_class_conditional_model_and_refuse_loose_files
     Image.new("RGB", (8, 8)).save(tmp_path / "images" / "loose.png")
     loose = fit(tmp_path / "images", tmp_path / "run3", *labelled)
     assert_one_line_error(loose, 2, "first-level subfolder", str(tmp_path / "images" / "loose.png"))
+
+
+def test_commands_take_a_class_by_its_folder_name_as_by_its_number(tmp_path):
+    make_classes(tmp_path / "images")
+    assert fit(tmp_path / "images", tmp_path / "run", "data.labels=subfolders", "model.n_classes=3").exit_code == 0
+    run, cpu = tmp_path / "run", ("--device", "cpu")
+    by_name = ok(invoke("sample", "--run", run, "--class", "cats", "--class", "DOGS", "--n", "4", "--out",
+                        tmp_path / "named", *cpu)).stdout.strip()
+    by_number = ok(invoke("sample", "--run", run, "--class", "1", "--class", "2", "--n", "4", "--out",
+                          tmp_path / "numbered", *cpu)).stdout.strip()
+    assert Path(by_name).name == Path(by_number).name == "sample_step0000004_t0p70_seed0_n4_class1-2.png"
+    assert Path(by_name).read_bytes() == Path(by_number).read_bytes()
+    loaded = glowtrain.load_run(run, device="cpu")
+    assert loaded.class_names == ["birds", "cats", "dogs"]
+    assert torch.equal(loaded.sample(4, seed=3, classes=["cats", "dogs"]), loaded.sample(4, seed=3, classes=[1, 2]))
+    moved = json.loads(ok(invoke("manipulate", "--run", run, "--from-class", "birds", "--to-class", "Dogs", "--n", "1",
+                                 *cpu)).stdout)
+    assert moved["direction"] == "class 0 (birds) -> 2 (dogs)" and moved["path"].endswith("_class0-2_n1.png")
+    for args, line in ((("sample", "--class", "fish"), "--class 'fish' names no class of this run — give a number or "
+                        "a name: 0 birds, 1 cats, 2 dogs"),
+                       (("sample", "--class", "3"), "--class 3 is out of range: this model has classes 0..2 (0 birds, "
+                        "1 cats, 2 dogs)"),
+                       (("manipulate", "--from-class", "cat", "--to-class", "dogs"), "--from-class 'cat' names no "
+                        "class"),
+                       (("manipulate", "--from-class", "1", "--to-class", "cats"), "--from-class and --to-class are "
+                        "both 1")):
+        assert_one_line_error(invoke(*args[:1], "--run", run, *args[1:], *cpu), 2, line)
 
 
 def test_subfolder_labels_are_only_for_folders():
