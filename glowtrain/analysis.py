@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from glowtrain.checkpoint import LoadedRun
 from glowtrain.config import Config, config_to_yaml
@@ -32,7 +34,7 @@ from glowtrain.model import Glow
 from glowtrain.objective import build_objective
 from glowtrain.precision import full_float32
 from glowtrain.runs import RunDir, checked_files, read_json
-from glowtrain.sample import class_list, class_names, class_number
+from glowtrain.sample import GRID_LIMIT, class_list, class_names, class_number
 
 PIXEL_LEVELS = 256  # "pixel units": one step of the 8-bit 0..255 scale; x spans [-0.5, 0.5)
 # The CLI's defaults: a picture made with them has the plain name, other values are named in it.
@@ -112,6 +114,8 @@ def reconstruct_command(loaded: LoadedRun, n: int, device: torch.device, out: st
     """Encode and decode real test images; report the error and write originals over reconstructions."""
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
+    _refuse_oversized_grid(2 * n, f"--n {n} makes", "originals and reconstructions",
+                           f"use --n {GRID_LIMIT // 2} or less")
     check_tensorboard(loaded.run_dir, tensorboard)
     target = _picture_path(loaded, out, "reconstruct", [f"n{n}"] * (n != RECONSTRUCT_N), use_ema, overwrite)
     cfg, model = loaded.cfg, loaded.model
@@ -134,6 +138,9 @@ def interpolate_command(loaded: LoadedRun, n_pairs: int, n_steps: int, device: t
     """Linear paths between the latents (every level) of pairs of test images; a row per pair."""
     if n_pairs < 1 or n_steps < 2:
         raise UserError(f"need --pairs >= 1 and --steps >= 2, got {n_pairs} and {n_steps}")
+    fewer = f"use --steps {GRID_LIMIT // n_pairs} or less" if GRID_LIMIT // n_pairs >= 2 else \
+        f"use --pairs {GRID_LIMIT // n_steps or 1} or less, or fewer --steps"
+    _refuse_oversized_grid(n_pairs * n_steps, f"--pairs {n_pairs} --steps {n_steps} make", "a row per pair", fewer)
     check_tensorboard(loaded.run_dir, tensorboard)
     named = [f"pairs{n_pairs}"] * (n_pairs != INTERPOLATE_PAIRS) + [f"steps{n_steps}"] * (n_steps != INTERPOLATE_STEPS)
     target = _picture_path(loaded, out, "interpolate", named, use_ema, overwrite)
@@ -154,6 +161,14 @@ def interpolate_command(loaded: LoadedRun, n_pairs: int, n_steps: int, device: t
     return save_png(picture, target, display_upscale(cfg.data.image_size))
 
 
+def _refuse_oversized_grid(n_images: int, options: str, layout: str, fix: str) -> None:
+    """Analysis pictures are one grid, decoded at once: beyond a sample grid's size they would only exhaust
+    memory or make a picture too large to look at."""
+    if n_images > GRID_LIMIT:
+        raise UserError(f"{options} {n_images:,} images ({layout}), more than a picture holds ({GRID_LIMIT:,}) "
+                        f"— {fix}")
+
+
 def _flat_latents(model: Glow, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([z.flatten(1) for z in model.encode(x)[0]], 1)
 
@@ -169,13 +184,14 @@ def _unflatten_latents(model: Glow, flat: torch.Tensor) -> list[torch.Tensor]:
 
 @torch.no_grad()
 @full_float32()
-def _mean_latent(model: Glow, dataset, indices: list[int], cfg: Config, device: torch.device,
+def _mean_latent(model: Glow, dataset, indices: list[int], cfg: Config, device: torch.device, bar: tqdm,
                  batch_size: int = 256) -> torch.Tensor:
     total = None
     for start in range(0, len(indices), batch_size):
         images = torch.stack([dataset[i][0] for i in indices[start : start + batch_size]]).to(device)
         flat = _flat_latents(model, dequantize(images, cfg.data.n_bits, 0.5)).sum(0)
         total = flat if total is None else total + flat
+        bar.update(len(images))
     return total / len(indices)
 
 
@@ -198,7 +214,7 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
                        attribute: str | None = None, from_class: int | str | None = None,
                        to_class: int | str | None = None,
                        max_per_group: int = 2000, tensorboard: bool = False, use_ema: bool = True,
-                       overwrite: bool = False) -> dict:
+                       overwrite: bool = False, progress: bool = False) -> dict:
     """The Glow paper's semantic manipulation: move test latents along mean(z | with) - mean(z | without)."""
     cfg, model = loaded.cfg, loaded.model
     by_class = from_class is not None or to_class is not None
@@ -206,6 +222,8 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
         raise UserError("give either --attribute NAME or both --from-class A and --to-class B")
     if n < 1 or not alphas:
         raise UserError(f"need --n >= 1 and at least one value in --alphas, got --n {n} and {len(alphas)} alphas")
+    fewer = f"use --n {GRID_LIMIT // len(alphas)} or less" if GRID_LIMIT // len(alphas) else "give fewer --alphas"
+    _refuse_oversized_grid(n * len(alphas), f"--n {n} with {len(alphas):,} alphas make", "a row per image", fewer)
     check_tensorboard(loaded.run_dir, tensorboard)
     if by_class:  # numbers from here on: a class by name and by number is one picture
         from_class, to_class = _direction_classes(loaded, from_class, to_class)
@@ -225,8 +243,7 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
         with_, without = ([i for i, v in enumerate(values) if v == sign] for sign in (1, -1))
         label = attribute
     else:
-        labels = [int(train_set.get_batch(torch.tensor([i]))[1]) for i in range(len(train_set))] \
-            if hasattr(train_set, "get_batch") else [train_set[i][1] for i in range(len(train_set))]
+        labels = torch.as_tensor(train_set.labels).tolist()  # without decoding every training image
         with_ = [i for i, y in enumerate(labels) if y == to_class]
         without = [i for i, y in enumerate(labels) if y == from_class]
         names = class_names(loaded.run_dir, cfg.data)
@@ -234,8 +251,11 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
         label = f"class {label}"
     if not with_ or not without:
         raise UserError(f"no training images on one side of {label}: cannot estimate a direction")
-    direction = (_mean_latent(model, train_set, with_[:max_per_group], cfg, device)
-                 - _mean_latent(model, train_set, without[:max_per_group], cfg, device))
+    with_, without = with_[:max_per_group], without[:max_per_group]
+    with tqdm(total=len(with_) + len(without), desc="direction", unit="img", leave=False, file=sys.stderr,
+              disable=not progress, delay=1, dynamic_ncols=True) as bar:  # encoding up to 4,000 training images
+        direction = (_mean_latent(model, train_set, with_, cfg, device, bar)
+                     - _mean_latent(model, train_set, without, cfg, device, bar))
     x, _ = _test_images(cfg, n, device, loaded)
     flat = _flat_latents(model, x)
     rows = []
@@ -246,8 +266,8 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
     if tensorboard:
         write_to_tensorboard(loaded.run_dir, loaded.step, {picture_tag(target): picture})
     path = save_png(picture, target, display_upscale(cfg.data.image_size))
-    return {"direction": label, "n_with": min(len(with_), max_per_group),
-            "n_without": min(len(without), max_per_group), "alphas": alphas, "path": str(path)}
+    return {"direction": label, "n_with": len(with_), "n_without": len(without), "alphas": alphas,
+            "path": str(path)}
 
 
 def _direction_classes(loaded: LoadedRun, from_class: int | str, to_class: int | str) -> tuple[int, int]:

@@ -491,6 +491,7 @@ def manipulate(
     data: DataOption = None,
     tensorboard: TensorboardOption = False,
     overwrite: PictureOverwriteOption = False,
+    progress: ProgressOption = True,
 ) -> None:
     """Move test images along an attribute or class direction in latent space (the Glow paper's Fig. 5)."""
     from glowtrain.analysis import manipulate_command
@@ -498,7 +499,8 @@ def manipulate(
     alpha_values = _numbers(alphas or ["-1,0,1,2"], "--alphas", "-1,0,1,2")
     loaded, resolved = _open(run, checkpoint, device, seed, no_ema, data)
     _print_json(manipulate_command(loaded, resolved, out, alpha_values, n, attribute, from_class, to_class,
-                                   tensorboard=tensorboard, use_ema=not no_ema, overwrite=overwrite))
+                                   tensorboard=tensorboard, use_ema=not no_ema, overwrite=overwrite,
+                                   progress=progress))
 
 
 @app.command()

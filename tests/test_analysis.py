@@ -660,12 +660,44 @@ def test_manipulate_attribute_without_the_attribute_file_exits_2(folder_run, tmp
     (["--from-class", "3", "--to-class", "12"], "--to-class 12 is out of range: this run's data has classes 0..9"),
     (["--from-class", "3", "--to-class", "3"], "--from-class and --to-class are both 3"),
     (["--from-class", "3", "--to-class", "5", "--alphas", "a,b"], "--alphas"),
-    (["--from-class", "3", "--to-class", "5", "--n", "1000"], "test split has 297"),
+    (["--from-class", "3", "--to-class", "5", "--n", "257"], "--n 257 with 4 alphas make 1,028 images (a row per "
+     "image), more than a picture holds (1,024) — use --n 256 or less"),
+    (["--from-class", "3", "--to-class", "5", "--n", "1000", "--alphas", "1"], "test split has 297"),
 ], ids=["neither", "from-only", "attribute-on-digits", "class-out-of-range", "same-class", "bad-alphas",
-        "too-many"])
+        "oversized", "too-many"])
 def test_manipulate_bad_input_exits_2(fitted, tmp_path, args, needle):
     _, run_dir = fitted
     assert_one_line_error(invoke("manipulate", "--run", run_dir, *args, "--out", tmp_path, *CPU), 2, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manipulate_shows_its_progress_over_the_training_images_it_encodes(fitted, tmp_path, monkeypatch):
+    from glowtrain import analysis
+
+    _, run_dir = fitted
+    args = ["manipulate", "--run", run_dir, "--from-class", "3", "--to-class", "5", "--n", "1", "--alphas", "0,1",
+            *CPU]
+    eager = {"delay": 0, "mininterval": 0, "miniters": 1}
+    monkeypatch.setattr(analysis, "tqdm", lambda *a, **k: tqdm(*a, **{**k, **eager}))
+    shown = ok(invoke(*args, "--out", tmp_path / "shown"))
+    result = json.loads(shown.stdout)
+    total = result["n_with"] + result["n_without"]
+    counts = re.findall(r"direction: .*?\| (\d+/\d+) ", shown.stderr)
+    assert counts == [f"0/{total}", f"{result['n_with']}/{total}", f"{total}/{total}"]  # fives, then threes
+    quiet = ok(invoke(*args, "--out", tmp_path / "quiet", "--no-progress"))
+    assert quiet.stderr == ""
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["reconstruct", "--n", "513"], "--n 513 makes 1,026 images (originals and reconstructions), more than a "
+     "picture holds (1,024) — use --n 512 or less"),
+    (["interpolate", "--pairs", "4", "--steps", "100000"], "--pairs 4 --steps 100000 make 400,000 images (a row per "
+     "pair), more than a picture holds (1,024) — use --steps 256 or less"),
+    (["interpolate", "--pairs", "600", "--steps", "8"], "use --pairs 128 or less, or fewer --steps"),
+], ids=["reconstruct", "interpolate-steps", "interpolate-pairs"])
+def test_pictures_larger_than_a_grid_are_refused_before_any_work(fitted, tmp_path, args, needle):
+    _, run_dir = fitted
+    assert_one_line_error(invoke(*args, "--run", run_dir, "--out", tmp_path, *CPU), 2, needle)
     assert list(tmp_path.iterdir()) == []
 
 
