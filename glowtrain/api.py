@@ -78,6 +78,14 @@ class Run:
     device: torch.device
     objective: Objective  # the model with the run's dequantiser (uniform, or the learned one)
 
+    def __repr__(self) -> str:  # the dataclass's would print the whole module tree
+        model, data = self.cfg.model, self.cfg.data
+        shape = "x".join(str(side) for side in self.model.image_shape)
+        classes = f", {model.n_classes} classes" if model.n_classes else ""
+        return (f"Run({str(self.run_dir or self.checkpoint)!r}, step {self.step:,}, {data.dataset} {shape} "
+                f"{data.n_bits}-bit, L={model.n_levels} K={model.n_steps} {model.coupling}{classes}, "
+                f"device {self.device})")
+
     @property
     def n_bits(self) -> int:
         return self.cfg.data.n_bits

@@ -389,6 +389,14 @@ def test_the_builtin_sets_class_names_are_torchvisions_in_its_order():
     assert sample_module.class_names(None, DataConfig(dataset="digits")) == []
 
 
+def test_a_loaded_run_prints_as_one_line_saying_what_it_is(fitted, conditional):
+    run = glowtrain.load_run(fitted[1], device="cpu")
+    model = run.cfg.model
+    assert repr(run) == (f"Run({str(fitted[1])!r}, step 4, digits 1x8x8 {run.n_bits}-bit, L={model.n_levels} "
+                         f"K={model.n_steps} {model.coupling}, device cpu)")
+    assert repr(glowtrain.load_run(conditional, device="cpu")).endswith(", 10 classes, device cpu)")
+
+
 def test_load_run_refuses_classes_for_an_unconditional_model(fitted):
     run = glowtrain.load_run(fitted[1], device="cpu")
     with pytest.raises(glowtrain.UserError, match="classes needs a class-conditional model"):
