@@ -575,6 +575,7 @@ def info(
     """Parameters per level, latent shapes, dimensionality, multiply-adds per image and the resolved config."""
     from glowtrain.analysis import info_summary
     from glowtrain.config import load_config
+    from glowtrain.sample import class_names
 
     if run and config:
         raise UserError("give either --run or --config, not both")
@@ -586,10 +587,14 @@ def info(
         from glowtrain.runs import training_state
 
         loaded, _ = _open(run, None, "cpu", 0, True)
-        summary = {**training_state(run, loaded.step, loaded.cfg.train.steps),
-                   **info_summary(loaded.cfg, loaded.model, loaded.objective.dequantizer)}
+        cfg, run_dir = loaded.cfg, loaded.run_dir
+        summary = {**training_state(run, loaded.step, cfg.train.steps),
+                   **info_summary(cfg, loaded.model, loaded.objective.dequantizer)}
     else:
-        summary = info_summary(load_config(config, set_ or []))
+        cfg, run_dir = load_config(config, set_ or []), None
+        summary = info_summary(cfg)
+    if cfg.model.n_classes and (names := class_names(run_dir, cfg.data)):
+        summary["class_names"] = names  # what --class cats means, in label order
     config_text = summary.pop("config")
     for key, value in summary.items():
         typer.echo(f"{key}: {value:,}" if isinstance(value, int) else f"{key}: {value}")

@@ -767,6 +767,17 @@ def test_info_of_the_cifar10_config_counts_every_parameter(tmp_path, monkeypatch
                                                                     m.coupling, m.conv)
 
 
+def test_info_names_the_classes_of_a_conditional_model_where_they_have_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    small = ["--set", "model.n_levels=1", "--set", "model.n_steps=1", "--set", "model.hidden_channels=8"]
+    conditional = parse_info(ok(invoke("info", "--config", REPO / "configs" / "cifar10.yaml", *small, "--set",
+                                       "model.n_classes=10")).stdout)[0]
+    assert conditional["class_names"][:3] == ["airplane", "automobile", "bird"]
+    assert "class_names" not in parse_info(ok(invoke("info", "--config", REPO / "configs" / "cifar10.yaml",
+                                                     *small)).stdout)[0]  # unconditional: no labels to name
+    assert "class_names" not in parse_info(ok(invoke("info", *small, "--set", "model.n_classes=10")).stdout)[0]
+
+
 def test_the_parameter_counts_quoted_for_the_flowpp_config_are_what_info_counts(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = REPO / "configs" / "cifar10-flowpp.yaml"

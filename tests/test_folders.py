@@ -207,6 +207,7 @@ def test_commands_take_a_class_by_its_folder_name_as_by_its_number(tmp_path):
     assert Path(by_name).read_bytes() == Path(by_number).read_bytes()
     loaded = glowtrain.load_run(run, device="cpu")
     assert loaded.class_names == ["birds", "cats", "dogs"]
+    assert "\nclass_names: ['birds', 'cats', 'dogs']\n" in ok(invoke("info", "--run", run)).stdout
     assert torch.equal(loaded.sample(4, seed=3, classes=["cats", "dogs"]), loaded.sample(4, seed=3, classes=[1, 2]))
     moved = json.loads(ok(invoke("manipulate", "--run", run, "--from-class", "birds", "--to-class", "Dogs", "--n", "1",
                                  *cpu)).stdout)
