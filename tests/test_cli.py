@@ -648,10 +648,10 @@ def test_runs_lists_each_run_with_step_best_bpd_and_status(fitted, tmp_path, mon
     assert assert_one_line_error(invoke("info", "--run", checkpoint), 2) == (
         f"error: --run takes a run directory, and {checkpoint} is a file — pass its run directory, or the file as "
         f"--checkpoint {checkpoint}")
-    line = assert_one_line_error(invoke("reconstruct", "--run", run_dir, "--n", "5000", "--out", tmp_path / "r.png"), 2)
+    line = assert_one_line_error(invoke("reconstruct", "--run", run_dir, "--n", "400", "--out", tmp_path / "r.png"), 2)
     assert line.endswith("the test split has 297 — use --n 297 or less")
-    line = assert_one_line_error(invoke("interpolate", "--run", run_dir, "--pairs", "500", "--out", tmp_path / "i.png"),
-                                 2)
+    line = assert_one_line_error(invoke("interpolate", "--run", run_dir, "--pairs", "200", "--steps", "2", "--out",
+                                        tmp_path / "i.png"), 2)
     assert line.endswith("the test split has 297 — use --pairs 148 or less")
 
 
