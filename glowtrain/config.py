@@ -241,8 +241,22 @@ def _as_float(value: Any) -> float | None:
 
 
 def _type_name(tp: Any) -> str:
-    names = {bool: "a boolean (true or false)", int: "an integer", float: "a float", str: "a string"}
-    return names.get(tp, "a list of floats")
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(tp, "a list of numbers")
+
+
+def _as_typed(value: Any) -> str:
+    """`value` as it is written after `--set key=`: YAML, a list without spaces so the shell keeps it one word."""
+    if isinstance(value, list):
+        return "[" + ",".join(_as_typed(v) for v in value) + "]"
+    return _yaml_value(value)
+
+
+def _type_error(key: str, value: Any, tp: Any, expected: str = "") -> UserError:
+    """A wrong-type error that ends with the fix: the key's own default as an example."""
+    example = _as_typed(_default(_FIELDS[key]))
+    return UserError(f"{key}: expected {expected or _type_name(tp)}, got {value!r} — use a value like "
+                     f"{key}={example} (the default)")
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -269,13 +283,14 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             result = value
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             result = str(value)  # `name: 123` means the name "123"
-    elif get_origin(tp) is list and isinstance(value, (list, tuple)):
-        items = [_as_float(v) for v in value]
+    elif get_origin(tp) is list:
+        # A lone number is a one-element list: `sample_temperatures: 0.7` means [0.7].
+        items = [_as_float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
         result = None if any(v is None for v in items) else items
     if result is None:
-        raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        raise _type_error(key, value, tp)
     if any(isinstance(v, float) and not math.isfinite(v) for v in (result if isinstance(result, list) else [result])):
-        raise UserError(f"{key}: expected finite numbers, got {value!r}")
+        raise _type_error(key, value, tp, "finite numbers" if isinstance(result, list) else "a finite number")
     return result
 
 
@@ -481,6 +496,19 @@ def _check_splines(model: ModelConfig) -> None:
     _require(model.spline_bound > 0, "model.spline_bound", model.spline_bound, "use a bound > 0")
 
 
+def _check_data_root(data: DataConfig) -> None:
+    # An empty root reads the working directory (Path('') is '.'), which fails far from its cause, e.g. as an
+    # output folder "inside the image folder ()". The bundled digits ignore the root, and so does a prepared cache.
+    if data.dataset == "digits" or data.cache or data.root.strip():
+        return
+    if data.dataset in ("folder", "celeba"):
+        fix = "set it to the folder holding your images, e.g. --set data.root=path/to/images"
+    else:
+        fix = (f"set it to the folder holding the {data.dataset} files (or where data.download=true puts them), "
+               f"e.g. --set data.root={_default(_FIELDS['data.root'])} (the default)")
+    raise UserError(f"data.root is empty — {fix}")
+
+
 def _require(ok: bool, key: str, value: Any, rule: str) -> None:
     if not ok:
         raise UserError(f"{key}={value!r} is not allowed — {rule}")
@@ -493,7 +521,7 @@ def validate(cfg: Config) -> None:
         for f in dataclasses.fields(part):
             key, value = f"{sec}.{f.name}", getattr(part, f.name)
             if _coerce(key, value, f.type) != value:  # text such as "1e-3" passes _coerce but is no number
-                raise UserError(f"{key}: expected {_type_name(f.type)}, got {value!r} ({type(value).__name__})")
+                raise _type_error(key, value, f.type)
     run, data, model, train = cfg.run, cfg.data, cfg.model, cfg.train
 
     name = run.name
@@ -515,6 +543,7 @@ def validate(cfg: Config) -> None:
     _require(data.n_workers >= 0, "data.n_workers", data.n_workers, "use 0 or more worker processes")
     _require(data.labels == "none" or data.dataset == "folder", "data.labels", data.labels,
              "subfolder labels are for data.dataset: folder; the other datasets bring their own labels")
+    _check_data_root(data)
 
     for key in ("n_levels", "n_steps", "hidden_channels", "dequant_steps", "dequant_hidden_channels"):
         _require(getattr(model, key) >= 1, f"model.{key}", getattr(model, key), "use an integer >= 1")

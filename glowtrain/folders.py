@@ -304,5 +304,6 @@ def refuse_output_among_images(out: Path, image_folder: str | Path, whose: str) 
 
 def refuse_output_among_training_images(out: Path, data_cfg) -> None:
     """As refuse_output_among_images, for the image folder a run trains on (data.dataset: folder)."""
-    if data_cfg.dataset == "folder":
+    # A run that reads a prepared cache never walks its root again, and an empty root is no folder at all.
+    if data_cfg.dataset == "folder" and not data_cfg.cache and data_cfg.root.strip():
         refuse_output_among_images(out, data_cfg.root, "the image folder this run trains on")

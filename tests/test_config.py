@@ -138,6 +138,20 @@ def test_list_override_accepts_ints_inside_and_converts_them():
     assert all(type(t) is float for t in cfg.train.sample_temperatures)
 
 
+@pytest.mark.parametrize("text, temperatures", [("0.7", [0.7]), ("1", [1.0]), ("1e-1", [0.1])])
+def test_a_lone_number_for_a_list_key_is_a_one_element_list(tmp_path, text, temperatures):
+    cfg = override(f"train.sample_temperatures={text}")
+    assert cfg.train.sample_temperatures == temperatures and type(cfg.train.sample_temperatures[0]) is float
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  sample_temperatures: {text}\n")
+    assert load_config(path).train.sample_temperatures == temperatures
+
+
+def test_a_lone_negative_temperature_is_range_checked_like_a_list():
+    with raises(r"^train\.sample_temperatures=\[-0\.5\] is not allowed — list at least one temperature, each >= 0$"):
+        override("train.sample_temperatures=-0.5")
+
+
 def test_string_override_keeps_the_text_as_written():
     cfg = override("run.name=007", "data.cache=", "data.root=some/dir")
     assert (cfg.run.name, cfg.data.cache, cfg.data.root) == ("007", "", "some/dir")
@@ -210,8 +224,38 @@ def test_unknown_key_far_from_any_key_has_no_hint():
 
 
 def test_wrong_type_message_names_key_value_and_expected_type():
-    with raises(r"^train\.lr: expected a float, got 'abc' \(str\)$"):
+    with raises(r"^train\.lr: expected a number, got 'abc' — use a value like train\.lr=0\.03 \(the default\)$"):
         override("train.lr=abc")
+
+
+@pytest.mark.parametrize("item, message", [
+    ("train.steps=1.5", "train.steps: expected an integer, got 1.5 — use a value like train.steps=427 (the default)"),
+    ("data.hflip=maybe",
+     "data.hflip: expected true or false, got 'maybe' — use a value like data.hflip=false (the default)"),
+    ("model.spline_bound=wide",
+     "model.spline_bound: expected a number, got 'wide' — use a value like model.spline_bound=3.0 (the default)"),
+    ("train.sample_temperatures=[a]", "train.sample_temperatures: expected a list of numbers, got ['a'] — use a "
+     "value like train.sample_temperatures=[0.7,1.0] (the default)"),
+    ("train.sample_temperatures=a", "train.sample_temperatures: expected a list of numbers, got 'a' — use a "
+     "value like train.sample_temperatures=[0.7,1.0] (the default)"),
+    ("train.lr=.inf", "train.lr: expected a finite number, got inf — use a value like train.lr=0.03 (the default)"),
+], ids=["int", "bool", "float", "list-item", "list-scalar", "infinite"])
+def test_wrong_type_message_ends_with_the_default_written_as_an_override(item, message):
+    with pytest.raises(UserError) as refused:
+        override(item)
+    assert str(refused.value) == message
+    key, example = message.split(" — use a value like ")[1].removesuffix(" (the default)").split("=")
+    assert override(f"{key}={example}") == default_config()  # the example, typed as shown, is the default
+
+
+def test_a_type_error_in_a_file_names_the_same_fix(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  name:\ndata:\n  cache:\n")
+    with raises(r"^run\.name: expected a string, got None — use a value like run\.name=digits \(the default\)$"):
+        load_config(path)
+    path.write_text("data:\n  cache:\n")
+    with raises(r"^data\.cache: expected a string, got None — use a value like data\.cache='' \(the default\)$"):
+        load_config(path)
 
 
 @pytest.mark.parametrize(
@@ -219,10 +263,11 @@ def test_wrong_type_message_names_key_value_and_expected_type():
     [
         ("model.n_steps", 16.0, "an integer"),  # integral floats are not silently truncated
         ("model.n_steps", True, "an integer"),  # bool is not a number here
-        ("train.lr", False, "a float"),
-        ("data.hflip", 1, "a boolean"),
-        ("train.sample_temperatures", 0.7, "a list of floats"),
-        ("train.sample_temperatures", [0.7, "hot"], "a list of floats"),
+        ("train.lr", False, "a number"),
+        ("data.hflip", 1, "true or false"),
+        ("train.sample_temperatures", "hot", "a list of numbers"),  # a lone value must still be a number
+        ("train.sample_temperatures", True, "a list of numbers"),
+        ("train.sample_temperatures", [0.7, "hot"], "a list of numbers"),
         ("run.name", None, "a string"),
     ],
 )
@@ -245,8 +290,10 @@ def test_yaml_boolean_words_for_literal_fields_get_a_quoting_hint(tmp_path):
 
 
 def test_non_finite_floats_are_rejected():
-    with raises(r"train\.lr: expected finite"):
+    with raises(r"train\.lr: expected a finite number"):
         override("train.lr=.inf")
+    with raises(r"train\.sample_temperatures: expected finite numbers, got \[0\.7, nan\]"):
+        override("train.sample_temperatures=[0.7,.nan]")
 
 
 def test_empty_section_keeps_defaults():
@@ -341,13 +388,48 @@ def test_channels_must_match_a_fixed_channel_dataset():
     assert override("data.dataset=cifar10", "data.channels=3").image_shape == (3, 8, 8)
 
 
+FOLDER_ROOT_FIX = "data.root is empty — set it to the folder holding your images, e.g. --set data.root=path/to/images"
+
+
+@pytest.mark.parametrize("dataset, message", [
+    ("folder", FOLDER_ROOT_FIX),
+    ("celeba", FOLDER_ROOT_FIX),
+    ("mnist", "data.root is empty — set it to the folder holding the mnist files (or where data.download=true puts "
+              "them), e.g. --set data.root=data (the default)"),
+    ("cifar10", "data.root is empty — set it to the folder holding the cifar10 files (or where data.download=true "
+                "puts them), e.g. --set data.root=data (the default)"),
+], ids=["folder", "celeba", "mnist", "cifar10"])
+def test_an_empty_data_root_is_refused_naming_the_fix(tmp_path, dataset, message):
+    channels = "data.channels=3" if dataset != "mnist" else "data.channels=1"
+    for root in ("data.root=", "data.root=  "):
+        with pytest.raises(UserError) as refused:
+            override(f"data.dataset={dataset}", channels, root)
+        assert str(refused.value) == message
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  dataset: {dataset}\n  {channels.replace('data.', '').replace('=', ': ')}\n"
+                    "  root: ''\n")
+    with pytest.raises(UserError) as refused:
+        load_config(path)
+    assert str(refused.value) == message
+
+
+def test_an_empty_data_root_is_fine_where_nothing_reads_it():
+    assert override("data.root=").data.root == ""  # the bundled digits
+    cached = override("data.dataset=folder", "data.root=", "data.cache=prepared/folder-8px")
+    assert (cached.data.root, cached.data.cache) == ("", "prepared/folder-8px")  # images come from the cache
+
+
 def test_validate_catches_wrong_types_in_configs_built_in_python():
     cfg = dataclasses.replace(default_config(), model=dataclasses.replace(default_config().model, n_steps="8"))
     with raises(r"model\.n_steps: expected an integer"):
         validate(cfg)
     cfg = dataclasses.replace(default_config(), train=dataclasses.replace(default_config().train, lr="1e-3"))
-    with raises(r"train\.lr: expected a float, got '1e-3'"):
+    with raises(r"train\.lr: expected a number, got '1e-3' — use a value like train\.lr=0\.03"):
         validate(cfg)
+    cfg = dataclasses.replace(default_config(), train=dataclasses.replace(default_config().train,
+                                                                          sample_temperatures=0.7))
+    with raises(r"train\.sample_temperatures: expected a list of numbers, got 0\.7"):
+        validate(cfg)  # a lone number is read as a list from YAML, but a Config built in Python holds a list
 
 
 # ---------------------------------------------------------------------------- files

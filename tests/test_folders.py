@@ -1,5 +1,6 @@
 """Image folders end to end: every file checked before training, skip counts, the stable split, the data record."""
 
+import dataclasses
 import json
 import os
 import pickle
@@ -14,8 +15,9 @@ from helpers import TINY_RUN, assert_one_line_error, invoke, ok, sets
 from PIL import Image
 
 import glowtrain
+from glowtrain.config import DataConfig
 from glowtrain.errors import MissingData
-from glowtrain.folders import find_images
+from glowtrain.folders import find_images, refuse_output_among_training_images
 from glowtrain.runs import RunDir
 
 FOLDER_RUN = [*TINY_RUN, "data.dataset=folder", "data.image_size=8", "data.channels=3", "train.batch_size=4",
@@ -221,6 +223,18 @@ def test_commands_take_a_class_by_its_folder_name_as_by_its_number(tmp_path):
                        (("manipulate", "--from-class", "1", "--to-class", "cats"), "--from-class and --to-class are "
                         "both 1")):
         assert_one_line_error(invoke(*args[:1], "--run", run, *args[1:], *cpu), 2, line)
+
+
+def test_outputs_are_refused_only_inside_a_folder_the_run_still_reads(tmp_path):
+    images = tmp_path / "images"
+    make_images(images, 2)
+    data = DataConfig(dataset="folder", root=str(images))
+    with pytest.raises(glowtrain.UserError, match="lies inside the image folder this run trains on"):
+        refuse_output_among_training_images(images / "samples", data)
+    # A run reading a prepared cache never walks its root again; an empty root names no folder (it is refused
+    # by the config's checks, not reported as an output "inside the image folder ()").
+    refuse_output_among_training_images(images / "samples", dataclasses.replace(data, cache=str(tmp_path / "c")))
+    refuse_output_among_training_images(tmp_path / "samples", dataclasses.replace(data, root=""))
 
 
 def test_subfolder_labels_are_only_for_folders():
