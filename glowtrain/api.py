@@ -137,7 +137,7 @@ class Run:
                  f"classes must be a class number or name, or a non-empty list of them, got {classes!r}")
         numbers = class_numbers([k if isinstance(k, str) else int(k) for k in wanted], self.class_names,
                                 self.cfg.model.n_classes, "classes")
-        labels = class_labels(numbers, int(n), self.device)
+        labels = class_labels(numbers, int(n), self.device, "n=")
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
         return sample_images(self.model, int(n), temperature, self.n_bits, generator, labels)
 

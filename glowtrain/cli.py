@@ -300,7 +300,7 @@ RunOption = Annotated[Optional[str], typer.Option("--run", metavar="DIR",
 CheckpointOption = Annotated[Optional[str], typer.Option("--checkpoint", metavar="PATH",
     help="A checkpoint file instead of a run.")]
 DeviceOption = Annotated[str, typer.Option("--device", metavar="DEVICE",
-    help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+    help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")]
 SeedOption = Annotated[int, typer.Option("--seed", metavar="N", min=0, max=2**64 - 1,
     help="Random seed; the same seed gives the same output.")]
 # eval, reconstruct, interpolate and manipulate draw nothing at random (the first test images, eval's own

@@ -86,14 +86,15 @@ def class_numbers(values: list[int | str] | None, names: list[str], n_classes: i
     return numbers
 
 
-def class_labels(classes: list[int] | None, n: int, device) -> torch.Tensor | None:
-    """Labels for n images: each class (checked by class_numbers) in turn, in equal consecutive blocks."""
+def class_labels(classes: list[int] | None, n: int, device, n_option: str = "--n ") -> torch.Tensor | None:
+    """Labels for n images: each class (checked by class_numbers) in turn, in equal consecutive blocks.
+    Errors write the count as `n_option` + number: "--n 3" for the CLI, "n=3" for the Python API."""
     if not classes:
         return None
     per_class = math.ceil(n / len(classes))
     if per_class * (len(classes) - 1) >= n:  # the last block would be empty: a class asked for, never drawn
-        raise UserError(f"--n {n} leaves class {classes[-1]} without an image (blocks of {per_class} per class, a "
-                        f"row each) — pass --n {per_class * len(classes)}, or fewer classes")
+        raise UserError(f"{n_option}{n} leaves class {classes[-1]} without an image (blocks of {per_class} per "
+                        f"class, a row each) — pass {n_option}{per_class * len(classes)}, or fewer classes")
     return torch.tensor(classes, device=device).repeat_interleave(per_class)[:n]
 
 

@@ -347,6 +347,8 @@ def test_load_run_samples_the_classes_asked_for_as_the_cli_does(conditional, tmp
                              ({3: "a"}, "classes must be a class number or name, or a non-empty list")):
         with pytest.raises(glowtrain.UserError, match=message):
             run.sample(2, classes=classes)
+    with pytest.raises(glowtrain.UserError, match=r"^n=2 leaves class 5 without an image .* pass n=3, or fewer"):
+        run.sample(2, classes=[3, 4, 5])  # the Python API's own names, not the CLI's --n
 
 
 @pytest.mark.parametrize("value,number", [
@@ -921,7 +923,7 @@ def test_commands_without_run_or_checkpoint_use_the_most_recent_run(fitted, cond
     (["eval", "--run", "{tiny}", "--checkpoint", "{last}"], "either --run or --checkpoint"),
     (["interpolate", "--run", "{tiny}", "--steps", "1"], "--steps >= 2"),
     (["interpolate", "--run", "{tiny}", "--pairs", "0"], "--pairs >= 1"),
-    (["interpolate", "--run", "{tiny}", "--pairs", "200"], "test split has 297"),
+    (["interpolate", "--run", "{tiny}", "--pairs", "200", "--steps", "2"], "test split has 297"),
     (["reconstruct", "--run", "{tiny}", "--n", "0"], "--n must be at least 1"),
     (["reconstruct", "--checkpoint", "{config}"], "config.yaml"),
     (["manipulate", "--run", "{tiny}", "--from-class", "0", "--to-class", "1", "--alphas", "1,nan"],
