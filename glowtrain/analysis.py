@@ -139,7 +139,7 @@ def interpolate_command(loaded: LoadedRun, n_pairs: int, n_steps: int, device: t
     if n_pairs < 1 or n_steps < 2:
         raise UserError(f"need --pairs >= 1 and --steps >= 2, got {n_pairs} and {n_steps}")
     fewer = f"use --steps {GRID_LIMIT // n_pairs} or less" if GRID_LIMIT // n_pairs >= 2 else \
-        f"use --pairs {GRID_LIMIT // n_steps or 1} or less, or fewer --steps"
+        f"use --pairs {GRID_LIMIT // n_steps or 1} or less" + ", or fewer --steps" * (n_steps > 2)
     _refuse_oversized_grid(n_pairs * n_steps, f"--pairs {n_pairs} --steps {n_steps} make", "a row per pair", fewer)
     check_tensorboard(loaded.run_dir, tensorboard)
     named = [f"pairs{n_pairs}"] * (n_pairs != INTERPOLATE_PAIRS) + [f"steps{n_steps}"] * (n_steps != INTERPOLATE_STEPS)

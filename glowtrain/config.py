@@ -350,6 +350,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     """A new validated Config with each `section.key=VALUE` applied in order (later wins)."""
     cfg = _apply(cfg, overrides)
     validate(cfg)
+    _check_data_root(cfg.data)
     return cfg
 
 
@@ -455,6 +456,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     # Range checks wait until overrides are in, so an override can repair a file's value.
     cfg = _apply(cfg, overrides)
     validate(cfg)
+    _check_data_root(cfg.data)
     return cfg
 
 
@@ -499,6 +501,8 @@ def _check_splines(model: ModelConfig) -> None:
 def _check_data_root(data: DataConfig) -> None:
     # An empty root reads the working directory (Path('') is '.'), which fails far from its cause, e.g. as an
     # output folder "inside the image folder ()". The bundled digits ignore the root, and so does a prepared cache.
+    # Checked for configs about to train or prepare (load_config, apply_overrides), not in validate: a run trained
+    # before this check stores root '' and must still load for sample, and for eval --data.
     if data.dataset == "digits" or data.cache or data.root.strip():
         return
     if data.dataset in ("folder", "celeba"):
@@ -543,7 +547,6 @@ def validate(cfg: Config) -> None:
     _require(data.n_workers >= 0, "data.n_workers", data.n_workers, "use 0 or more worker processes")
     _require(data.labels == "none" or data.dataset == "folder", "data.labels", data.labels,
              "subfolder labels are for data.dataset: folder; the other datasets bring their own labels")
-    _check_data_root(data)
 
     for key in ("n_levels", "n_steps", "hidden_channels", "dequant_steps", "dequant_hidden_channels"):
         _require(getattr(model, key) >= 1, f"model.{key}", getattr(model, key), "use an integer >= 1")

@@ -303,7 +303,21 @@ def refuse_output_among_images(out: Path, image_folder: str | Path, whose: str) 
 
 
 def refuse_output_among_training_images(out: Path, data_cfg) -> None:
-    """As refuse_output_among_images, for the image folder a run trains on (data.dataset: folder)."""
-    # A run that reads a prepared cache never walks its root again, and an empty root is no folder at all.
-    if data_cfg.dataset == "folder" and not data_cfg.cache and data_cfg.root.strip():
-        refuse_output_among_images(out, data_cfg.root, "the image folder this run trains on")
+    """As refuse_output_among_images, for the image folder a run trains on (data.dataset: folder): data.root, and
+    the folder a prepared cache was made from (eval --data or a new prepare would read pictures written there)."""
+    if data_cfg.dataset != "folder":
+        return
+    folders = [data_cfg.root] if data_cfg.root.strip() else []  # an empty root names no folder
+    if data_cfg.cache:
+        folders.append(_cache_source(Path(data_cfg.cache).expanduser()))
+    for folder in dict.fromkeys(f for f in folders if f):
+        refuse_output_among_images(out, folder, "the image folder this run trains on")
+
+
+def _cache_source(cache: Path) -> str | None:
+    """The image folder a cache was prepared from, as its index.json records it (None when unreadable)."""
+    try:
+        index = json.loads((cache / "index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return index.get("root") if isinstance(index, dict) and isinstance(index.get("root"), str) else None

@@ -46,6 +46,8 @@ def sample_batches(model: Glow, n: int, temperature: float, n_bits: int, generat
     if not_finite:
         fix = "use a lower temperature, like 0.7" if temperature > 1 else \
             "the weights may have diverged: try an earlier checkpoint"
+        if not all(torch.isfinite(p).all() for p in model.parameters()):  # no temperature helps then
+            fix = "the model's weights are not finite (the run diverged): try an earlier checkpoint"
         warnings.warn(f"{not_finite:,} of {n:,} images sampled at temperature {temperature:g} are not finite (the "
                       f"model's inverse overflowed), so their pixels mean nothing — {fix}", RuntimeWarning,
                       stacklevel=2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +53,7 @@ def class_number(value: int | str, names: list[str], n_classes: int, option: str
     if len(named) > 1:
         raise UserError(f"{option} {text!r} could name classes {' or '.join(repr(names[i]) for i in named)} — "
                         "give the name as written")
-    if text.lstrip("+-").isdigit():
+    if re.fullmatch(r"[+-]?[0-9]+", text):  # not str.isdigit: "+-1" and "²" are no numbers int() reads
         number = int(text)
         if named and named[0] != number and 0 <= number < n_classes:
             raise UserError(f"{option} {text} could mean class {number} ({names[number]}) or the class named "

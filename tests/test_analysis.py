@@ -320,9 +320,11 @@ def test_sample_says_how_many_images_overflowed_instead_of_drawing_them_silently
     run = glowtrain.load_run(run_dir, device="cpu")
     with torch.no_grad():
         next(run.model.parameters()).fill_(float("nan"))
-    with pytest.warns(RuntimeWarning, match="3 of 3 images sampled at temperature 0.7 are not finite .* the weights "
-                                            "may have diverged: try an earlier checkpoint"):
-        run.sample(3, 0.7)
+    for temperature in (0.7, 2.0):  # a lower temperature cannot help weights that are not finite
+        with pytest.warns(RuntimeWarning, match=f"3 of 3 images sampled at temperature {temperature:g} are not "
+                                                r"finite .* the model's weights are not finite \(the run diverged\): "
+                                                "try an earlier checkpoint"):
+            run.sample(3, temperature)
 
 
 def test_load_run_samples_the_classes_asked_for_as_the_cli_does(conditional, tmp_path):
@@ -368,6 +370,9 @@ def test_a_class_is_taken_by_number_or_by_name(value, number):
     ("fish", ["cat", "dog"], "--class 'fish' names no class of this run — give a number or a name: 0 cat, 1 dog"),
     ("fish", [], "--class 'fish' is not a class number, and this run's classes have no names — give a number from 0 "
                  "to 2"),
+    ("+-1", [], "--class '+-1' is not a class number, and this run's classes have no names — give a number from 0 "
+                "to 2"),
+    ("²", ["cat", "dog"], "--class '²' names no class of this run — give a number or a name: 0 cat, 1 dog"),
 ])
 def test_a_class_name_that_could_mean_two_classes_or_none_is_refused(value, names, needle):
     if needle is None:
@@ -704,10 +709,12 @@ def test_manipulate_shows_its_progress_over_the_training_images_it_encodes(fitte
     (["interpolate", "--pairs", "4", "--steps", "100000"], "--pairs 4 --steps 100000 make 400,000 images (a row per "
      "pair), more than a picture holds (1,024) — use --steps 256 or less"),
     (["interpolate", "--pairs", "600", "--steps", "8"], "use --pairs 128 or less, or fewer --steps"),
-], ids=["reconstruct", "interpolate-steps", "interpolate-pairs"])
+    (["interpolate", "--pairs", "2000", "--steps", "2"], "more than a picture holds (1,024) — use --pairs 512 or less"),
+], ids=["reconstruct", "interpolate-steps", "interpolate-pairs", "interpolate-pairs-at-fewest-steps"])
 def test_pictures_larger_than_a_grid_are_refused_before_any_work(fitted, tmp_path, args, needle):
     _, run_dir = fitted
-    assert_one_line_error(invoke(*args, "--run", run_dir, "--out", tmp_path, *CPU), 2, needle)
+    line = assert_one_line_error(invoke(*args, "--run", run_dir, "--out", tmp_path, *CPU), 2, needle)
+    assert line.endswith(needle)  # the fix offered is one that can be taken (2 is already the fewest --steps)
     assert list(tmp_path.iterdir()) == []
 
 

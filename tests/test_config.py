@@ -413,6 +413,17 @@ def test_an_empty_data_root_is_refused_naming_the_fix(tmp_path, dataset, message
     assert str(refused.value) == message
 
 
+def test_a_stored_config_with_an_empty_root_still_loads_for_commands_that_need_no_data():
+    # Runs trained before the check store root '' (the working directory): sample must still load them, eval
+    # --data must be able to relocate them, and a resume is refused until --set data.root names the folder.
+    stored = config_to_dict(override("data.dataset=folder", "data.channels=3", "data.root=images"))
+    stored["data"]["root"] = ""
+    assert config_from_dict(stored).data.root == ""
+    with pytest.raises(UserError, match="^data.root is empty"):
+        apply_overrides(config_from_dict(stored), [])
+    assert apply_overrides(config_from_dict(stored), ["data.root=images"]).data.root == "images"
+
+
 def test_an_empty_data_root_is_fine_where_nothing_reads_it():
     assert override("data.root=").data.root == ""  # the bundled digits
     cached = override("data.dataset=folder", "data.root=", "data.cache=prepared/folder-8px")

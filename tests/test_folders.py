@@ -225,16 +225,24 @@ def test_commands_take_a_class_by_its_folder_name_as_by_its_number(tmp_path):
         assert_one_line_error(invoke(*args[:1], "--run", run, *args[1:], *cpu), 2, line)
 
 
-def test_outputs_are_refused_only_inside_a_folder_the_run_still_reads(tmp_path):
+def test_outputs_are_refused_inside_the_image_folder_and_the_folder_its_cache_came_from(tmp_path):
     images = tmp_path / "images"
     make_images(images, 2)
     data = DataConfig(dataset="folder", root=str(images))
     with pytest.raises(glowtrain.UserError, match="lies inside the image folder this run trains on"):
         refuse_output_among_training_images(images / "samples", data)
-    # A run reading a prepared cache never walks its root again; an empty root names no folder (it is refused
-    # by the config's checks, not reported as an output "inside the image folder ()").
-    refuse_output_among_training_images(images / "samples", dataclasses.replace(data, cache=str(tmp_path / "c")))
+    # An empty root names no folder (the config's checks refuse it; no output is "inside the image folder ()").
     refuse_output_among_training_images(tmp_path / "samples", dataclasses.replace(data, root=""))
+    # A prepared cache's source folder is protected too, with or without data.root: eval --data or a new prepare
+    # would read what was written there.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "index.json").write_text(json.dumps({"root": str(images.resolve())}))
+    for cached in (dataclasses.replace(data, cache=str(cache)), dataclasses.replace(data, cache=str(cache), root="")):
+        with pytest.raises(glowtrain.UserError, match="lies inside the image folder this run trains on"):
+            refuse_output_among_training_images(images / "run", cached)
+        refuse_output_among_training_images(tmp_path / "run", cached)
+    refuse_output_among_training_images(tmp_path / "run", dataclasses.replace(data, cache=str(tmp_path / "none")))
 
 
 def test_subfolder_labels_are_only_for_folders():
