@@ -69,6 +69,18 @@ def _root(
     _state["debug"] = debug
 
 
+def resume_command(run_dir: str) -> str:
+    """The command that continues a run, with the processes it trained on: another count would silently change
+    the global batch (batch_size x processes), so the resumed run would not be the one that was stopped."""
+    command = f"glowtrain fit --resume auto --out {shlex.quote(run_dir)}"
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes == 1:
+        return command
+    if int(os.environ.get("LOCAL_WORLD_SIZE", processes)) == processes:  # one machine: --nproc launches them all
+        return f"{command} --nproc {processes}"
+    return f"{command}, launched on {processes} processes as before (another count changes the global batch)"
+
+
 def _errors_to_exit_codes(command):
     """UserError -> one line on stderr and exit 2; interruption -> exit 130; anything else -> exit 1."""
     options = inspect.signature(command).parameters
@@ -88,7 +100,7 @@ def _errors_to_exit_codes(command):
             step, run_dir = e.args
             on_rank_0 = os.environ.get("RANK", "0") == "0"  # under torchrun, one line for the job, not one per process
             _end(EXIT_INTERRUPTED, f"interrupted at step {step}; checkpoint saved. Continue with: "
-                                   f"glowtrain fit --resume auto --out {shlex.quote(run_dir)}" if on_rank_0 else None)
+                                   f"{resume_command(run_dir)}" if on_rank_0 else None)
         except Stopped as e:
             _end(EXIT_INTERRUPTED, str(e))
         except KeyboardInterrupt:
@@ -279,7 +291,7 @@ def fit(
     run_dir = result.run_dir
     if result.timed_out:
         typer.echo(f"stopped at step {result.step} of {cfg.train.steps}: train.max_time ({cfg.train.max_time}) is used "
-                   f"up; checkpoint saved. Continue with: glowtrain fit --resume auto --out {shlex.quote(run_dir)}")
+                   f"up; checkpoint saved. Continue with: {resume_command(run_dir)}")
     if "bpd" in result.test:
         typer.echo(f"test bpd {result.test['bpd']:.4f} at step {result.test['step']}")  # maybe before a stop
     typer.echo(f"run directory:  {shlex.quote(run_dir)}")  # quoted, so that every path pastes into a shell
@@ -583,6 +595,10 @@ def info(
         # A trained run is described as it was trained; an override would describe another model.
         raise UserError(f"--set does not apply to --run (the run is described as trained); for a changed config "
                         f"use: glowtrain info --config {shlex.quote(str(Path(run) / 'config.yaml'))} --set ...")
+    if run and Path(run).is_file():  # info has no --checkpoint to offer, as the other commands' message does
+        owner = Path(run).parent.parent if Path(run).parent.name == "checkpoints" else Path(run).parent
+        raise UserError(f"--run takes a run directory, and {run} is a file — pass its run directory: "
+                        f"--run {shlex.quote(str(owner))}")
     if run:
         from glowtrain.runs import training_state
 

@@ -645,9 +645,12 @@ def test_runs_lists_each_run_with_step_best_bpd_and_status(fitted, tmp_path, mon
             "error: --root runs: a file, not a folder — pass the folder that holds your runs (default: runs)")
     (tmp_path / "runs").unlink()
     checkpoint = run_dir / "checkpoints" / "last.pt"
-    assert assert_one_line_error(invoke("info", "--run", checkpoint), 2) == (
+    assert assert_one_line_error(invoke("sample", "--run", checkpoint, "--out", tmp_path / "s"), 2) == (
         f"error: --run takes a run directory, and {checkpoint} is a file — pass its run directory, or the file as "
         f"--checkpoint {checkpoint}")
+    # info takes no --checkpoint: it is offered the run directory the checkpoint belongs to
+    assert assert_one_line_error(invoke("info", "--run", checkpoint), 2) == (
+        f"error: --run takes a run directory, and {checkpoint} is a file — pass its run directory: --run {run_dir}")
     line = assert_one_line_error(invoke("reconstruct", "--run", run_dir, "--n", "400", "--out", tmp_path / "r.png"), 2)
     assert line.endswith("the test split has 297 — use --n 297 or less")
     line = assert_one_line_error(invoke("interpolate", "--run", run_dir, "--pairs", "200", "--steps", "2", "--out",

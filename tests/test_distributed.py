@@ -152,7 +152,7 @@ def test_ctrl_c_to_a_two_process_fit_ends_it_as_one_process_would(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("interrupted at step "), stderr[-3000:]
     step = int(lines[0].split()[3].rstrip(";"))
     assert lines[0] == (f"interrupted at step {step}; checkpoint saved. Continue with: "
-                        f"glowtrain fit --resume auto --out {out}")
+                        f"glowtrain fit --resume auto --out {out} --nproc 2")  # the same global batch
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == step >= 1
 
 
@@ -251,6 +251,22 @@ def test_resume_with_a_different_number_of_processes(tmp_path):
     steps = [m["step"] for m in _metrics(tmp_path / "run") if m["split"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 8
+
+
+@pytest.mark.parametrize("environment,expected", [
+    ({}, "glowtrain fit --resume auto --out 'runs/my run'"),
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, "glowtrain fit --resume auto --out 'runs/my run' --nproc 2"),
+    ({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}, "glowtrain fit --resume auto --out 'runs/my run', launched on 8 "
+                                                   "processes as before (another count changes the global batch)"),
+], ids=["one-process", "one-machine", "two-machines"])
+def test_the_resume_command_printed_keeps_the_process_count(monkeypatch, environment, expected):
+    from glowtrain.cli import resume_command
+
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert resume_command("runs/my run") == expected
 
 
 def test_a_cuda_device_turns_on_tf32_matrix_products_and_tuned_convolutions(monkeypatch):
