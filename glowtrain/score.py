@@ -324,8 +324,11 @@ def _stream(image_set: ImageSet, scorer: Scorer, writer, options: ScoreOptions) 
         bar.update(indices[-1] + 1 - done)
         done = indices[-1] + 1
     bar.close()
-    if not columns:
-        raise UserError(f"none of the {len(image_set.names)} {image_set.role} could be read; nothing to score")
+    if not columns:  # the skip warnings are printed with the results, so the first reason goes in the error
+        first = f" ({image_set.skipped[0][0]}: {image_set.skipped[0][1]}" + \
+            (f"; {len(image_set.skipped) - 1:,} more)" if len(image_set.skipped) > 1 else ")") \
+            if image_set.skipped else ""
+        raise UserError(f"none of the {len(image_set.names)} {image_set.role} could be read{first}; nothing to score")
     return {name: np.concatenate(parts) for name, parts in columns.items()}
 
 

@@ -294,6 +294,14 @@ def test_an_unreadable_image_is_rejected_in_one_line_or_skipped(run_dir, digit_f
     without, _ = score(run_dir, tmp_path / "without", "--images", folder)
     assert [{**r, "path": Path(r["path"]).name} for r in rows] == [{**r, "path": Path(r["path"]).name}
                                                                    for r in without]
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    for name in ("a.png", "b.png"):
+        (only_bad / name).write_bytes(b"not a png")
+    result = invoke("score", "--run", run_dir, "--out", tmp_path / "none", *CPU, "--images", only_bad,
+                    "--on-bad-image", "skip")
+    assert_one_line_error(result, 2, "none of the 2 images could be read", "a.png: cannot", "; 1 more)")
+    assert not (tmp_path / "none").exists()
 
 
 def test_png_bits_per_dim_counts_the_compressed_image_data_of_the_quantised_image():
