@@ -689,10 +689,12 @@ def data_changed_warning(recorded: dict | None, split: str, dataset) -> str | No
             "comparable with earlier ones")
 
 
-def record_run_data(run: RunDir, data_cfg: DataConfig, train, test, resumed: bool) -> tuple[str, list[str]]:
+def record_run_data(run: RunDir, data_cfg: DataConfig, train, test, resumed: bool,
+                    resumed_from: RunDir | None = None) -> tuple[str, list[str]]:
     """Keep the data's record and check results in the run; return the start's data line and its warnings
-    (files skipped; on resume, files that differ from those the run recorded)."""
-    recorded = read_json(run.data_record)
+    (files skipped; on resume, files that differ from those the run recorded, or, for a run resumed into a new
+    folder, those the checkpoint's own run recorded)."""
+    recorded = read_json(run.data_record) or (read_json(resumed_from.data_record) if resumed_from else None)
     changed = [data_changed_warning(recorded, s, d) for s, d in zip(SPLITS, (train, test))] if resumed else []
     warnings = [w for w in dict.fromkeys([skipped_warning(train, test), stale_cache_warning(data_cfg), *changed])
                 if w]  # each line once

@@ -683,7 +683,10 @@ class Trainer:
         """Say what the run trains on, warn about skipped or changed files, and keep the data's record."""
         if not all(hasattr(d, "report") for d in (self.train_set, self.test_set)):  # datasets handed in from Python
             return
-        line, warnings_ = record_run_data(self.run_dir, self.cfg.data, self.train_set, self.test_set, self.resumed)
+        checkpoint = Path(self.resume_from) if self.resumed else None
+        source = RunDir(checkpoint.parent.parent) if checkpoint and checkpoint.parent.name == "checkpoints" else None
+        line, warnings_ = record_run_data(self.run_dir, self.cfg.data, self.train_set, self.test_set, self.resumed,
+                                          source)
         tqdm.write(line)
         for warning in warnings_:
             tqdm.write(warning, file=sys.stderr)

@@ -264,6 +264,17 @@ def test_a_folder_run_from_before_data_records_is_warned_that_its_split_may_diff
     assert resumed.exit_code == 0 and resumed.stderr.count("recorded no data fingerprint") == 1
     again = invoke("eval", "--run", run, "--device", "cpu")
     assert "warning" not in again.stderr  # the resumed run recorded its data
+    # A checkpoint resumed into a new folder is compared with the data its own run recorded: no false warning,
+    # and a real change is still said.
+    checkpoint = str(RunDir(run).last)
+    branched = invoke("fit", "--out", tmp_path / "branch", "--no-progress", "--resume", checkpoint,
+                      *sets(*FOLDER_RUN, f"data.root={tmp_path / 'images'}", "train.steps=8"))
+    assert branched.exit_code == 0, branched.output
+    assert "warning" not in branched.stderr
+    make_images(tmp_path / "images" / "more", 4, seed=1)
+    changed = invoke("fit", "--out", tmp_path / "branch2", "--no-progress", "--resume", checkpoint,
+                     *sets(*FOLDER_RUN, f"data.root={tmp_path / 'images'}", "train.steps=8"))
+    assert changed.exit_code == 0 and "images differ from those this run recorded" in changed.stderr
 
 
 def test_a_file_that_vanishes_between_listing_and_checking_is_an_unreadable_file_not_a_crash(tmp_path):
