@@ -635,7 +635,7 @@ def prepare(
     ] = False,
 ) -> None:
     """Decode a dataset once into a uint8 cache at the training resolution; train from it with data.cache."""
-    from glowtrain.config import load_config
+    from glowtrain.config import default_config, load_config
     from glowtrain.data import prepare_cache
 
     cfg = load_config(config, set_ or [])
@@ -648,7 +648,11 @@ def prepare(
     if index["warning"]:
         typer.echo(index["warning"], err=True)
     typer.echo(f"cached {index['splits']['train']:,} train and {index['splits']['test']:,} test images in {target}")
-    typer.echo(f"train from it with: --set {shlex.quote(f'data.cache={target}')}")
+    # With the keys that decide the cache's images where they are not the defaults: fit refuses the cache otherwise.
+    defaults = default_config().data
+    keys = [f"data.{name}={value}" for name, value in index.get("keys", {}).items() if value != getattr(defaults, name)]
+    settings = [f"data.cache={target}", *keys]
+    typer.echo("train from it with: " + " ".join(f"--set {shlex.quote(each)}" for each in settings))
 
 
 @app.command("runs")

@@ -450,6 +450,17 @@ def test_prepare_writes_a_cache_that_fit_trains_from(tmp_path):
                     *sets(*TINY, *data, "train.batch_size=8", "train.init_batch_size=8"))
     assert result.exit_code == 0, result.output
     assert "test bpd" in result.stdout
+    # Keys that decide which images a cache holds, when not the defaults, are in the suggestion: without them
+    # fit would refuse the cache.
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"not a png")
+    result = invoke("prepare", *sets(*data, "data.on_bad_image=skip", "data.split_seed=3"), "--out",
+                    str(tmp_path / "cache2"), "--no-progress")
+    suggested = shlex.split(result.stdout.split("train from it with: ")[1].splitlines()[0])
+    assert suggested == ["--set", f"data.cache={tmp_path / 'cache2'}", "--set", "data.split_seed=3",
+                         "--set", "data.on_bad_image=skip"]
+    result = invoke("fit", "--out", str(tmp_path / "run2"), "--no-progress", *sets(*TINY, *data,
+                    "train.batch_size=8", "train.init_batch_size=8"), *suggested)
+    assert result.exit_code == 0, result.output
 
 
 def test_prepare_into_the_current_folder_writes_the_cache_there(tmp_path, monkeypatch):
