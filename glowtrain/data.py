@@ -531,6 +531,12 @@ def _refuse_other_settings(out: Path, data_cfg) -> None:
     current = {"dataset": data_cfg.dataset, "image_shape": list(image_shape(data_cfg)),
                **{f"data.{name}": getattr(data_cfg, name) for name in index.get("keys", {})}}
     differ = [f"{key} {recorded[key]}, not {current[key]}" for key in recorded if recorded[key] != current[key]]
+    # Another image folder is other images too, when the one it came from is still here (a folder that is gone was
+    # moved, and preparing from where it is now is the same images). A torchvision set is the same anywhere.
+    source, root = index.get("root"), str(Path(data_cfg.root).expanduser().resolve())
+    other_folder = isinstance(source, str) and source != root and Path(source).is_dir()
+    if data_cfg.dataset in ("folder", "celeba") and other_folder:
+        differ.append(f"images from {source}, not {root}")
     if differ:
         raise UserError(f"{out} holds a cache of other settings ({'; '.join(differ)}) that runs may train from — "
                         "choose another --out, or pass --overwrite to replace it")

@@ -607,13 +607,16 @@ def test_preparing_a_cache_again_keeps_the_other_files_in_its_folder(tmp_path, o
     assert data.is_prepared_cache(cache) and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "images"]
 
 
-@pytest.mark.parametrize("key,value", [("channels", 1), ("image_size", 2), ("split_seed", 3)])
+@pytest.mark.parametrize("key,value", [("channels", 1), ("image_size", 2), ("split_seed", 3), ("root", "other")])
 def test_prepare_replaces_a_cache_of_other_settings_only_with_overwrite(tmp_path, key, value):
     make_folder(tmp_path / "images", 8, size=(6, 6))
     cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=4, channels=3)
     cache = tmp_path / "cache"
     data.prepare_cache(cfg, str(cache), progress=False)
     before = {path.name: path.read_bytes() for path in cache.iterdir()}
+    if key == "root":  # another folder of images, while the one the cache came from is still there
+        make_folder(tmp_path / value, 8, size=(6, 6), seed=1)
+        value = str(tmp_path / value)
     other = data_cfg(**{**vars(cfg), key: value})
     with pytest.raises(UserError) as refused:
         data.prepare_cache(other, str(cache), progress=False)
@@ -623,6 +626,16 @@ def test_prepare_replaces_a_cache_of_other_settings_only_with_overwrite(tmp_path
     assert {path.name: path.read_bytes() for path in cache.iterdir()} == before
     data.prepare_cache(other, str(cache), progress=False, overwrite=True)
     assert len(data.build_dataset(data_cfg(**{**vars(other), "cache": str(cache)}), "train")) > 0
+
+
+def test_prepare_from_a_moved_image_folder_replaces_its_cache_without_overwrite(tmp_path):
+    make_folder(tmp_path / "images", 8, size=(6, 6))
+    cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=4, channels=3)
+    data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    (tmp_path / "images").rename(tmp_path / "moved")  # the folder it came from is gone: the same images, elsewhere
+    index = data.prepare_cache(data_cfg(**{**vars(cfg), "root": str(tmp_path / "moved")}), str(tmp_path / "cache"),
+                               progress=False)
+    assert index["root"] == str((tmp_path / "moved").resolve())
 
 
 def test_the_crop_of_a_celeba_run_is_recorded_and_used_from_any_working_directory(tmp_path, monkeypatch):
