@@ -408,7 +408,9 @@ def _torchvision_set(data_cfg, split: str, shape: tuple[int, int, int]) -> Tenso
         if not data_cfg.download:
             raise MissingData(f"{cls_name} not found under {root}/", "set data.download: true "
                               f"(or --set data.download=true) or put the files in {where}") from None
-        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        # torchvision's "Error downloading X:" is followed by each mirror's error: keep the heading and the last
+        reason = f"{lines[0]} {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
         raise UserError(f"could not download {cls_name} into {root}/ ({reason}); "
                         f"put the files in {where} yourself") from None
     # Whole arrays at once: per-item PIL conversion is far slower for these small sets.
