@@ -262,7 +262,8 @@ def fit(
         "--set", "-s", metavar="KEY=VALUE", help="Override a key: --set train.lr=5e-4 (repeatable).")] = None,
     resume: Annotated[Optional[str], typer.Option(
         "--resume", metavar="auto|if-any|PATH",
-        help="'auto' (the run's last.pt), 'if-any' (auto when there is one), or a checkpoint path.")] = None,
+        help="'auto' (the run's last.pt), 'if-any' (auto when there is one), a checkpoint path, or a run "
+             "directory (its last.pt).")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="DIR",
         help="Run directory; default runs/<run.name>.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
