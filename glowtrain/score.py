@@ -325,11 +325,17 @@ def _stream(image_set: ImageSet, scorer: Scorer, writer, options: ScoreOptions) 
         done = indices[-1] + 1
     bar.close()
     if not columns:  # the skip warnings are printed with the results, so the first reason goes in the error
-        first = f" ({image_set.skipped[0][0]}: {image_set.skipped[0][1]}" + \
-            (f"; {len(image_set.skipped) - 1:,} more)" if len(image_set.skipped) > 1 else ")") \
-            if image_set.skipped else ""
-        raise UserError(f"none of the {len(image_set.names)} {image_set.role} could be read{first}; nothing to score")
+        raise UserError(f"none of the {len(image_set.names)} {image_set.role} could be read"
+                        f"{_first_skipped(image_set.skipped)}; nothing to score")
     return {name: np.concatenate(parts) for name, parts in columns.items()}
+
+
+def _first_skipped(skipped: list[tuple[str, str]]) -> str:
+    """' (a.png: why; 3 more)' for the files skipped, or '' when none were."""
+    if not skipped:
+        return ""
+    more = f"; {len(skipped) - 1:,} more" if len(skipped) > 1 else ""
+    return f" ({skipped[0][0]}: {skipped[0][1]}{more})"
 
 
 def _mean_stderr(values: np.ndarray) -> dict[str, float | None]:
