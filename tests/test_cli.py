@@ -657,6 +657,9 @@ def test_runs_lists_each_run_with_step_best_bpd_and_status(fitted, tmp_path, mon
         assert assert_one_line_error(invoke("runs", *args), 2) == (
             "error: --root runs: a file, not a folder — pass the folder that holds your runs (default: runs)")
     (tmp_path / "runs").unlink()
+    assert assert_one_line_error(invoke("runs", "--root", run_dir), 2) == (
+        f"error: --root {run_dir} is a run directory, not a folder of runs — pass the folder that holds it (--root "
+        f"{run_dir.parent}), or see this run with: glowtrain info --run {run_dir}")
     checkpoint = run_dir / "checkpoints" / "last.pt"
     assert assert_one_line_error(invoke("sample", "--run", checkpoint, "--out", tmp_path / "s"), 2) == (
         f"error: --run takes a run directory, and {checkpoint} is a file — pass its run directory, or the file as "
