@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,13 +102,19 @@ class Run:
         on the full 0..255 scale, like samples). The model sees exactly these pixels' bins."""
         sources = _as_sources(images)
         _require(len(sources) > 0, "no images given; pass paths, PIL images or uint8 arrays (one or a list)")
-        try:
-            crop = training_crop(self.cfg.data, self.run_dir)
-            pixels = torch.stack([preprocess_image(_to_pil(s), self.cfg.data, crop) for s in sources])
-        except (OSError, ValueError, TypeError) as e:  # TypeError: PIL's word for an array of an unknown layout
-            raise UserError(f"cannot read an image ({e}); pass paths, PIL images, uint8 arrays (H, W) or (H, W, C), "
-                            "or uint8 tensors (C, H, W)") from None
-        return to_uint8(dequantize(pixels, self.n_bits, 0.5), self.n_bits).to(self.device)
+        crop = training_crop(self.cfg.data, self.run_dir)
+        pixels = []
+        for index, source in enumerate(sources):
+            try:
+                image = _to_pil(source)
+                if isinstance(image, Image.Image) and 0 in image.size:  # resizing would fail deep inside torch
+                    raise ValueError(f"it has no pixels: {image.width}x{image.height}")
+                pixels.append(preprocess_image(image, self.cfg.data, crop))
+            except (OSError, ValueError, TypeError) as e:  # TypeError: PIL's word for an array of an unknown layout
+                which = source if isinstance(source, (str, os.PathLike)) else f"image {index} of {len(sources)}"
+                raise UserError(f"cannot read {which} ({e}); pass paths, PIL images, uint8 arrays (H, W) or "
+                                "(H, W, C), or uint8 tensors (C, H, W)") from None
+        return to_uint8(dequantize(torch.stack(pixels), self.n_bits, 0.5), self.n_bits).to(self.device)
 
     def bits_per_dim(self, images, n_dequant: int = 1, batch_size: int = 256) -> torch.Tensor:
         """bits/dim of each image (float64, on the CPU), with `glowtrain eval`'s dequantisation noise keyed by the

@@ -354,6 +354,8 @@ def test_load_run_refuses_what_the_cli_refuses_with_a_user_error(run_dir, tmp_pa
     run = glowtrain.load_run(run_dir, device=torch.device("cpu"))  # a torch.device works like its name
     pixels = run.preprocess(build_dataset(run.cfg.data, "test").images[:2])
     zs, _ = run.encode(pixels)
+    good, broken = np.zeros((8, 8), np.uint8), tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
     bad = [
         (lambda: run.bits_per_dim(pixels, n_dequant=0), "n_dequant must be a whole number >= 1, got 0"),
         (lambda: run.bits_per_dim(pixels, batch_size=0), "batch_size must be a whole number >= 1, got 0"),
@@ -367,6 +369,10 @@ def test_load_run_refuses_what_the_cli_refuses_with_a_user_error(run_dir, tmp_pa
         (lambda: glowtrain.load_run(tmp_path / "nope"), "no run directory or checkpoint at"),
         (lambda: glowtrain.load_run(run_dir, ema="no"), "ema must be True or False, got 'no'"),
         (lambda: run.preprocess(torch.zeros(8, 8, 1, dtype=torch.uint8)), "or uint8 tensors (C, H, W)"),  # (H, W, C)
+        # Which of several images could not be read: its path, or its place in the list
+        (lambda: run.preprocess([good, str(broken)]), f"cannot read {broken} ("),
+        (lambda: run.preprocess([good, np.zeros((0, 8), np.uint8)]), "cannot read image 1 of 2 (it has no pixels: "
+                                                                      "8x0)"),
     ]
     for call, message in bad:
         with pytest.raises(glowtrain.UserError) as refused:
