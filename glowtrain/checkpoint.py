@@ -17,7 +17,7 @@ from glowtrain.errors import UserError
 from glowtrain.files import atomic_write
 from glowtrain.model import Glow
 from glowtrain.objective import Objective, build_objective
-from glowtrain.runs import resolve_checkpoint
+from glowtrain.runs import resolve_checkpoint, run_of_checkpoint
 
 CHECKPOINT_FORMAT = 1
 # Tensors are copied from a GPU in buckets of about this size: few copies, yet only this much extra memory at once.
@@ -242,7 +242,7 @@ def open_run(run: str | None, checkpoint: str | None, device: torch.device | str
     path = resolve_checkpoint(run, checkpoint, which)
     state = load_checkpoint(path, map_location="cpu")
     model, cfg = model_from_checkpoint(state, use_ema=use_ema, source=str(path))
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    run_dir = owner.path if (owner := run_of_checkpoint(path)) is not None else None
     used_ema = use_ema and state.get("ema") is not None
     objective = objective_from_checkpoint(state, model, cfg, use_ema, str(path)).to(device)
     return LoadedRun(objective.model, cfg, int(state.get("step", 0)), path, run_dir, used_ema, objective)

@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from glowtrain.errors import MissingData, UserError
+from glowtrain.runs import read_json
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PIL_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -308,16 +309,8 @@ def refuse_output_among_training_images(out: Path, data_cfg) -> None:
     if data_cfg.dataset != "folder":
         return
     folders = [data_cfg.root] if data_cfg.root.strip() else []  # an empty root names no folder
-    if data_cfg.cache:
-        folders.append(_cache_source(Path(data_cfg.cache).expanduser()))
+    if data_cfg.cache:  # the image folder the cache was prepared from, as its index.json records it
+        source = (read_json(Path(data_cfg.cache).expanduser() / "index.json") or {}).get("root")
+        folders += [source] if isinstance(source, str) else []
     for folder in dict.fromkeys(f for f in folders if f):
         refuse_output_among_images(out, folder, "the image folder this run trains on")
-
-
-def _cache_source(cache: Path) -> str | None:
-    """The image folder a cache was prepared from, as its index.json records it (None when unreadable)."""
-    try:
-        index = json.loads((cache / "index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return index.get("root") if isinstance(index, dict) and isinstance(index.get("root"), str) else None

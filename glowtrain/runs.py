@@ -322,6 +322,11 @@ def write_json(path: Path, value: dict) -> None:
     atomic_write(path, lambda f: json.dump(value, f), mode="w", durable=False)
 
 
+def run_of_checkpoint(path: Path) -> RunDir | None:
+    """The run directory a checkpoint file lies in (RUN/checkpoints/X.pt); None for a file anywhere else."""
+    return RunDir(path.parent.parent) if path.parent.name == "checkpoints" else None
+
+
 def run_dir_for(out: str | None, name: str, resume: str | None) -> RunDir:
     """The run directory: --out, else the run a --resume path points into, else runs/<run.name>."""
     if out:
@@ -330,8 +335,8 @@ def run_dir_for(out: str | None, name: str, resume: str | None) -> RunDir:
         path = Path(resume)
         if path.is_dir():
             return RunDir(path)
-        if path.parent.name == "checkpoints":
-            return RunDir(path.parent.parent)
+        if (owner := run_of_checkpoint(path)) is not None:
+            return owner
     return RunDir(RUNS_ROOT / name)
 
 

@@ -47,6 +47,7 @@ from glowtrain.runs import (
     refuse_if_being_trained,
     resume_message,
     run_dir_for,
+    run_of_checkpoint,
     training_lock,
 )
 
@@ -683,8 +684,7 @@ class Trainer:
         """Say what the run trains on, warn about skipped or changed files, and keep the data's record."""
         if not all(hasattr(d, "report") for d in (self.train_set, self.test_set)):  # datasets handed in from Python
             return
-        checkpoint = Path(self.resume_from) if self.resumed else None
-        source = RunDir(checkpoint.parent.parent) if checkpoint and checkpoint.parent.name == "checkpoints" else None
+        source = run_of_checkpoint(Path(self.resume_from)) if self.resumed else None
         line, warnings_ = record_run_data(self.run_dir, self.cfg.data, self.train_set, self.test_set, self.resumed,
                                           source)
         tqdm.write(line)
