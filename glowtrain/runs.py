@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from glowtrain.config import Config, config_to_yaml
+from glowtrain.config import Config, config_to_dict, config_to_yaml, load_config
 from glowtrain.errors import UserError
 from glowtrain.files import atomic_write
 
@@ -100,6 +100,16 @@ class RunDir:
             return "other"
         written, tagged, digest = first.partition(_DIGEST_TAG)
         return "fit" if not tagged or digest == f"{_digest(rest)}]" else "edited"
+
+    def edits_unused_by(self, cfg: Config) -> bool:
+        """Whether config.yaml was edited by hand to settings other than `cfg`'s: a resume trains with the config
+        its checkpoint keeps (plus --set), so such edits would go unused without a word."""
+        if self.config_origin() != "edited":
+            return False  # as fit wrote it, or not a run's
+        try:
+            return config_to_dict(load_config(self.config)) != config_to_dict(cfg)
+        except UserError:  # an edit that breaks the file goes unused too
+            return True
 
     def files_a_run_would_replace(self) -> list[str]:
         """What a fresh start here would overwrite or move that no run of glowtrain's left (the user's own files)."""

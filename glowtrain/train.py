@@ -7,6 +7,7 @@ import copy
 import functools
 import inspect
 import math
+import shlex
 import signal
 import sys
 import time
@@ -652,8 +653,15 @@ class Trainer:
             if not self.resumed:
                 self.run_dir.set_aside_unfinished()
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
+            unused_edits = self.resumed and self.run_dir.edits_unused_by(cfg)
+            edited = self.run_dir.config
             if not self._nothing_to_train and (kept := self.run_dir.write_config(cfg)):
-                tqdm.write(f"note: {self.run_dir.config} had been edited since fit wrote it; kept as {kept}")
+                tqdm.write(f"note: {edited} had been edited since fit wrote it; kept as {kept}")
+                edited = kept
+            if unused_edits:
+                self.notes.append(f"note: this resume does not use the edits in {edited}: a resume trains with the "
+                                  "config its checkpoint keeps (and --set); to use them, resume with --config "
+                                  f"{shlex.quote(str(edited))}")
             going_on = self.resumed and not self._nothing_to_train
             # Only a run that goes on replaces what was logged after its step; one that trains nothing moves nothing.
             self.logger = RunLogger(self.run_dir, self.state.step if going_on else None)

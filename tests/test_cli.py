@@ -527,6 +527,27 @@ def test_resume_says_where_it_continues_from_and_when_there_is_nothing_left(tmp_
     assert sorted(path.name for path in (run_dir / "tb").rglob("*")) == hparams
 
 
+def test_a_resume_says_when_it_does_not_use_edits_made_to_the_runs_config_yaml(tmp_path):
+    run_dir = tmp_path / "run"
+    assert tiny_fit(run_dir).exit_code == 0
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("  steps: 4 ", "  steps: 6 "))  # "train longer", by hand
+    done = tiny_fit(run_dir, resume=True)
+    assert done.exit_code == 0, done.output
+    assert f"{run_dir} is already at step 4 of 4" in done.stdout
+    assert (f"note: this resume does not use the edits in {config}: a resume trains with the config its "
+            f"checkpoint keeps (and --set); to use them, resume with --config {config}") in done.stdout
+    going_on = invoke("fit", "--out", run_dir, "--resume", "auto", "--no-progress", "--config", config)
+    assert going_on.exit_code == 0, going_on.output
+    assert f"resuming {run_dir} from step 4 of 6" in going_on.stdout and "does not use" not in going_on.stdout
+
+    config.write_text(config.read_text().replace("  lr: ", "  lr: 0.0005  # was "))  # a new lr
+    longer = tiny_fit(run_dir, "train.steps=7", resume=True)
+    assert longer.exit_code == 0, longer.output
+    kept = run_dir / "config.edited_2.yaml"  # config.edited.yaml: the steps edit, kept when --config resumed with it
+    assert f"kept as {kept}" in longer.stdout and f"does not use the edits in {kept}" in longer.stdout
+
+
 def test_no_progress_prints_one_plain_line_per_logging_step(tmp_path):
     result = tiny_fit(tmp_path / "run")
     assert result.exit_code == 0

@@ -751,8 +751,9 @@ def test_a_config_yaml_edited_since_fit_wrote_it_is_kept_not_replaced(tmp_path):
     for n, (name, edit) in enumerate(edits.items(), start=6):
         text = edit((first / "config.yaml").read_bytes())
         (first / "config.yaml").write_bytes(text)
-        ok(invoke("fit", "--out", first, "--resume", "auto", "--no-progress", *sets(f"train.steps={n}")))
+        resumed = ok(invoke("fit", "--out", first, "--resume", "auto", "--no-progress", *sets(f"train.steps={n}")))
         assert (first / name).read_bytes() == text
+        assert "does not use the edits" not in resumed.stdout  # the same settings: nothing went unused
     assert RunDir(first).config_origin() == "fit" and load_config(first / "config.yaml").train.steps == 9
 
 
