@@ -160,20 +160,40 @@ def _end(code: int, line: str | None) -> NoReturn:
             # On its way out, a Ctrl-C still held down would only break the clean-up (progress bars closing in
             # their __del__) with tracebacks after the one line.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-    folder = os.environ.get(JOB_REPORTS)
-    if folder and "RANK" in os.environ:
-        report = Path(folder) / f"{os.environ['RANK']}.json"
-        partial = report.with_suffix(".partial")
-        try:
-            partial.write_text(json.dumps({"exit_code": code, "line": line}))
-            partial.replace(report)  # the parent never reads half a report
-            line = None
-        except OSError:  # the parent is gone (its folder with it): say it here
-            pass
+    if _report_to_launcher(code, line):
+        line = None
     if line:
         typer.echo(line, err=True)
     _state["ended"] = True
     raise typer.Exit(code) from None
+
+
+def _report_to_launcher(code: int, line: str | None) -> bool:
+    """A process of `fit --nproc` leaves its exit code and line to its parent; False when it is none (or its
+    parent is gone, its folder with it), so that it speaks for itself."""
+    folder = os.environ.get(JOB_REPORTS)
+    if not folder or "RANK" not in os.environ:
+        return False
+    report = Path(folder) / f"{os.environ['RANK']}.json"
+    partial = report.with_suffix(".partial")
+    try:
+        partial.write_text(json.dumps({"exit_code": code, "line": line}))
+        partial.replace(report)  # the parent never reads half a report
+    except OSError:
+        return False
+    return True
+
+
+def _trained() -> None:
+    """Training is over and saved. A Ctrl-C from here on (while the summary prints) would only turn a finished
+    run into an interrupted one, exit code 130: it is ignored, and a process of `fit --nproc` reports that it
+    finished, so that its launcher, which the same Ctrl-C stopped, ends the job with 0."""
+    import signal
+
+    if _state["whole_process"]:
+        for name in ("SIGINT", "SIGTERM"):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    _report_to_launcher(0, None)
 
 
 def _run_processes(nproc: int, args: list[str]) -> None:
@@ -194,7 +214,7 @@ def _run_processes(nproc: int, args: list[str]) -> None:
         finally:
             del os.environ[JOB_REPORTS], os.environ[LAUNCHER_PID]
         reports = {int(path.stem): json.loads(path.read_text()) for path in Path(folder).glob("*.json")}
-    code, lines = _job_end(reports, end.failed, end.signalled, end.forced)
+    code, lines = _job_end(reports, end.failed, end.signalled, end.forced, n_processes=nproc)
     for line in lines:
         typer.echo(line, err=True)
     _state["ended"] = True  # the job's lines are this command's: nothing more to say
@@ -203,18 +223,20 @@ def _run_processes(nproc: int, args: list[str]) -> None:
 
 
 def _job_end(reports: dict[int, dict], failed: dict[int, int], signalled: bool,
-             forced: bool = False) -> tuple[int, list[str]]:
+             forced: bool = False, n_processes: int = 0) -> tuple[int, list[str]]:
     """The exit code and lines of one process, from the reports of a job's processes (rank -> exit code and line),
     torchrun's failed ranks (rank -> exit code), whether a signal stopped it and whether another then stopped it
     at once. Bad input comes first (what the other processes then hit follows from it), then a stop at once (what
-    they hit on the way out, a peer gone mid-step, is its doing), then a failure, then an interruption; each line
-    is said once."""
+    they hit on the way out, a peer gone mid-step, is its doing), then a failure, then an interruption; a job whose
+    `n_processes` all reported that they finished ends with 0 whatever came after. Each line is said once."""
 
     def said(code: int) -> list[str]:
         lines = [report["line"] for _, report in sorted(reports.items()) if report["exit_code"] == code]
         return list(dict.fromkeys(line for line in lines if line))
 
     codes = {report["exit_code"] for report in reports.values()}
+    if len(reports) == n_processes and codes == {0}:  # every process had finished training when a signal came
+        return 0, []
     if EXIT_BAD_INPUT in codes:
         return EXIT_BAD_INPUT, said(EXIT_BAD_INPUT)
     if forced:
@@ -287,6 +309,7 @@ def fit(
         _run_processes(nproc, _without_option(sys.argv[1:], "--nproc"))
         return
     result = train(cfg, out=out, resume=resume, progress=progress)
+    _trained()
     if result.rank != 0:
         return
     run_dir = result.run_dir

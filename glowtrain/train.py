@@ -559,8 +559,10 @@ class Trainer:
         self.deadline = None if cfg.max_time_s is None else self._now() + cfg.max_time_s
         self.timed_out = False
         window, start = _Throughput(self.ctx.world_size), state.step
-        try:
-            with _StopFlag() as stop:
+        # The flag stays up through the close and the ranks' last comparison: a Ctrl-C after the last step (one
+        # finishing rank still closing its logs while another prints its summary) leaves a finished run finished.
+        with _StopFlag() as stop:
+            try:
                 while state.step < cfg.steps:
                     if self._stop_if_asked(stop):
                         break
@@ -588,10 +590,10 @@ class Trainer:
                             self.write_samples()
                         if self._due(cfg.checkpoint_every):
                             self.save(self.run_dir.last)
-        finally:
-            self._close(final)
-        if not identical_across_ranks(self.objective, self.ctx):
-            raise RuntimeError("the ranks finished with different weights; please report this with your config")
+            finally:
+                self._close(final)
+            if not identical_across_ranks(self.objective, self.ctx):
+                raise RuntimeError("the ranks finished with different weights; please report this with your config")
         return TrainResult(self.ctx.rank, str(self.run_dir.path), state.step, state.best_test_bpd, final,
                            self.timed_out)
 
@@ -761,7 +763,8 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
             ctx.barrier()  # every rank has checked the run directory before rank 0 writes into it
             return trainer(cfg, ctx, run, resume_from, progress).run()
     finally:
-        teardown()
+        with _StopFlag():  # a Ctrl-C while the process group closes: the run ended already, finished or saved
+            teardown()
         precision.restore(saved)  # a notebook's later work runs as it did before
         torch.set_num_threads(saved_threads)
 

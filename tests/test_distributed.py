@@ -383,6 +383,45 @@ def test_a_job_ends_with_the_exit_code_and_lines_one_process_would_end_with():
     assert _job_end({}, {}, False) == (0, [])
 
 
+def test_a_job_whose_processes_had_all_finished_when_a_signal_came_ends_with_0():
+    from glowtrain.cli import _job_end
+
+    done = {"exit_code": 0, "line": None}
+    assert _job_end({0: done, 1: done}, {}, True, n_processes=2) == (0, [])  # Ctrl-C while the summary printed
+    assert _job_end({0: done, 1: done}, {}, True, forced=True, n_processes=2) == (0, [])
+    stop = "interrupted at step 7; ..."
+    assert _job_end({0: done}, {}, True, n_processes=2) == (130, ["interrupted"])  # one had not finished
+    assert _job_end({0: done, 1: {"exit_code": 130, "line": stop}}, {}, True, n_processes=2) == (130, [stop])
+    assert _job_end({0: done}, {1: -9}, True, n_processes=2) == (
+        1, ["error: process 1 of the job was killed by SIGKILL"])
+
+
+def test_fit_reports_that_it_finished_once_training_is_saved_and_then_ignores_ctrl_c(monkeypatch, tmp_path):
+    import signal
+
+    from helpers import TINY_RUN, invoke, sets
+
+    from glowtrain import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_trained", lambda: seen.append((tmp_path / "run" / "checkpoints" / "last.pt").is_file()))
+    assert invoke("fit", "--out", tmp_path / "run", "--no-progress", *sets(*TINY_RUN)).exit_code == 0
+    assert seen == [True]
+    monkeypatch.undo()
+
+    monkeypatch.setenv(cli.JOB_REPORTS, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setitem(cli._state, "whole_process", True)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        cli._trained()
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in handlers)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert json.loads((tmp_path / "1.json").read_text()) == {"exit_code": 0, "line": None}
+
+
 def test_a_stop_at_once_is_an_interruption_whatever_the_processes_hit_on_the_way_out():
     from glowtrain.cli import _job_end
 
