@@ -101,15 +101,19 @@ class RunDir:
         written, tagged, digest = first.partition(_DIGEST_TAG)
         return "fit" if not tagged or digest == f"{_digest(rest)}]" else "edited"
 
-    def edits_unused_by(self, cfg: Config) -> bool:
-        """Whether config.yaml was edited by hand to settings other than `cfg`'s: a resume trains with the config
-        its checkpoint keeps (plus --set), so such edits would go unused without a word."""
+    def edits_unused_by(self, cfg: Config, trained: dict) -> bool:
+        """Whether config.yaml holds values changed by hand (from `trained`, the config the run's checkpoint keeps,
+        as fit wrote it there) that `cfg` does not take: a resume trains with the checkpoint's config plus --set,
+        so such edits would go unused without a word."""
         if self.config_origin() != "edited":
             return False  # as fit wrote it, or not a run's
         try:
-            return config_to_dict(load_config(self.config)) != config_to_dict(cfg)
+            edited = config_to_dict(load_config(self.config))
         except UserError:  # an edit that breaks the file goes unused too
             return True
+        used = config_to_dict(cfg)
+        return any(value != trained.get(section, {}).get(key, value) and value != used[section][key]
+                   for section, values in edited.items() for key, value in values.items())
 
     def files_a_run_would_replace(self) -> list[str]:
         """What a fresh start here would overwrite or move that no run of glowtrain's left (the user's own files)."""

@@ -292,6 +292,7 @@ class Trainer:
         _load_objective(self.objective, state["model"], state.get("objective"), str(path))
         self._load_optimizer(state)
         self.state = TrainState.from_checkpoint(state)
+        self.trained_config = state.get("config", {})
         self._forget_rollbacks_if_retuned(state.get("config", {}).get("train", {}))
         torch.set_rng_state(state["rng"]["torch"].cpu())
         return state
@@ -655,7 +656,7 @@ class Trainer:
             if not self.resumed:
                 self.run_dir.set_aside_unfinished()
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
-            unused_edits = self.resumed and self.run_dir.edits_unused_by(cfg)
+            unused_edits = self.resumed and self.run_dir.edits_unused_by(cfg, self.trained_config)
             edited = self.run_dir.config
             if not self._nothing_to_train and (kept := self.run_dir.write_config(cfg)):
                 tqdm.write(f"note: {edited} had been edited since fit wrote it; kept as {kept}")

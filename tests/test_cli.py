@@ -537,14 +537,19 @@ def test_a_resume_says_when_it_does_not_use_edits_made_to_the_runs_config_yaml(t
     assert f"{run_dir} is already at step 4 of 4" in done.stdout
     assert (f"note: this resume does not use the edits in {config}: a resume trains with the config its "
             f"checkpoint keeps (and --set); to use them, resume with --config {config}") in done.stdout
-    going_on = invoke("fit", "--out", run_dir, "--resume", "auto", "--no-progress", "--config", config)
-    assert going_on.exit_code == 0, going_on.output
-    assert f"resuming {run_dir} from step 4 of 6" in going_on.stdout and "does not use" not in going_on.stdout
+    by_set = tiny_fit(run_dir, "train.steps=6", resume=True)  # the edit's value, given again: used
+    assert by_set.exit_code == 0, by_set.output
+    assert f"resuming {run_dir} from step 4 of 6" in by_set.stdout and "does not use" not in by_set.stdout
 
     config.write_text(config.read_text().replace("  lr: ", "  lr: 0.0005  # was "))  # a new lr
-    longer = tiny_fit(run_dir, "train.steps=7", resume=True)
+    by_config = invoke("fit", "--out", run_dir, "--resume", "auto", "--no-progress", "--config", config,
+                       *sets("train.steps=7"))
+    assert by_config.exit_code == 0, by_config.output
+    assert f"resuming {run_dir} from step 6 of 7" in by_config.stdout and "does not use" not in by_config.stdout
+    config.write_text(config.read_text().replace("  lr: 0.0005 ", "  lr: 0.0002 "))
+    longer = tiny_fit(run_dir, "train.steps=8", resume=True)
     assert longer.exit_code == 0, longer.output
-    kept = run_dir / "config.edited_2.yaml"  # config.edited.yaml: the steps edit, kept when --config resumed with it
+    kept = run_dir / "config.edited_3.yaml"  # the two before: the steps and the first lr edits, kept as fit wrote
     assert f"kept as {kept}" in longer.stdout and f"does not use the edits in {kept}" in longer.stdout
 
 
