@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.utils import make_grid
 
 from glowtrain.errors import UserError
 from glowtrain.files import atomic_write
@@ -55,8 +54,19 @@ def sample_batches(model: Glow, n: int, temperature: float, n_bits: int, generat
 
 def image_grid(images: torch.Tensor, n_columns: int | None = None) -> torch.Tensor:
     """uint8 (N, C, H, W) -> one uint8 (C, H', W') picture, square-ish by default."""
-    n_columns = n_columns or max(1, math.ceil(math.sqrt(images.shape[0])))
-    return make_grid(images, nrow=n_columns, padding=1, pad_value=0)
+    n, channels, height, width = images.shape
+    if channels == 1:  # grey pictures are saved and shown as RGB, as torchvision's make_grid made them
+        images, channels = images.expand(n, 3, height, width), 3
+    if n == 1:
+        return images[0].contiguous()
+    n_columns = min(n, n_columns or math.ceil(math.sqrt(n)))
+    n_rows = math.ceil(n / n_columns)
+    cells = images.new_zeros(n_rows * n_columns, channels, height + 1, width + 1)  # each image, a line below/right
+    cells[:n, :, :height, :width] = images
+    rows = cells.view(n_rows, n_columns, channels, height + 1, width + 1).permute(2, 0, 3, 1, 4)
+    picture = images.new_zeros(channels, n_rows * (height + 1) + 1, n_columns * (width + 1) + 1)
+    picture[:, 1:, 1:] = rows.reshape(channels, n_rows * (height + 1), n_columns * (width + 1))
+    return picture
 
 
 def save_png(picture: torch.Tensor, path: Path, upscale: int = 1) -> Path:

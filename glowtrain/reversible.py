@@ -13,11 +13,17 @@ Numerical drift of the reconstruction is measured (`reconstruction_errors`), not
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from glowtrain.flows import ActNorm, FlowLayer, FlowSequence
+
+P, T = ParamSpec("P"), TypeVar("T")
 
 
 def flat_layers(module: FlowLayer) -> list[FlowLayer]:
@@ -92,7 +98,22 @@ def _join_grads(parts: list[torch.Tensor], grads) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
 
 
-@torch.compiler.disable  # torch.compile runs the rest of the model; this part stays eager
+def _eager_under_compile(function: Callable[P, T]) -> Callable[P, T]:
+    """torch.compiler.disable, applied at the first call rather than at import: importing torch's compiler takes
+    seconds, which every command would pay at start-up, and only runs that save memory call this."""
+    disabled = None
+
+    @functools.wraps(function)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(function)
+        return disabled(*args, **kwargs)
+
+    return call
+
+
+@_eager_under_compile  # torch.compile runs the rest of the model; this part stays eager
 def reversible_chain(chain: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The same (y, logdet) as `chain(x)`, with a backward that stores only y and rebuilds the rest.
 

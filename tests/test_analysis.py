@@ -23,7 +23,7 @@ from glowtrain.checkpoint import load_checkpoint, model_from_checkpoint, open_ru
 from glowtrain.config import load_config
 from glowtrain.data import build_dataset
 from glowtrain.evaluation import evaluate
-from glowtrain.images import temperature_label, temperature_name
+from glowtrain.images import image_grid, temperature_label, temperature_name
 from glowtrain.model import Glow
 from glowtrain.runs import RunDir
 
@@ -168,6 +168,17 @@ def hand_multiply_adds(channels: int, size: int, n_levels: int, n_steps: int, hi
 
 
 # ---------------------------------------------------------------------------- sample
+
+
+@pytest.mark.parametrize("n_columns", [None, 1, 4, 20])
+@pytest.mark.parametrize(("n", "channels"), [(1, 1), (2, 3), (7, 1), (16, 3), (17, 1)])
+def test_grids_are_torchvisions_make_grid_with_a_one_pixel_border(n, channels, n_columns):
+    from torchvision.utils import make_grid
+
+    images = torch.randint(0, 256, (n, channels, 5, 6), generator=torch.Generator().manual_seed(n),
+                           dtype=torch.uint8)
+    expected = make_grid(images, nrow=n_columns or math.ceil(math.sqrt(n)), padding=1, pad_value=0)
+    assert torch.equal(image_grid(images, n_columns), expected)
 
 
 @pytest.mark.parametrize("n", [1, 5, 10])

@@ -37,3 +37,16 @@ def test_model_code_never_imports_training_files_or_the_cli():
 
 def test_config_imports_only_leaf_modules_of_ours():
     assert _imports("config") <= {"errors", "files"}
+
+
+def test_commands_that_do_not_compile_start_without_torchs_compiler_or_torchvision():
+    """Loading torch._dynamo (and torchvision, which loads it) added seconds to every command's start."""
+    import subprocess
+    import sys
+
+    modules = ["glowtrain.cli", "glowtrain.api", "glowtrain.sample", "glowtrain.score", "glowtrain.analysis",
+               "glowtrain.evaluation", "glowtrain.checkpoint"]
+    probe = (f"import sys\nfor name in {modules!r}: __import__(name)\n"
+             "print(sorted(m for m in ('torch._dynamo', 'torch._inductor', 'torchvision') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
