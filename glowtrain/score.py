@@ -272,9 +272,11 @@ class Scorer:
 
 def training_bpd(loaded: LoadedRun, use_ema: bool, options: ScoreOptions) -> np.ndarray:
     """Per-image bits/dim of (up to max_train_images of) the training split, from the run's cache when it was
-    made for this checkpoint, step, weights and n_dequant."""
+    made for this checkpoint file as saved (its size and time), step, weights and n_dequant."""
+    saved = loaded.checkpoint.stat()  # a resume from an earlier checkpoint saves other weights at the same step
     key = {"checkpoint": loaded.checkpoint.name, "step": loaded.step, "ema": use_ema,
-           "n_dequant": options.n_dequant, "max_images": options.max_train_images}
+           "saved": f"{saved.st_size}:{saved.st_mtime_ns}", "n_dequant": options.n_dequant,
+           "max_images": options.max_train_images}
     cache = loaded.run_dir / TRAIN_CACHE if loaded.run_dir is not None else None
     stored = read_json(cache) if cache is not None else None  # None when missing or damaged: recomputed
     if stored is not None and stored.get("key") == key:

@@ -104,6 +104,14 @@ def test_typicality_uses_the_training_splits_mean_bpd_and_caches_it_in_the_run(r
     cached["bpd"] = [value + 1.0 for value in cached["bpd"]]  # a cache hit must use these values
     (run_dir / TRAIN_CACHE).write_text(json.dumps(cached))
     assert score(run_dir, tmp_path / "b", "--dataset", "digits")[1]["entropy_bpd"] == pytest.approx(entropy + 1)
+    # The same step saved again (a resume from an earlier checkpoint that trains to it anew) is other weights.
+    last = run_dir / "checkpoints" / "last.pt"
+    saved = last.stat()
+    os.utime(last, ns=(saved.st_atime_ns, saved.st_mtime_ns + 10**9))
+    try:
+        assert score(run_dir, tmp_path / "c", "--dataset", "digits")[1]["entropy_bpd"] == pytest.approx(entropy)
+    finally:
+        os.utime(last, ns=(saved.st_atime_ns, saved.st_mtime_ns))
     (run_dir / TRAIN_CACHE).unlink()
 
 
