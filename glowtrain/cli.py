@@ -153,19 +153,26 @@ LAUNCHER_PID = "GLOWTRAIN_LAUNCHER_PID"  # the parent of `fit --nproc`'s process
 
 def _end(code: int, line: str | None) -> NoReturn:
     """Exit `code` after saying `line` on stderr; a process of `fit --nproc` leaves both to its parent."""
-    import signal
-
-    if _state["whole_process"]:  # the `glowtrain` command, not a caller in Python (such as the tests)
-        with contextlib.suppress(ValueError):  # ValueError: not the main thread, where Ctrl-C does not land anyway
-            # On its way out, a Ctrl-C still held down would only break the clean-up (progress bars closing in
-            # their __del__) with tracebacks after the one line.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # On its way out, a Ctrl-C still held down would only break the clean-up (progress bars closing in their
+    # __del__) with tracebacks after the one line.
+    _ignore_signals("SIGINT")
     if _report_to_launcher(code, line):
         line = None
     if line:
         typer.echo(line, err=True)
     _state["ended"] = True
     raise typer.Exit(code) from None
+
+
+def _ignore_signals(*names: str) -> None:
+    """From here on, the `glowtrain` command ignores these signals; a caller in Python (such as the tests) keeps
+    its own handlers."""
+    import signal
+
+    if _state["whole_process"]:
+        with contextlib.suppress(ValueError):  # ValueError: not the main thread, where signals do not land anyway
+            for name in names:
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _report_to_launcher(code: int, line: str | None) -> bool:
@@ -188,11 +195,7 @@ def _trained() -> None:
     """Training is over and saved. A Ctrl-C from here on (while the summary prints) would only turn a finished
     run into an interrupted one, exit code 130: it is ignored, and a process of `fit --nproc` reports that it
     finished, so that its launcher, which the same Ctrl-C stopped, ends the job with 0."""
-    import signal
-
-    if _state["whole_process"]:
-        for name in ("SIGINT", "SIGTERM"):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    _ignore_signals("SIGINT", "SIGTERM")
     _report_to_launcher(0, None)
 
 

@@ -293,7 +293,7 @@ class Trainer:
         self._load_optimizer(state)
         self.state = TrainState.from_checkpoint(state)
         self.trained_config = state.get("config", {})
-        self._forget_rollbacks_if_retuned(state.get("config", {}).get("train", {}))
+        self._forget_rollbacks_if_retuned(self.trained_config.get("train", {}))
         torch.set_rng_state(state["rng"]["torch"].cpu())
         return state
 
