@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from glowtrain.checkpoint import LoadedRun
 from glowtrain.config import Config, config_to_yaml
-from glowtrain.data import build_dataset, data_changed_warning
+from glowtrain.data import build_dataset, check_class_names, data_changed_warning
 from glowtrain.data import n_classes as data_classes
 from glowtrain.errors import UserError
 from glowtrain.evaluation import EVAL_NOISE_SEED, evaluate
@@ -87,11 +87,9 @@ def _check_classes(loaded: LoadedRun, dataset, where: str, what: str) -> None:
     if trained_on and found != trained_on:  # its labels would name other classes, or none the model knows
         raise UserError(f"{where} holds {found} {what} but this run was trained on {trained_on} classes — pass the "
                         "folder it was trained on with --data DIR")
-    recorded = (read_json(RunDir(loaded.run_dir).data_record) or {}).get("class_names") if loaded.run_dir else None
-    names = getattr(dataset, "class_names", None)
-    if trained_on and recorded and names and names != recorded:
-        raise UserError(f"{where} holds the classes {', '.join(names)}, not the run's {', '.join(recorded)} "
-                        "(each label would mean another class) — pass the folder it was trained on with --data DIR")
+    if trained_on and loaded.run_dir:
+        check_class_names(read_json(RunDir(loaded.run_dir).data_record), dataset, where,
+                          "pass the folder it was trained on with --data DIR")
 
 
 def _test_images(cfg: Config, n: int, device: torch.device, loaded: LoadedRun | None = None, per_unit: int = 1,

@@ -697,12 +697,26 @@ def data_changed_warning(recorded: dict | None, split: str, dataset) -> str | No
             "comparable with earlier ones")
 
 
+def recorded_data(run: RunDir, resumed_from: RunDir | None = None) -> dict | None:
+    """The data.json a run keeps; for a run resumed into a new folder, that of the checkpoint's own run."""
+    return read_json(run.data_record) or (read_json(resumed_from.data_record) if resumed_from else None)
+
+
+def check_class_names(recorded: dict | None, dataset, where, fix: str) -> None:
+    """Subfolder labels must name the classes a run learnt: a renamed or replaced class folder keeps the count
+    but gives a label another meaning."""
+    before, now = (recorded or {}).get("class_names"), getattr(dataset, "class_names", None)
+    if before and now and now != before:
+        raise UserError(f"{where} holds the classes {', '.join(now)}, not the run's {', '.join(before)} "
+                        f"(each label would mean another class) — {fix}")
+
+
 def record_run_data(run: RunDir, data_cfg: DataConfig, train, test, resumed: bool,
                     resumed_from: RunDir | None = None) -> tuple[str, list[str]]:
     """Keep the data's record and check results in the run; return the start's data line and its warnings
     (files skipped; on resume, files that differ from those the run recorded, or, for a run resumed into a new
     folder, those the checkpoint's own run recorded)."""
-    recorded = read_json(run.data_record) or (read_json(resumed_from.data_record) if resumed_from else None)
+    recorded = recorded_data(run, resumed_from)
     changed = [data_changed_warning(recorded, s, d) for s, d in zip(SPLITS, (train, test))] if resumed else []
     warnings = [w for w in dict.fromkeys([skipped_warning(train, test), stale_cache_warning(data_cfg), *changed])
                 if w]  # each line once

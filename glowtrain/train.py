@@ -29,7 +29,15 @@ from glowtrain.checkpoint import (
 )
 from glowtrain.compilation import LazyCompile, compile_enabled
 from glowtrain.config import Config, config_to_dict, derived_seed, load_config, with_absolute_data_paths
-from glowtrain.data import build_dataset, check_class_count, check_records, make_train_batches, record_run_data
+from glowtrain.data import (
+    build_dataset,
+    check_class_count,
+    check_class_names,
+    check_records,
+    make_train_batches,
+    record_run_data,
+    recorded_data,
+)
 from glowtrain.distributed import Context, broadcast_state, identical_across_ranks, in_turns, setup, teardown
 from glowtrain.errors import UserError
 from glowtrain.evaluation import evaluate, mean_text
@@ -239,6 +247,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.amp == "fp16" else None
         self.state, self.resume_from = TrainState(), resume_from
         saved = self.restore(resume_from) if self.resumed else None
+        if self.resumed:
+            self._check_classes_unchanged()
         if not self.resumed:
             self._initialize()
         # After the init or restore, so the copy starts with the model's buffers, which never change.
@@ -296,6 +306,13 @@ class Trainer:
         self._forget_rollbacks_if_retuned(self.trained_config.get("train", {}))
         torch.set_rng_state(state["rng"]["torch"].cpu())
         return state
+
+    def _check_classes_unchanged(self) -> None:
+        """A resume's class folders must be those its labels were learnt from (checked before anything is written)."""
+        recorded = recorded_data(self.run_dir, run_of_checkpoint(Path(self.resume_from)))
+        check_class_names(recorded, self.train_set, self.cfg.data.cache or self.cfg.data.root,
+                          "give the class folders their trained names again, or train a new run (fit without "
+                          "--resume)")
 
     def _forget_rollbacks_if_retuned(self, saved_train: dict) -> None:
         """A rollback halves the learning rate and leaves no second chance; a resume that sets train.lr or

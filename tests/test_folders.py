@@ -197,6 +197,25 @@ def test_subfolder_labels_train_a_class_conditional_model_and_refuse_loose_files
     assert_one_line_error(loose, 2, "first-level subfolder", str(tmp_path / "images" / "loose.png"))
 
 
+def test_a_resume_refuses_class_folders_renamed_since_the_run_learnt_them(tmp_path):
+    make_classes(tmp_path / "images")
+    labelled = ["data.labels=subfolders", "model.n_classes=3"]
+    ok(fit(tmp_path / "images", tmp_path / "run", *labelled))
+    run = RunDir(tmp_path / "run")
+    before = {path: path.read_bytes() for path in (run.data_record, run.last)}
+    (tmp_path / "images" / "cats").rename(tmp_path / "images" / "ants")  # three classes still; label 0 now ants
+    resumed = fit(tmp_path / "images", run.path, *labelled, "train.steps=6", resume=True)
+    assert_one_line_error(resumed, 2, f"{tmp_path / 'images'} holds the classes ants, birds, dogs, not the run's "
+                          "birds, cats, dogs (each label would mean another class) — give the class folders their "
+                          "trained names again, or train a new run")
+    assert {path: path.read_bytes() for path in before} == before  # nothing trained, data.json keeps the names
+    elsewhere = invoke("fit", "--out", tmp_path / "run2", "--resume", run.last, "--no-progress",
+                       *sets(*FOLDER_RUN, f"data.root={tmp_path / 'images'}", *labelled, "train.steps=6"))
+    assert_one_line_error(elsewhere, 2, "not the run's birds, cats, dogs")  # resumed into a new folder: its record
+    (tmp_path / "images" / "ants").rename(tmp_path / "images" / "cats")
+    ok(fit(tmp_path / "images", run.path, *labelled, "train.steps=6", resume=True))
+
+
 def test_commands_take_a_class_by_its_folder_name_as_by_its_number(tmp_path):
     make_classes(tmp_path / "images")
     assert fit(tmp_path / "images", tmp_path / "run", "data.labels=subfolders", "model.n_classes=3").exit_code == 0
