@@ -25,24 +25,51 @@ from glowtrain.precision import full_float32
 from glowtrain.sample import class_labels, class_names, class_numbers
 from glowtrain.score import dequantized_terms
 
+ACCEPTED = "paths, PIL images, uint8 arrays (H, W) or (H, W, C), or uint8 tensors (C, H, W) — one or a list"
+_CHANNEL_COUNTS = (1, 3, 4)  # grey, RGB, RGBA
 
-def _as_sources(images) -> list:
-    """One image or many -> a list of paths or PIL images (arrays are HWC like PIL, tensors CHW like torch)."""
-    if isinstance(images, (str, Path, Image.Image)):
+
+def _as_sources(images, channels: int) -> list:
+    """One image or many -> a list of paths, PIL images or (H, W[, C]) uint8 arrays. Arrays are HWC like PIL,
+    tensors CHW like torch; an image laid out the other way is refused with the call that turns it, since it
+    would otherwise be read as several grey images or fail deep inside PIL."""
+    if isinstance(images, (str, os.PathLike, Image.Image)):
         return [images]
     if isinstance(images, torch.Tensor):
-        if images.dtype != torch.uint8 or images.dim() not in (3, 4):
-            raise UserError(f"image tensors must be uint8 (C, H, W) or (N, C, H, W), got {images.dtype} "
-                            f"{tuple(images.shape)}")
-        batch = images.unsqueeze(0) if images.dim() == 3 else images
-        return list(batch.permute(0, 2, 3, 1).cpu().numpy())  # (N, H, W, C)
+        return _tensor_sources(images)
     if isinstance(images, np.ndarray):
-        if images.dtype != np.uint8 or images.ndim not in (2, 3, 4):
-            raise UserError(f"image arrays must be uint8 (H, W), (H, W, C), (N, H, W) or (N, H, W, C), got "
-                            f"{images.dtype} {images.shape}")
-        single = images.ndim == 2 or (images.ndim == 3 and images.shape[-1] in (1, 3, 4))
-        return [images] if single else list(images)
-    return [item for image in images for item in _as_sources(image)]
+        return _array_sources(images, channels)
+    _require(isinstance(images, (list, tuple)), f"cannot read {type(images).__name__} as images; pass {ACCEPTED}")
+    return [item for image in images for item in _as_sources(image, channels)]
+
+
+def _tensor_sources(images: torch.Tensor) -> list:
+    shape = tuple(images.shape)
+    _require(images.dtype == torch.uint8 and images.dim() in (3, 4),
+             f"image tensors must be uint8 (C, H, W) or (N, C, H, W), got {images.dtype} {shape}"
+             + ("; for floats in [0, 1] pass (x * 255).round().to(torch.uint8)" if images.is_floating_point() else ""))
+    turn = "2, 0, 1" if images.dim() == 3 else "0, 3, 1, 2"
+    _require(shape[-3] in _CHANNEL_COUNTS or shape[-1] not in _CHANNEL_COUNTS,
+             f"image tensors are channels-first like torch's, (C, H, W) or (N, C, H, W), but {shape} has its "
+             f"channels last — pass x.permute({turn})")
+    batch = images.unsqueeze(0) if images.dim() == 3 else images
+    return list(batch.permute(0, 2, 3, 1).cpu().numpy())  # (N, H, W, C)
+
+
+def _array_sources(images: np.ndarray, channels: int) -> list:
+    shape = images.shape
+    _require(images.dtype == np.uint8 and images.ndim in (2, 3, 4),
+             f"image arrays must be uint8 (H, W), (H, W, C), (N, H, W) or (N, H, W, C), got {images.dtype} {shape}"
+             + ("; for floats in [0, 1] pass (x * 255).round().astype(np.uint8)"
+                if np.issubdtype(images.dtype, np.floating) else ""))
+    channels_first = images.ndim >= 3 and shape[-3] in _CHANNEL_COUNTS and shape[-1] not in _CHANNEL_COUNTS
+    # (3, H, W) is also three grey images (N, H, W): for a colour run it is far likelier a channels-first picture.
+    _require(not channels_first or (images.ndim == 3 and not (channels == 3 and shape[0] > 1)),
+             f"image arrays are channels-last like PIL's, (H, W, C) or (N, H, W, C), and {shape} looks channels-first"
+             f" — pass x.transpose({'1, 2, 0' if images.ndim == 3 else '0, 2, 3, 1'})"
+             + (", or a list of (H, W) arrays for grey images" if images.ndim == 3 else ""))
+    single = images.ndim == 2 or (images.ndim == 3 and shape[-1] in _CHANNEL_COUNTS)
+    return [images] if single else list(images)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -100,8 +127,8 @@ class Run:
         """Paths, PIL images, uint8 arrays or tensors (one or a list) -> uint8 (N, C, H, W) on the run's device:
         channels, crop and resize as training read its images, and the pixels reduced to the run's n_bits (shown
         on the full 0..255 scale, like samples). The model sees exactly these pixels' bins."""
-        sources = _as_sources(images)
-        _require(len(sources) > 0, "no images given; pass paths, PIL images or uint8 arrays (one or a list)")
+        sources = _as_sources(images, self.model.image_shape[0])
+        _require(len(sources) > 0, f"no images given; pass {ACCEPTED}")
         crop = training_crop(self.cfg.data, self.run_dir)
         pixels = []
         for index, source in enumerate(sources):
@@ -112,8 +139,7 @@ class Run:
                 pixels.append(preprocess_image(image, self.cfg.data, crop))
             except (OSError, ValueError, TypeError) as e:  # TypeError: PIL's word for an array of an unknown layout
                 which = source if isinstance(source, (str, os.PathLike)) else f"image {index} of {len(sources)}"
-                raise UserError(f"cannot read {which} ({e}); pass paths, PIL images, uint8 arrays (H, W) or "
-                                "(H, W, C), or uint8 tensors (C, H, W)") from None
+                raise UserError(f"cannot read {which} ({e}); pass {ACCEPTED}") from None
         return to_uint8(dequantize(torch.stack(pixels), self.n_bits, 0.5), self.n_bits).to(self.device)
 
     def bits_per_dim(self, images, n_dequant: int = 1, batch_size: int = 256) -> torch.Tensor:
@@ -148,13 +174,13 @@ class Run:
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
         return sample_images(self.model, int(n), temperature, self.n_bits, generator, labels)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference mode: its tensors could not be changed in place, as a user's may be
     @full_float32()
     def encode(self, images) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Images at their bin centres -> (a latent per level, log|det dz/dx| per image), as Glow.encode."""
         return self.model.encode(dequantize(self.preprocess(images), self.n_bits, 0.5))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     @full_float32()
     def decode(self, zs: list[torch.Tensor]) -> torch.Tensor:
         """Latents (one per level) -> uint8 images (N, C, H, W) on the run's device."""

@@ -20,7 +20,7 @@ from glowtrain.precision import full_float32
 from glowtrain.runs import RunDir, check_writable
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference mode: the images it returns are ordinary tensors, editable in place
 @full_float32()
 def sample_images(model: Glow, n: int, temperature: float, n_bits: int, generator: torch.Generator,
                   y: torch.Tensor | None = None, batch_size: int = 256) -> torch.Tensor:

@@ -353,6 +353,9 @@ def test_load_run_preprocesses_scores_samples_and_inverts(run_dir, digit_files):
     assert torch.equal(run.bits_per_dim(as_files), run.bits_per_dim(test.images[:3]))
     zs, _ = run.encode(as_files)
     assert torch.equal(run.decode(zs), as_files)
+    zs[0].mul_(0.5)  # what encode and decode give are ordinary tensors: a user may change them in place
+    run.decode(zs).add_(1)
+    run.sample(2, 0.7).add_(1)
     assert torch.equal(run.sample(5, 0.7, seed=3), run.sample(5, 0.7, seed=3))
     with pytest.raises(glowtrain.UserError, match="uint8"):
         run.preprocess(torch.rand(2, 1, 8, 8))
@@ -376,7 +379,15 @@ def test_load_run_refuses_what_the_cli_refuses_with_a_user_error(run_dir, tmp_pa
         (lambda: run.decode(zs[:1]), "decode takes the latents encode gives"),
         (lambda: glowtrain.load_run(tmp_path / "nope"), "no run directory or checkpoint at"),
         (lambda: glowtrain.load_run(run_dir, ema="no"), "ema must be True or False, got 'no'"),
-        (lambda: run.preprocess(torch.zeros(8, 8, 1, dtype=torch.uint8)), "or uint8 tensors (C, H, W)"),  # (H, W, C)
+        (lambda: run.preprocess(torch.zeros(8, 8, 1, dtype=torch.uint8)), "(8, 8, 1) has its channels last — pass "
+                                                                           "x.permute(2, 0, 1)"),
+        (lambda: run.preprocess(torch.zeros(2, 8, 8, 1, dtype=torch.uint8)), "x.permute(0, 3, 1, 2)"),
+        (lambda: run.preprocess(np.zeros((2, 1, 8, 8), np.uint8)), "(2, 1, 8, 8) looks channels-first — pass "
+                                                                   "x.transpose(0, 2, 3, 1)"),
+        (lambda: run.preprocess(np.zeros((8, 8), np.float32)), "pass (x * 255).round().astype(np.uint8)"),
+        (lambda: run.preprocess(torch.zeros(1, 8, 8)), "pass (x * 255).round().to(torch.uint8)"),
+        (lambda: run.preprocess(None), "cannot read NoneType as images; pass paths, PIL images"),
+        (lambda: run.preprocess([[0, 1], [2, 3]]), "cannot read int as images"),
         # Which of several images could not be read: its path, or its place in the list
         (lambda: run.preprocess([good, str(broken)]), f"cannot read {broken} ("),
         (lambda: run.preprocess([good, np.zeros((0, 8), np.uint8)]), "cannot read image 1 of 2 (it has no pixels: "
@@ -386,6 +397,27 @@ def test_load_run_refuses_what_the_cli_refuses_with_a_user_error(run_dir, tmp_pa
         with pytest.raises(glowtrain.UserError) as refused:
             call()
         assert message in str(refused.value)
+
+
+def test_load_run_reads_a_channels_first_array_as_one_colour_image_only_by_refusing_it():
+    """(3, H, W) is three grey images to a grey run, but a colour run refuses it rather than read it so."""
+    from glowtrain.api import Run
+    from glowtrain.config import apply_overrides, default_config
+    from glowtrain.model import Glow
+    from glowtrain.objective import build_objective
+
+    cfg = apply_overrides(default_config(), ["data.dataset=folder", "data.image_size=8", "data.channels=3",
+                                             "model.n_levels=1", "model.n_steps=1", "model.hidden_channels=4"])
+    model = Glow.from_config(cfg)
+    run = Run(model, cfg, 0, Path("unused.pt"), None, torch.device("cpu"), build_objective(model, cfg))
+    picture = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    with pytest.raises(glowtrain.UserError, match=re.escape("(3, 8, 8) looks channels-first — pass "
+                                                            "x.transpose(1, 2, 0), or a list of (H, W) arrays")):
+        run.preprocess(picture.transpose(2, 0, 1))
+    turned = run.preprocess(picture.transpose(2, 0, 1).transpose(1, 2, 0))
+    assert turned.shape == (1, 3, 8, 8) and torch.equal(turned, run.preprocess(picture))
+    greys = run.preprocess(list(picture.transpose(2, 0, 1)))  # a list of grey pictures: each made RGB
+    assert greys.shape == (3, 3, 8, 8)
 
 
 def _readme_python_example() -> str:
