@@ -606,10 +606,8 @@ def _load_cache(data_cfg, split: str) -> TensorImages:
         raise UserError(f"the cache at {cache} holds {index.get('dataset')} at {index.get('image_shape')}, "
                         f"not {data_cfg.dataset} at {list(image_shape(data_cfg))}; prepare it again")
     _check_content_keys(data_cfg, index, cache)
-    # Copy-on-write mapping: pages load on demand and torch gets a writable array (no warning).
-    images = torch.from_numpy(np.load(cache / f"{split}.npy", mmap_mode="c"))
-    labels = torch.from_numpy(np.load(cache / f"{split}_labels.npy"))
-    dataset = TensorImages(images, labels, n_classes=index["n_classes"])
+    images, labels = _cache_arrays(cache, split, index)
+    dataset = TensorImages(torch.from_numpy(images), torch.from_numpy(labels), n_classes=index["n_classes"])
     if index.get("class_names"):
         dataset.class_names = index["class_names"]
     # The fingerprint of the files the cache was made from, so a run sees the same data either way.
@@ -623,6 +621,26 @@ def _load_cache(data_cfg, split: str) -> TensorImages:
     if "crop" in index:
         dataset.crop = index["crop"]  # the centre crop its image files were read with
     return dataset
+
+
+def _cache_arrays(cache: Path, split: str, index: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A split's images and labels, checked against what index.json says prepare wrote: a file cut short or lost
+    (a copy that stopped, a full disk) is refused in one line instead of failing inside numpy."""
+    n = index.get("splits", {}).get(split)
+    expected = {f"{split}.npy": (n, *index["image_shape"]), f"{split}_labels.npy": (n,)}
+    arrays = []
+    for name, shape in expected.items():
+        try:
+            # Copy-on-write mapping: pages load on demand and torch gets a writable array (no warning).
+            array = np.load(cache / name, mmap_mode="c" if name == f"{split}.npy" else None)
+            problem = None if n is None or array.shape == shape else f"holds {array.shape}, not {shape}"
+        except (OSError, ValueError, EOFError) as e:
+            array, problem = None, ("is missing" if not (cache / name).exists() else f"cannot be read ({e})")
+        if problem:
+            raise UserError(f"the cache at {cache} is damaged: {name} {problem} — prepare it again with glowtrain "
+                            f"prepare --out {cache} and this config")
+        arrays.append(array)
+    return arrays[0], arrays[1]
 
 
 def check_class_count(cfg, found: int) -> None:

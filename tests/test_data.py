@@ -423,6 +423,35 @@ def test_cache_prepared_at_another_size_or_missing_is_a_user_error(tmp_path):
         data.build_dataset(data_cfg(**{**vars(cfg), "cache": str(tmp_path / "elsewhere")}), "train")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "missing", "labels missing", "not an array", "other count"])
+def test_a_damaged_cache_is_refused_in_one_line_that_says_to_prepare_it_again(tmp_path, damage):
+    make_folder(tmp_path / "images", 8)
+    cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=6, channels=3, test_fraction=0.25)
+    index = data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    cache = tmp_path / "cache"
+    images = cache / "test.npy"
+    if damage == "truncated":  # a copy that stopped part way
+        images.write_bytes(images.read_bytes()[:-50])
+    elif damage == "missing":
+        images.unlink()
+    elif damage == "labels missing":
+        (cache / "test_labels.npy").unlink()
+    elif damage == "not an array":
+        images.write_bytes(b"not numpy")
+    else:  # a complete array of the wrong length: another cache's file
+        np.save(images, np.zeros((index["splits"]["test"] + 1, 3, 6, 6), np.uint8))
+    cached = data_cfg(**{**vars(cfg), "cache": str(cache)})
+    assert len(data.build_dataset(cached, "train")) == index["splits"]["train"]  # the other split is sound
+    with pytest.raises(UserError) as refused:
+        data.build_dataset(cached, "test")
+    name = "test_labels.npy" if damage == "labels missing" else "test.npy"
+    message = str(refused.value)
+    assert message.startswith(f"the cache at {cache} is damaged: {name} ") and "\n" not in message
+    assert message.endswith(f"— prepare it again with glowtrain prepare --out {cache} and this config")
+    if "missing" in damage:
+        assert f"{name} is missing" in message
+
+
 @pytest.mark.parametrize("key,value", [("test_fraction", 0.5), ("split_seed", 3), ("labels", "subfolders")])
 def test_a_cache_refuses_a_key_that_decides_its_images_but_not_another_root(tmp_path, key, value):
     make_folder(tmp_path / "images" / "cats", 4)
