@@ -84,12 +84,17 @@ def _check_classes(loaded: LoadedRun, dataset, where: str, what: str) -> None:
     """The data's labels must mean the classes the model learnt: the same number, and the same folder names
     where the run recorded them (data.json)."""
     trained_on, found = loaded.model.n_classes, getattr(dataset, "n_classes", 0)
+    recorded = read_json(RunDir(loaded.run_dir).data_record) if loaded.run_dir else None
     if trained_on and found != trained_on:  # its labels would name other classes, or none the model knows
-        raise UserError(f"{where} holds {found} {what} but this run was trained on {trained_on} classes — pass the "
-                        "folder it was trained on with --data DIR")
-    if trained_on and loaded.run_dir:
-        check_class_names(read_json(RunDir(loaded.run_dir).data_record), dataset, where,
-                          "pass the folder it was trained on with --data DIR")
+        now, then = getattr(dataset, "class_names", None), (recorded or {}).get("class_names")
+        raise UserError(f"{where} holds {found} {what}{_bracketed(now)} but this run was trained on {trained_on} "
+                        f"classes{_bracketed(then)} — pass the folder it was trained on with --data DIR")
+    if trained_on:
+        check_class_names(recorded, dataset, where, "pass the folder it was trained on with --data DIR")
+
+
+def _bracketed(names: list[str] | None) -> str:
+    return f" ({', '.join(names)})" if names else ""
 
 
 def _test_images(cfg: Config, n: int, device: torch.device, loaded: LoadedRun | None = None, per_unit: int = 1,

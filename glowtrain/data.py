@@ -375,11 +375,22 @@ def _subfolder_labels(base: Path, paths: list[str]) -> tuple[dict[str, int], lis
                           f"of {base}, but {loose[0]} is not", "move it or set data.labels: none")
     folder_of = {p: relative(p, base).split("/", 1)[0] for p in paths}
     names = sorted(set(folder_of.values()))
+    empty = sorted(set(_class_folders(base)) - set(names))
+    if empty:  # left out, it would make the classes shift the day it gains images
+        raise UserError(f"data.labels: subfolders takes each first-level folder of {base} as a class, but "
+                        f"{', '.join(str(base / name) for name in empty)} {'has' if len(empty) == 1 else 'have'} no "
+                        "images — add images to it, or move it out of that folder")
     if len(names) < 2:
         raise UserError(f"data.labels: subfolders found {len(names)} class folder under {base}; "
                         "class-conditional training needs at least 2 (or set data.labels: none)")
     index = {name: i for i, name in enumerate(names)}
     return {p: index[folder] for p, folder in folder_of.items()}, names
+
+
+def _class_folders(base: Path) -> list[str]:
+    """The first-level folders subfolder labels count as classes: not hidden ones, nor a cache prepare wrote."""
+    return [entry.name for entry in os.scandir(base)
+            if entry.is_dir() and not entry.name.startswith(".") and not is_prepared_cache(entry.path)]
 
 
 def _digits(split: str) -> TensorImages:
@@ -643,9 +654,13 @@ def _cache_arrays(cache: Path, split: str, index: dict) -> tuple[np.ndarray, np.
     return arrays[0], arrays[1]
 
 
-def check_class_count(cfg, found: int) -> None:
+def check_class_count(cfg, found: int, resuming: bool = False) -> None:
     """model.n_classes must match the labels the dataset brings (or be 0 for an unconditional model)."""
     m, data = cfg.model.n_classes, cfg.data
+    if resuming and m and found != m:  # model.n_classes is the checkpoint's: the data must change, not the config
+        raise UserError(f"data.labels: subfolders found {found} class folders under {data.root} but this run was "
+                        f"trained on {m} classes — give it the class folders it was trained on, or train a new run "
+                        "(fit without --resume)")
     if data.labels == "subfolders" and m != found:
         raise UserError(f"data.labels: subfolders found {found} class folders under {data.root} but model.n_classes is "
                         f"{m} — set model.n_classes={found}")

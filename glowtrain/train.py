@@ -238,7 +238,7 @@ class Trainer:
         self.cfg, self.ctx, self.run_dir, self.device = cfg, ctx, run, ctx.device
         self.progress = progress
         self.notes: list[str] = []  # what set-up found worth saying, said once the run directory is open
-        self.train_set, self.test_set = datasets or self._load_datasets()
+        self.train_set, self.test_set = datasets or self._load_datasets(resuming=resume_from is not None)
         torch.manual_seed(cfg.run.seed)
         self.model = Glow.from_config(cfg).to(self.device)
         self.objective = build_objective(self.model, cfg).to(self.device)
@@ -271,7 +271,7 @@ class Trainer:
 
     # --- set-up --------------------------------------------------------------------------------
 
-    def _load_datasets(self) -> tuple:
+    def _load_datasets(self, resuming: bool) -> tuple:
         cfg = self.cfg
         earlier = checked_files(self.run_dir.path)  # what an earlier start found: unchanged files are not reread
 
@@ -281,7 +281,7 @@ class Trainer:
 
         # One process downloads, caches or checks a dataset's files; the others then build it from what it found.
         train_set, test_set = in_turns(self.ctx, build, hand_on=lambda sets: check_records(*sets))
-        check_class_count(cfg, train_set.n_classes)
+        check_class_count(cfg, train_set.n_classes, resuming)
         return train_set, test_set
 
     def _initialize(self) -> None:

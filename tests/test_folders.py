@@ -172,8 +172,9 @@ def test_subfolder_labels_train_a_class_conditional_model_and_refuse_loose_files
         make_classes(other, names)
         for command in ("eval", "reconstruct"):
             moved = invoke(command, "--run", tmp_path / "run", "--data", other, "--device", "cpu")
-            assert_one_line_error(moved, 2, f"{other} holds {len(names)} class folders but this run was trained on 3 "
-                                  "classes — pass the folder it was trained on with --data DIR")
+            assert_one_line_error(moved, 2, f"{other} holds {len(names)} class folders ({', '.join(names)}) but this "
+                                  "run was trained on 3 classes (birds, cats, dogs) — pass the folder it was trained "
+                                  "on with --data DIR")
     renamed = tmp_path / "renamed"
     make_classes(renamed, ("birds", "dogs", "eels"))  # three, but label 1 would mean dogs where the model learnt cats
     moved = invoke("eval", "--run", tmp_path / "run", "--data", renamed, "--device", "cpu")
@@ -214,6 +215,28 @@ def test_a_resume_refuses_class_folders_renamed_since_the_run_learnt_them(tmp_pa
     assert_one_line_error(elsewhere, 2, "not the run's birds, cats, dogs")  # resumed into a new folder: its record
     (tmp_path / "images" / "ants").rename(tmp_path / "images" / "cats")
     ok(fit(tmp_path / "images", run.path, *labelled, "train.steps=6", resume=True))
+
+
+def test_an_empty_class_folder_is_refused_so_the_classes_cannot_shift_when_it_fills(tmp_path):
+    make_classes(tmp_path / "images")
+    labelled = ["data.labels=subfolders", "model.n_classes=3"]
+    (tmp_path / "images" / "eels").mkdir()
+    (tmp_path / "images" / ".thumbnails").mkdir()  # hidden: not a class, as find_images does not enter it
+    refused = fit(tmp_path / "images", tmp_path / "run", *labelled)
+    images = tmp_path / "images"
+    assert_one_line_error(refused, 2, f"data.labels: subfolders takes each first-level folder of {images} as a class, "
+                          f"but {images / 'eels'} has no images — add images to it, or move it out of that folder")
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "images" / "eels").rmdir()
+    ok(fit(tmp_path / "images", tmp_path / "run", *labelled))
+    make_classes(tmp_path / "more", ("eels",))  # a fourth class arrives: the run's model has three
+    shutil.move(tmp_path / "more" / "eels", tmp_path / "images" / "eels")
+    resumed = fit(tmp_path / "images", tmp_path / "run", *labelled, "train.steps=6", resume=True)
+    assert_one_line_error(resumed, 2, "found 4 class folders under", "but this run was trained on 3 classes — give it "
+                          "the class folders it was trained on, or train a new run (fit without --resume)")
+    moved = invoke("eval", "--run", tmp_path / "run", "--data", tmp_path / "images", "--device", "cpu")
+    assert_one_line_error(moved, 2, "holds 4 class folders (birds, cats, dogs, eels) but this run was trained on 3 "
+                          "classes (birds, cats, dogs)")
 
 
 def test_commands_take_a_class_by_its_folder_name_as_by_its_number(tmp_path):
