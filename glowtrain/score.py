@@ -3,7 +3,7 @@
 Every score is in bits/dim and grows as an image looks less like the training data:
 - `bpd`: the model's bits/dim (the `eval` bound, same dequantisation noise), averaged over --n-dequant draws,
   with each level's prior and log-det terms (`bpd` = n_bits + their sum for uniform dequantisation);
-- `last_level_bpd`: the top level's two terms alone, and `last_level_share`: their share of -log p(x);
+- `last_level_bpd`: the top level's two terms alone, and `last_level_share`: their share of `bpd`;
 - `typicality`: |bpd - H|, H the mean bits/dim of the training split (Nalisnick et al. 2019, "Detecting
   out-of-distribution inputs to deep generative models using typicality");
 - `complexity`: bpd - `png_bpd`, the PNG-compressed bits/dim of the same quantised image (Serra et al. 2020,
@@ -256,7 +256,9 @@ class Scorer:
         if self.learned_dequantizer:  # then bpd = n_bits + this + the levels' terms
             columns["dequantizer_bpd"] = terms["dequantizer"]
         columns["last_level_bpd"] = prior[:, -1] + logdet[:, -1]
-        columns["last_level_share"] = columns["last_level_bpd"] / (prior.sum(1) + logdet.sum(1))
+        # Of bpd, -log2 P(x) per dimension, which is positive; the levels' sum alone is a continuous density's and
+        # passes through 0 as a model improves, where a share of it is meaningless.
+        columns["last_level_share"] = columns["last_level_bpd"] / bpd
         columns["png_bpd"] = png_bits_per_dim(images, self.n_bits)
         columns["complexity"] = bpd - columns["png_bpd"]
         if self.entropy_bpd is not None:
