@@ -681,6 +681,8 @@ def prepare(
     defaults = default_config().data
     keys = [f"data.{name}={value}" for name, value in index.get("keys", {}).items() if value != getattr(defaults, name)]
     settings = [f"data.cache={target}", *keys]
+    if index.get("class_names"):  # class folders: fit refuses them without as many classes in the model
+        settings.append(f"model.n_classes={index['n_classes']}")
     typer.echo("train from it with: " + " ".join(f"--set {shlex.quote(each)}" for each in settings))
 
 

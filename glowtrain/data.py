@@ -297,9 +297,10 @@ def _build_uncached(data_cfg, split: str, checked: dict | None = None) -> Datase
     ignored = []
     base, chosen, every = _image_files(data_cfg, split, ignored)
     if every is None:  # CelebA in torchvision's layout: its own split, its own crop
-        return _checked_files(data_cfg, base, chosen, CELEBA_CROP, checked)
+        return _checked_files(data_cfg, split, base, chosen, CELEBA_CROP, checked)
     labels, class_names = _subfolder_labels(base, every) if data_cfg.labels == "subfolders" else (None, [])
-    dataset = _checked_files(data_cfg, base, chosen, None, checked)
+    others = sorted(set(every) - set(chosen))
+    dataset = _checked_files(data_cfg, split, base, chosen, None, checked, others)
     dataset.report.ignored = ignored_counts(ignored)
     dataset.split_scheme = SPLIT_SCHEME
     if labels is not None:
@@ -353,14 +354,19 @@ def _celeba_folder(root: str, ignored: list[str] | None = None) -> tuple[Path, l
                           f"aligned face images in {base}") from None
 
 
-def _checked_files(data_cfg, base: Path, paths: list[str], crop: int | None, checked: dict | None) -> ImageFiles:
-    """Check every file of a split (headers, then a decode); drop or refuse the unreadable ones."""
+def _checked_files(data_cfg, split: str, base: Path, paths: list[str], crop: int | None, checked: dict | None,
+                   other_split: list[str] = ()) -> ImageFiles:
+    """Check every file of a split (headers, then a decode); drop or refuse the unreadable ones. Refused, the other
+    split's files are checked too, so the count names every file to fix, not just this split's."""
     c, size, _ = image_shape(data_cfg)
     check = check_images(paths, base, c, size, crop, checked)
     if check.bad and data_cfg.on_bad_image != "skip":
-        raise unreadable_error(check.bad, base)
+        also = check_images(other_split, base, c, size, crop, checked).bad if other_split else []
+        raise unreadable_error(check.bad + also, base)
     if not check.good:
-        raise UserError(f"none of the {len(paths)} images of this split under {base} is readable; check the files")
+        path, reason = check.bad[0]
+        raise UserError(f"none of the {len(paths)} images of the {split} split under {base} is readable (the first, "
+                        f"{path}: {reason}); fix or replace the files")
     dataset = ImageFiles(check.good, size, c, crop)
     dataset.report = SplitReport(fingerprint(paths, base), len(paths), check.bad, check.conversions, check.records)
     return dataset
@@ -657,13 +663,14 @@ def _cache_arrays(cache: Path, split: str, index: dict) -> tuple[np.ndarray, np.
 def check_class_count(cfg, found: int, resuming: bool = False) -> None:
     """model.n_classes must match the labels the dataset brings (or be 0 for an unconditional model)."""
     m, data = cfg.model.n_classes, cfg.data
+    where = f"in the cache at {data.cache}" if data.cache else f"under {data.root}"
     if resuming and m and found != m:  # model.n_classes is the checkpoint's: the data must change, not the config
-        raise UserError(f"data.labels: subfolders found {found} class folders under {data.root} but this run was "
+        raise UserError(f"data.labels: subfolders found {found} class folders {where} but this run was "
                         f"trained on {m} classes — give it the class folders it was trained on, or train a new run "
                         "(fit without --resume)")
     if data.labels == "subfolders" and m != found:
-        raise UserError(f"data.labels: subfolders found {found} class folders under {data.root} but model.n_classes is "
-                        f"{m} — set model.n_classes={found}")
+        raise UserError(f"data.labels: subfolders found {found} class folders {where} but model.n_classes is {m} — set "
+                        f"model.n_classes={found}")
     if m > 0 and found != m:
         fix = (f"set model.n_classes={found} (or 0 for an unconditional model)" if found else
                "set model.n_classes=0, or label a folder's images by its subfolders with data.labels: subfolders")

@@ -22,6 +22,7 @@ PIL_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompres
 SPLIT_SCHEME = "path-hash-1"  # recorded with a run: which rule put each file into train or test
 # Greyscale wider than 8 bits: Pillow opens 16-bit PNGs (and PGM, TIFF) in these modes. Mode "I" (32-bit
 # integers) is how older Pillow, and some TIFFs, hold 16-bit greyscale, so it is read on the same 0..65535 scale.
+EXIF_ORIENTATION = 0x0112  # the EXIF tag phones write instead of turning the pixels
 WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _GREY_MODES = {"1", "L", "LA", *WIDE_GREY_MODES}
 
@@ -196,15 +197,25 @@ class Checked:
 
 
 def _header(path: str) -> list:
+    """[size, mtime_ns, mode, width, height, why it cannot be read (None), conversions the header shows]."""
     try:
         stat = os.stat(path)
     except OSError as e:  # gone or unreadable since the folder was listed
-        return [0, 0, None, 0, 0, e.strerror or type(e).__name__]
+        return [0, 0, None, 0, 0, e.strerror or type(e).__name__, []]
     try:
         with Image.open(path) as img:
-            return [stat.st_size, stat.st_mtime_ns, img.mode, img.width, img.height, unsupported_mode(img.mode)]
+            return [stat.st_size, stat.st_mtime_ns, img.mode, img.width, img.height, unsupported_mode(img.mode),
+                    _header_conversions(img)]
     except PIL_DECODE_ERRORS as e:
-        return [stat.st_size, stat.st_mtime_ns, None, 0, 0, str(e) or type(e).__name__]
+        return [stat.st_size, stat.st_mtime_ns, None, 0, 0, str(e) or type(e).__name__, []]
+
+
+def _header_conversions(img: Image.Image) -> list[str]:
+    """What reading the file does that its mode and size do not show: 16-bit colour, which Pillow opens as 8-bit
+    RGB (each channel's high byte). (An EXIF turn is found by the decode: a PNG's EXIF may follow its pixels.)"""
+    rawmode = img.tile[0].args if img.tile else None
+    wide = img.mode in ("RGB", "RGBA") and isinstance(rawmode, str) and rawmode.endswith(";16B")
+    return ["16-bit→8-bit"] if wide else []
 
 
 def unsupported_mode(mode: str) -> str | None:
@@ -219,13 +230,14 @@ def _decoded(path: str, record: list) -> list:
     try:
         with Image.open(path) as img:
             img.load()
+            turned = img.getexif().get(EXIF_ORIENTATION) in range(2, 9)  # the turns read_image applies
     except PIL_DECODE_ERRORS as e:
-        return [*record[:5], str(e) or type(e).__name__]
-    return record
+        return [*record[:5], str(e) or type(e).__name__, record[6]]
+    return [*record[:6], record[6] + ["turned upright (EXIF)"]] if turned else record
 
 
 def _is_current(record, path: str) -> bool:
-    if not isinstance(record, list) or len(record) != 6:
+    if not isinstance(record, list) or len(record) != 7:  # a record of an earlier glowtrain: read the file again
         return False
     try:
         stat = os.stat(path)
@@ -249,12 +261,12 @@ def check_images(paths: list[str], base: Path, channels: int, image_size: int, c
         records[relative(path, base)] = decoded.get(path, header)
     checked = Checked([], [], Counter(), records)
     for path in paths:
-        size, mtime, mode, width, height, error = records[relative(path, base)]
+        size, mtime, mode, width, height, error, from_header = records[relative(path, base)]
         if error is not None:
             checked.bad.append((path, error))
             continue
         checked.good.append(path)
-        checked.conversions.update(conversions(mode, width, height, channels, image_size, crop))
+        checked.conversions.update(from_header + conversions(mode, width, height, channels, image_size, crop))
     return checked
 
 

@@ -6,6 +6,7 @@ import pickle
 import shutil
 import struct
 import warnings
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -258,6 +259,24 @@ def test_an_image_that_breaks_after_the_check_fails_in_one_line_also_from_a_work
     # The worker is stopped with the error, not left to a garbage collection that would wait 10 s for it.
     assert not [child for child in multiprocessing.active_children() if child.daemon]
 
+
+
+def test_the_unreadable_image_error_counts_both_splits_and_an_all_bad_split_names_its_first_file(tmp_path):
+    make_folder(tmp_path, 8, size=(6, 6))
+    for i in range(8, 14):
+        (tmp_path / f"broken{i}.png").write_bytes(b"junk")
+    cfg = data_cfg(dataset="folder", root=str(tmp_path), image_size=4, channels=3, test_fraction=0.5)
+    reports = [data.build_dataset(replace(cfg, on_bad_image="skip"), split).report for split in ("train", "test")]
+    assert min(len(r.skipped) for r in reports) > 0 and sum(len(r.skipped) for r in reports) == 6  # both splits
+    for split in ("train", "test"):  # whichever split is built first counts all six
+        with pytest.raises(UserError, match=r"\(.*\) and 5 more under "):
+            data.build_dataset(cfg, split)
+    for path in tmp_path.glob("img*.png"):
+        path.write_bytes(b"junk too")
+    with pytest.raises(UserError) as refused:
+        data.build_dataset(replace(cfg, on_bad_image="skip"), "test")
+    assert str(refused.value).startswith(f"none of the {reports[1].n_found} images of the test split under "
+                                         f"{tmp_path} is readable (the first, {tmp_path}")
 
 
 def test_skip_drops_and_counts_an_unreadable_image_instead_of_repeating_another(tmp_path):

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import pickle
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -239,6 +240,20 @@ def test_an_empty_class_folder_is_refused_so_the_classes_cannot_shift_when_it_fi
                           "classes (birds, cats, dogs)")
 
 
+def test_prepare_of_class_folders_suggests_the_class_count_and_fit_from_it_names_the_cache(tmp_path):
+    make_classes(tmp_path / "images", ("cats", "dogs"))
+    cache = tmp_path / "cache"
+    prepared = ok(invoke("prepare", "--out", cache, "--no-progress",
+                         *sets(*FOLDER_RUN, f"data.root={tmp_path / 'images'}", "data.labels=subfolders")))
+    suggested = shlex.split(prepared.stdout.split("train from it with: ")[1].splitlines()[0])
+    assert suggested[:2] == ["--set", f"data.cache={cache}"] and "data.labels=subfolders" in suggested
+    assert suggested[-2:] == ["--set", "model.n_classes=2"]
+    ok(invoke("fit", "--out", tmp_path / "run", "--no-progress", *sets(*FOLDER_RUN), *suggested))
+    wrong = invoke("fit", "--out", tmp_path / "run2", "--no-progress", *sets(*FOLDER_RUN), *suggested[:-2],
+                   *sets("model.n_classes=3"))
+    assert_one_line_error(wrong, 2, f"found 2 class folders in the cache at {cache} but model.n_classes is 3")
+
+
 def test_commands_take_a_class_by_its_folder_name_as_by_its_number(tmp_path):
     make_classes(tmp_path / "images")
     assert fit(tmp_path / "images", tmp_path / "run", "data.labels=subfolders", "model.n_classes=3").exit_code == 0
@@ -468,6 +483,44 @@ def test_a_folder_of_16_bit_pngs_trains_on_scaled_pixels_and_counts_the_conversi
     assert np.array_equal(data.preprocess_image(tmp_path / "scans" / "0.png", cfg)[0].numpy(), expected)
     pixels = np.concatenate([ds[i][0].numpy().ravel() for ds in (train, test) for i in range(len(ds))])
     assert pixels.mean() == pytest.approx(127.5, abs=8)  # clipping made nearly every pixel 255
+
+
+def sixteen_bit_rgb_png(path: Path, array: np.ndarray) -> None:
+    """A 48-bit RGB PNG, written by hand: Pillow reads such files but cannot write them."""
+    import struct
+    import zlib
+
+    height, width, _ = array.shape
+    rows = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def test_exif_rotations_and_16_bit_colour_are_counted_in_the_data_line(tmp_path):
+    from glowtrain import data
+    from glowtrain.config import DataConfig
+
+    make_images(tmp_path / "images", 4)
+    rng = np.random.default_rng(1)
+    wide = rng.integers(0, 65536, (8, 8, 3))
+    sixteen_bit_rgb_png(tmp_path / "images" / "scan.png", wide)
+    upright = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    orientation = Image.Exif()
+    orientation[0x0112] = 6  # stored turned: the viewer turns it 90° clockwise
+    Image.fromarray(np.rot90(upright, -3).copy()).save(tmp_path / "images" / "phone.png", exif=orientation)
+    cfg = DataConfig(dataset="folder", root=str(tmp_path / "images"), image_size=8, channels=3, test_fraction=0.25)
+    train, test = data.build_dataset(cfg, "train"), data.build_dataset(cfg, "test")
+    line = data.data_summary(cfg, train, test)
+    assert "1 turned upright (EXIF)" in line and "1 16-bit→8-bit" in line
+    assert np.array_equal(data.preprocess_image(tmp_path / "images" / "phone.png", cfg).permute(1, 2, 0).numpy(),
+                          upright)
+    scan = data.preprocess_image(tmp_path / "images" / "scan.png", cfg).permute(1, 2, 0).numpy()
+    assert np.abs(scan.astype(int) - wide / 257).max() <= 1  # each channel's high byte
 
 
 def test_float_images_are_refused_or_skipped_as_unreadable_not_clipped(tmp_path):
