@@ -382,8 +382,8 @@ RESUME_SAFE_DATA_KEYS = ("data.root", "data.cache", "data.download", "data.n_wor
 def with_absolute_data_paths(cfg: Config) -> Config:
     """data.root and data.cache as absolute paths (~ expanded): a run's stored config then finds its data from
     any working directory (eval, score and the other commands read it from the checkpoint)."""
-    def absolute(path: str) -> str:
-        return str(Path(path).expanduser().absolute()) if path else path
+    def absolute(path: str) -> str:  # '..' resolved too, so config.yaml and messages show the folder's own name
+        return os.path.abspath(os.path.expanduser(path)) if path else path
     bundled = cfg.data.dataset == "digits"  # no files under data.root to find (a prepared cache may still be used)
     data = dataclasses.replace(cfg.data, root=cfg.data.root if bundled else absolute(cfg.data.root),
                                cache=absolute(cfg.data.cache))

@@ -115,7 +115,7 @@ def image_paths(sources: list[str], option: str = "--images", not_read: list[str
                 raise UserError(f"no images under {path}; {option} needs image files ending in "
                                 f"{', '.join(IMAGE_EXTENSIONS)} or a folder of them") from None
         elif path.is_file():
-            paths.append(str(path))
+            paths.append(str(path.absolute()))  # as find_images gives a folder's files: one form in scores.csv
         else:
             raise UserError(f"{option} {source}: no such file or folder — pass image files or a folder of images")
     return each_file_once(paths)

@@ -566,6 +566,10 @@ def test_data_paths_are_stored_absolute_except_the_unused_root_of_the_bundled_di
     digits = with_absolute_data_paths(apply_overrides(default_config(), ["data.cache=mycache"]))
     assert (digits.data.root, digits.data.cache) == ("data", str(tmp_path / "mycache"))
     assert with_absolute_data_paths(default_config()).data.cache == ""
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path / "runs")
+    above = with_absolute_data_paths(apply_overrides(default_config(), ["data.dataset=folder", "data.root=../photos"]))
+    assert above.data.root == str(tmp_path / "photos")  # not .../runs/../photos
 
 
 def test_every_seed_torch_takes_is_allowed_and_its_streams_stay_within_torchs_range():

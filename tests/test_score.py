@@ -78,6 +78,15 @@ def test_files_of_the_test_split_score_like_the_split_itself(run_dir, digit_file
     assert from_files[5]["path"].endswith("0005.png") and from_split[5]["path"] == "digits/test/5"
 
 
+def test_files_named_relative_to_here_are_listed_like_a_folders_files(run_dir, digit_files, tmp_path, monkeypatch):
+    folder = digit_files / "digits"
+    monkeypatch.chdir(folder)
+    first, second = sorted(path.name for path in folder.glob("*.png"))[:2]
+    rows, _ = score(run_dir, tmp_path / "named", "--images", first, "--images", folder)
+    assert [row["path"] for row in rows[:2]] == [str(folder / first), str(folder / second)]
+    assert len(rows) == len(list(folder.glob("*.png")))  # the file named and found in its folder counts once
+
+
 def test_per_level_terms_add_up_to_the_total(run_dir, tmp_path):
     rows, _ = score(run_dir, tmp_path, "--dataset", "digits")
     n_bits = 4  # the digits default
