@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from glowtrain.config import SEED_LIMIT, Config
 from glowtrain.data import preprocess_image, training_crop
 from glowtrain.distributed import resolve_device
 from glowtrain.errors import UserError
+from glowtrain.folders import PIL_DECODE_ERRORS
 from glowtrain.images import sample_images
 from glowtrain.losses import dequantize, to_uint8
 from glowtrain.model import Glow
@@ -39,7 +41,9 @@ def _as_sources(images, channels: int) -> list:
         return _tensor_sources(images)
     if isinstance(images, np.ndarray):
         return _array_sources(images, channels)
-    _require(isinstance(images, (list, tuple)), f"cannot read {type(images).__name__} as images; pass {ACCEPTED}")
+    # Any iterable of images (a list, a generator such as Path.glob's, a Series), but not a mapping or bytes.
+    _require(isinstance(images, Iterable) and not isinstance(images, (bytes, dict)),
+             f"cannot read {type(images).__name__} as images; pass {ACCEPTED}")
     return [item for image in images for item in _as_sources(image, channels)]
 
 
@@ -137,7 +141,7 @@ class Run:
                 if isinstance(image, Image.Image) and 0 in image.size:  # resizing would fail deep inside torch
                     raise ValueError(f"it has no pixels: {image.width}x{image.height}")
                 pixels.append(preprocess_image(image, self.cfg.data, crop))
-            except (OSError, ValueError, TypeError) as e:  # TypeError: PIL's word for an array of an unknown layout
+            except (*PIL_DECODE_ERRORS, TypeError) as e:  # TypeError: PIL's word for an array of an unknown layout
                 which = source if isinstance(source, (str, os.PathLike)) else f"image {index} of {len(sources)}"
                 raise UserError(f"cannot read {which} ({e}); pass {ACCEPTED}") from None
         return to_uint8(dequantize(torch.stack(pixels), self.n_bits, 0.5), self.n_bits).to(self.device)

@@ -382,8 +382,15 @@ RESUME_SAFE_DATA_KEYS = ("data.root", "data.cache", "data.download", "data.n_wor
 def with_absolute_data_paths(cfg: Config) -> Config:
     """data.root and data.cache as absolute paths (~ expanded): a run's stored config then finds its data from
     any working directory (eval, score and the other commands read it from the checkpoint)."""
-    def absolute(path: str) -> str:  # '..' resolved too, so config.yaml and messages show the folder's own name
-        return os.path.abspath(os.path.expanduser(path)) if path else path
+    def absolute(path: str) -> str:
+        if not path:
+            return path
+        given = Path(path).expanduser().absolute()
+        # '..' taken out, so config.yaml and messages name the folder itself, unless a link before it makes
+        # the shorter path another folder (the system follows the link first).
+        tidy = os.path.normpath(given)
+        elsewhere = given.exists() and not (os.path.exists(tidy) and os.path.samefile(given, tidy))
+        return str(given) if elsewhere else tidy
     bundled = cfg.data.dataset == "digits"  # no files under data.root to find (a prepared cache may still be used)
     data = dataclasses.replace(cfg.data, root=cfg.data.root if bundled else absolute(cfg.data.root),
                                cache=absolute(cfg.data.cache))

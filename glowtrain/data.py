@@ -357,7 +357,7 @@ def _celeba_folder(root: str, ignored: list[str] | None = None) -> tuple[Path, l
 def _checked_files(data_cfg, split: str, base: Path, paths: list[str], crop: int | None, checked: dict | None,
                    other_split: list[str] = ()) -> ImageFiles:
     """Check every file of a split (headers, then a decode); drop or refuse the unreadable ones. Refused, the other
-    split's files are checked too, so the count names every file to fix, not just this split's."""
+    split's files (when given) are checked too, so the count names every file to fix, not just this split's."""
     c, size, _ = image_shape(data_cfg)
     check = check_images(paths, base, c, size, crop, checked)
     if check.bad and data_cfg.on_bad_image != "skip":
@@ -381,11 +381,12 @@ def _subfolder_labels(base: Path, paths: list[str]) -> tuple[dict[str, int], lis
                           f"of {base}, but {loose[0]} is not", "move it or set data.labels: none")
     folder_of = {p: relative(p, base).split("/", 1)[0] for p in paths}
     names = sorted(set(folder_of.values()))
-    empty = sorted(set(_class_folders(base)) - set(names))
-    if empty:  # left out, it would make the classes shift the day it gains images
+    empty = _empty_folders(base, names)
+    if empty:  # left out, it would make the classes after it shift the day it gains images
+        one = len(empty) == 1
         raise UserError(f"data.labels: subfolders takes each first-level folder of {base} as a class, but "
-                        f"{', '.join(str(base / name) for name in empty)} {'has' if len(empty) == 1 else 'have'} no "
-                        "images — add images to it, or move it out of that folder")
+                        f"{', '.join(str(base / name) for name in empty)} {'is' if one else 'are'} empty — add images "
+                        f"to {'it' if one else 'them'}, or remove {'it' if one else 'them'}")
     if len(names) < 2:
         raise UserError(f"data.labels: subfolders found {len(names)} class folder under {base}; "
                         "class-conditional training needs at least 2 (or set data.labels: none)")
@@ -393,10 +394,12 @@ def _subfolder_labels(base: Path, paths: list[str]) -> tuple[dict[str, int], lis
     return {p: index[folder] for p, folder in folder_of.items()}, names
 
 
-def _class_folders(base: Path) -> list[str]:
-    """The first-level folders subfolder labels count as classes: not hidden ones, nor a cache prepare wrote."""
-    return [entry.name for entry in os.scandir(base)
-            if entry.is_dir() and not entry.name.startswith(".") and not is_prepared_cache(entry.path)]
+def _empty_folders(base: Path, classes: list[str]) -> list[str]:
+    """First-level folders besides the classes that hold no file at all: a class still to be filled. (Folders
+    holding only files that are not images, such as __MACOSX, are not classes, as before.)"""
+    return sorted(entry.name for entry in os.scandir(base)
+                  if entry.is_dir() and entry.name not in classes and not entry.name.startswith(".")
+                  and not any(files for _, _, files in os.walk(entry.path)))
 
 
 def _digits(split: str) -> TensorImages:
@@ -665,9 +668,11 @@ def check_class_count(cfg, found: int, resuming: bool = False) -> None:
     m, data = cfg.model.n_classes, cfg.data
     where = f"in the cache at {data.cache}" if data.cache else f"under {data.root}"
     if resuming and m and found != m:  # model.n_classes is the checkpoint's: the data must change, not the config
-        raise UserError(f"data.labels: subfolders found {found} class folders {where} but this run was "
-                        f"trained on {m} classes — give it the class folders it was trained on, or train a new run "
-                        "(fit without --resume)")
+        found_what = (f"data.labels: subfolders found {found} class folders {where}" if data.labels == "subfolders"
+                      else f"dataset {data.dataset} has {found or 'no'} classes")
+        raise UserError(f"{found_what} but this run was trained on {m} classes — give it the "
+                        f"{'class folders' if data.labels == 'subfolders' else 'data'} it was trained on, or train a "
+                        "new run (fit without --resume)")
     if data.labels == "subfolders" and m != found:
         raise UserError(f"data.labels: subfolders found {found} class folders {where} but model.n_classes is {m} — set "
                         f"model.n_classes={found}")

@@ -6,19 +6,21 @@ import functools
 import hashlib
 import json
 import os
+import struct
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from glowtrain.errors import MissingData, UserError
 from glowtrain.runs import read_json
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-PIL_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# struct.error: what a malformed EXIF block raises when the image is turned upright by it.
+PIL_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 SPLIT_SCHEME = "path-hash-1"  # recorded with a run: which rule put each file into train or test
 # Greyscale wider than 8 bits: Pillow opens 16-bit PNGs (and PGM, TIFF) in these modes. Mode "I" (32-bit
 # integers) is how older Pillow, and some TIFFs, hold 16-bit greyscale, so it is read on the same 0..65535 scale.
@@ -213,7 +215,7 @@ def _header(path: str) -> list:
 def _header_conversions(img: Image.Image) -> list[str]:
     """What reading the file does that its mode and size do not show: 16-bit colour, which Pillow opens as 8-bit
     RGB (each channel's high byte). (An EXIF turn is found by the decode: a PNG's EXIF may follow its pixels.)"""
-    rawmode = img.tile[0].args if img.tile else None
+    rawmode = img.tile[0][3] if img.tile else None  # by index: Pillow before 11 has plain tuples
     wide = img.mode in ("RGB", "RGBA") and isinstance(rawmode, str) and rawmode.endswith(";16B")
     return ["16-bit→8-bit"] if wide else []
 
@@ -231,6 +233,8 @@ def _decoded(path: str, record: list) -> list:
         with Image.open(path) as img:
             img.load()
             turned = img.getexif().get(EXIF_ORIENTATION) in range(2, 9)  # the turns read_image applies
+            if turned:
+                ImageOps.exif_transpose(img)  # a malformed EXIF block fails here, not in the middle of training
     except PIL_DECODE_ERRORS as e:
         return [*record[:5], str(e) or type(e).__name__, record[6]]
     return [*record[:6], record[6] + ["turned upright (EXIF)"]] if turned else record

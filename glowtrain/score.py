@@ -256,8 +256,8 @@ class Scorer:
         if self.learned_dequantizer:  # then bpd = n_bits + this + the levels' terms
             columns["dequantizer_bpd"] = terms["dequantizer"]
         columns["last_level_bpd"] = prior[:, -1] + logdet[:, -1]
-        # Of bpd, -log2 P(x) per dimension, which is positive; the levels' sum alone is a continuous density's and
-        # passes through 0 as a model improves, where a share of it is meaningless.
+        # Of bpd, which bounds -log2 P(x) per dimension and stays well above 0; the levels' sum alone is a continuous
+        # density's and passes through 0 as a model improves, where a share of it is meaningless.
         columns["last_level_share"] = columns["last_level_bpd"] / bpd
         columns["png_bpd"] = png_bits_per_dim(images, self.n_bits)
         columns["complexity"] = bpd - columns["png_bpd"]

@@ -570,6 +570,13 @@ def test_data_paths_are_stored_absolute_except_the_unused_root_of_the_bundled_di
     monkeypatch.chdir(tmp_path / "runs")
     above = with_absolute_data_paths(apply_overrides(default_config(), ["data.dataset=folder", "data.root=../photos"]))
     assert above.data.root == str(tmp_path / "photos")  # not .../runs/../photos
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "photos").mkdir()
+    os.symlink(tmp_path / "elsewhere" / "deep", tmp_path / "runs" / "link")  # link/.. is elsewhere, not runs
+    linked = with_absolute_data_paths(apply_overrides(default_config(), ["data.dataset=folder",
+                                                                         "data.root=link/../photos"]))
+    assert linked.data.root == str(tmp_path / "runs" / "link" / ".." / "photos")  # as given: elsewhere/photos
 
 
 def test_every_seed_torch_takes_is_allowed_and_its_streams_stay_within_torchs_range():

@@ -221,14 +221,20 @@ def test_a_resume_refuses_class_folders_renamed_since_the_run_learnt_them(tmp_pa
 def test_an_empty_class_folder_is_refused_so_the_classes_cannot_shift_when_it_fills(tmp_path):
     make_classes(tmp_path / "images")
     labelled = ["data.labels=subfolders", "model.n_classes=3"]
-    (tmp_path / "images" / "eels").mkdir()
-    (tmp_path / "images" / ".thumbnails").mkdir()  # hidden: not a class, as find_images does not enter it
-    refused = fit(tmp_path / "images", tmp_path / "run", *labelled)
     images = tmp_path / "images"
+    (images / "eels" / "later").mkdir(parents=True)  # empty however deep
+    (images / ".thumbnails").mkdir()  # hidden: not a class, as find_images does not enter it
+    (images / "__MACOSX").mkdir()  # files, none an image: not a class, as before
+    (images / "__MACOSX" / "._0.png").write_bytes(b"resource fork")
+    refused = fit(images, tmp_path / "run", *labelled)
     assert_one_line_error(refused, 2, f"data.labels: subfolders takes each first-level folder of {images} as a class, "
-                          f"but {images / 'eels'} has no images — add images to it, or move it out of that folder")
+                          f"but {images / 'eels'} is empty — add images to it, or remove it")
     assert not (tmp_path / "run").exists()
-    (tmp_path / "images" / "eels").rmdir()
+    (images / "fish").mkdir()
+    assert_one_line_error(fit(images, tmp_path / "run", *labelled), 2, f"but {images / 'eels'}, {images / 'fish'} "
+                          "are empty — add images to them, or remove them")
+    shutil.rmtree(images / "eels")
+    (images / "fish").rmdir()
     ok(fit(tmp_path / "images", tmp_path / "run", *labelled))
     make_classes(tmp_path / "more", ("eels",))  # a fourth class arrives: the run's model has three
     shutil.move(tmp_path / "more" / "eels", tmp_path / "images" / "eels")
@@ -342,6 +348,32 @@ def test_a_file_that_vanishes_between_listing_and_checking_is_an_unreadable_file
     checked = folders.check_images(paths, tmp_path, 3, 8, None)
     assert checked.good == [paths[0], paths[2]] and [p for p, _ in checked.bad] == [paths[1]]
     assert folders.conversions("CMYK", 8, 8, 3, 8, None) == ["CMYK→RGB"]
+
+
+def test_check_records_of_an_earlier_glowtrain_are_read_again_and_a_malformed_exif_is_a_bad_file(tmp_path):
+    from glowtrain import folders
+
+    paths = [str(p) for p in make_images(tmp_path, 2)]
+    first = folders.check_images(paths, tmp_path, 3, 8, None)
+    earlier = {name: record[:6] for name, record in first.records.items()}  # 6 fields, no header conversions
+    again = folders.check_images(paths, tmp_path, 3, 8, None, earlier)
+    assert again.records == first.records and all(len(record) == 7 for record in again.records.values())
+    from glowtrain.data import read_image
+
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F], exif[0x0132] = 6, "Canon", "2020:01:01 00:00:00"
+    block = bytearray(exif.tobytes())
+    block[41] = 74  # a tag's count now points past the block: turning the image by it fails (struct.error)
+    broken = tmp_path / "broken-exif.png"
+    Image.new("RGB", (8, 8)).save(broken, exif=bytes(block))
+    try:
+        read_image(broken, 3)
+        unreadable = False
+    except folders.PIL_DECODE_ERRORS:  # one line, as any broken file, not a traceback
+        unreadable = True
+    checked = folders.check_images([str(broken)], tmp_path, 3, 8, None)
+    assert [path for path, _ in checked.bad] == ([str(broken)] if unreadable else [])  # found before training
+    assert unreadable  # with this Pillow; the line above is what must hold with any
 
 
 def test_a_run_finds_its_folder_from_any_working_directory(tmp_path, monkeypatch):

@@ -408,25 +408,34 @@ def test_load_run_refuses_what_the_cli_refuses_with_a_user_error(run_dir, tmp_pa
         assert message in str(refused.value)
 
 
-def test_load_run_reads_a_channels_first_array_as_one_colour_image_only_by_refusing_it():
-    """(3, H, W) is three grey images to a grey run, but a colour run refuses it rather than read it so."""
+def untrained_run(channels: int):
     from glowtrain.api import Run
     from glowtrain.config import apply_overrides, default_config
     from glowtrain.model import Glow
     from glowtrain.objective import build_objective
 
-    cfg = apply_overrides(default_config(), ["data.dataset=folder", "data.image_size=8", "data.channels=3",
+    cfg = apply_overrides(default_config(), ["data.dataset=folder", "data.image_size=8", f"data.channels={channels}",
                                              "model.n_levels=1", "model.n_steps=1", "model.hidden_channels=4"])
     model = Glow.from_config(cfg)
-    run = Run(model, cfg, 0, Path("unused.pt"), None, torch.device("cpu"), build_objective(model, cfg))
+    return Run(model, cfg, 0, Path("unused.pt"), None, torch.device("cpu"), build_objective(model, cfg))
+
+
+def test_a_3_h_w_array_is_three_grey_images_to_a_grey_run_and_refused_by_a_colour_run(tmp_path):
     picture = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    planes = picture.transpose(2, 0, 1)  # (3, 8, 8): channels first, or three grey images
+    grey = untrained_run(1)
+    assert torch.equal(grey.preprocess(planes), grey.preprocess(list(planes)))
+    assert grey.preprocess(planes).shape == (3, 1, 8, 8)
+    colour = untrained_run(3)
     with pytest.raises(glowtrain.UserError, match=re.escape("(3, 8, 8) looks channels-first — pass "
                                                             "x.transpose(1, 2, 0), or a list of (H, W) arrays")):
-        run.preprocess(picture.transpose(2, 0, 1))
-    turned = run.preprocess(picture.transpose(2, 0, 1).transpose(1, 2, 0))
-    assert turned.shape == (1, 3, 8, 8) and torch.equal(turned, run.preprocess(picture))
-    greys = run.preprocess(list(picture.transpose(2, 0, 1)))  # a list of grey pictures: each made RGB
-    assert greys.shape == (3, 3, 8, 8)
+        colour.preprocess(planes)
+    assert colour.preprocess(list(planes)).shape == (3, 3, 8, 8)  # a list of grey pictures: each made RGB
+    assert colour.preprocess(picture).shape == (1, 3, 8, 8)
+    for i, plane in enumerate(planes):
+        Image.fromarray(plane).save(tmp_path / f"{i}.png")
+    from_glob = colour.preprocess(sorted(tmp_path.glob("*.png")))
+    assert torch.equal(colour.preprocess(path for path in sorted(tmp_path.glob("*.png"))), from_glob)  # a generator
 
 
 def _readme_python_example() -> str:
