@@ -649,7 +649,7 @@ def test_only_rank_0_reads_a_folders_image_files_for_the_check_the_others_reuse_
         trainer = Trainer.__new__(Trainer)  # only the data set-up, as each rank of a 4-process job runs it
         trainer.cfg, trainer.ctx, trainer.run_dir = cfg, ranks.context(rank, local_rank), RunDir(tmp_path / "run")
         opened_before = len(opened)
-        train_set, test_set = trainer._load_datasets()
+        train_set, test_set = trainer._load_datasets(resuming=False)
         sizes[rank] = (len(train_set), len(test_set), len(opened) - opened_before)
     n_train, n_test = sizes[0][:2]
     assert n_train + n_test == 20 and n_test > 0
