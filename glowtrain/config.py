@@ -174,6 +174,9 @@ def duration_seconds(text: str) -> float | None:
     text = text.strip()
     if not text:
         return None
+    if _NUMBER.fullmatch(text):  # also what YAML makes of 1:30:00 (base 60: 5400)
+        raise UserError(f"train.max_time={text!r} is a number without a unit — write {text}s, or hours and "
+                        "minutes like 1h30m (YAML reads 1:30:00 as 5400)")
     match = _DURATION.fullmatch(text)
     if not match or not any(match.groups()):
         raise UserError(f"train.max_time={text!r} is not a duration — use hours, minutes and seconds like 3h50m, "
@@ -227,6 +230,9 @@ def _unknown_key(key: str, source: str) -> UserError:
     same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
     close = same_leaf or difflib.get_close_matches(key, keys + list(_SECTIONS), n=1)
     hint = f" — did you mean '{close[0]}'?" if close else ""
+    if key in keys:  # a dotted key written as one name in a file: YAML wants it nested
+        section, name = key.split(".")
+        hint = f" — in a YAML file write it nested: '{section}:' and on the next line, indented, '{name}: ...'"
     return UserError(f"unknown key '{key}' in {source}{hint}")
 
 
@@ -265,7 +271,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         choices = get_args(tp)
         if isinstance(value, str) and value in choices:
             return value
-        if isinstance(value, bool) and {"on", "off"} <= set(choices):  # `compile: true` means on
+        # YAML 1.1 reads on/off as booleans: `compile: on`, `amp: off` mean the words where the key has them.
+        if isinstance(value, bool) and ("on" if value else "off") in choices:
             return "on" if value else "off"
         # YAML 1.1 reads off/on/yes/no as booleans, so `amp: off` arrives as False.
         hint = " (YAML reads off/on/yes/no as true/false — quote the word)" if isinstance(value, bool) else ""
@@ -376,7 +383,9 @@ def _apply(cfg: Config, overrides: Sequence[str]) -> Config:
 # What a resumed run may change besides run.* and train.*: where the files are and how they are read.
 # Every other data.* and model.* key changes what is modelled (or the architecture), so a run's
 # metrics and best checkpoint would mix two models.
-RESUME_SAFE_DATA_KEYS = ("data.root", "data.cache", "data.download", "data.n_workers")
+# on_bad_image only says whether unreadable files are dropped: a resume that drops one is like one whose folder
+# lost a file, which a resume allows (and warns of: the run's numbers are not comparable across it).
+RESUME_SAFE_DATA_KEYS = ("data.root", "data.cache", "data.download", "data.n_workers", "data.on_bad_image")
 
 
 def with_absolute_data_paths(cfg: Config) -> Config:
@@ -408,9 +417,9 @@ def check_resume_config(saved: Config, new: Config) -> None:
     for key in dotted_keys():
         sec, leaf = key.split(".")
         if before[sec][leaf] != after[sec][leaf] and not resume_may_change(key):
-            raise UserError(f"{key} cannot change when resuming (the run was trained with {before[sec][leaf]!r}, "
-                            f"not {after[sec][leaf]!r}): it changes what is modelled — start a new run with "
-                            "another --out or run.name")
+            raise UserError(f"{key} cannot change when resuming (the run was trained with "
+                            f"{_yaml_value(before[sec][leaf])}, not {_yaml_value(after[sec][leaf])}): it changes the "
+                            "model or what it models — start a new run with another --out or run.name")
 
 
 # ---------------------------------------------------------------------------- files

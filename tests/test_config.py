@@ -284,8 +284,32 @@ def test_literal_message_lists_the_choices():
 
 def test_yaml_boolean_words_for_literal_fields_get_a_quoting_hint(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("train:\n  amp: off\n")
+    path.write_text("train:\n  amp: on\n")  # amp has no 'on'
     with raises("quote the word"):
+        load_config(path)
+
+
+def test_off_and_on_read_as_yaml_booleans_mean_the_words_where_the_key_has_them(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  amp: off\n  compile: on\n")
+    cfg = load_config(path)
+    assert (cfg.train.amp, cfg.train.compile) == ("off", "on")
+    assert override("train.amp=off").train.amp == "off" and override("train.compile=no").train.compile == "off"
+
+
+def test_a_dotted_key_in_a_yaml_file_is_shown_nested(tmp_path):
+    path = tmp_path / "dotted.yaml"
+    path.write_text("train.lr: 0.01\n")
+    with raises(r"unknown key 'train\.lr' in .*dotted\.yaml — in a YAML file write it nested: 'train:' and on the "
+                r"next line, indented, 'lr: \.\.\.'"):
+        load_config(path)
+
+
+def test_a_max_time_without_a_unit_says_so_also_when_yaml_read_it_as_base_60(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_time: 1:30:00\n")
+    with raises(r"train\.max_time='5400' is a number without a unit — write 5400s, or hours and minutes like 1h30m "
+                r"\(YAML reads 1:30:00 as 5400\)"):
         load_config(path)
 
 

@@ -74,6 +74,18 @@ def test_skip_reports_found_skipped_and_converted_counts_in_one_line_and_one_pla
     assert sorted(record["skipped"]) == sorted([str(paths[5]), str(tmp_path / "images" / "notes.png")])
 
 
+def test_an_image_that_broke_since_the_run_started_can_be_skipped_on_resume(tmp_path):
+    paths = make_images(tmp_path / "images", 16)
+    ok(fit(tmp_path / "images", tmp_path / "run"))
+    truncate(paths[3])
+    refused = fit(tmp_path / "images", tmp_path / "run", "train.steps=6", resume=True)
+    assert_one_line_error(refused, 2, f"cannot read image {paths[3]}", "data.on_bad_image: skip")
+    resumed = ok(fit(tmp_path / "images", tmp_path / "run", "train.steps=6", "data.on_bad_image=skip", resume=True))
+    assert "1 skipped" in resumed.stdout and f"skipped 1 unreadable image(s) (data.on_bad_image: skip): {paths[3]}" \
+        in resumed.stderr
+    assert "images differ from those this run recorded" in resumed.stderr
+
+
 def test_resume_reads_no_image_file_again_for_the_check(tmp_path, monkeypatch):
     make_images(tmp_path / "images", 16)
     assert fit(tmp_path / "images", tmp_path / "run").exit_code == 0
