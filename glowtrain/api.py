@@ -168,7 +168,8 @@ class Run:
         _require(math.isfinite(temperature) and temperature >= 0,
                  f"temperature must be a finite number >= 0 (0.7 is usual), got {temperature!r}")
         _require(_whole(seed) and 0 <= seed < SEED_LIMIT,
-                 f"seed must be a whole number from 0 to 2**64 - 1, got {seed!r}")
+                 f"seed must be a whole number from 0 to 2**32 - 1 (torch's CPU generator reads 32 bits), got "
+                 f"{seed!r}")
         wanted = [] if classes is None else _as_list(classes)
         _require(classes is None or (len(wanted) > 0 and all(_whole(k) or isinstance(k, str) for k in wanted)),
                  f"classes must be a class number or name, or a non-empty list of them, got {classes!r}")

@@ -340,11 +340,11 @@ CheckpointOption = Annotated[Optional[str], typer.Option("--checkpoint", metavar
     help="A checkpoint file instead of a run.")]
 DeviceOption = Annotated[str, typer.Option("--device", metavar="DEVICE",
     help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")]
-SeedOption = Annotated[int, typer.Option("--seed", metavar="N", min=0, max=2**64 - 1,
+SeedOption = Annotated[int, typer.Option("--seed", metavar="N", min=0, max=2**32 - 1,  # config.SEED_LIMIT - 1
     help="Random seed; the same seed gives the same output.")]
 # eval, reconstruct, interpolate and manipulate draw nothing at random (the first test images, eval's own
 # noise): --seed is still taken, so scripts that pass it run, but not offered in their help.
-UnusedSeedOption = Annotated[int, typer.Option("--seed", metavar="N", min=0, max=2**64 - 1, hidden=True,
+UnusedSeedOption = Annotated[int, typer.Option("--seed", metavar="N", min=0, max=2**32 - 1, hidden=True,
     help="No effect: this command's output does not depend on a seed.")]
 NoEmaOption = Annotated[bool, typer.Option("--no-ema", metavar="", help="Use the raw weights instead of the EMA.")]
 OutOption = Annotated[Optional[str], typer.Option("--out", "-o", metavar="DIR",

@@ -39,7 +39,7 @@ def _opt(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class RunConfig:
     name: str = _opt("digits", "run directory name under runs/")
-    seed: int = _opt(0, "seeds everything: init, data order, dequantisation noise")
+    seed: int = _opt(0, "seeds everything: init, data order, dequantisation noise (0 to 2**32 - 1)")
     device: str = _opt("auto", "auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
     tf32: bool = _opt(True, "CUDA: TF32 tensor cores for the coupling networks in training (never for 1x1 convs or "
                       "evaluation)")
@@ -192,10 +192,13 @@ def default_config() -> Config:
 
 def derived_seed(seed: int, index: int) -> int:
     """The seed of the index-th independent stream (an epoch, a step, an image) of run.seed."""
-    return (seed * 1_000_003 + index) % SEED_LIMIT  # torch takes seeds below 2**64; smaller ones are unchanged
+    return (seed * 1_000_003 + index) % 2**64  # torch takes seeds below 2**64; smaller ones are unchanged
 
 
-SEED_LIMIT = 2**64  # seeds run from 0 to 2**64 - 1, what torch.Generator.manual_seed takes
+# Seeds run from 0 to 2**32 - 1: torch's CPU generator reads only a seed's low 32 bits, so 2**32 would draw
+# what 0 draws (CUDA's reads 64). Streams derived from a seed may be larger; on the CPU they stay distinct, as
+# seed * 1_000_003 (odd) is a different number modulo 2**32 for every seed.
+SEED_LIMIT = 2**32
 
 
 def dotted_keys() -> list[str]:
@@ -547,7 +550,9 @@ def validate(cfg: Config) -> None:
     name = run.name
     _require(bool(name) and name not in {".", ".."} and not re.search(r"[/\\]", name),
              "run.name", name, "use a plain directory name (no slashes)")
-    _require(0 <= run.seed < SEED_LIMIT, "run.seed", run.seed, "use an integer from 0 to 2**64 - 1")
+    _require(0 <= run.seed < SEED_LIMIT, "run.seed", run.seed,
+             "use an integer from 0 to 2**32 - 1 (torch's CPU generator reads 32 bits: a larger seed repeats a "
+             "smaller one's draws)")
     _require(DEVICE_PATTERN.fullmatch(run.device) is not None, "run.device", run.device,
              "use auto, cpu, cuda, cuda:N or mps")
     _require(run.threads >= 0, "run.threads", run.threads, "use 0 (torch's choice) or a number of threads")

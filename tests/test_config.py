@@ -603,12 +603,18 @@ def test_data_paths_are_stored_absolute_except_the_unused_root_of_the_bundled_di
     assert linked.data.root == str(tmp_path / "runs" / "link" / ".." / "photos")  # as given: elsewhere/photos
 
 
-def test_every_seed_torch_takes_is_allowed_and_its_streams_stay_within_torchs_range():
-    largest = 2**64 - 1
+def test_seeds_are_those_torchs_cpu_generator_tells_apart_and_their_streams_stay_within_torchs_range():
+    def draws(seed):
+        return torch.rand(4, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(draws(2**32 + 5), draws(5))  # why: the CPU generator reads 32 bits of a seed
+    largest = 2**32 - 1
     validate(apply_overrides(default_config(), [f"run.seed={largest}"]))
-    with pytest.raises(UserError, match=r"run.seed=18446744073709551616 is not allowed — use an integer from 0 to "
-                                        r"2\*\*64 - 1"):
+    with pytest.raises(UserError, match=r"run.seed=4294967296 is not allowed — use an integer from 0 to "
+                                        r"2\*\*32 - 1 \(torch's CPU generator reads 32 bits"):
         validate(apply_overrides(default_config(), [f"run.seed={largest + 1}"]))
     for index in (0, 1, 10**9):
         torch.Generator().manual_seed(derived_seed(largest, index))  # raised an overflow above about 1.8e13
+    firsts = {derived_seed(seed, 0) % 2**32 for seed in (0, 1, 2**31, largest)}
+    assert len(firsts) == 4  # distinct seeds, distinct first streams on the CPU
     assert derived_seed(7, 3) == 7 * 1_000_003 + 3  # small seeds keep their streams, so old runs resume the same
