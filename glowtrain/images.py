@@ -139,6 +139,8 @@ def check_tensorboard(run_dir: Path | None, tensorboard: bool) -> None:
     """--tensorboard writes into a run directory, so a loose checkpoint file cannot take it."""
     if tensorboard and run_dir is None:
         raise UserError("--tensorboard needs a run directory: pass --run DIR (not a loose checkpoint file)")
+    if tensorboard:  # before any drawing: TensorBoard's writer fails in a thread of its own, with a traceback
+        check_writable(RunDir(run_dir).tb, "the run's TensorBoard folder", "another run, or leave out --tensorboard")
 
 
 def picture_tag(path: Path) -> str:

@@ -893,6 +893,19 @@ def test_tensorboard_needs_a_run_directory(fitted, tmp_path):
     assert_one_line_error(result, 2, "--tensorboard needs a run directory")
 
 
+def test_tensorboard_into_a_folder_it_cannot_write_is_refused_before_drawing(fitted, tmp_path, monkeypatch):
+    _, run_dir = fitted
+    tb = RunDir(run_dir).tb
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tb and access(path, mode))  # as for a user
+    for command in (["sample", "--n", "2"], ["reconstruct", "--n", "1"]):
+        out = tmp_path / command[0]
+        result = invoke(*command, "--run", run_dir, "--tensorboard", "--out", out, *CPU)
+        assert_one_line_error(result, 2, f"cannot write to {tb} (permission denied) — choose another run, or leave "
+                              "out --tensorboard")
+        assert not out.exists()  # no picture written that the next call would refuse to replace
+
+
 # ---------------------------------------------------------------------------- which run
 
 
