@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -213,6 +214,20 @@ def _celeba_attributes(cfg: Config, dataset) -> tuple[list[str], dict[str, list[
 
 @torch.no_grad()
 @full_float32()
+def _moved_along(model, flat: torch.Tensor, direction: torch.Tensor, alphas: list[float], n_bits: int) -> torch.Tensor:
+    """Each image's latent moved by every alpha along `direction`, decoded: uint8 rows, one per image."""
+    rows, not_finite = [], 0
+    for latent in flat:
+        decoded = model.decode(_unflatten_latents(model, torch.stack([latent + a * direction for a in alphas])))
+        not_finite += int((~torch.isfinite(decoded)).flatten(1).any(1).sum())
+        rows.append(to_uint8(decoded, n_bits).cpu())
+    if not_finite:  # as sample says of overflowed images: their pixels are not a picture of anything
+        warnings.warn(f"{not_finite:,} of {len(flat) * len(alphas):,} manipulated images are not finite (the model's "
+                      "inverse overflowed), so their pixels mean nothing — use smaller --alphas", RuntimeWarning,
+                      stacklevel=2)
+    return torch.cat(rows)
+
+
 def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None, alphas: list[float], n: int,
                        attribute: str | None = None, from_class: int | str | None = None,
                        to_class: int | str | None = None,
@@ -260,12 +275,8 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
         direction = (_mean_latent(model, train_set, with_, cfg, device, bar)
                      - _mean_latent(model, train_set, without, cfg, device, bar))
     x, _ = _test_images(cfg, n, device, loaded)
-    flat = _flat_latents(model, x)
-    rows = []
-    for i in range(n):
-        moved = torch.stack([flat[i] + alpha * direction for alpha in alphas])
-        rows.append(to_uint8(model.decode(_unflatten_latents(model, moved)), cfg.data.n_bits).cpu())
-    picture = image_grid(torch.cat(rows), len(alphas))
+    picture = image_grid(_moved_along(model, _flat_latents(model, x), direction, alphas, cfg.data.n_bits),
+                         len(alphas))
     if tensorboard:
         write_to_tensorboard(loaded.run_dir, loaded.step, {picture_tag(target): picture})
     path = save_png(picture, target, display_upscale(cfg.data.image_size))

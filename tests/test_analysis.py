@@ -627,6 +627,16 @@ def test_manipulate_moves_test_images_along_a_class_direction(fitted, tmp_path):
         assert any((tile(picture, row, c) != original).any() for c in (0, 2, 3))
 
 
+def test_manipulate_says_how_many_images_overflowed_instead_of_drawing_them_silently(fitted, tmp_path):
+    _, run_dir = fitted
+    with pytest.warns(RuntimeWarning) as said:
+        ok(invoke("manipulate", "--run", run_dir, "--from-class", "3", "--to-class", "5", "--alphas", "0,1e300",
+                  "--n", "2", "--out", tmp_path, *CPU))
+    assert [str(warning.message) for warning in said] == [
+        "2 of 4 manipulated images are not finite (the model's inverse overflowed), so their pixels mean nothing — "
+        "use smaller --alphas"]
+
+
 def test_manipulate_along_a_celeba_attribute_uses_list_attr_celeba(folder_run, tmp_path):
     run_dir, images, names = folder_run
     result = json_output(invoke("manipulate", "--run", run_dir, "--attribute", "Smiling", "--alphas", "0,1",
