@@ -623,11 +623,10 @@ def info(
         raise UserError(f"--set does not apply to --run (the run is described as trained); for a changed config "
                         f"use: glowtrain info --config {shlex.quote(str(Path(run) / 'config.yaml'))} --set ...")
     if run and Path(run).is_file():  # info has no --checkpoint to offer, as the other commands' message does
-        from glowtrain.runs import run_of_checkpoint
+        from glowtrain.runs import run_file_fix
 
-        owner = run_of_checkpoint(Path(run))
-        raise UserError(f"--run takes a run directory, and {run} is a file — pass its run directory: "
-                        f"--run {shlex.quote(str(owner.path if owner else Path(run).parent))}")
+        raise UserError(f"--run takes a run directory, and {run} is a file — "
+                        f"{run_file_fix(Path(run), checkpoint_option=False)}")
     if run:
         from glowtrain.runs import training_state
 

@@ -239,8 +239,9 @@ def relocated(data_cfg: DataConfig, where: str) -> DataConfig:
     cache (a folder holding index.json), or what data.root names (an image folder or a dataset root)."""
     path = Path(where).expanduser().absolute()
     if not path.is_dir():
-        raise UserError(f"--data {where}: no such folder — pass the folder holding the run's images, its dataset "
-                        "root, or its prepared cache")
+        what = "a file, not a folder" if path.exists() else "no such folder"
+        raise UserError(f"--data {where}: {what} — pass the folder holding the run's images, its dataset root, or "
+                        "its prepared cache")
     if is_prepared_cache(path):  # not any index.json: an image folder may hold one of the user's
         return replace(data_cfg, cache=str(path))
     if data_cfg.dataset == "digits":  # data.root means nothing to it: taking the folder would silently ignore it

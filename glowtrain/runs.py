@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -86,6 +87,10 @@ class RunDir:
 
     def has_checkpoint(self) -> bool:
         return self.last.is_file()
+
+    def is_run(self) -> bool:
+        """A folder fit made: a checkpoint, or the config.yaml fit writes first."""
+        return self.has_checkpoint() or self.config_origin() in ("fit", "edited")
 
     def config_origin(self) -> str:
         """Who wrote config.yaml: 'fit' (as fit wrote it), 'edited' (by fit, then changed by hand), 'other' (not
@@ -444,19 +449,30 @@ def latest_run(runs_root: Path = RUNS_ROOT) -> RunDir:
     return max(candidates, key=lambda run: run.last.stat().st_mtime)
 
 
+def run_file_fix(path: Path, checkpoint_option: bool = True) -> str:
+    """What to pass instead of a file given as --run: the run it lies in, and (a .pt file) the file itself."""
+    owner = run_of_checkpoint(path) or RunDir(path.parent)
+    fixes = [f"its run directory: --run {shlex.quote(str(owner.path))}"] if owner.is_run() else []
+    if checkpoint_option and path.suffix == ".pt":
+        fixes.append(f"the file as --checkpoint {shlex.quote(str(path))}")
+    return "pass " + (" or ".join(fixes) if fixes else "a directory made by 'glowtrain fit'")
+
+
 def resolve_checkpoint(run: str | None = None, checkpoint: str | None = None, which: str = "last") -> Path:
     """The checkpoint file meant by --checkpoint, --run, or neither (the most recent run)."""
     if run and checkpoint:
         raise UserError("give either --run or --checkpoint, not both")
     if checkpoint:
         path = Path(checkpoint)
+        if path.is_dir():
+            fix = f"pass it as --run {path}" if RunDir(path).is_run() else "pass a .pt file"
+            raise UserError(f"--checkpoint takes a checkpoint file, and {path} is a folder — {fix}")
         if not path.is_file():
             raise UserError(f"checkpoint not found: {path} — pass an existing .pt file")
         return path
     run_dir = RunDir(Path(run)) if run else latest_run()
     if run_dir.path.is_file():
-        raise UserError(f"--run takes a run directory, and {run_dir.path} is a file — pass its run directory, or "
-                        f"the file as --checkpoint {run_dir.path}")
+        raise UserError(f"--run takes a run directory, and {run_dir.path} is a file — {run_file_fix(run_dir.path)}")
     if not run_dir.path.is_dir():
         raise UserError(f"run directory not found: {run_dir.path} — pass a directory made by 'glowtrain fit'")
     path = getattr(run_dir, which)

@@ -688,11 +688,24 @@ def test_runs_lists_each_run_with_step_best_bpd_and_status(fitted, tmp_path, mon
         f"{run_dir.parent}), or see this run with: glowtrain info --run {run_dir}")
     checkpoint = run_dir / "checkpoints" / "last.pt"
     assert assert_one_line_error(invoke("sample", "--run", checkpoint, "--out", tmp_path / "s"), 2) == (
-        f"error: --run takes a run directory, and {checkpoint} is a file — pass its run directory, or the file as "
-        f"--checkpoint {checkpoint}")
+        f"error: --run takes a run directory, and {checkpoint} is a file — pass its run directory: --run {run_dir} "
+        f"or the file as --checkpoint {checkpoint}")
     # info takes no --checkpoint: it is offered the run directory the checkpoint belongs to
     assert assert_one_line_error(invoke("info", "--run", checkpoint), 2) == (
         f"error: --run takes a run directory, and {checkpoint} is a file — pass its run directory: --run {run_dir}")
+    config = run_dir / "config.yaml"  # not a checkpoint: only its run is offered
+    assert assert_one_line_error(invoke("sample", "--run", config, "--out", tmp_path / "s"), 2) == (
+        f"error: --run takes a run directory, and {config} is a file — pass its run directory: --run {run_dir}")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert assert_one_line_error(invoke("eval", "--run", tmp_path / "notes.txt"), 2).endswith(
+        "is a file — pass a directory made by 'glowtrain fit'")
+    assert assert_one_line_error(invoke("eval", "--checkpoint", run_dir), 2) == (
+        f"error: --checkpoint takes a checkpoint file, and {run_dir} is a folder — pass it as --run {run_dir}")
+    assert assert_one_line_error(invoke("eval", "--checkpoint", tmp_path), 2).endswith(
+        "is a folder — pass a .pt file")
+    assert assert_one_line_error(invoke("eval", "--run", run_dir, "--data", config), 2) == (
+        f"error: --data {config}: a file, not a folder — pass the folder holding the run's images, its dataset root, "
+        "or its prepared cache")
     line = assert_one_line_error(invoke("reconstruct", "--run", run_dir, "--n", "400", "--out", tmp_path / "r.png"), 2)
     assert line.endswith("the test split has 297 — use --n 297 or less")
     line = assert_one_line_error(invoke("interpolate", "--run", run_dir, "--pairs", "200", "--steps", "2", "--out",
