@@ -98,17 +98,22 @@ def _bracketed(names: list[str] | None) -> str:
     return f" ({', '.join(names)})" if names else ""
 
 
-def _test_images(cfg: Config, n: int, device: torch.device, loaded: LoadedRun | None = None, per_unit: int = 1,
-                 option: str = "--n"):
-    """The first n test images at bin centres (no noise), with labels; `option` asked for n / per_unit of them."""
-    dataset = _run_dataset(loaded, "test", cfg) if loaded else build_dataset(cfg.data, "test")
+def _test_split(loaded: LoadedRun, n: int, per_unit: int = 1, option: str = "--n"):
+    """The run's test split, refused when it holds fewer than n images (`option` asked for n / per_unit of them).
+    Checked before a picture's size, so that the fix that check offers is one that can be taken."""
+    dataset = _run_dataset(loaded, "test")
     if n > len(dataset):
         raise UserError(f"asked for {n} test images but the test split has {len(dataset)} — use {option} "
                         f"{len(dataset) // per_unit} or less")
+    return dataset
+
+
+def _first_images(dataset, n: int, n_bits: int, device: torch.device):
+    """The first n images of `dataset` at bin centres (no noise), with labels."""
     items = [dataset[i] for i in range(n)]
     images = torch.stack([image for image, _ in items]).to(device)
     labels = torch.tensor([label for _, label in items], device=device)
-    return dequantize(images, cfg.data.n_bits, 0.5), labels
+    return dequantize(images, n_bits, 0.5), labels
 
 
 @torch.no_grad()
@@ -118,12 +123,13 @@ def reconstruct_command(loaded: LoadedRun, n: int, device: torch.device, out: st
     """Encode and decode real test images; report the error and write originals over reconstructions."""
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
+    test_split = _test_split(loaded, n)
     _refuse_oversized_grid(2 * n, f"--n {n} makes", "originals and reconstructions",
                            f"use --n {GRID_LIMIT // 2} or less")
     check_tensorboard(loaded.run_dir, tensorboard)
     target = _picture_path(loaded, out, "reconstruct", [f"n{n}"] * (n != RECONSTRUCT_N), use_ema, overwrite)
     cfg, model = loaded.cfg, loaded.model
-    x, _ = _test_images(cfg, n, device, loaded)
+    x, _ = _first_images(test_split, n, cfg.data.n_bits, device)
     zs, _ = model.encode(x)
     error = (model.decode(zs) - x).abs() * PIXEL_LEVELS
     pairs = torch.cat([to_uint8(x, cfg.data.n_bits), to_uint8(model.decode(zs), cfg.data.n_bits)])
@@ -142,6 +148,7 @@ def interpolate_command(loaded: LoadedRun, n_pairs: int, n_steps: int, device: t
     """Linear paths between the latents (every level) of pairs of test images; a row per pair."""
     if n_pairs < 1 or n_steps < 2:
         raise UserError(f"need --pairs >= 1 and --steps >= 2, got {n_pairs} and {n_steps}")
+    test_split = _test_split(loaded, 2 * n_pairs, per_unit=2, option="--pairs")
     fewer = f"use --steps {GRID_LIMIT // n_pairs} or less" if GRID_LIMIT // n_pairs >= 2 else \
         f"use --pairs {GRID_LIMIT // n_steps or 1} or less" + ", or fewer --steps" * (n_steps > 2)
     _refuse_oversized_grid(n_pairs * n_steps, f"--pairs {n_pairs} --steps {n_steps} make", "a row per pair", fewer)
@@ -149,7 +156,7 @@ def interpolate_command(loaded: LoadedRun, n_pairs: int, n_steps: int, device: t
     named = [f"pairs{n_pairs}"] * (n_pairs != INTERPOLATE_PAIRS) + [f"steps{n_steps}"] * (n_steps != INTERPOLATE_STEPS)
     target = _picture_path(loaded, out, "interpolate", named, use_ema, overwrite)
     cfg, model = loaded.cfg, loaded.model
-    x, _ = _test_images(cfg, 2 * n_pairs, device, loaded, per_unit=2, option="--pairs")
+    x, _ = _first_images(test_split, 2 * n_pairs, cfg.data.n_bits, device)
     zs, _ = model.encode(x)
     weights = torch.linspace(0, 1, n_steps, device=device, dtype=x.dtype)
     rows = []
@@ -240,6 +247,7 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
         raise UserError("give either --attribute NAME or both --from-class A and --to-class B")
     if n < 1 or not alphas:
         raise UserError(f"need --n >= 1 and at least one value in --alphas, got --n {n} and {len(alphas)} alphas")
+    test_split = _test_split(loaded, n)
     fewer = f"use --n {GRID_LIMIT // len(alphas)} or less" if GRID_LIMIT // len(alphas) else "give fewer --alphas"
     _refuse_oversized_grid(n * len(alphas), f"--n {n} with {len(alphas):,} alphas make", "a row per image", fewer)
     check_tensorboard(loaded.run_dir, tensorboard)
@@ -274,7 +282,7 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
               disable=not progress, delay=1, dynamic_ncols=True) as bar:  # encoding up to 4,000 training images
         direction = (_mean_latent(model, train_set, with_, cfg, device, bar)
                      - _mean_latent(model, train_set, without, cfg, device, bar))
-    x, _ = _test_images(cfg, n, device, loaded)
+    x, _ = _first_images(test_split, n, cfg.data.n_bits, device)
     picture = image_grid(_moved_along(model, _flat_latents(model, x), direction, alphas, cfg.data.n_bits),
                          len(alphas))
     if tensorboard:

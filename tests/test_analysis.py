@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import glowtrain
+from glowtrain import analysis
 from glowtrain import sample as sample_module
 from glowtrain.analysis import multiply_adds
 from glowtrain.checkpoint import load_checkpoint, model_from_checkpoint, open_run
@@ -729,14 +730,32 @@ def test_manipulate_shows_its_progress_over_the_training_images_it_encodes(fitte
      "picture holds (1,024) — use --n 512 or less"),
     (["interpolate", "--pairs", "4", "--steps", "100000"], "--pairs 4 --steps 100000 make 400,000 images (a row per "
      "pair), more than a picture holds (1,024) — use --steps 256 or less"),
+    (["interpolate", "--pairs", "148", "--steps", "8"], "— use --steps 6 or less"),
     (["interpolate", "--pairs", "600", "--steps", "8"], "use --pairs 128 or less, or fewer --steps"),
     (["interpolate", "--pairs", "2000", "--steps", "2"], "more than a picture holds (1,024) — use --pairs 512 or less"),
-], ids=["reconstruct", "interpolate-steps", "interpolate-pairs", "interpolate-pairs-at-fewest-steps"])
-def test_pictures_larger_than_a_grid_are_refused_before_any_work(fitted, tmp_path, args, needle):
+    (["manipulate", "--from-class", "3", "--to-class", "5", "--n", "200", "--alphas", "0,1,2,3,4,5"],
+     "--n 200 with 6 alphas make 1,200 images (a row per image), more than a picture holds (1,024) — use --n 170 or "
+     "less"),
+], ids=["reconstruct", "interpolate-steps", "interpolate-steps-at-the-most-pairs", "interpolate-pairs",
+        "interpolate-pairs-at-fewest-steps", "manipulate"])
+def test_pictures_larger_than_a_grid_are_refused_before_any_work(fitted, tmp_path, monkeypatch, args, needle):
     _, run_dir = fitted
+    if {"513", "600", "2000"} & set(args):  # more than the digits' test split holds: a larger split's case
+        monkeypatch.setattr(analysis, "_test_split", lambda loaded, n, *rest, **options: range(10**6))
     line = assert_one_line_error(invoke(*args, "--run", run_dir, "--out", tmp_path, *CPU), 2, needle)
     assert line.endswith(needle)  # the fix offered is one that can be taken (2 is already the fewest --steps)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args", [["reconstruct", "--n", "513"], ["interpolate", "--pairs", "200", "--steps", "8"],
+                                  ["manipulate", "--from-class", "3", "--to-class", "5", "--n", "400"]],
+                         ids=["reconstruct", "interpolate", "manipulate"])
+def test_more_test_images_than_the_split_holds_is_said_before_the_pictures_size(fitted, tmp_path, args):
+    """The picture's own limit would otherwise offer a fix the test split then refuses."""
+    _, run_dir = fitted
+    fix = "--pairs 148" if args[0] == "interpolate" else "--n 297"
+    assert_one_line_error(invoke(*args, "--run", run_dir, "--out", tmp_path, *CPU), 2,
+                          f"but the test split has 297 — use {fix} or less")
 
 
 @pytest.mark.parametrize("args", [["--n", "0"], ["--alphas", ","]], ids=["zero-n", "no-alphas"])
