@@ -122,6 +122,9 @@ def _check_options(temperatures: list[float], n: int, batch_size: int, grid: boo
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if no_grid and (grid or not individual):
         raise UserError("--no-grid writes no grid, so it needs --individual (and not --grid)")
+    if n > GRID_LIMIT and not individual:  # the images past a grid's end would be drawn for nothing
+        raise UserError(f"--n {n:,} is more images than a grid holds ({GRID_LIMIT:,}), and without --individual only "
+                        f"grids are written — use --n {GRID_LIMIT} or less, or add --individual to write every image")
 
 
 def sample_command(run: str | None, checkpoint: str | None, temperatures: list[float], n: int, seed: int,
@@ -148,8 +151,8 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
     refuse_existing(grids + ([out_dir / names[t] for t in temperatures] if individual else []), overwrite,
                     "choose another --out or --seed")
     if n > GRID_LIMIT and not no_grid and say:
-        say(f"note: grids show the first {GRID_LIMIT:,} of the {n:,} images per temperature "
-            f"({'--individual writes them all' if individual else 'add --individual to write them all'})")
+        say(f"note: grids show the first {GRID_LIMIT:,} of the {n:,} images per temperature (--individual writes "
+            "them all)")
     per_class = math.ceil(n / len(classes)) if classes else None
     n_columns = per_class if per_class and per_class <= GRID_LIMIT else None
     upscale = display_upscale(cfg.data.image_size)

@@ -1083,6 +1083,9 @@ def test_sample_grid_is_capped_and_no_grid_writes_only_the_individual_files(fitt
     result = ok(invoke("sample", "--run", run_dir, "--n", "10", "--batch-size", "4", "--individual", "--out",
                        tmp_path / "capped", *CPU))
     assert "grids show the first 6 of the 10 images" in result.stderr
+    assert_one_line_error(invoke("sample", "--run", run_dir, "--n", "10", "--out", tmp_path / "grid-only", *CPU), 2,
+                          "--n 10 is more images than a grid holds (6), and without --individual only grids are "
+                          "written — use --n 6 or less, or add --individual to write every image")
     grid, *singles = [Path(p) for p in result.stdout.split()]
     with Image.open(grid) as image:
         assert image.size == grid_size(6)
