@@ -145,8 +145,9 @@ class RunDir:
 
     def set_aside_unfinished(self) -> None:
         """A run that stopped before its first checkpoint left logs (and perhaps a best.pt) but nothing to resume:
-        keep them as *.old (then *.old_2, ...: an earlier one's are kept too)."""
-        for path in (self.metrics, self.tb, self.best):
+        keep them as *.old (then *.old_2, ...: an earlier one's are kept too). Its sample grids too: the new run's
+        would be written over them, under the same step names."""
+        for path in (self.metrics, self.tb, self.best, self.samples):
             if path.exists():
                 path.rename(first_unused(lambda n, path=path: path.with_name(f"{path.name}.old{_copy_number(n)}")))
 

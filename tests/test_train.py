@@ -714,7 +714,8 @@ def test_a_run_without_a_checkpoint_starts_afresh_and_keeps_its_old_logs(tmp_pat
     checkpoints, died, died_best = run_dir / "checkpoints", [], []
     for seed in (0, 1):  # it dies twice: the second start keeps the first's logs, the third both
         with pytest.raises(RuntimeError, match="went away"):  # after step 1's evaluation wrote a best.pt
-            train(apply_overrides(default_config(), [*SMALL, "train.eval_every=1", f"run.seed={seed}"]),
+            train(apply_overrides(default_config(), [*SMALL, "train.eval_every=1", "train.sample_every=1",
+                                                     f"run.seed={seed}"]),
                   out=str(run_dir), progress=False, trainer=DiesAtStepTwo)
         assert not (checkpoints / "last.pt").exists() and (checkpoints / "best.pt").is_file()
         died.append((run_dir / "metrics.jsonl").read_text())
@@ -724,6 +725,8 @@ def test_a_run_without_a_checkpoint_starts_afresh_and_keeps_its_old_logs(tmp_pat
     train(apply_overrides(default_config(), [*SMALL, "train.eval_every=1000"]), out=str(run_dir), progress=False)
     assert [(run_dir / name).read_text() for name in ("metrics.jsonl.old", "metrics.jsonl.old_2")] == died
     assert (run_dir / "tb.old").is_dir() and (run_dir / "tb.old_2").is_dir()
+    assert [p.name for p in (run_dir / "samples.old").iterdir()] == ["step0000001_t0p00.png"]  # SMALL's temperature
+    assert (run_dir / "samples.old_2").is_dir()  # not written over by the next start's grids of the same name
     # The new run's best.pt is its own (its final evaluation): the dead runs' are kept aside, not passed off as it.
     assert [(checkpoints / name).read_bytes() for name in ("best.pt.old", "best.pt.old_2")] == died_best
     assert torch.load(checkpoints / "best.pt", weights_only=True)["step"] == 4
