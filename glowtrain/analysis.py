@@ -247,12 +247,12 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
         raise UserError("give either --attribute NAME or both --from-class A and --to-class B")
     if n < 1 or not alphas:
         raise UserError(f"need --n >= 1 and at least one value in --alphas, got --n {n} and {len(alphas)} alphas")
+    if by_class:  # numbers from here on: a class by name and by number is one picture
+        from_class, to_class = _direction_classes(loaded, from_class, to_class)
     test_split = _test_split(loaded, n)
     fewer = f"use --n {GRID_LIMIT // len(alphas)} or less" if GRID_LIMIT // len(alphas) else "give fewer --alphas"
     _refuse_oversized_grid(n * len(alphas), f"--n {n} with {len(alphas):,} alphas make", "a row per image", fewer)
     check_tensorboard(loaded.run_dir, tensorboard)
-    if by_class:  # numbers from here on: a class by name and by number is one picture
-        from_class, to_class = _direction_classes(loaded, from_class, to_class)
     named = [attribute or f"class{from_class}-{to_class}"]
     named += [f"a{','.join(f'{a:g}' for a in alphas)}"] * (list(alphas) != MANIPULATE_ALPHAS)
     named += [f"n{n}"] * (n != MANIPULATE_N)

@@ -323,6 +323,19 @@ def _image_files(data_cfg, split: str, ignored: list[str] | None = None) -> tupl
     return base, split_paths(paths, base, data_cfg.test_fraction, data_cfg.split_seed, split), paths
 
 
+def unread_root_warning(data_cfg) -> str | None:
+    """For data.cache: a warning when data.root names an image folder other than the one the cache was prepared
+    from. Training reads the cache alone, and a run's config.yaml keeps the data.root given."""
+    index = read_json(Path(data_cfg.cache).expanduser() / "index.json") if data_cfg.cache else None
+    if not index or not index.get("root") or data_cfg.dataset in _TORCHVISION or data_cfg.dataset == "digits":
+        return None
+    root = Path(data_cfg.root).expanduser()
+    if not root.is_dir() or root.resolve() == Path(index["root"]).resolve():
+        return None
+    return (f"warning: data.root {root.absolute()} is not read: training reads the cache at {data_cfg.cache}, "
+            f"prepared from {index['root']} — to train on {root.absolute()}, leave out data.cache")
+
+
 def stale_cache_warning(data_cfg) -> str | None:
     """For data.cache: a warning when the image folder the cache was prepared from now holds other files (the
     cache keeps the old images); None when they match, or the folder is not on this machine."""
@@ -764,7 +777,8 @@ def record_run_data(run: RunDir, data_cfg: DataConfig, train, test, resumed: boo
     folder, those the checkpoint's own run recorded)."""
     recorded = recorded_data(run, resumed_from)
     changed = [data_changed_warning(recorded, s, d) for s, d in zip(SPLITS, (train, test))] if resumed else []
-    warnings = [w for w in dict.fromkeys([skipped_warning(train, test), stale_cache_warning(data_cfg), *changed])
+    warnings = [w for w in dict.fromkeys([skipped_warning(train, test), stale_cache_warning(data_cfg),
+                                          unread_root_warning(data_cfg), *changed])
                 if w]  # each line once
     write_json(run.data_record, data_record(data_cfg, train, test))
     if check_records(train, test):  # image files only

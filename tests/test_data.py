@@ -441,6 +441,21 @@ def test_a_cache_whose_image_folder_changed_since_it_was_prepared_says_so(tmp_pa
     assert data.stale_cache_warning(cfg) is None  # no cache at all
 
 
+def test_a_cache_with_another_image_folder_as_data_root_says_that_folder_is_not_read(tmp_path):
+    make_folder(tmp_path / "images", 9, size=(10, 13))
+    make_folder(tmp_path / "others", 4)
+    cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=6, channels=3, test_fraction=0.3)
+    data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    cached = data_cfg(**{**vars(cfg), "cache": str(tmp_path / "cache")})
+    assert data.unread_root_warning(cached) is None  # its own folder
+    assert data.unread_root_warning(data_cfg(**{**vars(cached), "root": str(tmp_path / "nowhere")})) is None
+    other = data_cfg(**{**vars(cached), "root": str(tmp_path / "others")})
+    assert data.unread_root_warning(other) == (
+        f"warning: data.root {tmp_path / 'others'} is not read: training reads the cache at {tmp_path / 'cache'}, "
+        f"prepared from {tmp_path / 'images'} — to train on {tmp_path / 'others'}, leave out data.cache")
+    assert data.unread_root_warning(cfg) is None  # no cache
+
+
 def test_cache_prepared_at_another_size_or_missing_is_a_user_error(tmp_path):
     make_folder(tmp_path / "images", 4)
     cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=6, channels=3)
