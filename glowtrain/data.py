@@ -637,8 +637,12 @@ def _load_cache(data_cfg, split: str) -> TensorImages:
         raise MissingData(f"no prepared cache at {cache}",
                           "run `glowtrain prepare` first or set data.cache: ''") from None
     if index.get("dataset") != data_cfg.dataset or tuple(index.get("image_shape", ())) != image_shape(data_cfg):
+        fix = "prepare it again with this config"
+        if index.get("dataset") == data_cfg.dataset and len(index.get("image_shape", ())) == 3:
+            channels, size, _ = index["image_shape"]
+            fix += f", or train at its shape: data.channels={channels} data.image_size={size}"
         raise UserError(f"the cache at {cache} holds {index.get('dataset')} at {index.get('image_shape')}, "
-                        f"not {data_cfg.dataset} at {list(image_shape(data_cfg))}; prepare it again")
+                        f"not {data_cfg.dataset} at {list(image_shape(data_cfg))}; {fix}")
     _check_content_keys(data_cfg, index, cache)
     images, labels = _cache_arrays(cache, split, index)
     dataset = TensorImages(torch.from_numpy(images), torch.from_numpy(labels), n_classes=index["n_classes"])

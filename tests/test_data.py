@@ -460,7 +460,8 @@ def test_cache_prepared_at_another_size_or_missing_is_a_user_error(tmp_path):
     make_folder(tmp_path / "images", 4)
     cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=6, channels=3)
     data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
-    with pytest.raises(UserError, match="prepare"):
+    with pytest.raises(UserError, match=r"holds folder at \[3, 6, 6\], not folder at \[3, 8, 8\]; prepare it again "
+                                        r"with this config, or train at its shape: data.channels=3 data.image_size=6"):
         data.build_dataset(data_cfg(**{**vars(cfg), "image_size": 8, "cache": str(tmp_path / "cache")}), "train")
     with pytest.raises(UserError, match="glowtrain prepare"):
         data.build_dataset(data_cfg(**{**vars(cfg), "cache": str(tmp_path / "elsewhere")}), "train")
