@@ -264,8 +264,8 @@ def resume_message(path: Path, step: int, steps: int) -> str:
     return f"resuming {path} from step {step} of {steps}"
 
 
-def metrics_summary(run: RunDir) -> dict:
-    """From metrics.jsonl: the last and the best test bpd (None when no evaluation ran)."""
+def test_records(run: RunDir) -> list[dict]:
+    """metrics.jsonl's evaluations (with a bpd), in order."""
     tests = []
     try:
         with open(run.metrics) as f:
@@ -278,6 +278,12 @@ def metrics_summary(run: RunDir) -> dict:
                     tests.append(record)
     except OSError:
         pass
+    return tests
+
+
+def metrics_summary(run: RunDir) -> dict:
+    """From metrics.jsonl: the last and the best test bpd (None when no evaluation ran)."""
+    tests = test_records(run)
     return {"last_test_bpd": tests[-1]["bpd"] if tests else None,
             "best_test_bpd": min(r["bpd"] for r in tests) if tests else None}
 

@@ -57,12 +57,22 @@ from glowtrain.runs import (
     resume_message,
     run_dir_for,
     run_of_checkpoint,
+    test_records,
     training_lock,
 )
 
 
-class Interrupted(Exception):
-    """Training stopped by SIGINT/SIGTERM after saving; the CLI exits 130."""
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT/SIGTERM after saving; the CLI exits 130. A KeyboardInterrupt, as Ctrl-C is
+    anywhere else in Python: a notebook's `except Exception` does not swallow it."""
+
+    def __init__(self, step: int, run_dir: str):
+        super().__init__(step, run_dir)
+        self.step, self.run_dir = step, run_dir
+
+    def __str__(self) -> str:
+        return (f"interrupted at step {self.step}; checkpoint saved in {self.run_dir} — go on with "
+                f"train(cfg, out={self.run_dir!r}, resume='auto')")
 
 
 class TrainingDiverged(RuntimeError):
@@ -572,8 +582,9 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Train to train.steps: log, evaluate, sample and checkpoint on schedule; stop cleanly on a signal."""
-        cfg, state, final = self.cfg.train, self.state, {}
+        cfg, state = self.cfg.train, self.state
         self._open_run_dir()
+        final = self._logged_result() if self._nothing_to_train else {}
         self.deadline = None if cfg.max_time_s is None else self._now() + cfg.max_time_s
         self.timed_out = False
         window, start = _Throughput(self.ctx.world_size), state.step
@@ -614,6 +625,12 @@ class Trainer:
                 raise RuntimeError("the ranks finished with different weights; please report this with your config")
         return TrainResult(self.ctx.rank, str(self.run_dir.path), state.step, state.best_test_bpd, final,
                            self.timed_out)
+
+    def _logged_result(self) -> dict:
+        """The evaluation metrics.jsonl logged last: what a resume with nothing left to train returns, as the
+        run's finishing call did."""
+        tests = test_records(self.run_dir)
+        return {key: value for key, value in tests[-1].items() if key != "split"} if tests else {}
 
     def _compiled(self, seconds: float, window: _Throughput) -> None:
         """After the step that compiled: say how long it took, and leave it out of the images/s logged next."""
@@ -765,6 +782,8 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
     """Train the model `cfg` describes into --out (or runs/<run.name>), fresh or resumed.
 
     `trainer` may be a subclass (tests inject faults by overriding `prepare_batch`)."""
+    if resume == "if-any":  # as fit --resume if-any: the run's last.pt when it has one, else a fresh start
+        resume = "auto" if run_dir_for(out, cfg.run.name, None).has_checkpoint() else None
     saved, saved_threads = precision.settings(), torch.get_num_threads()
     cfg = with_absolute_data_paths(cfg)
     ctx = setup(cfg.run.device, tf32=cfg.run.tf32, deterministic=cfg.run.deterministic)

@@ -621,6 +621,27 @@ def test_divergence_before_any_checkpoint_says_there_is_nothing_to_roll_back_to(
         train(cfg, out=str(tmp_path / "run"), progress=False, trainer=poisoned)
 
 
+def test_training_from_python_takes_if_any_and_a_finished_run_returns_its_last_evaluation(tiny_run, tmp_path):
+    cfg, straight_dir, straight = tiny_run
+    out = tmp_path / "run"
+    shutil.copytree(straight_dir, out)
+    again = train(cfg, out=str(out), resume="if-any", progress=False)  # resumed: already at train.steps
+    assert again.step == 6 and again.test == straight.test and again.test["bpd"] == straight.best_test_bpd
+    fresh = train(tiny_config("train.steps=2", "train.eval_every=2"), out=str(tmp_path / "new"), resume="if-any",
+                  progress=False)  # nothing to resume: a fresh start
+    assert fresh.step == 2 and fresh.test["step"] == 2
+
+
+def test_an_interruption_is_a_keyboard_interrupt_that_says_where_to_go_on():
+    from glowtrain.train import Interrupted
+
+    stopped = Interrupted(46, "runs/x")
+    assert isinstance(stopped, KeyboardInterrupt) and not isinstance(stopped, Exception)
+    assert str(stopped) == "interrupted at step 46; checkpoint saved in runs/x — go on with train(cfg, out='runs/x', " \
+                           "resume='auto')"
+    assert stopped.args == (46, "runs/x")  # what the CLI reads
+
+
 SMALL = ["run.device=cpu", *GLOW_LAYERS, "model.n_levels=2", "model.n_steps=2", "model.hidden_channels=16",
          "train.batch_size=16", "train.init_batch_size=32", "train.eval_batch_size=300", "train.steps=4",
          "train.warmup_steps=2",
