@@ -829,6 +829,11 @@ def _usage_error(error: Exception) -> int:
         if error.format_message():  # rich help prints itself while the error is made; plain help comes here
             error.show()
         return EXIT_BAD_INPUT
+    message = error.format_message()
     hint = f" — see '{context.command_path} -h'" if context is not None else ""
-    typer.echo(f"error: {error.format_message()}{hint}", err=True)
+    if context is not None and context.info_name == "score" and "unexpected extra argument" in message:
+        # `--images imgs/*.png`: the shell gives the option its first file and leaves the rest as arguments.
+        hint = (" — a shell pattern such as imgs/*.png gives one word per file: pass their folder (--images imgs) "
+                "or put --images (or --against) before each file")
+    typer.echo(f"error: {message}{hint}", err=True)
     return getattr(error, "exit_code", EXIT_BAD_INPUT)

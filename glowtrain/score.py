@@ -405,6 +405,10 @@ def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: 
     if reference is not None and reference.model.image_shape != loaded.model.image_shape:
         raise UserError(f"--reference-run takes {reference.model.image_shape} images but the run takes "
                         f"{loaded.model.image_shape}; train the reference at the same size and channels")
+    if reference is not None and reference.cfg.data.n_bits != loaded.cfg.data.n_bits:
+        bits = loaded.cfg.data.n_bits  # bits/dim of other quantisations differ by about their n_bits alone
+        raise UserError(f"--reference-run models {reference.cfg.data.n_bits}-bit pixels but the run {bits}-bit: "
+                        f"their bits/dim do not compare; train the reference with data.n_bits={bits}")
     try:
         train_bpd = training_bpd(loaded, use_ema, options)
     except UserError as e:

@@ -86,6 +86,14 @@ def test_typers_own_usage_errors_are_one_line_with_exit_2(monkeypatch, capsys, a
     assert lines[0].endswith(f"see {hint}")
 
 
+def test_files_a_shell_pattern_gave_to_one_images_option_get_the_fix(monkeypatch, capsys):
+    code, out, err = _run_main(monkeypatch, capsys, "score", "--images", "imgs/a.png", "imgs/b.png", "imgs/c.png")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "unexpected extra argument" in lines[0], err
+    assert lines[0].endswith("— a shell pattern such as imgs/*.png gives one word per file: pass their folder "
+                             "(--images imgs) or put --images (or --against) before each file")
+
+
 def test_the_command_ignores_ctrl_c_on_its_way_out_but_python_callers_keep_theirs(monkeypatch, capsys):
     """A Ctrl-C still held down after the one `interrupted` line would only print tracebacks from clean-ups."""
     import signal

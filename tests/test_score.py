@@ -222,6 +222,17 @@ def test_progress_bars_go_to_stderr(run_dir, digit_files, tmp_path):
     assert "scoring images" in result.stderr and "40/40" in result.stderr
 
 
+def test_a_reference_run_of_another_quantisation_is_refused(run_dir, tmp_path):
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    state["config"]["data"]["n_bits"] = 3  # the same model, said to be trained on 3-bit pixels
+    torch.save(state, tmp_path / "three_bit.pt")
+    result = invoke("score", "--run", run_dir, "--dataset", "digits", "--reference-run", tmp_path / "three_bit.pt",
+                    "--out", tmp_path / "out", *CPU)
+    assert_one_line_error(result, 2, "--reference-run models 3-bit pixels but the run 4-bit: their bits/dim do not "
+                          "compare; train the reference with data.n_bits=4")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("args,needle", [
     ((), "give the images to score"),
     (("--dataset", "digits", "--images", "x"), "not both"),
