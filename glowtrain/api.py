@@ -49,9 +49,10 @@ def _as_sources(images, channels: int) -> list:
 
 def _tensor_sources(images: torch.Tensor) -> list:
     shape = tuple(images.shape)
+    fix = ("; for floats in [0, 1] pass (x * 255).round().to(torch.uint8)" if images.is_floating_point() else
+           "; for one grey image (H, W) pass x[None]" if images.dim() == 2 else "")
     _require(images.dtype == torch.uint8 and images.dim() in (3, 4),
-             f"image tensors must be uint8 (C, H, W) or (N, C, H, W), got {images.dtype} {shape}"
-             + ("; for floats in [0, 1] pass (x * 255).round().to(torch.uint8)" if images.is_floating_point() else ""))
+             f"image tensors must be uint8, shaped (C, H, W) or (N, C, H, W), got {images.dtype} {shape}{fix}")
     turn = "2, 0, 1" if images.dim() == 3 else "0, 3, 1, 2"
     _require(shape[-3] in _CHANNEL_COUNTS or shape[-1] not in _CHANNEL_COUNTS,
              f"image tensors are channels-first like torch's, (C, H, W) or (N, C, H, W), but {shape} has its "
@@ -62,10 +63,12 @@ def _tensor_sources(images: torch.Tensor) -> list:
 
 def _array_sources(images: np.ndarray, channels: int) -> list:
     shape = images.shape
+    fix = ("; for floats in [0, 1] pass (x * 255).round().astype(np.uint8)" if np.issubdtype(images.dtype, np.floating)
+           else "; for values 0..255 pass x.astype(np.uint8), for 16-bit ones (x // 257).astype(np.uint8)"
+           if np.issubdtype(images.dtype, np.integer) and images.dtype != np.uint8 else "")
     _require(images.dtype == np.uint8 and images.ndim in (2, 3, 4),
-             f"image arrays must be uint8 (H, W), (H, W, C), (N, H, W) or (N, H, W, C), got {images.dtype} {shape}"
-             + ("; for floats in [0, 1] pass (x * 255).round().astype(np.uint8)"
-                if np.issubdtype(images.dtype, np.floating) else ""))
+             f"image arrays must be uint8, shaped (H, W), (H, W, C), (N, H, W) or (N, H, W, C), got {images.dtype} "
+             f"{shape}{fix}")
     channels_first = images.ndim >= 3 and shape[-3] in _CHANNEL_COUNTS and shape[-1] not in _CHANNEL_COUNTS
     # (3, H, W) is also three grey images (N, H, W): for a colour run it is far likelier a channels-first picture.
     _require(not channels_first or (images.ndim == 3 and not (channels == 3 and shape[0] > 1)),

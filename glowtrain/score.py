@@ -427,12 +427,13 @@ def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: 
     except BaseException:
         remove_if_empty(made)  # a score that failed leaves no empty --out behind
         raise
-    summary = {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "n_dequant": options.n_dequant,
-               "entropy_bpd": entropy, "sets": {}}
+    summary = {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "ema": use_ema,
+               "n_dequant": options.n_dequant, "entropy_bpd": entropy, "sets": {}}
     for image_set in sets:
         values = scores[image_set.role]
+        hidden_folders, other_files = ignored_counts(image_set.not_read)
         summary["sets"][image_set.role] = {"n_images": len(values["bpd"]), "skipped": image_set.skipped,
-                                           "not_read": ignored_counts(image_set.not_read),
+                                           "not_read": {"hidden_folders": hidden_folders, "other_files": other_files},
                                            "scores": {n: _mean_stderr(v) for n, v in values.items()}}
     if "against" in scores:
         inliers, outliers = scores["images"], scores["against"]
@@ -490,8 +491,9 @@ def report(summary: dict) -> tuple[list[str], list[str]]:
     for role, part in summary["sets"].items():
         warnings += [f"warning: skipped unreadable image {path} ({reason})" for path, reason in part["skipped"]]
         bpd = part["scores"]["bpd"]
-        n = part["n_images"]
-        lines.append(f"{role}: {n:,} image{'s' * (n != 1)}{describe_ignored(*part.get('not_read', (0, 0)))}, "
+        n, not_read = part["n_images"], part["not_read"]
+        ignored = describe_ignored(not_read["hidden_folders"], not_read["other_files"])
+        lines.append(f"{role}: {n:,} image{'s' * (n != 1)}{ignored}, "
                      f"bpd {mean_text(bpd['mean'], bpd['stderr'])}")
     if "ood" in summary:
         lines.append(ood_table(summary))

@@ -131,7 +131,9 @@ def test_the_images_line_names_what_the_folders_hold_besides_images(run_dir, dig
     (folder / ".cache").mkdir()
     result = ok(invoke("score", "--run", run_dir, "--out", tmp_path / "out", *CPU, "--images", folder))
     assert result.stdout.startswith("images: 40 images (not read: 1 hidden folder, 1 file hidden or not ")
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["sets"]["images"]["not_read"] == [1, 1]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["sets"]["images"]["not_read"] == {"hidden_folders": 1, "other_files": 1}
+    assert summary["ema"] is True  # --no-ema changes every number
     one = ok(invoke("score", "--run", run_dir, "--out", tmp_path / "one", *CPU, "--images", folder / "0000.png"))
     assert re.match(r"images: 1 image, bpd \d+\.\d{4} \(one image, no error bar\)\n", one.stdout)
     one_summary = json.loads((tmp_path / "one" / "summary.json").read_text())
@@ -406,6 +408,9 @@ def test_load_run_refuses_what_the_cli_refuses_with_a_user_error(run_dir, tmp_pa
                                                                    "x.transpose(0, 2, 3, 1)"),
         (lambda: run.preprocess(np.zeros((8, 8), np.float32)), "pass (x * 255).round().astype(np.uint8)"),
         (lambda: run.preprocess(torch.zeros(1, 8, 8)), "pass (x * 255).round().to(torch.uint8)"),
+        (lambda: run.preprocess(torch.zeros(8, 8, dtype=torch.uint8)), "got torch.uint8 (8, 8); for one grey image "
+                                                                       "(H, W) pass x[None]"),
+        (lambda: run.preprocess(np.zeros((8, 8), np.uint16)), "for 16-bit ones (x // 257).astype(np.uint8)"),
         (lambda: run.preprocess(None), "cannot read NoneType as images; pass paths, PIL images"),
         (lambda: run.preprocess([[0, 1], [2, 3]]), "cannot read int as images"),
         # Which of several images could not be read: its path, or its place in the list
