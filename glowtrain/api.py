@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,12 +113,16 @@ class Run:
     run_dir: Path | None
     device: torch.device
     objective: Objective  # the model with the run's dequantiser (uniform, or the learned one)
+    ema: bool = True  # the EMA weights (False: the raw ones)
 
     def __repr__(self) -> str:  # the dataclass's would print the whole module tree
         model, data = self.cfg.model, self.cfg.data
         shape = "x".join(str(side) for side in self.model.image_shape)
         classes = f", {model.n_classes} classes" if model.n_classes else ""
-        return (f"Run({str(self.run_dir or self.checkpoint)!r}, step {self.step:,}, {data.dataset} {shape} "
+        # Which weights, where they are not the default's: another checkpoint of the run, or the raw ones.
+        weights = f", {self.checkpoint.name}" if self.run_dir and self.checkpoint.name != "last.pt" else ""
+        weights += "" if self.ema else ", raw weights"
+        return (f"Run({str(self.run_dir or self.checkpoint)!r}, step {self.step:,}{weights}, {data.dataset} {shape} "
                 f"{data.n_bits}-bit, L={model.n_levels} K={model.n_steps} {model.coupling}{classes}, "
                 f"device {self.device})")
 
@@ -198,7 +203,12 @@ class Run:
                  and all(dtype == self.model.top_prior.dtype for _, dtype in given),
                  f"decode takes the latents encode gives: {len(shapes)} {self.model.top_prior.dtype} tensors shaped "
                  f"(N, *s) for s in {shapes}, got {[(shape, str(dtype)) for shape, dtype in given]}")
-        return to_uint8(self.model.decode(zs), self.n_bits)
+        x = self.model.decode(zs)
+        not_finite = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+        if not_finite:  # as sample says: black or white pixels that are a picture of nothing
+            warnings.warn(f"{not_finite:,} of {len(x):,} decoded images are not finite (the latents or the model's "
+                          "inverse overflowed), so their pixels mean nothing", RuntimeWarning, stacklevel=2)
+        return to_uint8(x, self.n_bits)
 
 
 def load_run(path: str | Path, device: str = "auto", ema: bool = True) -> Run:
@@ -209,4 +219,5 @@ def load_run(path: str | Path, device: str = "auto", ema: bool = True) -> Run:
                             ".pt file")
     resolved = resolve_device(str(device), "device")
     loaded = open_run(str(path), None, resolved, ema) if path.is_dir() else open_run(None, str(path), resolved, ema)
-    return Run(loaded.model, loaded.cfg, loaded.step, loaded.checkpoint, loaded.run_dir, resolved, loaded.objective)
+    return Run(loaded.model, loaded.cfg, loaded.step, loaded.checkpoint, loaded.run_dir, resolved, loaded.objective,
+               ema)

@@ -486,5 +486,9 @@ def resolve_checkpoint(run: str | None = None, checkpoint: str | None = None, wh
     if not path.is_file():
         path = run_dir.last
     if not path.is_file():
+        inside = [run for run in run_dirs(run_dir.path) if run.has_checkpoint()] if not run_dir.is_run() else []
+        if inside:  # --run runs: a folder of runs, not one
+            named = ", ".join(str(run.path) for run in inside[:3]) + (", ..." if len(inside) > 3 else "")
+            raise UserError(f"{run_dir.path} is a folder of runs, not a run — pass one of them: {named}")
         raise UserError(f"{run_dir.path} has no checkpoint (checkpoints/last.pt) — train it with 'glowtrain fit' first")
     return path

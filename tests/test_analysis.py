@@ -414,6 +414,8 @@ def test_a_loaded_run_prints_as_one_line_saying_what_it_is(fitted, conditional):
     assert repr(run) == (f"Run({str(fitted[1])!r}, step 4, digits 1x8x8 {run.n_bits}-bit, L={model.n_levels} "
                          f"K={model.n_steps} {model.coupling}, device cpu)")
     assert repr(glowtrain.load_run(conditional, device="cpu")).endswith(", 10 classes, device cpu)")
+    best = glowtrain.load_run(RunDir(fitted[1]).best, device="cpu", ema=False)  # a checkpoint inside the run
+    assert repr(best).startswith(f"Run({str(fitted[1])!r}, step 4, best.pt, raw weights, digits 1x8x8")
 
 
 def test_load_run_refuses_classes_for_an_unconditional_model(fitted):

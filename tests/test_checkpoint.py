@@ -514,3 +514,5 @@ def test_resolve_checkpoint_errors_name_the_problem(tmp_path, monkeypatch):
     (tmp_path / "bare").mkdir()
     with pytest.raises(UserError, match="has no checkpoint"):
         resolve_checkpoint(run="bare")
+    with pytest.raises(UserError, match=r"^runs is a folder of runs, not a run — pass one of them: runs/r$"):
+        resolve_checkpoint(run="runs")

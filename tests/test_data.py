@@ -305,15 +305,6 @@ def write_mnist(root: Path, folder: str, train: np.ndarray, test: np.ndarray):
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, n) + labels.tobytes())
 
 
-def test_built_in_class_names_are_torchvisions_in_label_order():
-    import torchvision.datasets
-
-    assert list(data.BUILTIN_CLASS_NAMES["fashion_mnist"]) == torchvision.datasets.FashionMNIST.classes
-    # CIFAR-10's names come from its batches.meta, not torchvision's code: the order of the dataset's readme.
-    assert data.BUILTIN_CLASS_NAMES["cifar10"] == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
-                                                  "horse", "ship", "truck")
-
-
 def test_missing_mnist_without_download_names_the_expected_folder(tmp_path):
     for name, folder in (("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")):
         with pytest.raises(UserError) as info:

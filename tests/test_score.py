@@ -375,6 +375,8 @@ def test_load_run_preprocesses_scores_samples_and_inverts(run_dir, digit_files):
     assert torch.equal(run.bits_per_dim(as_files), run.bits_per_dim(test.images[:3]))
     zs, _ = run.encode(as_files)
     assert torch.equal(run.decode(zs), as_files)
+    with pytest.warns(RuntimeWarning, match="1 of 3 decoded images are not finite"):
+        run.decode([torch.cat([z[:1] * float("nan"), z[1:]]) for z in zs])
     zs[0].mul_(0.5)  # what encode and decode give are ordinary tensors: a user may change them in place
     run.decode(zs).add_(1)
     run.sample(2, 0.7).add_(1)
