@@ -28,7 +28,22 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write atomically: a crash mid-save leaves the previous file at `path` intact. Tensors are stored on the
     CPU, so the file loads anywhere as it is."""
     on_host = host_copy(state)
-    atomic_write(path, lambda f: torch.save(on_host, f))
+    try:
+        atomic_write(path, lambda f: torch.save(on_host, f))
+    except (OSError, RuntimeError) as e:
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        kept = f"; the previous {Path(path).name} is kept" if Path(path).is_file() else ""
+        raise UserError(f"cannot write {path} ({cause.strerror or cause}){kept} — free space or make it writable, "
+                        "or choose another --out") from e
+
+
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The OSError behind `error` (torch's writer reports a full disk as a RuntimeError raised while handling it)."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def _on_cuda(tensor: torch.Tensor) -> bool:

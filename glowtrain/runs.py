@@ -376,6 +376,8 @@ def checkpoint_to_resume(resume: str, run: RunDir) -> Path:
             # A bare word that names nothing: more likely a mistyped choice than a missing file.
             raise UserError(f"--resume {resume}: no such checkpoint or run — pass auto, if-any, a run directory or a "
                             ".pt file")
+        if resume == "auto" and (pid := trainer_pid(run)) is not None:  # its first checkpoint is still to come
+            raise _being_trained(run, pid)
         raise UserError(f"nothing to resume: {path} does not exist — start the run without --resume")
     return path
 
@@ -389,6 +391,9 @@ def prepare_run_dir(run: RunDir, resume: str | None) -> Path | None:
 
     A fresh start never overwrites a run that has a checkpoint, nor files that no run wrote."""
     check_writable(run.path)
+    for folder in (run.checkpoints, run.samples, run.tb):  # found at the first save, hours of training later
+        if folder.is_dir():
+            check_writable(folder, f"the run's {folder.name} folder", "another --out or run.name, or make it writable")
     if resume is None and run.has_checkpoint():
         raise UserError(f"{run.path} already holds a run — continue it with --resume auto, or choose another "
                         "--out or run.name")

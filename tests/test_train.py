@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -524,14 +525,32 @@ def test_a_second_fit_on_a_run_being_trained_is_refused_and_runs_says_it_is_trai
     train(tiny_config("train.steps=3"), out=str(run), resume="auto", progress=False)
 
 
+def test_a_run_whose_checkpoints_folder_cannot_be_written_is_refused_before_training(tiny_run, tmp_path,
+                                                                                      monkeypatch):
+    _, straight_dir, _ = tiny_run
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(straight_dir, run.path)
+    before = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != run.checkpoints and access(path, mode))
+    with pytest.raises(UserError, match=f"^cannot write to {run.checkpoints} \\(permission denied\\) — choose "
+                                        "another --out or run.name, or make it writable$"):
+        train(tiny_config("train.steps=8"), out=str(run.path), resume="auto", progress=False)
+    assert {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()} == before
+
+
 def test_the_other_processes_of_a_job_see_their_own_jobs_lock_without_refusing(tmp_path):
-    from glowtrain.runs import prepare_run_dir, refuse_if_being_trained, training_lock
+    from glowtrain.runs import checkpoint_to_resume, prepare_run_dir, refuse_if_being_trained, training_lock
 
     run = RunDir(tmp_path / "run")
     with training_lock(run):  # taken by the job's first process
         assert prepare_run_dir(run, None) is None  # what every other rank checks: not refused by the lock
         with pytest.raises(UserError, match="is being trained by another process"):
             refuse_if_being_trained(run)  # what the first process of another fit checks
+        with pytest.raises(UserError, match="is being trained by another process"):  # not "nothing to resume"
+            checkpoint_to_resume("auto", run)  # --resume auto before the run's first checkpoint
+    with pytest.raises(UserError, match="nothing to resume"):
+        checkpoint_to_resume("auto", run)
 
 
 def test_going_back_to_an_earlier_checkpoint_keeps_the_later_last_and_best(tmp_path, capsys):
