@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import sys
 import traceback
 import warnings
@@ -244,9 +245,13 @@ def _job_end(reports: dict[int, dict], failed: dict[int, int], signalled: bool,
         return EXIT_BAD_INPUT, said(EXIT_BAD_INPUT)
     if forced:
         return EXIT_INTERRUPTED, said(EXIT_INTERRUPTED)[:1] or ["interrupted"]
-    silent = [_silent_failure(rank, code) for rank, code in sorted(failed.items()) if rank not in reports]
+    silent = {rank: code for rank, code in sorted(failed.items()) if rank not in reports}
     if EXIT_FAILURE in codes or silent:
-        return EXIT_FAILURE, said(EXIT_FAILURE) or silent
+        # A process killed outright (SIGKILL, a crash) is the cause: what the others then hit (a peer gone) follows
+        # from it. SIGTERM and SIGINT are how a launcher stops the rest after a failure: that failure is the cause.
+        stops = (signal.SIGINT, signal.SIGTERM)
+        killed = [_silent_failure(rank, code) for rank, code in silent.items() if code < 0 and -code not in stops]
+        return EXIT_FAILURE, killed or said(EXIT_FAILURE) or [_silent_failure(r, c) for r, c in silent.items()]
     if signalled or EXIT_INTERRUPTED in codes:
         return EXIT_INTERRUPTED, said(EXIT_INTERRUPTED) or ["interrupted"]
     return 0, []
@@ -254,15 +259,15 @@ def _job_end(reports: dict[int, dict], failed: dict[int, int], signalled: bool,
 
 def _silent_failure(rank: int, exit_code: int) -> str:
     """A line for a process that ended without a report: killed, or failed before glowtrain's error handling."""
-    import signal
-
     if exit_code >= 0:
         return f"error: process {rank} of the job exited with code {exit_code}"
     try:
         name = signal.Signals(-exit_code).name
     except ValueError:
         name = f"signal {-exit_code}"
-    return f"error: process {rank} of the job was killed by {name}"
+    why = " (the system's out-of-memory killer sends it: lower train.batch_size or set train.memory_saving=true)" \
+        if name == "SIGKILL" else ""
+    return f"error: process {rank} of the job was killed by {name}{why}"
 
 
 def _without_option(args: list[str], name: str) -> list[str]:

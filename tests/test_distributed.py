@@ -373,8 +373,13 @@ def test_a_job_ends_with_the_exit_code_and_lines_one_process_would_end_with():
     # A failure outranks the interruption it caused; a process killed without a word gets a line of its own.
     assert _job_end({0: {"exit_code": 130, "line": stop}, 1: {"exit_code": 1, "line": crash}}, {1: 1},
                     False) == (1, [crash])
-    assert _job_end({0: {"exit_code": 130, "line": stop}}, {1: -9}, False) == (
-        1, ["error: process 1 of the job was killed by SIGKILL"])
+    killed = ("error: process 1 of the job was killed by SIGKILL (the system's out-of-memory killer sends it: lower "
+              "train.batch_size or set train.memory_saving=true)")
+    assert _job_end({0: {"exit_code": 130, "line": stop}}, {1: -9}, False) == (1, [killed])
+    peer_gone = "error: RuntimeError: [gloo/transport/tcp/pair.cc:561] Connection closed by peer ..."
+    assert _job_end({0: {"exit_code": 1, "line": peer_gone}}, {0: 1, 1: -9}, False) == (1, [killed])  # the cause
+    assert _job_end({0: {"exit_code": 1, "line": crash}}, {0: 1, 1: -15}, False) == (1, [crash])  # stopped after it
+    assert _job_end({}, {1: -15}, False) == (1, ["error: process 1 of the job was killed by SIGTERM"])
     assert _job_end({}, {0: 3}, False) == (1, ["error: process 0 of the job exited with code 3"])
     # A signal: rank 0's line; processes that stopped without a word still make it an interruption.
     assert _job_end({0: {"exit_code": 130, "line": stop}, 1: {"exit_code": 130, "line": None}}, {},
@@ -392,8 +397,8 @@ def test_a_job_whose_processes_had_all_finished_when_a_signal_came_ends_with_0()
     stop = "interrupted at step 7; ..."
     assert _job_end({0: done}, {}, True, n_processes=2) == (130, ["interrupted"])  # one had not finished
     assert _job_end({0: done, 1: {"exit_code": 130, "line": stop}}, {}, True, n_processes=2) == (130, [stop])
-    assert _job_end({0: done}, {1: -9}, True, n_processes=2) == (
-        1, ["error: process 1 of the job was killed by SIGKILL"])
+    assert _job_end({0: done}, {1: -9}, True, n_processes=2)[1][0].startswith(
+        "error: process 1 of the job was killed by SIGKILL")
 
 
 def test_fit_reports_that_it_finished_once_training_is_saved_and_then_ignores_ctrl_c(monkeypatch, tmp_path):
