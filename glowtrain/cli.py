@@ -557,8 +557,8 @@ def score(
     dataset: Annotated[Optional[str], typer.Option(
         "--dataset", metavar="NAME",
             help="A built-in set instead of files: digits, mnist, fashion_mnist, cifar10, celeba.")] = None,
-    split: Annotated[str, typer.Option("--split", metavar="test|train",
-        help="The --dataset split: test or train.")] = "test",
+    split: Annotated[Optional[str], typer.Option("--split", metavar="test|train",
+        help="The --dataset split: test (the default) or train.")] = None,
     against: Annotated[Optional[list[str]], typer.Option(
         "--against", metavar="PATH",
             help="A second set of files or folders, treated as out-of-distribution (repeatable).")] = None,

@@ -463,15 +463,17 @@ def ood_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def score_command(loaded: LoadedRun, images: list[str], dataset: str | None, split: str, against: list[str],
+def score_command(loaded: LoadedRun, images: list[str], dataset: str | None, split: str | None, against: list[str],
                   reference: LoadedRun | None, out: str | None, options: ScoreOptions, use_ema: bool = True) -> dict:
     """`glowtrain score`: resolve the sets (--images or --dataset, and --against), then score_sets."""
     options.check()
     if bool(images) == bool(dataset):
         raise UserError("give the images to score with --images DIR_OR_FILE (repeatable) or --dataset NAME, "
                         "not both and not neither")
+    if images and split is not None:  # it would be ignored: the files are scored as they are
+        raise UserError("--split chooses a split of --dataset; --images are scored as given — leave out --split")
     if dataset:
-        sets = [dataset_set("images", dataset, split, loaded)]
+        sets = [dataset_set("images", dataset, split or "test", loaded)]
     else:
         sets = [file_set("images", images, loaded, options.on_bad_image)]
     if against:

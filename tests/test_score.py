@@ -243,6 +243,7 @@ def test_a_reference_run_of_another_quantisation_is_refused(run_dir, tmp_path):
     (("--dataset", "cifar10"), "does not come in this model's 1x8x8 images"),
     (("--dataset", "mnist"), "put its files there, or pass a folder of its images with --images"),
     (("--dataset", "digits", "--split", "valid"), "--split must be 'test' or 'train'"),
+    (("--images", "x", "--split", "train"), "--split chooses a split of --dataset; --images are scored as given"),
     (("--dataset", "digits", "--n-dequant", "0"), "--n-dequant must be at least 1"),
     (("--dataset", "digits", "--batch-size", "0"), "--batch-size must be at least 1"),
     (("--dataset", "digits", "--on-bad-image", "ignore"), "--on-bad-image must be 'skip' or 'error'"),
