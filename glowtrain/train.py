@@ -133,6 +133,7 @@ class TrainState:
     n_rollbacks: int = 0
     n_bad_total: int = 0
     n_bad_in_row: int = 0
+    processes: int = 0  # how many processes trained it last (0: a checkpoint from before this was recorded)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -314,6 +315,7 @@ class Trainer:
         self.state = TrainState.from_checkpoint(state)
         self.trained_config = state.get("config", {})
         self._forget_rollbacks_if_retuned(self.trained_config.get("train", {}))
+        self._note_other_process_count()
         torch.set_rng_state(state["rng"]["torch"].cpu())
         return state
 
@@ -333,6 +335,14 @@ class Trainer:
             self.notes.append(f"train.{retuned[0]} changed since the rollback: training goes on at the configured "
                               f"learning rate (not {self.state.lr_scale:g} of it), with a rollback allowed again")
             self.state.lr_scale, self.state.n_rollbacks = 1.0, 0
+
+    def _note_other_process_count(self) -> None:
+        """A resume on another number of processes trains on with another global batch: say so, with both."""
+        before, now = self.state.processes, self.ctx.world_size
+        if before and before != now:
+            per_process = self.cfg.train.batch_size * self.cfg.train.grad_accum_steps
+            self.notes.append(f"note: this run trained on {before} process(es) and goes on with {now}: its global "
+                              f"batch changes from {per_process * before:,} to {per_process * now:,} images per step")
 
     def _load_optimizer(self, state: dict) -> None:
         """Moments and counts, and under fp16 the loss scale (a resumed run continues with the same one)."""
@@ -540,7 +550,7 @@ class Trainer:
     def _checkpoint(self) -> dict:
         ema = self.ema.model if self.ema is not None else None
         state = checkpoint_state(model=self.model, ema=ema, optimizer=self.optimizer, cfg_dict=config_to_dict(self.cfg),
-                                 train_state=self.state.state_dict())
+                                 train_state={**self.state.state_dict(), "processes": self.ctx.world_size})
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()
         extras = _objective_extras(self.objective)

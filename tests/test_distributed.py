@@ -247,7 +247,9 @@ def test_resume_with_a_different_number_of_processes(tmp_path):
     # Memory-saving backward and fused Adam's on-device skip verdict (all-reduced across ranks) under DDP
     # too: fit itself fails if the ranks end with different weights.
     _fit(tmp_path / "run", 8, "--nproc", "2", "--set", "train.memory_saving=true", "--set", "train.optimizer=adam")
-    _fit(tmp_path / "run", 8, "--resume", "auto", "--set", "train.steps=8")
+    one = _fit(tmp_path / "run", 8, "--resume", "auto", "--set", "train.steps=8")
+    assert "note: this run trained on 2 process(es) and goes on with 1: its global batch changes from 16 to 8 " \
+           "images per step" in one.stdout
     steps = [m["step"] for m in _metrics(tmp_path / "run") if m["split"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 8
