@@ -201,6 +201,13 @@ def derived_seed(seed: int, index: int) -> int:
 SEED_LIMIT = 2**32
 
 
+def check_new_run_seed(cfg: Config) -> None:
+    """A new run's run.seed must be one that torch's CPU generator tells apart from every other."""
+    if cfg.run.seed >= SEED_LIMIT:
+        raise UserError(f"run.seed={cfg.run.seed} is not allowed — use an integer from 0 to 2**32 - 1 (torch's CPU "
+                        "generator reads 32 bits: a larger seed repeats a smaller one's draws)")
+
+
 def dotted_keys() -> list[str]:
     """Every valid `section.key`, in file order."""
     return list(_FIELDS)
@@ -550,9 +557,9 @@ def validate(cfg: Config) -> None:
     name = run.name
     _require(bool(name) and name not in {".", ".."} and not re.search(r"[/\\]", name),
              "run.name", name, "use a plain directory name (no slashes)")
-    _require(0 <= run.seed < SEED_LIMIT, "run.seed", run.seed,
-             "use an integer from 0 to 2**32 - 1 (torch's CPU generator reads 32 bits: a larger seed repeats a "
-             "smaller one's draws)")
+    # Up to torch's 2**64 - 1 here, so that a run an earlier glowtrain trained with such a seed still loads and
+    # resumes as it was trained; a new run is held to SEED_LIMIT (check_new_run_seed).
+    _require(0 <= run.seed < 2**64, "run.seed", run.seed, "use an integer from 0 to 2**32 - 1")
     _require(DEVICE_PATTERN.fullmatch(run.device) is not None, "run.device", run.device,
              "use auto, cpu, cuda, cuda:N or mps")
     _require(run.threads >= 0, "run.threads", run.threads, "use 0 (torch's choice) or a number of threads")

@@ -28,7 +28,14 @@ from glowtrain.checkpoint import (
     save_checkpoint,
 )
 from glowtrain.compilation import LazyCompile, compile_enabled
-from glowtrain.config import Config, config_to_dict, derived_seed, load_config, with_absolute_data_paths
+from glowtrain.config import (
+    Config,
+    check_new_run_seed,
+    config_to_dict,
+    derived_seed,
+    load_config,
+    with_absolute_data_paths,
+)
 from glowtrain.data import (
     build_dataset,
     check_class_count,
@@ -794,6 +801,8 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
     `trainer` may be a subclass (tests inject faults by overriding `prepare_batch`)."""
     if resume == "if-any":  # as fit --resume if-any: the run's last.pt when it has one, else a fresh start
         resume = "auto" if run_dir_for(out, cfg.run.name, None).has_checkpoint() else None
+    if resume is None:
+        check_new_run_seed(cfg)
     saved, saved_threads = precision.settings(), torch.get_num_threads()
     cfg = with_absolute_data_paths(cfg)
     ctx = setup(cfg.run.device, tf32=cfg.run.tf32, deterministic=cfg.run.deterministic)

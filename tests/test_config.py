@@ -608,11 +608,17 @@ def test_seeds_are_those_torchs_cpu_generator_tells_apart_and_their_streams_stay
         return torch.rand(4, generator=torch.Generator().manual_seed(seed))
 
     assert torch.equal(draws(2**32 + 5), draws(5))  # why: the CPU generator reads 32 bits of a seed
+    from glowtrain.config import check_new_run_seed
+
     largest = 2**32 - 1
-    validate(apply_overrides(default_config(), [f"run.seed={largest}"]))
+    check_new_run_seed(apply_overrides(default_config(), [f"run.seed={largest}"]))
+    older = apply_overrides(default_config(), [f"run.seed={largest + 1}"])  # what an earlier glowtrain allowed
+    validate(older)  # such a run still loads (eval, sample, resume) ...
     with pytest.raises(UserError, match=r"run.seed=4294967296 is not allowed — use an integer from 0 to "
                                         r"2\*\*32 - 1 \(torch's CPU generator reads 32 bits"):
-        validate(apply_overrides(default_config(), [f"run.seed={largest + 1}"]))
+        check_new_run_seed(older)  # ... but no new run starts with one
+    with pytest.raises(UserError, match=r"run.seed=18446744073709551616 is not allowed"):
+        validate(apply_overrides(default_config(), [f"run.seed={2**64}"]))
     for index in (0, 1, 10**9):
         torch.Generator().manual_seed(derived_seed(largest, index))  # raised an overflow above about 1.8e13
     firsts = {derived_seed(seed, 0) % 2**32 for seed in (0, 1, 2**31, largest)}

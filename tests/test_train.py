@@ -651,6 +651,12 @@ def test_training_from_python_takes_if_any_and_a_finished_run_returns_its_last_e
     assert fresh.step == 2 and fresh.test["step"] == 2
 
 
+def test_a_new_run_refuses_a_seed_the_cpu_generator_cannot_tell_apart(tmp_path):
+    with pytest.raises(UserError, match=r"run.seed=4294967296 is not allowed — use an integer from 0 to 2\*\*32 - 1"):
+        train(tiny_config(f"run.seed={2**32}"), out=str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_interruption_is_a_keyboard_interrupt_that_says_where_to_go_on():
     from glowtrain.train import Interrupted
 
