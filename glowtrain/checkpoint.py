@@ -28,15 +28,25 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write atomically: a crash mid-save leaves the previous file at `path` intact. Tensors are stored on the
     CPU, so the file loads anywhere as it is."""
     on_host = host_copy(state)
+    before = _identity(path)
     try:
         atomic_write(path, lambda f: torch.save(on_host, f))
     except (OSError, RuntimeError) as e:
         cause = _os_error(e)
         if cause is None:
             raise
-        kept = f"; the previous {Path(path).name} is kept" if Path(path).is_file() else ""
+        # Only while the file is the one that was there: a failure after the rename (the folder's fsync) is not.
+        kept = f"; the previous {Path(path).name} is kept" if before and _identity(path) == before else ""
         raise UserError(f"cannot write {path} ({cause.strerror or cause}){kept} — free space or make it writable, "
                         "or choose another --out") from e
+
+
+def _identity(path: Path) -> tuple | None:
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _os_error(error: BaseException | None) -> OSError | None:

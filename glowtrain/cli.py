@@ -247,11 +247,12 @@ def _job_end(reports: dict[int, dict], failed: dict[int, int], signalled: bool,
         return EXIT_INTERRUPTED, said(EXIT_INTERRUPTED)[:1] or ["interrupted"]
     silent = {rank: code for rank, code in sorted(failed.items()) if rank not in reports}
     if EXIT_FAILURE in codes or silent:
-        # A process killed outright (SIGKILL, a crash) is the cause: what the others then hit (a peer gone) follows
-        # from it. SIGTERM and SIGINT are how a launcher stops the rest after a failure: that failure is the cause.
+        # A process killed outright (SIGKILL, a crash) is said too, after the failures reported: it may be the cause
+        # (the others then only saw a peer gone) or the launcher's last resort after one. SIGTERM and SIGINT are how
+        # a launcher stops the rest after a failure, which the reports say.
         stops = (signal.SIGINT, signal.SIGTERM)
         killed = [_silent_failure(rank, code) for rank, code in silent.items() if code < 0 and -code not in stops]
-        return EXIT_FAILURE, killed or said(EXIT_FAILURE) or [_silent_failure(r, c) for r, c in silent.items()]
+        return EXIT_FAILURE, said(EXIT_FAILURE) + killed or [_silent_failure(r, c) for r, c in silent.items()]
     if signalled or EXIT_INTERRUPTED in codes:
         return EXIT_INTERRUPTED, said(EXIT_INTERRUPTED) or ["interrupted"]
     return 0, []
@@ -265,8 +266,8 @@ def _silent_failure(rank: int, exit_code: int) -> str:
         name = signal.Signals(-exit_code).name
     except ValueError:
         name = f"signal {-exit_code}"
-    why = " (the system's out-of-memory killer sends it: lower train.batch_size or set train.memory_saving=true)" \
-        if name == "SIGKILL" else ""
+    why = (" (often the system's out-of-memory killer: if so, lower train.batch_size or set "
+           "train.memory_saving=true)") if name == "SIGKILL" else ""
     return f"error: process {rank} of the job was killed by {name}{why}"
 
 
@@ -349,7 +350,7 @@ SeedOption = Annotated[int, typer.Option("--seed", metavar="N", min=0, max=2**32
     help="Random seed; the same seed gives the same output.")]
 # eval, reconstruct, interpolate and manipulate draw nothing at random (the first test images, eval's own
 # noise): --seed is still taken, so scripts that pass it run, but not offered in their help.
-UnusedSeedOption = Annotated[int, typer.Option("--seed", metavar="N", min=0, max=2**32 - 1, hidden=True,
+UnusedSeedOption = Annotated[int, typer.Option("--seed", metavar="N", min=0, max=2**64 - 1, hidden=True,
     help="No effect: this command's output does not depend on a seed.")]
 NoEmaOption = Annotated[bool, typer.Option("--no-ema", metavar="", help="Use the raw weights instead of the EMA.")]
 OutOption = Annotated[Optional[str], typer.Option("--out", "-o", metavar="DIR",

@@ -391,9 +391,6 @@ def prepare_run_dir(run: RunDir, resume: str | None) -> Path | None:
 
     A fresh start never overwrites a run that has a checkpoint, nor files that no run wrote."""
     check_writable(run.path)
-    for folder in (run.checkpoints, run.samples, run.tb):  # found at the first save, hours of training later
-        if folder.is_dir():
-            check_writable(folder, f"the run's {folder.name} folder", "another --out or run.name, or make it writable")
     if resume is None and run.has_checkpoint():
         raise UserError(f"{run.path} already holds a run — continue it with --resume auto, or choose another "
                         "--out or run.name")
@@ -405,6 +402,11 @@ def prepare_run_dir(run: RunDir, resume: str | None) -> Path | None:
     if not run.has_checkpoint() and (theirs := run.files_a_run_would_replace()):
         raise UserError(f"{run.path} holds {', '.join(theirs)}, which no glowtrain run wrote and this run would "
                         "replace — choose another --out or run.name (a new or empty folder)")
+    # A resume writes into the run's own folders: one it cannot write would fail at the first save, hours on. (A
+    # fresh start over a run that died early only moves them aside.)
+    for folder in (run.checkpoints, run.samples, run.tb) if checkpoint else ():
+        if folder.is_dir():
+            check_writable(folder, f"the run's {folder.name} folder", "another --out or run.name, or make it writable")
     return checkpoint
 
 

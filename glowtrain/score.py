@@ -470,7 +470,7 @@ def score_command(loaded: LoadedRun, images: list[str], dataset: str | None, spl
     if bool(images) == bool(dataset):
         raise UserError("give the images to score with --images DIR_OR_FILE (repeatable) or --dataset NAME, "
                         "not both and not neither")
-    if images and split is not None:  # it would be ignored: the files are scored as they are
+    if images and split not in (None, "test"):  # it would be ignored: the files are scored as they are
         raise UserError("--split chooses a split of --dataset; --images are scored as given — leave out --split")
     if dataset:
         sets = [dataset_set("images", dataset, split or "test", loaded)]

@@ -346,10 +346,12 @@ class Trainer:
     def _note_other_process_count(self) -> None:
         """A resume on another number of processes trains on with another global batch: say so, with both."""
         before, now = self.state.processes, self.ctx.world_size
-        if before and before != now:
-            per_process = self.cfg.train.batch_size * self.cfg.train.grad_accum_steps
+        trained = self.trained_config.get("train", {})
+        old_batch = before * trained.get("batch_size", 0) * trained.get("grad_accum_steps", 1)
+        new_batch = now * self.cfg.train.batch_size * self.cfg.train.grad_accum_steps
+        if before and before != now and old_batch != new_batch:  # a --set batch_size may keep it as it was
             self.notes.append(f"note: this run trained on {before} process(es) and goes on with {now}: its global "
-                              f"batch changes from {per_process * before:,} to {per_process * now:,} images per step")
+                              f"batch changes from {old_batch:,} to {new_batch:,} images per step")
 
     def _load_optimizer(self, state: dict) -> None:
         """Moments and counts, and under fp16 the loss scale (a resumed run continues with the same one)."""

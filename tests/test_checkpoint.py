@@ -114,6 +114,19 @@ def test_failed_save_keeps_the_previous_checkpoint_and_says_why_in_one_line(tmp_
         assert path.read_bytes() == before
         assert load_checkpoint(path)["step"] == 7
         assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    import glowtrain.files as files
+
+    replace = files.os.replace
+
+    def replaced_then_full(source, target):  # the new file is in place when the disk fills (the folder's fsync)
+        replace(source, target)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "replace", replaced_then_full)
+    with pytest.raises(UserError) as refused:
+        save_checkpoint({**state, "step": 9}, path)
+    assert "No space left on device" in str(refused.value) and "is kept" not in str(refused.value)
+    monkeypatch.undo()
     monkeypatch.setattr(torch, "save", lambda *args: (_ for _ in ()).throw(RuntimeError("a bug of ours")))
     with pytest.raises(RuntimeError, match="a bug of ours"):  # not every failure is the disk's
         save_checkpoint({**state, "step": 8}, path)

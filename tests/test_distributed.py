@@ -375,11 +375,14 @@ def test_a_job_ends_with_the_exit_code_and_lines_one_process_would_end_with():
     # A failure outranks the interruption it caused; a process killed without a word gets a line of its own.
     assert _job_end({0: {"exit_code": 130, "line": stop}, 1: {"exit_code": 1, "line": crash}}, {1: 1},
                     False) == (1, [crash])
-    killed = ("error: process 1 of the job was killed by SIGKILL (the system's out-of-memory killer sends it: lower "
-              "train.batch_size or set train.memory_saving=true)")
+    killed = ("error: process 1 of the job was killed by SIGKILL (often the system's out-of-memory killer: if so, "
+              "lower train.batch_size or set train.memory_saving=true)")
     assert _job_end({0: {"exit_code": 130, "line": stop}}, {1: -9}, False) == (1, [killed])
     peer_gone = "error: RuntimeError: [gloo/transport/tcp/pair.cc:561] Connection closed by peer ..."
-    assert _job_end({0: {"exit_code": 1, "line": peer_gone}}, {0: 1, 1: -9}, False) == (1, [killed])  # the cause
+    # Killed outright: said beside what its peer reported, which may be its doing (a peer gone) or its cause (the
+    # launcher kills what has not stopped 30 s after a failure).
+    assert _job_end({0: {"exit_code": 1, "line": peer_gone}}, {0: 1, 1: -9}, False) == (1, [peer_gone, killed])
+    assert _job_end({0: {"exit_code": 1, "line": crash}}, {0: 1, 1: -9}, False) == (1, [crash, killed])
     assert _job_end({0: {"exit_code": 1, "line": crash}}, {0: 1, 1: -15}, False) == (1, [crash])  # stopped after it
     assert _job_end({}, {1: -15}, False) == (1, ["error: process 1 of the job was killed by SIGTERM"])
     assert _job_end({}, {0: 3}, False) == (1, ["error: process 0 of the job exited with code 3"])

@@ -23,9 +23,9 @@ from glowtrain.losses import dequantize
 from glowtrain.model import Glow
 from glowtrain.objective import Objective, ObjectiveOutput
 from glowtrain.optim import GatedAdamax
-from glowtrain.runs import RunDir
+from glowtrain.runs import RunDir, prepare_run_dir
 from glowtrain.sample import display_upscale
-from glowtrain.train import Trainer, ema_decay_at, evaluate, fit_config, lr_at, train
+from glowtrain.train import Trainer, TrainState, ema_decay_at, evaluate, fit_config, lr_at, train
 
 # steps=6: train lines at 2, 4, 6; test lines, samples and checkpoints at 3 and 6.
 # warmup_steps=5 puts the resume point (step 3) inside the warm-up.
@@ -537,6 +537,27 @@ def test_a_run_whose_checkpoints_folder_cannot_be_written_is_refused_before_trai
                                         "another --out or run.name, or make it writable$"):
         train(tiny_config("train.steps=8"), out=str(run.path), resume="auto", progress=False)
     assert {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()} == before
+    died = RunDir(tmp_path / "died")  # a run that died before its first checkpoint: a fresh start moves its
+    died.samples.mkdir(parents=True)  # folders aside, which needs only the run directory itself
+    shutil.copy(run.config, died.config)  # as fit wrote it: a run of glowtrain's
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != died.samples and access(path, mode))
+    assert prepare_run_dir(died, None) is None
+
+
+def test_a_resume_on_another_process_count_says_how_the_global_batch_changes_only_when_it_does():
+    class Context:
+        world_size = 1
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.ctx, trainer.notes = Context(), []
+    for batch_size, said in ((16, "from 32 to 16 images per step"), (32, None)):  # --set batch_size=32 keeps it
+        trainer.cfg = tiny_config(f"train.batch_size={batch_size}")
+        trainer.state = TrainState(processes=2)
+        trainer.trained_config = {"train": {"batch_size": 16, "grad_accum_steps": 1}}
+        trainer.notes.clear()
+        trainer._note_other_process_count()
+        assert [note.rsplit(": ", 1)[1] for note in trainer.notes] == ([f"its global batch changes {said}"]
+                                                                       if said else [])
 
 
 def test_the_other_processes_of_a_job_see_their_own_jobs_lock_without_refusing(tmp_path):
