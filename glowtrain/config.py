@@ -268,14 +268,19 @@ def _as_typed(value: Any) -> str:
     return _yaml_value(value)
 
 
-def _type_error(key: str, value: Any, tp: Any, expected: str = "") -> UserError:
-    """A wrong-type error that ends with the fix: the key's own default as an example."""
-    example = _as_typed(_default(_FIELDS[key]))
+_NO_VALUE = object()  # `current` not given: the key's value before the override is not known
+
+
+def _type_error(key: str, value: Any, tp: Any, expected: str = "", current: Any = _NO_VALUE) -> UserError:
+    """A wrong-type error that ends with the fix: the value the config had (an override's), else the default."""
+    default = _default(_FIELDS[key])
+    own = current is not _NO_VALUE and current != default
+    example, whose = (current, "the config's") if own else (default, "the default")
     return UserError(f"{key}: expected {expected or _type_name(tp)}, got {value!r} — use a value like "
-                     f"{key}={example} (the default)")
+                     f"{key}={_as_typed(example)} ({whose})")
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
+def _coerce(key: str, value: Any, tp: Any, current: Any = _NO_VALUE) -> Any:
     """Check `value` against the field type `tp`; return it converted (int -> float, number -> str)."""
     if get_origin(tp) is Literal:
         choices = get_args(tp)
@@ -305,9 +310,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         items = [_as_float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
         result = None if any(v is None for v in items) else items
     if result is None:
-        raise _type_error(key, value, tp)
+        raise _type_error(key, value, tp, current=current)
     if any(isinstance(v, float) and not math.isfinite(v) for v in (result if isinstance(result, list) else [result])):
-        raise _type_error(key, value, tp, "finite numbers" if isinstance(result, list) else "a finite number")
+        raise _type_error(key, value, tp, "finite numbers" if isinstance(result, list) else "a finite number", current)
     return result
 
 
@@ -383,7 +388,7 @@ def _apply(cfg: Config, overrides: Sequence[str]) -> Config:
         if tp is str and not isinstance(value, str):
             value = raw  # `run.name=007` or `data.cache=` mean that text, not YAML's 7 or null
         sec, leaf = key.split(".")
-        changes.setdefault(sec, {})[leaf] = _coerce(key, value, tp)
+        changes.setdefault(sec, {})[leaf] = _coerce(key, value, tp, getattr(getattr(cfg, sec), leaf))
     parts = {sec: dataclasses.replace(getattr(cfg, sec), **kv) for sec, kv in changes.items()}
     return dataclasses.replace(cfg, **parts)
 

@@ -277,6 +277,16 @@ def test_wrong_types_are_rejected(key, value, expected):
         config_from_dict({sec: {leaf: value}})
 
 
+def test_a_wrong_type_given_on_top_of_a_config_offers_that_configs_value(tmp_path):
+    path = tmp_path / "long.yaml"
+    path.write_text("train:\n  steps: 100000\n")
+    with raises(r"train\.steps: expected an integer, got 'abc' — use a value like train\.steps=100000 "
+                r"\(the config's\)"):
+        load_config(path, ["train.steps=abc"])
+    with raises(r"train\.lr: expected a number, got 'fast' — use a value like train\.lr=0\.03 \(the default\)"):
+        load_config(path, ["train.lr=fast"])
+
+
 def test_literal_message_lists_the_choices():
     with raises(r"model\.coupling: expected one of 'spline', 'affine', 'additive', got 'afine'"):
         override("model.coupling=afine")
