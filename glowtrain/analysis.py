@@ -23,6 +23,7 @@ from glowtrain.evaluation import EVAL_NOISE_SEED, evaluate
 from glowtrain.folders import refuse_output_among_training_images
 from glowtrain.images import (
     check_tensorboard,
+    count_not_finite,
     display_upscale,
     image_grid,
     picture_tag,
@@ -226,7 +227,7 @@ def _moved_along(model, flat: torch.Tensor, direction: torch.Tensor, alphas: lis
     rows, not_finite = [], 0
     for latent in flat:
         decoded = model.decode(_unflatten_latents(model, torch.stack([latent + a * direction for a in alphas])))
-        not_finite += int((~torch.isfinite(decoded)).flatten(1).any(1).sum())
+        not_finite += int(count_not_finite(decoded))
         rows.append(to_uint8(decoded, n_bits).cpu())
     if not_finite:  # as sample says of overflowed images: their pixels are not a picture of anything
         warnings.warn(f"{not_finite:,} of {len(flat) * len(alphas):,} manipulated images are not finite (the model's "

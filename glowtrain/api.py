@@ -20,7 +20,7 @@ from glowtrain.data import preprocess_image, training_crop
 from glowtrain.distributed import resolve_device
 from glowtrain.errors import UserError
 from glowtrain.folders import PIL_DECODE_ERRORS
-from glowtrain.images import sample_images
+from glowtrain.images import count_not_finite, sample_images
 from glowtrain.losses import dequantize, to_uint8
 from glowtrain.model import Glow
 from glowtrain.objective import Objective
@@ -204,7 +204,7 @@ class Run:
                  f"decode takes the latents encode gives: {len(shapes)} {self.model.top_prior.dtype} tensors shaped "
                  f"(N, *s) for s in {shapes}, got {[(shape, str(dtype)) for shape, dtype in given]}")
         x = self.model.decode(zs)
-        not_finite = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+        not_finite = int(count_not_finite(x))
         if not_finite:  # as sample says: black or white pixels that are a picture of nothing
             warnings.warn(f"{not_finite:,} of {len(x):,} decoded images are not finite (the latents or the model's "
                           "inverse overflowed), so their pixels mean nothing", RuntimeWarning, stacklevel=2)

@@ -323,11 +323,18 @@ def _image_files(data_cfg, split: str, ignored: list[str] | None = None) -> tupl
     return base, split_paths(paths, base, data_cfg.test_fraction, data_cfg.split_seed, split), paths
 
 
+def _cache_of_a_folder(data_cfg) -> dict | None:
+    """The index.json of data.cache when the cache was prepared from an image folder (None otherwise)."""
+    index = read_json(Path(data_cfg.cache).expanduser() / "index.json") if data_cfg.cache else None
+    if not index or not index.get("root") or data_cfg.dataset in _TORCHVISION or data_cfg.dataset == "digits":
+        return None
+    return index
+
+
 def unread_root_warning(data_cfg) -> str | None:
     """For data.cache: a warning when data.root names an image folder other than the one the cache was prepared
     from. Training reads the cache alone, and a run's config.yaml keeps the data.root given."""
-    index = read_json(Path(data_cfg.cache).expanduser() / "index.json") if data_cfg.cache else None
-    if not index or not index.get("root") or data_cfg.dataset in _TORCHVISION or data_cfg.dataset == "digits":
+    if (index := _cache_of_a_folder(data_cfg)) is None:
         return None
     root = Path(data_cfg.root).expanduser()
     if not root.is_dir() or root.resolve() == Path(index["root"]).resolve():
@@ -339,10 +346,9 @@ def unread_root_warning(data_cfg) -> str | None:
 def stale_cache_warning(data_cfg) -> str | None:
     """For data.cache: a warning when the image folder the cache was prepared from now holds other files (the
     cache keeps the old images); None when they match, or the folder is not on this machine."""
-    cache = Path(data_cfg.cache).expanduser() if data_cfg.cache else None
-    index = read_json(cache / "index.json") if cache else None
-    if not index or not index.get("root") or data_cfg.dataset in _TORCHVISION or data_cfg.dataset == "digits":
+    if (index := _cache_of_a_folder(data_cfg)) is None:
         return None
+    cache = Path(data_cfg.cache).expanduser()
     source = replace(data_cfg, root=index["root"], cache="")
     changed = []
     for split in ("train", "test"):

@@ -38,7 +38,7 @@ def sample_batches(model: Glow, n: int, temperature: float, n_bits: int, generat
         labels = None if y is None else y[start : start + count]
         with torch.inference_mode(), full_float32():
             x = model.sample(count, temperature, y=labels, generator=generator)
-            overflowed = (~torch.isfinite(x)).flatten(1).any(1).sum()
+            overflowed = count_not_finite(x)
             batch = to_uint8(x, n_bits).cpu()  # waits for the batch, so reading the count below costs nothing
         not_finite += int(overflowed)
         yield batch  # outside the contexts: the caller's code between batches runs under its own settings
@@ -50,6 +50,12 @@ def sample_batches(model: Glow, n: int, temperature: float, n_bits: int, generat
         warnings.warn(f"{not_finite:,} of {n:,} images sampled at temperature {temperature:g} are not finite (the "
                       f"model's inverse overflowed), so their pixels mean nothing — {fix}", RuntimeWarning,
                       stacklevel=2)
+
+
+def count_not_finite(images: torch.Tensor) -> torch.Tensor:
+    """How many images (the first axis) hold a NaN or inf: the model's inverse overflowed in them. On the
+    images' device, so that a caller reads it only when it waits for them anyway."""
+    return (~torch.isfinite(images)).flatten(1).any(1).sum()
 
 
 def image_grid(images: torch.Tensor, n_columns: int | None = None) -> torch.Tensor:

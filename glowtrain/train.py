@@ -801,8 +801,7 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
     """Train the model `cfg` describes into --out (or runs/<run.name>), fresh or resumed.
 
     `trainer` may be a subclass (tests inject faults by overriding `prepare_batch`)."""
-    if resume == "if-any":  # as fit --resume if-any: the run's last.pt when it has one, else a fresh start
-        resume = "auto" if run_dir_for(out, cfg.run.name, None).has_checkpoint() else None
+    resume = _if_any(resume, out, cfg.run.name)
     if resume is None:
         check_new_run_seed(cfg)
     saved, saved_threads = precision.settings(), torch.get_num_threads()
@@ -831,8 +830,14 @@ def resolve_resume(resume: str | None, config_path: str | None, overrides: list[
     """`if-any` means `auto` when the run has a last.pt and a fresh start otherwise (for restarted jobs)."""
     if resume != "if-any":
         return resume
-    run = run_dir_for(out, load_config(config_path, overrides).run.name, None)
-    return "auto" if run.has_checkpoint() else None
+    return _if_any(resume, out, load_config(config_path, overrides).run.name)
+
+
+def _if_any(resume: str | None, out: str | None, name: str) -> str | None:
+    """`if-any` as `auto` when the run has a last.pt, else None (a fresh start); any other value as it is."""
+    if resume != "if-any":
+        return resume
+    return "auto" if run_dir_for(out, name, None).has_checkpoint() else None
 
 
 def fit_config(config_path: str | None, overrides: list[str], out: str | None, resume: str | None) -> Config:
