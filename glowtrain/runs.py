@@ -397,8 +397,10 @@ def prepare_run_dir(run: RunDir, resume: str | None) -> Path | None:
     checkpoint = None if resume is None else checkpoint_to_resume(resume, run)
     if checkpoint and run.has_checkpoint() and not checkpoint.resolve().is_relative_to(run.path.resolve()):
         # Its config, metrics, best.pt and (at a rollback) last.pt would mix with those of the resumed run.
+        # The path is all that tells: a copy of this run's own checkpoint kept elsewhere goes back in to roll back.
         raise UserError(f"{run.path} already holds another run — to continue from {checkpoint} choose an empty "
-                        f"--out, or continue {run.path} itself with --resume auto")
+                        f"--out, or continue {run.path} itself with --resume auto (a checkpoint of its own kept "
+                        f"elsewhere: copy it into {run.checkpoints} and resume from there)")
     if not run.has_checkpoint() and (theirs := run.files_a_run_would_replace()):
         raise UserError(f"{run.path} holds {', '.join(theirs)}, which no glowtrain run wrote and this run would "
                         "replace — choose another --out or run.name (a new or empty folder)")

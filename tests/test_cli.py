@@ -387,7 +387,8 @@ def test_resuming_another_runs_checkpoint_into_a_directory_that_holds_a_run_is_r
     shutil.copytree(run_dir, other)
     before = {p.relative_to(other): p.read_bytes() for p in other.rglob("*") if p.is_file()}
     result = invoke("fit", "--no-progress", "--resume", str(RunDir(run_dir).last), "--out", str(other))
-    assert_one_line_error(result, 2, f"{other} already holds another run", "choose an empty --out")
+    assert_one_line_error(result, 2, f"{other} already holds another run", "choose an empty --out",
+                          f"copy it into {RunDir(other).checkpoints} and resume from there")
     assert {p.relative_to(other): p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
     # Continuing from a checkpoint inside the run itself (best.pt, say) stays allowed.
     own = invoke("fit", "--no-progress", "--resume", str(RunDir(other).best), "--out", str(other),
