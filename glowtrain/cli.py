@@ -697,12 +697,18 @@ def runs_(
     root: Annotated[str, typer.Option("--root", metavar="DIR", help="Folder holding the runs.")] = "runs",
 ) -> None:
     """List the runs under runs/: step reached, best test bits/dim and status."""
-    from glowtrain.runs import RunDir, format_runs, list_runs
+    from glowtrain.runs import RUN_SEARCH_DEPTH, RunDir, format_runs, list_runs
 
     if (root != "runs" or Path(root).exists()) and not Path(root).is_dir():  # runs/ is not there before a first run
         what = "a file, not a folder" if Path(root).exists() else "no such folder"
         raise UserError(f"--root {root}: {what} — pass the folder that holds your runs (default: runs)")
-    rows = list_runs(Path(root))
+    unsearched: list[Path] = []
+    rows = list_runs(Path(root), unsearched)
+    if unsearched:  # said first, so that it is not lost above a long table
+        first = unsearched[0]
+        holding = f"{first} and {len(unsearched) - 1} more hold" if len(unsearched) > 1 else f"{first} holds"
+        typer.echo(f"note: folders more than {RUN_SEARCH_DEPTH} levels below {root} are not searched, and {holding} "
+                   f"some — list the runs there with --root {shlex.quote(str(first))}", err=True)
     if not rows and RunDir(Path(root)).config.is_file():  # a run itself: it holds no runs, but is not "no runs"
         raise UserError(f"--root {root} is a run directory, not a folder of runs — pass the folder that holds it "
                         f"(--root {shlex.quote(str(Path(root).parent))}), or see this run with: glowtrain info --run "

@@ -295,12 +295,13 @@ def training_state(path: str | Path, step: int, steps: int) -> dict:
     return {"step": step, "steps": steps, **{k: None if v is None else round(v, 4) for k, v in summary.items()}}
 
 
-def list_runs(runs_root: Path = RUNS_ROOT) -> list[dict]:
-    """Every run directory under runs_root (sorted by name): its step, best test bpd and status."""
+def list_runs(runs_root: Path = RUNS_ROOT, unsearched: list[Path] | None = None) -> list[dict]:
+    """Every run directory under runs_root (sorted by name): its step, best test bpd and status (`unsearched`: as
+    run_dirs)."""
     import torch  # late: the rest of this module needs no torch
 
     found = []
-    for run in run_dirs(runs_root):
+    for run in run_dirs(runs_root, unsearched):
         path = run.path
         row = {"run": str(path), "step": None, "steps": None, "best_test_bpd": None, "status": "no checkpoint yet"}
         if run.has_checkpoint():
@@ -431,10 +432,11 @@ def check_writable(path: Path, what: str = "the run directory", choices: str = "
 RUN_SEARCH_DEPTH = 3  # runs/<name>, runs/<group>/<name>, runs/<sweep>/<group>/<name>
 
 
-def run_dirs(runs_root: Path = RUNS_ROOT) -> list[RunDir]:
+def run_dirs(runs_root: Path = RUNS_ROOT, unsearched: list[Path] | None = None) -> list[RunDir]:
     """The run directories (a last.pt, or a config.yaml that fit wrote) under runs_root, sorted by path: its folders
     and theirs, RUN_SEARCH_DEPTH deep, hidden ones, unreadable ones and a run's own folders left out. A group's own
-    config.yaml (a sweep's base config) does not hide the runs beside it."""
+    config.yaml (a sweep's base config) does not hide the runs beside it. The folders at that depth that hold
+    folders of their own (runs may lie there) are added to `unsearched`."""
     found = []
 
     def visit(folder: Path, depth: int) -> None:
@@ -450,11 +452,22 @@ def run_dirs(runs_root: Path = RUNS_ROOT) -> list[RunDir]:
                 continue
             if is_run:
                 found.append(run)
-            elif depth < RUN_SEARCH_DEPTH and not child.is_symlink():
+            elif child.is_symlink():
+                continue
+            elif depth < RUN_SEARCH_DEPTH:
                 visit(child, depth + 1)
+            elif unsearched is not None and _has_folders(child):
+                unsearched.append(child)
 
     visit(Path(runs_root), 1)
     return found
+
+
+def _has_folders(folder: Path) -> bool:
+    try:
+        return any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+    except OSError:
+        return False
 
 
 def latest_run(runs_root: Path = RUNS_ROOT) -> RunDir:

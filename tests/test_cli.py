@@ -663,8 +663,13 @@ def test_runs_and_the_latest_run_are_found_in_groups_but_not_in_hidden_folders(f
         shutil.copy(run_dir / "checkpoints" / "last.pt", last)
         os.utime(last, (mtime, mtime))
     (tmp_path / "runs" / "sweep" / "config.yaml").write_text("train:\n  steps: 100\n")  # the sweep's base config
-    rows = [line.split()[0] for line in ok(invoke("runs")).stdout.splitlines()[1:]]
+    listed = ok(invoke("runs"))
+    rows = [line.split()[0] for line in listed.stdout.splitlines()[1:]]
     assert rows == ["runs/sweep/lr1e-3", "runs/sweep/lr3e-4"]
+    assert listed.stderr == ("note: folders more than 3 levels below runs are not searched, and runs/a/b/c holds some "
+                             "— list the runs there with --root runs/a/b/c\n")
+    deeper = ok(invoke("runs", "--root", "runs/a/b/c"))
+    assert [line.split()[0] for line in deeper.stdout.splitlines()[1:]] == ["runs/a/b/c/too_deep"] and not deeper.stderr
     assert latest_run().path == Path("runs/sweep/lr1e-3")  # not the newer one in a hidden folder
     evaluated = json.loads(ok(invoke("eval", "--device", "cpu", "--no-progress")).stdout)
     assert evaluated["checkpoint"] == str(Path("runs/sweep/lr1e-3/checkpoints/last.pt"))
