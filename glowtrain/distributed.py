@@ -101,6 +101,15 @@ class Context:
         if self.distributed:
             dist.barrier(group=group)
 
+    def first_of(self, value: T | None) -> T | None:
+        """The lowest rank's `value` that is not None, on every rank (None when every rank has None), through the
+        host group: a check that fails on one rank then fails on all, before any waits in a collective for it."""
+        if not self.distributed:
+            return value
+        values: list[T | None] = [None] * self.world_size
+        dist.all_gather_object(values, value, group=self.host_group)
+        return next((v for v in values if v is not None), None)
+
     def share(self, value: T, src: int = 0, group: dist.ProcessGroup | None = None) -> T:
         """Rank `src`'s `value` on every rank (a picklable object, sent once through the process group)."""
         if not self.distributed:

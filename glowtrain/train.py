@@ -813,17 +813,35 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
         precision.check_amp(cfg.train.amp, ctx.device, cfg.train.allow_emulated_bf16)
         run = run_dir_for(out, cfg.run.name, resume)
         refuse_output_among_training_images(run.path, cfg.data)  # its sample grids would become training images
-        if ctx.is_main:
-            refuse_if_being_trained(run)
-        resume_from = prepare_run_dir(run, resume)
-        with training_lock(run) if ctx.is_main else contextlib.nullcontext():
-            ctx.barrier()  # every rank has checked the run directory before rank 0 writes into it
+        with contextlib.ExitStack() as held:
+            resume_from = _claim_run(run, resume, ctx, held)
             return trainer(cfg, ctx, run, resume_from, progress).run()
     finally:
         with _StopFlag():  # a Ctrl-C while the process group closes: the run ended already, finished or saved
             teardown()
         precision.restore(saved)  # a notebook's later work runs as it did before
         torch.set_num_threads(saved_threads)
+
+
+def _claim_run(run: RunDir, resume: str | None, ctx: Context, held: contextlib.ExitStack) -> Path | None:
+    """prepare_run_dir on every rank; rank 0 also refuses a run another fit trains and takes its lock into `held`.
+    A refusal on any rank is raised on all of them, before rank 0 writes into the run: alone, the rest would wait
+    in their first collective until it timed out (under a launcher that does not end a job at its first failure)."""
+    problem, resume_from = None, None
+    try:
+        if ctx.is_main:
+            refuse_if_being_trained(run)
+        resume_from = prepare_run_dir(run, resume)
+        if ctx.is_main:
+            held.enter_context(training_lock(run))
+    except UserError as e:
+        problem = e
+    first = ctx.first_of(str(problem) if problem else None)
+    if problem is not None:
+        raise problem
+    if first is not None:
+        raise UserError(first)
+    return resume_from
 
 
 def resolve_resume(resume: str | None, config_path: str | None, overrides: list[str], out: str | None) -> str | None:

@@ -1,5 +1,6 @@
 """Two gloo processes on CPU train like one process with the same global batch."""
 
+import contextlib
 import json
 import logging
 import os
@@ -709,3 +710,46 @@ def test_torchs_log_warnings_come_from_rank_0_alone(monkeypatch):
         assert all(logger.isEnabledFor(logging.ERROR) for logger in loggers)
     finally:
         torch._logging.set_logs()  # torch's defaults again, for the tests that follow
+
+
+def test_first_of_gives_every_rank_the_lowest_ranks_value(tmp_path):
+    script = tmp_path / "first_of.py"
+    script.write_text(
+        "import torch.distributed as dist\n"
+        "from glowtrain.distributed import Context\n"
+        "dist.init_process_group('gloo')\n"
+        "ctx = Context(dist.get_rank(), dist.get_world_size())\n"
+        "picked = [ctx.first_of(value) for value in (None, f'rank {ctx.rank}', 'rank 1' if ctx.rank else None)]\n"
+        "print(ctx.rank, picked)\n"
+        "dist.destroy_process_group()\n")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)], env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(done.stdout.splitlines()) == [f"{rank} [None, 'rank 0', 'rank 1']" for rank in (0, 1)]
+
+
+def test_a_refusal_on_one_rank_is_raised_on_every_rank_before_any_writes(tmp_path):
+    """Rank 0 alone checks the run's lock: its refusal reaches the others instead of leaving them in a collective."""
+    from glowtrain.distributed import Context
+    from glowtrain.runs import RunDir, training_lock
+    from glowtrain.train import _claim_run
+
+    class Job(Context):
+        said: list = []
+
+        def first_of(self, value):
+            self.said.append(value)
+            return Job.said[0] if Job.said[0] is not None else value  # rank 0 speaks first here
+
+    run = RunDir(tmp_path / "run")
+    with training_lock(run):  # another fit trains it
+        message = f"{run.path} is being trained by another process"
+        for rank in (0, 1):
+            with contextlib.ExitStack() as held, pytest.raises(UserError, match=message):
+                _claim_run(run, None, Job(rank=rank, world_size=2), held)
+        assert [p.name for p in run.path.iterdir()] == [run.lock.name]  # the other fit's lock, nothing written
+    assert Job.said == [Job.said[0], None] and Job.said[0].startswith(message)  # rank 1 had found nothing
+    with contextlib.ExitStack() as held:  # the lock gone, rank 0 takes it for the job
+        assert _claim_run(run, None, Context(), held) is None
+        with pytest.raises(UserError, match=message):  # as a second fit of it is told
+            _claim_run(run, None, Context(), contextlib.ExitStack())
