@@ -196,14 +196,14 @@ class Run:
     @torch.no_grad()
     @full_float32()
     def decode(self, zs: list[torch.Tensor]) -> torch.Tensor:
-        """Latents (one per level) -> uint8 images (N, C, H, W) on the run's device."""
+        """Latents (one per level, on any device) -> uint8 images (N, C, H, W) on the run's device."""
         shapes = [tuple(shape) for shape in self.model.latent_shapes]
         given = [(tuple(z.shape[1:]), z.dtype) if isinstance(z, torch.Tensor) else (None, None) for z in zs]
         _require(len(given) == len(shapes) and all(shape == want for (shape, _), want in zip(given, shapes))
                  and all(dtype == self.model.top_prior.dtype for _, dtype in given),
                  f"decode takes the latents encode gives: {len(shapes)} {self.model.top_prior.dtype} tensors shaped "
                  f"(N, *s) for s in {shapes}, got {[(shape, str(dtype)) for shape, dtype in given]}")
-        x = self.model.decode(zs)
+        x = self.model.decode([z.to(self.device) for z in zs])
         not_finite = int(count_not_finite(x))
         if not_finite:  # as sample says: black or white pixels that are a picture of nothing
             warnings.warn(f"{not_finite:,} of {len(x):,} decoded images are not finite (the latents or the model's "

@@ -373,10 +373,10 @@ def _open(run, checkpoint, device: str, seed: int, no_ema: bool, data: str | Non
 
     from glowtrain.checkpoint import open_run
     from glowtrain.data import relocated
-    from glowtrain.distributed import resolve_device
+    from glowtrain.distributed import make_current, resolve_device
 
     torch.manual_seed(seed)
-    resolved = resolve_device(device, "--device")
+    resolved = make_current(resolve_device(device, "--device"))
     loaded = open_run(run, checkpoint, resolved, use_ema=not no_ema)
     if data:
         loaded = dataclasses.replace(loaded, cfg=dataclasses.replace(loaded.cfg, data=relocated(loaded.cfg.data, data)))

@@ -606,7 +606,7 @@ class Trainer:
         final = self._logged_result() if self._nothing_to_train else {}
         self.deadline = None if cfg.max_time_s is None else self._now() + cfg.max_time_s
         self.timed_out = False
-        window, start = _Throughput(self.ctx.world_size), state.step
+        window, start = _Throughput(self.ctx.world_size, self.device), state.step
         # The flag stays up through the close and the ranks' last comparison: a Ctrl-C after the last step (one
         # finishing rank still closing its logs while another prints its summary) leaves a finished run finished.
         with _StopFlag() as stop:
@@ -629,6 +629,8 @@ class Trainer:
                         continue
                     if self._due(cfg.log_every):
                         self.log_train(metrics, window.restart())
+                    if not any(map(self._due, (cfg.eval_every, cfg.sample_every, cfg.checkpoint_every))):
+                        continue
                     with window.paused():  # evaluations, samples and saves are not training's images/s
                         if self._due(cfg.eval_every):
                             final = {**self.evaluate(), "step": state.step}
@@ -762,10 +764,13 @@ class Trainer:
 
 
 class _Throughput:
-    """Images per second over a window of steps (all ranks together)."""
+    """Images per second over a window of steps (all ranks together).
 
-    def __init__(self, world_size: int):
-        self.world_size = world_size
+    A GPU runs behind the host, which queues steps without waiting for them: the clock is read only once the device
+    has done what was queued, or a pause (an evaluation, which waits for the device) would take in training's work."""
+
+    def __init__(self, world_size: int, device: torch.device | None = None):
+        self.world_size, self.device = world_size, device or torch.device("cpu")
         self.start, self.images = time.perf_counter(), 0
 
     def add(self, n_images: int) -> None:
@@ -774,18 +779,23 @@ class _Throughput:
     @contextlib.contextmanager
     def paused(self):
         """Time spent inside is left out of the window."""
-        paused_at = time.perf_counter()
+        paused_at = self._now()
         try:
             yield
         finally:
-            self.start += time.perf_counter() - paused_at
+            self.start += self._now() - paused_at
 
     def restart(self) -> float:
         """The window's images per second; a new window starts now."""
-        now = time.perf_counter()
+        now = self._now()
         rate = self.world_size * self.images / max(now - self.start, 1e-9)
         self.start, self.images = now, 0
         return rate
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":  # at logging steps and pauses only, which wait for the device anyway
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -805,6 +815,8 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
     if resume is None:
         check_new_run_seed(cfg)
     saved, saved_threads = precision.settings(), torch.get_num_threads()
+    # setup makes the run's GPU the current one; a notebook's own current device comes back (and none is made).
+    saved_device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
     cfg = with_absolute_data_paths(cfg)
     ctx = setup(cfg.run.device, tf32=cfg.run.tf32, deterministic=cfg.run.deterministic)
     try:
@@ -821,6 +833,8 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
             teardown()
         precision.restore(saved)  # a notebook's later work runs as it did before
         torch.set_num_threads(saved_threads)
+        if saved_device is not None:
+            torch.cuda.set_device(saved_device)
 
 
 def _claim_run(run: RunDir, resume: str | None, ctx: Context, held: contextlib.ExitStack) -> Path | None:

@@ -294,6 +294,23 @@ def _fake_gpus(monkeypatch, count: int) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
 
 
+def test_a_one_process_run_on_a_second_gpu_makes_it_the_current_device(monkeypatch):
+    """Else pinned memory and the loader's pinning thread make a context on GPU 0 beside the run on cuda:1."""
+    from glowtrain import precision
+    from glowtrain.distributed import setup
+
+    _fake_gpus(monkeypatch, 2)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    saved = precision.settings()
+    try:
+        assert setup("cuda:1").device == torch.device("cuda:1") and made_current == [torch.device("cuda:1")]
+        assert setup("cpu").device == torch.device("cpu") and len(made_current) == 1
+    finally:
+        precision.restore(saved)
+
+
 def test_fit_nproc_runs_torchruns_launcher_with_time_to_save_after_a_sigterm(monkeypatch, tmp_path):
     """torchrun SIGKILLs its workers 30 s after a SIGTERM unless told otherwise: too little for a step and a large
     checkpoint on a slow disk. A value the user set is kept. The processes learn where to report how they end."""

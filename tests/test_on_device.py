@@ -181,6 +181,7 @@ def test_load_run_on_the_test_device_encodes_decodes_scores_and_samples_there(re
     latents, logdet = run.encode(pixels)
     assert all(z.device == device for z in latents) and logdet.shape == (5,)
     assert torch.equal(run.decode(latents), pixels)
+    assert torch.equal(run.decode([z.cpu() for z in latents]), pixels)  # latents made or kept on the host
     bpd = run.bits_per_dim(pixels)
     assert bpd.shape == (5,) and torch.isfinite(bpd).all()
     assert torch.equal(run.sample(3, seed=1), run.sample(3, seed=1))

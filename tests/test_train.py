@@ -1044,3 +1044,35 @@ def test_images_per_s_counts_training_steps_only(tmp_path, monkeypatch):
     train(tiny_config(), out=str(out), resume="auto", progress=False)
     rates = [r["images_per_s"] for r in read_metrics(out) if r["split"] == "train"]
     assert rates == [16.0] * 3  # steps 2, 4 and, after the resume at 4, 6
+
+
+def test_images_per_s_reads_the_clock_once_a_gpu_has_done_the_work_queued_and_only_when_due(monkeypatch, tmp_path):
+    """The host queues GPU steps without waiting: the window's clock waits for the device, at log steps and at the
+    steps that evaluate, sample or save (a pause), and never at the steps between them."""
+    from glowtrain import train as training
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", waited.append)
+    window = training._Throughput(2, torch.device("cuda", 1))  # no CUDA work is made
+    window.add(8)
+    with window.paused():
+        pass
+    assert window.restart() > 0 and waited == 3 * [torch.device("cuda", 1)]
+    with training._Throughput(1).paused():  # a CPU's clock waits for nothing
+        pass
+    assert len(waited) == 3
+    steps_begun, paused_at = [], []
+    real_paused = training._Throughput.paused
+
+    def paused(self):
+        paused_at.append(len(steps_begun))
+        return real_paused(self)
+
+    class Counting(Trainer):
+        def prepare_batch(self, images, labels):
+            steps_begun.append(self.state.step)
+            return super().prepare_batch(images, labels)
+
+    monkeypatch.setattr(training._Throughput, "paused", paused)
+    train(tiny_config(), out=str(tmp_path / "run"), progress=False, trainer=Counting)
+    assert paused_at == [3, 6]  # TINY evaluates, samples and saves at steps 3 and 6
