@@ -47,7 +47,8 @@ class LazyCompile:
     """A module compiled on first use: whole, or region by region (`regions`: submodules whose forward is
     compiled, the code between them eager; compiled only for calls through this object, so evaluation and
     sampling run them eager as they do the whole). Failures surface in the first step's forward or in its
-    backward (compiled lazily): then warn once, and that step and all later ones run eager."""
+    backward (compiled lazily), and with CUDA graphs also in the next two (the first warms up, the second records
+    the graphs, the third is the first replay): then warn once, and that step and all later ones run eager."""
 
     def __init__(self, module: torch.nn.Module, enabled: bool, mode: str = "default",
                  regions: Sequence[torch.nn.Module] = ()):
@@ -56,7 +57,8 @@ class LazyCompile:
         self.compiled_regions: list[tuple[torch.nn.Module, Callable]] = []
         self.graphs_needed = _graphs_needed(regions)
         self.cuda_graphs = uses_cuda_graphs(mode)
-        self.pending = False
+        self.pending = False  # the first step, which compiles, is still to come
+        self.steps_on_trial = 0  # steps whose compiler failures still fall back to eager
         if enabled:
             options = {"mode": None if mode == "default" else mode}
             try:
@@ -68,6 +70,7 @@ class LazyCompile:
                 else:
                     self.module = torch.compile(module, **options)
                 self.pending = True
+                self.steps_on_trial = 3 if self.cuda_graphs else 1
             except Exception as e:  # noqa: BLE001 - e.g. a platform without a compiler backend
                 self._go_eager()
                 _warn_eager("unavailable", e)
@@ -98,9 +101,9 @@ class LazyCompile:
                 del region.forward
 
     def first_use(self, work: Callable[[], T], undo: Callable[[], None]) -> T:
-        """`work()` (a forward and backward through this module). The first time, if compiling fails in it:
+        """`work()` (a forward and backward through this module). In the steps on trial, if compiling fails in it:
         warn, `undo()` what it left (e.g. partial gradients), switch to eager and run it again."""
-        if not self.pending:
+        if not self.steps_on_trial:
             return work()
         try:
             result = work()
@@ -111,11 +114,11 @@ class LazyCompile:
             self._go_eager()
             undo()
             return work()
-        self.pending = False
+        self.pending, self.steps_on_trial = False, self.steps_on_trial - 1
         return result
 
     def _go_eager(self) -> None:
-        self.module, self.compiled_regions, self.pending = self.eager, [], False
+        self.module, self.compiled_regions, self.pending, self.steps_on_trial = self.eager, [], False, 0
 
 
 def _graphs_needed(regions: Sequence[torch.nn.Module]) -> int:

@@ -186,6 +186,38 @@ def test_a_compiler_failure_in_the_first_step_falls_back_to_eager_with_the_same_
     assert "compiled in" not in capsys.readouterr().out  # it did not: the step ran eager
 
 
+@pytest.mark.parametrize("mode, failing_step, falls_back", [
+    ("reduce-overhead", 2, True), ("reduce-overhead", 3, True), ("reduce-overhead", 4, False),
+    ("default", 1, True), ("default", 2, False)])
+def test_with_cuda_graphs_a_failure_in_recording_or_first_replay_falls_back_to_eager_too(monkeypatch, mode,
+                                                                                         failing_step, falls_back):
+    """CUDA graphs warm up in the first step, record in the second and first replay in the third: a capture error
+    there is the compiler's too. Later, as in any step after the first without them, an error is the step's own."""
+    monkeypatch.setattr(torch, "compile", lambda module, **options: lambda *args: module(*args))
+    compiled = LazyCompile(torch.nn.Identity(), True, mode)
+    undone, steps = [], []
+
+    def work():
+        steps.append(compiled.active)
+        if len(steps) == failing_step:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return len(steps)
+
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        for _ in range(failing_step - 1):
+            compiled.first_use(work, lambda: undone.append(True))
+        if falls_back:
+            assert compiled.first_use(work, lambda: undone.append(True)) == failing_step + 1  # run again, eager
+        else:
+            with pytest.raises(RuntimeError, match="stream is capturing"):
+                compiled.first_use(work, lambda: undone.append(True))
+    assert [str(w.message).split(" (")[0] for w in warned] == (["torch.compile failed"] if falls_back else [])
+    assert undone == ([True] if falls_back else [])
+    assert compiled.active is not falls_back and not compiled.pending
+    assert steps[-1] is not falls_back  # the step run again ran eager
+
+
 @pytest.mark.parametrize("compiles", [True, False])
 def test_the_compiling_step_is_timed_and_left_out_of_the_images_per_second(tmp_path, monkeypatch, capsys, compiles):
     """On a clock where compiling takes 100 s and every step 1 s, the first logged speed is a step's: 16 images
