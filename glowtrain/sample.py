@@ -154,7 +154,6 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
         say(f"note: grids show the first {GRID_LIMIT:,} of the {n:,} images per temperature (--individual writes "
             "them all)")
     per_class = math.ceil(n / len(classes)) if classes else None
-    n_columns = per_class if per_class and per_class <= GRID_LIMIT else None
     upscale = display_upscale(cfg.data.image_size)
     written, pictures = [], []
     with tqdm(total=n * len(temperatures), desc="sampling", unit="img", leave=False, file=sys.stderr,
@@ -163,7 +162,7 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
             generator = torch.Generator(device=device).manual_seed(seed)
             batches = sample_batches(model, n, temperature, cfg.data.n_bits, generator, labels, batch_size)
             shown, singles = _stream(batches, out_dir / names[temperature] if individual else None, n, bar)
-            pictures.append(image_grid(shown, n_columns))
+            pictures.append(image_grid(*class_blocks(shown, per_class)) if per_class else image_grid(shown))
             if not (grid or no_grid):
                 written.append(save_png(pictures[-1], out_dir / f"{names[temperature]}.png", upscale))
             written += singles
@@ -175,6 +174,16 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
         tagged = {f"samples/{temperature_label(t)} sample seed{seed}{tag}": p for t, p in zip(temperatures, pictures)}
         write_to_tensorboard(loaded.run_dir, loaded.step, tagged)
     return written
+
+
+def class_blocks(images: torch.Tensor, per_class: int) -> tuple[torch.Tensor, int]:
+    """(images with blank cells added, columns) for a grid where each class's block of `per_class` images starts a
+    row: a row per class when a class has no more images than a square grid's row, else rows of that width."""
+    width = math.ceil(math.sqrt(len(images)))
+    if per_class <= width:
+        return images, per_class
+    blocks = [torch.cat([b, b.new_zeros(-len(b) % width, *b.shape[1:])]) for b in images.split(per_class)]
+    return torch.cat(blocks), width
 
 
 def _stream(batches, folder: Path | None, n: int, bar: tqdm) -> tuple[torch.Tensor, list[Path]]:

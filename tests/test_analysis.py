@@ -313,6 +313,23 @@ def test_sample_several_classes_fill_rows_of_equal_length(conditional, tmp_path)
     assert (picture[(1 + 2 * (SIZE + 1)) * UP :, (1 + SIZE + 1) * UP :] == 0).all()  # the empty fifth slot
 
 
+def test_a_class_with_more_images_than_a_square_grids_row_fills_rows_of_that_width(conditional, tmp_path):
+    """One class is a square grid, not a strip of 64; two classes of 9 each take two rows of 5 (one cell blank)."""
+    one = ok(invoke("sample", "--run", conditional, "--temp", "0", "--class", "3", "--n", "16", "--out",
+                    tmp_path / "one", *CPU)).stdout.strip()
+    with Image.open(one) as image:
+        assert image.size == grid_size(16)
+    two = ok(invoke("sample", "--run", conditional, "--temp", "0", "--class", "3", "--class", "5", "--n", "18",
+                    "--out", tmp_path / "two", *CPU)).stdout.strip()
+    with Image.open(two) as image:
+        assert image.size == grid_size(20, 5)
+    picture = pixels(two)
+    threes = [tile(picture, row, column) for row in (0, 1) for column in range(5)][:9]
+    fives = [tile(picture, row, column) for row in (2, 3) for column in range(5)][:9]
+    assert all((t == threes[0]).all() for t in threes) and all((f == fives[0]).all() for f in fives)
+    assert (threes[0] != fives[0]).any() and (tile(picture, 1, 4) == 0).all() and (tile(picture, 3, 4) == 0).all()
+
+
 def test_a_temperature_asked_for_twice_is_written_once(fitted, tmp_path):
     _, run_dir = fitted
     written = ok(invoke("sample", "--run", run_dir, "--temp", "0.7", "--temp", "0.7", "--n", "4", "--out", tmp_path,
