@@ -15,7 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from glowtrain.checkpoint import LoadedRun
-from glowtrain.config import Config, config_to_yaml
+from glowtrain.config import GRID_LIMIT, Config, config_to_yaml
 from glowtrain.data import build_dataset, check_class_names, data_changed_warning
 from glowtrain.data import n_classes as data_classes
 from glowtrain.errors import UserError
@@ -36,7 +36,7 @@ from glowtrain.model import Glow
 from glowtrain.objective import build_objective
 from glowtrain.precision import full_float32
 from glowtrain.runs import RunDir, checked_files, read_json
-from glowtrain.sample import GRID_LIMIT, class_list, class_names, class_number
+from glowtrain.sample import class_list, class_names, class_number
 
 PIXEL_LEVELS = 256  # "pixel units": one step of the 8-bit 0..255 scale; x spans [-0.5, 0.5)
 # The CLI's defaults: a picture made with them has the plain name, other values are named in it.

@@ -26,6 +26,7 @@ Dataset = Literal["digits", "mnist", "fashion_mnist", "cifar10", "celeba", "fold
 # Datasets whose images have a fixed number of channels; celeba and folder may be read as 1 or 3.
 FIXED_CHANNELS = {"digits": 1, "mnist": 1, "fashion_mnist": 1, "cifar10": 3}
 CHANNEL_CHOICES = (1, 3)  # greyscale or RGB
+GRID_LIMIT = 1024  # images per sample grid: a 1,024-image grid of 64x64 images is about 2,100 pixels a side
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -118,7 +119,7 @@ class TrainConfig:
     sample_every: int = _opt(500, "steps between sample grids")
     checkpoint_every: int = _opt(250, "steps between checkpoints")
     sample_temperatures: list[float] = _opt([0.7, 1.0], "prior temperatures for sample grids")
-    n_samples: int = _opt(64, "images per sample grid")
+    n_samples: int = _opt(64, "images per sample grid (at most 1,024)")
     max_bad_steps: int = _opt(10, "consecutive non-finite steps (skipped) before rolling back to last.pt with half "
                               "the lr (checked when logging); twice stops the run")
     amp: Literal["off", "bf16", "fp16"] = _opt("off", "coupling networks in bfloat16 (CUDA cc >= 8.0, or CPU) or "
@@ -372,7 +373,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     """A new validated Config with each `section.key=VALUE` applied in order (later wins)."""
     cfg = _apply(cfg, overrides)
     validate(cfg)
-    _check_data_root(cfg.data)
+    _check_for_training(cfg)
     return cfg
 
 
@@ -487,7 +488,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     # Range checks wait until overrides are in, so an override can repair a file's value.
     cfg = _apply(cfg, overrides)
     validate(cfg)
-    _check_data_root(cfg.data)
+    _check_for_training(cfg)
     return cfg
 
 
@@ -529,11 +530,18 @@ def _check_splines(model: ModelConfig) -> None:
     _require(model.spline_bound > 0, "model.spline_bound", model.spline_bound, "use a bound > 0")
 
 
+def _check_for_training(cfg: Config) -> None:
+    # Checked for configs about to train or prepare (load_config, apply_overrides), not in validate: a run trained
+    # before a check came must still load for sample and eval.
+    _check_data_root(cfg.data)
+    _require(cfg.train.n_samples <= GRID_LIMIT, "train.n_samples", cfg.train.n_samples,
+             f"a grid holds at most {GRID_LIMIT:,} images (glowtrain sample --n N --individual draws more)")
+
+
 def _check_data_root(data: DataConfig) -> None:
     # An empty root reads the working directory (Path('') is '.'), which fails far from its cause, e.g. as an
     # output folder "inside the image folder ()". The bundled digits ignore the root, and so does a prepared cache.
-    # Checked for configs about to train or prepare (load_config, apply_overrides), not in validate: a run trained
-    # before this check stores root '' and must still load for sample, and for eval --data.
+    # A run trained before this check stores root '' and must still load for sample, and for eval --data.
     if data.dataset == "digits" or data.cache or data.root.strip():
         return
     if data.dataset in ("folder", "celeba"):

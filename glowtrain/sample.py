@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from glowtrain.checkpoint import open_run
-from glowtrain.config import DataConfig
+from glowtrain.config import GRID_LIMIT, DataConfig
 from glowtrain.data import BUILTIN_CLASS_NAMES
 from glowtrain.errors import Stopped, UserError
 from glowtrain.folders import refuse_output_among_training_images
@@ -32,7 +32,6 @@ from glowtrain.images import (
 )
 from glowtrain.runs import RunDir, read_json
 
-GRID_LIMIT = 1024  # images per grid: a 1,024-image grid of 64x64 images is about 2,100 pixels a side
 DEFAULT_N, DEFAULT_BATCH_SIZE = 64, 256  # the CLI's defaults, left out of file names
 
 

@@ -458,6 +458,18 @@ def test_a_stored_config_with_an_empty_root_still_loads_for_commands_that_need_n
     assert apply_overrides(config_from_dict(stored), ["data.root=images"]).data.root == "images"
 
 
+def test_more_samples_than_a_grid_holds_are_refused_for_training_but_a_stored_run_still_loads():
+    with pytest.raises(UserError) as refused:
+        override("train.n_samples=1025")
+    assert str(refused.value) == ("train.n_samples=1025 is not allowed — a grid holds at most 1,024 images (glowtrain "
+                                  "sample --n N --individual draws more)")
+    assert override("train.n_samples=1024").train.n_samples == 1024
+    stored = config_to_dict(default_config())
+    stored["train"]["n_samples"] = 20000  # trained before the check: sample and eval read it as it is
+    assert config_from_dict(stored).train.n_samples == 20000
+    assert apply_overrides(config_from_dict(stored), ["train.n_samples=64"]).train.n_samples == 64  # a resume's fix
+
+
 def test_an_empty_data_root_is_fine_where_nothing_reads_it():
     assert override("data.root=").data.root == ""  # the bundled digits
     cached = override("data.dataset=folder", "data.root=", "data.cache=prepared/folder-8px")
