@@ -42,6 +42,7 @@ PIXEL_LEVELS = 256  # "pixel units": one step of the 8-bit 0..255 scale; x spans
 # The CLI's defaults: a picture made with them has the plain name, other values are named in it.
 RECONSTRUCT_N, INTERPOLATE_PAIRS, INTERPOLATE_STEPS, MANIPULATE_N = 16, 4, 8, 8
 MANIPULATE_ALPHAS = [-1.0, 0.0, 1.0, 2.0]
+ANALYSIS_BATCH = 64  # images encoded and decoded at once: the progress bar's step, and a bound on memory
 
 
 def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.device,
@@ -120,7 +121,8 @@ def _first_images(dataset, n: int, n_bits: int, device: torch.device):
 @torch.no_grad()
 @full_float32()
 def reconstruct_command(loaded: LoadedRun, n: int, device: torch.device, out: str | None,
-                        tensorboard: bool = False, use_ema: bool = True, overwrite: bool = False) -> dict:
+                        tensorboard: bool = False, use_ema: bool = True, overwrite: bool = False,
+                        progress: bool = False) -> dict:
     """Encode and decode real test images; report the error and write originals over reconstructions."""
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
@@ -131,9 +133,14 @@ def reconstruct_command(loaded: LoadedRun, n: int, device: torch.device, out: st
     target = _picture_path(loaded, out, "reconstruct", [f"n{n}"] * (n != RECONSTRUCT_N), use_ema, overwrite)
     cfg, model = loaded.cfg, loaded.model
     x, _ = _first_images(test_split, n, cfg.data.n_bits, device)
-    zs, _ = model.encode(x)
-    error = (model.decode(zs) - x).abs() * PIXEL_LEVELS
-    pairs = torch.cat([to_uint8(x, cfg.data.n_bits), to_uint8(model.decode(zs), cfg.data.n_bits)])
+    decoded = []
+    with _bar(n, "reconstructing", progress) as bar:
+        for part in x.split(ANALYSIS_BATCH):
+            decoded.append(model.decode(model.encode(part)[0]))
+            bar.update(len(part))
+    decoded = torch.cat(decoded)
+    error = (decoded - x).abs() * PIXEL_LEVELS
+    pairs = torch.cat([to_uint8(x, cfg.data.n_bits), to_uint8(decoded, cfg.data.n_bits)])
     picture = image_grid(pairs.cpu(), n)
     path = save_png(picture, target, display_upscale(cfg.data.image_size))
     if tensorboard:
@@ -145,7 +152,8 @@ def reconstruct_command(loaded: LoadedRun, n: int, device: torch.device, out: st
 @torch.no_grad()
 @full_float32()
 def interpolate_command(loaded: LoadedRun, n_pairs: int, n_steps: int, device: torch.device, out: str | None,
-                        tensorboard: bool = False, use_ema: bool = True, overwrite: bool = False) -> Path:
+                        tensorboard: bool = False, use_ema: bool = True, overwrite: bool = False,
+                        progress: bool = False) -> Path:
     """Linear paths between the latents (every level) of pairs of test images; a row per pair."""
     if n_pairs < 1 or n_steps < 2:
         raise UserError(f"need --pairs >= 1 and --steps >= 2, got {n_pairs} and {n_steps}")
@@ -161,16 +169,24 @@ def interpolate_command(loaded: LoadedRun, n_pairs: int, n_steps: int, device: t
     zs, _ = model.encode(x)
     weights = torch.linspace(0, 1, n_steps, device=device, dtype=x.dtype)
     rows = []
-    for pair in range(n_pairs):
-        start = [z[2 * pair : 2 * pair + 1] for z in zs]
-        end = [z[2 * pair + 1 : 2 * pair + 2] for z in zs]
-        path = [torch.lerp(a.expand(n_steps, *a.shape[1:]), b.expand(n_steps, *b.shape[1:]),
-                           weights.view(-1, *[1] * (a.dim() - 1))) for a, b in zip(start, end)]
-        rows.append(to_uint8(model.decode(path), cfg.data.n_bits).cpu())
+    with _bar(n_pairs, "interpolating", progress, unit="pair") as bar:
+        for pair in range(n_pairs):
+            start = [z[2 * pair : 2 * pair + 1] for z in zs]
+            end = [z[2 * pair + 1 : 2 * pair + 2] for z in zs]
+            path = [torch.lerp(a.expand(n_steps, *a.shape[1:]), b.expand(n_steps, *b.shape[1:]),
+                               weights.view(-1, *[1] * (a.dim() - 1))) for a, b in zip(start, end)]
+            rows.append(to_uint8(model.decode(path), cfg.data.n_bits).cpu())
+            bar.update(1)
     picture = image_grid(torch.cat(rows), n_steps)
     if tensorboard:
         write_to_tensorboard(loaded.run_dir, loaded.step, {picture_tag(target): picture})
     return save_png(picture, target, display_upscale(cfg.data.image_size))
+
+
+def _bar(total: int, what: str, progress: bool, unit: str = "img") -> tqdm:
+    """A progress bar on stderr that stays quiet for work done within a second."""
+    return tqdm(total=total, desc=what, unit=unit, leave=False, file=sys.stderr, disable=not progress, delay=1,
+                dynamic_ncols=True)
 
 
 def _refuse_oversized_grid(n_images: int, options: str, layout: str, fix: str) -> None:
@@ -279,8 +295,7 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
     if not with_ or not without:
         raise UserError(f"no training images on one side of {label}: cannot estimate a direction")
     with_, without = with_[:max_per_group], without[:max_per_group]
-    with tqdm(total=len(with_) + len(without), desc="direction", unit="img", leave=False, file=sys.stderr,
-              disable=not progress, delay=1, dynamic_ncols=True) as bar:  # encoding up to 4,000 training images
+    with _bar(len(with_) + len(without), "direction", progress) as bar:  # encoding up to 4,000 training images
         direction = (_mean_latent(model, train_set, with_, cfg, device, bar)
                      - _mean_latent(model, train_set, without, cfg, device, bar))
     x, _ = _first_images(test_split, n, cfg.data.n_bits, device)

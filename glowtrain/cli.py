@@ -484,12 +484,13 @@ def reconstruct(
     data: DataOption = None,
     tensorboard: TensorboardOption = False,
     overwrite: PictureOverwriteOption = False,
+    progress: ProgressOption = True,
 ) -> None:
     """Encode and decode real test images: prints the error, writes originals above reconstructions."""
     from glowtrain.analysis import reconstruct_command
 
     loaded, resolved = _open(run, checkpoint, device, seed, no_ema, data)
-    _print_json(reconstruct_command(loaded, n, resolved, out, tensorboard, not no_ema, overwrite))
+    _print_json(reconstruct_command(loaded, n, resolved, out, tensorboard, not no_ema, overwrite, progress))
 
 
 @app.command()
@@ -506,12 +507,14 @@ def interpolate(
     data: DataOption = None,
     tensorboard: TensorboardOption = False,
     overwrite: PictureOverwriteOption = False,
+    progress: ProgressOption = True,
 ) -> None:
     """Walk in latent space (all levels) between pairs of test images; writes a grid."""
     from glowtrain.analysis import interpolate_command
 
     loaded, resolved = _open(run, checkpoint, device, seed, no_ema, data)
-    typer.echo(str(interpolate_command(loaded, pairs, steps, resolved, out, tensorboard, not no_ema, overwrite)))
+    typer.echo(str(interpolate_command(loaded, pairs, steps, resolved, out, tensorboard, not no_ema, overwrite,
+                                       progress)))
 
 
 @app.command()

@@ -564,6 +564,16 @@ def test_reconstruct_is_exact_to_1e_3_pixel_levels_and_shows_originals_over_reco
         assert (tile(picture, 1, i) == original).all()
 
 
+def test_reconstruct_of_more_images_than_one_batch_decodes_each_to_its_original(fitted, tmp_path):
+    _, run_dir = fitted
+    result = json_output(invoke("reconstruct", "--run", run_dir, "--n", "70", "--out", tmp_path, "--no-progress",
+                                *CPU))
+    assert result["n_images"] == 70 and result["max_abs_error"] < 1e-3
+    picture = pixels(result["path"])
+    for i, original in enumerate(test_images_as_displayed(70)):
+        assert (tile(picture, 0, i) == original).all() and (tile(picture, 1, i) == original).all()
+
+
 def test_reconstruct_without_out_writes_into_the_checkpoints_samples_folder(fitted, tmp_path):
     _, run_dir = fitted
     in_run = json_output(invoke("reconstruct", "--run", run_dir, "--n", "2", *CPU))

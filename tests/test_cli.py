@@ -19,7 +19,7 @@ from PIL import Image
 import glowtrain.train as training
 from glowtrain import __version__
 from glowtrain.checkpoint import load_checkpoint
-from glowtrain.cli import main
+from glowtrain.cli import app, main
 from glowtrain.config import apply_overrides, default_config
 from glowtrain.runs import RunDir
 
@@ -806,3 +806,14 @@ def test_tensorboard_holds_one_hparams_session_with_the_key_settings_updated_on_
     plugin = EventAccumulator(str(tb / "hparams")).Reload().PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(plugin["_hparams_/session_start_info"])
     assert start.session_start_info.hparams["batch_size"].number_value == 32
+
+
+def test_every_command_that_reads_a_run_takes_no_progress():
+    """Scripts pass --no-progress to each command they run; one that refused it would break them."""
+    import typer
+
+    commands = typer.main.get_command(app).commands
+    reading = {name for name, command in commands.items() if any(p.name == "run" for p in command.params)}
+    assert {"sample", "eval", "reconstruct", "interpolate", "manipulate", "score"} <= reading
+    assert {name for name in reading if not any("--no-progress" in p.secondary_opts for p in commands[name].params
+                                                if hasattr(p, "secondary_opts"))} == {"info"}
