@@ -512,5 +512,9 @@ def resolve_checkpoint(run: str | None = None, checkpoint: str | None = None, wh
         if inside:  # --run runs: a folder of runs, not one
             named = ", ".join(str(run.path) for run in inside[:3]) + (", ..." if len(inside) > 3 else "")
             raise UserError(f"{run_dir.path} is a folder of runs, not a run — pass one of them: {named}")
+        if (pid := trainer_pid(run_dir)) is not None:
+            raise UserError(f"{run_dir.path} has no checkpoint yet: it is being trained (pid "
+                            f"{pid if pid > 0 else 'unknown'}) — try again after its first checkpoint "
+                            "(every train.checkpoint_every steps)")
         raise UserError(f"{run_dir.path} has no checkpoint (checkpoints/last.pt) — train it with 'glowtrain fit' first")
     return path

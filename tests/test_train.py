@@ -574,6 +574,20 @@ def test_the_other_processes_of_a_job_see_their_own_jobs_lock_without_refusing(t
         checkpoint_to_resume("auto", run)
 
 
+def test_a_command_on_a_run_being_trained_before_its_first_checkpoint_says_so(tmp_path):
+    from glowtrain.runs import resolve_checkpoint, training_lock
+
+    run = RunDir(tmp_path / "run")
+    with training_lock(run):
+        run.write_config(tiny_config())
+        for args in (("info", "--run", run.path), ("eval", "--run", run.path, "--device", "cpu")):
+            assert assert_one_line_error(invoke(*args), 2) == (
+                f"error: {run.path} has no checkpoint yet: it is being trained (pid {os.getpid()}) — try again after "
+                "its first checkpoint (every train.checkpoint_every steps)")
+    with pytest.raises(UserError, match="has no checkpoint \\(checkpoints/last.pt\\) — train it with"):
+        resolve_checkpoint(str(run.path))  # the lock gone with its process
+
+
 def test_going_back_to_an_earlier_checkpoint_keeps_the_later_last_and_best(tmp_path, capsys):
     cfg = apply_overrides(default_config(), NAN_RUN + ["train.steps=2", "train.checkpoint_every=2",
                                                        "train.eval_every=2"])
