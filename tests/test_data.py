@@ -247,6 +247,19 @@ def test_a_truncated_image_whose_header_reads_is_found_by_the_decode_pass(tmp_pa
         [data.build_dataset(cfg, split) for split in ("train", "test")]
 
 
+def test_more_data_workers_than_cpus_load_with_one_per_cpu_and_the_same_batches(tmp_path, monkeypatch):
+    """Shipped configs ask for 4 or 8 workers: on a smaller machine torch warned of a freeze; now they are capped."""
+    make_folder(tmp_path, 6, size=(6, 6))
+    ds = data.build_dataset(data_cfg(dataset="folder", root=str(tmp_path), image_size=4, channels=3,
+                                     test_fraction=0.5), "train")
+    alone = list(data.make_eval_batches(ds, 2))
+    monkeypatch.setattr(data, "usable_cpus", lambda: 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "suggested max number of worker" warning counts this machine's CPUs
+        loaded = list(data.make_eval_batches(ds, 2, n_workers=64))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(alone, loaded, strict=True))
+
+
 def test_an_image_that_breaks_after_the_check_fails_in_one_line_also_from_a_worker(tmp_path):
     make_folder(tmp_path, 6, size=(6, 6))
     cfg = data_cfg(dataset="folder", root=str(tmp_path), image_size=4, channels=3, test_fraction=0.5)
