@@ -272,13 +272,27 @@ def _as_typed(value: Any) -> str:
 _NO_VALUE = object()  # `current` not given: the key's value before the override is not known
 
 
-def _type_error(key: str, value: Any, tp: Any, expected: str = "", current: Any = _NO_VALUE) -> UserError:
-    """A wrong-type error that ends with the fix: the value the config had (an override's), else the default."""
+def _example(key: str, current: Any = _NO_VALUE) -> str:
+    """`key=VALUE (whose)`: the value the config had (an override's), else the default."""
     default = _default(_FIELDS[key])
     own = current is not _NO_VALUE and current != default
     example, whose = (current, "the config's") if own else (default, "the default")
+    return f"{key}={_as_typed(example)} ({whose})"
+
+
+def _type_error(key: str, value: Any, tp: Any, expected: str = "", current: Any = _NO_VALUE) -> UserError:
+    """A wrong-type error that ends with the fix."""
     return UserError(f"{key}: expected {expected or _type_name(tp)}, got {value!r} — use a value like "
-                     f"{key}={_as_typed(example)} ({whose})")
+                     f"{_example(key, current)}")
+
+
+def _choice_error(key: str, value: Any, choices: tuple, current: Any = _NO_VALUE) -> UserError:
+    """A value that is none of the key's words: the word it is closest to, else an example."""
+    # YAML 1.1 reads off/on/yes/no as booleans, so `amp: off` arrives as False.
+    hint = " (YAML reads off/on/yes/no as true/false — quote the word)" if isinstance(value, bool) else ""
+    close = difflib.get_close_matches(str(value).lower(), choices, n=1)
+    fix = f"{key}={close[0]}" if close else f"one of them, e.g. {_example(key, current)}"
+    return UserError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}{hint} — use {fix}")
 
 
 def _coerce(key: str, value: Any, tp: Any, current: Any = _NO_VALUE) -> Any:
@@ -290,9 +304,7 @@ def _coerce(key: str, value: Any, tp: Any, current: Any = _NO_VALUE) -> Any:
         # YAML 1.1 reads on/off as booleans: `compile: on`, `amp: off` mean the words where the key has them.
         if isinstance(value, bool) and ("on" if value else "off") in choices:
             return "on" if value else "off"
-        # YAML 1.1 reads off/on/yes/no as booleans, so `amp: off` arrives as False.
-        hint = " (YAML reads off/on/yes/no as true/false — quote the word)" if isinstance(value, bool) else ""
-        raise UserError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}{hint}")
+        raise _choice_error(key, value, choices, current)
     result: Any = None
     if tp is bool:
         result = value if isinstance(value, bool) else None

@@ -287,9 +287,13 @@ def test_a_wrong_type_given_on_top_of_a_config_offers_that_configs_value(tmp_pat
         load_config(path, ["train.lr=fast"])
 
 
-def test_literal_message_lists_the_choices():
-    with raises(r"model\.coupling: expected one of 'spline', 'affine', 'additive', got 'afine'"):
+def test_literal_message_lists_the_choices_and_ends_with_the_fix():
+    with raises(r"^model\.coupling: expected one of 'spline', 'affine', 'additive', got 'afine' — use "
+                r"model\.coupling=affine$"):
         override("model.coupling=afine")
+    with raises(r"^model\.dequant_coupling: expected one of 'spline', 'affine', 'additive', got 'foo' — use one of "
+                r"them, e.g\. model\.dequant_coupling=spline \(the default\)$"):
+        override("model.dequant_coupling=foo")
 
 
 def test_yaml_boolean_words_for_literal_fields_get_a_quoting_hint(tmp_path):
