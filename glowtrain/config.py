@@ -26,6 +26,7 @@ Dataset = Literal["digits", "mnist", "fashion_mnist", "cifar10", "celeba", "fold
 # Datasets whose images have a fixed number of channels; celeba and folder may be read as 1 or 3.
 FIXED_CHANNELS = {"digits": 1, "mnist": 1, "fashion_mnist": 1, "cifar10": 3}
 CHANNEL_CHOICES = (1, 3)  # greyscale or RGB
+SPLINE_BOUND_LIMIT = 50
 GRID_LIMIT = 1024  # images per sample grid: a 1,024-image grid of 64x64 images is about 2,100 pixels a side
 
 
@@ -439,12 +440,25 @@ def resume_may_change(key: str) -> bool:
     return key.split(".")[0] in ("run", "train") or key in RESUME_SAFE_DATA_KEYS
 
 
+def unused_model_keys(model: ModelConfig) -> set[str]:
+    """The model.* keys that build nothing in this model: the noise flow's without variational dequantisation, the
+    splines' without a spline coupling."""
+    unused = set()
+    if model.dequantization != "variational":
+        unused |= {"model.dequant_steps", "model.dequant_hidden_channels", "model.dequant_coupling"}
+    if "spline" not in (model.coupling, model.dequant_coupling if model.dequantization == "variational" else ""):
+        unused |= {"model.spline_bins", "model.spline_bound"}
+    return unused
+
+
 def check_resume_config(saved: Config, new: Config) -> None:
-    """Refuse a resume whose config changes what is modelled: one line naming the first such key."""
+    """Refuse a resume whose config changes what is modelled: one line naming the first such key. A key the model
+    does not use (before or after) may change, as it changes nothing."""
     before, after = config_to_dict(saved), config_to_dict(new)
+    unused = unused_model_keys(saved.model) & unused_model_keys(new.model)
     for key in dotted_keys():
         sec, leaf = key.split(".")
-        if before[sec][leaf] != after[sec][leaf] and not resume_may_change(key):
+        if before[sec][leaf] != after[sec][leaf] and not resume_may_change(key) and key not in unused:
             raise UserError(f"{key} cannot change when resuming (the run was trained with "
                             f"{_yaml_value(before[sec][leaf])}, not {_yaml_value(after[sec][leaf])}): it changes the "
                             "model or what it models — start a new run with another --out or run.name")
@@ -536,8 +550,7 @@ def save_config(cfg: Config, path: str | os.PathLike, header: str = "") -> None:
 def _check_splines(model: ModelConfig) -> None:
     # One bin with its ends and end derivatives fixed is the identity whatever the network says: nothing to learn.
     # (Required only where a spline is used, so that a run without one whose config said 1 still loads.)
-    uses_splines = "spline" in (model.coupling, model.dequant_coupling if model.dequantization == "variational" else "")
-    fewest = 2 if uses_splines else 1
+    fewest = 1 if "model.spline_bins" in unused_model_keys(model) else 2
     _require(fewest <= model.spline_bins < 1000, "model.spline_bins", model.spline_bins, "use 2 to 999 bins")
     _require(model.spline_bound > 0, "model.spline_bound", model.spline_bound, "use a bound > 0")
 
@@ -546,6 +559,10 @@ def _check_for_training(cfg: Config) -> None:
     # Checked for configs about to train or prepare (load_config, apply_overrides), not in validate: a run trained
     # before a check came must still load for sample and eval.
     _check_data_root(cfg.data)
+    if "model.spline_bound" not in unused_model_keys(cfg.model):
+        _require(cfg.model.spline_bound <= SPLINE_BOUND_LIMIT, "model.spline_bound", cfg.model.spline_bound,
+                 f"use a bound up to {SPLINE_BOUND_LIMIT} (the flow's values are of order 1: wider bins train badly "
+                 "or to non-finite losses; the default 3 covers them)")
     _require(cfg.train.n_samples <= GRID_LIMIT, "train.n_samples", cfg.train.n_samples,
              f"a grid holds at most {GRID_LIMIT:,} images (glowtrain sample --n N --individual draws more)")
 

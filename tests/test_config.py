@@ -474,6 +474,35 @@ def test_more_samples_than_a_grid_holds_are_refused_for_training_but_a_stored_ru
     assert apply_overrides(config_from_dict(stored), ["train.n_samples=64"]).train.n_samples == 64  # a resume's fix
 
 
+def test_a_spline_bound_far_beyond_the_flows_values_is_refused_for_training_where_splines_are_used():
+    with pytest.raises(UserError) as refused:
+        override("model.spline_bound=1e6")
+    assert str(refused.value) == ("model.spline_bound=1000000.0 is not allowed — use a bound up to 50 (the flow's "
+                                  "values are of order 1: wider bins train badly or to non-finite losses; the default "
+                                  "3 covers them)")
+    assert override("model.spline_bound=50").model.spline_bound == 50
+    unused = override("model.coupling=affine", "model.dequantization=uniform", "model.spline_bound=1e6")
+    assert unused.model.spline_bound == 1e6  # builds nothing
+    stored = config_to_dict(default_config())
+    stored["model"]["spline_bound"] = 1e3  # trained before the limit: it still loads for eval and sample
+    assert config_from_dict(stored).model.spline_bound == 1e3
+
+
+@pytest.mark.parametrize("key, value", [("model.dequant_steps", 9), ("model.dequant_hidden_channels", 128),
+                                        ("model.dequant_coupling", "affine"), ("model.spline_bins", 50),
+                                        ("model.spline_bound", 5.0)])
+def test_a_resume_may_change_a_key_its_model_does_not_use_but_not_one_it_uses(key, value):
+    from glowtrain.config import check_resume_config
+
+    unused = override("model.coupling=affine", "model.dequantization=uniform")
+    check_resume_config(unused, apply_overrides(unused, [f"{key}={value}"]))  # nothing is built from it
+    used = override("model.coupling=spline", "model.dequantization=variational", "model.dequant_coupling=spline")
+    with raises(f"^{key} cannot change when resuming"):
+        check_resume_config(used, apply_overrides(used, [f"{key}={value}"]))
+    with raises("cannot change when resuming"):  # nor switching on what uses it
+        check_resume_config(unused, apply_overrides(unused, ["model.dequantization=variational", f"{key}={value}"]))
+
+
 def test_an_empty_data_root_is_fine_where_nothing_reads_it():
     assert override("data.root=").data.root == ""  # the bundled digits
     cached = override("data.dataset=folder", "data.root=", "data.cache=prepared/folder-8px")
