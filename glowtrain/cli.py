@@ -421,11 +421,12 @@ def sample(
     progress: ProgressOption = True,
 ) -> None:
     """Sample PNG grids at one or more temperatures (0 gives the prior means)."""
-    from glowtrain.distributed import resolve_device
+    from glowtrain.distributed import make_current, resolve_device
     from glowtrain.sample import sample_command
 
     temperatures = _numbers(temp or ["0.7"], "--temp", "0.5,0.7")
-    paths = sample_command(run, checkpoint, temperatures, n, seed, out, resolve_device(device, "--device"), not no_ema,
+    resolved = make_current(resolve_device(device, "--device"))
+    paths = sample_command(run, checkpoint, temperatures, n, seed, out, resolved, not no_ema,
                            class_, batch_size, grid, individual, tensorboard, no_grid, overwrite,
                            say=lambda line: typer.echo(line, err=True), progress=progress)
     for path in paths:

@@ -158,9 +158,10 @@ def in_turns(ctx: Context, work: Callable[[H | None], T], hand_on: Callable[[T],
 
 
 def make_current(device: torch.device) -> torch.device:
-    """A CUDA device becomes the process's current one: pinned memory and the data loader's pinning thread use the
-    current device, which would otherwise make a context (about half a GB) on GPU 0 beside a run on cuda:1."""
-    if device.type == "cuda":
+    """A CUDA device with an index becomes the process's current one: pinned memory and the data loader's pinning
+    thread use the current device, which would otherwise make a context (about half a GB) on GPU 0 beside a run on
+    cuda:1. A bare `cuda` (run.device auto or cuda) already means the current device."""
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     return device
 

@@ -302,11 +302,16 @@ def test_a_one_process_run_on_a_second_gpu_makes_it_the_current_device(monkeypat
     _fake_gpus(monkeypatch, 2)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     made_current = []
-    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+
+    def set_device(device):  # torch's own check: a device without an index is refused
+        made_current.append(torch.cuda._utils._get_device_index(device))
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
     saved = precision.settings()
     try:
-        assert setup("cuda:1").device == torch.device("cuda:1") and made_current == [torch.device("cuda:1")]
-        assert setup("cpu").device == torch.device("cpu") and len(made_current) == 1
+        assert setup("cuda:1").device == torch.device("cuda:1") and made_current == [1]
+        for name in ("cpu", "cuda", "auto"):  # a bare cuda is the current device already
+            assert setup(name).device == torch.device("cpu" if name == "cpu" else "cuda")
+        assert made_current == [1]
     finally:
         precision.restore(saved)
 
