@@ -177,10 +177,10 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
 
 def class_blocks(images: torch.Tensor, per_class: int) -> tuple[torch.Tensor, int]:
     """(images with blank cells added, columns) for a grid where each class's block of `per_class` images starts a
-    row: a row per class when a class has no more images than a square grid's row, else rows of that width."""
-    width = math.ceil(math.sqrt(len(images)))
-    if per_class <= width:
-        return images, per_class
+    row: each block takes as many rows as make the whole grid about square."""
+    n_blocks = math.ceil(len(images) / per_class)
+    rows = max(1, round(math.sqrt(per_class / n_blocks)))
+    width = math.ceil(per_class / rows)
     blocks = [torch.cat([b, b.new_zeros(-len(b) % width, *b.shape[1:])]) for b in images.split(per_class)]
     return torch.cat(blocks), width
 

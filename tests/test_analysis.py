@@ -330,6 +330,20 @@ def test_a_class_with_more_images_than_a_square_grids_row_fills_rows_of_that_wid
     assert (threes[0] != fives[0]).any() and (tile(picture, 1, 4) == 0).all() and (tile(picture, 3, 4) == 0).all()
 
 
+@pytest.mark.parametrize("n, n_classes, columns, rows", [(64, 1, 8, 8), (64, 2, 8, 8), (18, 2, 5, 4), (120, 10, 12, 10),
+                                                    (5, 3, 2, 3), (1024, 1, 32, 32)])
+def test_class_blocks_make_a_grid_about_square_with_each_class_starting_a_row(n, n_classes, columns, rows):
+    from glowtrain.sample import class_blocks
+
+    per_class = math.ceil(n / n_classes)
+    images = torch.arange(1, n + 1, dtype=torch.uint8).view(n, 1, 1, 1)
+    laid_out, width = class_blocks(images, per_class)
+    assert (width, math.ceil(len(laid_out) / width)) == (columns, rows)
+    for k, block in enumerate(images.split(per_class)):  # each class's images in order from a row's start
+        start = k * math.ceil(per_class / width) * width
+        assert torch.equal(laid_out[start : start + len(block)], block)
+
+
 def test_a_temperature_asked_for_twice_is_written_once(fitted, tmp_path):
     _, run_dir = fitted
     written = ok(invoke("sample", "--run", run_dir, "--temp", "0.7", "--temp", "0.7", "--n", "4", "--out", tmp_path,
