@@ -848,13 +848,19 @@ def _claim_run(run: RunDir, resume: str | None, ctx: Context, held: contextlib.E
         resume_from = prepare_run_dir(run, resume)
         if ctx.is_main:
             held.enter_context(training_lock(run))
-    except UserError as e:
+    except Exception as e:  # noqa: BLE001 - raised below, on every rank
         problem = e
-    first = ctx.first_of(str(problem) if problem else None)
+    said = None  # (bad input?, what went wrong)
+    if problem is not None:
+        bad_input = isinstance(problem, UserError)
+        said = (bad_input, str(problem) if bad_input else f"{type(problem).__name__}: {problem}")
+    first = ctx.first_of(said)
     if problem is not None:
         raise problem
     if first is not None:
-        raise UserError(first)
+        bad_input, text = first
+        raise UserError(text) if bad_input else RuntimeError(f"another process of the job could not claim the run: "
+                                                             f"{text}")
     return resume_from
 
 

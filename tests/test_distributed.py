@@ -751,27 +751,36 @@ def test_first_of_gives_every_rank_the_lowest_ranks_value(tmp_path):
 
 
 def test_a_refusal_on_one_rank_is_raised_on_every_rank_before_any_writes(tmp_path):
-    """Rank 0 alone checks the run's lock: its refusal reaches the others instead of leaving them in a collective."""
+    """Rank 0 alone checks the run's lock: its refusal reaches the others instead of leaving them in a collective,
+    and another rank's refusal reaches rank 0, which lets go of the lock it took."""
     from glowtrain.distributed import Context
-    from glowtrain.runs import RunDir, training_lock
+    from glowtrain.runs import RunDir, trainer_pid, training_lock
     from glowtrain.train import _claim_run
 
     class Job(Context):
-        said: list = []
+        """A rank of a two-process job whose other rank said `theirs` (rank 0 speaks first)."""
+        theirs, said = None, []
 
         def first_of(self, value):
             self.said.append(value)
-            return Job.said[0] if Job.said[0] is not None else value  # rank 0 speaks first here
+            ranked = [value, self.theirs] if self.rank == 0 else [self.theirs, value]
+            return next((v for v in ranked if v is not None), None)
 
     run = RunDir(tmp_path / "run")
+    message = f"{run.path} is being trained by another process"
     with training_lock(run):  # another fit trains it
-        message = f"{run.path} is being trained by another process"
-        for rank in (0, 1):
-            with contextlib.ExitStack() as held, pytest.raises(UserError, match=message):
-                _claim_run(run, None, Job(rank=rank, world_size=2), held)
+        with contextlib.ExitStack() as held, pytest.raises(UserError, match=message):
+            _claim_run(run, None, Job(rank=0, world_size=2), held)
+        Job.theirs = Job.said[0]
+        with contextlib.ExitStack() as held, pytest.raises(UserError, match=message):
+            _claim_run(run, None, Job(rank=1, world_size=2), held)
         assert [p.name for p in run.path.iterdir()] == [run.lock.name]  # the other fit's lock, nothing written
-    assert Job.said == [Job.said[0], None] and Job.said[0].startswith(message)  # rank 1 had found nothing
-    with contextlib.ExitStack() as held:  # the lock gone, rank 0 takes it for the job
+    assert Job.said == [(True, Job.said[0][1]), None] and Job.said[0][1].startswith(message)  # rank 1 found nothing
+    Job.theirs = (False, "OSError: [Errno 28] No space left on device")  # rank 1 could not check its folder
+    with contextlib.ExitStack() as held, pytest.raises(RuntimeError, match="could not claim the run: OSError"):
+        _claim_run(run, None, Job(rank=0, world_size=2), held)
+    assert trainer_pid(run) is None and not run.path.exists()  # rank 0's lock, and the folder it made, are gone
+    with contextlib.ExitStack() as held:  # alone, rank 0 takes the lock for the job
         assert _claim_run(run, None, Context(), held) is None
         with pytest.raises(UserError, match=message):  # as a second fit of it is told
             _claim_run(run, None, Context(), contextlib.ExitStack())
