@@ -203,11 +203,16 @@ def derived_seed(seed: int, index: int) -> int:
 SEED_LIMIT = 2**32
 
 
-def check_new_run_seed(cfg: Config) -> None:
-    """A new run's run.seed must be one that torch's CPU generator tells apart from every other."""
+def check_new_run(cfg: Config) -> None:
+    """What only a new run is held to (a run trained before these checks still loads and resumes as it was): a
+    run.seed that torch's CPU generator tells apart from every other, a spline bound near the flow's values."""
     if cfg.run.seed >= SEED_LIMIT:
         raise UserError(f"run.seed={cfg.run.seed} is not allowed — use an integer from 0 to 2**32 - 1 (torch's CPU "
                         "generator reads 32 bits: a larger seed repeats a smaller one's draws)")
+    if "model.spline_bound" not in unused_model_keys(cfg.model):
+        _require(cfg.model.spline_bound <= SPLINE_BOUND_LIMIT, "model.spline_bound", cfg.model.spline_bound,
+                 f"use a bound up to {SPLINE_BOUND_LIMIT} (the flow's values are of order 1: wider bins train badly "
+                 "or to non-finite losses; the default 3 covers them)")
 
 
 def dotted_keys() -> list[str]:
@@ -559,10 +564,6 @@ def _check_for_training(cfg: Config) -> None:
     # Checked for configs about to train or prepare (load_config, apply_overrides), not in validate: a run trained
     # before a check came must still load for sample and eval.
     _check_data_root(cfg.data)
-    if "model.spline_bound" not in unused_model_keys(cfg.model):
-        _require(cfg.model.spline_bound <= SPLINE_BOUND_LIMIT, "model.spline_bound", cfg.model.spline_bound,
-                 f"use a bound up to {SPLINE_BOUND_LIMIT} (the flow's values are of order 1: wider bins train badly "
-                 "or to non-finite losses; the default 3 covers them)")
     _require(cfg.train.n_samples <= GRID_LIMIT, "train.n_samples", cfg.train.n_samples,
              f"a grid holds at most {GRID_LIMIT:,} images (glowtrain sample --n N --individual draws more)")
 
@@ -600,7 +601,7 @@ def validate(cfg: Config) -> None:
     _require(bool(name) and name not in {".", ".."} and not re.search(r"[/\\]", name),
              "run.name", name, "use a plain directory name (no slashes)")
     # Up to torch's 2**64 - 1 here, so that a run an earlier glowtrain trained with such a seed still loads and
-    # resumes as it was trained; a new run is held to SEED_LIMIT (check_new_run_seed).
+    # resumes as it was trained; a new run is held to SEED_LIMIT (check_new_run).
     _require(0 <= run.seed < 2**64, "run.seed", run.seed, "use an integer from 0 to 2**32 - 1")
     _require(DEVICE_PATTERN.fullmatch(run.device) is not None, "run.device", run.device,
              "use auto, cpu, cuda, cuda:N or mps")

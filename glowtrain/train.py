@@ -30,7 +30,7 @@ from glowtrain.checkpoint import (
 from glowtrain.compilation import LazyCompile, compile_enabled
 from glowtrain.config import (
     Config,
-    check_new_run_seed,
+    check_new_run,
     config_to_dict,
     derived_seed,
     load_config,
@@ -813,7 +813,7 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
     `trainer` may be a subclass (tests inject faults by overriding `prepare_batch`)."""
     resume = _if_any(resume, out, cfg.run.name)
     if resume is None:
-        check_new_run_seed(cfg)
+        check_new_run(cfg)
     saved, saved_threads = precision.settings(), torch.get_num_threads()
     # setup makes the run's GPU the current one; a notebook's own current device comes back (and none is made).
     saved_device = torch.cuda.current_device() if torch.cuda.is_initialized() else None

@@ -474,18 +474,19 @@ def test_more_samples_than_a_grid_holds_are_refused_for_training_but_a_stored_ru
     assert apply_overrides(config_from_dict(stored), ["train.n_samples=64"]).train.n_samples == 64  # a resume's fix
 
 
-def test_a_spline_bound_far_beyond_the_flows_values_is_refused_for_training_where_splines_are_used():
+def test_a_spline_bound_far_beyond_the_flows_values_is_refused_for_a_new_run_where_splines_are_used():
+    from glowtrain.config import check_new_run
+
     with pytest.raises(UserError) as refused:
-        override("model.spline_bound=1e6")
+        check_new_run(override("model.spline_bound=1e6"))
     assert str(refused.value) == ("model.spline_bound=1000000.0 is not allowed — use a bound up to 50 (the flow's "
                                   "values are of order 1: wider bins train badly or to non-finite losses; the default "
                                   "3 covers them)")
-    assert override("model.spline_bound=50").model.spline_bound == 50
-    unused = override("model.coupling=affine", "model.dequantization=uniform", "model.spline_bound=1e6")
-    assert unused.model.spline_bound == 1e6  # builds nothing
+    check_new_run(override("model.spline_bound=50"))
+    check_new_run(override("model.coupling=affine", "model.dequantization=uniform", "model.spline_bound=1e6"))  # unused
     stored = config_to_dict(default_config())
-    stored["model"]["spline_bound"] = 1e3  # trained before the limit: it still loads for eval and sample
-    assert config_from_dict(stored).model.spline_bound == 1e3
+    stored["model"]["spline_bound"] = 1e3  # trained before the limit: it still loads, and resumes with --set
+    assert apply_overrides(config_from_dict(stored), ["train.steps=5"]).model.spline_bound == 1e3
 
 
 @pytest.mark.parametrize("key, value", [("model.dequant_steps", 9), ("model.dequant_hidden_channels", 128),
@@ -663,15 +664,15 @@ def test_seeds_are_those_torchs_cpu_generator_tells_apart_and_their_streams_stay
         return torch.rand(4, generator=torch.Generator().manual_seed(seed))
 
     assert torch.equal(draws(2**32 + 5), draws(5))  # why: the CPU generator reads 32 bits of a seed
-    from glowtrain.config import check_new_run_seed
+    from glowtrain.config import check_new_run
 
     largest = 2**32 - 1
-    check_new_run_seed(apply_overrides(default_config(), [f"run.seed={largest}"]))
+    check_new_run(apply_overrides(default_config(), [f"run.seed={largest}"]))
     older = apply_overrides(default_config(), [f"run.seed={largest + 1}"])  # what an earlier glowtrain allowed
     validate(older)  # such a run still loads (eval, sample, resume) ...
     with pytest.raises(UserError, match=r"run.seed=4294967296 is not allowed — use an integer from 0 to "
                                         r"2\*\*32 - 1 \(torch's CPU generator reads 32 bits"):
-        check_new_run_seed(older)  # ... but no new run starts with one
+        check_new_run(older)  # ... but no new run starts with one
     with pytest.raises(UserError, match=r"run.seed=18446744073709551616 is not allowed"):
         validate(apply_overrides(default_config(), [f"run.seed={2**64}"]))
     for index in (0, 1, 10**9):
