@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -110,6 +111,8 @@ class LazyCompile:
         except NOT_COMPILER_FAILURES:
             raise  # eager would fail the same way (or worse, for memory): the error itself is the message
         except Exception as e:  # noqa: BLE001 - the compiler's errors have no common type
+            if not self.pending and not _raised_by_compiler(e):
+                raise  # after the compiling step, a fault of the step's own (an illegal address, say) is not retried
             _warn_eager("failed", e)
             self._go_eager()
             undo()
@@ -119,6 +122,22 @@ class LazyCompile:
 
     def _go_eager(self) -> None:
         self.module, self.compiled_regions, self.pending, self.steps_on_trial = self.eager, [], False, 0
+
+
+# Where compiling, recording CUDA graphs and replaying them run: a later trial step's error elsewhere is the step's.
+_COMPILER_CODE = ("torch/_dynamo/", "torch/_inductor/", "torch/_functorch/", "torch/cuda/graphs.py")
+
+
+def _raised_by_compiler(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from, passed through the compiler's code."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        frames = traceback.extract_tb(error.__traceback__)
+        if any(part in frame.filename.replace("\\", "/") for frame in frames for part in _COMPILER_CODE):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _graphs_needed(regions: Sequence[torch.nn.Module]) -> int:
