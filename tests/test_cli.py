@@ -756,7 +756,7 @@ def test_a_diverged_run_says_it_has_no_best_checkpoint_and_eval_prints_strict_js
     with pytest.warns(RuntimeWarning, match=r"images sampled at temperature (0.7|1) are not finite") as said:
         result = tiny_fit(run_dir, "train.lr=1e9", "train.warmup_steps=0", "train.steps=2", "train.eval_every=2")
     assert result.exit_code == 0, result.output
-    assert len(said) == 2  # the sample grids of both temperatures
+    assert len([w for w in said if "not finite" in str(w.message)]) == 2  # the sample grids of both temperatures
     assert "test bpd nan at step 2" in result.stdout and not RunDir(run_dir).best.exists()
     assert "last.pt (no best.pt: no evaluation gave a finite test bpd)" in result.stdout
     evaluated = invoke("eval", "--run", run_dir, "--device", "cpu", "--no-progress")

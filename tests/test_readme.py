@@ -30,12 +30,16 @@ def _shell_lines() -> list[str]:
             for line in re.sub(r"\\\n\s*", " ", body).splitlines()]
 
 
-def _glowtrain_calls(words: list[str]) -> list[list[str]] | None:
-    """[subcommand, args...] where `words` run glowtrain (directly, via -m, or as docker's image)."""
+def _glowtrain_calls(words: list[str]) -> list[str] | None:
+    """[subcommand, args...] where `words` run glowtrain (directly, via -m, or as docker's image); a word there
+    that looks like a command must be one (`docker build -t glowtrain .` and `glowtrain --debug` are not calls)."""
     if "glowtrain" not in words:
         return None
     rest = words[words.index("glowtrain") + 1:]
-    return rest if rest and rest[0] in COMMANDS.commands else None
+    if not rest or not re.fullmatch(r"[a-z][a-z-]*", rest[0]):
+        return None
+    assert rest[0] in COMMANDS.commands, f"README runs `glowtrain {rest[0]}`, which is no command: {shlex.join(words)}"
+    return rest
 
 
 def _readme_commands() -> list[str]:
@@ -77,7 +81,7 @@ def test_each_readme_command_parses_with_real_options_configs_and_keys(line):
     if config is not None:
         assert (ROOT / config).is_file(), line
     sets = params.get("set_") or ()
-    if sets:
+    if config is not None or sets:
         load_config(ROOT / config if config else None, sets)  # a UserError names the bad key or value
 
 
