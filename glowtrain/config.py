@@ -61,7 +61,8 @@ class DataConfig:
     hflip: bool = _opt(False, "random horizontal flips in training")
     test_fraction: float = _opt(0.1, "folder/celeba-folder: share held out for test (0 < f < 1)")
     split_seed: int = _opt(0, "fixes the folder train/test split")
-    n_workers: int = _opt(0, "DataLoader worker processes (0 = load in the main process; at most one per CPU)")
+    n_workers: int = _opt(0, "DataLoader worker processes per training process (0 = load in the main process; at "
+                             "most its share of the CPUs)")
     on_bad_image: Literal["skip", "error"] = _opt("error", "an unreadable image in a folder: stop before training, "
                                                   "or skip (drop and count) it")
     labels: Literal["none", "subfolders"] = _opt("none", "folder: class labels from each image's first-level "

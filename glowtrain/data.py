@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from glowtrain.config import CHANNEL_CHOICES, FIXED_CHANNELS, derived_seed
+from glowtrain.distributed import cpus_per_process
 from glowtrain.errors import MissingData, UserError
 from glowtrain.files import missing_folders, remove_if_empty
 from glowtrain.folders import (
@@ -851,7 +852,7 @@ def _batches(dataset, index_batches: Iterable[list[int]], n_workers: int, pin_me
              persistent: bool) -> Iterator[tuple[Tensor, Tensor]]:
     if hasattr(dataset, "get_batch"):
         return _gathered(dataset, index_batches, pin_memory and torch.cuda.is_available())
-    n_workers = min(n_workers, usable_cpus())  # more only contend for the cores (torch warns of a freeze)
+    n_workers = min(n_workers, cpus_per_process())  # more only contend for the cores (torch warns of a freeze)
     if n_workers > 0:
         _end_workers_at_exit()
     loader = DataLoader(dataset, batch_sampler=index_batches, num_workers=n_workers,
@@ -859,14 +860,6 @@ def _batches(dataset, index_batches: Iterable[list[int]], n_workers: int, pin_me
                         pin_memory=pin_memory and torch.cuda.is_available(),
                         persistent_workers=persistent and n_workers > 0)
     return _one_line_errors(loader)
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity, as torch's DataLoader counts them)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity on this platform
-        return os.cpu_count() or 1
 
 
 @functools.cache

@@ -219,7 +219,7 @@ def check_process_count(n_processes: int, device_name: str) -> None:
     if device_name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"run.device={device_name} but CUDA is not available here — use run.device=cpu or auto")
     if not _uses_cuda(device_name):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = usable_cpus()
         if n_processes > cores:  # more ranks than cores only wait on each other (64 on 2 cores: no output for minutes)
             raise UserError(f"--nproc {n_processes} on the CPU but only {cores} core(s) are available here — use "
                             f"--nproc {cores} or fewer")
@@ -227,6 +227,16 @@ def check_process_count(n_processes: int, device_name: str) -> None:
     if n_processes > torch.cuda.device_count():
         raise UserError(f"--nproc {n_processes} but only {torch.cuda.device_count()} GPU(s) are visible here — "
                         f"use --nproc {torch.cuda.device_count()} or fewer, or run.device=cpu")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, as torch's DataLoader counts them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpus_per_process() -> int:
+    """This process's share of the CPUs it may run on, beside the job's other processes on this machine."""
+    return max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def teardown() -> None:

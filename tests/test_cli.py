@@ -176,7 +176,8 @@ def test_a_fit_prints_torchs_and_its_own_warnings_once_as_one_line_each(tmp_path
     # DataLoader warns (at start and at each pass) above the core count, which glowtrain no longer asks for unless
     # it is told the machine has more.
     too_many = len(os.sched_getaffinity(0)) + 1
-    more_cpus = "import glowtrain.data, sys; glowtrain.data.usable_cpus = lambda: 64; from glowtrain.cli import main; "
+    more_cpus = ("import glowtrain.data, sys; glowtrain.data.cpus_per_process = lambda: 64; "
+                 "from glowtrain.cli import main; ")
     settings = sets(*TINY, "data.dataset=folder", f"data.root={tmp_path / 'images'}", "data.image_size=8",
                     "data.channels=3",
                     f"data.n_workers={too_many}", "train.batch_size=4", "train.amp=bf16", "train.steps=2",

@@ -253,11 +253,23 @@ def test_more_data_workers_than_cpus_load_with_one_per_cpu_and_the_same_batches(
     ds = data.build_dataset(data_cfg(dataset="folder", root=str(tmp_path), image_size=4, channels=3,
                                      test_fraction=0.5), "train")
     alone = list(data.make_eval_batches(ds, 2))
-    monkeypatch.setattr(data, "usable_cpus", lambda: 1)
+    monkeypatch.setattr(data, "cpus_per_process", lambda: 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch's "suggested max number of worker" warning counts this machine's CPUs
         loaded = list(data.make_eval_batches(ds, 2, n_workers=64))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(alone, loaded, strict=True))
+
+
+def test_the_processes_of_a_job_on_one_machine_share_its_cpus_among_their_data_workers(monkeypatch):
+    from glowtrain import distributed
+
+    monkeypatch.setattr(distributed, "usable_cpus", lambda: 16)
+    for processes, each in ((None, 16), ("2", 8), ("8", 2), ("64", 1)):
+        if processes is None:
+            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)  # torchrun's processes on this machine
+        assert distributed.cpus_per_process() == each
 
 
 def test_an_image_that_breaks_after_the_check_fails_in_one_line_also_from_a_worker(tmp_path):
