@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -27,6 +26,7 @@ from glowtrain.images import (
     display_upscale,
     image_grid,
     picture_tag,
+    progress_bar,
     refuse_existing,
     save_png,
     write_to_tensorboard,
@@ -134,7 +134,7 @@ def reconstruct_command(loaded: LoadedRun, n: int, device: torch.device, out: st
     cfg, model = loaded.cfg, loaded.model
     x, _ = _first_images(test_split, n, cfg.data.n_bits, device)
     decoded = []
-    with _bar(n, "reconstructing", progress) as bar:
+    with progress_bar(n, "reconstructing", progress) as bar:
         for part in x.split(ANALYSIS_BATCH):
             decoded.append(model.decode(model.encode(part)[0]))
             bar.update(len(part))
@@ -169,7 +169,7 @@ def interpolate_command(loaded: LoadedRun, n_pairs: int, n_steps: int, device: t
     zs, _ = model.encode(x)
     weights = torch.linspace(0, 1, n_steps, device=device, dtype=x.dtype)
     rows = []
-    with _bar(n_pairs, "interpolating", progress, unit="pair") as bar:
+    with progress_bar(n_pairs, "interpolating", progress, unit="pair") as bar:
         for pair in range(n_pairs):
             start = [z[2 * pair : 2 * pair + 1] for z in zs]
             end = [z[2 * pair + 1 : 2 * pair + 2] for z in zs]
@@ -181,12 +181,6 @@ def interpolate_command(loaded: LoadedRun, n_pairs: int, n_steps: int, device: t
     if tensorboard:
         write_to_tensorboard(loaded.run_dir, loaded.step, {picture_tag(target): picture})
     return save_png(picture, target, display_upscale(cfg.data.image_size))
-
-
-def _bar(total: int, what: str, progress: bool, unit: str = "img") -> tqdm:
-    """A progress bar on stderr that stays quiet for work done within a second."""
-    return tqdm(total=total, desc=what, unit=unit, leave=False, file=sys.stderr, disable=not progress, delay=1,
-                dynamic_ncols=True)
 
 
 def _refuse_oversized_grid(n_images: int, options: str, layout: str, fix: str) -> None:
@@ -295,7 +289,7 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
     if not with_ or not without:
         raise UserError(f"no training images on one side of {label}: cannot estimate a direction")
     with_, without = with_[:max_per_group], without[:max_per_group]
-    with _bar(len(with_) + len(without), "direction", progress) as bar:  # encoding up to 4,000 training images
+    with progress_bar(len(with_) + len(without), "direction", progress) as bar:  # encoding up to 4,000 training images
         direction = (_mean_latent(model, train_set, with_, cfg, device, bar)
                      - _mean_latent(model, train_set, without, cfg, device, bar))
     x, _ = _first_images(test_split, n, cfg.data.n_bits, device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 from glowtrain.errors import UserError
 from glowtrain.files import atomic_write
@@ -18,6 +20,12 @@ from glowtrain.losses import to_uint8
 from glowtrain.model import Glow
 from glowtrain.precision import full_float32
 from glowtrain.runs import RunDir, check_writable
+
+
+def progress_bar(total: int, what: str, progress: bool, unit: str = "img") -> tqdm:
+    """A command's progress bar on stderr, quiet for work done within a second."""
+    return tqdm(total=total, desc=what, unit=unit, leave=False, file=sys.stderr, disable=not progress, delay=1,
+                dynamic_ncols=True)
 
 
 @torch.no_grad()  # not inference mode: the images it returns are ordinary tensors, editable in place

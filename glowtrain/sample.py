@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from glowtrain.images import (
     display_upscale,
     image_grid,
     labelled_rows,
+    progress_bar,
     refuse_existing,
     sample_batches,
     sample_images,  # noqa: F401 - re-exported: tests and notebooks import it from here
@@ -155,8 +155,7 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
     per_class = math.ceil(n / len(classes)) if classes else None
     upscale = display_upscale(cfg.data.image_size)
     written, pictures = [], []
-    with tqdm(total=n * len(temperatures), desc="sampling", unit="img", leave=False, file=sys.stderr,
-              disable=not progress, delay=1, dynamic_ncols=True) as bar:  # a draw done within 1 s stays quiet
+    with progress_bar(n * len(temperatures), "sampling", progress) as bar:
         for temperature in temperatures:
             generator = torch.Generator(device=device).manual_seed(seed)
             batches = sample_batches(model, n, temperature, cfg.data.n_bits, generator, labels, batch_size)

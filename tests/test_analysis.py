@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import glowtrain
-from glowtrain import analysis
+from glowtrain import analysis, images
 from glowtrain import sample as sample_module
 from glowtrain.analysis import multiply_adds
 from glowtrain.checkpoint import load_checkpoint, model_from_checkpoint, open_run
@@ -496,7 +496,7 @@ def test_sample_shows_progress_for_a_long_draw_and_not_with_no_progress(fitted, 
     args = ["sample", "--run", run_dir, "--temp", "0,0.7", "--n", "6", "--batch-size", "4", *CPU]
     # As if the draw were slow: the bar shows at once and redraws at every batch.
     eager = {"delay": 0, "mininterval": 0, "miniters": 1}
-    monkeypatch.setattr(sample_module, "tqdm", lambda *a, **k: tqdm(*a, **{**k, **eager}))
+    monkeypatch.setattr(images, "tqdm", lambda *a, **k: tqdm(*a, **{**k, **eager}))
     shown = ok(invoke(*args, "--out", tmp_path / "shown"))
     counts = re.findall(r"sampling: .*?\| (\d+/\d+) ", shown.stderr)
     assert counts == ["0/12", "4/12", "6/12", "10/12", "12/12"]  # both temperatures' images, batch by batch
@@ -586,6 +586,18 @@ def test_reconstruct_of_more_images_than_one_batch_decodes_each_to_its_original(
     picture = pixels(result["path"])
     for i, original in enumerate(test_images_as_displayed(70)):
         assert (tile(picture, 0, i) == original).all() and (tile(picture, 1, i) == original).all()
+
+
+def test_reconstruct_and_interpolate_show_progress_batch_by_batch_and_pair_by_pair(fitted, tmp_path, monkeypatch):
+    _, run_dir = fitted
+    eager = {"delay": 0, "mininterval": 0, "miniters": 1}  # as if the work were slow
+    monkeypatch.setattr(images, "tqdm", lambda *a, **k: tqdm(*a, **{**k, **eager}))
+    shown = ok(invoke("reconstruct", "--run", run_dir, "--n", "70", "--out", tmp_path, *CPU))
+    assert re.findall(r"reconstructing: .*?\| (\d+/\d+) ", shown.stderr) == ["0/70", "64/70", "70/70"]
+    shown = ok(invoke("interpolate", "--run", run_dir, "--pairs", "2", "--out", tmp_path, *CPU))
+    assert re.findall(r"interpolating: .*?\| (\d+/\d+) ", shown.stderr) == ["0/2", "1/2", "2/2"]
+    assert ok(invoke("interpolate", "--run", run_dir, "--pairs", "2", "--out", tmp_path / "quiet", "--no-progress",
+                     *CPU)).stderr == ""
 
 
 def test_reconstruct_without_out_writes_into_the_checkpoints_samples_folder(fitted, tmp_path):
@@ -752,13 +764,11 @@ def test_manipulate_bad_input_exits_2(fitted, tmp_path, args, needle):
 
 
 def test_manipulate_shows_its_progress_over_the_training_images_it_encodes(fitted, tmp_path, monkeypatch):
-    from glowtrain import analysis
-
     _, run_dir = fitted
     args = ["manipulate", "--run", run_dir, "--from-class", "3", "--to-class", "5", "--n", "1", "--alphas", "0,1",
             *CPU]
     eager = {"delay": 0, "mininterval": 0, "miniters": 1}
-    monkeypatch.setattr(analysis, "tqdm", lambda *a, **k: tqdm(*a, **{**k, **eager}))
+    monkeypatch.setattr(images, "tqdm", lambda *a, **k: tqdm(*a, **{**k, **eager}))
     shown = ok(invoke(*args, "--out", tmp_path / "shown"))
     result = json.loads(shown.stdout)
     total = result["n_with"] + result["n_without"]
