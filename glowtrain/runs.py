@@ -487,6 +487,15 @@ def run_file_fix(path: Path, checkpoint_option: bool = True) -> str:
     return "pass " + (" or ".join(fixes) if fixes else "a directory made by 'glowtrain fit'")
 
 
+def _checkpoint_period(run: RunDir) -> str:
+    """When a run saves, as its config.yaml says (the key's name when the file cannot say)."""
+    try:
+        train = load_config(run.config).train
+        return f"at step {min(train.checkpoint_every, train.steps):,}"
+    except UserError:
+        return "every train.checkpoint_every steps"
+
+
 def resolve_checkpoint(run: str | None = None, checkpoint: str | None = None, which: str = "last") -> Path:
     """The checkpoint file meant by --checkpoint, --run, or neither (the most recent run)."""
     if run and checkpoint:
@@ -515,6 +524,6 @@ def resolve_checkpoint(run: str | None = None, checkpoint: str | None = None, wh
         if (pid := trainer_pid(run_dir)) is not None:
             raise UserError(f"{run_dir.path} has no checkpoint yet: it is being trained (pid "
                             f"{pid if pid > 0 else 'unknown'}) — try again after its first checkpoint "
-                            "(every train.checkpoint_every steps)")
+                            f"({_checkpoint_period(run_dir)})")
         raise UserError(f"{run_dir.path} has no checkpoint (checkpoints/last.pt) — train it with 'glowtrain fit' first")
     return path
