@@ -68,6 +68,10 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
 ) -> None:
     _state["debug"] = debug
+    if not debug and "torch" not in sys.modules and not {"TORCH_LOGS", "TORCH_LOGS_FORMAT"} & set(os.environ):
+        # torch's own log lines (its compiler's, a CPU's "No CUDA runtime is found") read as our warnings do; torch
+        # reads the format when it is imported, and the command's processes (torchrun's too) inherit it.
+        os.environ["TORCH_LOGS_FORMAT"] = "warning (torch): %(message)s"
 
 
 def resume_command(run_dir: str) -> str:

@@ -193,6 +193,22 @@ def test_a_fit_prints_torchs_and_its_own_warnings_once_as_one_line_each(tmp_path
     assert "UserWarning" not in done.stderr and ".py:" not in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("debug, line", [(False, "warning (torch): No CUDA runtime is found\n"),
+                                         (True, "cpp_extension.py")])
+def test_torchs_log_lines_read_as_warnings_unless_debugging(debug, line):
+    script = ("import logging\nfrom glowtrain import cli\n"
+              f"cli._root(version=None, debug={debug})\n"  # what every command does before it imports torch
+              "import torch.utils.cpp_extension\n"
+              "logging.getLogger('torch.utils.cpp_extension').warning('No CUDA runtime is found')\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_LOGS", "TORCH_LOGS_FORMAT")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    if debug:
+        assert line in done.stderr  # torch's own form, with its source line
+    else:  # (importing cpp_extension may say the same of the machine's own CUDA_HOME first)
+        assert done.stderr.endswith(line) and all(t.startswith("warning (torch): ") for t in done.stderr.splitlines())
+
+
 CPU_OUT_OF_MEMORY = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
                                  "memory: you tried to allocate 40000000000 bytes. Error code 12")
 GPU_OUT_OF_MEMORY = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
