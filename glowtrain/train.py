@@ -810,7 +810,8 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
           trainer: type[Trainer] = Trainer) -> TrainResult:
     """Train the model `cfg` describes into --out (or runs/<run.name>), fresh or resumed.
 
-    `trainer` may be a subclass (tests inject faults by overriding `prepare_batch`)."""
+    `trainer` may be a subclass (tests inject faults by overriding `prepare_batch`). On `cuda:N`, that GPU is the
+    current device while training; a process that had used CUDA before gets its own current device back."""
     resume = _if_any(resume, out, cfg.run.name)
     if resume is None:
         check_new_run(cfg)
