@@ -33,11 +33,7 @@ def find_images(root: str, ignored: list[str] | None = None) -> tuple[Path, list
     """(the absolute root, every image file under it) in a sorted order that is the same on every machine;
     what else is there (hidden folders, with a trailing separator, and files hidden or without an image
     extension) is added to `ignored`."""
-    base = Path(root).expanduser().absolute()
-    if base.exists() and not base.is_dir():
-        raise UserError(f"data.root {base} is a file, not a folder; set data.root to the directory holding the images")
-    if not base.is_dir():
-        raise MissingData(f"image folder {base} does not exist", "set data.root to a directory of images")
+    base = _image_folder(root)
     found = sorted(each_file_once(_walk(base, ignored if ignored is not None else [])),
                    key=functools.partial(relative, base=base))
     if not found:
@@ -317,6 +313,23 @@ def refuse_output_among_images(out: Path, image_folder: str | Path, whose: str) 
             part.startswith(".") for part in resolved_out.relative_to(resolved_folder).parts):
         raise UserError(f"the output folder {out} lies inside {whose} ({image_folder}), where the pictures this "
                         "writes would be read as images next time — choose an --out outside it")
+
+
+def _image_folder(root: str) -> Path:
+    """data.root as an absolute path, refused when it is no folder."""
+    base = Path(root).expanduser().absolute()
+    if base.exists() and not base.is_dir():
+        raise UserError(f"data.root {base} is a file, not a folder; set data.root to the directory holding the images")
+    if not base.is_dir():
+        raise MissingData(f"image folder {base} does not exist", "set data.root to a directory of images")
+    return base
+
+
+def refuse_missing_image_folder(data_cfg) -> None:
+    """A folder dataset's data.root must be a folder: said before the run directory's refusals, which would send a
+    user who named a new folder (without --out) to the run of the same name instead."""
+    if data_cfg.dataset == "folder" and not data_cfg.cache:
+        _image_folder(data_cfg.root)
 
 
 def refuse_output_among_training_images(out: Path, data_cfg) -> None:

@@ -48,7 +48,7 @@ from glowtrain.data import (
 from glowtrain.distributed import Context, broadcast_state, identical_across_ranks, in_turns, setup, teardown
 from glowtrain.errors import UserError
 from glowtrain.evaluation import evaluate, mean_text
-from glowtrain.folders import refuse_output_among_training_images
+from glowtrain.folders import refuse_missing_image_folder, refuse_output_among_training_images
 from glowtrain.images import display_upscale, image_grid, sample_images, save_png, temperature_label, temperature_name
 from glowtrain.logs import NullLogger, RunLogger
 from glowtrain.losses import dequantize
@@ -648,9 +648,9 @@ class Trainer:
                            self.timed_out)
 
     def _logged_result(self) -> dict:
-        """The evaluation metrics.jsonl logged last: what a resume with nothing left to train returns, as the
-        run's finishing call did."""
-        tests = test_records(self.run_dir)
+        """The evaluation metrics.jsonl logged last up to the checkpoint's step: what a resume with nothing left to
+        train returns, as the run's finishing call did (not one of later training that this resume leaves behind)."""
+        tests = [record for record in test_records(self.run_dir) if record.get("step", 0) <= self.state.step]
         return {key: value for key, value in tests[-1].items() if key != "split"} if tests else {}
 
     def _compiled(self, seconds: float, window: _Throughput) -> None:
@@ -825,6 +825,7 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
             torch.set_num_threads(cfg.run.threads)
         precision.check_amp(cfg.train.amp, ctx.device, cfg.train.allow_emulated_bf16)
         run = run_dir_for(out, cfg.run.name, resume)
+        refuse_missing_image_folder(cfg.data)
         refuse_output_among_training_images(run.path, cfg.data)  # its sample grids would become training images
         with contextlib.ExitStack() as held:
             resume_from = _claim_run(run, resume, ctx, held)

@@ -662,3 +662,21 @@ def test_the_data_line_says_how_many_hidden_folders_and_other_files_it_did_not_r
     plain = DataConfig(**{**vars(cfg), "root": str(tmp_path / "plain")})
     assert ": 4 images found, " in data.data_summary(plain, data.build_dataset(plain, "train"),
                                                        data.build_dataset(plain, "test"))
+
+
+def test_fit_on_a_missing_image_folder_says_so_before_the_runs_refusals(fitted_digits_run_here):
+    """Without --out the run is runs/<run.name>: the digits run already there would answer for the missing folder."""
+    missing = Path("nope").absolute()
+    result = invoke("fit", "--no-progress", *sets("run.device=cpu", "data.dataset=folder", "data.root=nope",
+                                                  "data.channels=3"))
+    assert assert_one_line_error(result, 2) == (f"error: image folder {missing} does not exist — set data.root to a "
+                                                "directory of images")
+
+
+@pytest.fixture
+def fitted_digits_run_here(tmp_path, monkeypatch):
+    """A working directory whose runs/digits holds a run (a checkpoint is all fit looks at)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "digits" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "runs" / "digits" / "checkpoints" / "last.pt").write_bytes(b"a run's checkpoint")
+    return tmp_path / "runs" / "digits"

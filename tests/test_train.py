@@ -537,6 +537,12 @@ def test_a_run_whose_checkpoints_folder_cannot_be_written_is_refused_before_trai
                                         "another --out or run.name, or make it writable$"):
         train(tiny_config("train.steps=8"), out=str(run.path), resume="auto", progress=False)
     assert {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()} == before
+    monkeypatch.setattr(os, "access", access)
+    shutil.rmtree(run.samples)
+    run.samples.write_text("a file where the run keeps its grids")  # it failed at the first grid, steps later
+    with pytest.raises(UserError, match=f"^{run.samples} is a file where the run keeps its samples/ folder — move the "
+                                        "file away, or choose another --out or run.name$"):
+        train(tiny_config("train.steps=8"), out=str(run.path), resume="auto", progress=False)
     died = RunDir(tmp_path / "died")  # a run that died before its first checkpoint: a fresh start moves its
     died.samples.mkdir(parents=True)  # folders aside, which needs only the run directory itself
     shutil.copy(run.config, died.config)  # as fit wrote it: a run of glowtrain's
@@ -684,6 +690,17 @@ def test_training_from_python_takes_if_any_and_a_finished_run_returns_its_last_e
     fresh = train(tiny_config("train.steps=2", "train.eval_every=2"), out=str(tmp_path / "new"), resume="if-any",
                   progress=False)  # nothing to resume: a fresh start
     assert fresh.step == 2 and fresh.test["step"] == 2
+
+
+def test_a_resume_with_nothing_to_train_from_an_earlier_checkpoint_returns_that_steps_evaluation(tmp_path):
+    out = tmp_path / "run"
+    first = train(tiny_config("train.steps=3"), out=str(out), progress=False)
+    shutil.copy(RunDir(out).last, RunDir(out).checkpoints / "step3.pt")
+    later = train(tiny_config("train.steps=6"), out=str(out), resume="auto", progress=False)
+    assert later.test["step"] == 6
+    back = train(tiny_config("train.steps=3"), out=str(out), resume=str(RunDir(out).checkpoints / "step3.pt"),
+                 progress=False)  # its own steps=3: nothing to train
+    assert back.step == 3 and back.test == first.test and back.test["step"] == 3  # not step 6's, left behind
 
 
 def test_a_new_run_refuses_a_seed_the_cpu_generator_cannot_tell_apart(tmp_path):
