@@ -649,7 +649,12 @@ def info(
         summary = {**training_state(run, loaded.step, cfg.train.steps),
                    **info_summary(cfg, loaded.model, loaded.objective.dequantizer)}
     else:
+        from glowtrain.data import check_class_count, n_classes
+
         cfg, run_dir = load_config(config, set_ or []), None
+        found = n_classes(cfg.data)  # known without the data for every dataset but a folder labelled by subfolders
+        if found is not None and not cfg.data.cache:
+            check_class_count(cfg, found)  # as fit would refuse it
         summary = info_summary(cfg)
     if cfg.model.n_classes and (names := class_names(run_dir, cfg.data)):
         summary["class_names"] = names  # what --class cats means, in label order

@@ -917,7 +917,8 @@ def test_multiply_adds_leaves_an_untrained_model_untouched():
     (["--config", "missing.yaml"], "missing.yaml"),
     (["--run", "nowhere"], "nowhere"),
     (["--set", "model.n_levels=0"], "model.n_levels"),
-], ids=["missing-config", "missing-run", "bad-override"])
+    (["--set", "model.n_classes=7"], "model.n_classes=7 but dataset digits has 10 classes — set model.n_classes=10"),
+], ids=["missing-config", "missing-run", "bad-override", "class-count-fit-refuses"])
 def test_info_bad_input_exits_2(tmp_path, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)
     assert_one_line_error(invoke("info", *args), 2, needle)
