@@ -93,7 +93,7 @@ def _errors_to_exit_codes(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from glowtrain.train import Interrupted  # late: keeps `glowtrain --help` fast
+        from glowtrain.train import Interrupted, TrainingDiverged  # late: keeps `glowtrain --help` fast
 
         try:
             return command(*args, **kwargs)
@@ -108,6 +108,10 @@ def _errors_to_exit_codes(command):
                                    f"{resume_command(run_dir)}" if on_rank_0 else None)
         except Stopped as e:
             _end(EXIT_INTERRUPTED, str(e))
+        except TrainingDiverged as e:  # the run's numbers, not a bug of ours: its message is the whole story
+            if _state["debug"]:
+                traceback.print_exc()
+            _end(EXIT_FAILURE, f"error: training diverged: {e}")
         except KeyboardInterrupt:
             _end(EXIT_INTERRUPTED, "interrupted")
         except (typer.Exit, typer.Abort):

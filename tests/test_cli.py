@@ -784,6 +784,13 @@ def test_a_diverged_run_says_it_has_no_best_checkpoint_and_eval_prints_strict_js
     assert printed["bpd"] is None and printed["bpd_stderr"] is None and printed["n_images"] == 297
 
 
+def test_a_run_that_diverges_twice_ends_with_one_line_naming_the_cause_and_exit_1(tmp_path):
+    result = tiny_fit(tmp_path / "run", "train.lr=1e9", "train.warmup_steps=0", "train.max_bad_steps=1",
+                      "train.log_every=1", "train.steps=6")
+    line = assert_one_line_error(result, 1, "there is no checkpoint to roll back to yet: lower train.lr")
+    assert line.startswith("error: training diverged: 2 steps in a row up to step 3 had a non-finite loss")
+
+
 def test_strict_json_nulls_every_non_finite_float_however_deep():
     from glowtrain.logs import strict_json
 
