@@ -41,6 +41,8 @@ def tiny_state(*extra: str, seed: int = 0) -> dict:
     perturb(model, 0.05, seed)
     perturb(ema, 0.05, seed + 1)
     optimizer = torch.optim.Adamax(model.parameters(), lr=1e-3)
+    (-model.log_prob(torch.rand(4, *cfg.image_shape) - 0.5).mean()).backward()
+    optimizer.step()  # moments and step counts: the largest part of a real checkpoint
     return checkpoint_state(model=model, ema=ema, optimizer=optimizer, cfg_dict=config_to_dict(cfg),
                             train_state={"step": 7, "best_test_bpd": 3.5})
 
@@ -246,6 +248,7 @@ def test_host_copy_of_a_whole_checkpoint_through_buckets_keeps_every_tensor(stat
     assert copied["model"]._metadata == state["model"]._metadata
     assert copied["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
     assert copied["optimizer"]["state"].keys() == state["optimizer"]["state"].keys()
+    assert len(state["optimizer"]["state"]) == len(state["optimizer"]["param_groups"][0]["params"]) > 0  # moments
 
 
 # ---------------------------------------------------------------------------- loading bad files

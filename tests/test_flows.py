@@ -173,8 +173,6 @@ def test_cached_inverse_is_reused_in_eval_and_invalidated_when_weights_change(lu
     second = conv.inverse_matrix()
     assert second is not first
     assert torch.allclose(second @ conv.matrix().detach(), torch.eye(4), atol=1e-10)
-    fresh = InvConv2d(4, lu=lu).eval()
-    fresh.load_state_dict(conv.state_dict())
     reloaded = InvConv2d(4, lu=lu).eval()
     reloaded.inverse_matrix()
     reloaded.load_state_dict(conv.state_dict())
@@ -211,14 +209,20 @@ def test_forward_matrix_is_cached_only_where_no_gradient_can_need_it(lu):
 
 @pytest.mark.parametrize("lu", [True, False])
 def test_float32_inverse_is_computed_in_float64(lu, device):
+    """Within a few float32 roundings of the exact inverse, where a float32 inversion is ~10x further (measured on
+    seeds 0-5: 3e-8 to 9e-8 against 7e-7 to 1.3e-6 of the largest entry; round trips 3e-7 against 2e-6 to 5e-6)."""
+    torch.manual_seed(0)
     conv = InvConv2d(48, lu=lu)
     perturb(conv, 0.05)
     conv = conv.float().to(device)
-    exact = torch.linalg.inv(conv.matrix().detach().double())
-    assert (conv.inverse_matrix().double() - exact).abs().max() < 1e-6 * exact.abs().max()
+    weight = conv.matrix().detach()
+    exact = torch.linalg.inv(weight.double())
+    bound = 2.5e-7 * exact.abs().max()
+    assert (conv.inverse_matrix().double() - exact).abs().max() < bound
+    assert (torch.linalg.inv(weight).double() - exact).abs().max() > bound  # the bound tells float32's inverse apart
     # mix_channels multiplies in float64, which has no TF32 form: the same bound holds on a GPU.
     x = torch.randn(2, 48, 4, 4, dtype=torch.float32).to(device)
-    assert (conv.reverse(conv(x)[0]) - x).abs().max() < 1e-4
+    assert (conv.reverse(conv(x)[0]) - x).abs().max() < 1e-6
 
 
 def test_affine_coupling_reverse_stays_finite_when_scale_saturates():
