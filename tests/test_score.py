@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_line_error, invoke, ok
+from helpers import TINY_RUN, assert_one_line_error, invoke, ok, sets
 from PIL import Image
 
 import glowtrain
@@ -166,11 +166,24 @@ def test_against_the_same_images_gives_auroc_one_half_and_against_noise_the_tabl
         assert picture.format == "PNG" and picture.size == (520, 300)
 
 
+@pytest.fixture(scope="module")
+def other_run(tmp_path_factory):
+    """Another run of the same data and shape (another seed, one more step): a reference model."""
+    out = tmp_path_factory.mktemp("reference") / "other"
+    ok(invoke("fit", "--out", out, "--no-progress", *sets(*TINY_RUN, "run.seed=1", "train.steps=5")))
+    return out
+
+
 @pytest.mark.parametrize("reference", ["run", "checkpoint"])
-def test_a_reference_run_gives_the_likelihood_ratio(run_dir, tmp_path, reference):
-    path = run_dir if reference == "run" else run_dir / "checkpoints" / "last.pt"
+def test_a_reference_run_gives_the_likelihood_ratio(run_dir, other_run, tmp_path, reference):
+    path = other_run if reference == "run" else other_run / "checkpoints" / "last.pt"
     rows, _ = score(run_dir, tmp_path, "--dataset", "digits", "--reference-run", path)
-    assert all(float(r["ratio"]) == 0.0 and r["reference_bpd"] == r["bpd"] for r in rows)
+    own, theirs = eval_json(run_dir), eval_json(other_run)
+    assert len(rows) == own["n_images"] == 297
+    bpd, reference_bpd = (np.array([float(r[key]) for r in rows]) for key in ("bpd", "reference_bpd"))
+    assert bpd.mean() == pytest.approx(own["bpd"]) and reference_bpd.mean() == pytest.approx(theirs["bpd"])
+    assert (bpd != reference_bpd).mean() > 0.9  # two models
+    assert np.allclose([float(r["ratio"]) for r in rows], bpd - reference_bpd, atol=2e-6)  # 6 decimals in the CSV
 
 
 def test_a_read_only_run_directory_scores_without_caching_the_typical_set(run_dir, tmp_path, monkeypatch):
