@@ -97,16 +97,29 @@ def test_a_flagged_step_leaves_weights_moments_and_counts_bit_for_bit(bad, n_ste
 
 @pytest.mark.usefixtures("gated_on_cpu")
 def test_a_step_reads_nothing_back_on_the_host():
-    params = _params()
+    params = [torch.nn.Parameter(p.detach().to(TEST_DEVICE)) for p in _params()]  # a GPU's copies count there
     optimizer = GatedAdamax(params, lr=0.01)
     _set_grads(params, 0)
-    optimizer.found_inf = torch.zeros(())
+    for p in params:
+        p.grad = p.grad.to(TEST_DEVICE)
+    optimizer.found_inf = torch.zeros((), device=TEST_DEVICE)
     optimizer.step()  # creates the state
     with HostReads() as host:
         for flag in (0.0, 1.0, 0.0):
-            optimizer.found_inf = torch.tensor(flag)
+            optimizer.found_inf = torch.tensor(flag, device=TEST_DEVICE)
             optimizer.step()
     assert host.reads == []
+
+
+def test_host_reads_count_a_copy_from_a_device_into_host_memory_and_not_one_within_the_host():
+    """Judged by the copy's ends (a meta tensor stands in for a GPU's here; no copy runs)."""
+    on_device, on_host = torch.empty(4, device="meta"), torch.empty(4)
+    to_copy, copy_ = torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default
+    assert HostReads.waits(to_copy, (on_device,), {"device": torch.device("cpu")})  # t.cpu(), t.to("cpu")
+    assert HostReads.waits(copy_, (on_host, on_device), {})  # host_buffer.copy_(t)
+    assert not HostReads.waits(to_copy, (on_host,), {"device": torch.device("cpu")})
+    assert not HostReads.waits(copy_, (on_device, on_host), {})  # to the device: nothing waits for it
+    assert not HostReads.waits(to_copy, (on_device,), {"dtype": torch.float64})  # stays where it is
 
 
 def test_host_reads_pass_a_repeat_interleave_told_its_output_size_and_catch_one_that_is_not():
