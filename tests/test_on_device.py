@@ -18,7 +18,7 @@ from glowtrain.config import apply_overrides, default_config
 from glowtrain.data import build_dataset
 from glowtrain.images import sample_images
 from glowtrain.runs import RunDir
-from glowtrain.train import train
+from glowtrain.train import Trainer, train
 
 STEPS = 4
 # train.compile=off: compilation has its own tests (test_compile.py); here it would only add minutes of
@@ -110,14 +110,34 @@ def test_cuda_graphs_train_as_eager_does_on_the_test_device(tmp_path, device, mo
     if device.type != "cuda":
         compile_with(monkeypatch, "aot_eager")
     counters.clear()
+    recorded = []
+
+    class Watching(Trainer):
+        def train_step(self, images, labels):
+            metrics = super().train_step(images, labels)
+            recorded.append(_cuda_graphs_recorded(self.device))
+            return metrics
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        compiled = train(cfg, out=str(tmp_path / "compiled"), progress=False)
+        compiled = train(cfg, out=str(tmp_path / "compiled"), progress=False, trainer=Watching)
     # Neither a fallback to eager nor CUDA graphs' warning that a step's outputs kept it off its fast path, and
     # no graph that CUDA graphs skipped (torch only logs and counts those).
     assert not [str(w.message) for w in caught if "torch.compile" in str(w.message) or "CUDAGraphs" in str(w.message)]
     assert counters["inductor"]["cudagraph_skips"] == 0
+    if device.type == "cuda":  # and graphs were recorded: a mode that stopped reaching Inductor would record none
+        assert recorded[-1] > 0, recorded
     assert compiled.step == STEPS and compiled.test == pytest.approx(eager.test, abs=2e-3)
+
+
+def _cuda_graphs_recorded(device: torch.device) -> int:
+    """How many CUDA graphs torch's graph trees hold for this device now (0 on a CPU)."""
+    if device.type != "cuda":
+        return 0
+    from torch._inductor import cudagraph_trees
+
+    manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+    return 0 if manager is None or not manager.roots else sum(len(nodes) for nodes in manager.roots.values())
 
 
 # Every command that reads a trained run, on the test device, with the layers the runs above leave out: spline
