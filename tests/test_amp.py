@@ -9,6 +9,7 @@ from glowtrain.config import apply_overrides, default_config
 from glowtrain.data import build_dataset
 from glowtrain.distributed import Context
 from glowtrain.errors import UserError
+from glowtrain.flows import CouplingNet
 from glowtrain.precision import check_amp
 from glowtrain.runs import RunDir
 from glowtrain.train import Trainer, train
@@ -55,10 +56,15 @@ def _fp16_trainer(tmp_path, *extra) -> Trainer:
 def test_fp16_runs_the_coupling_networks_in_float16_and_scales_the_loss(tmp_path):
     trainer = _fp16_trainer(tmp_path)
     assert trainer.model.amp_dtype == torch.float16 and trainer.scaler is not None
+    computed = set()  # the dtype each coupling network's last convolution computes in
+    for module in trainer.model.modules():
+        if isinstance(module, CouplingNet):
+            module.conv_out.register_forward_hook(lambda _, args, out: computed.add(out.dtype))
     for _ in range(3):
         images, labels = next(trainer.batches)
         metrics = trainer.train_step(images, labels)
         trainer.state.step += 1
+    assert computed == {torch.float16}
     assert torch.isfinite(metrics.terms["bpd"]) and trainer.guard.read()[0] == 0
     assert trainer.scaler.get_scale() == 2.0**16  # no overflow, no growth yet
 

@@ -259,6 +259,7 @@ def test_open_run_restores_the_learned_dequantizer(variational_runs):
     loaded = open_run(str(variational_runs / "straight"), None, "cpu", use_ema=False)
     saved = load_checkpoint(RunDir(variational_runs / "straight").last)["objective"]
     state = loaded.objective.state_dict()
+    assert any(name.startswith("dequantizer.") for name in saved)  # the noise flow's weights are among them
     assert all(torch.equal(state[name], tensor) for name, tensor in saved.items())
 
 
