@@ -26,7 +26,7 @@ Dataset = Literal["digits", "mnist", "fashion_mnist", "cifar10", "celeba", "fold
 # Datasets whose images have a fixed number of channels; celeba and folder may be read as 1 or 3.
 FIXED_CHANNELS = {"digits": 1, "mnist": 1, "fashion_mnist": 1, "cifar10": 3}
 CHANNEL_CHOICES = (1, 3)  # greyscale or RGB
-SPLINE_BOUND_LIMIT = 50
+SPLINE_BOUND_LIMIT = 50  # a new run's largest model.spline_bound: ActNorm keeps the flow's values of order 1
 GRID_LIMIT = 1024  # images per sample grid: a 1,024-image grid of 64x64 images is about 2,100 pixels a side
 
 
