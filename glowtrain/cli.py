@@ -7,6 +7,7 @@ import functools
 import inspect
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -68,10 +69,22 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
 ) -> None:
     _state["debug"] = debug
-    if not debug and "torch" not in sys.modules and not {"TORCH_LOGS", "TORCH_LOGS_FORMAT"} & set(os.environ):
-        # torch's own log lines (its compiler's, a CPU's "No CUDA runtime is found") read as our warnings do; torch
-        # reads the format when it is imported, and the command's processes (torchrun's too) inherit it.
-        os.environ["TORCH_LOGS_FORMAT"] = "warning (torch): %(message)s"
+    _torch_log_lines(debug)
+
+
+TORCH_LOG_FORMAT = "%(levelname)s (torch): %(message)s"
+TORCH_DEBUGGING = {"TORCH_LOGS", "TORCH_LOGS_FORMAT", "TORCH_COMPILE_DEBUG", "TORCH_TRACE"}
+
+
+def _torch_log_lines(debug: bool) -> None:
+    """torch's own log lines (its compiler's, a CPU's "No CUDA runtime is found") read as our lines do: `warning
+    (torch): ...`, `error (torch): ...`. torch reads the format when it is imported, and the command's processes
+    (torchrun's too) inherit it; someone debugging torch keeps its own form."""
+    if not debug and "torch" not in sys.modules and not TORCH_DEBUGGING & set(os.environ):
+        os.environ["TORCH_LOGS_FORMAT"] = TORCH_LOG_FORMAT
+    if os.environ.get("TORCH_LOGS_FORMAT") == TORCH_LOG_FORMAT:  # this process is a command's: its names, lowercase
+        for level in (logging.WARNING, logging.ERROR, logging.CRITICAL):
+            logging.addLevelName(level, logging.getLevelName(level).lower())
 
 
 def resume_command(run_dir: str) -> str:
@@ -653,12 +666,14 @@ def info(
         summary = {**training_state(run, loaded.step, cfg.train.steps),
                    **info_summary(cfg, loaded.model, loaded.objective.dequantizer)}
     else:
+        from glowtrain.config import check_new_run
         from glowtrain.data import check_class_count, n_classes
 
         cfg, run_dir = load_config(config, set_ or []), None
+        check_new_run(cfg)  # what fit refuses, info does not describe
         found = n_classes(cfg.data)  # known without the data for every dataset but a folder labelled by subfolders
         if found is not None and not cfg.data.cache:
-            check_class_count(cfg, found)  # as fit would refuse it
+            check_class_count(cfg, found)
         summary = info_summary(cfg)
     if cfg.model.n_classes and (names := class_names(run_dir, cfg.data)):
         summary["class_names"] = names  # what --class cats means, in label order

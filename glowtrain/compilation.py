@@ -128,13 +128,19 @@ class LazyCompile:
 _COMPILER_CODE = ("torch/_dynamo/", "torch/_inductor/", "torch/_functorch/", "torch/cuda/graphs.py")
 
 
+# What CUDA graphs' own errors say, raised from C++ wherever a replayed graph's output is read (eager code too).
+_CUDA_GRAPH_WORDS = ("cudagraph", "cuda graph", "stream is capturing", "capture")
+
+
 def _raised_by_compiler(error: BaseException) -> bool:
-    """Whether `error`, or an error it was raised from, passed through the compiler's code."""
+    """Whether `error`, or an error it was raised from, passed through the compiler's code or is CUDA graphs'."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         frames = traceback.extract_tb(error.__traceback__)
         if any(part in frame.filename.replace("\\", "/") for frame in frames for part in _COMPILER_CODE):
+            return True
+        if any(word in str(error).lower() for word in _CUDA_GRAPH_WORDS):
             return True
         error = error.__cause__ or error.__context__
     return False

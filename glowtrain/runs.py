@@ -491,10 +491,9 @@ def run_file_fix(path: Path, checkpoint_option: bool = True) -> str:
 
 
 def _checkpoint_period(run: RunDir) -> str:
-    """When a run saves, as its config.yaml says (the key's name when the file cannot say)."""
+    """How often a run saves, as its config.yaml says (the key's name when the file cannot say)."""
     try:
-        train = load_config(run.config).train
-        return f"at step {min(train.checkpoint_every, train.steps):,}"
+        return f"every {load_config(run.config).train.checkpoint_every:,} steps"
     except UserError:
         return "every train.checkpoint_every steps"
 

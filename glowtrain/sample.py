@@ -177,6 +177,7 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
 def class_blocks(images: torch.Tensor, per_class: int) -> tuple[torch.Tensor, int]:
     """(images with blank cells added, columns) for a grid where each class's block of `per_class` images starts a
     row: each block takes as many rows as make the whole grid about square."""
+    per_class = min(per_class, len(images))  # a grid shows the first GRID_LIMIT of a larger draw
     n_blocks = math.ceil(len(images) / per_class)
     rows = max(1, round(math.sqrt(per_class / n_blocks)))
     width = math.ceil(per_class / rows)

@@ -825,10 +825,8 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
             torch.set_num_threads(cfg.run.threads)
         precision.check_amp(cfg.train.amp, ctx.device, cfg.train.allow_emulated_bf16)
         run = run_dir_for(out, cfg.run.name, resume)
-        refuse_missing_image_folder(cfg.data)
-        refuse_output_among_training_images(run.path, cfg.data)  # its sample grids would become training images
         with contextlib.ExitStack() as held:
-            resume_from = _claim_run(run, resume, ctx, held)
+            resume_from = _claim_run(run, resume, cfg, ctx, held)
             return trainer(cfg, ctx, run, resume_from, progress).run()
     finally:
         with _StopFlag():  # a Ctrl-C while the process group closes: the run ended already, finished or saved
@@ -839,12 +837,16 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
             torch.cuda.set_device(saved_device)
 
 
-def _claim_run(run: RunDir, resume: str | None, ctx: Context, held: contextlib.ExitStack) -> Path | None:
+def _claim_run(run: RunDir, resume: str | None, cfg: Config, ctx: Context,
+               held: contextlib.ExitStack) -> Path | None:
     """prepare_run_dir on every rank; rank 0 also refuses a run another fit trains and takes its lock into `held`.
     A refusal on any rank is raised on all of them, before rank 0 writes into the run: alone, the rest would wait
-    in their first collective until it timed out (under a launcher that does not end a job at its first failure)."""
+    in their first collective until it timed out (under a launcher that does not end a job at its first failure).
+    A missing image folder is said first: without --out, the run of the same name would answer for it."""
     problem, resume_from = None, None
     try:
+        refuse_missing_image_folder(cfg.data)
+        refuse_output_among_training_images(run.path, cfg.data)  # its sample grids would become training images
         if ctx.is_main:
             refuse_if_being_trained(run)
         resume_from = prepare_run_dir(run, resume)
@@ -883,7 +885,9 @@ def _if_any(resume: str | None, out: str | None, name: str) -> str | None:
 def fit_config(config_path: str | None, overrides: list[str], out: str | None, resume: str | None) -> Config:
     """The config `fit` runs: a resumed run keeps the one stored with it unless --config is given."""
     if resume is None:
-        return load_config(config_path, overrides)
+        cfg = load_config(config_path, overrides)
+        check_new_run(cfg)
+        return cfg
     run = run_dir_for(out, load_config(config_path, overrides).run.name, resume)
     checkpoint = checkpoint_to_resume(resume, run)
     return resume_config(checkpoint, config_path, overrides)  # data.* and model.* stay as trained

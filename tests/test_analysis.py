@@ -344,6 +344,14 @@ def test_class_blocks_make_a_grid_about_square_with_each_class_starting_a_row(n,
         assert torch.equal(laid_out[start : start + len(block)], block)
 
 
+def test_class_blocks_of_a_draw_larger_than_a_grid_lay_out_the_images_it_shows():
+    from glowtrain.sample import class_blocks
+
+    shown = torch.zeros(1024, 1, 1, 1, dtype=torch.uint8)  # the first 1,024 of --n 2000 --class 3 --individual
+    laid_out, width = class_blocks(shown, 2000)
+    assert (width, len(laid_out)) == (32, 1024)
+
+
 def test_a_temperature_asked_for_twice_is_written_once(fitted, tmp_path):
     _, run_dir = fitted
     written = ok(invoke("sample", "--run", run_dir, "--temp", "0.7", "--temp", "0.7", "--n", "4", "--out", tmp_path,
@@ -918,7 +926,8 @@ def test_multiply_adds_leaves_an_untrained_model_untouched():
     (["--run", "nowhere"], "nowhere"),
     (["--set", "model.n_levels=0"], "model.n_levels"),
     (["--set", "model.n_classes=7"], "model.n_classes=7 but dataset digits has 10 classes — set model.n_classes=10"),
-], ids=["missing-config", "missing-run", "bad-override", "class-count-fit-refuses"])
+    (["--set", "model.spline_bound=1e6"], "model.spline_bound=1000000.0 is not allowed — use a bound up to 50"),
+], ids=["missing-config", "missing-run", "bad-override", "class-count-fit-refuses", "spline-bound-fit-refuses"])
 def test_info_bad_input_exits_2(tmp_path, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)
     assert_one_line_error(invoke("info", *args), 2, needle)

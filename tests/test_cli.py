@@ -199,6 +199,7 @@ def test_torchs_log_lines_read_as_warnings_unless_debugging(debug, line):
     script = ("import logging\nfrom glowtrain import cli\n"
               f"cli._root(version=None, debug={debug})\n"  # what every command does before it imports torch
               "import torch.utils.cpp_extension\n"
+              "logging.getLogger('torch._inductor').error('autotune choice failed')\n"
               "logging.getLogger('torch.utils.cpp_extension').warning('No CUDA runtime is found')\n")
     env = {k: v for k, v in os.environ.items() if k not in ("TORCH_LOGS", "TORCH_LOGS_FORMAT")}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
@@ -206,7 +207,9 @@ def test_torchs_log_lines_read_as_warnings_unless_debugging(debug, line):
     if debug:
         assert line in done.stderr  # torch's own form, with its source line
     else:  # (importing cpp_extension may say the same of the machine's own CUDA_HOME first)
-        assert done.stderr.endswith(line) and all(t.startswith("warning (torch): ") for t in done.stderr.splitlines())
+        lines = done.stderr.splitlines()
+        assert done.stderr.endswith(line) and lines[-2] == "error (torch): autotune choice failed"
+        assert all(t.startswith("warning (torch): ") for t in lines[:-2])
 
 
 CPU_OUT_OF_MEMORY = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "

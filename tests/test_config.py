@@ -483,6 +483,10 @@ def test_a_spline_bound_far_beyond_the_flows_values_is_refused_for_a_new_run_whe
                                   "values are of order 1: wider bins train badly or to non-finite losses; the default "
                                   "3 covers them)")
     check_new_run(override("model.spline_bound=50"))
+    from glowtrain.train import fit_config
+
+    with pytest.raises(UserError, match="^model.spline_bound=1000000.0 is not allowed"):  # fit --nproc: before any
+        fit_config(None, ["model.spline_bound=1e6"], None, None)                      # process starts
     check_new_run(override("model.coupling=affine", "model.dequantization=uniform", "model.spline_bound=1e6"))  # unused
     stored = config_to_dict(default_config())
     stored["model"]["spline_bound"] = 1e3  # trained before the limit: it still loads, and resumes with --set

@@ -753,6 +753,7 @@ def test_first_of_gives_every_rank_the_lowest_ranks_value(tmp_path):
 def test_a_refusal_on_one_rank_is_raised_on_every_rank_before_any_writes(tmp_path):
     """Rank 0 alone checks the run's lock: its refusal reaches the others instead of leaving them in a collective,
     and another rank's refusal reaches rank 0, which lets go of the lock it took."""
+    from glowtrain.config import default_config
     from glowtrain.distributed import Context
     from glowtrain.runs import RunDir, trainer_pid, training_lock
     from glowtrain.train import _claim_run
@@ -770,17 +771,17 @@ def test_a_refusal_on_one_rank_is_raised_on_every_rank_before_any_writes(tmp_pat
     message = f"{run.path} is being trained by another process"
     with training_lock(run):  # another fit trains it
         with contextlib.ExitStack() as held, pytest.raises(UserError, match=message):
-            _claim_run(run, None, Job(rank=0, world_size=2), held)
+            _claim_run(run, None, default_config(), Job(rank=0, world_size=2), held)
         Job.theirs = Job.said[0]
         with contextlib.ExitStack() as held, pytest.raises(UserError, match=message):
-            _claim_run(run, None, Job(rank=1, world_size=2), held)
+            _claim_run(run, None, default_config(), Job(rank=1, world_size=2), held)
         assert [p.name for p in run.path.iterdir()] == [run.lock.name]  # the other fit's lock, nothing written
     assert Job.said == [(True, Job.said[0][1]), None] and Job.said[0][1].startswith(message)  # rank 1 found nothing
     Job.theirs = (False, "OSError: [Errno 28] No space left on device")  # rank 1 could not check its folder
     with contextlib.ExitStack() as held, pytest.raises(RuntimeError, match="could not claim the run: OSError"):
-        _claim_run(run, None, Job(rank=0, world_size=2), held)
+        _claim_run(run, None, default_config(), Job(rank=0, world_size=2), held)
     assert trainer_pid(run) is None and not run.path.exists()  # rank 0's lock, and the folder it made, are gone
     with contextlib.ExitStack() as held:  # alone, rank 0 takes the lock for the job
-        assert _claim_run(run, None, Context(), held) is None
+        assert _claim_run(run, None, default_config(), Context(), held) is None
         with pytest.raises(UserError, match=message):  # as a second fit of it is told
-            _claim_run(run, None, Context(), contextlib.ExitStack())
+            _claim_run(run, None, default_config(), Context(), contextlib.ExitStack())

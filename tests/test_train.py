@@ -589,7 +589,7 @@ def test_a_command_on_a_run_being_trained_before_its_first_checkpoint_says_so(tm
         for args in (("info", "--run", run.path), ("eval", "--run", run.path, "--device", "cpu")):
             assert assert_one_line_error(invoke(*args), 2) == (
                 f"error: {run.path} has no checkpoint yet: it is being trained (pid {os.getpid()}) — try again after "
-                "its first checkpoint (at step 3)")  # TINY's train.checkpoint_every
+                "its first checkpoint (every 3 steps)")  # TINY's train.checkpoint_every
     with pytest.raises(UserError, match="has no checkpoint \\(checkpoints/last.pt\\) — train it with"):
         resolve_checkpoint(str(run.path))  # the lock gone with its process
 
