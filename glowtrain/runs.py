@@ -408,9 +408,10 @@ def prepare_run_dir(run: RunDir, resume: str | None) -> Path | None:
     # A resume writes into the run's own folders: one it cannot write would fail at the first save, hours on. (A
     # fresh start over a run that died early only moves them aside.)
     for folder in (run.checkpoints, run.samples, run.tb) if checkpoint else ():
-        if folder.exists() and not folder.is_dir():  # it would fail at the first save into it, hours on
-            raise UserError(f"{folder} is a file where the run keeps its {folder.name}/ folder — move the file away, "
-                            "or choose another --out or run.name")
+        if (folder.exists() or folder.is_symlink()) and not folder.is_dir():  # it would fail at the first save
+            what = "a file" if folder.exists() else "a link to nothing"
+            raise UserError(f"{folder} is {what} where the run keeps its {folder.name}/ folder — move it away, or "
+                            "choose another --out or run.name")
         if folder.is_dir():
             check_writable(folder, f"the run's {folder.name} folder", "another --out or run.name, or make it writable")
     return checkpoint

@@ -540,8 +540,12 @@ def test_a_run_whose_checkpoints_folder_cannot_be_written_is_refused_before_trai
     monkeypatch.setattr(os, "access", access)
     shutil.rmtree(run.samples)
     run.samples.write_text("a file where the run keeps its grids")  # it failed at the first grid, steps later
-    with pytest.raises(UserError, match=f"^{run.samples} is a file where the run keeps its samples/ folder — move the "
-                                        "file away, or choose another --out or run.name$"):
+    with pytest.raises(UserError, match=f"^{run.samples} is a file where the run keeps its samples/ folder — move "
+                                        "it away, or choose another --out or run.name$"):
+        train(tiny_config("train.steps=8"), out=str(run.path), resume="auto", progress=False)
+    run.samples.unlink()
+    run.samples.symlink_to(tmp_path / "gone")  # a link to a folder that is no more
+    with pytest.raises(UserError, match=f"^{run.samples} is a link to nothing where the run keeps its samples/"):
         train(tiny_config("train.steps=8"), out=str(run.path), resume="auto", progress=False)
     died = RunDir(tmp_path / "died")  # a run that died before its first checkpoint: a fresh start moves its
     died.samples.mkdir(parents=True)  # folders aside, which needs only the run directory itself
