@@ -229,14 +229,22 @@ def check_process_count(n_processes: int, device_name: str) -> None:
                         f"use --nproc {torch.cuda.device_count()} or fewer, or run.device=cpu")
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity, as torch's DataLoader counts them)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def usable_cpus(pid: int = 0) -> int:
+    """The CPUs a process (this one by default) may run on: its affinity, as torch's DataLoader counts them."""
+    return len(os.sched_getaffinity(pid)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def cpus_per_process() -> int:
-    """This process's share of the CPUs it may run on, beside the job's other processes on this machine."""
-    return max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    """This process's share of the CPUs it may run on, beside the job's other processes on this machine. A process
+    bound to fewer CPUs than its launcher (srun --cpu-bind, numactl per rank) has them to itself."""
+    own, processes = usable_cpus(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if processes > 1:
+        try:
+            if own < usable_cpus(os.getppid()):
+                return own
+        except OSError:  # the launcher has gone, or its affinity may not be read
+            pass
+    return max(1, own // processes)
 
 
 def teardown() -> None:

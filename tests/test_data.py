@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing
+import os
 import pickle
 import shutil
 import struct
@@ -263,13 +264,37 @@ def test_more_data_workers_than_cpus_load_with_one_per_cpu_and_the_same_batches(
 def test_the_processes_of_a_job_on_one_machine_share_its_cpus_among_their_data_workers(monkeypatch):
     from glowtrain import distributed
 
-    monkeypatch.setattr(distributed, "usable_cpus", lambda: 16)
+    monkeypatch.setattr(distributed, "usable_cpus", lambda pid=0: 16)  # the launcher's too: the CPUs are shared
     for processes, each in ((None, 16), ("2", 8), ("8", 2), ("64", 1)):
         if processes is None:
             monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
         else:
             monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)  # torchrun's processes on this machine
         assert distributed.cpus_per_process() == each
+
+
+def test_a_process_bound_to_cpus_of_its_own_keeps_them_all_for_its_data_workers(monkeypatch):
+    """srun --cpu-bind or numactl per rank: 8 processes on a 64-core machine, each bound to 8 of them. A launcher
+    whose affinity cannot be read leaves the share as if the CPUs were shared."""
+    from glowtrain import distributed
+
+    launcher = []
+
+    def affinity(pid=0):
+        if pid == 0:
+            return 8
+        assert pid == os.getppid()
+        if not launcher:
+            raise ProcessLookupError(pid)
+        return launcher[0]
+
+    monkeypatch.setattr(distributed, "usable_cpus", affinity)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert distributed.cpus_per_process() == 1
+    launcher.append(64)
+    assert distributed.cpus_per_process() == 8
+    launcher[0] = 8  # bound together (a container's CPU set): shared
+    assert distributed.cpus_per_process() == 1
 
 
 def test_an_image_that_breaks_after_the_check_fails_in_one_line_also_from_a_worker(tmp_path):
