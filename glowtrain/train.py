@@ -22,6 +22,7 @@ from tqdm import tqdm
 from glowtrain import precision
 from glowtrain.checkpoint import (
     checkpoint_state,
+    config_of,
     load_checkpoint,
     load_state_checked,
     resume_config,
@@ -31,6 +32,7 @@ from glowtrain.compilation import LazyCompile, compile_enabled
 from glowtrain.config import (
     Config,
     check_new_run,
+    check_resume_config,
     config_to_dict,
     derived_seed,
     load_config,
@@ -256,6 +258,7 @@ class Trainer:
         self.cfg, self.ctx, self.run_dir, self.device = cfg, ctx, run, ctx.device
         self.progress = progress
         self.notes: list[str] = []  # what set-up found worth saying, said once the run directory is open
+        checkpoint = self._checkpoint_to_resume(resume_from) if resume_from is not None else None
         self.train_set, self.test_set = datasets or self._load_datasets(resuming=resume_from is not None)
         torch.manual_seed(cfg.run.seed)
         self.model = Glow.from_config(cfg).to(self.device)
@@ -264,7 +267,7 @@ class Trainer:
         # float16's narrow range needs loss scaling; bfloat16 has float32's range and needs none.
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.amp == "fp16" else None
         self.state, self.resume_from = TrainState(), resume_from
-        saved = self.restore(resume_from) if self.resumed else None
+        saved = self.restore(resume_from, checkpoint) if self.resumed else None
         if self.resumed:
             self._check_classes_unchanged()
         if not self.resumed:
@@ -313,9 +316,17 @@ class Trainer:
         self.objective.initialize(images, labels.to(self.device) if cfg.model.n_classes > 0 else None, noise)
         broadcast_state(self.objective, self.ctx)
 
-    def restore(self, path: Path) -> dict:
-        """Weights, optimiser moments, training state and the CPU random state from a checkpoint (returned)."""
+    def _checkpoint_to_resume(self, path: Path) -> dict:
+        """The checkpoint, once its config is known to model what this one does (`fit` checked it already; the
+        Python API's `train` had not: a run went on learning 4-bit images from 2-bit ones)."""
         state = load_checkpoint(path)  # on the CPU: optimizer step counters must stay there
+        check_resume_config(config_of(state, str(path)), self.cfg)
+        return state
+
+    def restore(self, path: Path, state: dict | None = None) -> dict:
+        """Weights, optimiser moments, training state and the CPU random state from a checkpoint (returned;
+        `state`: the checkpoint at `path` if loaded already)."""
+        state = load_checkpoint(path) if state is None else state
         _check_optimizer(state, self.cfg, path)
         _load_objective(self.objective, state["model"], state.get("objective"), str(path))
         self._load_optimizer(state)

@@ -214,6 +214,18 @@ def test_fit_into_an_existing_run_without_resume_is_refused(tiny_run):
     assert RunDir(out).metrics.read_text() == before
 
 
+@pytest.mark.parametrize("change,key", [("data.n_bits=2", "data.n_bits"), ("model.n_steps=3", "model.n_steps")])
+def test_the_python_apis_resume_refuses_a_config_that_changes_the_model_as_fit_does(tiny_run, change, key):
+    """train(cfg, resume=...) went on learning 4-bit images from 2-bit ones, and wrote their bits/dim as the run's."""
+    cfg, out, _ = tiny_run
+    before = {path.name: path.read_bytes() for path in Path(out).iterdir() if path.is_file()}
+    checkpoints = {path.name: path.read_bytes() for path in RunDir(out).checkpoints.iterdir()}
+    with pytest.raises(UserError, match=f"^{key} cannot change when resuming"):
+        train(apply_overrides(cfg, ["train.steps=9", change]), out=str(out), resume="auto", progress=False)
+    assert {path.name: path.read_bytes() for path in Path(out).iterdir() if path.is_file()} == before
+    assert {path.name: path.read_bytes() for path in RunDir(out).checkpoints.iterdir()} == checkpoints
+
+
 def test_resume_auto_without_a_checkpoint_is_a_user_error(tmp_path):
     out = tmp_path / "empty"
     out.mkdir()
