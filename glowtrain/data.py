@@ -483,23 +483,36 @@ def _resize(images: Tensor, size: int, chunk: int = 4096) -> Tensor:
     return torch.cat(out)
 
 
+CELEBA_IMAGES, CELEBA_PARTITION = "img_align_celeba", "list_eval_partition.txt"  # torchvision's layout
+
+
 def _celeba_official_root(data_cfg) -> Path | None:
-    """<root>/celeba when it holds the official layout (images + partition file), else None."""
-    celeba = Path(data_cfg.root).expanduser().absolute() / "celeba"
-    if (celeba / "img_align_celeba").is_dir() and (celeba / "list_eval_partition.txt").is_file():
-        return celeba
+    """The folder holding the official layout (images + partition file): <root>/celeba as torchvision has it, or
+    <root> itself (the shipped config's root is data/celeba); None for a plain folder of faces. Half the layout is
+    refused: read as a plain folder, it would have trained on a random split of every image, validation's too,
+    with another crop."""
+    root = Path(data_cfg.root).expanduser().absolute()
+    for folder in (root / "celeba", root):
+        images, partition = (folder / CELEBA_IMAGES).is_dir(), (folder / CELEBA_PARTITION).is_file()
+        if images and partition:
+            return folder
+        if images or partition:
+            present, missing = (CELEBA_IMAGES, CELEBA_PARTITION) if images else (CELEBA_PARTITION, CELEBA_IMAGES)
+            raise UserError(f"CelebA's {missing} is missing beside {folder / present} — put it at {folder / missing} "
+                            "(torchvision's layout: the official split and the 148x148 crop), or set "
+                            "data.dataset=folder to train on the images as a plain folder")
     return None
 
 
 def _celeba_official(celeba: Path, split: str) -> list[str]:
     # The official partition: 0 train, 1 validation (unused), 2 test.
     wanted = "0" if split == "train" else "2"
-    lines = (celeba / "list_eval_partition.txt").read_text().split("\n")
+    lines = (celeba / CELEBA_PARTITION).read_text().split("\n")
     names = [parts[0] for parts in (line.split() for line in lines) if len(parts) == 2 and parts[1] == wanted]
     if not names:
-        raise UserError(f"no {split} images listed in {celeba / 'list_eval_partition.txt'}; "
-                        "restore the file or remove it to use data.root as a plain folder")
-    return [str(celeba / "img_align_celeba" / n) for n in sorted(names)]
+        raise UserError(f"no {split} images listed in {celeba / CELEBA_PARTITION}; restore the file, or set "
+                        "data.dataset=folder to train on the images as a plain folder")
+    return [str(celeba / CELEBA_IMAGES / n) for n in sorted(names)]
 
 
 # The cache is a directory: index.json, {split}.npy uint8 (N, C, H, W), {split}_labels.npy int64 (N,).

@@ -287,7 +287,7 @@ def conversions(mode: str, width: int, height: int, channels: int, image_size: i
         done.append("CMYK→RGB")
     side = min(width, height) if crop is None else min(crop, width, height)
     if (width, height) != (side, side):
-        done.append("centre-cropped")
+        done.append("centre-cropped" if crop is None else f"centre-cropped to {side}x{side}")
     if side != image_size:
         done.append("resized")
     return done

@@ -410,8 +410,11 @@ def test_cifar10_loads_from_python_batches_in_channel_first_order(tmp_path, monk
 
 # ---------------------------------------------------------------- celeba
 
-def test_celeba_torchvision_layout_uses_official_partition_and_148_centre_crop(tmp_path):
-    celeba = tmp_path / "celeba"
+@pytest.mark.parametrize("inside", ["celeba", ""])
+def test_celeba_torchvision_layout_uses_official_partition_and_148_centre_crop(tmp_path, inside):
+    """torchvision's <root>/celeba/img_align_celeba, or <root>/img_align_celeba (the shipped config's root is
+    data/celeba: that layout under it was read as a plain folder, a random split of every image)."""
+    celeba = tmp_path / inside
     rng = np.random.default_rng(5)
     faces = {f"{i:06d}.jpg": random_image(rng, 218, 178) for i in range(1, 5)}
     for name, array in faces.items():
@@ -421,6 +424,7 @@ def test_celeba_torchvision_layout_uses_official_partition_and_148_centre_crop(t
     train, test = data.build_dataset(cfg, "train"), data.build_dataset(cfg, "test")
     assert [Path(p).name for p in train.paths] == ["000001.jpg", "000004.jpg"]
     assert [Path(p).name for p in test.paths] == ["000003.jpg"]
+    assert data.data_summary(cfg, train, test).endswith("converted: 3 centre-cropped to 148x148")
     expected = torch.from_numpy(faces["000003.jpg"][35:183, 15:163]).permute(2, 0, 1)
     assert torch.equal(test[0][0], expected)
     small = data.build_dataset(data_cfg(**{**vars(cfg), "image_size": 8}), "train")
@@ -432,6 +436,22 @@ def test_celeba_without_the_torchvision_layout_reads_root_as_a_plain_folder(tmp_
     cfg = data_cfg(dataset="celeba", root=str(tmp_path), image_size=8, channels=3, test_fraction=0.25)
     train, test = data.build_dataset(cfg, "train"), data.build_dataset(cfg, "test")
     assert len(train) + len(test) == 4 and min(len(train), len(test)) >= 1 and train[0][0].shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize("inside", ["celeba", ""])
+@pytest.mark.parametrize("present", ["img_align_celeba", "list_eval_partition.txt"])
+def test_half_of_celebas_layout_is_refused_naming_the_missing_part(tmp_path, inside, present):
+    make_folder(tmp_path / inside / "img_align_celeba", 4, size=(20, 16))
+    (tmp_path / inside / "list_eval_partition.txt").write_text("000001.jpg 0\n")
+    missing = "list_eval_partition.txt" if present == "img_align_celeba" else "img_align_celeba"
+    path = tmp_path / inside / missing
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    cfg = data_cfg(dataset="celeba", root=str(tmp_path), image_size=8, channels=3)
+    with pytest.raises(UserError) as info:
+        data.build_dataset(cfg, "train")
+    assert str(info.value) == (f"CelebA's {missing} is missing beside {tmp_path / inside / present} — put it at "
+                               f"{path} (torchvision's layout: the official split and the 148x148 crop), or set "
+                               "data.dataset=folder to train on the images as a plain folder")
 
 
 # ---------------------------------------------------------------- cache
