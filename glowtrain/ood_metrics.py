@@ -60,8 +60,15 @@ def fpr_at_tpr(inliers: np.ndarray, outliers: np.ndarray, tpr: float = 0.95) -> 
     return float(np.mean(np.asarray(outliers, float) <= threshold))
 
 
-def ood_metrics(inliers: np.ndarray, outliers: np.ndarray) -> dict[str, float]:
-    """AUROC, AUPR-in, AUPR-out and FPR at 95% TPR, with high scores meaning out-of-distribution."""
+OOD_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr")
+
+
+def ood_metrics(inliers: np.ndarray, outliers: np.ndarray) -> dict[str, float | None]:
+    """AUROC, AUPR-in, AUPR-out and FPR at 95% TPR, with high scores meaning out-of-distribution; None where a
+    score is NaN (a broken likelihood): sorted, a NaN ranks as the most out-of-distribution in both directions, so
+    an image the model could not score would count as detected either way."""
+    if np.isnan(inliers).any() or np.isnan(outliers).any():
+        return dict.fromkeys(OOD_METRICS)
     return {"auroc": auroc(inliers, outliers), "aupr_in": aupr_in(inliers, outliers),
             "aupr_out": aupr_out(inliers, outliers), "fpr_at_95_tpr": fpr_at_tpr(inliers, outliers)}
 
@@ -70,10 +77,14 @@ def typicality_test(batch: np.ndarray, reference: np.ndarray, n_bootstrap: int =
                     chunk_elements: int = 10_000_000) -> dict[str, float]:
     """Is the batch's mean NLL as far from the reference's mean (the entropy estimate) as that of a random batch
     of the same size drawn with replacement from the reference? statistic = |mean(batch) - mean(reference)|,
-    p = (1 + #bootstrap statistics >= it) / (1 + n_bootstrap). Draws are made in chunks to bound memory."""
+    p = (1 + #bootstrap statistics >= it) / (1 + n_bootstrap). Draws are made in chunks to bound memory. A NaN
+    in either set leaves the statistic and p None (no comparison with NaN is true: p would be the smallest)."""
     batch, reference = np.asarray(batch, float), np.asarray(reference, float)
     entropy = float(reference.mean())
     statistic = abs(float(batch.mean()) - entropy)
+    if math.isnan(statistic):
+        return {"statistic": None, "p_value": None, "n_images": len(batch), "n_bootstrap": n_bootstrap,
+                "entropy_bpd": None if math.isnan(entropy) else entropy}
     rng = np.random.default_rng(seed)
     rows = max(1, chunk_elements // len(batch))
     at_least = 0

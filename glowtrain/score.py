@@ -51,7 +51,7 @@ from glowtrain.images import histogram_picture, save_image
 from glowtrain.logs import strict_json
 from glowtrain.losses import reduce_bits
 from glowtrain.objective import Objective
-from glowtrain.ood_metrics import ood_metrics, typicality_test
+from glowtrain.ood_metrics import OOD_METRICS, ood_metrics, typicality_test
 from glowtrain.precision import full_float32
 from glowtrain.runs import check_writable, checked_files, read_json
 
@@ -433,6 +433,7 @@ def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: 
         values = scores[image_set.role]
         hidden_folders, other_files = ignored_counts(image_set.not_read)
         summary["sets"][image_set.role] = {"n_images": len(values["bpd"]), "skipped": image_set.skipped,
+                                           "n_nan_bpd": int(np.isnan(values["bpd"]).sum()),
                                            "not_read": {"hidden_folders": hidden_folders, "other_files": other_files},
                                            "scores": {n: _mean_stderr(v) for n, v in values.items()}}
     if "against" in scores:
@@ -457,10 +458,13 @@ def ood_table(summary: dict) -> str:
     lines = [header, "-" * len(header)]
     for name, directions in summary["ood"].items():
         for direction, label in (("higher_is_ood", "higher"), ("lower_is_ood", "lower")):
-            m = directions[direction]
-            lines.append(f"{name:<22} {label:<8} {m['auroc']:>7.3f} {m['aupr_in']:>8.3f} {m['aupr_out']:>9.3f} "
-                         f"{m['fpr_at_95_tpr']:>7.3f}")
+            auroc, aupr_in, aupr_out, fpr = (_figure(directions[direction][key]) for key in OOD_METRICS)
+            lines.append(f"{name:<22} {label:<8} {auroc:>7} {aupr_in:>8} {aupr_out:>9} {fpr:>7}")
     return "\n".join(lines)
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def score_command(loaded: LoadedRun, images: list[str], dataset: str | None, split: str | None, against: list[str],
@@ -494,12 +498,19 @@ def report(summary: dict) -> tuple[list[str], list[str]]:
         warnings += [f"warning: skipped unreadable image {path} ({reason})" for path, reason in part["skipped"]]
         bpd = part["scores"]["bpd"]
         n, not_read = part["n_images"], part["not_read"]
+        if part.get("n_nan_bpd"):
+            warnings.append(f"warning: {part['n_nan_bpd']:,} of {n:,} images in the {role} set have a bits/dim "
+                            "of NaN (the model's likelihood broke down there: a diverged checkpoint?); the OOD "
+                            "metrics and typicality test that would count them are n/a")
         ignored = describe_ignored(not_read["hidden_folders"], not_read["other_files"])
         lines.append(f"{role}: {n:,} image{'s' * (n != 1)}{ignored}, "
                      f"bpd {mean_text(bpd['mean'], bpd['stderr'])}")
     if "ood" in summary:
         lines.append(ood_table(summary))
     for role, test in summary.get("batch_test", {}).items():
+        if test["p_value"] is None:
+            lines.append(f"typicality test, {role} as a whole: n/a (a bits/dim is NaN)")
+            continue
         lines.append(f"typicality test, {role} as a whole: |mean bpd - H| = {test['statistic']:.4f}, "
                      f"p = {test['p_value']:.4g} ({test['n_bootstrap']} bootstrap draws)")
     files = summary["files"]

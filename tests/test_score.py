@@ -166,6 +166,30 @@ def test_against_the_same_images_gives_auroc_one_half_and_against_noise_the_tabl
         assert picture.format == "PNG" and picture.size == (520, 300)
 
 
+def test_a_checkpoint_whose_bits_per_dim_are_nan_gets_a_warning_and_no_metrics(run_dir, digit_files, tmp_path):
+    """NaN scores ranked as the most out-of-distribution in both directions: a diverged checkpoint scored
+    AUPR-in and AUPR-out 1.000, FPR@95 0.000 and the smallest p, with exit code 0 and no warning."""
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    for weights in (state["model"], state["ema"]):
+        name = next(name for name in weights if name.endswith(".bias"))
+        weights[name] = torch.full_like(weights[name], float("nan"))
+    torch.save(state, tmp_path / "diverged.pt")
+    result = ok(invoke("score", "--checkpoint", tmp_path / "diverged.pt", "--out", tmp_path / "score", *CPU,
+                       "--dataset", "digits", "--against", digit_files / "noise", "--batch-test",
+                       "--n-bootstrap", "99"))
+    for role, n in (("images", 297), ("against", 40)):
+        assert (f"warning: {n} of {n} images in the {role} set have a bits/dim of NaN (the model's likelihood "
+                "broke down there: a diverged checkpoint?)") in result.stderr
+        assert f"typicality test, {role} as a whole: n/a (a bits/dim is NaN)" in result.stdout
+    table = [line.split() for line in result.stdout.splitlines() if line.startswith(("bpd ", "complexity "))]
+    assert len(table) == 4 and all(row[2:] == ["n/a"] * 4 for row in table)
+    summary = json.loads((tmp_path / "score" / "summary.json").read_text())
+    for name, metrics in summary["ood"].items():  # the PNG size of an image needs no model
+        assert all((value is None) == (name != "png_bpd") for direction in metrics.values()
+                   for value in direction.values()), name
+    assert summary["sets"]["against"]["n_nan_bpd"] == 40 and summary["batch_test"]["images"]["p_value"] is None
+
+
 @pytest.fixture(scope="module")
 def other_run(tmp_path_factory):
     """Another run of the same data and shape (another seed, one more step): a reference model."""
