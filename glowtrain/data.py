@@ -9,6 +9,7 @@ import io
 import json
 import multiprocessing
 import os
+import pickle
 import shutil
 import signal
 from collections import Counter
@@ -444,16 +445,9 @@ def _torchvision_set(data_cfg, split: str, shape: tuple[int, int, int]) -> Tenso
         # torchvision prints each download attempt; the outcome is said in one line here instead
         with contextlib.redirect_stdout(io.StringIO()):
             ds = getattr(torchvision.datasets, cls_name)(root, train=split == "train", download=data_cfg.download)
-    except (RuntimeError, OSError) as e:
+    except _TORCHVISION_READ_ERRORS as e:
         remove_if_empty(missing)  # a failed download leaves no empty folders behind
-        if not data_cfg.download:
-            raise MissingData(f"{cls_name} not found under {root}/", "set data.download: true "
-                              f"(or --set data.download=true) or put the files in {where}") from None
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        # torchvision's "Error downloading X:" is followed by each mirror's error: keep the heading and the last
-        reason = f"{lines[0]} {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-        raise UserError(f"could not download {cls_name} into {root}/ ({reason}); "
-                        f"put the files in {where} yourself") from None
+        raise _torchvision_problem(data_cfg, root, where, e) from None
     # Whole arrays at once: per-item PIL conversion is far slower for these small sets.
     data = ds.data if isinstance(ds.data, Tensor) else torch.from_numpy(np.asarray(ds.data))
     images = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)  # (N, C, H, W)
@@ -464,6 +458,51 @@ def _torchvision_set(data_cfg, split: str, shape: tuple[int, int, int]) -> Tenso
         how = "zero-padded" if (native, size) == (28, 32) else "resized"
         dataset.report.conversions[f"{how} {native}→{size}"] = len(dataset)
     return dataset
+
+
+# What torchvision raises on files it cannot find, download or read: a cut-short MNIST file fails a reshape
+# (RuntimeError) or an assertion on its header; a damaged CIFAR-10 pickle fails to unpickle.
+_TORCHVISION_READ_ERRORS = (RuntimeError, OSError, AssertionError, ValueError, EOFError, pickle.UnpicklingError)
+
+
+def _torchvision_files(dataset: str) -> list[tuple[str, str | None]]:
+    """(file name, md5 or None) of each file torchvision reads for a built-in set, in its folder."""
+    from torchvision.datasets import cifar, mnist
+
+    cls = getattr(cifar if dataset == "cifar10" else mnist, _TORCHVISION[dataset][0])
+    if dataset == "cifar10":
+        return [(name, md5) for name, md5 in cls.train_list + cls.test_list] + [(cls.meta["filename"], cls.meta["md5"])]
+    return [(os.path.splitext(name)[0], None) for name, _ in cls.resources]  # unpacked from the .gz it downloads
+
+
+def _torchvision_problem(data_cfg, root: str, where: str, error: Exception) -> UserError:
+    """What stopped torchvision, from the files in `where`: all there but unreadable, still compressed, some or all
+    missing, or (with data.download) a download that failed."""
+    from torchvision.datasets.utils import check_integrity
+
+    cls_name = _TORCHVISION[data_cfg.dataset][0]
+    files = _torchvision_files(data_cfg.dataset)
+    absent = [name for name, _ in files if not os.path.isfile(os.path.join(where, name))]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    # torchvision's "Error downloading X:" is followed by each mirror's error: keep the heading and the last
+    reason = f"{lines[0]} {lines[-1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    if not absent:
+        damaged = next((name for name, md5 in files if not check_integrity(os.path.join(where, name), md5)), None)
+        why = f"{damaged} is not {cls_name}'s (its checksum differs)" if damaged else reason
+        return UserError(f"{cls_name}'s files in {where} cannot be read ({why}): cut short or damaged? — replace "
+                         "them: delete them and set data.download: true, or copy them again")
+    which = absent[0] + (f" and {len(absent) - 1} more" if len(absent) > 1 else "")
+    if len(absent) == len(files) and not data_cfg.download:
+        if any(os.path.isfile(os.path.join(where, name + ".gz")) for name in absent):
+            return MissingData(f"{cls_name}'s files in {where} are still compressed (.gz)", f"unpack them (gunzip "
+                               f"{where}/*.gz), or set data.download: true to have torchvision check and unpack them")
+        return MissingData(f"{cls_name} not found under {root}/", "set data.download: true "
+                           f"(or --set data.download=true) or put the files in {where}")
+    if not data_cfg.download:
+        return MissingData(f"{cls_name} in {where} is incomplete ({which} missing)", "put the missing files there, "
+                           "or set data.download: true (or --set data.download=true)")
+    return UserError(f"could not download {cls_name} into {root}/ ({reason}); put the files ({which}) in {where} "
+                     "yourself")
 
 
 def _to_image_size(images: Tensor, native: int, size: int) -> Tensor:

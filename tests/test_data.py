@@ -364,6 +364,50 @@ def test_missing_mnist_without_download_names_the_expected_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing was downloaded or created
 
 
+@pytest.mark.parametrize("download", [False, True])
+@pytest.mark.parametrize("damage", ["cut short", "random bytes"])
+def test_mnist_files_that_are_there_but_damaged_are_named_as_such_not_as_missing(tmp_path, download, damage):
+    """They were "not found — put the files in X/raw" (where they were), "could not download" (nothing was), or an
+    AssertionError with exit code 1."""
+    images = np.zeros((5, 28, 28), np.uint8)
+    write_mnist(tmp_path, "MNIST", images, images[:3])
+    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:1000] if damage == "cut short" else
+                     np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8).tobytes())
+    with pytest.raises(UserError) as info:
+        data.build_dataset(data_cfg(dataset="mnist", root=str(tmp_path), image_size=28, download=download), "train")
+    assert not isinstance(info.value, data.MissingData)
+    assert str(info.value).startswith(f"MNIST's files in {tmp_path}/MNIST/raw cannot be read (")
+    assert str(info.value).endswith("): cut short or damaged? — replace them: delete them and set data.download: "
+                                    "true, or copy them again")
+
+
+def test_mnist_still_compressed_or_incomplete_says_so(tmp_path):
+    images = np.zeros((5, 28, 28), np.uint8)
+    write_mnist(tmp_path, "MNIST", images, images[:3])
+    raw = tmp_path / "MNIST" / "raw"
+    cfg = data_cfg(dataset="mnist", root=str(tmp_path), image_size=28)
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(data.MissingData, match=rf"^MNIST in {raw} is incomplete \(t10k-labels-idx1-ubyte missing\) "
+                                               "— put the missing files there, or set data.download: true"):
+        data.build_dataset(cfg, "train")
+    for path in list(raw.iterdir()):
+        path.rename(path.with_name(path.name + ".gz"))  # the form they are downloaded in
+    with pytest.raises(data.MissingData, match=rf"^MNIST's files in {raw} are still compressed \(.gz\) — unpack "
+                                               rf"them \(gunzip {raw}/\*.gz\)"):
+        data.build_dataset(cfg, "train")
+
+
+def test_cifar10_files_of_another_checksum_name_the_first_such_file(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (folder / name).write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [1, 7]}))
+    with pytest.raises(UserError, match=rf"^CIFAR10's files in {folder} cannot be read \(data_batch_1 is not "
+                                        r"CIFAR10's \(its checksum differs\)\): cut short or damaged\?"):
+        data.build_dataset(data_cfg(dataset="cifar10", root=str(tmp_path), image_size=32), "train")
+
+
 def test_mnist_loads_from_raw_idx_files_and_pads_to_32_with_zeros(tmp_path):
     rng = np.random.default_rng(3)
     train, test = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8), rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
