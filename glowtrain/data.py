@@ -300,7 +300,8 @@ def _build_uncached(data_cfg, split: str, checked: dict | None = None) -> Datase
     ignored = []
     base, chosen, every = _image_files(data_cfg, split, ignored)
     if every is None:  # CelebA in torchvision's layout: its own split, its own crop
-        return _checked_files(data_cfg, split, base, chosen, CELEBA_CROP, checked)
+        other = _celeba_official(base, "test" if split == "train" else "train")
+        return _checked_files(data_cfg, split, base, chosen, CELEBA_CROP, checked, other)
     labels, class_names = _subfolder_labels(base, every) if data_cfg.labels == "subfolders" else (None, [])
     others = sorted(set(every) - set(chosen))
     dataset = _checked_files(data_cfg, split, base, chosen, None, checked, others)
@@ -551,7 +552,12 @@ def _celeba_official(celeba: Path, split: str) -> list[str]:
     if not names:
         raise UserError(f"no {split} images listed in {celeba / CELEBA_PARTITION}; restore the file, or set "
                         "data.dataset=folder to train on the images as a plain folder")
-    return [str(celeba / CELEBA_IMAGES / n) for n in sorted(names)]
+    paths = [str(celeba / CELEBA_IMAGES / n) for n in sorted(names)]
+    if not any(os.path.isfile(path) for path in paths):
+        raise MissingData(f"none of the {len(paths):,} {split} images {CELEBA_PARTITION} lists is in "
+                          f"{celeba / CELEBA_IMAGES} (such as {Path(paths[0]).name})",
+                          "put CelebA's aligned faces there (img_align_celeba.zip, unpacked)")
+    return paths
 
 
 # The cache is a directory: index.json, {split}.npy uint8 (N, C, H, W), {split}_labels.npy int64 (N,).

@@ -498,6 +498,22 @@ def test_half_of_celebas_layout_is_refused_naming_the_missing_part(tmp_path, ins
                                "data.dataset=folder to train on the images as a plain folder")
 
 
+def test_celeba_images_missing_from_the_official_layout_are_counted_over_both_splits(tmp_path):
+    """With none there, the message said to skip unreadable images; with some, it counted this split's alone."""
+    celeba = tmp_path / "celeba"
+    (celeba / "img_align_celeba").mkdir(parents=True)
+    (celeba / "list_eval_partition.txt").write_text("".join(f"{i:06d}.jpg {i % 3}\n" for i in range(1, 10)))
+    cfg = data_cfg(dataset="celeba", root=str(tmp_path), image_size=8, channels=3)
+    with pytest.raises(data.MissingData, match=r"^none of the 3 train images list_eval_partition.txt lists is in "
+                                               rf"{celeba}/img_align_celeba \(such as 000003.jpg\) — put CelebA's"):
+        data.build_dataset(cfg, "train")
+    rng = np.random.default_rng(0)
+    for name in ("000003.jpg", "000008.jpg"):  # one train image (partition 0) and one test image (2) are there
+        write_image(celeba / "img_align_celeba" / name, random_image(rng, 218, 178), fmt="PNG")
+    with pytest.raises(UserError, match=r"and 3 more"):  # 000006.jpg of train, 000002.jpg and 000005.jpg of test
+        data.build_dataset(cfg, "train")
+
+
 # ---------------------------------------------------------------- cache
 
 def test_cache_batches_equal_folder_batches(tmp_path):
