@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from glowtrain.errors import UserError  # noqa: E402
 
-__all__ = ["UserError", "__version__", "load_run"]
+__all__ = ["Glow", "UserError", "__version__", "load_run"]
 
 
 def __getattr__(name: str):
@@ -13,4 +13,8 @@ def __getattr__(name: str):
         from glowtrain.api import load_run
 
         return load_run
+    if name == "Glow":
+        from glowtrain.model import Glow
+
+        return Glow
     raise AttributeError(f"module 'glowtrain' has no attribute {name!r}")

@@ -150,6 +150,7 @@ class Glow(nn.Module):
         """Run the flow; return the latents, the kept halves that condition the split priors, log|det|, and
         log|det| level by level (one function, not two nested: each frame around memory saving's eager chain
         is one more compiled graph)."""
+        self._check_images(x)
         logdet = x.new_zeros(x.shape[0])
         zs, kept_halves, level_logdets = [], [], []
         h = x
@@ -165,6 +166,14 @@ class Glow(nn.Module):
                 kept_halves.append(h)
         zs.append(h)
         return zs, kept_halves, logdet, level_logdets
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        """Refuse what is not a batch of this model's continuous images: uint8 pixels were scored as values up to
+        255 (a log-likelihood of millions of nats), a wrong shape failed deep in a layer."""
+        if not x.is_floating_point() or x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(f"Glow takes float images of shape (N, {', '.join(map(str, self.image_shape))}) in about "
+                             f"[-0.5, 0.5] (dequantised pixels, as in glowtrain.losses.dequantize), got {x.dtype} "
+                             f"{tuple(x.shape)}; glowtrain.load_run(...) takes pixels as they are")
 
     def _run_level(self, level: FlowSequence, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if (

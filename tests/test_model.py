@@ -1,5 +1,6 @@
 import dataclasses
 import math
+import re
 from typing import Literal, get_args, get_origin, get_type_hints
 
 import pytest
@@ -322,3 +323,18 @@ def test_impossible_architectures_raise_clear_value_errors(kwargs, message):
     kwargs = {"n_levels": 1, "n_steps": 1, "hidden_channels": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
         Glow(**kwargs)
+
+
+def test_pixels_or_another_shape_are_refused_naming_what_the_model_takes():
+    """uint8 pixels were scored as values up to 255 (millions of nats); glowtrain.Glow is the model, as DESIGN says."""
+    import glowtrain
+
+    model = glowtrain.Glow((1, 8, 8), n_levels=2, n_steps=1, hidden_channels=8)
+    assert model.log_prob(torch.rand(2, 1, 8, 8) - 0.5).shape == (2,)
+    for images, got in ((torch.zeros(2, 1, 8, 8, dtype=torch.uint8), "torch.uint8 (2, 1, 8, 8)"),
+                        (torch.zeros(2, 3, 8, 8, dtype=torch.float32), "torch.float32 (2, 3, 8, 8)"),
+                        (torch.zeros(1, 8, 8, dtype=torch.float32), "torch.float32 (1, 8, 8)")):
+        for method in (model.log_prob, model.encode, model.initialize):
+            with pytest.raises(ValueError, match=rf"^Glow takes float images of shape \(N, 1, 8, 8\) in about "
+                                                 rf"\[-0.5, 0.5\] .*, got {re.escape(got)}; glowtrain.load_run"):
+                method(images)
