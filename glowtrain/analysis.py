@@ -381,6 +381,7 @@ def multiply_adds(model: Glow) -> int:
     channels, height, width = model.image_shape
     side = 2**model.n_levels
     probe = torch.zeros(1, channels, side, side, device=device)
+    model.image_shape = (channels, side, side)  # the copy takes the probe: the levels are convolutional
     return _counted_multiply_adds(model, lambda m: m.log_prob(probe), (height // side, width // side))
 
 
