@@ -35,6 +35,7 @@ from glowtrain.folders import (
     SPLIT_SCHEME,
     WIDE_GREY_MODES,
     check_images,
+    conversions,
     describe_ignored,
     find_images,
     fingerprint,
@@ -264,12 +265,19 @@ def training_crop(data_cfg: DataConfig, run_dir: str | Path | None) -> int | Non
 
 
 def read_images(paths: Iterable[str], data_cfg: DataConfig, on_bad_image: str, skipped: list[tuple[str, str]],
-                fix: str = "set data.on_bad_image: skip", crop: int | None = None) -> Iterator[Tensor | None]:
+                fix: str = "set data.on_bad_image: skip", crop: int | None = None,
+                converted: Counter | None = None) -> Iterator[Tensor | None]:
     """preprocess_image of each path in turn; an unreadable file raises a UserError naming `fix`, or with
-    on_bad_image 'skip' yields None and is added to `skipped` as (path, reason)."""
+    on_bad_image 'skip' yields None and is added to `skipped` as (path, reason). `converted` counts what was done
+    to the images to give them the training shape, as a run's data line does (resized, colour→grey, ...)."""
+    channels, size, _ = image_shape(data_cfg)
     for path in paths:
         try:
-            yield preprocess_image(path, data_cfg, crop)
+            with Image.open(path) as img:
+                if converted is not None:
+                    converted.update(conversions(img.mode, img.width, img.height, channels, size, crop))
+                image = preprocess_image(img, data_cfg, crop)
+            yield image
         except PIL_DECODE_ERRORS as e:
             if on_bad_image != "skip":
                 raise UserError(f"cannot read image {path} ({e}); fix or remove it, or {fix}") from None

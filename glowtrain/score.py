@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -96,6 +97,7 @@ class ImageSet:
     batches: Callable[[int], Iterator[Batch]]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     not_read: list[str] = field(default_factory=list)  # in its folders: hidden folders, files hidden or not images
+    converted: Counter = field(default_factory=Counter)  # what giving the files the run's image shape did to them
 
 
 # --- where the images come from ----------------------------------------------------------------
@@ -130,7 +132,7 @@ def file_set(role: str, sources: list[str], loaded: LoadedRun, on_bad_image: str
 
     def batches(batch_size: int) -> Iterator[Batch]:
         images = read_image_files(paths, loaded.cfg.data, policy, image_set.skipped, "pass --on-bad-image skip",
-                                  training_crop(loaded.cfg.data, loaded.run_dir))
+                                  training_crop(loaded.cfg.data, loaded.run_dir), image_set.converted)
         indices, noise_keys, pending, n_read = [], [], [], 0
         for index, image in enumerate(images):
             if image is not None:
@@ -434,6 +436,7 @@ def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: 
         hidden_folders, other_files = ignored_counts(image_set.not_read)
         summary["sets"][image_set.role] = {"n_images": len(values["bpd"]), "skipped": image_set.skipped,
                                            "n_nan_bpd": int(np.isnan(values["bpd"]).sum()),
+                                           "converted": dict(image_set.converted.most_common()),
                                            "not_read": {"hidden_folders": hidden_folders, "other_files": other_files},
                                            "scores": {n: _mean_stderr(v) for n, v in values.items()}}
     if "against" in scores:
@@ -503,8 +506,9 @@ def report(summary: dict) -> tuple[list[str], list[str]]:
                             "of NaN (the model's likelihood broke down there: a diverged checkpoint?); the OOD "
                             "metrics and typicality test that would count them are n/a")
         ignored = describe_ignored(not_read["hidden_folders"], not_read["other_files"])
-        lines.append(f"{role}: {n:,} image{'s' * (n != 1)}{ignored}, "
-                     f"bpd {mean_text(bpd['mean'], bpd['stderr'])}")
+        converted = ", ".join(f"{count:,} {what}" for what, count in part.get("converted", {}).items())
+        lines.append(f"{role}: {n:,} image{'s' * (n != 1)}{ignored}, bpd {mean_text(bpd['mean'], bpd['stderr'])}"
+                     + (f"; converted to the run's images: {converted}" if converted else ""))
     if "ood" in summary:
         lines.append(ood_table(summary))
     for role, test in summary.get("batch_test", {}).items():

@@ -140,6 +140,20 @@ def test_the_images_line_names_what_the_folders_hold_besides_images(run_dir, dig
     assert one_summary["sets"]["images"]["scores"]["bpd"]["stderr"] is None
 
 
+def test_images_of_another_shape_are_counted_as_converted_on_the_images_line(run_dir, tmp_path):
+    """A 1x200 strip became one constant pixel scored as in-distribution without a word."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "colour.png")
+    Image.fromarray(np.zeros((1, 200), np.uint8)).save(folder / "strip.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "as_trained.png")
+    result = ok(invoke("score", "--run", run_dir, "--out", tmp_path / "out", *CPU, "--images", folder))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["sets"]["images"]["converted"] == {"resized": 2, "colour→grey": 1, "centre-cropped": 1}
+    line = next(line for line in result.stdout.splitlines() if line.startswith("images: 3 images"))
+    assert line.endswith("; converted to the run's images: 2 resized, 1 colour→grey, 1 centre-cropped")
+
+
 def test_a_file_named_twice_is_scored_once(run_dir, digit_files, tmp_path):
     digits = digit_files / "digits"
     rows, summary = score(run_dir, tmp_path / "twice", "--images", digits, "--images", digits / "0003.png",
