@@ -181,9 +181,19 @@ def _end(code: int, line: str | None) -> NoReturn:
     if _report_to_launcher(code, line):
         line = None
     if line:
+        _close_progress_bars()
         typer.echo(line, err=True)
     _state["ended"] = True
     raise typer.Exit(code) from None
+
+
+def _close_progress_bars() -> None:
+    """Close the bars an exception left open (a generator's, closed only when collected): the line said after them
+    began at the end of the bar ("... 35.2img/s]interrupted")."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _ignore_signals(*names: str) -> None:

@@ -115,6 +115,31 @@ def test_the_command_ignores_ctrl_c_on_its_way_out_but_python_callers_keep_their
     assert capsys.readouterr().err == "interrupted\ninterrupted\n"
 
 
+def test_the_last_line_starts_on_a_line_of_its_own_after_a_bar_left_open(capsys):
+    """A generator's bar is closed only when collected: `score` interrupted said "...img/s]interrupted"."""
+    import signal
+
+    import typer
+    from tqdm import tqdm
+
+    import glowtrain.cli as cli
+
+    def scoring():
+        yield from tqdm(range(10), desc="scoring", file=sys.stderr)
+
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        images = scoring()
+        next(images)  # the bar is open, its generator suspended, as when Ctrl-C reached a command
+        with pytest.raises(typer.Exit):
+            cli._end(130, "interrupted")
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    err = capsys.readouterr().err
+    assert err.endswith("\ninterrupted\n") and "scoring:" in err
+    del images
+
+
 @pytest.mark.slow
 def test_fit_whose_output_reader_leaves_trains_on_and_saves(tmp_path):
     """`glowtrain fit | head -1` (and `2>&1 | head -1`): the lines after the reader has gone are dropped, the run
