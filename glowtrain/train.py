@@ -506,7 +506,8 @@ class Trainer:
             result = evaluate(self.eval_objective, self.test_set, self.cfg, self.device, ctx=self.ctx,
                               progress=self.progress and self.ctx.is_main)
         self.logger.log(self.state.step, "test", **result)
-        self.say(f"step {self.state.step}: test bpd {mean_text(result['bpd'], result['bpd_stderr'])}")
+        accuracy = f", accuracy {result['accuracy']:.3f}" if "accuracy" in result else ""  # class-conditional
+        self.say(f"step {self.state.step}: test bpd {mean_text(result['bpd'], result['bpd_stderr'])}{accuracy}")
         if result["bpd"] < self.state.best_test_bpd:
             self.state.best_test_bpd = result["bpd"]
             self.save(self.run_dir.best)
@@ -819,8 +820,11 @@ def _quiet(*args, **kwargs) -> None:
 
 def train(cfg: Config, out: str | None = None, resume: str | None = None, progress: bool = True, *,
           trainer: type[Trainer] = Trainer) -> TrainResult:
-    """Train the model `cfg` describes into --out (or runs/<run.name>), fresh or resumed.
+    """Train the model `cfg` describes into `out` (default runs/<run.name>), fresh or resumed.
 
+    `resume`: None starts a new run (refused where one is); "auto" continues from the run's last.pt; "if-any" does
+    so when there is one and starts fresh otherwise; a checkpoint's path continues from it. A resumed run must
+    model what `cfg` does (data.* and model.* as stored; run.* and train.* may change). `progress`: tqdm bars.
     `trainer` may be a subclass (tests inject faults by overriding `prepare_batch`). On `cuda:N`, that GPU is the
     current device while training; a process that had used CUDA before gets its own current device back."""
     resume = _if_any(resume, out, cfg.run.name)

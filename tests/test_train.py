@@ -317,12 +317,13 @@ def test_short_training_lowers_test_bpd_below_the_initial_model(fresh_model, tmp
     assert result.test["bpd"] < initial - 0.1, (initial, result.test["bpd"])
 
 
-def test_class_conditional_training_logs_test_accuracy(tmp_path):
+def test_class_conditional_training_logs_test_accuracy(tmp_path, capsys):
     cfg = tiny_config("model.n_classes=10", "train.steps=3", "train.eval_every=3")
     result = train(cfg, out=str(tmp_path / "run"), progress=False)
     test_lines = [r for r in read_metrics(tmp_path / "run") if r["split"] == "test"]
     assert [r["step"] for r in test_lines] == [3]
     assert 0 <= test_lines[0]["accuracy"] <= 1
+    assert f", accuracy {test_lines[0]['accuracy']:.3f}\n" in capsys.readouterr().out  # on the test line too
     assert result.test["accuracy"] == test_lines[0]["accuracy"]
     # Training logs the objective's classification terms too: cross-entropy near log(10) at the start.
     train_lines = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train" and "bpd" in r]
