@@ -329,7 +329,7 @@ def _image_files(data_cfg, split: str, ignored: list[str] | None = None) -> tupl
         celeba = _celeba_official_root(data_cfg)
         if celeba is not None:
             return celeba, _celeba_official(celeba, split), None
-    base, paths = (_celeba_folder(data_cfg.root, ignored) if data_cfg.dataset == "celeba" else
+    base, paths = (_celeba_folder(data_cfg.root, ignored, data_cfg.download) if data_cfg.dataset == "celeba" else
                    find_images(data_cfg.root, ignored))
     return base, split_paths(paths, base, data_cfg.test_fraction, data_cfg.split_seed, split), paths
 
@@ -375,14 +375,16 @@ def stale_cache_warning(data_cfg) -> str | None:
             f"({' and '.join(changed)} split); training uses the cache's copies — prepare it again to use the new ones")
 
 
-def _celeba_folder(root: str, ignored: list[str] | None = None) -> tuple[Path, list[str]]:
+def _celeba_folder(root: str, ignored: list[str] | None = None, download: bool = False) -> tuple[Path, list[str]]:
     try:
         return find_images(root, ignored)
     except UserError:
         base = Path(root).expanduser().absolute()
-        raise MissingData(f"no CelebA images under {base}", f"put the aligned faces in {base}/celeba/img_align_celeba/ "
-                          f"with {base}/celeba/list_eval_partition.txt (torchvision's layout), or any folder of "
-                          f"aligned face images in {base}") from None
+        # torchvision fetches CelebA from a Google Drive that refuses most downloads (its quota)
+        not_fetched = " (data.download fetches mnist, fashion_mnist and cifar10, not CelebA)" if download else ""
+        raise MissingData(f"no CelebA images under {base}{not_fetched}", f"put the aligned faces in "
+                          f"{base}/celeba/img_align_celeba/ with {base}/celeba/list_eval_partition.txt (torchvision's "
+                          f"layout), or any folder of aligned face images in {base}") from None
 
 
 def _checked_files(data_cfg, split: str, base: Path, paths: list[str], crop: int | None, checked: dict | None,

@@ -670,7 +670,12 @@ def test_a_failed_download_is_one_line_with_the_absolute_path_and_leaves_no_empt
 
 def test_celeba_without_images_describes_the_expected_layout(tmp_path):
     result = tiny_fit(tmp_path / "run", "data.dataset=celeba", f"data.root={tmp_path}", "data.channels=3")
-    assert_one_line_error(result, 2, f"{tmp_path}/celeba/img_align_celeba/", "list_eval_partition.txt")
+    line = assert_one_line_error(result, 2, f"{tmp_path}/celeba/img_align_celeba/", "list_eval_partition.txt")
+    assert "data.download" not in line
+    result = tiny_fit(tmp_path / "run", "data.dataset=celeba", f"data.root={tmp_path}", "data.channels=3",
+                      "data.download=true")  # a user may expect it to fetch CelebA: it was silently ignored
+    assert_one_line_error(result, 2, f"no CelebA images under {tmp_path} (data.download fetches mnist, "
+                          "fashion_mnist and cifar10, not CelebA) — put the aligned faces in")
 
 
 def test_info_run_shows_the_training_state(fitted):
