@@ -13,7 +13,7 @@ import pickle
 import shutil
 import signal
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -308,11 +308,11 @@ def _build_uncached(data_cfg, split: str, checked: dict | None = None) -> Datase
     ignored = []
     base, chosen, every = _image_files(data_cfg, split, ignored)
     if every is None:  # CelebA in torchvision's layout: its own split, its own crop
-        other = _celeba_official(base, "test" if split == "train" else "train")
+        _refuse_none_there(base, split, chosen)
+        other = functools.partial(_celeba_official, base, "test" if split == "train" else "train")
         return _checked_files(data_cfg, split, base, chosen, CELEBA_CROP, checked, other)
     labels, class_names = _subfolder_labels(base, every) if data_cfg.labels == "subfolders" else (None, [])
-    others = sorted(set(every) - set(chosen))
-    dataset = _checked_files(data_cfg, split, base, chosen, None, checked, others)
+    dataset = _checked_files(data_cfg, split, base, chosen, None, checked, lambda: sorted(set(every) - set(chosen)))
     dataset.report.ignored = ignored_counts(ignored)
     dataset.split_scheme = SPLIT_SCHEME
     if labels is not None:
@@ -388,13 +388,14 @@ def _celeba_folder(root: str, ignored: list[str] | None = None, download: bool =
 
 
 def _checked_files(data_cfg, split: str, base: Path, paths: list[str], crop: int | None, checked: dict | None,
-                   other_split: list[str] = ()) -> ImageFiles:
+                   other_split: Callable[[], list[str]] | None = None) -> ImageFiles:
     """Check every file of a split (headers, then a decode); drop or refuse the unreadable ones. Refused, the other
-    split's files (when given) are checked too, so the count names every file to fix, not just this split's."""
+    split's files (`other_split` lists them, only then) are checked too, so the count names every file to fix,
+    not just this split's."""
     c, size, _ = image_shape(data_cfg)
     check = check_images(paths, base, c, size, crop, checked)
     if check.bad and data_cfg.on_bad_image != "skip":
-        also = check_images(other_split, base, c, size, crop, checked).bad if other_split else []
+        also = check_images(other_split(), base, c, size, crop, checked).bad if other_split else []
         raise unreadable_error(check.bad + also, base)
     if not check.good:
         path, reason = check.bad[0]
@@ -537,21 +538,26 @@ CELEBA_IMAGES, CELEBA_PARTITION = "img_align_celeba", "list_eval_partition.txt" 
 
 
 def _celeba_official_root(data_cfg) -> Path | None:
-    """The folder holding the official layout (images + partition file): <root>/celeba as torchvision has it, or
-    <root> itself (the shipped config's root is data/celeba); None for a plain folder of faces. Half the layout is
-    refused: read as a plain folder, it would have trained on a random split of every image, validation's too,
-    with another crop."""
-    root = Path(data_cfg.root).expanduser().absolute()
-    for folder in (root / "celeba", root):
-        images, partition = (folder / CELEBA_IMAGES).is_dir(), (folder / CELEBA_PARTITION).is_file()
-        if images and partition:
-            return folder
-        if images or partition:
-            present, missing = (CELEBA_IMAGES, CELEBA_PARTITION) if images else (CELEBA_PARTITION, CELEBA_IMAGES)
-            raise UserError(f"CelebA's {missing} is missing beside {folder / present} — put it at {folder / missing} "
-                            "(torchvision's layout: the official split and the 148x148 crop), or set "
-                            "data.dataset=folder to train on the images as a plain folder")
+    """<root>/celeba when it holds the official layout (images + partition file), else None."""
+    celeba = Path(data_cfg.root).expanduser().absolute() / "celeba"
+    if (celeba / CELEBA_IMAGES).is_dir() and (celeba / CELEBA_PARTITION).is_file():
+        return celeba
     return None
+
+
+def refuse_misplaced_celeba_layout(data_cfg) -> None:
+    """For a new run or cache: refuse data.root holding torchvision's CelebA layout itself, which is read from
+    <data.root>/celeba/ only (a plain folder there: a random split of every image, validation's too, cropped to
+    the largest square). Runs trained so already keep reading it as they did."""
+    root = Path(data_cfg.root).expanduser().absolute()
+    if (data_cfg.dataset != "celeba" or data_cfg.cache or _celeba_official_root(data_cfg) is not None
+            or not (root / CELEBA_IMAGES).is_dir() or not (root / CELEBA_PARTITION).is_file()):
+        return
+    move = (f"set data.root={root.parent}" if root.name == "celeba" else
+            f"move {CELEBA_IMAGES}/ and {CELEBA_PARTITION} into {root / 'celeba'}/")
+    raise UserError(f"data.root {root} holds CelebA in torchvision's layout, which is read from <data.root>/celeba/ "
+                    f"— {move} to train on the official split with the 148x148 crop, or set data.dataset=folder to "
+                    "train on every image as a plain folder")
 
 
 def _celeba_official(celeba: Path, split: str) -> list[str]:
@@ -560,14 +566,17 @@ def _celeba_official(celeba: Path, split: str) -> list[str]:
     lines = (celeba / CELEBA_PARTITION).read_text().split("\n")
     names = [parts[0] for parts in (line.split() for line in lines) if len(parts) == 2 and parts[1] == wanted]
     if not names:
-        raise UserError(f"no {split} images listed in {celeba / CELEBA_PARTITION}; restore the file, or set "
-                        "data.dataset=folder to train on the images as a plain folder")
-    paths = [str(celeba / CELEBA_IMAGES / n) for n in sorted(names)]
+        raise UserError(f"no {split} images listed in {celeba / CELEBA_PARTITION}; "
+                        "restore the file or remove it to use data.root as a plain folder")
+    return [str(celeba / CELEBA_IMAGES / n) for n in sorted(names)]
+
+
+def _refuse_none_there(celeba: Path, split: str, paths: list[str]) -> None:
+    """None of a split's listed images in img_align_celeba: say so (the unreadable-image message advised skipping)."""
     if not any(os.path.isfile(path) for path in paths):
         raise MissingData(f"none of the {len(paths):,} {split} images {CELEBA_PARTITION} lists is in "
                           f"{celeba / CELEBA_IMAGES} (such as {Path(paths[0]).name})",
                           "put CelebA's aligned faces there (img_align_celeba.zip, unpacked)")
-    return paths
 
 
 # The cache is a directory: index.json, {split}.npy uint8 (N, C, H, W), {split}_labels.npy int64 (N,).
@@ -580,6 +589,7 @@ def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True, ov
     shape = image_shape(data_cfg)
     out = Path(os.path.abspath(Path(out_path).expanduser()))  # '.' and '..' have no name to build beside
     _check_cache_target(out)
+    refuse_misplaced_celeba_layout(data_cfg)
     if not overwrite:
         _refuse_other_settings(out, data_cfg)
     # Both splits are found (and the config checked) before anything is written.

@@ -46,6 +46,7 @@ from glowtrain.data import (
     make_train_batches,
     record_run_data,
     recorded_data,
+    refuse_misplaced_celeba_layout,
 )
 from glowtrain.distributed import Context, broadcast_state, identical_across_ranks, in_turns, setup, teardown
 from glowtrain.errors import UserError
@@ -861,6 +862,8 @@ def _claim_run(run: RunDir, resume: str | None, cfg: Config, ctx: Context,
     problem, resume_from = None, None
     try:
         refuse_missing_image_folder(cfg.data)
+        if resume is None:
+            refuse_misplaced_celeba_layout(cfg.data)
         refuse_output_among_training_images(run.path, cfg.data)  # its sample grids would become training images
         if ctx.is_main:
             refuse_if_being_trained(run)

@@ -668,6 +668,17 @@ def test_a_failed_download_is_one_line_with_the_absolute_path_and_leaves_no_empt
     assert result.stdout == "" and list(tmp_path.iterdir()) == []
 
 
+def test_a_new_fit_on_a_root_holding_celebas_layout_itself_is_refused_before_anything_is_written(tmp_path):
+    root = tmp_path / "data" / "celeba"
+    (root / "img_align_celeba").mkdir(parents=True)
+    Image.new("RGB", (178, 218)).save(root / "img_align_celeba" / "000001.jpg")
+    (root / "list_eval_partition.txt").write_text("000001.jpg 0\n")
+    result = tiny_fit(tmp_path / "run", "data.dataset=celeba", f"data.root={root}", "data.channels=3")
+    assert_one_line_error(result, 2, f"data.root {root} holds CelebA in torchvision's layout",
+                          f"set data.root={tmp_path / 'data'} to train on the official split")
+    assert not (tmp_path / "run").exists()
+
+
 def test_celeba_without_images_describes_the_expected_layout(tmp_path):
     result = tiny_fit(tmp_path / "run", "data.dataset=celeba", f"data.root={tmp_path}", "data.channels=3")
     line = assert_one_line_error(result, 2, f"{tmp_path}/celeba/img_align_celeba/", "list_eval_partition.txt")

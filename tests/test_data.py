@@ -454,11 +454,8 @@ def test_cifar10_loads_from_python_batches_in_channel_first_order(tmp_path, monk
 
 # ---------------------------------------------------------------- celeba
 
-@pytest.mark.parametrize("inside", ["celeba", ""])
-def test_celeba_torchvision_layout_uses_official_partition_and_148_centre_crop(tmp_path, inside):
-    """torchvision's <root>/celeba/img_align_celeba, or <root>/img_align_celeba (the shipped config's root is
-    data/celeba: that layout under it was read as a plain folder, a random split of every image)."""
-    celeba = tmp_path / inside
+def test_celeba_torchvision_layout_uses_official_partition_and_148_centre_crop(tmp_path):
+    celeba = tmp_path / "celeba"
     rng = np.random.default_rng(5)
     faces = {f"{i:06d}.jpg": random_image(rng, 218, 178) for i in range(1, 5)}
     for name, array in faces.items():
@@ -482,20 +479,37 @@ def test_celeba_without_the_torchvision_layout_reads_root_as_a_plain_folder(tmp_
     assert len(train) + len(test) == 4 and min(len(train), len(test)) >= 1 and train[0][0].shape == (3, 8, 8)
 
 
-@pytest.mark.parametrize("inside", ["celeba", ""])
-@pytest.mark.parametrize("present", ["img_align_celeba", "list_eval_partition.txt"])
-def test_half_of_celebas_layout_is_refused_naming_the_missing_part(tmp_path, inside, present):
-    make_folder(tmp_path / inside / "img_align_celeba", 4, size=(20, 16))
-    (tmp_path / inside / "list_eval_partition.txt").write_text("000001.jpg 0\n")
-    missing = "list_eval_partition.txt" if present == "img_align_celeba" else "img_align_celeba"
-    path = tmp_path / inside / missing
-    shutil.rmtree(path) if path.is_dir() else path.unlink()
-    cfg = data_cfg(dataset="celeba", root=str(tmp_path), image_size=8, channels=3)
+@pytest.mark.parametrize("root_name", ["celeba", "faces"])
+def test_a_root_holding_celebas_layout_itself_is_refused_for_new_runs_and_read_as_before_by_old_ones(tmp_path,
+                                                                                                 root_name):
+    """torchvision's layout is read from <root>/celeba/; in <root> itself (the shipped config's root is data/celeba)
+    it was read as a plain folder: a random split of every image, validation's too, cropped to the largest square."""
+    root = tmp_path / root_name
+    make_folder(root / "img_align_celeba", 4, size=(20, 16))
+    (root / "list_eval_partition.txt").write_text("img000.png 0\nimg001.png 2\n")
+    cfg = data_cfg(dataset="celeba", root=str(root), image_size=8, channels=3)
+    move = (f"set data.root={tmp_path}" if root_name == "celeba" else
+            f"move img_align_celeba/ and list_eval_partition.txt into {root}/celeba/")
     with pytest.raises(UserError) as info:
-        data.build_dataset(cfg, "train")
-    assert str(info.value) == (f"CelebA's {missing} is missing beside {tmp_path / inside / present} — put it at "
-                               f"{path} (torchvision's layout: the official split and the 148x148 crop), or set "
-                               "data.dataset=folder to train on the images as a plain folder")
+        data.refuse_misplaced_celeba_layout(cfg)
+    assert str(info.value) == (f"data.root {root} holds CelebA in torchvision's layout, which is read from "
+                               f"<data.root>/celeba/ — {move} to train on the official split with the 148x148 crop, "
+                               "or set data.dataset=folder to train on every image as a plain folder")
+    with pytest.raises(UserError, match="holds CelebA in torchvision's layout"):
+        data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    assert not (tmp_path / "cache").exists()
+    old_run = [data.build_dataset(cfg, split) for split in ("train", "test")]  # a run trained so reads it so
+    assert sum(len(split) for split in old_run) == 4 and old_run[0].crop is None
+    if root_name == "celeba":
+        data.refuse_misplaced_celeba_layout(data_cfg(**{**vars(cfg), "root": str(tmp_path)}))  # the fix
+
+
+def test_celebas_kaggle_layout_is_a_plain_folder_of_faces(tmp_path):
+    make_folder(tmp_path / "img_align_celeba" / "img_align_celeba", 4, size=(20, 16))
+    (tmp_path / "list_eval_partition.csv").write_text("image_id,partition\nimg000.png,0\n")
+    cfg = data_cfg(dataset="celeba", root=str(tmp_path), image_size=8, channels=3, test_fraction=0.25)
+    data.refuse_misplaced_celeba_layout(cfg)
+    assert sum(len(data.build_dataset(cfg, split)) for split in ("train", "test")) == 4
 
 
 def test_celeba_images_missing_from_the_official_layout_are_counted_over_both_splits(tmp_path):
@@ -510,8 +524,11 @@ def test_celeba_images_missing_from_the_official_layout_are_counted_over_both_sp
     rng = np.random.default_rng(0)
     for name in ("000003.jpg", "000008.jpg"):  # one train image (partition 0) and one test image (2) are there
         write_image(celeba / "img_align_celeba" / name, random_image(rng, 218, 178), fmt="PNG")
-    with pytest.raises(UserError, match=r"and 3 more"):  # 000006.jpg of train, 000002.jpg and 000005.jpg of test
+    with pytest.raises(UserError, match=r"000006.jpg .* and 3 more"):  # 000009.jpg, and 000002/5.jpg of test
         data.build_dataset(cfg, "train")
+    for name in ("000002.jpg", "000005.jpg"):
+        shutil.copy(celeba / "img_align_celeba" / "000008.jpg", celeba / "img_align_celeba" / name)
+    assert len(data.build_dataset(cfg, "test")) == 3  # eval of the test split needs none of train's images
 
 
 # ---------------------------------------------------------------- cache
