@@ -35,13 +35,13 @@ from glowtrain.folders import (
     SPLIT_SCHEME,
     WIDE_GREY_MODES,
     check_images,
-    conversions,
     describe_ignored,
     find_images,
     fingerprint,
     fingerprint_differs,
     ignored_counts,
     is_prepared_cache,
+    opened_image_conversions,
     relative,
     split_paths,
     unreadable_error,
@@ -237,6 +237,21 @@ def preprocess_image(source: str | Path | Image.Image, data_cfg: DataConfig, cro
     return square_image(img, size, crop)
 
 
+def _preprocessing_done(img: Image.Image, data_cfg: DataConfig, crop: int | None) -> list[str]:
+    """What preprocess_image did to an image, in the words of a run's data line."""
+    channels, size, _ = image_shape(data_cfg)
+    name = data_cfg.dataset
+    if (name != "digits" and name not in _TORCHVISION) or img.size == (size, size):
+        return opened_image_conversions(img, channels, size, crop)
+    native = 8 if name == "digits" else _TORCHVISION[name][2]
+    done = opened_image_conversions(img, channels, native, None)  # to the set's own square, then its own way
+    if (native, size) == (28, 32):
+        done.append("zero-padded 28→32")
+    elif size != native and "resized" not in done:
+        done.append("resized")
+    return done
+
+
 def relocated(data_cfg: DataConfig, where: str) -> DataConfig:
     """The run's data found at `where` on this machine (the stored paths say where it was trained): a prepared
     cache (a folder holding index.json), or what data.root names (an image folder or a dataset root)."""
@@ -270,13 +285,12 @@ def read_images(paths: Iterable[str], data_cfg: DataConfig, on_bad_image: str, s
     """preprocess_image of each path in turn; an unreadable file raises a UserError naming `fix`, or with
     on_bad_image 'skip' yields None and is added to `skipped` as (path, reason). `converted` counts what was done
     to the images to give them the training shape, as a run's data line does (resized, colour→grey, ...)."""
-    channels, size, _ = image_shape(data_cfg)
     for path in paths:
         try:
             with Image.open(path) as img:
-                if converted is not None:
-                    converted.update(conversions(img.mode, img.width, img.height, channels, size, crop))
                 image = preprocess_image(img, data_cfg, crop)
+                if converted is not None:
+                    converted.update(_preprocessing_done(img, data_cfg, crop))
             yield image
         except PIL_DECODE_ERRORS as e:
             if on_bad_image != "skip":

@@ -270,6 +270,13 @@ def check_images(paths: list[str], base: Path, channels: int, image_size: int, c
     return checked
 
 
+def opened_image_conversions(img: Image.Image, channels: int, image_size: int, crop: int | None) -> list[str]:
+    """check_images's words for an image opened and loaded here (16-bit colour, an EXIF turn, then
+    `conversions`)."""
+    turned = ["turned upright (EXIF)"] if img.getexif().get(EXIF_ORIENTATION) in range(2, 9) else []
+    return _header_conversions(img) + turned + conversions(img.mode, img.width, img.height, channels, image_size, crop)
+
+
 def conversions(mode: str, width: int, height: int, channels: int, image_size: int, crop: int | None) -> list[str]:
     """What turning an image of this mode and size into the training shape does to it, in words."""
     done = []

@@ -7,6 +7,7 @@ import pickle
 import shutil
 import struct
 import warnings
+from collections import Counter
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
@@ -406,6 +407,27 @@ def test_cifar10_files_of_another_checksum_name_the_first_such_file(tmp_path):
     with pytest.raises(UserError, match=rf"^CIFAR10's files in {folder} cannot be read \(data_batch_1 is not "
                                         r"CIFAR10's \(its checksum differs\)\): cut short or damaged\?"):
         data.build_dataset(data_cfg(dataset="cifar10", root=str(tmp_path), image_size=32), "train")
+
+
+def test_read_images_counts_what_preprocessing_did_in_the_data_lines_words(tmp_path):
+    """score's images line: only images read, MNIST's zero border as such, EXIF turns as fit names them."""
+    Image.new("L", (28, 28)).save(tmp_path / "mnist.png")
+    Image.new("RGB", (56, 40)).save(tmp_path / "photo.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored on its side
+    Image.new("L", (32, 32)).save(tmp_path / "turned.jpg", exif=exif.tobytes())
+    (tmp_path / "cut.png").write_bytes((tmp_path / "photo.png").read_bytes()[:60])  # its header still reads
+    names = ["mnist.png", "photo.png", "turned.jpg", "cut.png"]
+    converted, skipped = Counter(), []
+    cfg = data_cfg(dataset="mnist", root=str(tmp_path), image_size=32)
+    images = list(data.read_images([str(tmp_path / n) for n in names], cfg, "skip", skipped, converted=converted))
+    assert [image is None for image in images] == [False, False, False, True] and len(skipped) == 1
+    assert converted == Counter({"zero-padded 28→32": 2, "colour→grey": 1, "centre-cropped": 1, "resized": 1,
+                                 "turned upright (EXIF)": 1})
+    converted = Counter()
+    folder = data_cfg(dataset="folder", root=str(tmp_path), image_size=32, channels=1)
+    list(data.read_images([str(tmp_path / n) for n in names[:3]], folder, "error", [], converted=converted))
+    assert converted == Counter({"resized": 2, "colour→grey": 1, "centre-cropped": 1, "turned upright (EXIF)": 1})
 
 
 def test_mnist_loads_from_raw_idx_files_and_pads_to_32_with_zeros(tmp_path):
