@@ -235,14 +235,14 @@ def usable_cpus(pid: int = 0) -> int:
 
 
 def cpus_per_process() -> int:
-    """This process's share of the CPUs it may run on, beside the job's other processes on this machine. A process
-    bound to fewer CPUs than its launcher (srun --cpu-bind, numactl per rank) has them to itself."""
+    """This process's share of the CPUs it may run on, beside the job's other processes on this machine. Processes
+    bound to part of their launcher's CPUs (numactl per rank, torchrun --numa-binding: a NUMA node each) share
+    them with as many others as the parts allow."""
     own, processes = usable_cpus(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if processes > 1:
         try:
-            if own < usable_cpus(os.getppid()):
-                return own
-        except OSError:  # the launcher has gone, or its affinity may not be read
+            processes = max(1, round(processes * own / usable_cpus(os.getppid())))
+        except OSError:  # the launcher has gone, or its affinity may not be read: the CPUs are taken as shared
             pass
     return max(1, own // processes)
 

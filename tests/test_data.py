@@ -275,8 +275,8 @@ def test_the_processes_of_a_job_on_one_machine_share_its_cpus_among_their_data_w
 
 
 def test_a_process_bound_to_cpus_of_its_own_keeps_them_all_for_its_data_workers(monkeypatch):
-    """srun --cpu-bind or numactl per rank: 8 processes on a 64-core machine, each bound to 8 of them. A launcher
-    whose affinity cannot be read leaves the share as if the CPUs were shared."""
+    """numactl per rank: 8 processes on a 64-core machine, each bound to 8 of them. A launcher whose affinity cannot
+    be read leaves the share as if the CPUs were shared."""
     from glowtrain import distributed
 
     launcher = []
@@ -296,6 +296,8 @@ def test_a_process_bound_to_cpus_of_its_own_keeps_them_all_for_its_data_workers(
     assert distributed.cpus_per_process() == 8
     launcher[0] = 8  # bound together (a container's CPU set): shared
     assert distributed.cpus_per_process() == 1
+    launcher[0] = 16  # torchrun --numa-binding=node: 8 ranks on two nodes of 8 CPUs, four ranks to a node
+    assert distributed.cpus_per_process() == 2
 
 
 def test_an_image_that_breaks_after_the_check_fails_in_one_line_also_from_a_worker(tmp_path):
