@@ -487,8 +487,10 @@ def _torchvision_set(data_cfg, split: str, shape: tuple[int, int, int]) -> Tenso
 
 
 # What torchvision raises on files it cannot find, download or read: a cut-short MNIST file fails a reshape
-# (RuntimeError) or an assertion on its header; a damaged CIFAR-10 pickle fails to unpickle.
-_TORCHVISION_READ_ERRORS = (RuntimeError, OSError, AssertionError, ValueError, EOFError, pickle.UnpicklingError)
+# (RuntimeError) or an assertion on its header, an unknown type byte a lookup (KeyError), another element type a
+# dtype check (TypeError); a damaged CIFAR-10 pickle fails to unpickle.
+_TORCHVISION_READ_ERRORS = (RuntimeError, OSError, AssertionError, ValueError, KeyError, TypeError, EOFError,
+                            pickle.UnpicklingError)
 
 
 def _torchvision_files(dataset: str) -> list[tuple[str, str | None]]:
@@ -515,6 +517,9 @@ def _torchvision_problem(data_cfg, root: str, where: str, error: Exception) -> U
     if not absent:
         damaged = next((name for name, md5 in files if not check_integrity(os.path.join(where, name), md5)), None)
         why = f"{damaged} is not {cls_name}'s (its checksum differs)" if damaged else reason
+        if data_cfg.download and damaged:  # torchvision then downloads them again: that failed
+            return UserError(f"{cls_name}'s files in {where} cannot be read ({why}), and downloading them again "
+                             f"failed ({reason}) — copy them there again")
         return UserError(f"{cls_name}'s files in {where} cannot be read ({why}): cut short or damaged? — replace "
                          "them: delete them and set data.download: true, or copy them again")
     which = absent[0] + (f" and {len(absent) - 1} more" if len(absent) > 1 else "")

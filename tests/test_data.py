@@ -368,15 +368,19 @@ def test_missing_mnist_without_download_names_the_expected_folder(tmp_path):
 
 
 @pytest.mark.parametrize("download", [False, True])
-@pytest.mark.parametrize("damage", ["cut short", "random bytes"])
+@pytest.mark.parametrize("damage", ["cut short", "random bytes", "unknown type", "int32 pixels"])
 def test_mnist_files_that_are_there_but_damaged_are_named_as_such_not_as_missing(tmp_path, download, damage):
     """They were "not found — put the files in X/raw" (where they were), "could not download" (nothing was), or an
     AssertionError with exit code 1."""
     images = np.zeros((5, 28, 28), np.uint8)
     write_mnist(tmp_path, "MNIST", images, images[:3])
     path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
-    path.write_bytes(path.read_bytes()[:1000] if damage == "cut short" else
-                     np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8).tobytes())
+    damaged = {"cut short": path.read_bytes()[:1000],
+               "random bytes": np.random.default_rng(0).integers(0, 256, 1000, dtype=np.uint8).tobytes(),
+               # idx's header: its type byte (0x0A: none; 0x0C: int32), then 3 dimensions
+               "unknown type": struct.pack(">iiii", 0x0A03, 5, 28, 28) + bytes(5 * 28 * 28),
+               "int32 pixels": struct.pack(">iiii", 0x0C03, 5, 28, 28) + bytes(5 * 28 * 28 * 4)}
+    path.write_bytes(damaged[damage])
     with pytest.raises(UserError) as info:
         data.build_dataset(data_cfg(dataset="mnist", root=str(tmp_path), image_size=28, download=download), "train")
     assert not isinstance(info.value, data.MissingData)
@@ -409,6 +413,26 @@ def test_cifar10_files_of_another_checksum_name_the_first_such_file(tmp_path):
     with pytest.raises(UserError, match=rf"^CIFAR10's files in {folder} cannot be read \(data_batch_1 is not "
                                         r"CIFAR10's \(its checksum differs\)\): cut short or damaged\?"):
         data.build_dataset(data_cfg(dataset="cifar10", root=str(tmp_path), image_size=32), "train")
+
+
+def test_cifar10_files_of_another_checksum_with_download_on_and_no_network_say_both(tmp_path, monkeypatch):
+    from torchvision.datasets import cifar
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading cifar-10-python.tar.gz:\nTried https://example.invalid/, got:\n"
+                           "<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (folder / name).write_bytes(b"not a pickle")
+    with pytest.raises(UserError) as info:
+        data.build_dataset(data_cfg(dataset="cifar10", root=str(tmp_path), image_size=32, download=True), "train")
+    assert str(info.value) == (f"CIFAR10's files in {folder} cannot be read (data_batch_1 is not CIFAR10's (its "
+                               "checksum differs)), and downloading them again failed (Error downloading "
+                               "cifar-10-python.tar.gz: <urlopen error [Errno -3] Temporary failure in name "
+                               "resolution>) — copy them there again")
 
 
 def test_read_images_counts_what_preprocessing_did_in_the_data_lines_words(tmp_path):
