@@ -34,7 +34,7 @@ def average_precision(positives: np.ndarray, negatives: np.ndarray) -> float:
     labels = np.concatenate([np.ones(len(positives)), np.zeros(len(negatives))])
     order = np.argsort(-scores, kind="mergesort")
     scores, labels = scores[order], labels[order]
-    last_of_each_value = np.r_[np.nonzero(np.diff(scores))[0], len(scores) - 1]
+    last_of_each_value = np.r_[np.nonzero(scores[1:] != scores[:-1])[0], len(scores) - 1]  # inf - inf is NaN
     true_pos = np.cumsum(labels)[last_of_each_value]
     detected = last_of_each_value + 1
     precision = true_pos / detected
@@ -60,31 +60,32 @@ def fpr_at_tpr(inliers: np.ndarray, outliers: np.ndarray, tpr: float = 0.95) -> 
     return float(np.mean(np.asarray(outliers, float) <= threshold))
 
 
-OOD_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr")
+_METRICS = {"auroc": auroc, "aupr_in": aupr_in, "aupr_out": aupr_out, "fpr_at_95_tpr": fpr_at_tpr}
+OOD_METRICS = tuple(_METRICS)
 
 
 def ood_metrics(inliers: np.ndarray, outliers: np.ndarray) -> dict[str, float | None]:
     """AUROC, AUPR-in, AUPR-out and FPR at 95% TPR, with high scores meaning out-of-distribution; None where a
     score is NaN (a broken likelihood): sorted, a NaN ranks as the most out-of-distribution in both directions, so
-    an image the model could not score would count as detected either way."""
+    an image the model could not score would count as detected either way. An infinite score ranks as it is."""
     if np.isnan(inliers).any() or np.isnan(outliers).any():
         return dict.fromkeys(OOD_METRICS)
-    return {"auroc": auroc(inliers, outliers), "aupr_in": aupr_in(inliers, outliers),
-            "aupr_out": aupr_out(inliers, outliers), "fpr_at_95_tpr": fpr_at_tpr(inliers, outliers)}
+    return {name: metric(inliers, outliers) for name, metric in _METRICS.items()}
 
 
 def typicality_test(batch: np.ndarray, reference: np.ndarray, n_bootstrap: int = 10_000, seed: int = 0,
                     chunk_elements: int = 10_000_000) -> dict[str, float]:
     """Is the batch's mean NLL as far from the reference's mean (the entropy estimate) as that of a random batch
     of the same size drawn with replacement from the reference? statistic = |mean(batch) - mean(reference)|,
-    p = (1 + #bootstrap statistics >= it) / (1 + n_bootstrap). Draws are made in chunks to bound memory. A NaN
-    in either set leaves the statistic and p None (no comparison with NaN is true: p would be the smallest)."""
+    p = (1 + #bootstrap statistics >= it) / (1 + n_bootstrap). Draws are made in chunks to bound memory. A NaN in
+    either set, or an infinite entropy, leaves the statistic and p None: no comparison with NaN is true (p would be
+    the smallest), and draws holding the infinite value match any statistic (p near 1)."""
     batch, reference = np.asarray(batch, float), np.asarray(reference, float)
     entropy = float(reference.mean())
     statistic = abs(float(batch.mean()) - entropy)
-    if math.isnan(statistic):
+    if not math.isfinite(entropy) or math.isnan(statistic):
         return {"statistic": None, "p_value": None, "n_images": len(batch), "n_bootstrap": n_bootstrap,
-                "entropy_bpd": None if math.isnan(entropy) else entropy}
+                "entropy_bpd": entropy if math.isfinite(entropy) else None}
     rng = np.random.default_rng(seed)
     rows = max(1, chunk_elements // len(batch))
     at_least = 0

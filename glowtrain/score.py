@@ -435,7 +435,8 @@ def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: 
         values = scores[image_set.role]
         hidden_folders, other_files = ignored_counts(image_set.not_read)
         summary["sets"][image_set.role] = {"n_images": len(values["bpd"]), "skipped": image_set.skipped,
-                                           "n_nan_bpd": int(np.isnan(values["bpd"]).sum()),
+                                           "n_nan": {name: int(np.isnan(v).sum()) for name, v in values.items()
+                                                     if name in _LIKELIHOODS and np.isnan(v).any()},
                                            "converted": dict(image_set.converted.most_common()),
                                            "not_read": {"hidden_folders": hidden_folders, "other_files": other_files},
                                            "scores": {n: _mean_stderr(v) for n, v in values.items()}}
@@ -464,6 +465,12 @@ def ood_table(summary: dict) -> str:
             auroc, aupr_in, aupr_out, fpr = (_figure(directions[direction][key]) for key in OOD_METRICS)
             lines.append(f"{name:<22} {label:<8} {auroc:>7} {aupr_in:>8} {aupr_out:>9} {fpr:>7}")
     return "\n".join(lines)
+
+
+# The scores a model computes, which a diverged one leaves NaN (the others follow from them): whose they are, and
+# which results then have no value.
+_LIKELIHOODS = {"bpd": ("the model's", "the OOD metrics and typicality test"),
+                "reference_bpd": ("the reference run's", "the reference_bpd and ratio OOD metrics")}
 
 
 def _figure(value: float | None) -> str:
@@ -501,10 +508,11 @@ def report(summary: dict) -> tuple[list[str], list[str]]:
         warnings += [f"warning: skipped unreadable image {path} ({reason})" for path, reason in part["skipped"]]
         bpd = part["scores"]["bpd"]
         n, not_read = part["n_images"], part["not_read"]
-        if part.get("n_nan_bpd"):
-            warnings.append(f"warning: {part['n_nan_bpd']:,} of {n:,} images in the {role} set have a bits/dim "
-                            "of NaN (the model's likelihood broke down there: a diverged checkpoint?); the OOD "
-                            "metrics and typicality test that would count them are n/a")
+        for name, count in part.get("n_nan", {}).items():
+            whose, what = _LIKELIHOODS[name]
+            warnings.append(f"warning: {count:,} of {n:,} images in the {role} set have a {name} of NaN ({whose} "
+                            f"likelihood broke down there: a diverged checkpoint?); {what} that would count them "
+                            "are n/a")
         ignored = describe_ignored(not_read["hidden_folders"], not_read["other_files"])
         converted = ", ".join(f"{count:,} {what}" for what, count in part.get("converted", {}).items())
         lines.append(f"{role}: {n:,} image{'s' * (n != 1)}{ignored}, bpd {mean_text(bpd['mean'], bpd['stderr'])}"

@@ -79,3 +79,19 @@ def test_a_nan_score_leaves_the_metrics_and_the_typicality_test_undefined_not_pe
     assert test["statistic"] is None and test["p_value"] is None and test["entropy_bpd"] == 4.5
     assert typicality_test(np.arange(4.0), np.r_[np.arange(9.0), np.nan], n_bootstrap=99)["p_value"] is None
     assert ood_metrics(inliers, np.array([np.inf, 5.0, 6.0]))["auroc"] == 1.0  # an infinite score still ranks
+
+
+def test_infinite_scores_rank_and_tie_as_a_very_large_one_does():
+    """np.diff of two infinities is NaN: tied infinite scores were not grouped, so the order of the sets mattered."""
+    inliers, outliers = np.array([1.0, np.inf, 3.0]), np.array([np.inf, 5.0, np.inf])
+    large = {name: np.where(np.isinf(values), 1e300, values) for name, values in (("in", inliers), ("out", outliers))}
+    assert ood_metrics(inliers, outliers) == ood_metrics(large["in"], large["out"])
+    assert ood_metrics(-inliers, -outliers) == ood_metrics(-large["in"], -large["out"])
+
+
+def test_an_infinite_typical_set_entropy_leaves_the_test_undefined():
+    """H = inf made every bootstrap statistic infinite too: an atypical set had p = 0.988."""
+    reference = np.r_[np.full(9, 3.0), np.inf]
+    test = typicality_test(np.full(10, 9.0), reference, n_bootstrap=999)
+    assert test["p_value"] is None and test["statistic"] is None and test["entropy_bpd"] is None
+    assert typicality_test(np.r_[np.full(9, 9.0), np.inf], np.full(10, 3.0), n_bootstrap=999)["p_value"] == 1 / 1000

@@ -192,8 +192,9 @@ def test_a_checkpoint_whose_bits_per_dim_are_nan_gets_a_warning_and_no_metrics(r
                        "--dataset", "digits", "--against", digit_files / "noise", "--batch-test",
                        "--n-bootstrap", "99"))
     for role, n in (("images", 297), ("against", 40)):
-        assert (f"warning: {n} of {n} images in the {role} set have a bits/dim of NaN (the model's likelihood "
-                "broke down there: a diverged checkpoint?)") in result.stderr
+        assert (f"warning: {n} of {n} images in the {role} set have a bpd of NaN (the model's likelihood broke "
+                "down there: a diverged checkpoint?); the OOD metrics and typicality test that would count them are "
+                "n/a") in result.stderr
         assert f"typicality test, {role} as a whole: n/a (a bits/dim is NaN)" in result.stdout
     table = [line.split() for line in result.stdout.splitlines() if line.startswith(("bpd ", "complexity "))]
     assert len(table) == 4 and all(row[2:] == ["n/a"] * 4 for row in table)
@@ -201,7 +202,17 @@ def test_a_checkpoint_whose_bits_per_dim_are_nan_gets_a_warning_and_no_metrics(r
     for name, metrics in summary["ood"].items():  # the PNG size of an image needs no model
         assert all((value is None) == (name != "png_bpd") for direction in metrics.values()
                    for value in direction.values()), name
-    assert summary["sets"]["against"]["n_nan_bpd"] == 40 and summary["batch_test"]["images"]["p_value"] is None
+    assert summary["sets"]["against"]["n_nan"] == {"bpd": 40} and summary["batch_test"]["images"]["p_value"] is None
+    # A diverged reference run: its scores alone are n/a, and said so.
+    result = ok(invoke("score", "--run", run_dir, "--reference-run", tmp_path / "diverged.pt", "--out",
+                       tmp_path / "ratio", *CPU, "--dataset", "digits", "--against", digit_files / "noise"))
+    assert ("warning: 297 of 297 images in the images set have a reference_bpd of NaN (the reference run's "
+            "likelihood broke down there: a diverged checkpoint?); the reference_bpd and ratio OOD metrics that "
+            "would count them are n/a") in result.stderr
+    summary = json.loads((tmp_path / "ratio" / "summary.json").read_text())
+    assert summary["sets"]["images"]["n_nan"] == {"reference_bpd": 297}
+    assert summary["ood"]["ratio"]["higher_is_ood"]["auroc"] is None
+    assert summary["ood"]["bpd"]["higher_is_ood"]["auroc"] is not None
 
 
 @pytest.fixture(scope="module")
