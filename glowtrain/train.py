@@ -825,7 +825,8 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None, progre
 
     `resume`: None starts a new run (refused where one is); "auto" continues from the run's last.pt; "if-any" does
     so when there is one and starts fresh otherwise; a checkpoint's path continues from it. A resumed run must
-    model what `cfg` does (data.* and model.* as stored; run.* and train.* may change). `progress`: tqdm bars.
+    model what `cfg` does: the keys fit refuses to change on a resume (most of data.* and model.*) as stored.
+    `progress`: tqdm bars.
     `trainer` may be a subclass (tests inject faults by overriding `prepare_batch`). On `cuda:N`, that GPU is the
     current device while training; a process that had used CUDA before gets its own current device back."""
     resume = _if_any(resume, out, cfg.run.name)
