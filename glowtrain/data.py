@@ -39,6 +39,7 @@ from glowtrain.folders import (
     find_images,
     fingerprint,
     fingerprint_differs,
+    header_conversions,
     ignored_counts,
     is_prepared_cache,
     opened_image_conversions,
@@ -237,18 +238,17 @@ def preprocess_image(source: str | Path | Image.Image, data_cfg: DataConfig, cro
     return square_image(img, size, crop)
 
 
-def _preprocessing_done(img: Image.Image, data_cfg: DataConfig, crop: int | None) -> list[str]:
-    """What preprocess_image did to an image, in the words of a run's data line."""
+def _preprocessing_done(img: Image.Image, header: list[str], data_cfg: DataConfig, crop: int | None) -> list[str]:
+    """What preprocess_image did to an image (`header`: header_conversions of it before it was loaded), in the
+    words of a run's data line."""
     channels, size, _ = image_shape(data_cfg)
     name = data_cfg.dataset
     if (name != "digits" and name not in _TORCHVISION) or img.size == (size, size):
-        return opened_image_conversions(img, channels, size, crop)
+        return opened_image_conversions(img, header, channels, size, crop)
     native = 8 if name == "digits" else _TORCHVISION[name][2]
-    done = opened_image_conversions(img, channels, native, None)  # to the set's own square, then its own way
-    if (native, size) == (28, 32):
-        done.append("zero-padded 28→32")
-    elif size != native and "resized" not in done:
-        done.append("resized")
+    done = opened_image_conversions(img, header, channels, native, None)  # to the set's own square, then its way
+    if size != native:
+        done.append(f"{'zero-padded' if (native, size) == (28, 32) else 'resized'} {native}→{size}")
     return done
 
 
@@ -288,9 +288,10 @@ def read_images(paths: Iterable[str], data_cfg: DataConfig, on_bad_image: str, s
     for path in paths:
         try:
             with Image.open(path) as img:
+                header = header_conversions(img)  # before the load empties the image's tiles
                 image = preprocess_image(img, data_cfg, crop)
                 if converted is not None:
-                    converted.update(_preprocessing_done(img, data_cfg, crop))
+                    converted.update(_preprocessing_done(img, header, data_cfg, crop))
             yield image
         except PIL_DECODE_ERRORS as e:
             if on_bad_image != "skip":
@@ -608,7 +609,7 @@ def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True, ov
     shape = image_shape(data_cfg)
     out = Path(os.path.abspath(Path(out_path).expanduser()))  # '.' and '..' have no name to build beside
     _check_cache_target(out)
-    refuse_misplaced_celeba_layout(data_cfg)
+    refuse_misplaced_celeba_layout(replace(data_cfg, cache=""))  # prepare reads the images whatever data.cache says
     if not overwrite:
         _refuse_other_settings(out, data_cfg)
     # Both splits are found (and the config checked) before anything is written.

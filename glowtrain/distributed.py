@@ -241,7 +241,8 @@ def cpus_per_process() -> int:
     own, processes = usable_cpus(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if processes > 1:
         try:
-            processes = max(1, round(processes * own / usable_cpus(os.getppid())))
+            # Rounded up (5 ranks on two nodes: one node holds 3), and never more than there are ranks.
+            processes = min(processes, max(1, -(-processes * own // usable_cpus(os.getppid()))))
         except OSError:  # the launcher has gone, or its affinity may not be read: the CPUs are taken as shared
             pass
     return max(1, own // processes)

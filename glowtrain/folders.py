@@ -203,12 +203,12 @@ def _header(path: str) -> list:
     try:
         with Image.open(path) as img:
             return [stat.st_size, stat.st_mtime_ns, img.mode, img.width, img.height, unsupported_mode(img.mode),
-                    _header_conversions(img)]
+                    header_conversions(img)]
     except PIL_DECODE_ERRORS as e:
         return [stat.st_size, stat.st_mtime_ns, None, 0, 0, str(e) or type(e).__name__, []]
 
 
-def _header_conversions(img: Image.Image) -> list[str]:
+def header_conversions(img: Image.Image) -> list[str]:
     """What reading the file does that its mode and size do not show: 16-bit colour, which Pillow opens as 8-bit
     RGB (each channel's high byte). (An EXIF turn is found by the decode: a PNG's EXIF may follow its pixels.)"""
     rawmode = img.tile[0][3] if img.tile else None  # by index: Pillow before 11 has plain tuples
@@ -270,11 +270,13 @@ def check_images(paths: list[str], base: Path, channels: int, image_size: int, c
     return checked
 
 
-def opened_image_conversions(img: Image.Image, channels: int, image_size: int, crop: int | None) -> list[str]:
-    """check_images's words for an image opened and loaded here (16-bit colour, an EXIF turn, then
-    `conversions`)."""
+def opened_image_conversions(img: Image.Image, header: list[str], channels: int, image_size: int,
+                             crop: int | None) -> list[str]:
+    """check_images's words for an image opened and loaded here: `header` (header_conversions of it before the
+    load, which empties its tiles), an EXIF turn (found after it: a PNG's EXIF may follow its pixels), then
+    `conversions`."""
     turned = ["turned upright (EXIF)"] if img.getexif().get(EXIF_ORIENTATION) in range(2, 9) else []
-    return _header_conversions(img) + turned + conversions(img.mode, img.width, img.height, channels, image_size, crop)
+    return header + turned + conversions(img.mode, img.width, img.height, channels, image_size, crop)
 
 
 def conversions(mode: str, width: int, height: int, channels: int, image_size: int, crop: int | None) -> list[str]:

@@ -436,7 +436,7 @@ def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: 
         hidden_folders, other_files = ignored_counts(image_set.not_read)
         summary["sets"][image_set.role] = {"n_images": len(values["bpd"]), "skipped": image_set.skipped,
                                            "n_nan": {name: int(np.isnan(v).sum()) for name, v in values.items()
-                                                     if name in _LIKELIHOODS and np.isnan(v).any()},
+                                                     if name in _LIKELIHOODS},
                                            "converted": dict(image_set.converted.most_common()),
                                            "not_read": {"hidden_folders": hidden_folders, "other_files": other_files},
                                            "scores": {n: _mean_stderr(v) for n, v in values.items()}}
@@ -509,6 +509,8 @@ def report(summary: dict) -> tuple[list[str], list[str]]:
         bpd = part["scores"]["bpd"]
         n, not_read = part["n_images"], part["not_read"]
         for name, count in part.get("n_nan", {}).items():
+            if not count:
+                continue
             whose, what = _LIKELIHOODS[name]
             warnings.append(f"warning: {count:,} of {n:,} images in the {role} set have a {name} of NaN ({whose} "
                             f"likelihood broke down there: a diverged checkpoint?); {what} that would count them "
@@ -521,7 +523,9 @@ def report(summary: dict) -> tuple[list[str], list[str]]:
         lines.append(ood_table(summary))
     for role, test in summary.get("batch_test", {}).items():
         if test["p_value"] is None:
-            lines.append(f"typicality test, {role} as a whole: n/a (a bits/dim is NaN)")
+            why = ("a bits/dim is NaN" if test["entropy_bpd"] is not None else
+                   "the training split's mean bits/dim, H, is not finite")
+            lines.append(f"typicality test, {role} as a whole: n/a ({why})")
             continue
         lines.append(f"typicality test, {role} as a whole: |mean bpd - H| = {test['statistic']:.4f}, "
                      f"p = {test['p_value']:.4g} ({test['n_bootstrap']} bootstrap draws)")

@@ -906,6 +906,7 @@ def fit_config(config_path: str | None, overrides: list[str], out: str | None, r
     if resume is None:
         cfg = load_config(config_path, overrides)
         check_new_run(cfg)
+        refuse_misplaced_celeba_layout(cfg.data)  # here too: before `fit --nproc` starts its processes
         return cfg
     run = run_dir_for(out, load_config(config_path, overrides).run.name, resume)
     checkpoint = checkpoint_to_resume(resume, run)

@@ -4,7 +4,9 @@ host reads."""
 import os
 import re
 import traceback
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from typer.testing import CliRunner
@@ -193,3 +195,19 @@ class HostReads(TorchDispatchMode):
         for name, real in self._patched.items():
             setattr(torch.Tensor, name, real)
         return super().__exit__(*exc)
+
+
+def sixteen_bit_rgb_png(path: Path, array: np.ndarray) -> None:
+    """A 48-bit RGB PNG, written by hand: Pillow reads such files but cannot write them."""
+    import struct
+    import zlib
+
+    height, width, _ = array.shape
+    rows = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))

@@ -677,6 +677,10 @@ def test_a_new_fit_on_a_root_holding_celebas_layout_itself_is_refused_before_any
     assert_one_line_error(result, 2, f"data.root {root} holds CelebA in torchvision's layout",
                           f"set data.root={tmp_path / 'data'} to train on the official split")
     assert not (tmp_path / "run").exists()
+    from glowtrain.errors import UserError
+
+    with pytest.raises(UserError, match="holds CelebA"):  # before fit --nproc starts its processes
+        training.fit_config(None, ["data.dataset=celeba", f"data.root={root}", "data.channels=3"], None, None)
 
 
 def test_celeba_without_images_describes_the_expected_layout(tmp_path):

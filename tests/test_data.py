@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import sixteen_bit_rgb_png
 from PIL import Image
 from torch.utils.data import Dataset
 
 from glowtrain import data
 from glowtrain.config import DataConfig
 from glowtrain.errors import UserError
+from glowtrain.folders import check_images
 
 
 def data_cfg(**overrides):
@@ -298,6 +300,11 @@ def test_a_process_bound_to_cpus_of_its_own_keeps_them_all_for_its_data_workers(
     assert distributed.cpus_per_process() == 1
     launcher[0] = 16  # torchrun --numa-binding=node: 8 ranks on two nodes of 8 CPUs, four ranks to a node
     assert distributed.cpus_per_process() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "5")  # 5 ranks on the two nodes: one holds 3, whose share is 8 // 3
+    assert distributed.cpus_per_process() == 2
+    launcher[0] = 2  # a launcher narrower than its ranks (taskset -c 0,1 torchrun, numactl per rank): not 16 ranks
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert distributed.cpus_per_process() == 4
 
 
 def test_an_image_that_breaks_after_the_check_fails_in_one_line_also_from_a_worker(tmp_path):
@@ -443,17 +450,25 @@ def test_read_images_counts_what_preprocessing_did_in_the_data_lines_words(tmp_p
     exif[0x0112] = 6  # stored on its side
     Image.new("L", (32, 32)).save(tmp_path / "turned.jpg", exif=exif.tobytes())
     (tmp_path / "cut.png").write_bytes((tmp_path / "photo.png").read_bytes()[:60])  # its header still reads
-    names = ["mnist.png", "photo.png", "turned.jpg", "cut.png"]
+    sixteen_bit_rgb_png(tmp_path / "scan.png", np.full((32, 32, 3), 40_000))  # loading it empties its tiles
+    names = ["mnist.png", "photo.png", "turned.jpg", "cut.png", "scan.png"]
     converted, skipped = Counter(), []
     cfg = data_cfg(dataset="mnist", root=str(tmp_path), image_size=32)
     images = list(data.read_images([str(tmp_path / n) for n in names], cfg, "skip", skipped, converted=converted))
-    assert [image is None for image in images] == [False, False, False, True] and len(skipped) == 1
-    assert converted == Counter({"zero-padded 28→32": 2, "colour→grey": 1, "centre-cropped": 1, "resized": 1,
-                                 "turned upright (EXIF)": 1})
+    assert [image is None for image in images] == [False, False, False, True, False] and len(skipped) == 1
+    assert converted == Counter({"zero-padded 28→32": 2, "colour→grey": 2, "centre-cropped": 1, "resized": 1,
+                                 "turned upright (EXIF)": 1, "16-bit→8-bit": 1})
+    good = [str(tmp_path / n) for n in names if n != "cut.png"]
     converted = Counter()
     folder = data_cfg(dataset="folder", root=str(tmp_path), image_size=32, channels=1)
-    list(data.read_images([str(tmp_path / n) for n in names[:3]], folder, "error", [], converted=converted))
-    assert converted == Counter({"resized": 2, "colour→grey": 1, "centre-cropped": 1, "turned upright (EXIF)": 1})
+    list(data.read_images(good, folder, "error", [], converted=converted))
+    check = check_images(good, tmp_path, 1, 32, None)  # what fit's data line counts
+    assert converted == check.conversions == Counter({"resized": 2, "colour→grey": 2, "centre-cropped": 1,
+                                                      "turned upright (EXIF)": 1, "16-bit→8-bit": 1})
+    converted = Counter()
+    cifar = data_cfg(dataset="cifar10", root=str(tmp_path), image_size=16)
+    list(data.read_images(good, cifar, "error", [], converted=converted))
+    assert converted["resized 32→16"] == 4 and converted["resized"] == 2  # the 28 and the 56x40 to 32 first
 
 
 def test_mnist_loads_from_raw_idx_files_and_pads_to_32_with_zeros(tmp_path):
@@ -543,8 +558,9 @@ def test_a_root_holding_celebas_layout_itself_is_refused_for_new_runs_and_read_a
     assert str(info.value) == (f"data.root {root} holds CelebA in torchvision's layout, which is read from "
                                f"<data.root>/celeba/ — {move} to train on the official split with the 148x148 crop, "
                                "or set data.dataset=folder to train on every image as a plain folder")
-    with pytest.raises(UserError, match="holds CelebA in torchvision's layout"):
-        data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    for cache in ("", str(tmp_path / "elsewhere")):  # prepare reads the images whatever data.cache names
+        with pytest.raises(UserError, match="holds CelebA in torchvision's layout"):
+            data.prepare_cache(data_cfg(**{**vars(cfg), "cache": cache}), str(tmp_path / "cache"), progress=False)
     assert not (tmp_path / "cache").exists()
     old_run = [data.build_dataset(cfg, split) for split in ("train", "test")]  # a run trained so reads it so
     assert sum(len(split) for split in old_run) == 4 and old_run[0].crop is None

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_RUN, assert_one_line_error, invoke, ok, sets
+from helpers import TINY_RUN, assert_one_line_error, invoke, ok, sets, sixteen_bit_rgb_png
 from PIL import Image
 
 import glowtrain
@@ -527,22 +527,6 @@ def test_a_folder_of_16_bit_pngs_trains_on_scaled_pixels_and_counts_the_conversi
     assert np.array_equal(data.preprocess_image(tmp_path / "scans" / "0.png", cfg)[0].numpy(), expected)
     pixels = np.concatenate([ds[i][0].numpy().ravel() for ds in (train, test) for i in range(len(ds))])
     assert pixels.mean() == pytest.approx(127.5, abs=8)  # clipping made nearly every pixel 255
-
-
-def sixteen_bit_rgb_png(path: Path, array: np.ndarray) -> None:
-    """A 48-bit RGB PNG, written by hand: Pillow reads such files but cannot write them."""
-    import struct
-    import zlib
-
-    height, width, _ = array.shape
-    rows = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
-                     + chunk(b"IEND", b""))
 
 
 def test_exif_rotations_and_16_bit_colour_are_counted_in_the_data_line(tmp_path):

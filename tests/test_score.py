@@ -195,7 +195,9 @@ def test_a_checkpoint_whose_bits_per_dim_are_nan_gets_a_warning_and_no_metrics(r
         assert (f"warning: {n} of {n} images in the {role} set have a bpd of NaN (the model's likelihood broke "
                 "down there: a diverged checkpoint?); the OOD metrics and typicality test that would count them are "
                 "n/a") in result.stderr
-        assert f"typicality test, {role} as a whole: n/a (a bits/dim is NaN)" in result.stdout
+        # The training split's bits/dim are NaN too under this checkpoint: H first
+        assert (f"typicality test, {role} as a whole: n/a (the training split's mean bits/dim, H, is not finite)"
+                in result.stdout)
     table = [line.split() for line in result.stdout.splitlines() if line.startswith(("bpd ", "complexity "))]
     assert len(table) == 4 and all(row[2:] == ["n/a"] * 4 for row in table)
     summary = json.loads((tmp_path / "score" / "summary.json").read_text())
@@ -210,9 +212,21 @@ def test_a_checkpoint_whose_bits_per_dim_are_nan_gets_a_warning_and_no_metrics(r
             "likelihood broke down there: a diverged checkpoint?); the reference_bpd and ratio OOD metrics that "
             "would count them are n/a") in result.stderr
     summary = json.loads((tmp_path / "ratio" / "summary.json").read_text())
-    assert summary["sets"]["images"]["n_nan"] == {"reference_bpd": 297}
+    assert summary["sets"]["images"]["n_nan"] == {"bpd": 0, "reference_bpd": 297}
     assert summary["ood"]["ratio"]["higher_is_ood"]["auroc"] is None
     assert summary["ood"]["bpd"]["higher_is_ood"]["auroc"] is not None
+
+
+def test_a_typicality_test_left_undefined_says_why():
+    from glowtrain.score import report
+
+    files = {"csv": "scores.csv", "summary": "summary.json", "histograms": {}}
+    tests = {"images": {"statistic": None, "p_value": None, "n_images": 3, "n_bootstrap": 9, "entropy_bpd": 2.5},
+             "against": {"statistic": None, "p_value": None, "n_images": 3, "n_bootstrap": 9, "entropy_bpd": None}}
+    lines, _ = report({"sets": {}, "batch_test": tests, "files": files})
+    assert lines[:2] == ["typicality test, images as a whole: n/a (a bits/dim is NaN)",
+                         "typicality test, against as a whole: n/a (the training split's mean bits/dim, H, is not "
+                         "finite)"]
 
 
 @pytest.fixture(scope="module")
