@@ -410,7 +410,8 @@ def _open(run, checkpoint, device: str, seed: int, no_ema: bool, data: str | Non
     resolved = make_current(resolve_device(device, "--device"))
     loaded = open_run(run, checkpoint, resolved, use_ema=not no_ema)
     if data:
-        loaded = dataclasses.replace(loaded, cfg=dataclasses.replace(loaded.cfg, data=relocated(loaded.cfg.data, data)))
+        here = relocated(loaded.cfg.data, data, loaded.run_dir)
+        loaded = dataclasses.replace(loaded, cfg=dataclasses.replace(loaded.cfg, data=here))
     return loaded, resolved
 
 

@@ -252,9 +252,11 @@ def _preprocessing_done(img: Image.Image, header: list[str], data_cfg: DataConfi
     return done
 
 
-def relocated(data_cfg: DataConfig, where: str) -> DataConfig:
+def relocated(data_cfg: DataConfig, where: str, run_dir: str | Path | None = None) -> DataConfig:
     """The run's data found at `where` on this machine (the stored paths say where it was trained): a prepared
-    cache (a folder holding index.json), or what data.root names (an image folder or a dataset root)."""
+    cache (a folder holding index.json), or what data.root names (an image folder or a dataset root). For a run
+    trained on CelebA's official layout (its data.json says so), the folder holding that layout does too: read as
+    data.root, it would be a plain folder, another split and crop."""
     path = Path(where).expanduser().absolute()
     if not path.is_dir():
         what = "a file, not a folder" if path.exists() else "no such folder"
@@ -265,6 +267,9 @@ def relocated(data_cfg: DataConfig, where: str) -> DataConfig:
     if data_cfg.dataset == "digits":  # data.root means nothing to it: taking the folder would silently ignore it
         raise UserError(f"--data {where}: this run trained on the bundled digits, which are read from the package — "
                         "leave out --data (or pass a cache made by glowtrain prepare)")
+    if (training_crop(data_cfg, run_dir) == CELEBA_CROP and _holds_celeba_layout(path)
+            and not _holds_celeba_layout(path / "celeba")):
+        path = path.parent
     return replace(data_cfg, root=str(path), cache="")
 
 
@@ -557,12 +562,14 @@ def _resize(images: Tensor, size: int, chunk: int = 4096) -> Tensor:
 CELEBA_IMAGES, CELEBA_PARTITION = "img_align_celeba", "list_eval_partition.txt"  # torchvision's layout
 
 
+def _holds_celeba_layout(folder: Path) -> bool:
+    return (folder / CELEBA_IMAGES).is_dir() and (folder / CELEBA_PARTITION).is_file()
+
+
 def _celeba_official_root(data_cfg) -> Path | None:
     """<root>/celeba when it holds the official layout (images + partition file), else None."""
     celeba = Path(data_cfg.root).expanduser().absolute() / "celeba"
-    if (celeba / CELEBA_IMAGES).is_dir() and (celeba / CELEBA_PARTITION).is_file():
-        return celeba
-    return None
+    return celeba if _holds_celeba_layout(celeba) else None
 
 
 def refuse_misplaced_celeba_layout(data_cfg) -> None:
@@ -571,7 +578,7 @@ def refuse_misplaced_celeba_layout(data_cfg) -> None:
     the largest square). Runs trained so already keep reading it as they did."""
     root = Path(data_cfg.root).expanduser().absolute()
     if (data_cfg.dataset != "celeba" or data_cfg.cache or _celeba_official_root(data_cfg) is not None
-            or not (root / CELEBA_IMAGES).is_dir() or not (root / CELEBA_PARTITION).is_file()):
+            or not _holds_celeba_layout(root)):
         return
     move = (f"set data.root={root.parent}" if root.name == "celeba" else
             f"move {CELEBA_IMAGES}/ and {CELEBA_PARTITION} into {root / 'celeba'}/")

@@ -866,6 +866,22 @@ def test_data_for_a_moved_run_is_a_cache_only_when_prepare_made_it(tmp_path):
     assert len(data.build_dataset(data.relocated(cfg, str(tmp_path / "cache")), "train")) > 0
 
 
+@pytest.mark.parametrize("trained_crop", [148, None])
+def test_data_for_a_moved_celeba_run_may_be_the_folder_holding_the_official_layout(tmp_path, trained_crop):
+    """--data DIR/celeba for a run trained on the official layout read DIR/celeba as a plain folder: another split
+    and crop. A run trained on such a folder as a plain one (data.json: no crop) still reads it so."""
+    celeba = tmp_path / "celeba"
+    make_folder(celeba / "img_align_celeba", 4, size=(20, 16))
+    (celeba / "list_eval_partition.txt").write_text("img000.png 0\nimg001.png 2\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "data.json").write_text(json.dumps({"crop": trained_crop}))
+    cfg = data_cfg(dataset="celeba", root="/where/it/was/trained", image_size=8, channels=3)
+    expected = tmp_path if trained_crop else celeba
+    assert data.relocated(cfg, str(celeba), run).root == str(expected)
+    assert data.relocated(cfg, str(tmp_path), run).root == str(tmp_path)  # the dataset root, as before
+
+
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_preparing_a_cache_again_keeps_the_other_files_in_its_folder(tmp_path, overwrite):
     make_folder(tmp_path / "images", 8, size=(6, 6))
