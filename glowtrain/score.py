@@ -495,6 +495,9 @@ def score_command(loaded: LoadedRun, images: list[str], dataset: str | None, spl
         if not dataset:
             warn_of_shared_files(sets[0].names, sets[1].names)
     out_dir = Path(out) if out else default_out_dir(loaded)
+    if loaded.run_dir is not None and out_dir.resolve() == Path(loaded.run_dir).resolve():
+        raise UserError(f"--out {out} is the run directory, where the scores would lie among the run's own files — "
+                        "leave out --out (the default is <run>/score) or name a folder of their own")
     for given in [*images, *against]:  # its histograms (PNG) would be among the images the next score reads
         refuse_output_among_images(out_dir, given, "the image folder given to score")
     refuse_output_among_training_images(out_dir, loaded.cfg.data)

@@ -278,6 +278,14 @@ def test_an_out_that_is_a_file_is_refused_as_an_output_folder(run_dir, tmp_path)
     assert (tmp_path / "taken").read_text() == "mine"
 
 
+def test_an_out_that_is_the_run_directory_is_refused(run_dir):
+    """Its scores.csv, summary.json and ten histograms went into the run's root, beside config.yaml."""
+    before = sorted(path.name for path in run_dir.iterdir())
+    result = invoke("score", "--run", run_dir, "--out", run_dir / ".", *CPU, "--dataset", "digits")
+    assert_one_line_error(result, 2, f"--out {run_dir / '.'} is the run directory", "(the default is <run>/score)")
+    assert sorted(path.name for path in run_dir.iterdir()) == before
+
+
 def test_scoring_streams_in_batches_that_do_not_change_the_scores(run_dir, digit_files, tmp_path, monkeypatch):
     small, _ = score(run_dir, tmp_path / "small", "--images", digit_files / "noise", "--batch-size", "3")
     large, _ = score(run_dir, tmp_path / "large", "--images", digit_files / "noise")
