@@ -1,8 +1,9 @@
 """`glowtrain score`: per-image likelihood scores of your own images, and out-of-distribution detection.
 
 Every score is in bits/dim and grows as an image looks less like the training data:
-- `bpd`: the model's bits/dim (the `eval` bound, same dequantisation noise), averaged over --n-dequant draws,
-  with each level's prior and log-det terms (`bpd` = n_bits + their sum for uniform dequantisation);
+- `bpd`: the model's bits/dim (the `eval` bound, same dequantisation noise; for a class-conditional model the
+  class marginal, where `eval` gives the labels), averaged over --n-dequant draws, with each level's prior and
+  log-det terms (`bpd` = n_bits + their sum for uniform dequantisation);
 - `last_level_bpd`: the top level's two terms alone, and `last_level_share`: their share of `bpd`;
 - `typicality`: |bpd - H|, H the mean bits/dim of the training split (Nalisnick et al. 2019, "Detecting
   out-of-distribution inputs to deep generative models using typicality");
