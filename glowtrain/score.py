@@ -59,6 +59,7 @@ from glowtrain.runs import check_writable, checked_files, read_json
 
 ROLES = ("images", "against")  # the scored set, and the set treated as out-of-distribution
 TRAIN_CACHE = "score_train_bpd.json"  # in the run directory: the training split's bits/dim for typicality
+TRAIN_CACHE_ENTRIES = 4  # typical sets kept there (checkpoints, --n-dequant values): switching back reuses one
 
 
 @dataclass(frozen=True)
@@ -283,9 +284,9 @@ def training_bpd(loaded: LoadedRun, use_ema: bool, options: ScoreOptions) -> np.
            "saved": f"{saved.st_size}:{saved.st_mtime_ns}", "n_dequant": options.n_dequant,
            "max_images": options.max_train_images}
     cache = loaded.run_dir / TRAIN_CACHE if loaded.run_dir is not None else None
-    stored = read_json(cache) if cache is not None else None  # None when missing or damaged: recomputed
-    if stored is not None and stored.get("key") == key:
-        return np.asarray(stored["bpd"], float)
+    entries = _cached_typical_sets(cache)
+    if (hit := next((entry for entry in entries if entry["key"] == key), None)) is not None:
+        return np.asarray(hit["bpd"], float)
     dataset = build_dataset(loaded.cfg.data, "train", checked_files(loaded.run_dir))
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:options.max_train_images]
     chosen = sorted(chosen.tolist())
@@ -300,13 +301,25 @@ def training_bpd(loaded: LoadedRun, use_ema: bool, options: ScoreOptions) -> np.
     bar.close()
     bpd = np.concatenate(values)
     if cache is not None:
-        text = json.dumps({"key": key, "entropy_bpd": float(bpd.mean()), "bpd": bpd.tolist()})
+        newest = {"key": key, "entropy_bpd": float(bpd.mean()), "bpd": bpd.tolist()}
+        kept = [newest] + [entry for entry in entries if entry["key"] != key][:TRAIN_CACHE_ENTRIES - 1]
+        text = json.dumps({"entries": kept})
         try:
             atomic_write(cache, lambda f: f.write(text.encode()), durable=False)
         except OSError as e:  # a read-only run directory: score on, computing the typical set again next time
             tqdm.write(f"warning: cannot cache the typical set in {cache} ({e.strerror or e}); "
                        "it is computed again on every score", file=sys.stderr)
     return bpd
+
+
+def _cached_typical_sets(cache: Path | None) -> list[dict]:
+    """The typical sets kept in the run, newest first (a file of one, as written before, or none when missing or
+    damaged: recomputed)."""
+    stored = read_json(cache) if cache is not None else None
+    if not isinstance(stored, dict):
+        return []
+    entries = stored.get("entries", [stored])
+    return [entry for entry in entries if isinstance(entry, dict) and "key" in entry and "bpd" in entry]
 
 
 # --- the command ---------------------------------------------------------------------------------

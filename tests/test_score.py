@@ -108,11 +108,17 @@ def test_typicality_uses_the_training_splits_mean_bpd_and_caches_it_in_the_run(r
     assert entropy == pytest.approx(eval_json(run_dir, "--split", "train")["bpd"], abs=1e-6)
     for row in rows[:20]:
         assert float(row["typicality"]) == pytest.approx(abs(float(row["bpd"]) - entropy), abs=2e-6)
-    cached = json.loads((run_dir / TRAIN_CACHE).read_text())
+    [cached] = json.loads((run_dir / TRAIN_CACHE).read_text())["entries"]
     assert len(cached["bpd"]) == 1500 and cached["key"]["step"] == 4
     cached["bpd"] = [value + 1.0 for value in cached["bpd"]]  # a cache hit must use these values
-    (run_dir / TRAIN_CACHE).write_text(json.dumps(cached))
+    (run_dir / TRAIN_CACHE).write_text(json.dumps(cached))  # as written before: one typical set, no list
     assert score(run_dir, tmp_path / "b", "--dataset", "digits")[1]["entropy_bpd"] == pytest.approx(entropy + 1)
+    # Another --n-dequant adds its own; switching back finds the first (it was recomputed each time).
+    two = score(run_dir, tmp_path / "b2", "--dataset", "digits", "--n-dequant", "2")[1]["entropy_bpd"]
+    assert two != pytest.approx(entropy + 1)
+    entries = json.loads((run_dir / TRAIN_CACHE).read_text())["entries"]
+    assert [entry["key"]["n_dequant"] for entry in entries] == [2, 1]
+    assert score(run_dir, tmp_path / "b3", "--dataset", "digits")[1]["entropy_bpd"] == pytest.approx(entropy + 1)
     # The same step saved again (a resume from an earlier checkpoint that trains to it anew) is other weights.
     last = run_dir / "checkpoints" / "last.pt"
     saved = last.stat()
