@@ -154,17 +154,33 @@ class Run:
                 raise UserError(f"cannot read {which} ({e}); pass {ACCEPTED}") from None
         return to_uint8(dequantize(torch.stack(pixels), self.n_bits, 0.5), self.n_bits).to(self.device)
 
-    def bits_per_dim(self, images, n_dequant: int = 1, batch_size: int = 256) -> torch.Tensor:
+    def bits_per_dim(self, images, n_dequant: int = 1, batch_size: int = 256,
+                     labels: int | str | Iterable[int | str] | None = None) -> torch.Tensor:
         """bits/dim of each image (float64, on the CPU), with `glowtrain eval`'s dequantisation noise keyed by the
-        image's position in `images`, averaged over n_dequant draws (what `glowtrain score` reports)."""
+        image's position in `images`, averaged over n_dequant draws (what `glowtrain score` reports). A
+        class-conditional run scores the class marginal, or with `labels` (a class number or name per image, or one
+        for all) each image's class-given bits/dim, as `glowtrain eval` does."""
         _require(_whole(n_dequant) and n_dequant >= 1, f"n_dequant must be a whole number >= 1, got {n_dequant!r}")
         _require(_whole(batch_size) and batch_size >= 1, f"batch_size must be a whole number >= 1, got {batch_size!r}")
         pixels = self.preprocess(images)
+        given = self._labels(labels, len(pixels))
         objective = self.objective.eval()
         parts = [dequantized_terms(objective, pixels[start:start + batch_size],
-                                   list(range(start, min(start + batch_size, len(pixels)))), n_dequant)["bpd"]
+                                   list(range(start, min(start + batch_size, len(pixels)))), n_dequant,
+                                   None if given is None else given[start:start + batch_size])["bpd"]
                  for start in range(0, len(pixels), batch_size)]
         return torch.from_numpy(np.concatenate(parts))
+
+    def _labels(self, labels, n: int) -> torch.Tensor | None:
+        """`labels` for n images as class numbers (None: none given)."""
+        if labels is None:
+            return None
+        wanted = _as_list(labels)
+        _require(len(wanted) in (1, n) and all(_whole(k) or isinstance(k, str) for k in wanted),
+                 f"labels must be a class number or name, or one per image ({n}), got {labels!r}")
+        numbers = class_numbers([k if isinstance(k, str) else int(k) for k in wanted], self.class_names,
+                                self.cfg.model.n_classes, "labels")
+        return torch.tensor(numbers * n if len(numbers) == 1 else numbers, dtype=torch.int64)
 
     def sample(self, n: int, temperature: float = 0.7, seed: int = 0,
                classes: int | str | list[int | str] | None = None) -> torch.Tensor:

@@ -226,15 +226,17 @@ def png_bits_per_dim(images: torch.Tensor, n_bits: int) -> np.ndarray:
 
 @torch.inference_mode()
 @full_float32()  # bits/dim must not depend on the GPU generation (precision.py)
-def dequantized_terms(objective: Objective, images: torch.Tensor, noise_keys: list[int],
-                      n_dequant: int) -> dict[str, np.ndarray]:
-    """Objective.level_terms averaged over n_dequant draws of `glowtrain eval`'s noise (keyed by noise_keys)."""
+def dequantized_terms(objective: Objective, images: torch.Tensor, noise_keys: list[int], n_dequant: int,
+                      labels: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """Objective.level_terms averaged over n_dequant draws of `glowtrain eval`'s noise (keyed by noise_keys); a
+    class-conditional model's class marginal unless `labels` are given."""
     device = objective.model.top_prior.device
     images = images.to(device)
+    labels = labels.to(device) if labels is not None else None
     totals: dict[str, torch.Tensor] = {}
     for draw in range(n_dequant):
         noise = per_image_noise(noise_keys, tuple(images.shape[1:]), EVAL_NOISE_SEED + draw, device)
-        for key, value in objective.level_terms(images, noise).items():
+        for key, value in objective.level_terms(images, noise, labels).items():
             totals[key] = totals[key] + value if key in totals else value
     return {key: (value / n_dequant).double().cpu().numpy() for key, value in totals.items()}
 

@@ -55,6 +55,29 @@ def conditional(tmp_path_factory):
     return run_dir
 
 
+def test_load_run_gives_evals_class_given_bits_per_dim_with_labels(conditional, fitted):
+    """Without labels a class-conditional run scores the class marginal (score's figure, not eval's)."""
+    import glowtrain
+    from glowtrain.data import build_dataset
+    from glowtrain.errors import UserError
+
+    run = glowtrain.load_run(conditional, device="cpu")
+    test = build_dataset(run.cfg.data, "test")
+    given = run.bits_per_dim(test.images, labels=test.labels)
+    evaluated = json.loads(ok(invoke("eval", "--run", conditional, *CPU)).stdout)["bpd"]
+    assert float(given.mean()) == pytest.approx(evaluated, abs=1e-6)
+    assert float(run.bits_per_dim(test.images).mean()) != pytest.approx(evaluated, abs=1e-4)
+    three = test.images[:3]
+    assert torch.equal(run.bits_per_dim(three, labels=2), run.bits_per_dim(three, labels=[2, 2, 2]))
+    assert torch.equal(run.bits_per_dim(three, labels="2"), run.bits_per_dim(three, labels=2))  # digits' names
+    with pytest.raises(UserError, match=r"^labels must be a class number or name, or one per image \(3\)"):
+        run.bits_per_dim(three, labels=[1, 2])
+    with pytest.raises(UserError, match=r"^labels 10 is out of range: this model has classes 0..9"):
+        run.bits_per_dim(three, labels=10)
+    with pytest.raises(UserError, match="^labels needs a class-conditional model"):
+        glowtrain.load_run(fitted[1], device="cpu").bits_per_dim(three, labels=1)
+
+
 ATTRIBUTES = ["Smiling", "Young", "Eyeglasses"]
 
 
