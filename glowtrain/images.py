@@ -178,7 +178,8 @@ HISTOGRAM_COLOURS = ((60, 110, 200), (230, 120, 30), (60, 160, 80))
 
 def histogram_picture(values: dict[str, np.ndarray], title: str, n_bins: int = 40,
                       size: tuple[int, int] = (520, 300)) -> Image.Image:
-    """Overlaid histograms (each set's share of its images per bin) of one score, with a legend and axis ends."""
+    """Overlaid histograms (each set's share of its images per bin) of one score, with a legend, the score's ends
+    and middle, and the share of the tallest bar."""
     finite = {name: np.asarray(v, float)[np.isfinite(v)] for name, v in values.items()}
     pooled = np.concatenate([v for v in finite.values()] or [np.zeros(1)])
     low, high = (float(pooled.min()), float(pooled.max())) if pooled.size else (0.0, 1.0)
@@ -203,11 +204,14 @@ def histogram_picture(values: dict[str, np.ndarray], title: str, n_bins: int = 4
         canvas = Image.alpha_composite(canvas, layer)
     draw = ImageDraw.Draw(canvas)
     draw.line([left, height - bottom, width - right, height - bottom], fill="black")
+    draw.line([left, top, left, height - bottom], fill="black")  # shares of each set's images, 0 to the tallest
     draw.text((left, 6), title, fill="black", font=font)
-    draw.text((left, height - bottom + 6), f"{low:.4g}", fill="black", font=font)
-    high_text = f"{high:.4g}"
-    draw.text((width - right - draw.textlength(high_text, font=font), height - bottom + 6), high_text, fill="black",
-              font=font)
+    for text, y in ((f"{tallest:.0%}", top), ("0", height - bottom - 10)):
+        draw.text((left - 4 - draw.textlength(text, font=font), y), text, fill="black", font=font)
+    for value, align in ((low, 0.0), ((low + high) / 2, 0.5), (high, 1.0)):  # the axis's ends and middle
+        text = f"{value:.4g}"
+        x = left + align * (width - right - left) - align * draw.textlength(text, font=font)
+        draw.text((x, height - bottom + 6), text, fill="black", font=font)
     for row, (name, colour) in enumerate(zip(finite, HISTOGRAM_COLOURS)):
         draw.text((width - right - 160, 6 + 12 * row), f"{name} (n={finite[name].size})", fill=colour, font=font)
     return canvas.convert("RGB")

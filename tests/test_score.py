@@ -631,3 +631,17 @@ def test_a_file_name_that_is_not_utf8_is_written_to_the_csv_as_its_own_bytes(run
     with open(tmp_path / "out" / "scores.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
         paths = [row["path"] for row in csv.DictReader(f)]
     assert os.fsdecode(latin1) in paths and Path(os.fsdecode(latin1)).is_file()  # the CSV names the file
+
+
+def test_histograms_have_a_share_axis_and_the_scores_middle():
+    """Only the two ends of the score were written; the height of the bars had no scale."""
+    from glowtrain.images import histogram_picture
+
+    rng = np.random.default_rng(0)
+    picture = np.asarray(histogram_picture({"images": rng.normal(3, 0.2, 300), "against": rng.normal(4, 0.3, 100)},
+                                           "bpd"))
+    dark = picture.sum(2) < 200
+    assert dark[24:264, 40].all()  # the share axis, from the tallest bar down to the score axis
+    assert dark[20:36, :36].any() and dark[250:264, :36].any()  # its top label ("12%") and its 0
+    middle = dark[270:290, 240:280]
+    assert middle.any()  # the middle of the score's range, under the axis
