@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import inspect
 import io
@@ -764,8 +765,9 @@ def runs_(
 
 
 class _OutputThatOutlivesItsReader(io.TextIOBase):
-    """stdout or stderr whose reader may leave (`glowtrain fit | head`): what follows is dropped and the work
-    goes on, instead of a BrokenPipeError ending a training run before it saves."""
+    """stdout or stderr whose reader may leave (`glowtrain fit | head`, or a terminal hung up: its ssh session
+    closed): what follows is dropped and the work goes on, instead of a BrokenPipeError (or EIO) ending a training
+    run before it saves."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -779,7 +781,9 @@ class _OutputThatOutlivesItsReader(io.TextIOBase):
     def _guarded(self, action, *args):
         try:
             return action(*args)
-        except BrokenPipeError:
+        except OSError as e:
+            if not isinstance(e, BrokenPipeError) and e.errno != errno.EIO:
+                raise
             # Whatever is buffered or written later (here, by libraries, at exit) goes nowhere, silently.
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self.stream.fileno())

@@ -980,12 +980,13 @@ def _end_workers_at_exit() -> None:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group, and torchrun and batch schedulers send SIGTERM to every process
-    # of a job; stopping is the main process's to handle (finish the step, save): a worker killed by the signal
-    # would turn a clean stop into "DataLoader worker is killed by signal". Workers still end with the main
-    # process: DataLoader tells them to, and they exit on their own when it is gone.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Ctrl-C (and a closed terminal's SIGHUP) reaches the whole process group, and torchrun and batch schedulers
+    # send SIGTERM to every process of a job; stopping is the main process's to handle (finish the step, save): a
+    # worker killed by the signal would turn a clean stop into "DataLoader worker is killed by signal". Workers
+    # still end with the main process: DataLoader tells them to, and they exit on their own when it is gone.
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def _gathered(dataset, index_batches: Iterable[list[int]], pin: bool) -> Iterator[tuple[Tensor, Tensor]]:

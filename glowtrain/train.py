@@ -185,15 +185,20 @@ class DivergenceGuard:
         return 0
 
 
+# Signals that ask a run to save and stop: Ctrl-C, a scheduler's or torchrun's SIGTERM, and the SIGHUP of a closed
+# terminal or ssh session (it ended the process at once, losing the steps since the last checkpoint).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 class _StopFlag:
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT stops at once."""
+    """A stop signal asks the loop to stop after the current step; a second SIGINT stops at once."""
 
     def __init__(self):
         self.requested = False
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone

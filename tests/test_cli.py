@@ -893,3 +893,34 @@ def test_every_command_that_reads_a_run_takes_no_progress():
     assert {"sample", "eval", "reconstruct", "interpolate", "manipulate", "score"} <= reading
     assert {name for name in reading if not any("--no-progress" in p.secondary_opts for p in commands[name].params
                                                 if hasattr(p, "secondary_opts"))} == {"info"}
+
+
+def test_output_to_a_hung_up_terminal_is_dropped_and_the_work_goes_on(tmp_path):
+    """After a closed ssh session's SIGHUP, writing to its terminal fails with EIO: the run saves instead of
+    ending on the next line it prints."""
+    import errno
+
+    from glowtrain.cli import _OutputThatOutlivesItsReader
+
+    class HungUp:
+        def __init__(self, file):
+            self.file, self.calls = file, 0
+
+        def write(self, text):
+            self.calls += 1
+            raise OSError(errno.EIO, "Input/output error")
+
+        def fileno(self):
+            return self.file.fileno()
+
+    with open(tmp_path / "tty", "w") as file:
+        output = _OutputThatOutlivesItsReader(HungUp(file))
+        assert output.write("step 70/200: train bpd 2.31\n") == len("step 70/200: train bpd 2.31\n")
+        assert output.stream.calls == 1
+
+        class Full(HungUp):
+            def write(self, text):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        with pytest.raises(OSError, match="No space left"):  # other failures are not hidden
+            _OutputThatOutlivesItsReader(Full(file)).write("x")

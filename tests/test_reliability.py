@@ -85,8 +85,13 @@ def test_sigterm_during_fit_saves_exits_130_and_resume_equals_an_uninterrupted_r
     assert _logged_steps(run_dir / "metrics.jsonl") == list(range(1, total + 1))  # no gaps, no duplicates
 
 
-def test_ctrl_c_during_fit_saves_and_exits_130(tmp_path):
-    _interrupt(tmp_path / "run", signal.SIGINT)
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGHUP"])
+def test_ctrl_c_or_a_closed_terminal_during_fit_saves_and_exits_130(tmp_path, sig):
+    """SIGHUP (an ssh session closed without tmux or nohup) ended the process at once: the steps since the last
+    checkpoint were lost."""
+    if not hasattr(signal, sig):
+        pytest.skip(f"no {sig} here")
+    _interrupt(tmp_path / "run", getattr(signal, sig))
 
 
 def test_sigterm_to_the_whole_process_group_with_data_workers_still_saves_and_exits_130(tmp_path):
