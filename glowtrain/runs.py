@@ -189,6 +189,13 @@ def _copy_number(n: int) -> str:
     return "" if n == 1 else f"_{n}"
 
 
+def _remove_interrupted_saves(run: RunDir) -> None:
+    """With the run's lock held, no other process saves into its checkpoints/: a temporary file there is what a
+    killed save left (atomic_write's .NAME.PID.ID.tmp; a model's size each, never removed)."""
+    for leftover in run.checkpoints.glob(".*.tmp") if run.checkpoints.is_dir() else ():
+        leftover.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def training_lock(run: RunDir):
     """Hold the run's lock while `fit` trains it: a second `fit` on the same run (which would log every step twice
@@ -204,6 +211,7 @@ def training_lock(run: RunDir):
         with open(run.lock, "a+", encoding="utf-8") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _remove_interrupted_saves(run)
             except BlockingIOError:
                 raise _being_trained(run, trainer_pid(run) or -1) from None
             except OSError:  # a file system without locks (some network mounts): train unguarded

@@ -597,6 +597,19 @@ def test_the_other_processes_of_a_job_see_their_own_jobs_lock_without_refusing(t
         checkpoint_to_resume("auto", run)
 
 
+def test_a_save_that_was_killed_leaves_no_temporary_file_once_the_run_is_trained_again(tmp_path):
+    """A SIGKILL during a save left .last.pt.PID.ID.tmp in checkpoints/ (a model's size each), never removed."""
+    from glowtrain.runs import training_lock
+
+    run = RunDir(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    for name, data in ((".last.pt.554.358c41c3.tmp", b""), (".best.pt.611.dda15268.tmp", b"partial"),
+                       ("last.pt", b"saved"), ("mine.tmp", b"the user's")):
+        (run.checkpoints / name).write_bytes(data)
+    with training_lock(run):
+        assert sorted(path.name for path in run.checkpoints.iterdir()) == ["last.pt", "mine.tmp"]
+
+
 def test_a_command_on_a_run_being_trained_before_its_first_checkpoint_says_so(tmp_path):
     from glowtrain.runs import resolve_checkpoint, training_lock
 
