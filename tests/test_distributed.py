@@ -114,9 +114,11 @@ def _long_job_under_way(out) -> subprocess.Popen:
     sets = [arg for item in SETS + ["train.batch_size=8", "train.steps=100000", "train.eval_every=50000",
                                     "train.sample_every=50000", "train.checkpoint_every=50000"]
             for arg in ("--set", item)]
+    # The launcher's job folder goes in the test's own temporary folder: a launcher a test kills leaves it.
+    (out.parent / "tmp").mkdir(parents=True, exist_ok=True)
     job = subprocess.Popen([sys.executable, "-m", "glowtrain", "fit", "--out", str(out), "--no-progress",
-                            "--nproc", "2", *sets], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True)
+                            "--nproc", "2", *sets], env={**ENV, "TMPDIR": str(out.parent / "tmp")},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
     metrics = out / "metrics.jsonl"
     while not (metrics.exists() and metrics.read_text().strip()):  # polled: the first step has been logged
