@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from glowtrain.config import CHANNEL_CHOICES, FIXED_CHANNELS, derived_seed
-from glowtrain.distributed import cpus_per_process
+from glowtrain.distributed import STOP_SIGNALS, cpus_per_process
 from glowtrain.errors import MissingData, UserError
 from glowtrain.files import missing_folders, remove_if_empty
 from glowtrain.folders import (
@@ -984,9 +984,8 @@ def _ignore_stop_signals(worker_id: int) -> None:
     # send SIGTERM to every process of a job; stopping is the main process's to handle (finish the step, save): a
     # worker killed by the signal would turn a clean stop into "DataLoader worker is killed by signal". Workers
     # still end with the main process: DataLoader tells them to, and they exit on their own when it is gone.
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _gathered(dataset, index_batches: Iterable[list[int]], pin: bool) -> Iterator[tuple[Tensor, Tensor]]:

@@ -48,7 +48,15 @@ from glowtrain.data import (
     recorded_data,
     refuse_misplaced_celeba_layout,
 )
-from glowtrain.distributed import Context, broadcast_state, identical_across_ranks, in_turns, setup, teardown
+from glowtrain.distributed import (
+    STOP_SIGNALS,
+    Context,
+    broadcast_state,
+    identical_across_ranks,
+    in_turns,
+    setup,
+    teardown,
+)
 from glowtrain.errors import UserError
 from glowtrain.evaluation import evaluate, mean_text
 from glowtrain.folders import refuse_missing_image_folder, refuse_output_among_training_images
@@ -183,11 +191,6 @@ class DivergenceGuard:
             return longest
         self._counts[2] = self._counts[1]
         return 0
-
-
-# Signals that ask a run to save and stop: Ctrl-C, a scheduler's or torchrun's SIGTERM, and the SIGHUP of a closed
-# terminal or ssh session (it ended the process at once, losing the steps since the last checkpoint).
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class _StopFlag:
