@@ -230,7 +230,7 @@ def preprocess_image(source: str | Path | Image.Image, data_cfg: DataConfig, cro
     if name == "digits" or name in _TORCHVISION:
         if img.size == (size, size):
             return square_image(img, None)
-        native = 8 if name == "digits" else _TORCHVISION[name][2]
+        native = _native_side(name)
         square = square_image(img, None)
         if square.shape[-1] != native:
             square = _resize(square[None], native)[0]
@@ -245,11 +245,21 @@ def _preprocessing_done(img: Image.Image, header: list[str], data_cfg: DataConfi
     name = data_cfg.dataset
     if (name != "digits" and name not in _TORCHVISION) or img.size == (size, size):
         return opened_image_conversions(img, header, channels, size, crop)
-    native = 8 if name == "digits" else _TORCHVISION[name][2]
+    native = _native_side(name)
     done = opened_image_conversions(img, header, channels, native, None)  # to the set's own square, then its way
     if size != native:
-        done.append(f"{'zero-padded' if (native, size) == (28, 32) else 'resized'} {native}→{size}")
+        done.append(_to_image_size_words(native, size))
     return done
+
+
+def _native_side(name: str) -> int:
+    """A built-in set's own image side: 8 for the digits, 28 for MNIST's, 32 for CIFAR-10."""
+    return 8 if name == "digits" else _TORCHVISION[name][2]
+
+
+def _to_image_size_words(native: int, size: int) -> str:
+    """What _to_image_size does to a built-in set's images, in the words of a run's data line."""
+    return f"{'zero-padded' if (native, size) == (28, 32) else 'resized'} {native}→{size}"
 
 
 def relocated(data_cfg: DataConfig, where: str, run_dir: str | Path | None = None) -> DataConfig:
@@ -487,8 +497,7 @@ def _torchvision_set(data_cfg, split: str, shape: tuple[int, int, int]) -> Tenso
     size = shape[1]
     dataset = TensorImages(_to_image_size(images, native, size).contiguous(), labels, n_classes=10)
     if size != native:
-        how = "zero-padded" if (native, size) == (28, 32) else "resized"
-        dataset.report.conversions[f"{how} {native}→{size}"] = len(dataset)
+        dataset.report.conversions[_to_image_size_words(native, size)] = len(dataset)
     return dataset
 
 
