@@ -89,6 +89,11 @@ def _whole(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's integers too
 
 
+def _is_class(value) -> bool:
+    """A class as the API takes one: its number or its name."""
+    return _whole(value) or isinstance(value, str)
+
+
 def _as_list(value) -> list:
     """One item or a sequence of them (a list, tuple, range, array or tensor) -> a list; anything else -> [value]."""
     if isinstance(value, (np.ndarray, torch.Tensor)):
@@ -176,11 +181,15 @@ class Run:
         if labels is None:
             return None
         wanted = _as_list(labels)
-        _require(len(wanted) in (1, n) and all(_whole(k) or isinstance(k, str) for k in wanted),
+        _require(len(wanted) in (1, n) and all(map(_is_class, wanted)),
                  f"labels must be a class number or name, or one per image ({n}), got {labels!r}")
-        numbers = class_numbers([k if isinstance(k, str) else int(k) for k in wanted], self.class_names,
-                                self.cfg.model.n_classes, "labels")
+        numbers = self._class_numbers(wanted, "labels")
         return torch.tensor(numbers * n if len(numbers) == 1 else numbers, dtype=torch.int64)
+
+    def _class_numbers(self, wanted: list, option: str) -> list[int]:
+        """Class numbers or names (each passed _is_class) as the numbers this run's model has; errors name `option`."""
+        return class_numbers([k if isinstance(k, str) else int(k) for k in wanted], self.class_names,
+                             self.cfg.model.n_classes, option)
 
     def sample(self, n: int, temperature: float = 0.7, seed: int = 0,
                classes: int | str | list[int | str] | None = None) -> torch.Tensor:
@@ -195,10 +204,9 @@ class Run:
                  f"seed must be a whole number from 0 to 2**32 - 1 (torch's CPU generator reads 32 bits), got "
                  f"{seed!r}")
         wanted = [] if classes is None else _as_list(classes)
-        _require(classes is None or (len(wanted) > 0 and all(_whole(k) or isinstance(k, str) for k in wanted)),
+        _require(classes is None or (len(wanted) > 0 and all(map(_is_class, wanted))),
                  f"classes must be a class number or name, or a non-empty list of them, got {classes!r}")
-        numbers = class_numbers([k if isinstance(k, str) else int(k) for k in wanted], self.class_names,
-                                self.cfg.model.n_classes, "classes")
+        numbers = self._class_numbers(wanted, "classes")
         labels = class_labels(numbers, int(n), self.device, "n=")
         generator = torch.Generator(device=self.device).manual_seed(int(seed))
         return sample_images(self.model, int(n), temperature, self.n_bits, generator, labels)
