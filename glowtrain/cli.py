@@ -24,7 +24,7 @@ from typing import Annotated, NoReturn, Optional
 import typer
 
 from glowtrain import __version__
-from glowtrain.errors import MissingData, Stopped, UserError
+from glowtrain.errors import STOP_SIGNALS, MissingData, Stopped, UserError
 
 EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 STOP_GRACE_S = 300  # what `fit --nproc` gives its processes to stop cleanly after a SIGTERM
@@ -178,7 +178,7 @@ def _end(code: int, line: str | None) -> NoReturn:
     """Exit `code` after saying `line` on stderr; a process of `fit --nproc` leaves both to its parent."""
     # On its way out, a Ctrl-C still held down would only break the clean-up (progress bars closing in their
     # __del__) with tracebacks after the one line.
-    _ignore_signals("SIGINT")
+    _ignore_signals(*STOP_SIGNALS)
     if _report_to_launcher(code, line):
         line = None
     if line:
@@ -197,15 +197,27 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
-def _ignore_signals(*names: str) -> None:
+def _ignore_signals(*signals: int) -> None:
     """From here on, the `glowtrain` command ignores these signals; a caller in Python (such as the tests) keeps
     its own handlers."""
-    import signal
+    _handle_signals(signals, signal.SIG_IGN)
 
+
+def _interrupt_on_stop_signals() -> None:
+    """SIGTERM (`kill`, a scheduler's time limit) and SIGHUP (a closed terminal) end a command as Ctrl-C does: its
+    clean-ups run and it says `interrupted`, exit 130. Left to their default, they ended it at once without a
+    word (`fit` too, before its trainer took them over to save first)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    _handle_signals([sig for sig in STOP_SIGNALS if sig != signal.SIGINT], interrupt)
+
+
+def _handle_signals(signals: Iterable[int], handler) -> None:
     if _state["whole_process"]:
         with contextlib.suppress(ValueError):  # ValueError: not the main thread, where signals do not land anyway
-            for name in names:
-                signal.signal(getattr(signal, name), signal.SIG_IGN)
+            for sig in signals:
+                signal.signal(sig, handler)
 
 
 def _report_to_launcher(code: int, line: str | None) -> bool:
@@ -228,7 +240,7 @@ def _trained() -> None:
     """Training is over and saved. A Ctrl-C from here on (while the summary prints) would only turn a finished
     run into an interrupted one, exit code 130: it is ignored, and a process of `fit --nproc` reports that it
     finished, so that its launcher, which the same Ctrl-C stopped, ends the job with 0."""
-    _ignore_signals("SIGINT", "SIGTERM")
+    _ignore_signals(*STOP_SIGNALS)
     _report_to_launcher(0, None)
 
 
@@ -855,6 +867,7 @@ def main() -> None:
     line and exit 2 like ours, instead of a usage banner and a boxed message."""
     sys.stdout, sys.stderr = _OutputThatOutlivesItsReader(sys.stdout), _OutputThatOutlivesItsReader(sys.stderr)
     _state["whole_process"], _state["ended"] = True, False
+    _interrupt_on_stop_signals()
     warnings.showwarning = _one_line_warning
     try:
         code = app(prog_name="glowtrain", standalone_mode=False)

@@ -27,8 +27,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from glowtrain.config import CHANNEL_CHOICES, FIXED_CHANNELS, derived_seed
-from glowtrain.distributed import STOP_SIGNALS, cpus_per_process
-from glowtrain.errors import MissingData, UserError
+from glowtrain.distributed import cpus_per_process
+from glowtrain.errors import STOP_SIGNALS, MissingData, UserError
 from glowtrain.files import missing_folders, remove_if_empty
 from glowtrain.folders import (
     PIL_DECODE_ERRORS,

@@ -287,10 +287,6 @@ class JobEnd:
 
 # Where torchrun's launcher logs; torch's own handler prints what reaches `torch.distributed`.
 _LAUNCHER_LOGGERS = ("torch.distributed.run", "torch.distributed.launcher", "torch.distributed.elastic")
-# Signals that ask a run to save and stop: Ctrl-C, a scheduler's or torchrun's SIGTERM, and the SIGHUP of a closed
-# terminal or ssh session (it ended the process at once, losing the steps since the last checkpoint). The trainer
-# handles them; its data workers ignore them.
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 # The signals torchrun's launcher catches (and passes on to its processes) while they run.
 _LAUNCHER_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
                           if hasattr(signal, name))

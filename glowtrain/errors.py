@@ -1,4 +1,12 @@
-"""The one exception type for mistakes a user can fix: bad config, data, paths or checkpoints."""
+"""How commands end early: the exception for mistakes a user can fix (bad config, data, paths or checkpoints),
+the one for a stop part way, and the signals that ask for a stop."""
+
+import signal
+
+# Signals that ask a command to stop: Ctrl-C, a scheduler's or torchrun's SIGTERM, and the SIGHUP of a closed
+# terminal or ssh session. A command ends on them as on Ctrl-C (its clean-ups run, it says `interrupted`); the
+# trainer takes them over while it trains, to save first; data workers ignore them.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class UserError(Exception):

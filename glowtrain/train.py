@@ -49,7 +49,6 @@ from glowtrain.data import (
     refuse_misplaced_celeba_layout,
 )
 from glowtrain.distributed import (
-    STOP_SIGNALS,
     Context,
     broadcast_state,
     identical_across_ranks,
@@ -57,7 +56,7 @@ from glowtrain.distributed import (
     setup,
     teardown,
 )
-from glowtrain.errors import UserError
+from glowtrain.errors import STOP_SIGNALS, UserError
 from glowtrain.evaluation import evaluate, mean_text
 from glowtrain.folders import refuse_missing_image_folder, refuse_output_among_training_images
 from glowtrain.images import display_upscale, image_grid, sample_images, save_png, temperature_label, temperature_name

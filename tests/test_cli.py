@@ -21,6 +21,7 @@ from glowtrain import __version__
 from glowtrain.checkpoint import load_checkpoint
 from glowtrain.cli import app, main
 from glowtrain.config import apply_overrides, default_config
+from glowtrain.errors import STOP_SIGNALS
 from glowtrain.runs import RunDir
 
 TINY = TINY_RUN
@@ -62,12 +63,13 @@ def _run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     monkeypatch.setitem(cli._state, "whole_process", False)
     monkeypatch.setitem(cli._state, "ended", cli._state["ended"])
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
-    handler = signal.getsignal(signal.SIGINT)
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         with pytest.raises(SystemExit) as ended:
             main()
     finally:
-        signal.signal(signal.SIGINT, handler)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     out = capsys.readouterr()
     return ended.value.code, out.out, out.err
 
@@ -281,6 +283,29 @@ def test_ctrl_c_before_a_command_takes_over_still_says_interrupted(monkeypatch, 
     starting.__getattr__ = pressed
     monkeypatch.setitem(sys.modules, "glowtrain.train", starting)
     assert _run_main(monkeypatch, capsys, "eval", "--run", "nowhere") == (130, "", "interrupted\n")
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_kill_or_a_closed_terminal_ends_a_command_as_ctrl_c_does(monkeypatch, capsys, name):
+    """Before fit's trainer takes them over (its start-up can be long: a large folder's check) and in every other
+    command, SIGTERM and SIGHUP ended the process at once with no word and no clean-up."""
+    import signal
+
+    import glowtrain.cli as cli
+
+    if not hasattr(signal, name):
+        pytest.skip(f"no {name} here")
+
+    def signalled(*args, **kwargs):
+        if signal.getsignal(getattr(signal, name)) in (signal.SIG_DFL, signal.SIG_IGN):  # it would end pytest
+            raise AssertionError(f"{name} is left to its default")
+        os.kill(os.getpid(), getattr(signal, name))  # Python runs its handler before the next line
+        raise AssertionError(f"{name} was not handled")
+
+    monkeypatch.setattr(cli, "_open", signalled)
+    assert _run_main(monkeypatch, capsys, "eval", "--run", "nowhere") == (130, "", "interrupted\n")
+    monkeypatch.setattr(training, "fit_config", signalled)
+    assert _run_main(monkeypatch, capsys, "fit", "--set", "train.steps=1") == (130, "", "interrupted\n")
 
 
 def test_the_entry_point_keeps_exit_codes_help_and_our_own_errors(monkeypatch, capsys):
