@@ -137,13 +137,14 @@ def _copy_bucket(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
             else piece.view(tensor.shape).clone() for piece, tensor in zip(pieces, tensors)]
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with weights_only=True, so a crafted file cannot run code; failures become UserErrors."""
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Load with weights_only=True, so a crafted file cannot run code; failures become UserErrors. mmap: tensors
+    are read from the file only when used (a look at the config of a paper-size checkpoint reads kilobytes)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path} — pass an existing .pt file or a run directory")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - torch raises many types for files that are not checkpoints
         reason = _weights_only_refusal(str(e))
         if reason:
@@ -172,7 +173,7 @@ def config_of(state: dict[str, Any], source: str = "checkpoint") -> Config:
 def resume_config(checkpoint: Path, config_path: str | None, overrides: list[str]) -> Config:
     """The config a resumed run continues with: the stored one (or --config) plus overrides, refused when it
     changes what the run models (data.*, model.*)."""
-    saved = config_of(load_checkpoint(checkpoint), str(checkpoint))
+    saved = config_of(load_checkpoint(checkpoint, mmap=True), str(checkpoint))  # tensors: the trainer reads them
     cfg = load_config(config_path, overrides) if config_path is not None else apply_overrides(saved, overrides)
     try:
         check_resume_config(saved, cfg)
