@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+from pathlib import Path
 
 import torch
 
@@ -37,6 +39,7 @@ class RunLogger:
         self._purge_step = None if resumed_step is None else resumed_step + 1
         self.metrics = open(run.metrics, "a", buffering=1)
         self._writer = None
+        self._events_file: Path | None = None
 
     @property
     def writer(self):
@@ -44,8 +47,24 @@ class RunLogger:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
 
+            before = set(self.run.tb.glob("*tfevents*"))
             self._writer = SummaryWriter(log_dir=str(self.run.tb), purge_step=self._purge_step)
+            made = set(self.run.tb.glob("*tfevents*")) - before
+            self._events_file = made.pop() if len(made) == 1 else None
         return self._writer
+
+    def _close_writer(self) -> None:
+        """Close the TensorBoard file and number it with ten digits. TensorBoard reads a folder's files in name
+        order, and a file's name ends in its process's count of writers (...96, ...98, ...100): the files one
+        process wrote within a second (a resume from Python) were read out of order, undoing a resume's hiding
+        of the steps it logged again. Padded, a closed file sorts before any the process opens later."""
+        self._writer.close()
+        self._writer = None
+        file, self._events_file = self._events_file, None
+        stem, _, count = file.name.rpartition(".") if file is not None else ("", "", "")
+        if count.isdigit() and len(count) < 10:
+            with contextlib.suppress(OSError):  # a name TensorBoard reads in a good order anyway, most often
+                file.rename(file.with_name(f"{stem}.{int(count):010d}"))
 
     def restart_at(self, step: int) -> int:
         """Go on from `step` (a rollback): the records logged after it move out of metrics.jsonl and TensorBoard
@@ -54,8 +73,7 @@ class RunLogger:
         moved = move_records_after(self.run, step)
         self.metrics = open(self.run.metrics, "a", buffering=1)
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            self._close_writer()
         self._purge_step = step + 1
         return moved
 
@@ -72,7 +90,7 @@ class RunLogger:
         if cfg is not None and math.isfinite(best_test_bpd):
             write_hparams(self.run, cfg, best_test_bpd, step, processes)
         if self._writer is not None:
-            self._writer.close()
+            self._close_writer()
         self.metrics.close()
 
 
