@@ -486,6 +486,30 @@ def test_a_stop_between_checks_after_a_run_of_bad_steps_resumes_exactly_as_an_un
         assert torch.equal(resumed["model"][name], tensor), name
 
 
+def test_tensorboard_hides_a_resumes_redone_steps_also_when_one_process_logged_both_within_a_second(
+        tmp_path, monkeypatch):
+    """Event files are read in name order, and a name ends in the process's count of writers: a resume's file
+    (…100) written in the second of the first (…99) sorted before it, and the first's steps 4-5 showed."""
+    import types
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.summary.writer import event_file_writer
+
+    from glowtrain.logs import RunLogger
+
+    monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1795976353.0))  # one second
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(99))
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    for resumed_step, values in ((None, {1: 5.0, 2: 4.0, 3: 3.0, 4: 2.0, 5: 1.0}), (3, {4: 2.5, 5: 1.5})):
+        logger = RunLogger(run, resumed_step)
+        for step, value in values.items():
+            logger.log(step, "train", bpd=value)
+        logger.close()
+    events = EventAccumulator(str(run.tb)).Reload().Scalars("train/bpd")
+    assert [(e.step, e.value) for e in events] == [(1, 5.0), (2, 4.0), (3, 3.0), (4, 2.5), (5, 1.5)]
+
+
 def test_a_resume_after_a_crash_logs_each_step_once_and_keeps_the_lost_records_aside(tmp_path):
     """A crash after step 5 with last.pt at step 3: steps 4-5 run again; their first records are moved out of
     metrics.jsonl (into metrics_discarded.jsonl) and hidden in TensorBoard."""
