@@ -138,8 +138,8 @@ class TrainConfig:
         "step, compiled once per level and reused: a much shorter first step)")
     memory_saving: bool = _opt(False, "constant-memory backprop: rebuild activations by inverting each flow step "
                                "(~1.3x step time)")
-    max_time: str = _opt("", "stop cleanly (checkpoint saved) after this wall-clock time, e.g. 3h50m, 90m, 45s "
-                         "('' = no limit)")
+    max_time: str = _opt("", "stop cleanly (checkpoint saved) after this wall-clock time, e.g. 3h50m, 90m, 45s, "
+                         "3:50:00 ('' = no limit)")
 
     @property
     def max_time_s(self) -> float | None:
@@ -165,25 +165,30 @@ _FIELDS: dict[str, dataclasses.Field] = {
     f"{sec}.{f.name}": f for sec, cls in _SECTIONS.items() for f in dataclasses.fields(cls)
 }
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what run.device and --device accept
-# PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string; float fields accept such text.
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_INTEGER = re.compile(r"[+-]?\d+(_\d+)*|0x[0-9a-fA-F]+|0o[0-7]+|0b[01]+")  # leading zeros are decimal: 010 is 10
+_NOT_FINITE = re.compile(r"[+-]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)")
 
 
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+_CLOCK = re.compile(r"(\d+):([0-5]?\d):([0-5]?\d(?:\.\d+)?)")  # H:MM:SS, as a scheduler's time limit is written
 
 
 def duration_seconds(text: str) -> float | None:
-    """'3h50m', '90m', '45s', '1.5h' -> seconds; '' -> None. Raises UserError for anything else."""
+    """'3h50m', '90m', '45s', '1.5h', '3:50:00' -> seconds; '' -> None. Raises UserError for anything else."""
     text = text.strip()
     if not text:
         return None
-    if _NUMBER.fullmatch(text):  # also what YAML makes of 1:30:00 (base 60: 5400)
+    if _NUMBER.fullmatch(text):
         raise UserError(f"train.max_time={text!r} is a number without a unit — write {text}s, or hours and "
-                        "minutes like 1h30m (YAML reads 1:30:00 as 5400)")
+                        "minutes like 1h30m")
+    if clock := _CLOCK.fullmatch(text):
+        return sum(float(part) * scale for part, scale in zip(clock.groups(), (3600, 60, 1)))
     match = _DURATION.fullmatch(text)
     if not match or not any(match.groups()):
-        raise UserError(f"train.max_time={text!r} is not a duration — use hours, minutes and seconds like 3h50m, "
-                        "90m or 45s ('' = no limit)")
+        minutes_or_hours = " (hours:minutes or minutes:seconds? write 1h30m or 1m30s)" if text.count(":") == 1 else ""
+        raise UserError(f"train.max_time={text!r} is not a duration{minutes_or_hours} — use hours, minutes and "
+                        "seconds like 3h50m, 90m, 45s or 3:50:00 ('' = no limit)")
     hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
     return hours * 3600 + minutes * 60 + seconds
 
@@ -302,8 +307,38 @@ def _choice_error(key: str, value: Any, choices: tuple, current: Any = _NO_VALUE
     return UserError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}{hint} — use {fix}")
 
 
+class PlainText(str):
+    """An unquoted YAML value, read as the type of the key it is given to. YAML 1.1 (PyYAML's) decides alone: it
+    read `seed: 010` as 8 (octal), `steps: 1:30` as 90 (base 60), `name: 001` as 1 and `name: 2024-01-05` as a
+    date, and `lr: 1e-3` (no dot) as text."""
+
+    def __repr__(self) -> str:  # in messages: a number as written (`got 20.0`), other text quoted (`got '1:30'`)
+        return str(self) if _NUMBER.fullmatch(self) else repr(str(self))
+
+
+def _read_plain(value: Any, tp: Any) -> Any:
+    """`value` with its unquoted text read for a key of type `tp`; what it cannot be is left for _coerce to refuse
+    (a lone number given for a list key is read as one)."""
+    if isinstance(value, list):
+        return [_read_plain(item, float) for item in value] if get_origin(tp) is list else value
+    if not isinstance(value, PlainText):
+        return value
+    if tp is str or get_origin(tp) is Literal and value in get_args(tp):
+        return str(value)
+    if tp is int and _INTEGER.fullmatch(value):
+        return int(value.replace("_", ""), 0 if value[:2] in ("0x", "0o", "0b") else 10)
+    if tp is not int and _NUMBER.fullmatch(value):
+        return float(value)
+    if tp is not int and _NOT_FINITE.fullmatch(value):  # YAML's .inf and .nan: refused as not finite
+        return float(value.replace(".", ""))
+    if value.lower() in ("true", "false", "yes", "no", "on", "off"):  # YAML 1.1's words for true and false
+        return value.lower() in ("true", "yes", "on")
+    return value
+
+
 def _coerce(key: str, value: Any, tp: Any, current: Any = _NO_VALUE) -> Any:
     """Check `value` against the field type `tp`; return it converted (int -> float, number -> str)."""
+    value = _read_plain(value, tp)
     if get_origin(tp) is Literal:
         choices = get_args(tp)
         if isinstance(value, str) and value in choices:
@@ -329,6 +364,10 @@ def _coerce(key: str, value: Any, tp: Any, current: Any = _NO_VALUE) -> Any:
         # A lone number is a one-element list: `sample_temperatures: 0.7` means [0.7].
         items = [_as_float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
         result = None if any(v is None for v in items) else items
+    whole = _as_float(value) if tp is int else None
+    if result is None and whole is not None and math.isfinite(whole) and whole.is_integer():
+        raise UserError(f"{key}: expected an integer, got {value!r} — write it without a decimal point or exponent: "
+                        f"{key}={int(whole)}")
     if result is None:
         raise _type_error(key, value, tp, current=current)
     if any(isinstance(v, float) and not math.isfinite(v) for v in (result if isinstance(result, list) else [result])):
@@ -382,7 +421,7 @@ def _parse_override(text: str) -> tuple[str, Any, str]:
             f"malformed override '{text}' — use the form --set section.key=value, e.g. --set train.lr=5e-4"
         )
     try:
-        value = yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
         raise UserError(f"--set {text}: the value is not valid YAML ({_yaml_problem(e)})") from None
     return key, value, raw.strip()
@@ -405,8 +444,8 @@ def _apply(cfg: Config, overrides: Sequence[str]) -> Config:
         if key not in _FIELDS:
             raise _unknown_key(key, f"--set {text}")
         tp = _FIELDS[key].type
-        if tp is str and not isinstance(value, str):
-            value = raw  # `run.name=007` or `data.cache=` mean that text, not YAML's 7 or null
+        if tp is str and (value is None or isinstance(value, PlainText)):
+            value = raw  # `data.cache=` and `run.name=exp #3` mean that text, not YAML's null or a comment
         sec, leaf = key.split(".")
         changes.setdefault(sec, {})[leaf] = _coerce(key, value, tp, getattr(getattr(cfg, sec), leaf))
     parts = {sec: dataclasses.replace(getattr(cfg, sec), **kv) for sec, kv in changes.items()}
@@ -489,6 +528,25 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+_NULL = "tag:yaml.org,2002:null"
+
+
+class _ConfigLoader(_UniqueKeyLoader):
+    """Unquoted values stay text (PlainText), read by the type of their key; only null (and merges) keep YAML's
+    meaning."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, pattern) for tag, pattern in resolvers if tag in (_NULL, "tag:yaml.org,2002:merge")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def construct_yaml_str(self, node):
+        text = super().construct_yaml_str(node)
+        return PlainText(text) if node.style is None else text
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:str", _ConfigLoader.construct_yaml_str)
+
+
 def _yaml_problem(e: yaml.YAMLError) -> str:
     mark = getattr(e, "problem_mark", None)
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
@@ -506,7 +564,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         if p.is_dir():
             raise UserError(f"config path {path} is a directory — pass a YAML file to --config")
         try:
-            raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+            raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as e:
             raise UserError(f"config file {path} is not valid YAML ({_yaml_problem(e)})") from None
         except (OSError, UnicodeDecodeError) as e:

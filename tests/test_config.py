@@ -319,12 +319,18 @@ def test_a_dotted_key_in_a_yaml_file_is_shown_nested(tmp_path):
         load_config(path)
 
 
-def test_a_max_time_without_a_unit_says_so_also_when_yaml_read_it_as_base_60(tmp_path):
+def test_a_max_time_is_read_as_a_clock_in_a_file_and_a_number_or_two_parts_are_refused(tmp_path):
+    """YAML 1.1 read `max_time: 1:30:00` as 5400 (base 60), which was refused as a number without a unit."""
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  max_time: 1:30:00\n")
-    with raises(r"train\.max_time='5400' is a number without a unit — write 5400s, or hours and minutes like 1h30m "
-                r"\(YAML reads 1:30:00 as 5400\)"):
-        load_config(path)
+    assert load_config(path).train.max_time_s == 5400
+    assert load_config(None, ["train.max_time=0:00:45.5"]).train.max_time_s == 45.5
+    with raises(r"^train\.max_time='5400' is a number without a unit — write 5400s, or hours and minutes like "
+                r"1h30m$"):
+        load_config(None, ["train.max_time=5400"])
+    with raises(r"^train\.max_time='1:30' is not a duration \(hours:minutes or minutes:seconds\? write 1h30m or "
+                r"1m30s\) — use hours, minutes and seconds like 3h50m, 90m, 45s or 3:50:00 \('' = no limit\)$"):
+        load_config(None, ["train.max_time=1:30"])
 
 
 def test_non_finite_floats_are_rejected():
@@ -684,3 +690,34 @@ def test_seeds_are_those_torchs_cpu_generator_tells_apart_and_their_streams_stay
     firsts = {derived_seed(seed, 0) % 2**32 for seed in (0, 1, 2**31, largest)}
     assert len(firsts) == 4  # distinct seeds, distinct first streams on the CPU
     assert derived_seed(7, 3) == 7 * 1_000_003 + 3  # small seeds keep their streams, so old runs resume the same
+
+
+def test_unquoted_values_are_read_as_their_keys_type_not_as_yaml_1_1_guesses(tmp_path):
+    """YAML 1.1 read `seed: 010` as 8 (octal), `steps: 1:30` as 90 (base 60) and `name: 001` as the run `1`."""
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  name: 001\n  seed: 010\ndata:\n  split_seed: 0x10\n  hflip: Yes\n"
+                    "train:\n  steps: 1_000\n  lr: 1e-3\n  amp: off\n  sample_temperatures: [0.5, 1]\n"
+                    "  init_batch_size: 08\n")
+    cfg = load_config(path)
+    assert (cfg.run.name, cfg.run.seed, cfg.data.split_seed, cfg.data.hflip) == ("001", 10, 16, True)
+    assert (cfg.train.steps, cfg.train.lr, cfg.train.amp, cfg.train.sample_temperatures) == (1000, 1e-3, "off",
+                                                                                             [0.5, 1.0])
+    assert cfg.train.init_batch_size == 8  # YAML 1.1 refused 08 (not octal) as text
+    for name in ("2024-01-05", "yes", "1:30", "0.10"):  # YAML 1.1: a date, true, 90, 0.1
+        path.write_text(f"run:\n  name: {name}\n")
+        assert load_config(path).run.name == name
+    path.write_text("train:\n  steps: 1:30\n")
+    with raises(r"^train\.steps: expected an integer, got '1:30' — use a value like train\.steps=427"):
+        load_config(path)
+    with raises(r"^train\.steps: expected an integer, got 1e5 — write it without a decimal point or exponent: "
+                r"train\.steps=100000$"):
+        load_config(None, ["train.steps=1e5"])
+    with raises(r"^train\.lr: expected a finite number, got inf"):
+        load_config(None, ["train.lr=.inf"])
+
+
+def test_a_text_override_is_taken_as_written_even_with_a_hash_in_it():
+    """`--set "run.name=exp #3"` named the run `exp`: YAML read ` #3` as a comment."""
+    cfg = load_config(None, ["run.name=exp #3", "data.root=/tmp/my #1 dir", "data.cache='quoted #2'"])
+    assert (cfg.run.name, cfg.data.root, cfg.data.cache) == ("exp #3", "/tmp/my #1 dir", "quoted #2")
+    assert load_config(None, ["run.seed=08", "run.name=007"]).run.seed == 8
