@@ -509,6 +509,17 @@ def check_resume_config(saved: Config, new: Config) -> None:
                             "model or what it models — start a new run with another --out or run.name")
 
 
+def settings_changed_on_resume(trained: Mapping, new: Config) -> list[str]:
+    """`key=value (the run had value)` for each run.* and train.* setting a resume trains with other than the run
+    did (train.steps aside: the resume line says it). A `--config` given on resume sets every key it holds,
+    also ones the run had set otherwise with --set."""
+    after = config_to_dict(new)
+    return [f"{key}={_yaml_value(after[sec][leaf])} (the run had {_yaml_value(trained[sec][leaf])})"
+            for key in dotted_keys() if key != "train.steps"
+            for sec, leaf in [key.split(".")] if sec in ("run", "train")
+            if leaf in trained.get(sec, {}) and trained[sec][leaf] != after[sec][leaf]]
+
+
 # ---------------------------------------------------------------------------- files
 
 

@@ -36,6 +36,7 @@ from glowtrain.config import (
     config_to_dict,
     derived_seed,
     load_config,
+    settings_changed_on_resume,
     with_absolute_data_paths,
 )
 from glowtrain.data import (
@@ -342,6 +343,8 @@ class Trainer:
         self.trained_config = state.get("config", {})
         self._forget_rollbacks_if_retuned(self.trained_config.get("train", {}))
         self._note_other_process_count()
+        if changed := settings_changed_on_resume(self.trained_config, self.cfg):
+            self.notes.append(f"note: this resume trains with {', '.join(changed)}")
         torch.set_rng_state(state["rng"]["torch"].cpu())
         return state
 

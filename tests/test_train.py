@@ -510,6 +510,20 @@ def test_tensorboard_hides_a_resumes_redone_steps_also_when_one_process_logged_b
     assert [(e.step, e.value) for e in events] == [(1, 5.0), (2, 4.0), (3, 3.0), (4, 2.5), (5, 1.5)]
 
 
+def test_a_resume_names_each_training_setting_it_changes(tmp_path, capsys):
+    """A resume with the same --config quietly undid the run's --set train.lr and warmup_steps (a config sets every
+    key it holds): the lr in the log changed with no word."""
+    cfg = apply_overrides(default_config(), NAN_RUN + ["train.steps=2", "train.lr=1e-2"])
+    train(cfg, out=str(tmp_path / "run"), progress=False)
+    capsys.readouterr()
+    train(apply_overrides(cfg, ["train.steps=3"]), out=str(tmp_path / "run"), resume="auto", progress=False)
+    assert "note: this resume trains with" not in capsys.readouterr().out  # train.steps: the resume line says it
+    train(apply_overrides(cfg, ["train.steps=4", "train.lr=3e-2", "train.warmup_steps=7"]), out=str(tmp_path / "run"),
+          resume="auto", progress=False)
+    assert ("note: this resume trains with train.lr=0.03 (the run had 0.01), train.warmup_steps=7 (the run had 0)\n"
+            in capsys.readouterr().out)
+
+
 def test_a_resume_after_a_crash_logs_each_step_once_and_keeps_the_lost_records_aside(tmp_path):
     """A crash after step 5 with last.pt at step 3: steps 4-5 run again; their first records are moved out of
     metrics.jsonl (into metrics_discarded.jsonl) and hidden in TensorBoard."""
