@@ -106,19 +106,20 @@ class RunDir:
         written, tagged, digest = first.partition(_DIGEST_TAG)
         return "fit" if not tagged or digest == f"{_digest(rest)}]" else "edited"
 
-    def edits_unused_by(self, cfg: Config, trained: dict) -> bool:
-        """Whether config.yaml holds values changed by hand (from `trained`, the config the run's checkpoint keeps,
-        as fit wrote it there) that `cfg` does not take: a resume trains with the checkpoint's config plus --set,
-        so such edits would go unused without a word."""
+    def unused_edits(self, cfg: Config, trained: dict) -> tuple[list[str], str]:
+        """What config.yaml holds changed by hand (from `trained`, the config the run's checkpoint keeps, as fit
+        wrote it there) that `cfg` does not take: a resume trains with the checkpoint's config plus --set, so such
+        edits would go unused without a word. Returns the keys, and the problem of a file that is not a valid
+        config (its edits all go unused)."""
         if self.config_origin() != "edited":
-            return False  # as fit wrote it, or not a run's
+            return [], ""  # as fit wrote it, or not a run's
         try:
             edited = config_to_dict(load_config(self.config))
-        except UserError:  # an edit that breaks the file goes unused too
-            return True
+        except UserError as e:
+            return [], str(e)
         used = config_to_dict(cfg)
-        return any(value != trained.get(section, {}).get(key, value) and value != used[section][key]
-                   for section, values in edited.items() for key, value in values.items())
+        return [f"{section}.{key}" for section, values in edited.items() for key, value in values.items()
+                if value != trained.get(section, {}).get(key, value) and value != used[section][key]], ""
 
     def files_a_run_would_replace(self) -> list[str]:
         """What a fresh start here would overwrite or move that no run of glowtrain's left (the user's own files)."""

@@ -36,6 +36,7 @@ from glowtrain.config import (
     config_to_dict,
     derived_seed,
     load_config,
+    resume_may_change,
     settings_changed_on_resume,
     with_absolute_data_paths,
 )
@@ -734,15 +735,12 @@ class Trainer:
             if not self.resumed:
                 self.run_dir.set_aside_unfinished()
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
-            unused_edits = self.resumed and self.run_dir.edits_unused_by(cfg, self.trained_config)
+            unused_edits = self.run_dir.unused_edits(cfg, self.trained_config) if self.resumed else ([], "")
             edited = self.run_dir.config
             if not self._nothing_to_train and (kept := self.run_dir.write_config(cfg)):
                 tqdm.write(f"note: {edited} had been edited since fit wrote it; kept as {kept}")
                 edited = kept
-            if unused_edits:
-                self.notes.append(f"note: this resume does not use the edits in {edited}: a resume trains with the "
-                                  "config its checkpoint keeps (and --set); to use them, resume with --config "
-                                  f"{shlex.quote(str(edited))}")
+            self._note_unused_edits(edited, *unused_edits)
             going_on = self.resumed and not self._nothing_to_train
             # Only a run that goes on replaces what was logged after its step; one that trains nothing moves nothing.
             self.logger = RunLogger(self.run_dir, self.state.step if going_on else None)
@@ -768,6 +766,22 @@ class Trainer:
             what = ("each level's flow step" if cfg.train.compile_scope == "steps"
                     else "the model (minutes for a large one; train.compile_scope=steps shortens it)")
             self.say(f"train.compile={cfg.train.compile}: the first step compiles {what}; train.compile=off skips it")
+
+    def _note_unused_edits(self, edited: Path, keys: list[str], problem: str) -> None:
+        """Say which hand edits of the run's config.yaml (kept as `edited`) this resume leaves unused, and how to
+        use them: --config for training settings; a new run for what changes the model."""
+        unused = f"this resume does not use the edits in {edited}"
+        if problem:  # said of config.yaml, which is fit's own by now
+            self.notes.append(f"note: {unused}: {problem.replace(str(self.run_dir.config), str(edited))}")
+            return
+        if not keys:
+            return
+        fixed = [key for key in keys if not resume_may_change(key)]
+        how = (f"{', '.join(fixed)} cannot change on resume: train a new run with --config "
+               f"{shlex.quote(str(edited))} and another --out" if fixed else
+               f"to use them, resume with --config {shlex.quote(str(edited))}")
+        self.notes.append(f"note: {unused} ({', '.join(keys)}): a resume trains with the config its checkpoint "
+                          f"keeps (and --set); {how}")
 
     def _record_data(self) -> None:
         """Say what the run trains on, warn about skipped or changed files, and keep the data's record."""

@@ -619,8 +619,8 @@ def test_a_resume_says_when_it_does_not_use_edits_made_to_the_runs_config_yaml(t
     done = tiny_fit(run_dir, resume=True)
     assert done.exit_code == 0, done.output
     assert f"{run_dir} is already at step 4 of 4" in done.stdout
-    assert (f"note: this resume does not use the edits in {config}: a resume trains with the config its "
-            f"checkpoint keeps (and --set); to use them, resume with --config {config}") in done.stdout
+    assert (f"note: this resume does not use the edits in {config} (train.steps): a resume trains with the config "
+            f"its checkpoint keeps (and --set); to use them, resume with --config {config}") in done.stdout
     by_set = tiny_fit(run_dir, "train.steps=6", resume=True)  # the edit's value, given again: used
     assert by_set.exit_code == 0, by_set.output
     assert f"resuming {run_dir} from step 4 of 6" in by_set.stdout and "does not use" not in by_set.stdout
@@ -634,7 +634,20 @@ def test_a_resume_says_when_it_does_not_use_edits_made_to_the_runs_config_yaml(t
     longer = tiny_fit(run_dir, "train.steps=8", resume=True)
     assert longer.exit_code == 0, longer.output
     kept = run_dir / "config.edited_3.yaml"  # the two before: the steps and the first lr edits, kept as fit wrote
-    assert f"kept as {kept}" in longer.stdout and f"does not use the edits in {kept}" in longer.stdout
+    assert f"kept as {kept}" in longer.stdout and f"does not use the edits in {kept} (train.lr)" in longer.stdout
+
+    # An edit that changes the model cannot be used by --config (it is refused): a new run can.
+    config.write_text(config.read_text().replace("  hidden_channels: ", "  hidden_channels: 12  # was "))
+    model_edit = tiny_fit(run_dir, "train.steps=9", resume=True)
+    kept = run_dir / "config.edited_4.yaml"
+    assert (f"note: this resume does not use the edits in {kept} (model.hidden_channels): a resume trains with the "
+            f"config its checkpoint keeps (and --set); model.hidden_channels cannot change on resume: train a new "
+            f"run with --config {kept} and another --out") in model_edit.stdout
+    config.write_text(config.read_text() + "train: {}\n")  # a section given twice: not a valid config
+    broken = tiny_fit(run_dir, "train.steps=10", resume=True)
+    kept = run_dir / "config.edited_5.yaml"
+    assert f"note: this resume does not use the edits in {kept}: config file {kept} is not valid YAML" in \
+        broken.stdout
 
 
 def test_no_progress_prints_one_plain_line_per_logging_step(tmp_path):
