@@ -417,9 +417,9 @@ def _parse_override(text: str) -> tuple[str, Any, str]:
     key = key.strip()
     sec, dot, leaf = key.partition(".")
     if not sep or not dot or not sec or not leaf:
-        raise UserError(
-            f"malformed override '{text}' — use the form --set section.key=value, e.g. --set train.lr=5e-4"
-        )
+        whole = [k for k in dotted_keys() if k.endswith(f".{key}")] if sep and not dot else []
+        example = f"--set {whole[0]}={raw.strip()}" if len(whole) == 1 else "--set train.lr=5e-4"
+        raise UserError(f"malformed override '{text}' — use the form --set section.key=value, e.g. {example}")
     try:
         value = yaml.load(raw, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as e:
@@ -570,6 +570,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         cfg = default_config()
     else:
         p = Path(path)
+        if not str(path).strip():
+            raise UserError("--config was given an empty path — pass a YAML file, or leave --config out for the "
+                            "bundled digits")
         if not p.exists():
             raise UserError(f"config file not found: {path} — pass an existing YAML file to --config")
         if p.is_dir():
@@ -577,8 +580,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         try:
             raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as e:
-            raise UserError(f"config file {path} is not valid YAML ({_yaml_problem(e)})") from None
-        except (OSError, UnicodeDecodeError) as e:
+            tabs = " — indent with spaces, not tabs" if "'\\t'" in str(e) else ""
+            raise UserError(f"config file {path} is not valid YAML ({_yaml_problem(e)}){tabs}") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"cannot read config file {path}: it is not UTF-8 text ({e.reason} at byte {e.start}) "
+                            "— save it as UTF-8") from None
+        except OSError as e:
             raise UserError(f"cannot read config file {path}: {e}") from None
         if not isinstance(raw, Mapping):
             got = "nothing (empty file)" if raw is None else f"a {type(raw).__name__}"

@@ -721,3 +721,19 @@ def test_a_text_override_is_taken_as_written_even_with_a_hash_in_it():
     cfg = load_config(None, ["run.name=exp #3", "data.root=/tmp/my #1 dir", "data.cache='quoted #2'"])
     assert (cfg.run.name, cfg.data.root, cfg.data.cache) == ("exp #3", "/tmp/my #1 dir", "quoted #2")
     assert load_config(None, ["run.seed=08", "run.name=007"]).run.seed == 8
+
+
+def test_config_file_and_override_slips_get_the_fix(tmp_path):
+    (tmp_path / "tabs.yaml").write_text("train:\n\tsteps: 5\n")
+    with raises(r"^config file .*tabs\.yaml is not valid YAML \(line 2: .*\) — indent with spaces, not tabs$"):
+        load_config(tmp_path / "tabs.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("run:\n  name: café\n".encode("latin-1"))
+    with raises(r"^cannot read config file .*latin1\.yaml: it is not UTF-8 text \(invalid continuation byte at byte "
+                r"16\) — save it as UTF-8$"):
+        load_config(tmp_path / "latin1.yaml")
+    with raises(r"^--config was given an empty path — pass a YAML file"):  # it was read as '.', "a directory"
+        load_config("")
+    with raises(r"^malformed override 'lr=0\.1' — use the form --set section\.key=value, e\.g\. --set train\.lr=0\.1$"):
+        load_config(None, ["lr=0.1"])
+    with raises(r"^malformed override 'speed=1' — .* e\.g\. --set train\.lr=5e-4$"):
+        load_config(None, ["speed=1"])
