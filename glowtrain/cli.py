@@ -480,13 +480,14 @@ def sample(
 
 def _numbers(values: list[str], option: str, example: str) -> list[float]:
     """Numbers given as a repeated option, a comma-separated list, or both."""
+    parts = [part for value in values for part in value.split(",")]
+    if not any(part.strip() for part in parts):
+        raise UserError(f"{option} got no number ({' '.join(values)!r}); give at least one, like {example}")
     try:
-        numbers = [float(part) for value in values for part in value.split(",") if part.strip()]
+        numbers = [float(part) for part in parts]  # an empty item too (0.7,,1): a number left out, not nothing
     except ValueError:
         raise UserError(f"{option} takes numbers, repeated or comma-separated like {example}, "
                         f"got {' '.join(values)!r}") from None
-    if not numbers:
-        raise UserError(f"{option} got no number ({' '.join(values)!r}); give at least one, like {example}")
     if bad := [number for number in numbers if not math.isfinite(number)]:
         raise UserError(f"{option} takes finite numbers, got {bad[0]} — give values like {example}")
     return numbers

@@ -93,6 +93,9 @@ def refuse_existing(targets: list[Path], overwrite: bool, alternative: str = "ch
     every target and its folder are checked before anything is computed."""
     for folder in dict.fromkeys(target.parent for target in targets):
         check_writable(folder, "the output folder", "another --out")
+    for target in targets:
+        if target.suffix and target.is_dir():  # a picture's name, taken by a folder: the write would fail at the end
+            raise UserError(f"{target} is a folder, where this command writes a picture — move it, or {alternative}")
     existing = [t for t in targets if t.exists() and (t.is_file() or any(t.iterdir()))]
     if existing and not overwrite:
         raise UserError(f"{existing[0]} already exists — pass --overwrite to replace it, or {alternative}")

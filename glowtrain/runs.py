@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -510,6 +511,10 @@ def _checkpoint_period(run: RunDir) -> str:
 
 def resolve_checkpoint(run: str | None = None, checkpoint: str | None = None, which: str = "last") -> Path:
     """The checkpoint file meant by --checkpoint, --run, or neither (the most recent run)."""
+    for option, given in (("--run", run), ("--checkpoint", checkpoint)):
+        if given is not None and not str(given).strip():  # an unset $RUN in a script: not the most recent run
+            raise UserError(f"{option} was given an empty path — pass a run directory or checkpoint, or leave "
+                            f"{option} out for the most recent run under runs/")
     if run and checkpoint:
         raise UserError("give either --run or --checkpoint, not both")
     if checkpoint:
@@ -537,5 +542,14 @@ def resolve_checkpoint(run: str | None = None, checkpoint: str | None = None, wh
             raise UserError(f"{run_dir.path} has no checkpoint yet: it is being trained (pid "
                             f"{pid if pid > 0 else 'unknown'}) — try again after its first checkpoint "
                             f"({_checkpoint_period(run_dir)})")
+        if not run_dir.is_run() and _holds_images(run_dir.path):
+            raise UserError(f"{run_dir.path} is a folder of images, not a run — pass --run a directory made by "
+                            "'glowtrain fit' (and a run's images on this machine with --data)")
         raise UserError(f"{run_dir.path} has no checkpoint (checkpoints/last.pt) — train it with 'glowtrain fit' first")
     return path
+
+
+def _holds_images(folder: Path, look_at: int = 1000) -> bool:
+    from glowtrain.folders import IMAGE_EXTENSIONS  # here: folders reads run records, so it imports this module
+
+    return any(path.suffix.lower() in IMAGE_EXTENSIONS for path in itertools.islice(folder.rglob("*"), look_at))

@@ -192,19 +192,21 @@ def _stream(batches, folder: Path | None, n: int, bar: tqdm) -> tuple[torch.Tens
         for batch in batches:
             shown.append(batch[: max(0, GRID_LIMIT - index)])
             if folder is not None:
-                singles += _write_individual(batch, folder, index, n)
+                _write_individual(batch, folder, index, n, singles)
             index += len(batch)
             bar.update(len(batch))
     except KeyboardInterrupt:
-        if folder is None or not folder.is_dir():
+        if folder is None or not singles:
             raise
-        written = sum(1 for _ in folder.glob("*.png"))  # a batch may have been cut short
-        raise Stopped(f"interrupted: {folder} holds {written:,} of the {n:,} images; the same command with "
-                      "--overwrite writes them all") from None
+        # Counted, not globbed: under --overwrite the folder also holds the earlier call's images.
+        raise Stopped(f"interrupted: {len(singles):,} of the {n:,} images written to {folder}; the same command "
+                      "with --overwrite writes them all") from None
     return torch.cat(shown), singles
 
 
-def _write_individual(batch: torch.Tensor, folder: Path, start: int, n: int) -> list[Path]:
-    """Each image as its own PNG at the model's resolution (what FID-style metrics need), not enlarged."""
+def _write_individual(batch: torch.Tensor, folder: Path, start: int, n: int, written: list[Path]) -> None:
+    """Each image as its own PNG at the model's resolution (what FID-style metrics need), not enlarged; each path
+    joins `written` once saved."""
     width = max(4, len(str(n - 1)))
-    return [save_png(image, folder / f"{start + i:0{width}d}.png") for i, image in enumerate(batch)]
+    for i, image in enumerate(batch):
+        written.append(save_png(image, folder / f"{start + i:0{width}d}.png"))

@@ -670,6 +670,12 @@ def test_analysis_pictures_are_named_by_their_options_and_never_replaced_silentl
         assert (tmp_path / name).read_bytes() == b"mine"
         ok(invoke(*args, "--run", run_dir, "--out", tmp_path, *CPU, "--overwrite"))
         assert (tmp_path / name).read_bytes() == before[name]
+    taken = tmp_path / "taken"
+    (taken / "sample_step0000004_t0p70_seed0.png").mkdir(parents=True)  # a folder where the picture would go
+    for overwrite in ((), ("--overwrite",)):  # it failed after the drawing: IsADirectoryError, exit 1
+        assert_one_line_error(invoke("sample", "--run", run_dir, "--out", taken, *CPU, *overwrite), 2,
+                              f"{taken / 'sample_step0000004_t0p70_seed0.png'} is a folder, where this command "
+                              "writes a picture — move it, or choose another --out")
 
 
 # ---------------------------------------------------------------------------- interpolate
@@ -1192,10 +1198,9 @@ def test_sample_streams_individual_files_batch_by_batch(fitted, tmp_path, monkey
     written_before_next_batch = []
     original = sample_module._write_individual
 
-    def recording(batch, folder, start, n):
-        paths = original(batch, folder, start, n)
+    def recording(batch, folder, start, n, written):
+        original(batch, folder, start, n, written)
         written_before_next_batch.append(len(list(folder.iterdir())))
-        return paths
 
     monkeypatch.setattr(sample_module, "_write_individual", recording)
     ok(invoke("sample", "--run", run_dir, "--n", "10", "--batch-size", "4", "--individual", "--no-grid",
@@ -1209,24 +1214,27 @@ def test_sample_stopped_part_way_names_its_partial_folder_and_the_way_to_finish(
     _, run_dir = fitted
     original = sample_module._write_individual
 
-    def ctrl_c_in_the_second_batch(batch, folder, start, n):
+    def ctrl_c_in_the_second_batch(batch, folder, start, n, written):
         if start > 0:
-            original(batch[:1], folder, start, n)  # one file of the batch written, then Ctrl-C
+            original(batch[:1], folder, start, n, written)  # one file of the batch written, then Ctrl-C
             raise KeyboardInterrupt
-        return original(batch, folder, start, n)
+        original(batch, folder, start, n, written)
 
     monkeypatch.setattr(sample_module, "_write_individual", ctrl_c_in_the_second_batch)
     command = ("sample", "--run", run_dir, "--n", "10", "--batch-size", "4", "--individual", "--no-grid",
                "--out", tmp_path, *CPU)
     result = invoke(*command)
     folder = tmp_path / "sample_step0000004_t0p70_seed0_n10_b4"
-    assert result.exit_code == 130 and "Traceback" not in result.output
-    assert result.stderr == (f"interrupted: {folder} holds 5 of the 10 images; the same command with --overwrite "
-                             "writes them all\n")
+    said = (f"interrupted: 5 of the 10 images written to {folder}; the same command with --overwrite writes them "
+            "all\n")
+    assert result.exit_code == 130 and "Traceback" not in result.output and result.stderr == said
     monkeypatch.setattr(sample_module, "_write_individual", original)
     assert_one_line_error(invoke(*command), 2, "--overwrite")  # the partial folder is not written over unasked
     ok(invoke(*command, "--overwrite"))
     assert len(list(folder.iterdir())) == 10
+    monkeypatch.setattr(sample_module, "_write_individual", ctrl_c_in_the_second_batch)
+    again = invoke(*command, "--overwrite")  # the folder holds all 10 of the earlier call: this one wrote 5
+    assert again.exit_code == 130 and again.stderr == said
 
 
 def test_temperatures_and_alphas_take_both_comma_lists_and_repeats(fitted, tmp_path):

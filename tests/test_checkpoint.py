@@ -544,6 +544,15 @@ def test_resolve_checkpoint_errors_name_the_problem(tmp_path, monkeypatch):
         resolve_checkpoint(run="bare")
     with pytest.raises(UserError, match=r"^runs is a folder of runs, not a run — pass one of them: runs/r$"):
         resolve_checkpoint(run="runs")
+    (tmp_path / "faces" / "a").mkdir(parents=True)
+    (tmp_path / "faces" / "a" / "0001.JPG").write_bytes(b"")
+    with pytest.raises(UserError, match=r"^faces is a folder of images, not a run — pass --run a directory made by "
+                                        r"'glowtrain fit' \(and a run's images on this machine with --data\)$"):
+        resolve_checkpoint(run="faces")
+    for option in ("run", "checkpoint"):  # an unset $RUN in a script: it sampled the most recent run instead
+        with pytest.raises(UserError, match=rf"^--{option} was given an empty path — .* leave --{option} out for "
+                                            "the most recent run under runs/$"):
+            resolve_checkpoint(**{option: ""})
 
 
 def test_a_resumes_config_is_read_without_reading_the_checkpoints_tensors(tmp_path, state, monkeypatch):

@@ -490,7 +490,9 @@ def test_resume_without_a_checkpoint_exits_2(tmp_path):
     ([], "no finished run"),
     (["--temp", ""], "--temp got no number ('')"),
     (["--temp", ",", "--grid"], "--temp got no number (',')"),
-], ids=["negative-temp", "zero-n", "missing-checkpoint", "missing-run", "no-runs", "empty-temp", "comma-temp"])
+    (["--temp", "0.7,,1"], "--temp takes numbers, repeated or comma-separated like 0.5,0.7, got '0.7,,1'"),
+], ids=["negative-temp", "zero-n", "missing-checkpoint", "missing-run", "no-runs", "empty-temp", "comma-temp",
+        "empty-item"])
 def test_sample_errors_exit_2_with_one_line(tmp_path, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)
     result = invoke("sample", *args)
