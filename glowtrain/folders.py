@@ -37,8 +37,8 @@ def find_images(root: str, ignored: list[str] | None = None) -> tuple[Path, list
     found = sorted(each_file_once(_walk(base, ignored if ignored is not None else [])),
                    key=functools.partial(relative, base=base))
     if not found:
-        raise UserError(f"no images under {base}; data.root needs files ending in "
-                        f"{', '.join(IMAGE_EXTENSIONS)} (any case, any depth)")
+        raise MissingData(f"no images under {base}", f"data.root needs files ending in "
+                          f"{', '.join(IMAGE_EXTENSIONS)} (any case, any depth)")
     return base, found
 
 

@@ -204,6 +204,9 @@ def test_subfolder_labels_train_a_class_conditional_model_and_refuse_loose_files
     moved = invoke("eval", "--run", tmp_path / "run", "--data", flat, "--device", "cpu")
     assert_one_line_error(moved, 2, f"of {flat}, but {flat / 'cat0.png'} is not — pass --data DIR: where the run's "
                           "data is")
+    (tmp_path / "empty").mkdir()  # said data.root, which the user had not typed
+    moved = invoke("reconstruct", "--run", tmp_path / "run", "--data", tmp_path / "empty", "--device", "cpu")
+    assert_one_line_error(moved, 2, f"no images under {tmp_path / 'empty'} — pass --data DIR: where the run's data is")
     shutil.copytree(tmp_path / "images", tmp_path / "moved")  # the same classes elsewhere: evaluated as trained
     assert invoke("eval", "--run", tmp_path / "run", "--data", tmp_path / "moved", "--device", "cpu").exit_code == 0
     Image.new("RGB", (8, 8)).save(tmp_path / "images" / "loose.png")
