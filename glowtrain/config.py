@@ -245,12 +245,21 @@ def describe_keys() -> list[tuple[str, str, str]]:
 # ---------------------------------------------------------------------------- type checking
 
 
+# Names other trainers (openai/glow's flags among them) give to our keys.
+_OTHER_NAMES = {"learning_rate": "train.lr", "epochs": "train.steps", "n_epochs": "train.steps",
+                "iterations": "train.steps", "num_workers": "data.n_workers", "n_bits_x": "data.n_bits",
+                "depth": "model.n_steps", "width": "model.hidden_channels", "flow_coupling": "model.coupling",
+                "flow_permutation": "model.conv", "n_batch_train": "train.batch_size", "n_batch_test":
+                "train.eval_batch_size", "n_batch_init": "train.init_batch_size", "n_y": "model.n_classes",
+                "num_classes": "model.n_classes", "polyak_epochs": "train.ema_decay", "problem": "data.dataset"}
+
+
 def _unknown_key(key: str, source: str) -> UserError:
     """An unknown-key error with the nearest valid key, if any is close."""
     keys = dotted_keys()
     leaf = key.rsplit(".", 1)[-1]
-    # A right name in the wrong section (or missing its section) is the likeliest slip.
-    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    # A right name in the wrong section (or missing its section) is the likeliest slip; then another trainer's.
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf] or [_OTHER_NAMES[leaf]] * (leaf in _OTHER_NAMES)
     close = same_leaf or difflib.get_close_matches(key, keys + list(_SECTIONS), n=1)
     hint = f" — did you mean '{close[0]}'?" if close else ""
     if key in keys:  # a dotted key written as one name in a file: YAML wants it nested

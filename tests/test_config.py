@@ -217,6 +217,15 @@ def test_key_in_the_wrong_section_suggests_the_right_one():
         config_from_dict({"model": {"lr": 0.1}})
 
 
+@pytest.mark.parametrize("given, meant", [("train.learning_rate", "train.lr"), ("model.depth", "model.n_steps"),
+                                          ("model.width", "model.hidden_channels"), ("data.n_bits_x", "data.n_bits"),
+                                          ("train.epochs", "train.steps"), ("data.num_workers", "data.n_workers")])
+def test_unknown_key_named_as_other_trainers_name_it_gets_ours(given, meant):
+    """openai/glow's flags and common names: train.learning_rate was offered train.min_lr_ratio."""
+    with raises(rf"^unknown key '{given}' in --set {given}=1 — did you mean '{meant}'\?$"):
+        load_config(None, [f"{given}=1"])
+
+
 def test_unknown_key_far_from_any_key_has_no_hint():
     with pytest.raises(UserError) as info:
         override("zzz.qqqqq=1")
