@@ -206,11 +206,20 @@ def _ignore_signals(*signals: int) -> None:
 def _interrupt_on_stop_signals() -> None:
     """SIGTERM (`kill`, a scheduler's time limit) and SIGHUP (a closed terminal) end a command as Ctrl-C does: its
     clean-ups run and it says `interrupted`, exit 130. Left to their default, they ended it at once without a
-    word (`fit` too, before its trainer took them over to save first)."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
+    word (`fit` too, before its trainer took them over to save first). One ignored when the command started stays
+    ignored: `nohup` ignores SIGHUP so that the command outlives its terminal."""
+    _handle_signals([sig for sig in STOP_SIGNALS if sig != signal.SIGINT and signal.getsignal(sig) != signal.SIG_IGN],
+                    _interrupt)
 
-    _handle_signals([sig for sig in STOP_SIGNALS if sig != signal.SIGINT], interrupt)
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _default_stop_signals() -> None:
+    """Once the command is over, a late SIGTERM ends the process as it always did, not with a traceback from an
+    exit handler that the KeyboardInterrupt broke into."""
+    _handle_signals([sig for sig in STOP_SIGNALS if signal.getsignal(sig) == _interrupt], signal.SIG_DFL)
 
 
 def _handle_signals(signals: Iterable[int], handler) -> None:
@@ -876,6 +885,8 @@ def main() -> None:
         sys.exit(_usage_error(error))
     except typer.Abort:
         _exit_saying(EXIT_FAILURE, "aborted")
+    finally:
+        _default_stop_signals()
     if code == EXIT_INTERRUPTED and not _state["ended"]:  # typer's own, silent word for a Ctrl-C before a command
         _exit_saying(EXIT_INTERRUPTED, "interrupted")  # took over (while torch was imported)
     sys.exit(code if isinstance(code, int) else 0)

@@ -203,6 +203,8 @@ class _StopFlag:
 
     def __enter__(self):
         for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) == signal.SIG_IGN:  # `nohup`'s SIGHUP: the run is meant to outlive its terminal
+                continue
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone

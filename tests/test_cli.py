@@ -21,7 +21,7 @@ from glowtrain import __version__
 from glowtrain.checkpoint import load_checkpoint
 from glowtrain.cli import app, main
 from glowtrain.config import apply_overrides, default_config
-from glowtrain.errors import STOP_SIGNALS
+from glowtrain.errors import STOP_SIGNALS, UserError
 from glowtrain.runs import RunDir
 
 TINY = TINY_RUN
@@ -105,15 +105,17 @@ def test_the_command_ignores_ctrl_c_on_its_way_out_but_python_callers_keep_their
 
     import glowtrain.cli as cli
 
-    handler = signal.getsignal(signal.SIGINT)
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
-        for whole_process, expected in ((False, handler), (True, signal.SIG_IGN)):
+        for whole_process in (False, True):
             monkeypatch.setitem(cli._state, "whole_process", whole_process)
             with pytest.raises(typer.Exit):
                 cli._end(130, "interrupted")
-            assert signal.getsignal(signal.SIGINT) == expected
+            expected = {sig: signal.SIG_IGN for sig in STOP_SIGNALS} if whole_process else handlers
+            assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == expected
     finally:
-        signal.signal(signal.SIGINT, handler)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     assert capsys.readouterr().err == "interrupted\ninterrupted\n"
 
 
@@ -306,6 +308,44 @@ def test_a_kill_or_a_closed_terminal_ends_a_command_as_ctrl_c_does(monkeypatch, 
     assert _run_main(monkeypatch, capsys, "eval", "--run", "nowhere") == (130, "", "interrupted\n")
     monkeypatch.setattr(training, "fit_config", signalled)
     assert _run_main(monkeypatch, capsys, "fit", "--set", "train.steps=1") == (130, "", "interrupted\n")
+
+
+def test_a_signal_ignored_when_the_command_started_stays_ignored_and_none_is_left_handled_after(monkeypatch, capsys):
+    """`nohup glowtrain ...` ignores SIGHUP so that the command outlives its terminal: the command and its trainer
+    took it over and stopped when the terminal closed. After the command, a late SIGTERM broke into exit
+    handlers with a traceback."""
+    import signal
+
+    import glowtrain.cli as cli
+    from glowtrain.train import _StopFlag
+
+    if not hasattr(signal, "SIGHUP"):
+        pytest.skip("no SIGHUP here")
+    during = {}
+
+    def looking(*args, **kwargs):
+        during.update({sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM)})
+        with _StopFlag():
+            during["training"] = signal.getsignal(signal.SIGHUP)
+        raise UserError("looked")
+
+    after = {}
+    restore = cli._default_stop_signals
+
+    def restoring():  # what main leaves for the rest of the process (_run_main then puts pytest's back)
+        restore()
+        after.update({sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM)})
+
+    monkeypatch.setattr(cli, "_open", looking)
+    monkeypatch.setattr(cli, "_default_stop_signals", restoring)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert _run_main(monkeypatch, capsys, "eval", "--run", "x")[0] == 2
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert during[signal.SIGHUP] == during["training"] == signal.SIG_IGN  # nohup's wish kept throughout
+    assert during[signal.SIGTERM] == cli._interrupt
+    assert after == {signal.SIGHUP: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN}  # _end: ignored on the way out
 
 
 def test_the_entry_point_keeps_exit_codes_help_and_our_own_errors(monkeypatch, capsys):
