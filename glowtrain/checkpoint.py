@@ -146,6 +146,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - torch raises many types for files that are not checkpoints
+        if mmap:  # some network and FUSE mounts cannot map files: read it whole
+            return load_checkpoint(path, map_location)
         reason = _weights_only_refusal(str(e))
         if reason:
             raise UserError(f"refusing to load {path}: it holds objects a checkpoint never contains ({reason}); "

@@ -489,11 +489,13 @@ def sample(
 
 def _numbers(values: list[str], option: str, example: str) -> list[float]:
     """Numbers given as a repeated option, a comma-separated list, or both."""
-    parts = [part for value in values for part in value.split(",")]
-    if not any(part.strip() for part in parts):
+    if gap := next((value for value in values if re.search(r"[^,\s]\s*,[\s,]*,\s*[^,\s]", value)), None):
+        raise UserError(f"{option} has an empty item in {gap!r} (a number left out?) — give values like {example}")
+    parts = [part for value in values for part in value.split(",") if part.strip()]  # 0.7, and '' add nothing
+    if not parts:
         raise UserError(f"{option} got no number ({' '.join(values)!r}); give at least one, like {example}")
     try:
-        numbers = [float(part) for part in parts]  # an empty item too (0.7,,1): a number left out, not nothing
+        numbers = [float(part) for part in parts]
     except ValueError:
         raise UserError(f"{option} takes numbers, repeated or comma-separated like {example}, "
                         f"got {' '.join(values)!r}") from None

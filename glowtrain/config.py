@@ -1,9 +1,9 @@
 """Run configuration: typed dataclasses mirroring the YAML sections, load/save, dotted overrides, validation.
 
 A config file has four sections (run, data, model, train); every key has a default, so a file
-only lists what it changes. `--set section.key=value` overrides are parsed with `yaml.safe_load`
-and type-checked like file values. The one-line meaning of each key lives in its field's
-metadata and feeds the shipped YAML comments, `describe_keys()` and the README.
+only lists what it changes. `--set section.key=value` overrides are parsed as YAML like file values,
+whose unquoted values are read as the type of their key (PlainText). The one-line meaning of each key
+lives in its field's metadata and feeds the shipped YAML comments, `describe_keys()` and the README.
 """
 
 import dataclasses
@@ -326,19 +326,18 @@ class PlainText(str):
 
 
 def _read_plain(value: Any, tp: Any) -> Any:
-    """`value` with its unquoted text read for a key of type `tp`; what it cannot be is left for _coerce to refuse
-    (a lone number given for a list key is read as one)."""
-    if isinstance(value, list):
-        return [_read_plain(item, float) for item in value] if get_origin(tp) is list else value
+    """`value` with its unquoted text read for a key of type `tp`; what it cannot be is left for _coerce to refuse."""
+    if get_origin(tp) is list:  # numbers, or a lone number read as one
+        return [_read_plain(item, float) for item in value] if isinstance(value, list) else _read_plain(value, float)
     if not isinstance(value, PlainText):
         return value
     if tp is str or get_origin(tp) is Literal and value in get_args(tp):
         return str(value)
     if tp is int and _INTEGER.fullmatch(value):
         return int(value.replace("_", ""), 0 if value[:2] in ("0x", "0o", "0b") else 10)
-    if tp is not int and _NUMBER.fullmatch(value):
-        return float(value)
-    if tp is not int and _NOT_FINITE.fullmatch(value):  # YAML's .inf and .nan: refused as not finite
+    if tp is float and _NUMBER.fullmatch(value.replace("_", "")):
+        return float(value.replace("_", ""))
+    if tp is float and _NOT_FINITE.fullmatch(value):  # YAML's .inf and .nan: refused as not finite
         return float(value.replace(".", ""))
     if value.lower() in ("true", "false", "yes", "no", "on", "off"):  # YAML 1.1's words for true and false
         return value.lower() in ("true", "yes", "on")
@@ -373,7 +372,8 @@ def _coerce(key: str, value: Any, tp: Any, current: Any = _NO_VALUE) -> Any:
         # A lone number is a one-element list: `sample_temperatures: 0.7` means [0.7].
         items = [_as_float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
         result = None if any(v is None for v in items) else items
-    whole = _as_float(value) if tp is int else None
+    quoted = isinstance(value, str) and not isinstance(value, PlainText)  # '5': the quotes are the slip
+    whole = _as_float(value) if tp is int and not quoted else None
     if result is None and whole is not None and math.isfinite(whole) and whole.is_integer():
         raise UserError(f"{key}: expected an integer, got {value!r} — write it without a decimal point or exponent: "
                         f"{key}={int(whole)}")
@@ -453,8 +453,8 @@ def _apply(cfg: Config, overrides: Sequence[str]) -> Config:
         if key not in _FIELDS:
             raise _unknown_key(key, f"--set {text}")
         tp = _FIELDS[key].type
-        if tp is str and (value is None or isinstance(value, PlainText)):
-            value = raw  # `data.cache=` and `run.name=exp #3` mean that text, not YAML's null or a comment
+        if tp is str and (not isinstance(value, str) or isinstance(value, PlainText)):
+            value = raw  # `data.cache=`, `run.name=exp #3` or `=[ablation]` mean that text: not null, a comment, a list
         sec, leaf = key.split(".")
         changes.setdefault(sec, {})[leaf] = _coerce(key, value, tp, getattr(getattr(cfg, sec), leaf))
     parts = {sec: dataclasses.replace(getattr(cfg, sec), **kv) for sec, kv in changes.items()}
@@ -523,10 +523,13 @@ def settings_changed_on_resume(trained: Mapping, new: Config) -> list[str]:
     did (train.steps aside: the resume line says it). A `--config` given on resume sets every key it holds,
     also ones the run had set otherwise with --set."""
     after = config_to_dict(new)
-    return [f"{key}={_yaml_value(after[sec][leaf])} (the run had {_yaml_value(trained[sec][leaf])})"
+    before = config_to_dict(_build(trained, "the checkpoint's config"))  # as read now: compile False is 'off'
+    def shown(value):  # as typed after --set: words unquoted (off, not YAML 1.1's 'off')
+        return value if isinstance(value, str) and value else _as_typed(value)
+    return [f"{key}={shown(after[sec][leaf])} (the run had {shown(before[sec][leaf])})"
             for key in dotted_keys() if key != "train.steps"
             for sec, leaf in [key.split(".")] if sec in ("run", "train")
-            if leaf in trained.get(sec, {}) and trained[sec][leaf] != after[sec][leaf]]
+            if leaf in trained.get(sec, {}) and before[sec][leaf] != after[sec][leaf]]
 
 
 # ---------------------------------------------------------------------------- files

@@ -38,6 +38,7 @@ from glowtrain.config import (
     load_config,
     resume_may_change,
     settings_changed_on_resume,
+    unused_model_keys,
     with_absolute_data_paths,
 )
 from glowtrain.data import (
@@ -346,7 +347,8 @@ class Trainer:
         self.trained_config = state.get("config", {})
         self._forget_rollbacks_if_retuned(self.trained_config.get("train", {}))
         self._note_other_process_count()
-        if changed := settings_changed_on_resume(self.trained_config, self.cfg):
+        changed = settings_changed_on_resume(self.trained_config, self.cfg)
+        if changed and self.state.step < self.cfg.train.steps:  # one that trains nothing uses none of them
             self.notes.append(f"note: this resume trains with {', '.join(changed)}")
         torch.set_rng_state(state["rng"]["torch"].cpu())
         return state
@@ -778,7 +780,8 @@ class Trainer:
             return
         if not keys:
             return
-        fixed = [key for key in keys if not resume_may_change(key)]
+        builds_nothing = unused_model_keys(self.cfg.model)  # so a resume may change them
+        fixed = [key for key in keys if not resume_may_change(key) and key not in builds_nothing]
         how = (f"{', '.join(fixed)} cannot change on resume: train a new run with --config "
                f"{shlex.quote(str(edited))} and another --out" if fixed else
                f"to use them, resume with --config {shlex.quote(str(edited))}")

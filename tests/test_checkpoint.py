@@ -577,3 +577,22 @@ def test_a_resumes_config_is_read_without_reading_the_checkpoints_tensors(tmp_pa
                   if line.endswith(str(tmp_path / "last.pt"))]
     tensors = list(_tensors(loaded[0]["model"]))
     assert tensors and all(any(start <= t.data_ptr() < end for start, end in file_pages) for t in tensors)
+
+
+def test_a_checkpoint_on_a_disk_that_cannot_map_files_is_read_whole(tmp_path, state, monkeypatch):
+    """Some network and FUSE mounts cannot mmap: the resume was refused as 'truncated or another format'."""
+    import glowtrain.checkpoint as checkpoint
+
+    save_checkpoint(state, tmp_path / "last.pt")
+    load = torch.load
+
+    def no_maps(*args, mmap=None, **kwargs):
+        if mmap:
+            raise RuntimeError("mmap not supported on this file system")
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", no_maps)
+    assert checkpoint.resume_config(tmp_path / "last.pt", None, []).model.n_steps == 2
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "last.pt").read_bytes()[:1000])
+    with pytest.raises(UserError, match=r"cut\.pt is not a readable glowtrain checkpoint \(truncated or another "):
+        checkpoint.resume_config(tmp_path / "cut.pt", None, [])

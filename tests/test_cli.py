@@ -530,7 +530,7 @@ def test_resume_without_a_checkpoint_exits_2(tmp_path):
     ([], "no finished run"),
     (["--temp", ""], "--temp got no number ('')"),
     (["--temp", ",", "--grid"], "--temp got no number (',')"),
-    (["--temp", "0.7,,1"], "--temp takes numbers, repeated or comma-separated like 0.5,0.7, got '0.7,,1'"),
+    (["--temp", "0.7,,1"], "--temp has an empty item in '0.7,,1' (a number left out?) — give values like 0.5,0.7"),
 ], ids=["negative-temp", "zero-n", "missing-checkpoint", "missing-run", "no-runs", "empty-temp", "comma-temp",
         "empty-item"])
 def test_sample_errors_exit_2_with_one_line(tmp_path, monkeypatch, args, needle):
@@ -685,9 +685,14 @@ def test_a_resume_says_when_it_does_not_use_edits_made_to_the_runs_config_yaml(t
     assert (f"note: this resume does not use the edits in {kept} (model.hidden_channels): a resume trains with the "
             f"config its checkpoint keeps (and --set); model.hidden_channels cannot change on resume: train a new "
             f"run with --config {kept} and another --out") in model_edit.stdout
-    config.write_text(config.read_text() + "train: {}\n")  # a section given twice: not a valid config
-    broken = tiny_fit(run_dir, "train.steps=10", resume=True)
+    config.write_text(config.read_text().replace("  spline_bins: ", "  spline_bins: 4  # was "))  # builds nothing
+    unused_key = tiny_fit(run_dir, "train.steps=10", resume=True)
     kept = run_dir / "config.edited_5.yaml"
+    assert (f"note: this resume does not use the edits in {kept} (model.spline_bins): a resume trains with the config "
+            f"its checkpoint keeps (and --set); to use them, resume with --config {kept}") in unused_key.stdout
+    config.write_text(config.read_text() + "train: {}\n")  # a section given twice: not a valid config
+    broken = tiny_fit(run_dir, "train.steps=11", resume=True)
+    kept = run_dir / "config.edited_6.yaml"
     assert f"note: this resume does not use the edits in {kept}: config file {kept} is not valid YAML" in \
         broken.stdout
 

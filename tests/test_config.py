@@ -729,6 +729,8 @@ def test_a_text_override_is_taken_as_written_even_with_a_hash_in_it():
     """`--set "run.name=exp #3"` named the run `exp`: YAML read ` #3` as a comment."""
     cfg = load_config(None, ["run.name=exp #3", "data.root=/tmp/my #1 dir", "data.cache='quoted #2'"])
     assert (cfg.run.name, cfg.data.root, cfg.data.cache) == ("exp #3", "/tmp/my #1 dir", "quoted #2")
+    cfg = load_config(None, ["run.name=exp: lr 3e-4", "data.root=- x", "data.cache=[ablation]"])  # YAML: a mapping..
+    assert (cfg.run.name, cfg.data.root, cfg.data.cache) == ("exp: lr 3e-4", "- x", "[ablation]")
     assert load_config(None, ["run.seed=08", "run.name=007"]).run.seed == 8
 
 
@@ -746,3 +748,25 @@ def test_config_file_and_override_slips_get_the_fix(tmp_path):
         load_config(None, ["lr=0.1"])
     with raises(r"^malformed override 'speed=1' — .* e\.g\. --set train\.lr=5e-4$"):
         load_config(None, ["speed=1"])
+
+
+def test_numbers_are_read_only_for_number_keys_and_a_quoted_count_gets_no_decimal_point_advice(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1_000\n")
+    assert load_config(path).train.lr == 1000.0  # YAML 1.1's underscores, kept for numbers
+    path.write_text("data:\n  hflip: 1\n")
+    with raises(r"^data\.hflip: expected true or false, got 1 — use a value like data\.hflip=false"):
+        load_config(path)
+    path.write_text("run:\n  seed: '5'\n")
+    with raises(r"^run\.seed: expected an integer, got '5' — use a value like run\.seed=0 \(the default\)$"):
+        load_config(path)
+
+
+def test_a_resume_compares_settings_as_they_read_now_not_as_an_older_version_stored_them():
+    """Runs trained before train.compile took words stored compile: false, which reads as 'off'."""
+    from glowtrain.config import config_from_dict, settings_changed_on_resume
+
+    stored = {"train": {"compile": False, "lr": 0.01}}
+    assert settings_changed_on_resume(stored, config_from_dict(stored)) == []
+    assert settings_changed_on_resume(stored, load_config(None, ["train.compile=on", "train.lr=0.01"])) == [
+        "train.compile=on (the run had off)"]

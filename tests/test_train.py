@@ -522,6 +522,9 @@ def test_a_resume_names_each_training_setting_it_changes(tmp_path, capsys):
           resume="auto", progress=False)
     assert ("note: this resume trains with train.lr=0.03 (the run had 0.01), train.warmup_steps=7 (the run had 0)\n"
             in capsys.readouterr().out)
+    train(apply_overrides(cfg, ["train.steps=4", "train.lr=5e-2"]), out=str(tmp_path / "run"), resume="auto",
+          progress=False)
+    assert "this resume trains with" not in capsys.readouterr().out  # at step 4 of 4: it trains with nothing
 
 
 def test_a_resume_after_a_crash_logs_each_step_once_and_keeps_the_lost_records_aside(tmp_path):
