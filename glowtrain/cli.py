@@ -24,7 +24,7 @@ from typing import Annotated, NoReturn, Optional
 import typer
 
 from glowtrain import __version__
-from glowtrain.errors import STOP_SIGNALS, MissingData, Stopped, UserError
+from glowtrain.errors import STOP_SIGNALS, MissingData, Stopped, UserError, nohup
 
 EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 STOP_GRACE_S = 300  # what `fit --nproc` gives its processes to stop cleanly after a SIGTERM
@@ -206,10 +206,9 @@ def _ignore_signals(*signals: int) -> None:
 def _interrupt_on_stop_signals() -> None:
     """SIGTERM (`kill`, a scheduler's time limit) and SIGHUP (a closed terminal) end a command as Ctrl-C does: its
     clean-ups run and it says `interrupted`, exit 130. Left to their default, they ended it at once without a
-    word (`fit` too, before its trainer took them over to save first). One ignored when the command started stays
-    ignored: `nohup` ignores SIGHUP so that the command outlives its terminal."""
-    _handle_signals([sig for sig in STOP_SIGNALS if sig != signal.SIGINT and signal.getsignal(sig) != signal.SIG_IGN],
-                    _interrupt)
+    word (`fit` too, before its trainer took them over to save first). A SIGHUP ignored when the command started
+    stays ignored: `nohup` ignores it so that the command outlives its terminal."""
+    _handle_signals([sig for sig in STOP_SIGNALS if sig != signal.SIGINT and not nohup(sig)], _interrupt)
 
 
 def _interrupt(signum, frame):

@@ -31,3 +31,9 @@ class MissingData(UserError):
 
 class Stopped(Exception):
     """Ctrl-C stopped a command part way: the one line says what it left behind; the CLI exits 130."""
+
+
+def nohup(sig: int) -> bool:
+    """Whether `sig` is a SIGHUP this process was started to ignore (`nohup`): it stays ignored. (A shell also
+    starts background jobs ignoring SIGINT, but `kill -INT` to a run has always saved and stopped it.)"""
+    return sig == getattr(signal, "SIGHUP", None) and signal.getsignal(sig) == signal.SIG_IGN

@@ -59,7 +59,7 @@ from glowtrain.distributed import (
     setup,
     teardown,
 )
-from glowtrain.errors import STOP_SIGNALS, UserError
+from glowtrain.errors import STOP_SIGNALS, UserError, nohup
 from glowtrain.evaluation import evaluate, mean_text
 from glowtrain.folders import refuse_missing_image_folder, refuse_output_among_training_images
 from glowtrain.images import display_upscale, image_grid, sample_images, save_png, temperature_label, temperature_name
@@ -204,7 +204,7 @@ class _StopFlag:
 
     def __enter__(self):
         for sig in STOP_SIGNALS:
-            if signal.getsignal(sig) == signal.SIG_IGN:  # `nohup`'s SIGHUP: the run is meant to outlive its terminal
+            if nohup(sig):  # the run is meant to outlive its terminal
                 continue
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -39,6 +40,21 @@ def pytest_report_header(config):
 def device() -> torch.device:
     """Where the correctness tests run: GLOWTRAIN_TEST_DEVICE (cpu, cuda, cuda:N), the CPU when unset."""
     return TEST_DEVICE
+
+
+# What the CLI's entry point, its way out and fit's launcher set for the rest of a process. A test that leaves one
+# ignored (SIGHUP) makes every child process later tests start inherit it, and glowtrain keeps an ignored signal
+# ignored (nohup): those children would train on through the signal a later test sends.
+_PROCESS_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
+                         if hasattr(signal, name))
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_as_found():
+    handlers = {sig: signal.getsignal(sig) for sig in _PROCESS_SIGNALS}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -46,11 +46,18 @@ def _logged_steps(metrics: Path) -> list[int]:
     return [m["step"] for m in lines if m["split"] == "train" and "bpd" in m]
 
 
+def _hangup_as_from_a_terminal() -> None:
+    """The child starts with SIGHUP's default, as from a terminal, also when the suite runs under nohup (glowtrain
+    keeps an ignored SIGHUP ignored)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _fit(run_dir: Path, steps: int, *extra: str, wait: bool = True, own_group: bool = False):
     sets = [arg for item in TINY + [f"train.steps={steps}"] for arg in ("--set", item)]
     child = subprocess.Popen([sys.executable, "-m", "glowtrain", "fit", "--out", str(run_dir), "--no-progress",
                               *sets, *extra], cwd=run_dir.parent, env=ENV, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=own_group)
+                             stderr=subprocess.PIPE, text=True, start_new_session=own_group,
+                             preexec_fn=_hangup_as_from_a_terminal if hasattr(signal, "SIGHUP") else None)
     if wait:
         _, stderr = child.communicate(timeout=300)
         assert child.returncode == 0, stderr
