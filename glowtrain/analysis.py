@@ -270,6 +270,9 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
     target = _picture_path(loaded, out, "manipulate", named, use_ema, overwrite)
     train_set = _run_dataset(loaded, "train")
     if attribute is not None:
+        if not hasattr(train_set, "paths") and cfg.data.cache:  # a prepared cache keeps pixels, not file names
+            raise UserError(f"--attribute reads CelebA's attribute list by file name, and this run trains from the "
+                            f"prepared cache {cfg.data.cache} — pass its image folder with --data DIR")
         if not hasattr(train_set, "paths"):
             raise UserError(f"--attribute needs a dataset of image files (celeba), not {cfg.data.dataset}")
         names, table = _celeba_attributes(cfg, train_set)

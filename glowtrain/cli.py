@@ -376,7 +376,8 @@ def fit(
     run_dir = result.run_dir
     if result.timed_out:
         typer.echo(f"stopped at step {result.step} of {cfg.train.steps}: train.max_time ({cfg.train.max_time}) is used "
-                   f"up; checkpoint saved. Continue with: {resume_command(run_dir)}")
+                   f"up; checkpoint saved. Continue with: {resume_command(run_dir)} (it stops after "
+                   f"{cfg.train.max_time} again: the run keeps its max_time; --set train.max_time='' lifts it)")
     if "bpd" in result.test:
         typer.echo(f"test bpd {result.test['bpd']:.4f} at step {result.test['step']}")  # maybe before a stop
     typer.echo(f"run directory:  {shlex.quote(run_dir)}")  # quoted, so that every path pastes into a shell

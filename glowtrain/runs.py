@@ -270,7 +270,8 @@ def saved_step(checkpoint: Path) -> int | None:
 def resume_message(path: Path, step: int, steps: int) -> str:
     """What `fit --resume` says before it continues (or finds nothing left to do)."""
     if step >= steps:
-        return f"{path} is already at step {step} of {steps} — raise train.steps to continue"
+        return (f"{path} is already at step {step} of {steps} — raise train.steps to continue, e.g. --set "
+                f"train.steps={2 * steps}")
     return f"resuming {path} from step {step} of {steps}"
 
 

@@ -758,6 +758,19 @@ def test_manipulate_errors_on_a_folder_run_exit_2(folder_run, tmp_path, args, ne
     assert list(tmp_path.iterdir()) == []
 
 
+def test_manipulate_attribute_on_a_prepared_cache_asks_for_the_image_folder(folder_run, tmp_path):
+    """A run read from a cache keeps no file names to look the attributes up by: it said "needs a dataset of
+    image files (celeba), not celeba"."""
+    run_dir, images, _ = folder_run
+    folder = ["data.dataset=folder", f"data.root={images}", "data.image_size=8", "data.channels=1",
+              "data.test_fraction=0.25"]
+    ok(invoke("prepare", "--out", tmp_path / "cache", "--no-progress", *sets(*TINY, *folder)))
+    result = invoke("manipulate", "--run", run_dir, "--attribute", "Smiling", "--data", tmp_path / "cache",
+                    "--out", tmp_path / "out", *CPU)
+    assert_one_line_error(result, 2, "--attribute reads CelebA's attribute list by file name, and this run trains "
+                          f"from the prepared cache {tmp_path / 'cache'} — pass its image folder with --data DIR")
+
+
 def test_the_attribute_file_is_found_under_a_data_root_starting_with_a_tilde(tmp_path, monkeypatch):
     from glowtrain.analysis import _celeba_attributes
     from glowtrain.config import apply_overrides, default_config

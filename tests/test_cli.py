@@ -647,7 +647,8 @@ def test_resume_says_where_it_continues_from_and_when_there_is_nothing_left(tmp_
     hparams = sorted(path.name for path in (run_dir / "tb").rglob("*"))
     again = tiny_fit(run_dir, "train.steps=6", "train.lr=0.5", "run.seed=7", resume=True)
     assert again.exit_code == 0
-    assert f"{run_dir} is already at step 6 of 6 — raise train.steps to continue" in again.stdout
+    assert f"{run_dir} is already at step 6 of 6 — raise train.steps to continue, e.g. --set train.steps=12" in \
+        again.stdout
     # It trained nothing, so the run's record still describes the weights (not lr 0.5 and seed 7).
     assert {name: (run_dir / name).read_bytes() for name in record} == record
     assert sorted(path.name for path in (run_dir / "tb").rglob("*")) == hparams
@@ -892,7 +893,8 @@ def test_max_time_stops_cleanly_with_a_checkpoint_and_the_resume_command(tmp_pat
     assert "stopped at step 3 of 8: train.max_time (25s) is used up; checkpoint saved" in result.stdout
     test_line = re.search(r"^test bpd \S+ at step (\d+)$", result.stdout, re.M)
     assert test_line and test_line.group(1) == "2"  # when it was measured, not where the run stopped
-    assert f"glowtrain fit --resume auto --out {run_dir}" in result.stdout
+    assert (f"Continue with: glowtrain fit --resume auto --out {run_dir} (it stops after 25s again: the run keeps "
+            "its max_time; --set train.max_time='' lifts it)\n") in result.stdout
     assert torch.load(RunDir(run_dir).last, weights_only=True)["step"] == 3
     early = tiny_fit(tmp_path / "early", "train.max_time=15s", "train.steps=8", "train.eval_every=5",
                      "train.sample_every=5")  # stopped at step 2, before anything was evaluated or drawn
