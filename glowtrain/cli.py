@@ -484,7 +484,7 @@ def sample(
                            class_, batch_size, grid, individual, tensorboard, no_grid, overwrite,
                            say=lambda line: typer.echo(line, err=True), progress=progress)
     for path in paths:
-        typer.echo(str(path))
+        typer.echo(f"{path}/" if path.is_dir() else str(path))  # a folder of --individual images: once
 
 
 def _numbers(values: list[str], option: str, example: str) -> list[float]:

@@ -132,7 +132,8 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
                    tensorboard: bool = False, no_grid: bool = False, overwrite: bool = False,
                    say: Callable[[str], None] | None = None, progress: bool = False) -> list[Path]:
     """`glowtrain sample`: a PNG grid per temperature (or one labelled figure, or none), and with `individual`
-    every image as its own PNG at the model's resolution, written batch by batch; returns the paths written.
+    every image as its own PNG at the model's resolution, written batch by batch into a folder per temperature;
+    returns the grids and folders written.
     `progress`: a bar on stderr over the images of every temperature, gone when done."""
     temperatures = list(dict.fromkeys(temperatures))  # one asked for twice is drawn and written once
     _check_options(temperatures, n, batch_size, grid, no_grid, individual)
@@ -159,11 +160,12 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
         for temperature in temperatures:
             generator = torch.Generator(device=device).manual_seed(seed)
             batches = sample_batches(model, n, temperature, cfg.data.n_bits, generator, labels, batch_size)
-            shown, singles = _stream(batches, out_dir / names[temperature] if individual else None, n, bar)
+            shown = _stream(batches, out_dir / names[temperature] if individual else None, n, bar)
             pictures.append(image_grid(*class_blocks(shown, per_class)) if per_class else image_grid(shown))
             if not (grid or no_grid):
                 written.append(save_png(pictures[-1], out_dir / f"{names[temperature]}.png", upscale))
-            written += singles
+            if individual:  # the folder, not its --n files: 50,000 lines for an FID set
+                written.append(out_dir / names[temperature])
     if grid:
         row_labels = [temperature_label(t) for t in temperatures]
         written.append(save_image(labelled_rows(pictures, row_labels, upscale), figure))
@@ -185,7 +187,7 @@ def class_blocks(images: torch.Tensor, per_class: int) -> tuple[torch.Tensor, in
     return torch.cat(blocks), width
 
 
-def _stream(batches, folder: Path | None, n: int, bar: tqdm) -> tuple[torch.Tensor, list[Path]]:
+def _stream(batches, folder: Path | None, n: int, bar: tqdm) -> torch.Tensor:
     """Write each batch's images to `folder` (if any) as they come; keep only the first GRID_LIMIT for the grid."""
     shown, singles, index = [], [], 0
     try:
@@ -201,7 +203,7 @@ def _stream(batches, folder: Path | None, n: int, bar: tqdm) -> tuple[torch.Tens
         # Counted, not globbed: under --overwrite the folder also holds the earlier call's images.
         raise Stopped(f"interrupted: {len(singles):,} of the {n:,} images written to {folder}; the same command "
                       "with --overwrite writes them all") from None
-    return torch.cat(shown), singles
+    return torch.cat(shown)
 
 
 def _write_individual(batch: torch.Tensor, folder: Path, start: int, n: int, written: list[Path]) -> None:

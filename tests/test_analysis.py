@@ -276,10 +276,9 @@ def test_sample_individual_writes_each_image_equal_to_its_grid_tile(fitted, tmp_
     _, run_dir = fitted
     result = ok(invoke("sample", "--run", run_dir, "--temp", "0.7", "--n", "5", "--individual", "--seed", "6",
                        "--out", tmp_path, *CPU))
-    printed = [Path(p) for p in result.stdout.split()]
     grid_path = tmp_path / "sample_step0000004_t0p70_seed6_n5.png"
     singles = [tmp_path / "sample_step0000004_t0p70_seed6_n5" / f"{i:04d}.png" for i in range(5)]
-    assert printed == [grid_path, *singles]
+    assert result.stdout.split() == [str(grid_path), f"{singles[0].parent}/"]  # the folder once, not every file
     assert sorted((tmp_path / "sample_step0000004_t0p70_seed6_n5").iterdir()) == singles
     grid = pixels(grid_path)
     for index, path in enumerate(singles):
@@ -403,9 +402,10 @@ def test_sample_says_how_many_images_overflowed_instead_of_drawing_them_silently
 
 def test_load_run_samples_the_classes_asked_for_as_the_cli_does(conditional, tmp_path):
     folder = tmp_path / "cli"
-    written = ok(invoke("sample", "--run", conditional, "--temp", "0.7", "--seed", "2", "--class", "3", "--class",
+    printed = ok(invoke("sample", "--run", conditional, "--temp", "0.7", "--seed", "2", "--class", "3", "--class",
                         "5", "--n", "5", "--individual", "--no-grid", "--out", folder, *CPU)).stdout.split()
-    assert len(written) == 5
+    written = sorted(Path(printed[0]).iterdir())
+    assert len(printed) == 1 and len(written) == 5
     from_cli = torch.stack([torch.tensor(pixels(path)).reshape(1, SIZE, SIZE) for path in written])
     run = glowtrain.load_run(conditional, device="cpu")
     assert torch.equal(run.sample(5, 0.7, seed=2, classes=[3, 5]), from_cli)
@@ -1191,15 +1191,16 @@ def test_sample_grid_is_capped_and_no_grid_writes_only_the_individual_files(fitt
     assert_one_line_error(invoke("sample", "--run", run_dir, "--n", "10", "--out", tmp_path / "grid-only", *CPU), 2,
                           "--n 10 is more images than a grid holds (6), and without --individual only grids are "
                           "written — use --n 6 or less, or add --individual to write every image")
-    grid, *singles = [Path(p) for p in result.stdout.split()]
+    grid, folder = [Path(p) for p in result.stdout.split()]
     with Image.open(grid) as image:
         assert image.size == grid_size(6)
-    assert len(singles) == 10 and all(p.parent.name == grid.stem for p in singles)
+    singles = sorted(folder.iterdir())
+    assert len(singles) == 10 and folder.name == grid.stem
     assert (pixels(singles[4]) == tile(pixels(grid), 1, 1)).all()  # the grid holds the first images
     result = ok(invoke("sample", "--run", run_dir, "--n", "10", "--individual", "--no-grid", "--out",
                        tmp_path / "nogrid", *CPU))
     assert [p.name for p in (tmp_path / "nogrid").iterdir()] == ["sample_step0000004_t0p70_seed0_n10"]
-    assert len(result.stdout.split()) == 10
+    assert result.stdout == f"{tmp_path / 'nogrid' / 'sample_step0000004_t0p70_seed0_n10'}/\n"
     assert_one_line_error(invoke("sample", "--run", run_dir, "--no-grid", "--out", tmp_path / "x", *CPU), 2,
                           "--no-grid")
 
