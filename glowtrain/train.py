@@ -920,7 +920,13 @@ def resolve_resume(resume: str | None, config_path: str | None, overrides: list[
     """`if-any` means `auto` when the run has a last.pt and a fresh start otherwise (for restarted jobs)."""
     if resume != "if-any":
         return resume
-    return _if_any(resume, out, load_config(config_path, overrides).run.name)
+    return _if_any(resume, out, _run_name(config_path, overrides, out))
+
+
+def _run_name(config_path: str | None, overrides: list[str], out: str | None) -> str:
+    """run.name where --out does not name the run. With --out no config is read here, so that a bad --set value
+    is said against the resumed run's own config (train.steps=4, the run's), not the defaults."""
+    return "" if out else load_config(config_path, overrides).run.name
 
 
 def _if_any(resume: str | None, out: str | None, name: str) -> str | None:
@@ -937,6 +943,6 @@ def fit_config(config_path: str | None, overrides: list[str], out: str | None, r
         check_new_run(cfg)
         refuse_misplaced_celeba_layout(cfg.data)  # here too: before `fit --nproc` starts its processes
         return cfg
-    run = run_dir_for(out, load_config(config_path, overrides).run.name, resume)
+    run = run_dir_for(out, _run_name(config_path, overrides, out), resume)
     checkpoint = checkpoint_to_resume(resume, run)
     return resume_config(checkpoint, config_path, overrides)  # data.* and model.* stay as trained

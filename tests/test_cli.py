@@ -654,6 +654,17 @@ def test_resume_says_where_it_continues_from_and_when_there_is_nothing_left(tmp_
     assert sorted(path.name for path in (run_dir / "tb").rglob("*")) == hparams
 
 
+def test_a_bad_value_on_resume_is_said_against_the_runs_own_config(tmp_path):
+    """It offered the default (train.steps=427) for a run trained to 4: the overrides were first read on top of the
+    defaults, to find run.name, which --out made needless."""
+    run_dir = tmp_path / "run"
+    assert tiny_fit(run_dir).exit_code == 0
+    for resume in ("auto", "if-any"):
+        refused = invoke("fit", "--out", run_dir, "--resume", resume, *sets("train.steps=abc"))
+        assert_one_line_error(refused, 2, "train.steps: expected an integer, got 'abc' — use a value like "
+                              "train.steps=4 (the config's)")
+
+
 def test_a_resume_says_when_it_does_not_use_edits_made_to_the_runs_config_yaml(tmp_path):
     run_dir = tmp_path / "run"
     assert tiny_fit(run_dir).exit_code == 0
