@@ -259,7 +259,9 @@ def _unknown_key(key: str, source: str) -> UserError:
     keys = dotted_keys()
     leaf = key.rsplit(".", 1)[-1]
     # A right name in the wrong section (or missing its section) is the likeliest slip; then another trainer's.
-    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf] or [_OTHER_NAMES.get(leaf)] * (leaf in _OTHER_NAMES)
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    if not same_leaf and leaf in _OTHER_NAMES:
+        same_leaf = [_OTHER_NAMES[leaf]]
     close = same_leaf or difflib.get_close_matches(key, keys + list(_SECTIONS), n=1)
     hint = f" — did you mean '{close[0]}'?" if close else ""
     if key in keys:  # a dotted key written as one name in a file: YAML wants it nested
