@@ -31,6 +31,7 @@ from glowtrain.checkpoint import (
 from glowtrain.compilation import LazyCompile, compile_enabled
 from glowtrain.config import (
     Config,
+    TrainConfig,
     check_new_run,
     check_resume_config,
     config_to_dict,
@@ -323,6 +324,10 @@ class Trainer:
         from rank 0."""
         cfg = self.cfg
         size = min(cfg.train.init_batch_size, len(self.train_set))
+        asked = cfg.train.init_batch_size != TrainConfig.init_batch_size  # the default on a small folder: no news
+        if size < cfg.train.init_batch_size and asked:  # said, so that the figure in config.yaml is not taken as used
+            self.notes.append(f"note: train.init_batch_size={cfg.train.init_batch_size:,} is more than the "
+                              f"{size:,} training images: ActNorm's initial statistics come from all of them")
         images, labels = next(make_train_batches(self.train_set, size, seed=cfg.run.seed + 7919))
         generator = torch.Generator(device=self.device).manual_seed(cfg.run.seed)
         images, noise = batch_noise(images.to(self.device), generator)

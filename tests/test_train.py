@@ -510,6 +510,13 @@ def test_tensorboard_hides_a_resumes_redone_steps_also_when_one_process_logged_b
     assert [(e.step, e.value) for e in events] == [(1, 5.0), (2, 4.0), (3, 3.0), (4, 2.5), (5, 1.5)]
 
 
+def test_an_init_batch_larger_than_the_training_split_is_said(tmp_path, capsys):
+    cfg = apply_overrides(default_config(), NAN_RUN + ["train.steps=1", "train.init_batch_size=5000"])
+    train(cfg, out=str(tmp_path / "run"), progress=False)
+    assert ("note: train.init_batch_size=5,000 is more than the 1,500 training images: ActNorm's initial statistics "
+            "come from all of them\n") in capsys.readouterr().out
+
+
 def test_a_resume_names_each_training_setting_it_changes(tmp_path, capsys):
     """A resume with the same --config quietly undid the run's --set train.lr and warmup_steps (a config sets every
     key it holds): the lr in the log changed with no word."""
