@@ -254,12 +254,17 @@ _OTHER_NAMES = {"learning_rate": "train.lr", "epochs": "train.steps", "n_epochs"
                 "num_classes": "model.n_classes", "polyak_epochs": "train.ema_decay", "problem": "data.dataset"}
 
 
+def _keys_named(name: str) -> list[str]:
+    """The dotted keys whose own name (after the section) is `name`."""
+    return [key for key in dotted_keys() if key.rsplit(".", 1)[-1] == name]
+
+
 def _unknown_key(key: str, source: str) -> UserError:
     """An unknown-key error with the nearest valid key, if any is close."""
     keys = dotted_keys()
     leaf = key.rsplit(".", 1)[-1]
     # A right name in the wrong section (or missing its section) is the likeliest slip; then another trainer's.
-    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    same_leaf = _keys_named(leaf)
     if not same_leaf and leaf in _OTHER_NAMES:
         same_leaf = [_OTHER_NAMES[leaf]]
     close = same_leaf or difflib.get_close_matches(key, keys + list(_SECTIONS), n=1)
@@ -374,12 +379,12 @@ def _coerce(key: str, value: Any, tp: Any, current: Any = _NO_VALUE) -> Any:
         # A lone number is a one-element list: `sample_temperatures: 0.7` means [0.7].
         items = [_as_float(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
         result = None if any(v is None for v in items) else items
-    quoted = isinstance(value, str) and not isinstance(value, PlainText)  # '5': the quotes are the slip
-    whole = _as_float(value) if tp is int and not quoted else None
-    if result is None and whole is not None and math.isfinite(whole) and whole.is_integer():
-        raise UserError(f"{key}: expected an integer, got {value!r} — write it without a decimal point or exponent: "
-                        f"{key}={int(whole)}")
     if result is None:
+        quoted = isinstance(value, str) and not isinstance(value, PlainText)  # '5': the quotes are the slip
+        whole = _as_float(value) if tp is int and not quoted else None
+        if whole is not None and math.isfinite(whole) and whole.is_integer():
+            raise UserError(f"{key}: expected an integer, got {value!r} — write it without a decimal point or "
+                            f"exponent: {key}={int(whole)}")
         raise _type_error(key, value, tp, current=current)
     if any(isinstance(v, float) and not math.isfinite(v) for v in (result if isinstance(result, list) else [result])):
         raise _type_error(key, value, tp, "finite numbers" if isinstance(result, list) else "a finite number", current)
@@ -428,7 +433,7 @@ def _parse_override(text: str) -> tuple[str, Any, str]:
     key = key.strip()
     sec, dot, leaf = key.partition(".")
     if not sep or not dot or not sec or not leaf:
-        whole = [k for k in dotted_keys() if k.endswith(f".{key}")] if sep and not dot else []
+        whole = _keys_named(key) if sep and not dot else []
         example = f"--set {whole[0]}={raw.strip()}" if len(whole) == 1 else "--set train.lr=5e-4"
         raise UserError(f"malformed override '{text}' — use the form --set section.key=value, e.g. {example}")
     try:
@@ -507,14 +512,19 @@ def unused_model_keys(model: ModelConfig) -> set[str]:
     return unused
 
 
+def fixed_on_resume(key: str, *models: ModelConfig) -> bool:
+    """Whether a resume refuses a change of `key`: it changes what is modelled, unless none of `models` (the run's
+    and the resume's) builds anything from it."""
+    return not resume_may_change(key) and not all(key in unused_model_keys(model) for model in models)
+
+
 def check_resume_config(saved: Config, new: Config) -> None:
     """Refuse a resume whose config changes what is modelled: one line naming the first such key. A key the model
     does not use (before or after) may change, as it changes nothing."""
     before, after = config_to_dict(saved), config_to_dict(new)
-    unused = unused_model_keys(saved.model) & unused_model_keys(new.model)
     for key in dotted_keys():
         sec, leaf = key.split(".")
-        if before[sec][leaf] != after[sec][leaf] and not resume_may_change(key) and key not in unused:
+        if before[sec][leaf] != after[sec][leaf] and fixed_on_resume(key, saved.model, new.model):
             raise UserError(f"{key} cannot change when resuming (the run was trained with "
                             f"{_yaml_value(before[sec][leaf])}, not {_yaml_value(after[sec][leaf])}): it changes the "
                             "model or what it models — start a new run with another --out or run.name")

@@ -36,10 +36,9 @@ from glowtrain.config import (
     check_resume_config,
     config_to_dict,
     derived_seed,
+    fixed_on_resume,
     load_config,
-    resume_may_change,
     settings_changed_on_resume,
-    unused_model_keys,
     with_absolute_data_paths,
 )
 from glowtrain.data import (
@@ -785,8 +784,7 @@ class Trainer:
             return
         if not keys:
             return
-        builds_nothing = unused_model_keys(self.cfg.model)  # so a resume may change them
-        fixed = [key for key in keys if not resume_may_change(key) and key not in builds_nothing]
+        fixed = [key for key in keys if fixed_on_resume(key, self.cfg.model)]
         how = (f"{', '.join(fixed)} cannot change on resume: train a new run with --config "
                f"{shlex.quote(str(edited))} and another --out" if fixed else
                f"to use them, resume with --config {shlex.quote(str(edited))}")
