@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from glowtrain.checkpoint import LoadedRun
 from glowtrain.config import GRID_LIMIT, Config, config_to_yaml
-from glowtrain.data import build_dataset, check_class_names, data_changed_warning
+from glowtrain.data import build_dataset
 from glowtrain.data import n_classes as data_classes
 from glowtrain.errors import UserError
 from glowtrain.evaluation import EVAL_NOISE_SEED, evaluate
@@ -35,6 +35,7 @@ from glowtrain.losses import dequantize, to_uint8
 from glowtrain.model import Glow
 from glowtrain.objective import build_objective
 from glowtrain.precision import full_float32
+from glowtrain.run_data import check_class_names, data_changed_warning
 from glowtrain.runs import RunDir, checked_files, read_json
 from glowtrain.sample import class_list, class_names, class_number
 

@@ -703,7 +703,8 @@ def info(
                    **info_summary(cfg, loaded.model, loaded.objective.dequantizer)}
     else:
         from glowtrain.config import check_new_run
-        from glowtrain.data import check_class_count, n_classes
+        from glowtrain.data import n_classes
+        from glowtrain.run_data import check_class_count
 
         cfg, run_dir = load_config(config, set_ or []), None
         check_new_run(cfg)  # what fit refuses, info does not describe
@@ -737,8 +738,8 @@ def prepare(
     ] = False,
 ) -> None:
     """Decode a dataset once into a uint8 cache at the training resolution; train from it with data.cache."""
+    from glowtrain.cache import prepare_cache
     from glowtrain.config import default_config, load_config
-    from glowtrain.data import prepare_cache
 
     cfg = load_config(config, set_ or [])
     if cfg.data.cache:

@@ -1,17 +1,14 @@
-"""Datasets (bundled digits, torchvision sets, image folders, uint8 caches) and step-exact batch loaders."""
+"""Datasets: the bundled digits, torchvision sets, image folders and CelebA, and prepared uint8 caches (cache.py
+writes them); how an image is read and preprocessed as training reads it; the one-line description of a run's data."""
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import io
 import json
-import multiprocessing
 import os
 import pickle
-import shutil
-import signal
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -24,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
-from glowtrain.config import CHANNEL_CHOICES, FIXED_CHANNELS, derived_seed
-from glowtrain.distributed import cpus_per_process
-from glowtrain.errors import STOP_SIGNALS, MissingData, UserError
+from glowtrain.config import CHANNEL_CHOICES, FIXED_CHANNELS
+from glowtrain.errors import MissingData, UserError
 from glowtrain.files import missing_folders, remove_if_empty
 from glowtrain.folders import (
     PIL_DECODE_ERRORS,
@@ -48,7 +44,7 @@ from glowtrain.folders import (
     unreadable_error,
     unsupported_mode,
 )
-from glowtrain.runs import RunDir, read_json, write_json
+from glowtrain.runs import RunDir, read_json
 
 if TYPE_CHECKING:
     from glowtrain.config import DataConfig
@@ -325,10 +321,10 @@ def build_dataset(data_cfg: DataConfig, split: str, checked: dict | None = None)
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if data_cfg.cache:
         return _load_cache(data_cfg, split)
-    return _build_uncached(data_cfg, split, checked)
+    return build_uncached(data_cfg, split, checked)
 
 
-def _build_uncached(data_cfg, split: str, checked: dict | None = None) -> Dataset:
+def build_uncached(data_cfg, split: str, checked: dict | None = None) -> Dataset:
     shape = image_shape(data_cfg)  # validates the name and sizes first
     name = data_cfg.dataset
     if name == "digits":
@@ -615,58 +611,8 @@ def _refuse_none_there(celeba: Path, split: str, paths: list[str]) -> None:
                           "put CelebA's aligned faces there (img_align_celeba.zip, unpacked)")
 
 
-# The cache is a directory: index.json, {split}.npy uint8 (N, C, H, W), {split}_labels.npy int64 (N,).
-def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True, overwrite: bool = False) -> dict:
-    """Decode both splits once into a uint8 cache directory at out_path; returns its index.
-
-    The cache is built in a hidden folder beside out_path and swapped in only when complete, so a
-    failed or interrupted prepare leaves an existing cache exactly as it was. An existing cache of
-    other settings (which runs may train from) is replaced only with `overwrite`."""
-    shape = image_shape(data_cfg)
-    out = Path(os.path.abspath(Path(out_path).expanduser()))  # '.' and '..' have no name to build beside
-    _check_cache_target(out)
-    refuse_misplaced_celeba_layout(replace(data_cfg, cache=""))  # prepare reads the images whatever data.cache says
-    if not overwrite:
-        _refuse_other_settings(out, data_cfg)
-    # Both splits are found (and the config checked) before anything is written.
-    splits = {split: _build_uncached(data_cfg, split) for split in ("train", "test")}
-    index = {"format": CACHE_FORMAT, "dataset": data_cfg.dataset, "summary": data_summary(data_cfg, *splits.values()),
-             "warning": skipped_warning(*splits.values()),
-             "root": str(Path(data_cfg.root).expanduser().resolve()), "image_size": shape[1],
-             "channels": shape[0], "image_shape": list(shape), "n_classes": splits["train"].n_classes, "splits": {},
-             "fingerprints": {split: ds.report.fingerprint for split, ds in splits.items()},
-             "class_names": getattr(splits["train"], "class_names", None),  # labels' meaning, for runs to check
-             # What the data line says of the files, so a run from the cache says what prepare said.
-             "reports": {split: {"skipped": [list(pair) for pair in ds.report.skipped],  # as JSON gives it back
-                                 "conversions": dict(ds.report.conversions), "ignored": list(ds.report.ignored)}
-                         for split, ds in splits.items()},
-             "keys": _content_keys(data_cfg, *splits.values())}
-    if isinstance(splits["train"], ImageFiles):  # runs trained from the cache record it (training_crop)
-        index["crop"] = splits["train"].crop
-    out.parent.mkdir(parents=True, exist_ok=True)
-    building = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    try:
-        building.mkdir()
-        for split, ds in splits.items():
-            index["splits"][split] = _write_split(ds, building, split, shape, data_cfg.n_workers, progress)
-        (building / "index.json").write_text(json.dumps(index, indent=2) + "\n")  # marks a complete cache
-        _swap_in(building, out)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
-    return index
-
-
-def _content_keys(data_cfg, train, test) -> dict:
-    """The data.* keys besides the dataset and image shape that decide which images a cache holds (not data.root:
-    a cache often moves to a machine whose images live elsewhere, or nowhere; not n_bits: it holds 8 bits)."""
-    names = []
-    if getattr(train, "split_scheme", None):  # a folder split by path hash
-        names += ["test_fraction", "split_seed", "labels"]
-    if train.report.skipped or test.report.skipped:  # with data.on_bad_image: error they would have stopped it
-        names.append("on_bad_image")
-    return {name: getattr(data_cfg, name) for name in names}
-
-
+# The cache is a directory: index.json, {split}.npy uint8 (N, C, H, W), {split}_labels.npy int64 (N,); glowtrain
+# prepare (cache.py) writes it.
 def _check_content_keys(data_cfg, index: dict, cache: Path) -> None:
     """Refuse a cache prepared with other values of the keys that decide its images (one made before these
     were recorded has none, and is taken as it is)."""
@@ -675,79 +621,6 @@ def _check_content_keys(data_cfg, index: dict, cache: Path) -> None:
         if current != recorded:
             raise UserError(f"the cache at {cache} was prepared with data.{name}={recorded}, not {current}, and so "
                             f"holds other images; prepare it again with this config, or set data.{name}={recorded}")
-
-
-def _refuse_other_settings(out: Path, data_cfg) -> None:
-    """Refuse to replace a cache prepared with other settings: runs that train from it would then fail (or, at the
-    same shape, train on other images). Preparing again with the same settings (new images) replaces it."""
-    index = read_json(out / "index.json")
-    if index is None:
-        return
-    recorded = {"dataset": index.get("dataset"), "image_shape": list(index.get("image_shape", [])),
-                **{f"data.{name}": value for name, value in index.get("keys", {}).items()}}
-    current = {"dataset": data_cfg.dataset, "image_shape": list(image_shape(data_cfg)),
-               **{f"data.{name}": getattr(data_cfg, name) for name in index.get("keys", {})}}
-    differ = [f"{key} {recorded[key]}, not {current[key]}" for key in recorded if recorded[key] != current[key]]
-    # Another image folder is other images too, when the one it came from is still here (a folder that is gone was
-    # moved, and preparing from where it is now is the same images). A torchvision set is the same anywhere.
-    source, root = index.get("root"), str(Path(data_cfg.root).expanduser().resolve())
-    other_folder = isinstance(source, str) and source != root and Path(source).is_dir()
-    if data_cfg.dataset in ("folder", "celeba") and other_folder:
-        differ.append(f"images from {source}, not {root}")
-    if differ:
-        raise UserError(f"{out} holds a cache of other settings ({'; '.join(differ)}) that runs may train from — "
-                        "choose another --out, or pass --overwrite to replace it")
-
-
-def _check_cache_target(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"cannot write a cache to {out}: it is a file — choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not is_prepared_cache(out):
-        what = "an index.json that is not a cache's" if (out / "index.json").exists() else "no index.json"
-        raise UserError(f"{out} holds files but no glowtrain cache ({what}); choose another --out "
-                        "so that nothing of yours is replaced")
-
-
-def _write_split(ds, folder: Path, split: str, shape: tuple[int, int, int], n_workers: int, progress: bool) -> int:
-    from tqdm import tqdm
-
-    n = len(ds)
-    images = np.lib.format.open_memmap(folder / f"{split}.npy", mode="w+", dtype=np.uint8, shape=(n, *shape))
-    labels = np.empty(n, dtype=np.int64)
-    start = 0
-    bar = tqdm(total=n, desc=f"caching {split}", unit="img", disable=not progress)
-    for x, y in make_eval_batches(ds, 256, n_workers=n_workers):
-        images[start:start + len(x)] = x.numpy()
-        labels[start:start + len(x)] = y.numpy()
-        start += len(x)
-        bar.update(len(x))
-    bar.close()
-    images.flush()
-    del images
-    np.save(folder / f"{split}_labels.npy", labels)
-    return n
-
-
-def _swap_in(building: Path, out: Path) -> None:
-    """Replace out by the complete cache at building: the old cache is moved aside, anything else the folder
-    held (notes, a .DS_Store) moves into the new one, and only the old cache's own files are removed."""
-    if not out.exists():
-        os.replace(building, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    try:
-        os.replace(building, out)
-    except OSError:
-        os.replace(old, out)  # put the previous cache back before reporting the failure
-        raise
-    own = {entry.name for entry in out.iterdir()}
-    for entry in old.iterdir():
-        if entry.name not in own:
-            os.replace(entry, out / entry.name)
-    for name in own:
-        (old / name).unlink(missing_ok=True)
-    old.rmdir()
 
 
 def _load_cache(data_cfg, split: str) -> TensorImages:
@@ -802,25 +675,6 @@ def _cache_arrays(cache: Path, split: str, index: dict) -> tuple[np.ndarray, np.
     return arrays[0], arrays[1]
 
 
-def check_class_count(cfg, found: int, resuming: bool = False) -> None:
-    """model.n_classes must match the labels the dataset brings (or be 0 for an unconditional model)."""
-    m, data = cfg.model.n_classes, cfg.data
-    where = f"in the cache at {data.cache}" if data.cache else f"under {data.root}"
-    if resuming and m and found != m:  # model.n_classes is the checkpoint's: the data must change, not the config
-        found_what = (f"data.labels: subfolders found {found} class folders {where}" if data.labels == "subfolders"
-                      else f"dataset {data.dataset} has {found or 'no'} classes")
-        raise UserError(f"{found_what} but this run was trained on {m} classes — give it the "
-                        f"{'class folders' if data.labels == 'subfolders' else 'data'} it was trained on, or train a "
-                        "new run (fit without --resume)")
-    if data.labels == "subfolders" and m != found:
-        raise UserError(f"data.labels: subfolders found {found} class folders {where} but model.n_classes is {m} — set "
-                        f"model.n_classes={found}")
-    if m > 0 and found != m:
-        fix = (f"set model.n_classes={found} (or 0 for an unconditional model)" if found else
-               "set model.n_classes=0, or label a folder's images by its subfolders with data.labels: subfolders")
-        raise UserError(f"model.n_classes={m} but dataset {data.dataset} has {found or 'no'} classes — {fix}")
-
-
 def data_summary(data_cfg: DataConfig, train, test) -> str:
     """One line saying what a run trains on: where, how many images, the splits, what was skipped, the
     training shape and every conversion applied to the files."""
@@ -851,173 +705,3 @@ def skipped_warning(train, test, limit: int = 3) -> str | None:
     named = "; ".join(f"{path} ({reason})" for path, reason in skipped[:limit])
     more = f"; and {len(skipped) - limit:,} more" if len(skipped) > limit else ""
     return f"warning: skipped {len(skipped):,} unreadable image(s) (data.on_bad_image: skip): {named}{more}"
-
-
-def data_record(data_cfg: DataConfig, train, test) -> dict:
-    """What a run records about its data (data.json), to tell later whether the files changed."""
-    record = {"dataset": data_cfg.dataset, "split_scheme": getattr(train, "split_scheme", None),
-              "fingerprints": {"train": train.report.fingerprint, "test": test.report.fingerprint},
-              "skipped": [path for path, _ in train.report.skipped + test.report.skipped]}
-    if hasattr(train, "crop"):  # image files, or a cache of them: so score and load_run crop new images alike
-        record["crop"] = train.crop
-    if getattr(train, "class_names", None):  # subfolder labels: so a moved run's --data means the same classes
-        record["class_names"] = train.class_names
-    return record
-
-
-def data_changed_warning(recorded: dict | None, split: str, dataset) -> str | None:
-    """A warning when a split's files differ from those a run recorded (None when they match). `recorded` is
-    the run's data.json; None for a run made before runs recorded their data."""
-    if recorded is None:
-        if getattr(dataset, "split_scheme", None) is None:
-            return None
-        return ("warning: this run recorded no data fingerprint (it predates them) and folder splits are now "
-                "chosen by a hash of each file's path: its train/test split may differ from the one it started with")
-    before, now = recorded.get("fingerprints", {}).get(split), dataset.report.fingerprint
-    if not before or not now or not fingerprint_differs(before, now):
-        return None
-    return (f"warning: the {split} images differ from those this run recorded ({before['n_images']:,} files "
-            f"then, {now['n_images']:,} now, or other names or sizes): its {split} numbers are not "
-            "comparable with earlier ones")
-
-
-def recorded_data(run: RunDir, resumed_from: RunDir | None = None) -> dict | None:
-    """The data.json a run keeps; for a run resumed into a new folder, that of the checkpoint's own run."""
-    return read_json(run.data_record) or (read_json(resumed_from.data_record) if resumed_from else None)
-
-
-def check_class_names(recorded: dict | None, dataset, where, fix: str) -> None:
-    """Subfolder labels must name the classes a run learnt: a renamed or replaced class folder keeps the count
-    but gives a label another meaning."""
-    before, now = (recorded or {}).get("class_names"), getattr(dataset, "class_names", None)
-    if before and now and now != before:
-        raise UserError(f"{where} holds the classes {', '.join(now)}, not the run's {', '.join(before)} "
-                        f"(each label would mean another class) — {fix}")
-
-
-def record_run_data(run: RunDir, data_cfg: DataConfig, train, test, resumed: bool,
-                    resumed_from: RunDir | None = None) -> tuple[str, list[str]]:
-    """Keep the data's record and check results in the run; return the start's data line and its warnings
-    (files skipped; on resume, files that differ from those the run recorded, or, for a run resumed into a new
-    folder, those the checkpoint's own run recorded)."""
-    recorded = recorded_data(run, resumed_from)
-    changed = [data_changed_warning(recorded, s, d) for s, d in zip(SPLITS, (train, test))] if resumed else []
-    warnings = [w for w in dict.fromkeys([skipped_warning(train, test), stale_cache_warning(data_cfg),
-                                          unread_root_warning(data_cfg), *changed])
-                if w]  # each line once
-    write_json(run.data_record, data_record(data_cfg, train, test))
-    if check_records(train, test):  # image files only
-        write_json(run.data_check, check_records(train, test))
-    return data_summary(data_cfg, train, test), warnings
-
-
-def check_records(train, test) -> dict:
-    """Per file, what the check before training found: kept in the run so a resume reads no file twice."""
-    return {**train.report.check_records, **test.report.check_records}
-
-
-class StepBatchSampler(Sampler[list[int]]):
-    """Infinite index batches addressed by global step, so resuming at a step is exact."""
-
-    def __init__(self, n_items: int, batch_size: int, seed: int, start_step: int = 0,
-                 rank: int = 0, world_size: int = 1):
-        global_batch = batch_size * world_size
-        if batch_size < 1:
-            raise UserError(f"train.batch_size must be at least 1, got {batch_size}")
-        if n_items < global_batch:
-            raise UserError(f"a step needs {global_batch} images ({batch_size} per process, train.batch_size x "
-                            f"train.grad_accum_steps, x {world_size} process(es)) but the dataset has {n_items}; "
-                            "lower train.batch_size")
-        self.n_items, self.batch_size, self.seed = n_items, batch_size, seed
-        self.start_step, self.rank, self.world_size = start_step, rank, world_size
-        self.batches_per_epoch = n_items // global_batch  # drop_last: every batch is full
-
-    def __iter__(self) -> Iterator[list[int]]:
-        step, epoch, perm = self.start_step, None, None
-        global_batch = self.batch_size * self.world_size
-        while True:
-            e, position = divmod(step, self.batches_per_epoch)
-            if e != epoch:
-                epoch = e
-                generator = torch.Generator().manual_seed(derived_seed(self.seed, e))
-                perm = torch.randperm(self.n_items, generator=generator)
-            start = position * global_batch + self.rank * self.batch_size
-            yield perm[start:start + self.batch_size].tolist()
-            step += 1
-
-
-def make_train_batches(dataset, batch_size: int, seed: int, start_step: int = 0, *, n_workers: int = 0,
-                       pin_memory: bool = False, rank: int = 0,
-                       world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
-    """Infinite (uint8 images, int64 labels) batches from step start_step on."""
-    sampler = StepBatchSampler(len(dataset), batch_size, seed, start_step, rank, world_size)
-    return _batches(dataset, sampler, n_workers, pin_memory, persistent=n_workers > 0)
-
-
-def make_eval_batches(dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, n_workers: int = 0,
-                      pin_memory: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
-    """One ordered pass; rank r gets items r, r + world_size, ... (the last batch may be smaller)."""
-    mine = list(range(rank, len(dataset), world_size))
-    index_batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-    return _batches(dataset, index_batches, n_workers, pin_memory, persistent=False)
-
-
-def _batches(dataset, index_batches: Iterable[list[int]], n_workers: int, pin_memory: bool,
-             persistent: bool) -> Iterator[tuple[Tensor, Tensor]]:
-    if hasattr(dataset, "get_batch"):
-        return _gathered(dataset, index_batches, pin_memory and torch.cuda.is_available())
-    n_workers = min(n_workers, cpus_per_process())  # more only contend for the cores (torch warns of a freeze)
-    if n_workers > 0:
-        _end_workers_at_exit()
-    loader = DataLoader(dataset, batch_sampler=index_batches, num_workers=n_workers,
-                        worker_init_fn=_ignore_stop_signals,
-                        pin_memory=pin_memory and torch.cuda.is_available(),
-                        persistent_workers=persistent and n_workers > 0)
-    return _one_line_errors(loader)
-
-
-@functools.cache
-def _end_workers_at_exit() -> None:
-    """Workers ignore SIGTERM, the signal multiprocessing's own exit handler ends them with before it waits for
-    them: kill those still running first (handlers registered later run earlier)."""
-    def kill_workers() -> None:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # DataLoader's handler would report the kills as failures
-        for child in multiprocessing.active_children():
-            if child.daemon:  # DataLoader's workers; processes the user started are left alone
-                child.kill()
-    atexit.register(kill_workers)
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    # Ctrl-C (and a closed terminal's SIGHUP) reaches the whole process group, and torchrun and batch schedulers
-    # send SIGTERM to every process of a job; stopping is the main process's to handle (finish the step, save): a
-    # worker killed by the signal would turn a clean stop into "DataLoader worker is killed by signal". Workers
-    # still end with the main process: DataLoader tells them to, and they exit on their own when it is gone.
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def _gathered(dataset, index_batches: Iterable[list[int]], pin: bool) -> Iterator[tuple[Tensor, Tensor]]:
-    # In-memory data: one gather per batch in this process beats DataLoader's per-item collate.
-    for indices in index_batches:
-        x, y = dataset.get_batch(torch.tensor(indices, dtype=torch.int64))
-        yield (x.pin_memory(), y.pin_memory()) if pin else (x, y)
-
-
-def _one_line_errors(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
-    batches = iter(loader)
-    try:
-        yield from batches
-    except UserError as e:
-        # A worker re-raises UserError with its traceback prepended; keep only the user's one line.
-        message = str(e).strip().splitlines()[-1] if str(e).strip() else str(e)
-        prefix = f"{UserError.__module__}.{UserError.__qualname__}: "
-        raise UserError(message.removeprefix(prefix)) from None
-    finally:
-        # Stop the workers as the batches stop, above all on an error from a worker: left to garbage collection,
-        # the iterator caught in the error's reference cycle sees its queues finalised first, so its stop signal
-        # never leaves and its shutdown waits 5 s per worker (10 s with our SIGTERM-proof ones). A consumer that
-        # itself keeps this generator in such a cycle still meets that wait; close() the generator when done.
-        stop_workers = getattr(batches, "_shutdown_workers", None)  # DataLoader's own, as its __del__ calls it
-        if stop_workers is not None:
-            stop_workers()

@@ -9,9 +9,9 @@ import torch
 from tqdm import tqdm
 
 from glowtrain.config import Config, derived_seed
-from glowtrain.data import make_eval_batches
 from glowtrain.distributed import Context
 from glowtrain.flows import widest_float
+from glowtrain.loaders import make_eval_batches
 from glowtrain.model import Glow
 from glowtrain.objective import Objective
 from glowtrain.precision import full_float32

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from glowtrain.checkpoint import LoadedRun
 from glowtrain.config import FIXED_CHANNELS
-from glowtrain.data import DATASETS, build_dataset, image_shape, make_eval_batches, training_crop
+from glowtrain.data import DATASETS, build_dataset, image_shape, training_crop
 from glowtrain.data import read_images as read_image_files
 from glowtrain.dequantization import UniformDequantizer
 from glowtrain.errors import MissingData, UserError
@@ -50,6 +50,7 @@ from glowtrain.folders import (
     refuse_output_among_training_images,
 )
 from glowtrain.images import histogram_picture, save_image
+from glowtrain.loaders import make_eval_batches
 from glowtrain.logs import strict_json
 from glowtrain.losses import reduce_bits
 from glowtrain.objective import Objective

@@ -41,16 +41,7 @@ from glowtrain.config import (
     settings_changed_on_resume,
     with_absolute_data_paths,
 )
-from glowtrain.data import (
-    build_dataset,
-    check_class_count,
-    check_class_names,
-    check_records,
-    make_train_batches,
-    record_run_data,
-    recorded_data,
-    refuse_misplaced_celeba_layout,
-)
+from glowtrain.data import build_dataset, refuse_misplaced_celeba_layout
 from glowtrain.distributed import (
     Context,
     broadcast_state,
@@ -63,11 +54,13 @@ from glowtrain.errors import STOP_SIGNALS, UserError, nohup
 from glowtrain.evaluation import evaluate, mean_text
 from glowtrain.folders import refuse_missing_image_folder, refuse_output_among_training_images
 from glowtrain.images import display_upscale, image_grid, sample_images, save_png, temperature_label, temperature_name
+from glowtrain.loaders import make_train_batches
 from glowtrain.logs import NullLogger, RunLogger
 from glowtrain.losses import dequantize
 from glowtrain.model import Glow
 from glowtrain.objective import Objective, batch_noise, build_objective
 from glowtrain.optim import build_optimizer, load_optimizer_state, skips_on_device
+from glowtrain.run_data import check_class_count, check_class_names, check_records, record_run_data, recorded_data
 from glowtrain.runs import (
     RunDir,
     checked_files,

@@ -205,7 +205,7 @@ def test_a_fit_prints_torchs_and_its_own_warnings_once_as_one_line_each(tmp_path
     # DataLoader warns (at start and at each pass) above the core count, which glowtrain no longer asks for unless
     # it is told the machine has more.
     too_many = len(os.sched_getaffinity(0)) + 1
-    more_cpus = ("import glowtrain.data, sys; glowtrain.data.cpus_per_process = lambda: 64; "
+    more_cpus = ("import glowtrain.loaders, sys; glowtrain.loaders.cpus_per_process = lambda: 64; "
                  "from glowtrain.cli import main; ")
     settings = sets(*TINY, "data.dataset=folder", f"data.root={tmp_path / 'images'}", "data.image_size=8",
                     "data.channels=3",

@@ -19,7 +19,9 @@ from helpers import sixteen_bit_rgb_png
 from PIL import Image
 from torch.utils.data import Dataset
 
-from glowtrain import data
+from glowtrain import cache as cache_module
+from glowtrain import data, loaders, run_data
+from glowtrain.cache import prepare_cache
 from glowtrain.config import DataConfig
 from glowtrain.errors import UserError
 from glowtrain.folders import check_images
@@ -256,11 +258,11 @@ def test_more_data_workers_than_cpus_load_with_one_per_cpu_and_the_same_batches(
     make_folder(tmp_path, 6, size=(6, 6))
     ds = data.build_dataset(data_cfg(dataset="folder", root=str(tmp_path), image_size=4, channels=3,
                                      test_fraction=0.5), "train")
-    alone = list(data.make_eval_batches(ds, 2))
-    monkeypatch.setattr(data, "cpus_per_process", lambda: 1)
+    alone = list(loaders.make_eval_batches(ds, 2))
+    monkeypatch.setattr(loaders, "cpus_per_process", lambda: 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch's "suggested max number of worker" warning counts this machine's CPUs
-        loaded = list(data.make_eval_batches(ds, 2, n_workers=64))
+        loaded = list(loaders.make_eval_batches(ds, 2, n_workers=64))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(alone, loaded, strict=True))
 
 
@@ -313,7 +315,7 @@ def test_an_image_that_breaks_after_the_check_fails_in_one_line_also_from_a_work
     ds = data.build_dataset(cfg, "train")
     Path(ds.paths[0]).write_bytes(b"garbage")
     with pytest.raises(UserError) as info:
-        list(data.make_eval_batches(ds, 2, n_workers=1))
+        list(loaders.make_eval_batches(ds, 2, n_workers=1))
     message = str(info.value)
     assert "\n" not in message and message.startswith(f"cannot read image {ds.paths[0]}")
     # The worker is stopped with the error, not left to a garbage collection that would wait 10 s for it.
@@ -560,7 +562,7 @@ def test_a_root_holding_celebas_layout_itself_is_refused_for_new_runs_and_read_a
                                "or set data.dataset=folder to train on every image as a plain folder")
     for cache in ("", str(tmp_path / "elsewhere")):  # prepare reads the images whatever data.cache names
         with pytest.raises(UserError, match="holds CelebA in torchvision's layout"):
-            data.prepare_cache(data_cfg(**{**vars(cfg), "cache": cache}), str(tmp_path / "cache"), progress=False)
+            prepare_cache(data_cfg(**{**vars(cfg), "cache": cache}), str(tmp_path / "cache"), progress=False)
     assert not (tmp_path / "cache").exists()
     old_run = [data.build_dataset(cfg, split) for split in ("train", "test")]  # a run trained so reads it so
     assert sum(len(split) for split in old_run) == 4 and old_run[0].crop is None
@@ -600,7 +602,7 @@ def test_celeba_images_missing_from_the_official_layout_are_counted_over_both_sp
 def test_cache_batches_equal_folder_batches(tmp_path):
     make_folder(tmp_path / "images", 9, size=(10, 13))
     cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=6, channels=3, test_fraction=0.3)
-    index = data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    index = prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
     assert sum(index["splits"].values()) == 9 and index["image_shape"] == [3, 6, 6]
     assert json.loads((tmp_path / "cache" / "index.json").read_text()) == index
     cached_cfg = data_cfg(**{**vars(cfg), "cache": str(tmp_path / "cache")})
@@ -617,7 +619,7 @@ def test_a_run_from_a_cache_says_what_prepare_said_of_the_files(tmp_path):
     (tmp_path / "images" / "broken.png").write_bytes(b"not a picture")
     cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=6, channels=1, test_fraction=0.3,
                    on_bad_image="skip")
-    index = data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    index = prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
     cached_cfg = data_cfg(**{**vars(cfg), "cache": str(tmp_path / "cache")})
     train, test = (data.build_dataset(cached_cfg, split) for split in ("train", "test"))
     line = data.data_summary(cached_cfg, train, test)
@@ -630,7 +632,7 @@ def test_a_run_from_a_cache_says_what_prepare_said_of_the_files(tmp_path):
 def test_a_cache_whose_image_folder_changed_since_it_was_prepared_says_so(tmp_path):
     paths = make_folder(tmp_path / "images", 9, size=(10, 13))
     cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=6, channels=3, test_fraction=0.3)
-    data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
     cached = data_cfg(**{**vars(cfg), "root": "elsewhere", "cache": str(tmp_path / "cache")})  # it knows its folder
     assert data.stale_cache_warning(cached) is None
     write_image(paths[0], random_image(np.random.default_rng(5), 20, 20))  # another picture, another size
@@ -647,7 +649,7 @@ def test_a_cache_with_another_image_folder_as_data_root_says_that_folder_is_not_
     make_folder(tmp_path / "images", 9, size=(10, 13))
     make_folder(tmp_path / "others", 4)
     cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=6, channels=3, test_fraction=0.3)
-    data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
     cached = data_cfg(**{**vars(cfg), "cache": str(tmp_path / "cache")})
     assert data.unread_root_warning(cached) is None  # its own folder
     assert data.unread_root_warning(data_cfg(**{**vars(cached), "root": str(tmp_path / "nowhere")})) is None
@@ -661,7 +663,7 @@ def test_a_cache_with_another_image_folder_as_data_root_says_that_folder_is_not_
 def test_cache_prepared_at_another_size_or_missing_is_a_user_error(tmp_path):
     make_folder(tmp_path / "images", 4)
     cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=6, channels=3)
-    data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
     with pytest.raises(UserError, match=r"holds folder at \[3, 6, 6\], not folder at \[3, 8, 8\]; prepare it again "
                                         r"with this config, or train at its shape: data.channels=3 data.image_size=6"):
         data.build_dataset(data_cfg(**{**vars(cfg), "image_size": 8, "cache": str(tmp_path / "cache")}), "train")
@@ -673,7 +675,7 @@ def test_cache_prepared_at_another_size_or_missing_is_a_user_error(tmp_path):
 def test_a_damaged_cache_is_refused_in_one_line_that_says_to_prepare_it_again(tmp_path, damage):
     make_folder(tmp_path / "images", 8)
     cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=6, channels=3, test_fraction=0.25)
-    index = data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    index = prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
     cache = tmp_path / "cache"
     images = cache / "test.npy"
     if damage == "truncated":  # a copy that stopped part way
@@ -704,7 +706,7 @@ def test_a_cache_refuses_a_key_that_decides_its_images_but_not_another_root(tmp_
     make_folder(tmp_path / "images" / "dogs", 4, seed=1)
     cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=6, channels=3, test_fraction=0.25,
                    labels="none", cache=str(tmp_path / "cache"))
-    data.prepare_cache(data_cfg(**{**vars(cfg), "cache": ""}), cfg.cache, progress=False)
+    prepare_cache(data_cfg(**{**vars(cfg), "cache": ""}), cfg.cache, progress=False)
     recorded = getattr(cfg, key)
     with pytest.raises(UserError) as info:
         data.build_dataset(data_cfg(**{**vars(cfg), key: value}), "train")
@@ -723,12 +725,12 @@ def test_a_cache_that_skipped_files_refuses_on_bad_image_error(tmp_path):
     paths = make_folder(tmp_path / "images", 6)
     paths[2].write_bytes(b"not an image")
     cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=6, channels=3, on_bad_image="skip")
-    data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
     strict = data_cfg(**{**vars(cfg), "on_bad_image": "error", "cache": str(tmp_path / "cache")})
     with pytest.raises(UserError, match="prepared with data.on_bad_image=skip, not error"):
         data.build_dataset(strict, "train")
     paths[2].unlink()  # nothing skipped: the images are the same either way, so either value loads the cache
-    data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
     assert len(data.build_dataset(strict, "train")) + len(data.build_dataset(strict, "test")) == 5
 
 
@@ -739,14 +741,14 @@ def take(iterator, n):
 
 
 def test_step_sampler_started_at_a_step_yields_exactly_the_tail_of_the_stream_from_zero():
-    full = take(iter(data.StepBatchSampler(23, 4, seed=7)), 30)
-    resumed = take(iter(data.StepBatchSampler(23, 4, seed=7, start_step=17)), 13)
+    full = take(iter(loaders.StepBatchSampler(23, 4, seed=7)), 30)
+    resumed = take(iter(loaders.StepBatchSampler(23, 4, seed=7, start_step=17)), 13)
     assert resumed == full[17:]
 
 
 def test_step_sampler_epochs_are_seeded_permutations_with_drop_last():
     n, b, seed = 10, 3, 5
-    batches = take(iter(data.StepBatchSampler(n, b, seed)), 9)  # 3 batches per epoch
+    batches = take(iter(loaders.StepBatchSampler(n, b, seed)), 9)  # 3 batches per epoch
     for e in range(3):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e)).tolist()
         epoch = batches[3 * e:3 * e + 3]
@@ -756,8 +758,8 @@ def test_step_sampler_epochs_are_seeded_permutations_with_drop_last():
 
 
 def test_step_sampler_ranks_take_their_slices_of_the_global_batch():
-    single = take(iter(data.StepBatchSampler(50, 8, seed=3, start_step=4)), 12)
-    ranks = [take(iter(data.StepBatchSampler(50, 4, seed=3, start_step=4, rank=r, world_size=2)), 12)
+    single = take(iter(loaders.StepBatchSampler(50, 8, seed=3, start_step=4)), 12)
+    ranks = [take(iter(loaders.StepBatchSampler(50, 4, seed=3, start_step=4, rank=r, world_size=2)), 12)
              for r in range(2)]
     assert all(len(b) == 4 for r in ranks for b in r)
     assert [r0 + r1 for r0, r1 in zip(*ranks)] == single
@@ -765,25 +767,25 @@ def test_step_sampler_ranks_take_their_slices_of_the_global_batch():
 
 def test_step_sampler_with_fewer_items_than_a_global_batch_is_a_user_error():
     with pytest.raises(UserError) as info:
-        data.StepBatchSampler(10, 6, seed=0, world_size=2)
+        loaders.StepBatchSampler(10, 6, seed=0, world_size=2)
     assert "train.batch_size" in str(info.value) and "10" in str(info.value)
 
 
 def test_train_batches_fast_path_equals_dataloader_path_and_resumes_exactly():
     images = torch.arange(30 * 4, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(30, 1, 2, 2)
     ds = data.TensorImages(images, torch.arange(30), n_classes=30)
-    fast = take(data.make_train_batches(ds, 4, seed=1), 12)
-    slow = take(data.make_train_batches(PlainDataset(ds), 4, seed=1), 12)
+    fast = take(loaders.make_train_batches(ds, 4, seed=1), 12)
+    slow = take(loaders.make_train_batches(PlainDataset(ds), 4, seed=1), 12)
     for (x, y), (xs, ys) in zip(fast, slow):
         assert x.dtype == xs.dtype == torch.uint8 and y.dtype == ys.dtype == torch.int64
         assert torch.equal(x, xs) and torch.equal(y, ys) and torch.equal(x, images[y])
-    resumed = take(data.make_train_batches(ds, 4, seed=1, start_step=9), 3)
+    resumed = take(loaders.make_train_batches(ds, 4, seed=1, start_step=9), 3)
     assert all(torch.equal(a[1], b[1]) for a, b in zip(resumed, fast[9:]))
 
 
 def test_eval_batches_over_two_ranks_cover_the_split_exactly_once(tmp_path):
     ds = data.TensorImages(torch.zeros(11, 1, 2, 2, dtype=torch.uint8), torch.arange(11), n_classes=11)
-    per_rank = [list(data.make_eval_batches(ds, 3, rank=r, world_size=2)) for r in range(2)]
+    per_rank = [list(loaders.make_eval_batches(ds, 3, rank=r, world_size=2)) for r in range(2)]
     assert [len(x) for x, _ in per_rank[0]] == [3, 3]  # items 0, 2, ..., 10
     assert [len(x) for x, _ in per_rank[1]] == [3, 2]  # items 1, 3, ..., 9
     labels = torch.cat([y for batches in per_rank for _, y in batches])
@@ -792,7 +794,7 @@ def test_eval_batches_over_two_ranks_cover_the_split_exactly_once(tmp_path):
     make_folder(tmp_path, 7, size=(4, 4))
     files = data.build_dataset(data_cfg(dataset="folder", root=str(tmp_path), image_size=4, channels=3,
                                         test_fraction=0.3), "train")
-    x = torch.cat([b for b, _ in data.make_eval_batches(files, 2, rank=1, world_size=2)])
+    x = torch.cat([b for b, _ in loaders.make_eval_batches(files, 2, rank=1, world_size=2)])
     assert torch.equal(x, torch.stack([files[i][0] for i in range(1, len(files), 2)]))
 
 
@@ -806,11 +808,11 @@ def test_a_failed_prepare_leaves_an_existing_cache_byte_identical_and_no_partial
     make_folder(tmp_path / "images", 8, size=(6, 6))
     cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=4, channels=3)
     cache = tmp_path / "cache"
-    data.prepare_cache(cfg, str(cache), progress=False)
+    prepare_cache(cfg, str(cache), progress=False)
     before = tree_bytes(cache)
     (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     with pytest.raises(UserError, match="broken.png"):
-        data.prepare_cache(cfg, str(cache), progress=False)
+        prepare_cache(cfg, str(cache), progress=False)
     assert tree_bytes(cache) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "images"]  # nothing left beside it
     assert not [p for p in tmp_path.rglob("*") if "partial" in p.name]
@@ -820,33 +822,33 @@ def test_an_interrupted_prepare_leaves_an_existing_cache_byte_identical(tmp_path
     make_folder(tmp_path / "images", 8, size=(6, 6))
     cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=4, channels=3)
     cache = tmp_path / "cache"
-    data.prepare_cache(cfg, str(cache), progress=False)
+    prepare_cache(cfg, str(cache), progress=False)
     before = tree_bytes(cache)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data, "make_eval_batches", interrupted)
+    monkeypatch.setattr(cache_module, "make_eval_batches", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        data.prepare_cache(cfg, str(cache), progress=False)
+        prepare_cache(cfg, str(cache), progress=False)
     assert tree_bytes(cache) == before and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "images"]
 
 
 def test_prepare_replaces_a_complete_cache_and_refuses_a_folder_that_is_not_one(tmp_path):
     make_folder(tmp_path / "images", 8, size=(6, 6))
     cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=4, channels=3)
-    data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
     make_folder(tmp_path / "images", 12, size=(6, 6), seed=1)  # more images: the new cache replaces the old
-    index = data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    index = prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
     assert sum(index["splits"].values()) == 12 and json.loads((tmp_path / "cache" / "index.json").read_text()) == index
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     with pytest.raises(UserError, match=r"no glowtrain cache \(no index.json\)"):
-        data.prepare_cache(cfg, str(tmp_path / "mine"), progress=False)
+        prepare_cache(cfg, str(tmp_path / "mine"), progress=False)
     (tmp_path / "mine" / "index.json").write_text('{"chapters": 3}')  # an index of the user's, not a cache's
     for overwrite in (False, True):
         with pytest.raises(UserError, match="no glowtrain cache \\(an index.json that is not a cache's\\)"):
-            data.prepare_cache(cfg, str(tmp_path / "mine"), progress=False, overwrite=overwrite)
+            prepare_cache(cfg, str(tmp_path / "mine"), progress=False, overwrite=overwrite)
     assert tree_bytes(tmp_path / "mine") == {"thesis.tex": b"precious", "index.json": b'{"chapters": 3}'}
 
 
@@ -856,7 +858,7 @@ def test_data_for_a_moved_run_is_a_cache_only_when_prepare_made_it(tmp_path):
     (tmp_path / "images" / "index.json").write_text('{"photographer": "me"}')  # the user's, in the image folder
     moved = data.relocated(cfg, str(tmp_path / "images"))
     assert (moved.root, moved.cache) == (str(tmp_path / "images"), "")
-    data.prepare_cache(moved, str(tmp_path / "cache"), progress=False)
+    prepare_cache(moved, str(tmp_path / "cache"), progress=False)
     assert data.relocated(cfg, str(tmp_path / "cache")).cache == str(tmp_path / "cache")
     index = json.loads((tmp_path / "cache" / "index.json").read_text())
     old = {key: index[key] for key in ("format", "dataset", "image_size", "channels", "image_shape", "n_classes",
@@ -887,12 +889,12 @@ def test_preparing_a_cache_again_keeps_the_other_files_in_its_folder(tmp_path, o
     make_folder(tmp_path / "images", 8, size=(6, 6))
     cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=4, channels=3)
     cache = tmp_path / "cache"
-    data.prepare_cache(cfg, str(cache), progress=False)
+    prepare_cache(cfg, str(cache), progress=False)
     (cache / "NOTES.md").write_text("made from the March images")
     (cache / "plots").mkdir()
     (cache / "plots" / "hist.png").write_bytes(b"mine")
     other = data_cfg(**{**vars(cfg), "image_size": 2}) if overwrite else cfg
-    data.prepare_cache(other, str(cache), progress=False, overwrite=overwrite)
+    prepare_cache(other, str(cache), progress=False, overwrite=overwrite)
     assert (cache / "NOTES.md").read_text() == "made from the March images"
     assert (cache / "plots" / "hist.png").read_bytes() == b"mine"
     assert data.is_prepared_cache(cache) and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "images"]
@@ -903,28 +905,28 @@ def test_prepare_replaces_a_cache_of_other_settings_only_with_overwrite(tmp_path
     make_folder(tmp_path / "images", 8, size=(6, 6))
     cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=4, channels=3)
     cache = tmp_path / "cache"
-    data.prepare_cache(cfg, str(cache), progress=False)
+    prepare_cache(cfg, str(cache), progress=False)
     before = {path.name: path.read_bytes() for path in cache.iterdir()}
     if key == "root":  # another folder of images, while the one the cache came from is still there
         make_folder(tmp_path / value, 8, size=(6, 6), seed=1)
         value = str(tmp_path / value)
     other = data_cfg(**{**vars(cfg), key: value})
     with pytest.raises(UserError) as refused:
-        data.prepare_cache(other, str(cache), progress=False)
+        prepare_cache(other, str(cache), progress=False)
     assert str(refused.value).startswith(f"{cache} holds a cache of other settings (")
     assert str(refused.value).endswith("that runs may train from — choose another --out, or pass --overwrite to "
                                        "replace it")
     assert {path.name: path.read_bytes() for path in cache.iterdir()} == before
-    data.prepare_cache(other, str(cache), progress=False, overwrite=True)
+    prepare_cache(other, str(cache), progress=False, overwrite=True)
     assert len(data.build_dataset(data_cfg(**{**vars(other), "cache": str(cache)}), "train")) > 0
 
 
 def test_prepare_from_a_moved_image_folder_replaces_its_cache_without_overwrite(tmp_path):
     make_folder(tmp_path / "images", 8, size=(6, 6))
     cfg = data_cfg(dataset="folder", root=str(tmp_path / "images"), image_size=4, channels=3)
-    data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
     (tmp_path / "images").rename(tmp_path / "moved")  # the folder it came from is gone: the same images, elsewhere
-    index = data.prepare_cache(data_cfg(**{**vars(cfg), "root": str(tmp_path / "moved")}), str(tmp_path / "cache"),
+    index = prepare_cache(data_cfg(**{**vars(cfg), "root": str(tmp_path / "moved")}), str(tmp_path / "cache"),
                                progress=False)
     assert index["root"] == str((tmp_path / "moved").resolve())
 
@@ -943,7 +945,7 @@ def test_the_crop_of_a_celeba_run_is_recorded_and_used_from_any_working_director
     run = tmp_path / "run"
     run.mkdir()
     cropped = data.ImageFiles([], 64, 3, data.CELEBA_CROP)
-    (run / "data.json").write_text(json.dumps(data.data_record(cfg, cropped, cropped)))
+    (run / "data.json").write_text(json.dumps(run_data.data_record(cfg, cropped, cropped)))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # data/celeba is no longer under the working directory
@@ -962,18 +964,18 @@ def test_a_run_trained_from_a_cache_records_the_crop_the_cache_was_made_with(tmp
         write_image(celeba / "img_align_celeba" / f"{i:06d}.jpg", random_image(rng, 218, 178), fmt="PNG")
     (celeba / "list_eval_partition.txt").write_text("000001.jpg 0\n000002.jpg 1\n000003.jpg 2\n000004.jpg 0\n")
     official = data_cfg(dataset="celeba", root=str(tmp_path), image_size=8, channels=3)
-    data.prepare_cache(official, str(tmp_path / "official-cache"), progress=False)
+    prepare_cache(official, str(tmp_path / "official-cache"), progress=False)
     cached = data_cfg(**{**vars(official), "cache": str(tmp_path / "official-cache")})
     train, test = data.build_dataset(cached, "train"), data.build_dataset(cached, "test")
-    assert data.data_record(cached, train, test)["crop"] == data.CELEBA_CROP
+    assert run_data.data_record(cached, train, test)["crop"] == data.CELEBA_CROP
 
     plain = tmp_path / "plain"
     make_folder(plain, 4, size=(20, 16))
     folder = data_cfg(dataset="celeba", root=str(plain), image_size=8, channels=3, test_fraction=0.25)
-    data.prepare_cache(folder, str(tmp_path / "plain-cache"), progress=False)
+    prepare_cache(folder, str(tmp_path / "plain-cache"), progress=False)
     cached = data_cfg(**{**vars(folder), "cache": str(tmp_path / "plain-cache"), "root": str(tmp_path)})
     train, test = data.build_dataset(cached, "train"), data.build_dataset(cached, "test")
-    record = data.data_record(cached, train, test)
+    record = run_data.data_record(cached, train, test)
     assert "crop" in record and record["crop"] is None
     run = tmp_path / "run"
     run.mkdir()
@@ -982,7 +984,7 @@ def test_a_run_trained_from_a_cache_records_the_crop_the_cache_was_made_with(tmp
     assert data.training_crop(cached, run) is None  # but this run's images were cropped to their largest square
 
     digits = data.build_dataset(data_cfg(dataset="digits"), "train")
-    assert "crop" not in data.data_record(data_cfg(dataset="digits"), digits, digits)
+    assert "crop" not in run_data.data_record(data_cfg(dataset="digits"), digits, digits)
 
 
 def test_a_process_exits_with_loader_workers_still_running(tmp_path):
@@ -995,7 +997,8 @@ def test_a_process_exits_with_loader_workers_still_running(tmp_path):
     make_folder(tmp_path / "images", 12, size=(8, 8))
     script = textwrap.dedent(f"""
         from glowtrain.config import DataConfig
-        from glowtrain.data import build_dataset, make_train_batches
+        from glowtrain.data import build_dataset
+        from glowtrain.loaders import make_train_batches
         dataset = build_dataset(DataConfig(dataset="folder", root={str(tmp_path / "images")!r}, image_size=8), "train")
         batches = make_train_batches(dataset, 4, seed=0, n_workers=2)
         next(batches)  # persistent workers now run, and nothing shuts them down before exit

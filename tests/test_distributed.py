@@ -696,7 +696,7 @@ def test_evaluation_of_image_files_loads_them_in_the_data_workers(tmp_path, monk
     import numpy as np
     from PIL import Image
 
-    from glowtrain import data
+    from glowtrain import data, loaders
     from glowtrain.config import apply_overrides, default_config
     from glowtrain.evaluation import evaluate
     from glowtrain.model import Glow
@@ -708,8 +708,8 @@ def test_evaluation_of_image_files_loads_them_in_the_data_workers(tmp_path, monk
                                              "model.n_levels=1", "model.n_steps=1", "model.hidden_channels=4",
                                              "train.eval_batch_size=4"])
     seen = []
-    real = data.DataLoader
-    monkeypatch.setattr(data, "DataLoader", lambda *a, **k: seen.append(k["num_workers"]) or real(*a, **k))
+    real = loaders.DataLoader
+    monkeypatch.setattr(loaders, "DataLoader", lambda *a, **k: seen.append(k["num_workers"]) or real(*a, **k))
     test_set = data.build_dataset(cfg.data, "test")
     model = Glow.from_config(cfg)
     with_workers = evaluate(model, test_set, cfg, torch.device("cpu"))

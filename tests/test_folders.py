@@ -16,6 +16,7 @@ from helpers import TINY_RUN, assert_one_line_error, invoke, ok, sets, sixteen_b
 from PIL import Image
 
 import glowtrain
+from glowtrain.cache import prepare_cache
 from glowtrain.config import DataConfig
 from glowtrain.errors import MissingData
 from glowtrain.folders import find_images, refuse_output_among_training_images
@@ -641,7 +642,7 @@ def test_the_data_line_says_how_many_hidden_folders_and_other_files_it_did_not_r
     assert data.data_summary(cfg, train, test).startswith(
         f"data: folder {root}: 6 images found (not read: 1 hidden folder, 4 files hidden or not "
         ".png/.jpg/.jpeg/.webp/.bmp), ")
-    index = data.prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
+    index = prepare_cache(cfg, str(tmp_path / "cache"), progress=False)
     cached = DataConfig(**{**vars(cfg), "cache": str(tmp_path / "cache")})
     line = data.data_summary(cached, data.build_dataset(cached, "train"), data.build_dataset(cached, "test"))
     assert line.split(": ", 2)[2] == index["summary"].split(": ", 2)[2]

@@ -15,10 +15,11 @@ from torch.utils.data import Subset
 
 from glowtrain.checkpoint import load_checkpoint, model_from_checkpoint
 from glowtrain.config import apply_overrides, default_config, load_config
-from glowtrain.data import build_dataset, make_eval_batches, make_train_batches
+from glowtrain.data import build_dataset
 from glowtrain.distributed import Context
 from glowtrain.errors import UserError
 from glowtrain.evaluation import EVAL_NOISE_SEED, mean_text, per_image_noise
+from glowtrain.loaders import make_eval_batches, make_train_batches
 from glowtrain.losses import dequantize
 from glowtrain.model import Glow
 from glowtrain.objective import Objective, ObjectiveOutput
