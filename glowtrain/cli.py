@@ -437,6 +437,17 @@ def _open(run, checkpoint, device: str, seed: int, no_ema: bool, data: str | Non
     return loaded, resolved
 
 
+# What a user may write as --out of a command that writes several files: `--out grid.png` made a folder of that name.
+_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".csv", ".json", ".txt")
+_PICTURES = "the pictures (each named by its options)"
+
+
+def _refuse_a_file_name(out: str | None, writes: str) -> None:
+    if out and Path(out).suffix.lower() in _FILE_SUFFIXES and not Path(out).is_dir():
+        raise UserError(f"--out {out} names a file, but --out is the folder {writes} go into — pass a folder, like "
+                        f"--out {shlex.quote(str(Path(out).with_suffix('')))}")
+
+
 def _print_json(result: dict) -> None:
     from glowtrain.logs import strict_json
 
@@ -478,6 +489,7 @@ def sample(
     from glowtrain.distributed import make_current, resolve_device
     from glowtrain.sample import sample_command
 
+    _refuse_a_file_name(out, _PICTURES)
     temperatures = _numbers(temp or ["0.7"], "--temp", "0.5,0.7")
     resolved = make_current(resolve_device(device, "--device"))
     paths = sample_command(run, checkpoint, temperatures, n, seed, out, resolved, not no_ema,
@@ -547,6 +559,7 @@ def reconstruct(
     """Encode and decode real test images: prints the error, writes originals above reconstructions."""
     from glowtrain.analysis import reconstruct_command
 
+    _refuse_a_file_name(out, _PICTURES)
     loaded, resolved = _open(run, checkpoint, device, seed, no_ema, data)
     _print_json(reconstruct_command(loaded, n, resolved, out, tensorboard, not no_ema, overwrite, progress))
 
@@ -570,6 +583,7 @@ def interpolate(
     """Walk in latent space (all levels) between pairs of test images; writes a grid."""
     from glowtrain.analysis import interpolate_command
 
+    _refuse_a_file_name(out, _PICTURES)
     loaded, resolved = _open(run, checkpoint, device, seed, no_ema, data)
     typer.echo(str(interpolate_command(loaded, pairs, steps, resolved, out, tensorboard, not no_ema, overwrite,
                                        progress)))
@@ -602,6 +616,7 @@ def manipulate(
     """Move test images along an attribute or class direction in latent space (the Glow paper's Fig. 5)."""
     from glowtrain.analysis import manipulate_command
 
+    _refuse_a_file_name(out, _PICTURES)
     alpha_values = _numbers(alphas or ["-1,0,1,2"], "--alphas", "-1,0,1,2")
     loaded, resolved = _open(run, checkpoint, device, seed, no_ema, data)
     _print_json(manipulate_command(loaded, resolved, out, alpha_values, n, attribute, from_class, to_class,
@@ -652,6 +667,7 @@ def score(
     options = ScoreOptions(n_dequant, batch_size, batch_test, n_bootstrap, on_bad_image=on_bad_image,
                            progress=progress, overwrite=overwrite)
     options.check()
+    _refuse_a_file_name(out, "scores.csv, summary.json and the histograms")
     loaded, _ = _open(run, checkpoint, device, 0, no_ema, data)
     reference = None
     if reference_run:  # a run directory or, like glowtrain.load_run, a checkpoint file

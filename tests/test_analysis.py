@@ -1262,3 +1262,23 @@ def test_temperatures_and_alphas_take_both_comma_lists_and_repeats(fitted, tmp_p
                                 "--alphas", "0", "--alphas", "1,2", "--out", tmp_path / "m", *CPU))
     assert result["alphas"] == [0.0, 1.0, 2.0]
     assert_one_line_error(invoke("sample", "--run", run_dir, "--temp", "0.5,x", *CPU), 2, "--temp")
+
+
+@pytest.mark.parametrize("command, extra, named, writes", [
+    ("sample", (), "grid.png", "the pictures"),
+    ("reconstruct", (), "recon.JPG", "the pictures"),
+    ("interpolate", (), "walk.webp", "the pictures"),
+    ("manipulate", ("--from-class", "0", "--to-class", "1"), "moved.png", "the pictures"),
+    ("score", ("--dataset", "digits"), "scores.csv", "scores.csv, summary.json and the histograms"),
+])
+def test_an_out_that_names_a_file_is_refused_before_a_folder_of_that_name_is_made(fitted, tmp_path, command, extra,
+                                                                                      named, writes):
+    """`sample --out grid.png` wrote its grid into a new folder called grid.png."""
+    _, run_dir = fitted
+    target = tmp_path / "pictures" / named
+    error = assert_one_line_error(invoke(command, "--run", run_dir, *CPU, *extra, "--out", target), 2, writes)
+    assert error.endswith(f"pass a folder, like --out {target.with_suffix('')}")
+    assert not (tmp_path / "pictures").exists()
+    target.mkdir(parents=True)  # a folder that happens to be called so is a folder
+    result = invoke(command, "--run", run_dir, *CPU, *extra, "--out", target)
+    assert "names a file" not in result.output
