@@ -34,7 +34,7 @@ def test_every_section_runs_tiny_on_the_cpu_and_reports_sane_figures(tmp_path):
     for optimizer in ("adam", "adamax"):
         reads = by_name[("fit", optimizer)]["host_reads"]
         quiet = {place: n for place, n in reads["places"].items() if place.startswith("quiet step")}
-        assert reads["per_quiet_step"] <= 1 and all("data.py" in place for place in quiet), (optimizer, quiet)
+        assert reads["per_quiet_step"] <= 1 and all("loaders.py" in place for place in quiet), (optimizer, quiet)
     table = (tmp_path / "gpu_check.md").read_text().splitlines()
     assert len(table) == 2 + len(rows) and all(line.startswith("|") for line in table)
 
