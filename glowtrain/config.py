@@ -75,6 +75,11 @@ class DataConfig:
         return 2**self.n_bits
 
 
+# The coupling kinds of the flow and of the variational dequantiser's noise flow (one list: both build them from
+# glowtrain.flows.COUPLING_KINDS).
+CouplingKind = Literal["spline", "affine", "additive"]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     n_levels: int = _opt(2, "L: levels, each a squeeze, K steps and a split")
@@ -82,7 +87,7 @@ class ModelConfig:
     hidden_channels: int = _opt(64, "width of the coupling networks")
     # The names registered in glowtrain.flows.COUPLING_KINDS and CONV_KINDS, repeated because config
     # imports no torch; tests/test_flows.py checks that they agree.
-    coupling: Literal["spline", "affine", "additive"] = _opt("spline", "coupling layer type")
+    coupling: CouplingKind = _opt("spline", "coupling layer type")
     spline_bins: int = _opt(8, "spline coupling: K rational-quadratic bins per element")
     spline_bound: float = _opt(3.0, "spline coupling: bins cover [-B, B]; identity outside")
     conv: Literal["lu", "plain", "shuffle", "reverse"] = _opt(
@@ -94,7 +99,7 @@ class ModelConfig:
         "variational", "uniform noise, or a learned noise flow q(u|x) (Flow++)")
     dequant_steps: int = _opt(4, "variational: couplings in the noise flow")
     dequant_hidden_channels: int = _opt(32, "variational: width of the noise flow's networks")
-    dequant_coupling: Literal["spline", "affine", "additive"] = _opt("spline", "variational: the noise flow's "
+    dequant_coupling: CouplingKind = _opt("spline", "variational: the noise flow's "
                                                                      "coupling type (spline starts as uniform noise)")
 
 

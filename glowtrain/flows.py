@@ -378,8 +378,11 @@ class CouplingTransform:
     params_per_channel: int = 1
 
     @classmethod
-    def from_options(cls, hidden_channels: int, spline_bins: int = 8, spline_bound: float = 3.0) -> CouplingTransform:
-        """The transform for a coupling whose conditioner is `hidden_channels` wide; most need no options."""
+    def from_options(cls, hidden_channels: int, **options) -> CouplingTransform:
+        """The transform for a coupling whose conditioner is `hidden_channels` wide; most need no options.
+
+        Every kind is handed every kind's options (the model passes its config's): take yours by name, leave the
+        rest in `**options`."""
         return cls()
 
     def split_params(self, params: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -446,7 +449,8 @@ class SplineTransform(CouplingTransform):
         self.params_per_channel = 3 * n_bins - 1
 
     @classmethod
-    def from_options(cls, hidden_channels: int, spline_bins: int = 8, spline_bound: float = 3.0) -> SplineTransform:
+    def from_options(cls, hidden_channels: int, spline_bins: int = 8, spline_bound: float = 3.0,
+                     **other_kinds_options) -> SplineTransform:
         return cls(spline_bins, spline_bound, hidden_channels)
 
     def _raw(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:

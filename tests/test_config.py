@@ -2,7 +2,9 @@
 
 import dataclasses
 import os
+import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ import yaml
 
 from glowtrain.config import (
     Config,
+    CouplingKind,
     apply_overrides,
     config_from_dict,
     config_to_dict,
@@ -297,11 +300,11 @@ def test_a_wrong_type_given_on_top_of_a_config_offers_that_configs_value(tmp_pat
 
 
 def test_literal_message_lists_the_choices_and_ends_with_the_fix():
-    with raises(r"^model\.coupling: expected one of 'spline', 'affine', 'additive', got 'afine' — use "
-                r"model\.coupling=affine$"):
+    kinds = re.escape(", ".join(repr(kind) for kind in get_args(CouplingKind)))  # a new coupling kind joins them
+    with raises(rf"^model\.coupling: expected one of {kinds}, got 'afine' — use model\.coupling=affine$"):
         override("model.coupling=afine")
-    with raises(r"^model\.dequant_coupling: expected one of 'spline', 'affine', 'additive', got 'foo' — use one of "
-                r"them, e.g\. model\.dequant_coupling=spline \(the default\)$"):
+    with raises(rf"^model\.dequant_coupling: expected one of {kinds}, got 'foo' — use one of them, e\.g\. "
+                r"model\.dequant_coupling=spline \(the default\)$"):
         override("model.dequant_coupling=foo")
 
 
@@ -611,14 +614,14 @@ def test_directory_as_config_is_a_user_error(tmp_path):
 def test_readme_documents_every_config_key():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [key for key in dotted_keys() if f"`{key}`" not in readme]
-    assert not missing, f"README.md lacks {missing}"
+    assert not missing, f"README.md lacks {missing}: run scripts/refresh_config_docs.py"
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_config_comments_match_the_key_meanings(path):
     text = path.read_text()
     body = text[text.index("run:"):]
-    assert body == config_to_yaml(load_config(path))
+    assert body == config_to_yaml(load_config(path)), "run scripts/refresh_config_docs.py to bring it in line"
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)

@@ -301,7 +301,7 @@ def test_unknown_layer_kinds_are_refused():
 def test_config_offers_exactly_the_registered_coupling_and_conv_kinds():
     # config.py cannot import the torch-heavy registry, so its Literal types repeat the names.
     hints = get_type_hints(ModelConfig)
-    assert get_args(hints["coupling"]) == tuple(flows.COUPLING_KINDS)
+    assert get_args(hints["coupling"]) == get_args(hints["dequant_coupling"]) == tuple(flows.COUPLING_KINDS)
     assert get_args(hints["conv"]) == tuple(flows.CONV_KINDS)
 
 
@@ -338,6 +338,27 @@ def test_a_registered_coupling_kind_works_in_a_flow_step_and_a_whole_glow(monkey
     expected = brute_force_logdet(lambda s: torch.cat([z.flatten(1) for z in model.encode(s)[0]], 1), images)
     assert torch.allclose(logdet, expected, atol=1e-8, rtol=0)
     assert (model.decode(zs) - images).abs().max() <= 1e-10
+
+
+class _Gained(_ToyTransform):
+    """The toy with an option of its own."""
+
+    def __init__(self, gain: float):
+        self.gain = gain
+
+    @classmethod
+    def from_options(cls, hidden_channels, toy_gain=1.0, **other_kinds_options):
+        return cls(toy_gain)
+
+
+def test_each_coupling_kind_takes_its_own_options_and_leaves_the_other_kinds(monkeypatch):
+    """make_coupling hands every option to every kind: a new kind's option broke the spline (a TypeError)."""
+    monkeypatch.setitem(flows.COUPLING_KINDS, "gained", _Gained)
+    options = dict(spline_bins=4, spline_bound=2.0, toy_gain=0.5)
+    assert make_coupling("gained", 4, 8, **options).transform.gain == 0.5
+    spline = make_coupling("spline", 4, 8, **options).transform
+    assert (spline.n_bins, spline.bound) == (4, 2.0)
+    assert type(make_coupling("affine", 4, 8, **options).transform) is flows.AffineTransform
 
 
 def test_coupling_refuses_a_conditioner_whose_outputs_do_not_fit_its_transform():
