@@ -17,7 +17,7 @@ from glowtrain.errors import UserError
 from glowtrain.files import atomic_write
 from glowtrain.model import Glow
 from glowtrain.objective import Objective, build_objective
-from glowtrain.runs import resolve_checkpoint, run_of_checkpoint
+from glowtrain.runs import peek_checkpoint, resolve_checkpoint, run_of_checkpoint
 
 CHECKPOINT_FORMAT = 1
 # Tensors are copied from a GPU in buckets of about this size: few copies, yet only this much extra memory at once.
@@ -138,16 +138,18 @@ def _copy_bucket(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
-    """Load with weights_only=True, so a crafted file cannot run code; failures become UserErrors. mmap: tensors
-    are read from the file only when used (a look at the config of a paper-size checkpoint reads kilobytes)."""
+    """Load with weights_only=True, so a crafted file cannot run code; failures become UserErrors. mmap: onto the
+    CPU, tensors read from the file only when used (a look at the config of a paper-size checkpoint reads
+    kilobytes; runs.peek_checkpoint)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path} — pass an existing .pt file or a run directory")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        if mmap:
+            state = peek_checkpoint(path)
+        else:
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for files that are not checkpoints
-        if mmap:  # some network and FUSE mounts cannot map files: read it whole
-            return load_checkpoint(path, map_location)
         reason = _weights_only_refusal(str(e))
         if reason:
             raise UserError(f"refusing to load {path}: it holds objects a checkpoint never contains ({reason}); "

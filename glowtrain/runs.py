@@ -257,12 +257,22 @@ def trainer_pid(run: RunDir) -> int | None:
         return None
 
 
-def saved_step(checkpoint: Path) -> int | None:
-    """The step a checkpoint was saved at (None when there is no readable one), without loading its weights."""
+def peek_checkpoint(path: Path) -> dict:
+    """A checkpoint's dict (weights_only) with its tensors memory-mapped, so a look at its step or config reads
+    kilobytes however large the weights; read whole on a disk that cannot map files (some network and FUSE
+    mounts). Raises what torch.load raises."""
     import torch  # late: the rest of this module needs no torch
 
-    try:  # memory-mapped: only the few numbers read here are loaded, however large the weights
-        return int(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("step", 0))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - torch raises many types; a damaged file fails the whole read as well
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def saved_step(checkpoint: Path) -> int | None:
+    """The step a checkpoint was saved at (None when there is no readable one), without loading its weights."""
+    try:
+        return int(peek_checkpoint(checkpoint).get("step", 0))
     except Exception:  # noqa: BLE001 - missing or damaged: nothing to keep
         return None
 
@@ -309,15 +319,13 @@ def training_state(path: str | Path, step: int, steps: int) -> dict:
 def list_runs(runs_root: Path = RUNS_ROOT, unsearched: list[Path] | None = None) -> list[dict]:
     """Every run directory under runs_root (sorted by name): its step, best test bpd and status (`unsearched`: as
     run_dirs)."""
-    import torch  # late: the rest of this module needs no torch
-
     found = []
     for run in run_dirs(runs_root, unsearched):
         path = run.path
         row = {"run": str(path), "step": None, "steps": None, "best_test_bpd": None, "status": "no checkpoint yet"}
         if run.has_checkpoint():
-            try:  # memory-mapped: only the few numbers read here are loaded, however large the weights
-                state = torch.load(run.last, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = peek_checkpoint(run.last)
                 steps = state["config"]["train"]["steps"]
             except Exception:  # noqa: BLE001 - a damaged checkpoint is a status to show, not a reason to stop
                 row["status"] = "unreadable checkpoint"

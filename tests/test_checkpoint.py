@@ -596,3 +596,12 @@ def test_a_checkpoint_on_a_disk_that_cannot_map_files_is_read_whole(tmp_path, st
     (tmp_path / "cut.pt").write_bytes((tmp_path / "last.pt").read_bytes()[:1000])
     with pytest.raises(UserError, match=r"cut\.pt is not a readable glowtrain checkpoint \(truncated or another "):
         checkpoint.resume_config(tmp_path / "cut.pt", None, [])
+    # What `glowtrain runs` shows, and the step that decides whether a resume from another checkpoint keeps this
+    # one (saved_step None: "nothing to keep", and the run's last.pt was overwritten unkept).
+    from glowtrain.runs import list_runs, saved_step
+
+    assert saved_step(tmp_path / "last.pt") == state["step"]
+    (tmp_path / "runs" / "r" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "last.pt").rename(tmp_path / "runs" / "r" / "checkpoints" / "last.pt")
+    [row] = list_runs(tmp_path / "runs")
+    assert row["step"] == state["step"] and row["status"] != "unreadable checkpoint", row
