@@ -98,7 +98,7 @@ def _refuse_other_settings(out: Path, data_cfg) -> None:
     # moved, and preparing from where it is now is the same images). A torchvision set is the same anywhere.
     source, root = index.get("root"), str(Path(data_cfg.root).expanduser().resolve())
     other_folder = isinstance(source, str) and source != root and Path(source).is_dir()
-    if data_cfg.dataset in ("folder", "celeba") and other_folder:
+    if data_cfg.reads_image_files and other_folder:
         differ.append(f"images from {source}, not {root}")
     if differ:
         raise UserError(f"{out} holds a cache of other settings ({'; '.join(differ)}) that runs may train from — "

@@ -74,6 +74,11 @@ class DataConfig:
         """Number of intensity levels per channel after dropping low bits."""
         return 2**self.n_bits
 
+    @property
+    def reads_image_files(self) -> bool:
+        """folder and celeba read the image files under data.root (the others are fixed sets of their own)."""
+        return self.dataset in ("folder", "celeba")
+
 
 # The coupling kinds of the flow and of the variational dequantiser's noise flow (one list: both build them from
 # glowtrain.flows.COUPLING_KINDS).
@@ -680,7 +685,7 @@ def _check_data_root(data: DataConfig) -> None:
     # A run trained before this check stores root '' and must still load for sample, and for eval --data.
     if data.dataset == "digits" or data.cache or data.root.strip():
         return
-    if data.dataset in ("folder", "celeba"):
+    if data.reads_image_files:
         fix = "set it to the folder holding your images, e.g. --set data.root=path/to/images"
     else:
         fix = (f"set it to the folder holding the {data.dataset} files (or where data.download=true puts them), "

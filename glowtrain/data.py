@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from glowtrain.config import CHANNEL_CHOICES, FIXED_CHANNELS
+from glowtrain.config import Dataset as DatasetName
 from glowtrain.errors import MissingData, UserError
 from glowtrain.files import missing_folders, remove_if_empty
 from glowtrain.folders import (
@@ -49,7 +50,7 @@ from glowtrain.runs import RunDir, read_json
 if TYPE_CHECKING:
     from glowtrain.config import DataConfig
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "celeba", "folder")
+DATASETS = get_args(DatasetName)
 DIGITS_N_TRAIN = 1500
 DIGITS_SPLIT_SEED = 1234  # fixed so the digits test set never depends on run.seed
 CELEBA_CROP = 148  # centre crop of the 178x218 aligned faces, as in RealNVP and Glow
@@ -89,7 +90,8 @@ def image_shape(data_cfg: DataConfig) -> tuple[int, int, int]:
 def n_classes(data_cfg: DataConfig) -> int | None:
     """Number of class labels (0 when the dataset is unlabelled), without touching disk; None when only the
     files can tell (a folder labelled by its subfolders)."""
-    if _check_name(data_cfg) in ("celeba", "folder"):
+    _check_name(data_cfg)
+    if data_cfg.reads_image_files:
         return None if data_cfg.labels == "subfolders" else 0
     return 10
 

@@ -342,9 +342,10 @@ def refuse_missing_image_folder(data_cfg) -> None:
 
 
 def refuse_output_among_training_images(out: Path, data_cfg) -> None:
-    """As refuse_output_among_images, for the image folder a run trains on (data.dataset: folder): data.root, and
-    the folder a prepared cache was made from (eval --data or a new prepare would read pictures written there)."""
-    if data_cfg.dataset != "folder":
+    """As refuse_output_among_images, for the image folder a run trains on (data.dataset: folder or celeba, whose
+    plain folder is read to any depth): data.root, and the folder a prepared cache was made from (eval --data or a
+    new prepare would read pictures written there)."""
+    if not data_cfg.reads_image_files:
         return
     folders = [data_cfg.root] if data_cfg.root.strip() else []  # an empty root names no folder
     if data_cfg.cache:  # the image folder the cache was prepared from, as its index.json records it

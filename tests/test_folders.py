@@ -304,10 +304,11 @@ def test_commands_take_a_class_by_its_folder_name_as_by_its_number(tmp_path):
         assert_one_line_error(invoke(*args[:1], "--run", run, *args[1:], *cpu), 2, line)
 
 
-def test_outputs_are_refused_inside_the_image_folder_and_the_folder_its_cache_came_from(tmp_path):
+@pytest.mark.parametrize("dataset", ["folder", "celeba"])  # CelebA in a plain folder is read to any depth too
+def test_outputs_are_refused_inside_the_image_folder_and_the_folder_its_cache_came_from(tmp_path, dataset):
     images = tmp_path / "images"
     make_images(images, 2)
-    data = DataConfig(dataset="folder", root=str(images))
+    data = DataConfig(dataset=dataset, root=str(images))
     with pytest.raises(glowtrain.UserError, match="lies inside the image folder this run trains on"):
         refuse_output_among_training_images(images / "samples", data)
     # An empty root names no folder (the config's checks refuse it; no output is "inside the image folder ()").
