@@ -183,7 +183,7 @@ class InvConv2d(FlowLayer):
         """log|det W| for one pixel."""
         if self.lu:
             return self.log_s.sum()
-        return torch.linalg.slogdet(self.weight.double())[1].to(self.weight.dtype)
+        return torch.linalg.slogdet(_widest(self.weight))[1].to(self.weight.dtype)
 
     def _compute_inverse(self) -> torch.Tensor:
         # float64 throughout: a float32 inverse drifts visibly once 100 of them are chained.

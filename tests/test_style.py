@@ -51,3 +51,11 @@ def test_commands_that_do_not_compile_start_without_torchs_compiler_or_torchvisi
              "print(sorted(m for m in ('torch._dynamo', 'torch._inductor', 'torchvision') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
+
+
+def test_model_code_widens_through_widest_float_never_to_float64_directly():
+    """MPS has no float64: `.double()` on a parameter failed there (the plain 1x1 conv's slogdet); widest_float
+    gives float32 on MPS and float64 elsewhere."""
+    for module in ("flows", "model", "reversible", "splines", "dequantization", "objective", "losses"):
+        source = (PACKAGE / f"{module}.py").read_text()
+        assert ".double()" not in source, module
