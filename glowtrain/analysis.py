@@ -36,7 +36,7 @@ from glowtrain.model import Glow
 from glowtrain.objective import build_objective
 from glowtrain.precision import full_float32
 from glowtrain.run_data import check_class_names, data_changed_warning
-from glowtrain.runs import RunDir, checked_files, read_json
+from glowtrain.runs import RunDir, checked_files, read_json, recorded_data_of
 from glowtrain.sample import class_list, class_names, class_number
 
 PIXEL_LEVELS = 256  # "pixel units": one step of the 8-bit 0..255 scale; x spans [-0.5, 0.5)
@@ -88,7 +88,7 @@ def _check_classes(loaded: LoadedRun, dataset, where: str, what: str) -> None:
     """The data's labels must mean the classes the model learnt: the same number, and the same folder names
     where the run recorded them (data.json)."""
     trained_on, found = loaded.model.n_classes, getattr(dataset, "n_classes", 0)
-    recorded = read_json(RunDir(loaded.run_dir).data_record) if loaded.run_dir else None
+    recorded = recorded_data_of(loaded.run_dir)
     if trained_on and found != trained_on:  # its labels would name other classes, or none the model knows
         now, then = getattr(dataset, "class_names", None), (recorded or {}).get("class_names")
         raise UserError(f"{where} holds {found} {what}{_bracketed(now)} but this run was trained on {trained_on} "
@@ -218,7 +218,7 @@ def _mean_latent(model: Glow, dataset, indices: list[int], cfg: Config, device: 
     return total / len(indices)
 
 
-def _celeba_attributes(cfg: Config, dataset) -> tuple[list[str], dict[str, list[int]]]:
+def _celeba_attributes(cfg: Config) -> tuple[list[str], dict[str, list[int]]]:
     """Attribute names and, per file name, its +1/-1 values from list_attr_celeba.txt."""
     root = Path(cfg.data.root).expanduser()  # as the images themselves are found (data.root: ~/data)
     for candidate in (root / "celeba" / "list_attr_celeba.txt", root / "list_attr_celeba.txt"):
@@ -276,7 +276,7 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
                             f"prepared cache {cfg.data.cache} — pass its image folder with --data DIR")
         if not hasattr(train_set, "paths"):
             raise UserError(f"--attribute needs a dataset of image files (celeba), not {cfg.data.dataset}")
-        names, table = _celeba_attributes(cfg, train_set)
+        names, table = _celeba_attributes(cfg)
         if attribute not in names:
             raise UserError(f"unknown attribute {attribute!r}; CelebA has: {', '.join(names)}")
         column = names.index(attribute)

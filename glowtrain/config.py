@@ -248,7 +248,8 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def describe_keys() -> list[tuple[str, str, str]]:
-    """(dotted key, default repr, one-line meaning) for every key, for docs and `glowtrain info`."""
+    """(dotted key, default repr, one-line meaning) for every key: README's key table and configs/*.yaml comments
+    (scripts/refresh_config_docs.py)."""
     return [(key, repr(_default(f)), _help(f)) for key, f in _FIELDS.items()]
 
 

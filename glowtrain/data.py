@@ -45,7 +45,7 @@ from glowtrain.folders import (
     unreadable_error,
     unsupported_mode,
 )
-from glowtrain.runs import RunDir, read_json
+from glowtrain.runs import read_json, recorded_data_of
 
 if TYPE_CHECKING:
     from glowtrain.config import DataConfig
@@ -286,7 +286,7 @@ def training_crop(data_cfg: DataConfig, run_dir: str | Path | None) -> int | Non
     (CelebA's official layout is cropped to 148 pixels; any other folder to its largest square)."""
     if data_cfg.dataset != "celeba":
         return None
-    recorded = read_json(RunDir(run_dir).data_record) if run_dir is not None else None
+    recorded = recorded_data_of(run_dir)
     if recorded and "crop" in recorded:
         return recorded["crop"]
     return CELEBA_CROP if _celeba_official_root(data_cfg) else None

@@ -80,9 +80,6 @@ class Context:
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return value.reshape(()).bool()
 
-    def any(self, flag: bool) -> bool:
-        return not self.all_agree(not flag)
-
     def any_on_host(self, *flags: bool) -> tuple[bool, ...]:
         """For each flag, whether it is True on some rank: one small all-reduce through a CPU group, cheap enough
         for every step, and it never waits for the GPU."""

@@ -22,9 +22,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # struct.error: what a malformed EXIF block raises when the image is turned upright by it.
 PIL_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 SPLIT_SCHEME = "path-hash-1"  # recorded with a run: which rule put each file into train or test
+EXIF_ORIENTATION = 0x0112  # the EXIF tag phones write instead of turning the pixels
 # Greyscale wider than 8 bits: Pillow opens 16-bit PNGs (and PGM, TIFF) in these modes. Mode "I" (32-bit
 # integers) is how older Pillow, and some TIFFs, hold 16-bit greyscale, so it is read on the same 0..65535 scale.
-EXIF_ORIENTATION = 0x0112  # the EXIF tag phones write instead of turning the pixels
 WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _GREY_MODES = {"1", "L", "LA", *WIDE_GREY_MODES}
 

@@ -27,8 +27,9 @@ def dequantize(
     """uint8 pixels -> continuous float32 x in [-0.5, 0.5): x = (bin + u) / n_bins - 0.5.
 
     `noise` is u: a tensor of uniform draws in [0, 1) shaped like `images`, or one number for every
-    pixel (0.5: the bin centres); when None, u is drawn here from `generator`. The only dequantisation
-    in glowtrain: training, evaluation and every command come through here (see objective.py).
+    pixel (0.5: the bin centres); when None, u is drawn here from `generator`. Uniform dequantisation:
+    training, evaluation and every command come through here or through the learned dequantiser's noise
+    (dequantization.py), both called by objective.py.
     """
     bins = reduce_bits(images, n_bits).float()
     if noise is None:

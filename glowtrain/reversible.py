@@ -8,7 +8,8 @@ reconstruct the layer's input and redo that one layer under autograd (`FlowLayer
 reverse then forward, or a layer's cheaper combined form), backpropagate through it, let go.
 Activation memory is then one layer's graph instead of the whole chain's.
 
-Numerical drift of the reconstruction is measured (`reconstruction_errors`), not assumed.
+Numerical drift of the reconstruction is measured (`reconstruction_error` here, `Glow.reconstruction_errors` per
+level), not assumed.
 """
 
 from __future__ import annotations

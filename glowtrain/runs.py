@@ -269,6 +269,11 @@ def peek_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def recorded_data_of(run_dir: str | Path | None) -> dict | None:
+    """The data.json a run directory keeps; None without a run directory (a loose checkpoint) or a readable one."""
+    return read_json(RunDir(run_dir).data_record) if run_dir else None
+
+
 def saved_step(checkpoint: Path) -> int | None:
     """The step a checkpoint was saved at (None when there is no readable one), without loading its weights."""
     try:

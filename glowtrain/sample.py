@@ -30,14 +30,14 @@ from glowtrain.images import (
     temperature_name,
     write_to_tensorboard,
 )
-from glowtrain.runs import RunDir, read_json
+from glowtrain.runs import recorded_data_of
 
 DEFAULT_N, DEFAULT_BATCH_SIZE = 64, 256  # the CLI's defaults, left out of file names
 
 
 def class_names(run_dir: Path | None, data_cfg: DataConfig) -> list[str]:
     """What a run's class labels mean: its class folders' names (data.json), a built-in set's names, or none."""
-    recorded = read_json(RunDir(run_dir).data_record) if run_dir else None
+    recorded = recorded_data_of(run_dir)
     return list((recorded or {}).get("class_names") or BUILTIN_CLASS_NAMES.get(data_cfg.dataset, ()))
 
 

@@ -58,7 +58,6 @@ from glowtrain.ood_metrics import OOD_METRICS, ood_metrics, typicality_test
 from glowtrain.precision import full_float32
 from glowtrain.runs import check_writable, checked_files, read_json
 
-ROLES = ("images", "against")  # the scored set, and the set treated as out-of-distribution
 TRAIN_CACHE = "score_train_bpd.json"  # in the run directory: the training split's bits/dim for typicality
 TRAIN_CACHE_ENTRIES = 4  # typical sets kept there (checkpoints, --n-dequant values): switching back reuses one
 

@@ -666,7 +666,7 @@ class Trainer:
                         if self._due(cfg.checkpoint_every):
                             self.save(self.run_dir.last)
             finally:
-                self._close(final)
+                self._close()
             if not identical_across_ranks(self.objective, self.ctx):
                 raise RuntimeError("the ranks finished with different weights; please report this with your config")
         return TrainResult(self.ctx.rank, str(self.run_dir.path), state.step, state.best_test_bpd, final,
@@ -795,7 +795,7 @@ class Trainer:
         for warning in warnings_:
             tqdm.write(warning, file=sys.stderr)
 
-    def _close(self, final: dict) -> None:
+    def _close(self) -> None:
         self.bar.close()
         self.logger.close(None if self._nothing_to_train else self.cfg, self.state.best_test_bpd, self.state.step,
                           self.ctx.world_size)

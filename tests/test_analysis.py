@@ -780,7 +780,7 @@ def test_the_attribute_file_is_found_under_a_data_root_starting_with_a_tilde(tmp
     text = "1\nSmiling Young\n000001.jpg  1 -1\n"
     (tmp_path / "faces" / "celeba" / "list_attr_celeba.txt").write_text(text)
     cfg = apply_overrides(default_config(), ["data.dataset=celeba", "data.root=~/faces"])
-    assert _celeba_attributes(cfg, None) == (["Smiling", "Young"], {"000001.jpg": [1, -1]})
+    assert _celeba_attributes(cfg) == (["Smiling", "Young"], {"000001.jpg": [1, -1]})
 
 
 def test_manipulate_attribute_without_the_attribute_file_exits_2(folder_run, tmp_path):
