@@ -19,6 +19,7 @@ from glowtrain.data import build_dataset
 from glowtrain.data import n_classes as data_classes
 from glowtrain.errors import UserError
 from glowtrain.evaluation import EVAL_NOISE_SEED, evaluate
+from glowtrain.files import read_json
 from glowtrain.folders import refuse_output_among_training_images
 from glowtrain.images import (
     check_tensorboard,
@@ -36,7 +37,7 @@ from glowtrain.model import Glow
 from glowtrain.objective import build_objective
 from glowtrain.precision import full_float32
 from glowtrain.run_data import check_class_names, data_changed_warning
-from glowtrain.runs import RunDir, checked_files, read_json, recorded_data_of
+from glowtrain.runs import RunDir, checked_files, recorded_data_of
 from glowtrain.sample import class_list, class_names, class_number
 
 PIXEL_LEVELS = 256  # "pixel units": one step of the 8-bit 0..255 scale; x spans [-0.5, 0.5)

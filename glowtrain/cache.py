@@ -24,9 +24,9 @@ from glowtrain.data import (
     skipped_warning,
 )
 from glowtrain.errors import UserError
+from glowtrain.files import read_json
 from glowtrain.folders import is_prepared_cache
 from glowtrain.loaders import make_eval_batches
-from glowtrain.runs import read_json
 
 if TYPE_CHECKING:
     from glowtrain.config import DataConfig

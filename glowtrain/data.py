@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from glowtrain.config import CHANNEL_CHOICES, FIXED_CHANNELS
 from glowtrain.config import Dataset as DatasetName
 from glowtrain.errors import MissingData, UserError
-from glowtrain.files import missing_folders, remove_if_empty
+from glowtrain.files import missing_folders, read_json, remove_if_empty
 from glowtrain.folders import (
     PIL_DECODE_ERRORS,
     SPLIT_SCHEME,
@@ -45,7 +45,7 @@ from glowtrain.folders import (
     unreadable_error,
     unsupported_mode,
 )
-from glowtrain.runs import read_json, recorded_data_of
+from glowtrain.runs import recorded_data_of
 
 if TYPE_CHECKING:
     from glowtrain.config import DataConfig

@@ -1,8 +1,9 @@
-"""Atomic file writes (a crash or Ctrl-C mid-write leaves the previous file, never half a new one), and folders
-that a failed command leaves as it found them."""
+"""Atomic file writes (a crash or Ctrl-C mid-write leaves the previous file, never half a new one), the small JSON
+records runs and caches keep, and folders that a failed command leaves as it found them."""
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Callable
@@ -56,3 +57,16 @@ def remove_if_empty(folders: list[Path]) -> None:
             folder.rmdir()
         except OSError:  # not empty, or never made
             pass
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object a run wrote, or None when it is missing or unreadable (it is only ever a cache or a record)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def write_json(path: Path, value: dict) -> None:
+    atomic_write(path, lambda f: json.dump(value, f), mode="w", durable=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from glowtrain.errors import MissingData, UserError
-from glowtrain.runs import read_json
+from glowtrain.files import read_json
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # struct.error: what a malformed EXIF block raises when the image is turned upright by it.

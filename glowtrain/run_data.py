@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING
 
 from glowtrain.data import SPLITS, data_summary, skipped_warning, stale_cache_warning, unread_root_warning
 from glowtrain.errors import UserError
+from glowtrain.files import read_json, write_json
 from glowtrain.folders import fingerprint_differs
-from glowtrain.runs import RunDir, read_json, recorded_data_of, write_json
+from glowtrain.runs import RunDir, recorded_data_of
 
 if TYPE_CHECKING:
     from glowtrain.config import DataConfig

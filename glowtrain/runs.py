@@ -17,7 +17,8 @@ from pathlib import Path
 
 from glowtrain.config import Config, config_to_dict, config_to_yaml, load_config
 from glowtrain.errors import UserError
-from glowtrain.files import atomic_write
+from glowtrain.files import atomic_write, read_json
+from glowtrain.folders import IMAGE_EXTENSIONS
 
 RUNS_ROOT = Path("runs")
 # The first line of every config.yaml that `fit` writes: how a fresh start tells a run of its own that died before
@@ -360,19 +361,6 @@ def checked_files(run_dir: str | Path | None) -> dict | None:
     return read_json(RunDir(run_dir).data_check) if run_dir else None
 
 
-def read_json(path: Path) -> dict | None:
-    """A JSON object a run wrote, or None when it is missing or unreadable (it is only ever a cache or a record)."""
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def write_json(path: Path, value: dict) -> None:
-    atomic_write(path, lambda f: json.dump(value, f), mode="w", durable=False)
-
-
 def run_of_checkpoint(path: Path) -> RunDir | None:
     """The run directory a checkpoint file lies in (RUN/checkpoints/X.pt); None for a file anywhere else."""
     return RunDir(path.parent.parent) if path.parent.name == "checkpoints" else None
@@ -564,6 +552,5 @@ def resolve_checkpoint(run: str | None = None, checkpoint: str | None = None, wh
 
 
 def _holds_images(folder: Path, look_at: int = 1000) -> bool:
-    from glowtrain.folders import IMAGE_EXTENSIONS  # here: folders reads run records, so it imports this module
 
     return any(path.suffix.lower() in IMAGE_EXTENSIONS for path in itertools.islice(folder.rglob("*"), look_at))

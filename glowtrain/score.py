@@ -39,7 +39,7 @@ from glowtrain.data import read_images as read_image_files
 from glowtrain.dequantization import UniformDequantizer
 from glowtrain.errors import MissingData, UserError
 from glowtrain.evaluation import EVAL_NOISE_SEED, mean_text, per_image_noise
-from glowtrain.files import atomic_write, missing_folders, remove_if_empty
+from glowtrain.files import atomic_write, missing_folders, read_json, remove_if_empty
 from glowtrain.folders import (
     IMAGE_EXTENSIONS,
     describe_ignored,
@@ -56,7 +56,7 @@ from glowtrain.losses import reduce_bits
 from glowtrain.objective import Objective
 from glowtrain.ood_metrics import OOD_METRICS, ood_metrics, typicality_test
 from glowtrain.precision import full_float32
-from glowtrain.runs import check_writable, checked_files, read_json
+from glowtrain.runs import check_writable, checked_files
 
 TRAIN_CACHE = "score_train_bpd.json"  # in the run directory: the training split's bits/dim for typicality
 TRAIN_CACHE_ENTRIES = 4  # typical sets kept there (checkpoints, --n-dequant values): switching back reuses one
