@@ -16,7 +16,7 @@ from torch import nn
 
 from glowtrain.config import Config
 from glowtrain.dequantization import UniformDequantizer, make_dequantizer
-from glowtrain.losses import bits_per_dim, dequantize
+from glowtrain.losses import bits_per_dim
 from glowtrain.model import Glow
 
 __all__ = ["Objective", "ObjectiveOutput", "UniformDequantizer", "batch_noise", "build_objective"]
@@ -47,10 +47,7 @@ class Objective(nn.Module):
     @torch.no_grad()
     def initialize(self, images: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor) -> Objective:
         """Data-dependent init (ActNorm) of the flow, and of a learned dequantiser's networks, from one batch."""
-        if isinstance(self.dequantizer, UniformDequantizer):
-            x = dequantize(images, self.n_bits, noise)
-        else:
-            x, _ = self.dequantizer(images, noise)
+        x, _ = self.dequantizer(images, noise)
         self.model.initialize(x, labels)
         return self
 
