@@ -781,12 +781,14 @@ def test_a_new_fit_on_a_root_holding_celebas_layout_itself_is_refused_before_any
 
 
 def test_celeba_without_images_describes_the_expected_layout(tmp_path):
-    result = tiny_fit(tmp_path / "run", "data.dataset=celeba", f"data.root={tmp_path}", "data.channels=3")
-    line = assert_one_line_error(result, 2, f"{tmp_path}/celeba/img_align_celeba/", "list_eval_partition.txt")
+    root = tmp_path / "data"  # the run beside it: a run inside the folder CelebA is read from is refused first
+    root.mkdir()
+    result = tiny_fit(tmp_path / "run", "data.dataset=celeba", f"data.root={root}", "data.channels=3")
+    line = assert_one_line_error(result, 2, f"{root}/celeba/img_align_celeba/", "list_eval_partition.txt")
     assert "data.download" not in line
-    result = tiny_fit(tmp_path / "run", "data.dataset=celeba", f"data.root={tmp_path}", "data.channels=3",
+    result = tiny_fit(tmp_path / "run", "data.dataset=celeba", f"data.root={root}", "data.channels=3",
                       "data.download=true")  # a user may expect it to fetch CelebA: it was silently ignored
-    assert_one_line_error(result, 2, f"no CelebA images under {tmp_path} (data.download fetches mnist, "
+    assert_one_line_error(result, 2, f"no CelebA images under {root} (data.download fetches mnist, "
                           "fashion_mnist and cifar10, not CelebA) — put the aligned faces in")
 
 
@@ -887,10 +889,10 @@ def test_runs_lists_each_run_with_step_best_bpd_and_status(fitted, tmp_path, mon
     assert assert_one_line_error(invoke("eval", "--run", run_dir, "--data", config), 2) == (
         f"error: --data {config}: a file, not a folder — pass the folder holding the run's images, its dataset root, "
         "or its prepared cache")
-    line = assert_one_line_error(invoke("reconstruct", "--run", run_dir, "--n", "400", "--out", tmp_path / "r.png"), 2)
+    line = assert_one_line_error(invoke("reconstruct", "--run", run_dir, "--n", "400", "--out", tmp_path / "r"), 2)
     assert line.endswith("the test split has 297 — use --n 297 or less")
     line = assert_one_line_error(invoke("interpolate", "--run", run_dir, "--pairs", "200", "--steps", "2", "--out",
-                                        tmp_path / "i.png"), 2)
+                                        tmp_path / "i"), 2)
     assert line.endswith("the test split has 297 — use --pairs 148 or less")
 
 
