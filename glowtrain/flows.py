@@ -456,7 +456,10 @@ class SplineTransform(CouplingTransform):
     def _raw(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """(N, C*P, H, W) grouped parameters -> (N, C, H, W, P), widened out of half precision."""
         n, c, h, w = x.shape
-        raw = params.reshape(n, c, self.params_per_channel, h, w).movedim(2, -1)
+        # Contiguous: the spline's softmax, cumsum, comparisons and gathers all run along the last axis, which
+        # movedim leaves strided; one copy made the digits default's forward and backward 7% faster on one CPU
+        # thread (a whole training step on two, 3%), with the same numbers.
+        raw = params.reshape(n, c, self.params_per_channel, h, w).movedim(2, -1).contiguous()
         # The spline arithmetic runs in float32 or wider whatever precision the conditioner used.
         return raw.float() if raw.dtype in (torch.float16, torch.bfloat16) else raw
 

@@ -45,8 +45,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 CONFIGS = {
-    # name: (image shape, n_levels, n_steps, hidden_channels, batch, n_bits)
+    # name: (image shape, n_levels, n_steps, hidden_channels, batch, n_bits[, other model keys])
     "digits": ((1, 8, 8), 2, 8, 64, 64, 4),  # the bundled digits' shape, with Glow's layers
+    # The digits default itself: spline couplings and the learned (variational) dequantiser.
+    "digits_default": ((1, 8, 8), 2, 8, 64, 64, 4, ("model.coupling=spline", "model.dequantization=variational")),
     "cifar_shape": ((3, 32, 32), 3, 8, 256, 16, 8),
     "cifar_paper": ((3, 32, 32), 3, 32, 512, 64, 8),
     # The paper's depth with almost no arithmetic: a step's time is the host's (Python, dispatch, guards).
@@ -138,9 +140,9 @@ def synthetic_trainer(image_shape, overrides: list[str], device: torch.device, b
 
 def model_overrides(config: str) -> list[str]:
     """The config overrides that build `config`'s model (CONFIGS) over its number of bits."""
-    _, levels, n_steps, width, _, n_bits = CONFIGS[config]
+    _, levels, n_steps, width, _, n_bits, *others = CONFIGS[config]
     return [f"model.n_levels={levels}", f"model.n_steps={n_steps}", f"model.hidden_channels={width}",
-            f"data.n_bits={n_bits}"]
+            f"data.n_bits={n_bits}", *(others[0] if others else ())]
 
 
 class LaunchCount(TorchDispatchMode):

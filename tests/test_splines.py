@@ -194,3 +194,17 @@ def test_inputs_on_the_bound_map_inside_it_in_float32():
     y, _ = rq_spline_forward(x, raw, n_bins, bound)
     assert (y.abs() <= bound).all()
     assert (rq_spline_inverse(y, raw, n_bins, bound) - x).abs().max() < 1e-4
+
+
+def test_the_spline_reads_its_parameters_from_a_contiguous_last_axis():
+    """Softmax, cumsum, comparisons and gathers all run along the bins axis; strided (as movedim leaves it), the
+    digits default's forward and backward took 7% longer on one CPU thread."""
+    from glowtrain.flows import SplineTransform
+
+    transform = SplineTransform(n_bins=4, bound=3.0)
+    x = torch.randn(2, 3, 5, 5)
+    params = torch.randn(2, 3 * transform.params_per_channel, 5, 5)
+    raw = transform._raw(x, params)
+    assert raw.shape == (2, 3, 5, 5, transform.params_per_channel) and raw.is_contiguous()
+    assert torch.equal(raw[1, 2, 3, 4], params[1, 2 * transform.params_per_channel:][: transform.params_per_channel,
+                                                                                        3, 4])
