@@ -140,7 +140,8 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
     loaded = open_run(run, checkpoint, device, use_ema)
     check_tensorboard(loaded.run_dir, tensorboard)
     cfg, model = loaded.cfg, loaded.model
-    classes = class_numbers(classes, class_names(loaded.run_dir, cfg.data), cfg.model.n_classes)
+    names_of_classes = class_names(loaded.run_dir, cfg.data)
+    classes = class_numbers(classes, names_of_classes, cfg.model.n_classes)
     labels = class_labels(classes, n, device)
     out_dir = Path(out) if out else (loaded.run_dir or loaded.checkpoint.parent) / "samples"
     refuse_output_among_training_images(out_dir, cfg.data)
@@ -154,21 +155,26 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
         say(f"note: grids show the first {GRID_LIMIT:,} of the {n:,} images per temperature (--individual writes "
             "them all)")
     per_class = math.ceil(n / len(classes)) if classes else None
+    titles = [class_title(k, names_of_classes) for k in classes]
     upscale = display_upscale(cfg.data.image_size)
-    written, pictures = [], []
+    written, pictures, rows = [], [], []
     with progress_bar(n * len(temperatures), "sampling", progress) as bar:
         for temperature in temperatures:
             generator = torch.Generator(device=device).manual_seed(seed)
             batches = sample_batches(model, n, temperature, cfg.data.n_bits, generator, labels, batch_size)
             shown = _stream(batches, out_dir / names[temperature] if individual else None, n, bar)
             pictures.append(image_grid(*class_blocks(shown, per_class)) if per_class else image_grid(shown))
+            strips = class_strips(pictures[-1], shown, per_class) if per_class else [pictures[-1]]
+            label = temperature_label(temperature)  # in --grid's figure, each class's strip: T=0.7, 3 cat
+            rows += [(strip, f"{label}, {title}" if title else label) for strip, title in zip(strips, titles or [""])]
             if not (grid or no_grid):
-                written.append(save_png(pictures[-1], out_dir / f"{names[temperature]}.png", upscale))
+                path = out_dir / f"{names[temperature]}.png"
+                written.append(save_image(labelled_rows(strips, titles, upscale), path) if per_class
+                               else save_png(pictures[-1], path, upscale))
             if individual:  # the folder, not its --n files: 50,000 lines for an FID set
                 written.append(out_dir / names[temperature])
     if grid:
-        row_labels = [temperature_label(t) for t in temperatures]
-        written.append(save_image(labelled_rows(pictures, row_labels, upscale), figure))
+        written.append(save_image(labelled_rows(*map(list, zip(*rows)), upscale), figure))
     if tensorboard:
         # Beside training's samples/T=... cards, and apart from them: its seed and options are not this call's.
         tagged = {f"samples/{temperature_label(t)} sample seed{seed}{tag}": p for t, p in zip(temperatures, pictures)}
@@ -185,6 +191,24 @@ def class_blocks(images: torch.Tensor, per_class: int) -> tuple[torch.Tensor, in
     width = math.ceil(per_class / rows)
     blocks = [torch.cat([b, b.new_zeros(-len(b) % width, *b.shape[1:])]) for b in images.split(per_class)]
     return torch.cat(blocks), width
+
+
+def class_strips(picture: torch.Tensor, shown: torch.Tensor, per_class: int) -> list[torch.Tensor]:
+    """A class grid (image_grid of class_blocks) cut between its classes' blocks of rows, to be labelled one by one:
+    the strips stacked give the picture back. A grid showing fewer blocks than classes gives fewer strips."""
+    per_class = min(per_class, len(shown))
+    width = class_blocks(shown, per_class)[1]
+    blocks = shown.split(per_class)
+    if len(blocks) == 1 or len(shown) == 1:
+        return [picture]
+    row_height = shown.shape[-2] + 1  # each image and the line below it
+    ends = [1 + sum(math.ceil(len(b) / width) for b in blocks[: k + 1]) * row_height for k in range(len(blocks))]
+    return list(picture.tensor_split(ends[:-1], dim=1))
+
+
+def class_title(k: int, names: list[str]) -> str:
+    """A class as a figure names it: its number, and its name where the run has names (3 cat)."""
+    return f"{k} {names[k]}" if k < len(names) else f"class {k}"
 
 
 def _stream(batches, folder: Path | None, n: int, bar: tqdm) -> torch.Tensor:

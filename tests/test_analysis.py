@@ -128,6 +128,14 @@ def pixels(path) -> np.ndarray:
     return array
 
 
+def labelled(path, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(the grid, the label margin on its left) of a saved figure whose grid is `size` (width, height) pixels."""
+    picture = pixels(path)
+    margin = picture.shape[1] - size[0]
+    assert margin > 0 and picture.shape[0] == size[1], (picture.shape, size)
+    return picture[:, margin:], picture[:, :margin]
+
+
 def tile(picture: np.ndarray, row: int, column: int) -> np.ndarray:
     """The 8x8 digit at (row, column) of an upscaled grid, at its native resolution."""
     top, left = (1 + row * (SIZE + 1)) * UP, (1 + column * (SIZE + 1)) * UP
@@ -313,23 +321,38 @@ def test_sample_grid_flag_writes_one_labelled_figure_stacking_the_temperature_gr
     assert len(set(labels)) == len(temps)  # each block carries its own temperature
 
 
-def test_sample_classes_give_one_block_per_class_on_a_conditional_model(conditional, tmp_path):
+def test_sample_classes_give_one_block_per_class_labelled_on_a_conditional_model(conditional, tmp_path):
     path = ok(invoke("sample", "--run", conditional, "--temp", "0", "--class", "3", "--class", "5", "--n", "4",
                      "--out", tmp_path, *CPU)).stdout.strip()
-    with Image.open(path) as image:
-        assert image.size == grid_size(4, 2)
-    picture = pixels(path)
+    picture, margin = labelled(path, grid_size(4, 2))
     threes, fives = [tile(picture, 0, c) for c in range(2)], [tile(picture, 1, c) for c in range(2)]
     assert (threes[0] == threes[1]).all() and (fives[0] == fives[1]).all()
     assert (threes[0] != fives[0]).any()
+    # Each class's block of rows carries its own label on the left ("3", "5": the digits have no class names).
+    row = (SIZE + 1) * UP
+    three_label, five_label = margin[UP : UP + row], margin[UP + row : UP + 2 * row]
+    assert (three_label < 128).any() and (five_label < 128).any() and (three_label != five_label).any()
+
+
+def test_sample_grid_of_classes_labels_each_class_at_each_temperature(conditional, tmp_path):
+    args = ["sample", "--run", conditional, "--temp", "0,1", "--class", "3", "--class", "5", "--n", "4", *CPU]
+    figure = ok(invoke(*args, "--grid", "--out", tmp_path / "grid")).stdout.strip()
+    separate = ok(invoke(*args, "--out", tmp_path / "separate")).stdout.split()
+    width, height = grid_size(4, 2)
+    picture, margin = labelled(figure, (width, 2 * height))
+    row = (SIZE + 1) * UP
+    for block, path in enumerate(separate):  # the separate grids are the figure's, each labelled by class alone
+        grid, its_margin = labelled(path, (width, height))
+        assert (picture[block * height : (block + 1) * height] == grid).all()
+        assert its_margin.shape[1] < margin.shape[1]  # "3" against "T=0, 3"
+    labels = [margin[UP + k * row : UP + (k + 1) * row].tobytes() for k in range(4)]  # T=0, 3 / T=0, 5 / T=1, ...
+    assert len(set(labels)) == 4
 
 
 def test_sample_several_classes_fill_rows_of_equal_length(conditional, tmp_path):
     path = ok(invoke("sample", "--run", conditional, "--temp", "0", "--class", "1", "--class", "2", "--class", "7",
                      "--n", "5", "--out", tmp_path, *CPU)).stdout.strip()
-    with Image.open(path) as image:
-        assert image.size == grid_size(5, 2)  # ceil(5 / 3) = 2 per class: rows [1, 1], [2, 2], [7]
-    picture = pixels(path)
+    picture = labelled(path, grid_size(5, 2))[0]  # ceil(5 / 3) = 2 per class: rows [1, 1], [2, 2], [7]
     assert (tile(picture, 0, 0) == tile(picture, 0, 1)).all()
     assert (tile(picture, 1, 0) == tile(picture, 1, 1)).all()
     assert (picture[(1 + 2 * (SIZE + 1)) * UP :, (1 + SIZE + 1) * UP :] == 0).all()  # the empty fifth slot
@@ -339,13 +362,10 @@ def test_a_class_with_more_images_than_a_square_grids_row_fills_rows_of_that_wid
     """One class is a square grid, not a strip of 64; two classes of 9 each take two rows of 5 (one cell blank)."""
     one = ok(invoke("sample", "--run", conditional, "--temp", "0", "--class", "3", "--n", "16", "--out",
                     tmp_path / "one", *CPU)).stdout.strip()
-    with Image.open(one) as image:
-        assert image.size == grid_size(16)
+    labelled(one, grid_size(16))
     two = ok(invoke("sample", "--run", conditional, "--temp", "0", "--class", "3", "--class", "5", "--n", "18",
                     "--out", tmp_path / "two", *CPU)).stdout.strip()
-    with Image.open(two) as image:
-        assert image.size == grid_size(20, 5)
-    picture = pixels(two)
+    picture = labelled(two, grid_size(20, 5))[0]
     threes = [tile(picture, row, column) for row in (0, 1) for column in range(5)][:9]
     fives = [tile(picture, row, column) for row in (2, 3) for column in range(5)][:9]
     assert all((t == threes[0]).all() for t in threes) and all((f == fives[0]).all() for f in fives)
