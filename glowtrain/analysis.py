@@ -26,9 +26,11 @@ from glowtrain.images import (
     count_not_finite,
     display_upscale,
     image_grid,
+    labelled_columns,
     picture_tag,
     progress_bar,
     refuse_existing,
+    save_image,
     save_png,
     write_to_tensorboard,
 )
@@ -302,7 +304,9 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
                          len(alphas))
     if tensorboard:
         write_to_tensorboard(loaded.run_dir, loaded.step, {picture_tag(target): picture})
-    path = save_png(picture, target, display_upscale(cfg.data.image_size))
+    headings = [f"alpha {alpha:g}" for alpha in alphas]  # alpha 0: the test image as it is
+    path = save_image(labelled_columns(picture, headings, cfg.data.image_size, display_upscale(cfg.data.image_size)),
+                      target)
     return {"direction": label, "n_with": len(with_), "n_without": len(without), "alphas": alphas,
             "path": str(path)}
 

@@ -138,6 +138,21 @@ def labelled_rows(pictures: list[torch.Tensor], labels: list[str], upscale: int 
     return canvas
 
 
+def labelled_columns(picture: torch.Tensor, labels: list[str], cell_width: int, upscale: int = 1) -> Image.Image:
+    """A uint8 (C, H, W) grid of image_grid's layout (cells `cell_width` pixels wide, a 1-pixel line each) with a
+    label centred above each column."""
+    image = _to_pil(picture, upscale)
+    font = ImageFont.load_default()
+    band = 16
+    canvas = Image.new("RGB", (image.width, image.height + band), "white")
+    canvas.paste(image.convert("RGB"), (0, band))
+    draw = ImageDraw.Draw(canvas)
+    for column, text in enumerate(labels):
+        centre = (1 + column * (cell_width + 1) + cell_width / 2) * upscale
+        draw.text((centre - draw.textlength(text, font=font) / 2, 3), text, fill="black", font=font)
+    return canvas
+
+
 def _to_pil(picture: torch.Tensor, upscale: int = 1) -> Image.Image:
     array = picture.permute(1, 2, 0).numpy()
     image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)

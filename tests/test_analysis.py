@@ -732,12 +732,16 @@ def test_manipulate_moves_test_images_along_a_class_direction(fitted, tmp_path):
     assert result["alphas"] == [-1.0, 0.0, 1.0, 2.0]
     path = Path(result["path"])
     assert path == tmp_path / "manipulate_step0000004_class3-5_n3.png"
-    with Image.open(path) as image:
-        assert image.size == grid_size(12, 4)  # n rows of len(alphas)
-    picture = pixels(path)
+    figure = pixels(path)
+    width, height = grid_size(12, 4)  # n rows of len(alphas), under a band naming each column's alpha
+    band = figure.shape[0] - height
+    assert figure.shape[1] == width and band > 0
+    picture, headings = figure[band:], figure[:band]
     for row, original in enumerate(test_images_as_displayed(3)):
         assert (tile(picture, row, 1) == original).all()  # alpha 0 leaves the image as it was
         assert any((tile(picture, row, c) != original).any() for c in (0, 2, 3))
+    columns = [headings[:, (1 + c * (SIZE + 1)) * UP : (1 + c * (SIZE + 1) + SIZE) * UP] for c in range(4)]
+    assert all((column < 128).any() for column in columns) and len({c.tobytes() for c in columns}) == 4
 
 
 def test_manipulate_says_how_many_images_overflowed_instead_of_drawing_them_silently(fitted, tmp_path):
@@ -760,7 +764,8 @@ def test_manipulate_along_a_celeba_attribute_uses_list_attr_celeba(folder_run, t
     assert result["direction"] == "Smiling"
     assert result["n_with"] == len(smiling) and result["n_without"] == len(train_names) - len(smiling)
     with Image.open(result["path"]) as image:
-        assert image.size == grid_size(4, 2)
+        width, height = grid_size(4, 2)
+        assert image.width == width and image.height > height  # the alphas' band above the grid
 
 
 @pytest.mark.parametrize("args,needle", [
