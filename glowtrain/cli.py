@@ -467,7 +467,8 @@ def sample(
         help="Temperature(s): repeatable or comma-separated (--temp 0.5,0.7); default 0.7.")] = None,
     n: Annotated[int, typer.Option("--n", metavar="N", help="Images per temperature.")] = 64,
     class_: Annotated[Optional[list[str]], typer.Option(
-        "--class", metavar="K", help="Class for a class-conditional model, by number or name (repeatable).")] = None,
+        "--class", metavar="K[,K...]",
+        help="Class for a class-conditional model, by number or name: repeated or comma-separated.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", metavar="N",
         help="Images generated at once (bounds memory).")] = 256,
     grid: Annotated[bool, typer.Option(

@@ -74,16 +74,30 @@ def class_list(names: list[str]) -> str:
 
 def class_numbers(values: list[int | str] | None, names: list[str], n_classes: int,
                   option: str = "--class") -> list[int]:
-    """Classes asked for by number or name, as numbers the model has; errors name `option`."""
+    """Classes asked for by number or name, repeated or comma-separated (3,5 as --temp takes temperatures; a class
+    whose own name holds a comma is taken whole), as numbers the model has; errors name `option`."""
     if not values:
         return []
     if n_classes == 0:
         raise UserError(f"{option} needs a class-conditional model (model.n_classes > 0); this one is unconditional")
-    numbers = [class_number(value, names, n_classes, option) for value in values]
+    numbers = [class_number(value, names, n_classes, option) for value in _listed(values, names, option)]
     if bad := [k for k in numbers if not 0 <= k < n_classes]:
         which = f" ({class_list(names)})" if names else ""
         raise UserError(f"{option} {bad[0]} is out of range: this model has classes 0..{n_classes - 1}{which}")
     return numbers
+
+
+def _listed(values: list[int | str], names: list[str], option: str) -> list[int | str]:
+    """Each comma-separated item as a value of its own, but a class's own name whole ("cats, big")."""
+    folded = {name.casefold() for name in names}
+    listed = []
+    for value in values:
+        whole = not isinstance(value, str) or value.strip().casefold() in folded
+        listed += [value] if whole else [part for part in value.split(",") if part.strip()]
+    if not listed:
+        raise UserError(f"{option} got no class ({' '.join(map(str, values))!r}); give one by number or name, like "
+                        f"{option} 3 or {option} 3,5")
+    return listed
 
 
 def class_labels(classes: list[int] | None, n: int, device, n_option: str = "--n ") -> torch.Tensor | None:

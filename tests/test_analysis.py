@@ -477,6 +477,20 @@ def test_a_class_name_that_could_mean_two_classes_or_none_is_refused(value, name
     assert str(raised.value) == needle
 
 
+@pytest.mark.parametrize("values,numbers", [
+    (["3,5"], [3, 5]), (["3", "5"], [3, 5]), (["3, cats", "0"], [3, 2, 0]), (["3,"], [3]),
+    (["cats, big"], [1]),  # a class folder named with a comma is taken whole
+    ([4], [4]),
+])
+def test_classes_are_given_repeated_or_comma_separated(values, numbers):
+    assert sample_module.class_numbers(values, ["1", "cats, big", "cats", "x", "y", "z"], 6) == numbers
+
+
+def test_a_class_list_with_no_class_in_it_is_refused():
+    with pytest.raises(glowtrain.UserError, match=r"^--class got no class \(', ,'\); give one by number or name"):
+        sample_module.class_numbers([", ,"], [], 10)
+
+
 def test_the_builtin_sets_class_names_are_torchvisions_in_its_order():
     import torchvision.datasets
 
