@@ -28,6 +28,8 @@ from glowtrain.config import Dataset as DatasetName
 from glowtrain.errors import MissingData, UserError
 from glowtrain.files import missing_folders, read_json, remove_if_empty
 from glowtrain.folders import (
+    CELEBA_IMAGES,
+    CELEBA_PARTITION,
     PIL_DECODE_ERRORS,
     SPLIT_SCHEME,
     WIDE_GREY_MODES,
@@ -38,6 +40,7 @@ from glowtrain.folders import (
     fingerprint_differs,
     header_conversions,
     ignored_counts,
+    is_celeba_layout,
     is_prepared_cache,
     opened_image_conversions,
     relative,
@@ -275,8 +278,8 @@ def relocated(data_cfg: DataConfig, where: str, run_dir: str | Path | None = Non
     if data_cfg.dataset == "digits":  # data.root means nothing to it: taking the folder would silently ignore it
         raise UserError(f"--data {where}: this run trained on the bundled digits, which are read from the package — "
                         "leave out --data (or pass a cache made by glowtrain prepare)")
-    if (training_crop(data_cfg, run_dir) == CELEBA_CROP and _holds_celeba_layout(path)
-            and not _holds_celeba_layout(path / "celeba")):
+    if (training_crop(data_cfg, run_dir) == CELEBA_CROP and is_celeba_layout(path)
+            and not is_celeba_layout(path / "celeba")):
         path = path.parent
     return replace(data_cfg, root=str(path), cache="")
 
@@ -566,17 +569,12 @@ def _resize(images: Tensor, size: int, chunk: int = 4096) -> Tensor:
     return torch.cat(out)
 
 
-CELEBA_IMAGES, CELEBA_PARTITION = "img_align_celeba", "list_eval_partition.txt"  # torchvision's layout
-
-
-def _holds_celeba_layout(folder: Path) -> bool:
-    return (folder / CELEBA_IMAGES).is_dir() and (folder / CELEBA_PARTITION).is_file()
 
 
 def _celeba_official_root(data_cfg) -> Path | None:
     """<root>/celeba when it holds the official layout (images + partition file), else None."""
     celeba = Path(data_cfg.root).expanduser().absolute() / "celeba"
-    return celeba if _holds_celeba_layout(celeba) else None
+    return celeba if is_celeba_layout(celeba) else None
 
 
 def refuse_misplaced_celeba_layout(data_cfg) -> None:
@@ -585,7 +583,7 @@ def refuse_misplaced_celeba_layout(data_cfg) -> None:
     the largest square). Runs trained so already keep reading it as they did."""
     root = Path(data_cfg.root).expanduser().absolute()
     if (data_cfg.dataset != "celeba" or data_cfg.cache or _celeba_official_root(data_cfg) is not None
-            or not _holds_celeba_layout(root)):
+            or not is_celeba_layout(root)):
         return
     move = (f"set data.root={root.parent}" if root.name == "celeba" else
             f"move {CELEBA_IMAGES}/ and {CELEBA_PARTITION} into {root / 'celeba'}/")

@@ -341,13 +341,23 @@ def refuse_missing_image_folder(data_cfg) -> None:
         _image_folder(data_cfg.root)
 
 
+CELEBA_IMAGES, CELEBA_PARTITION = "img_align_celeba", "list_eval_partition.txt"  # torchvision's layout
+
+
+def is_celeba_layout(folder: Path) -> bool:
+    """`folder` holds CelebA as torchvision lays it out: the aligned faces and the partition file."""
+    return (folder / CELEBA_IMAGES).is_dir() and (folder / CELEBA_PARTITION).is_file()
+
+
 def refuse_output_among_training_images(out: Path, data_cfg) -> None:
     """As refuse_output_among_images, for the image folder a run trains on (data.dataset: folder or celeba, whose
     plain folder is read to any depth): data.root, and the folder a prepared cache was made from (eval --data or a
     new prepare would read pictures written there)."""
     if not data_cfg.reads_image_files:
         return
-    folders = [data_cfg.root] if data_cfg.root.strip() else []  # an empty root names no folder
+    official = data_cfg.dataset == "celeba" and is_celeba_layout(Path(data_cfg.root).expanduser() / "celeba")
+    # CelebA in torchvision's layout reads only the files its partition list names: nothing written beside them.
+    folders = [data_cfg.root] if data_cfg.root.strip() and not official else []  # an empty root names no folder
     if data_cfg.cache:  # the image folder the cache was prepared from, as its index.json records it
         source = (read_json(Path(data_cfg.cache).expanduser() / "index.json") or {}).get("root")
         folders += [source] if isinstance(source, str) else []

@@ -325,6 +325,19 @@ def test_outputs_are_refused_inside_the_image_folder_and_the_folder_its_cache_ca
     refuse_output_among_training_images(tmp_path / "run", dataclasses.replace(data, cache=str(tmp_path / "none")))
 
 
+def test_celeba_in_torchvisions_layout_reads_only_its_listed_faces_so_outputs_beside_them_are_fine(tmp_path):
+    """Its partition file names the images: runs kept under data.root (made before the refusal covered CelebA)
+    still resume and sample; a plain CelebA folder is read to any depth and refuses them."""
+    root = tmp_path / "cel"
+    make_images(root / "celeba" / "img_align_celeba", 2)
+    data = DataConfig(dataset="celeba", root=str(root), channels=3)
+    with pytest.raises(glowtrain.UserError, match="lies inside the image folder this run trains on"):
+        refuse_output_among_training_images(root / "runs" / "a", data)  # not the layout yet: a plain folder
+    (root / "celeba" / "list_eval_partition.txt").write_text("")
+    refuse_output_among_training_images(root / "runs" / "a", data)
+    refuse_output_among_training_images(root / "runs" / "a" / "samples", data)
+
+
 def test_subfolder_labels_are_only_for_folders():
     from glowtrain.config import load_config
     from glowtrain.errors import UserError
