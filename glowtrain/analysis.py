@@ -304,7 +304,8 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
                          len(alphas))
     if tensorboard:
         write_to_tensorboard(loaded.run_dir, loaded.step, {picture_tag(target): picture})
-    headings = [f"alpha {alpha:g}" for alpha in alphas]  # alpha 0: the test image as it is
+    # alpha 0: the test image as it is. Shorter forms where a column is too narrow (images of 33-63 pixels).
+    headings = [[f"alpha {alpha:g}", f"{alpha:g}", f"{alpha:.2g}"] for alpha in alphas]
     path = save_image(labelled_columns(picture, headings, cfg.data.image_size, display_upscale(cfg.data.image_size)),
                       target)
     return {"direction": label, "n_with": len(with_), "n_without": len(without), "alphas": alphas,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glowtrain.flows import COUPLING_KINDS, CouplingNet, Squeeze, check_kinds
+from glowtrain.flows import CouplingNet, Squeeze, check_kinds, make_transform
 from glowtrain.losses import dequantize, reduce_bits
 
 LOG_2PI = math.log(2 * math.pi)
@@ -66,7 +66,7 @@ class ConditionalCoupling(nn.Module):
 
     def __init__(self, kind: str, channels: int, context_channels: int, hidden_channels: int, **options):
         super().__init__()
-        self.transform = COUPLING_KINDS[kind].from_options(hidden_channels, **options)
+        self.transform = make_transform(kind, hidden_channels, **options)
         self.n_kept = channels // 2
         n_params = (channels - self.n_kept) * self.transform.params_per_channel
         self.net = CouplingNet(self.n_kept + context_channels, n_params, hidden_channels)

@@ -15,6 +15,7 @@ adding a kind is one entry there (and its name in config.py's Literal, which a t
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from functools import partial
@@ -577,11 +578,21 @@ def check_kinds(coupling: str, conv: str) -> None:
     _registered("conv", conv, CONV_KINDS)
 
 
-def make_coupling(kind: str, channels: int, hidden_channels: int, **options) -> Coupling:
-    """A coupling of registered `kind` on `channels` channels, conditioned by a CouplingNet.
+def make_transform(kind: str, hidden_channels: int, **options) -> CouplingTransform:
+    """The registered coupling `kind`'s transform. Every kind is handed the options of all (spline_bins,
+    spline_bound, ...) and takes its own; one that no kind takes is a mistake, not an option to ignore."""
+    known = {name for registered in COUPLING_KINDS.values()
+             for name, parameter in inspect.signature(registered.from_options).parameters.items()
+             if parameter.kind is not parameter.VAR_KEYWORD}
+    if unknown := sorted(set(options) - known):
+        raise TypeError(f"no coupling kind takes the option(s) {', '.join(unknown)}")
+    return _registered("coupling", kind, COUPLING_KINDS).from_options(hidden_channels, **options)
 
-    `options` go to the transform's `from_options` (spline_bins, spline_bound)."""
-    transform = _registered("coupling", kind, COUPLING_KINDS).from_options(hidden_channels, **options)
+
+def make_coupling(kind: str, channels: int, hidden_channels: int, **options) -> Coupling:
+    """A coupling of registered `kind` on `channels` channels, conditioned by a CouplingNet; `options` as
+    make_transform takes them."""
+    transform = make_transform(kind, hidden_channels, **options)
     if channels < 2:
         raise ValueError(f"a coupling layer needs at least 2 channels, got {channels}")
     n_kept = channels // 2

@@ -758,6 +758,19 @@ def test_manipulate_moves_test_images_along_a_class_direction(fitted, tmp_path):
     assert all((column < 128).any() for column in columns) and len({c.tobytes() for c in columns}) == 4
 
 
+def test_column_headings_take_the_longest_form_that_fits_every_column():
+    """manipulate's "alpha -0.25" ran into its neighbours over 48-pixel images; it fits over enlarged digits."""
+    forms = [[f"alpha {a}", a] for a in ("-0.25", "0.25", "0.5", "0.75")]
+
+    def drawn(size: int, upscale: int, labels) -> np.ndarray:
+        picture = image_grid(torch.zeros(4, 1, size, size, dtype=torch.uint8), 4)
+        return np.asarray(images.labelled_columns(picture, labels, size, upscale))
+
+    assert (drawn(48, 1, forms) == drawn(48, 1, [[short] for _, short in forms])).all()
+    assert (drawn(8, 8, forms) == drawn(8, 8, [[long] for long, _ in forms])).all()
+    assert (drawn(8, 8, forms) != drawn(8, 8, [[short] for _, short in forms])).any()
+
+
 def test_manipulate_says_how_many_images_overflowed_instead_of_drawing_them_silently(fitted, tmp_path):
     _, run_dir = fitted
     with pytest.warns(RuntimeWarning) as said:

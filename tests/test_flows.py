@@ -359,6 +359,8 @@ def test_each_coupling_kind_takes_its_own_options_and_leaves_the_other_kinds(mon
     spline = make_coupling("spline", 4, 8, **options).transform
     assert (spline.n_bins, spline.bound) == (4, 2.0)
     assert type(make_coupling("affine", 4, 8, **options).transform) is flows.AffineTransform
+    with pytest.raises(TypeError, match="no coupling kind takes the option"):  # a misspelt option is not ignored
+        make_coupling("spline", 4, 8, spline_bin=4)
 
 
 def test_coupling_refuses_a_conditioner_whose_outputs_do_not_fit_its_transform():
