@@ -438,12 +438,14 @@ def _open(run, checkpoint, device: str, seed: int, no_ema: bool, data: str | Non
 
 
 # What a user may write as --out of a command that writes several files: `--out grid.png` made a folder of that name.
-_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".csv", ".json", ".txt")
+_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".svg", ".pdf", ".csv", ".json",
+                  ".txt")
 _PICTURES = "the pictures (each named by its options)"
 
 
 def _refuse_a_file_name(out: str | None, writes: str) -> None:
-    if out and Path(out).suffix.lower() in _FILE_SUFFIXES and not Path(out).is_dir():
+    folder = out.endswith(("/", os.sep)) if out else False  # grid.png/ says it is a folder
+    if out and not folder and Path(out).suffix.lower() in _FILE_SUFFIXES and not Path(out).is_dir():
         raise UserError(f"--out {out} names a file, but --out is the folder {writes} go into — pass a folder, like "
                         f"--out {shlex.quote(str(Path(out).with_suffix('')))}")
 

@@ -1331,6 +1331,8 @@ def test_an_out_that_names_a_file_is_refused_before_a_folder_of_that_name_is_mad
     error = assert_one_line_error(invoke(command, "--run", run_dir, *CPU, *extra, "--out", target), 2, writes)
     assert error.endswith(f"pass a folder, like --out {target.with_suffix('')}")
     assert not (tmp_path / "pictures").exists()
-    target.mkdir(parents=True)  # a folder that happens to be called so is a folder
+    result = invoke(command, "--run", run_dir, *CPU, *extra, "--out", f"{target}/")  # a new folder, said so
+    assert "names a file" not in result.output
+    target.mkdir(parents=True, exist_ok=True)  # a folder that happens to be called so is a folder
     result = invoke(command, "--run", run_dir, *CPU, *extra, "--out", target)
     assert "names a file" not in result.output
