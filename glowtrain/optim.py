@@ -20,13 +20,15 @@ class GatedAdamax(torch.optim.Adamax):
     """
 
     skips_on_device = True
-    # On a CPU, reading the flag costs nothing and torch's own per-tensor update is several times as fast as
-    # the gated form (measured on the paper CIFAR model's 44M parameters: a CPU pays for every page of the
-    # gated form's large temporaries), so CPUs read it; tests set this to check the accelerator path on a CPU.
+    # On a CPU, reading the flag costs nothing and torch's own update is several times as fast as the gated
+    # form (measured on the paper CIFAR model's 44M parameters: a CPU pays for every page of the gated form's
+    # large temporaries), so CPUs read it; tests set this to check the accelerator path on a CPU. Its foreach
+    # form (torch's default only on GPUs) takes 5.0-5.3 ms for the digits default against 7.1-7.7, one thread,
+    # and ends at the same weights to the bit.
     gate_on_cpu = False
 
     def __init__(self, params, lr: float = 2e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, foreach=False)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, foreach=True)
         self.found_inf: torch.Tensor | None = None
 
     @torch.no_grad()
