@@ -40,7 +40,7 @@ from glowtrain.objective import build_objective
 from glowtrain.precision import full_float32
 from glowtrain.run_data import check_class_names, data_changed_warning
 from glowtrain.runs import RunDir, checked_files, recorded_data_of
-from glowtrain.sample import class_list, class_names, class_number
+from glowtrain.sample import check_class_range, class_names, class_number
 
 PIXEL_LEVELS = 256  # "pixel units": one step of the 8-bit 0..255 scale; x spans [-0.5, 0.5)
 # The CLI's defaults: a picture made with them has the plain name, other values are named in it.
@@ -325,9 +325,7 @@ def _direction_classes(loaded: LoadedRun, from_class: int | str, to_class: int |
     numbers = [class_number(k, names, n_classes, option) for option, k in (("--from-class", from_class),
                                                                           ("--to-class", to_class))]
     for option, k in zip(("--from-class", "--to-class"), numbers):
-        if not 0 <= k < n_classes:
-            which = f" ({class_list(names)})" if names else ""
-            raise UserError(f"{option} {k} is out of range: this run's data has classes 0..{n_classes - 1}{which}")
+        check_class_range(k, names, n_classes, option, "this run's data has")
     if numbers[0] == numbers[1]:
         raise UserError(f"--from-class and --to-class are both {numbers[0]}: there is no direction between a class "
                         "and itself — give two different classes")

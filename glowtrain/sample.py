@@ -81,10 +81,16 @@ def class_numbers(values: list[int | str] | None, names: list[str], n_classes: i
     if n_classes == 0:
         raise UserError(f"{option} needs a class-conditional model (model.n_classes > 0); this one is unconditional")
     numbers = [class_number(value, names, n_classes, option) for value in _listed(values, names, option)]
-    if bad := [k for k in numbers if not 0 <= k < n_classes]:
-        which = f" ({class_list(names)})" if names else ""
-        raise UserError(f"{option} {bad[0]} is out of range: this model has classes 0..{n_classes - 1}{which}")
+    for k in numbers:
+        check_class_range(k, names, n_classes, option, "this model has")
     return numbers
+
+
+def check_class_range(k: int, names: list[str], n_classes: int, option: str, whose: str) -> None:
+    """A class number `option` gave must be one of the n_classes (`whose`: "this model has", ...)."""
+    if not 0 <= k < n_classes:
+        which = f" ({class_list(names)})" if names else ""
+        raise UserError(f"{option} {k} is out of range: {whose} classes 0..{n_classes - 1}{which}")
 
 
 def _listed(values: list[int | str], names: list[str], option: str) -> list[int | str]:
