@@ -25,6 +25,7 @@ from glowtrain.images import (
     check_tensorboard,
     count_not_finite,
     display_upscale,
+    exact_text,
     image_grid,
     labelled_columns,
     picture_tag,
@@ -269,7 +270,7 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
     _refuse_oversized_grid(n * len(alphas), f"--n {n} with {len(alphas):,} alphas make", "a row per image", fewer)
     check_tensorboard(loaded.run_dir, tensorboard)
     named = [attribute or f"class{from_class}-{to_class}"]
-    named += [f"a{','.join(f'{a:g}' for a in alphas)}"] * (list(alphas) != MANIPULATE_ALPHAS)
+    named += [f"a{','.join(exact_text(a) for a in alphas)}"] * (list(alphas) != MANIPULATE_ALPHAS)
     named += [f"n{n}"] * (n != MANIPULATE_N)
     target = _picture_path(loaded, out, "manipulate", named, use_ema, overwrite)
     train_set = _run_dataset(loaded, "train")
@@ -305,7 +306,7 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
     if tensorboard:
         write_to_tensorboard(loaded.run_dir, loaded.step, {picture_tag(target): picture})
     # alpha 0: the test image as it is. Shorter forms where a column is too narrow (images of 33-63 pixels).
-    headings = [[f"alpha {alpha:g}", f"{alpha:g}", f"{alpha:.2g}"] for alpha in alphas]
+    headings = [[f"alpha {exact_text(alpha)}", exact_text(alpha), f"{alpha:.2g}"] for alpha in alphas]
     path = save_image(labelled_columns(picture, headings, cfg.data.image_size, display_upscale(cfg.data.image_size)),
                       target)
     return {"direction": label, "n_with": len(with_), "n_without": len(without), "alphas": alphas,

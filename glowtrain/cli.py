@@ -358,6 +358,7 @@ def fit(
     from glowtrain.runs import RunDir
     from glowtrain.train import fit_config, resolve_resume, train
 
+    _refuse_an_empty_out(out, "runs/<run.name>")
     resume = resolve_resume(resume, config, set_ or [], out)
     cfg = fit_config(config, set_ or [], out, resume)  # bad input fails here, before any process starts
     if nproc < 1:
@@ -443,7 +444,13 @@ _FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 _PICTURES = "the pictures (each named by its options)"
 
 
-def _refuse_a_file_name(out: str | None, writes: str) -> None:
+def _refuse_an_empty_out(out: str | None, default: str) -> None:
+    if out is not None and not out.strip():  # an unset $OUT in a script: not the default place
+        raise UserError(f"--out was given an empty path — pass a folder, or leave --out out for {default}")
+
+
+def _refuse_a_file_name(out: str | None, writes: str, default: str = "<run>/samples") -> None:
+    _refuse_an_empty_out(out, default)
     folder = out.endswith(("/", os.sep)) if out else False  # grid.png/ says it is a folder
     if out and not folder and Path(out).suffix.lower() in _FILE_SUFFIXES and not Path(out).is_dir():
         raise UserError(f"--out {out} names a file, but --out is the folder {writes} go into — pass a folder, like "
@@ -670,7 +677,7 @@ def score(
     options = ScoreOptions(n_dequant, batch_size, batch_test, n_bootstrap, on_bad_image=on_bad_image,
                            progress=progress, overwrite=overwrite)
     options.check()
-    _refuse_a_file_name(out, "scores.csv, summary.json and the histograms")
+    _refuse_a_file_name(out, "scores.csv, summary.json and the histograms", "<run>/score")
     loaded, _ = _open(run, checkpoint, device, 0, no_ema, data)
     reference = None
     if reference_run:  # a run directory or, like glowtrain.load_run, a checkpoint file
@@ -760,6 +767,7 @@ def prepare(
     from glowtrain.cache import prepare_cache
     from glowtrain.config import default_config, load_config
 
+    _refuse_an_empty_out(out, "<data.root>/glowtrain-cache-<dataset>-<size>px")
     cfg = load_config(config, set_ or [])
     if cfg.data.cache:
         raise UserError("data.cache is set: prepare reads the images themselves — remove data.cache for this command")

@@ -115,11 +115,16 @@ def temperature_name(temperature: float) -> str:
     return "t" + exact.replace(".", "p")
 
 
+def exact_text(value: float) -> str:
+    """0.7, 1e-07, 0.10000001: short, yet never the same for two numbers (labels and file names tell them apart)."""
+    value = float(value) + 0.0  # -0.0 is 0.0's
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
 def temperature_label(temperature: float) -> str:
     """T=0.7 for grids and TensorBoard tags: short, yet never the same for two temperatures (T=0.7000001)."""
-    temperature = float(temperature) + 0.0
-    short = f"{temperature:g}"
-    return f"T={short if float(short) == temperature else repr(temperature)}"
+    return f"T={exact_text(temperature)}"
 
 
 def labelled_rows(pictures: list[torch.Tensor], labels: list[str], upscale: int = 1) -> Image.Image:

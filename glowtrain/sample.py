@@ -99,6 +99,9 @@ def _listed(values: list[int | str], names: list[str], option: str) -> list[int 
     listed = []
     for value in values:
         whole = not isinstance(value, str) or value.strip().casefold() in folded
+        if not whole and re.search(r"[^,\s]\s*,[\s,]*,\s*[^,\s]", value):  # 3,,5: as --temp and --alphas say it
+            raise UserError(f"{option} has an empty item in {value!r} (a class left out?) — give classes like "
+                            f"{option} 3,5")
         listed += [value] if whole else [part for part in value.split(",") if part.strip()]
     if not listed:
         raise UserError(f"{option} got no class ({' '.join(map(str, values))!r}); give one by number or name, like "

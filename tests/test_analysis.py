@@ -486,9 +486,11 @@ def test_classes_are_given_repeated_or_comma_separated(values, numbers):
     assert sample_module.class_numbers(values, ["1", "cats, big", "cats", "x", "y", "z"], 6) == numbers
 
 
-def test_a_class_list_with_no_class_in_it_is_refused():
+def test_a_class_list_with_no_class_in_it_or_an_empty_item_is_refused():
     with pytest.raises(glowtrain.UserError, match=r"^--class got no class \(', ,'\); give one by number or name"):
         sample_module.class_numbers([", ,"], [], 10)
+    with pytest.raises(glowtrain.UserError, match=r"^--class has an empty item in '0,,2' \(a class left out\?\)"):
+        sample_module.class_numbers(["0,,2"], [], 10)
 
 
 def test_the_builtin_sets_class_names_are_torchvisions_in_its_order():
@@ -691,6 +693,9 @@ def test_analysis_pictures_are_named_by_their_options_and_never_replaced_silentl
         "manipulate_step0000004_class3-5.png": ("manipulate", "--from-class", "3", "--to-class", "5"),
         "manipulate_step0000004_class3-5_a0,0.5_n2.png": ("manipulate", "--from-class", "3", "--to-class", "5",
                                                           "--alphas", "0,0.5", "--n", "2"),
+        # Exact digits: 0.10000001 was named (and labelled) 0.1, so --alphas 0.1,0.1 took its name.
+        "manipulate_step0000004_class3-5_a0.1,0.10000001_n1.png": ("manipulate", "--from-class", "3", "--to-class",
+                                                                   "5", "--alphas", "0.1,0.10000001", "--n", "1"),
     }
     for name, args in calls.items():
         ok(invoke(*args, "--run", run_dir, "--out", tmp_path, *CPU))

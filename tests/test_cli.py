@@ -1024,3 +1024,16 @@ def test_output_to_a_hung_up_terminal_is_dropped_and_the_work_goes_on(tmp_path):
 
         with pytest.raises(OSError, match="No space left"):  # other failures are not hidden
             _OutputThatOutlivesItsReader(Full(file)).write("x")
+
+
+@pytest.mark.parametrize("command, default", [
+    (["fit"], "runs/<run.name>"), (["sample"], "<run>/samples"), (["reconstruct"], "<run>/samples"),
+    (["interpolate"], "<run>/samples"), (["manipulate", "--from-class", "3", "--to-class", "5"], "<run>/samples"),
+    (["score", "--dataset", "digits"], "<run>/score"), (["prepare"], "<data.root>/glowtrain-cache-"),
+])
+def test_an_empty_out_is_refused_not_read_as_the_default_place(tmp_path, monkeypatch, command, default):
+    """`fit --out "$OUT"` with OUT unset trained (or resumed) runs/digits; a picture went to <run>/samples."""
+    monkeypatch.chdir(tmp_path)
+    line = assert_one_line_error(invoke(*command, "--out", ""), 2, "--out was given an empty path")
+    assert f"leave --out out for {default}" in line
+    assert list(tmp_path.iterdir()) == []
