@@ -161,7 +161,8 @@ def interpolate_command(loaded: LoadedRun, n_pairs: int, n_steps: int, device: t
                         progress: bool = False) -> Path:
     """Linear paths between the latents (every level) of pairs of test images; a row per pair."""
     if n_pairs < 1 or n_steps < 2:
-        raise UserError(f"need --pairs >= 1 and --steps >= 2, got {n_pairs} and {n_steps}")
+        raise UserError(f"need --pairs >= 1 and --steps >= 2 (the two ends), got --pairs {n_pairs} and --steps "
+                        f"{n_steps} — use --pairs 4 --steps 8, say")
     test_split = _test_split(loaded, 2 * n_pairs, per_unit=2, option="--pairs")
     fewer = f"use --steps {GRID_LIMIT // n_pairs} or less" if GRID_LIMIT // n_pairs >= 2 else \
         f"use --pairs {GRID_LIMIT // n_steps or 1} or less" + ", or fewer --steps" * (n_steps > 2)
@@ -262,7 +263,8 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
     if (attribute is not None and by_class) or (attribute is None and (from_class is None or to_class is None)):
         raise UserError("give either --attribute NAME or both --from-class A and --to-class B")
     if n < 1 or not alphas:
-        raise UserError(f"need --n >= 1 and at least one value in --alphas, got --n {n} and {len(alphas)} alphas")
+        raise UserError(f"need --n >= 1 and at least one value in --alphas, got --n {n} and {len(alphas)} alphas — use "
+                        "--n 8 --alphas -1,0,1,2, say")
     if by_class:  # numbers from here on: a class by name and by number is one picture
         from_class, to_class = _direction_classes(loaded, from_class, to_class)
     test_split = _test_split(loaded, n)

@@ -1144,7 +1144,7 @@ def test_commands_without_run_or_checkpoint_use_the_most_recent_run(fitted, cond
     (["eval", "--run", "{tiny}", "--n-dequant", "0"], "--n-dequant"),
     (["eval", "--run", "{tiny}", "--checkpoint", "{last}"], "either --run or --checkpoint"),
     (["interpolate", "--run", "{tiny}", "--steps", "1"], "--steps >= 2"),
-    (["interpolate", "--run", "{tiny}", "--pairs", "0"], "--pairs >= 1"),
+    (["interpolate", "--run", "{tiny}", "--pairs", "0"], "got --pairs 0 and --steps 8 — use --pairs 4 --steps 8"),
     (["interpolate", "--run", "{tiny}", "--pairs", "200", "--steps", "2"], "test split has 297"),
     (["reconstruct", "--run", "{tiny}", "--n", "0"], "--n must be at least 1"),
     (["reconstruct", "--checkpoint", "{config}"], "config.yaml"),
