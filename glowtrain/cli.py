@@ -754,10 +754,10 @@ def prepare(
         "--config", "-c", metavar="PATH", help="YAML config whose data section to cache.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE",
         help="Override a key (repeatable).")] = None,
-    out: Annotated[str, typer.Option(
+    out: Annotated[Optional[str], typer.Option(
         "--out", "-o", metavar="DIR",
             help="Cache directory to write; default <data.root>/glowtrain-cache-<dataset>-<size>px, "
-                            "inside the image folder.")] = "",
+                            "inside the image folder.")] = None,
     progress: ProgressOption = True,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace a cache at --out prepared with other settings (runs may train from it).")
