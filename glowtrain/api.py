@@ -16,15 +16,18 @@ from PIL import Image
 
 from glowtrain.checkpoint import open_run
 from glowtrain.config import SEED_LIMIT, Config
-from glowtrain.data import preprocess_image, training_crop
+from glowtrain.data import build_dataset, preprocess_image, relocated, training_crop
 from glowtrain.distributed import resolve_device
 from glowtrain.errors import UserError
 from glowtrain.folders import PIL_DECODE_ERRORS
 from glowtrain.images import count_not_finite, sample_images
+from glowtrain.loaders import make_eval_batches
 from glowtrain.losses import dequantize, to_uint8
 from glowtrain.model import Glow
 from glowtrain.objective import Objective
 from glowtrain.precision import full_float32
+from glowtrain.run_data import check_class_names
+from glowtrain.runs import checked_files, recorded_data_of
 from glowtrain.sample import class_labels, class_names, class_numbers
 from glowtrain.score import dequantized_terms
 
@@ -158,6 +161,21 @@ class Run:
                 which = source if isinstance(source, (str, os.PathLike)) else f"image {index} of {len(sources)}"
                 raise UserError(f"cannot read {which} ({e}); pass {ACCEPTED}") from None
         return to_uint8(dequantize(torch.stack(pixels), self.n_bits, 0.5), self.n_bits).to(self.device)
+
+    def split(self, name: str = "test", data: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The run's train or test split as training read it: (uint8 images (N, C, H, W), int64 labels (N,), -1
+        where unlabelled), in the order `glowtrain eval` scores them, so bits_per_dim(images, labels=labels) (labels
+        for a class-conditional run) averages to eval's figure. `data`: where the run's images are on this machine,
+        as eval's --data. Every image is decoded into memory."""
+        _require(name in ("train", "test"), f"split must be 'train' or 'test', got {name!r}")
+        data_cfg = relocated(self.cfg.data, str(data), self.run_dir) if data is not None else self.cfg.data
+        dataset = build_dataset(data_cfg, name, checked_files(self.run_dir))
+        check_class_names(recorded_data_of(self.run_dir), dataset, data_cfg.cache or data_cfg.root,
+                          "pass the folder it was trained on as data=")
+        parts = list(make_eval_batches(dataset, 256, n_workers=data_cfg.n_workers))
+        if not parts:  # a split with no images
+            return torch.empty(0, *self.model.image_shape, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
 
     def bits_per_dim(self, images, n_dequant: int = 1, batch_size: int = 256,
                      labels: int | str | Iterable[int | str] | None = None) -> torch.Tensor:

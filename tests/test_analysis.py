@@ -66,6 +66,12 @@ def test_load_run_gives_evals_class_given_bits_per_dim_with_labels(conditional, 
     given = run.bits_per_dim(test.images, labels=test.labels)
     evaluated = json.loads(ok(invoke("eval", "--run", conditional, *CPU)).stdout)["bpd"]
     assert float(given.mean()) == pytest.approx(evaluated, abs=1e-6)
+    images, labels = run.split("test")  # the split as eval reads it, without reaching into glowtrain.data
+    assert torch.equal(images, test.images) and torch.equal(labels, test.labels)
+    assert float(run.bits_per_dim(images, labels=labels).mean()) == pytest.approx(evaluated, abs=1e-6)
+    assert len(run.split("train")[0]) == 1500
+    with pytest.raises(UserError, match=r"^split must be 'train' or 'test', got 'valid'"):
+        run.split("valid")
     assert float(run.bits_per_dim(test.images).mean()) != pytest.approx(evaluated, abs=1e-4)
     three = test.images[:3]
     assert torch.equal(run.bits_per_dim(three, labels=2), run.bits_per_dim(three, labels=[2, 2, 2]))
@@ -1341,3 +1347,20 @@ def test_an_out_that_names_a_file_is_refused_before_a_folder_of_that_name_is_mad
     target.mkdir(parents=True, exist_ok=True)  # a folder that happens to be called so is a folder
     result = invoke(command, "--run", run_dir, *CPU, *extra, "--out", target)
     assert "names a file" not in result.output
+
+
+def test_load_runs_split_reads_a_folder_runs_images_where_they_are_now(folder_run, tmp_path):
+    import glowtrain
+
+    run_dir, images, names = folder_run
+    run = glowtrain.load_run(run_dir, device="cpu")
+    pictures, labels = run.split("test")
+    evaluated = json.loads(ok(invoke("eval", "--run", run_dir, *CPU)).stdout)["bpd"]
+    test = build_dataset(run.cfg.data, "test")  # the files a hash of each path put into test
+    assert pictures.shape == (len(test), 1, SIZE, SIZE) and 0 < len(test) < 40 and (labels == -1).all()
+    assert float(run.bits_per_dim(pictures).mean()) == pytest.approx(evaluated, abs=1e-6)
+    moved = tmp_path / "moved"
+    shutil.copytree(images, moved)  # the run's images on another machine
+    assert torch.equal(run.split("test", data=moved)[0], pictures)
+    with pytest.raises(glowtrain.UserError, match="no such folder"):
+        run.split("test", data=tmp_path / "nowhere")
