@@ -307,16 +307,17 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
                          len(alphas))
     if tensorboard:
         write_to_tensorboard(loaded.run_dir, loaded.step, {picture_tag(target): picture})
-    path = _save_with_alphas(picture, alphas, cfg.data.image_size, target)
+    path = _save_with_alphas(picture, alphas, cfg.data.image_size, target, label)
     return {"direction": label, "n_with": len(with_), "n_without": len(without), "alphas": alphas,
             "path": str(path)}
 
 
-def _save_with_alphas(picture: torch.Tensor, alphas: list[float], image_size: int, target: Path) -> Path:
-    """manipulate's grid with each column's alpha above it (alpha 0: the test image as it is); shorter forms where a
-    column is too narrow (images of 33-63 pixels)."""
+def _save_with_alphas(picture: torch.Tensor, alphas: list[float], image_size: int, target: Path,
+                      direction: str) -> Path:
+    """manipulate's grid under its direction (class 3 -> 5, Smiling) and each column's alpha (alpha 0: the test
+    image as it is); shorter forms where a column is too narrow (images of 33-63 pixels)."""
     headings = [[f"alpha {exact_text(alpha)}", exact_text(alpha), f"{alpha:.2g}"] for alpha in alphas]
-    return save_image(labelled_columns(picture, headings, image_size, display_upscale(image_size)), target)
+    return save_image(labelled_columns(picture, headings, image_size, display_upscale(image_size), direction), target)
 
 
 def _direction_classes(loaded: LoadedRun, from_class: int | str, to_class: int | str) -> tuple[int, int]:

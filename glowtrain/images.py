@@ -143,24 +143,28 @@ def labelled_rows(pictures: list[torch.Tensor], labels: list[str], upscale: int 
     return canvas
 
 
-def labelled_columns(picture: torch.Tensor, labels: list[list[str]], cell_width: int,
-                     upscale: int = 1) -> Image.Image:
+def labelled_columns(picture: torch.Tensor, labels: list[list[str]], cell_width: int, upscale: int = 1,
+                     title: str = "") -> Image.Image:
     """A uint8 (C, H, W) grid of image_grid's layout (cells `cell_width` pixels wide, a 1-pixel line each) with a
     label centred above each column: each label's forms from the longest, and all columns take the longest form
-    that fits every column (the last form is drawn whatever its width)."""
+    that fits every column (the last form is drawn whatever its width). A title goes on a line above them."""
     image = _to_pil(picture, upscale)
     font = ImageFont.load_default()
-    band = 16
+    line = 16
+    band = line * (2 if title else 1)
     canvas = Image.new("RGB", (image.width, image.height + band), "white")
     canvas.paste(image.convert("RGB"), (0, band))
     draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((3, 3), title, fill="black", font=font)
     room = (cell_width + 1) * upscale - 4
     n_forms = min(len(forms) for forms in labels)
     form = next((i for i in range(n_forms) if all(draw.textlength(f[i], font=font) <= room for f in labels)),
                 n_forms - 1)
     for column, forms in enumerate(labels):
         centre = (1 + column * (cell_width + 1) + cell_width / 2) * upscale
-        draw.text((centre - draw.textlength(forms[form], font=font) / 2, 3), forms[form], fill="black", font=font)
+        draw.text((centre - draw.textlength(forms[form], font=font) / 2, band - line + 3), forms[form], fill="black",
+                  font=font)
     return canvas
 
 

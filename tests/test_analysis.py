@@ -765,6 +765,8 @@ def test_manipulate_moves_test_images_along_a_class_direction(fitted, tmp_path):
     for row, original in enumerate(test_images_as_displayed(3)):
         assert (tile(picture, row, 1) == original).all()  # alpha 0 leaves the image as it was
         assert any((tile(picture, row, c) != original).any() for c in (0, 2, 3))
+    title, headings = headings[: band // 2], headings[band // 2 :]  # "class 3 -> 5", then each column's alpha
+    assert (title < 128).any()
     columns = [headings[:, (1 + c * (SIZE + 1)) * UP : (1 + c * (SIZE + 1) + SIZE) * UP] for c in range(4)]
     assert all((column < 128).any() for column in columns) and len({c.tobytes() for c in columns}) == 4
 
