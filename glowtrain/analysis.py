@@ -65,7 +65,7 @@ def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.de
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         cfg = replace(cfg, train=replace(cfg.train, eval_batch_size=batch_size))
     run = RunDir(loaded.run_dir) if loaded.run_dir else None
-    dataset = _run_dataset(loaded, split, cfg)
+    dataset = run_dataset(loaded, split, cfg)
     changed = data_changed_warning(read_json(run.data_record), split, dataset) if run and run.config.is_file() else None
     if changed and warn is not None:
         warn(changed)  # before the evaluation's progress bar, not lost after it
@@ -80,8 +80,9 @@ def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.de
     return result
 
 
-def _run_dataset(loaded: LoadedRun, split: str, cfg: Config | None = None):
-    """A split of the run's data; image files the run already checked are not read again for the check."""
+def run_dataset(loaded: LoadedRun, split: str, cfg: Config | None = None):
+    """A split of the run's data (`cfg`: the run's with its data found elsewhere), its labels checked against the
+    classes the model learnt; image files the run already checked are not read again for the check."""
     data = (cfg or loaded.cfg).data
     dataset = build_dataset(data, split, checked_files(loaded.run_dir))
     _check_classes(loaded, dataset, data.cache or data.root, "classes" if data.cache else "class folders")
@@ -108,7 +109,7 @@ def _bracketed(names: list[str] | None) -> str:
 def _test_split(loaded: LoadedRun, n: int, per_unit: int = 1, option: str = "--n"):
     """The run's test split, refused when it holds fewer than n images (`option` asked for n / per_unit of them).
     Checked before a picture's size, so that the fix that check offers is one that can be taken."""
-    dataset = _run_dataset(loaded, "test")
+    dataset = run_dataset(loaded, "test")
     if n > len(dataset):
         raise UserError(f"asked for {n} test images but the test split has {len(dataset)} — use {option} "
                         f"{len(dataset) // per_unit} or less")
@@ -275,7 +276,7 @@ def manipulate_command(loaded: LoadedRun, device: torch.device, out: str | None,
     named += [f"a{','.join(exact_text(a) for a in alphas)}"] * (list(alphas) != MANIPULATE_ALPHAS)
     named += [f"n{n}"] * (n != MANIPULATE_N)
     target = _picture_path(loaded, out, "manipulate", named, use_ema, overwrite)
-    train_set = _run_dataset(loaded, "train")
+    train_set = run_dataset(loaded, "train")
     if attribute is not None:
         if not hasattr(train_set, "paths") and cfg.data.cache:  # a prepared cache keeps pixels, not file names
             raise UserError(f"--attribute reads CelebA's attribute list by file name, and this run trains from the "
@@ -329,7 +330,7 @@ def _direction_classes(loaded: LoadedRun, from_class: int | str, to_class: int |
                         "none — use --attribute on CelebA, or a run trained with labels")
     names = class_names(loaded.run_dir, data)
     if n_classes is None:  # subfolder labels: the folders the run recorded tell how many
-        n_classes = len(names) or loaded.model.n_classes or getattr(_run_dataset(loaded, "train"), "n_classes", 0)
+        n_classes = len(names) or loaded.model.n_classes or getattr(run_dataset(loaded, "train"), "n_classes", 0)
     numbers = [class_number(k, names, n_classes, option) for option, k in (("--from-class", from_class),
                                                                           ("--to-class", to_class))]
     for option, k in zip(("--from-class", "--to-class"), numbers):

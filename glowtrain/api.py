@@ -7,16 +7,17 @@ import numbers
 import os
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from glowtrain.analysis import run_dataset
 from glowtrain.checkpoint import open_run
 from glowtrain.config import SEED_LIMIT, Config
-from glowtrain.data import build_dataset, preprocess_image, relocated, training_crop
+from glowtrain.data import preprocess_image, relocated, training_crop
 from glowtrain.distributed import resolve_device
 from glowtrain.errors import UserError
 from glowtrain.folders import PIL_DECODE_ERRORS
@@ -26,8 +27,6 @@ from glowtrain.losses import dequantize, to_uint8
 from glowtrain.model import Glow
 from glowtrain.objective import Objective
 from glowtrain.precision import full_float32
-from glowtrain.run_data import check_class_names
-from glowtrain.runs import checked_files, recorded_data_of
 from glowtrain.sample import class_labels, class_names, class_numbers
 from glowtrain.score import dequantized_terms
 
@@ -169,9 +168,7 @@ class Run:
         as eval's --data. Every image is decoded into memory."""
         _require(name in ("train", "test"), f"split must be 'train' or 'test', got {name!r}")
         data_cfg = relocated(self.cfg.data, str(data), self.run_dir) if data is not None else self.cfg.data
-        dataset = build_dataset(data_cfg, name, checked_files(self.run_dir))
-        check_class_names(recorded_data_of(self.run_dir), dataset, data_cfg.cache or data_cfg.root,
-                          "pass the folder it was trained on as data=")
+        dataset = run_dataset(self, name, replace(self.cfg, data=data_cfg))  # as eval reads it, classes checked
         parts = list(make_eval_batches(dataset, 256, n_workers=data_cfg.n_workers))
         if not parts:  # a split with no images
             return torch.empty(0, *self.model.image_shape, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)

@@ -186,8 +186,9 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
             generator = torch.Generator(device=device).manual_seed(seed)
             batches = sample_batches(model, n, temperature, cfg.data.n_bits, generator, labels, batch_size)
             shown = _stream(batches, out_dir / names[temperature] if individual else None, n, bar)
-            pictures.append(image_grid(*class_blocks(shown, per_class)) if per_class else image_grid(shown))
-            strips = class_strips(pictures[-1], shown, per_class) if per_class else [pictures[-1]]
+            picture, strips = class_grid(shown, per_class) if per_class else (image_grid(shown), [])
+            pictures.append(picture)
+            strips = strips or [picture]
             label = temperature_label(temperature)  # in --grid's figure, each class's strip: T=0.7, 3 cat
             rows += [(strip, f"{label}, {title}" if title else label) for strip, title in zip(strips, titles or [""])]
             if not (grid or no_grid):
@@ -216,17 +217,17 @@ def class_blocks(images: torch.Tensor, per_class: int) -> tuple[torch.Tensor, in
     return torch.cat(blocks), width
 
 
-def class_strips(picture: torch.Tensor, shown: torch.Tensor, per_class: int) -> list[torch.Tensor]:
-    """A class grid (image_grid of class_blocks) cut between its classes' blocks of rows, to be labelled one by one:
-    the strips stacked give the picture back. A grid showing fewer blocks than classes gives fewer strips."""
-    per_class = min(per_class, len(shown))
-    width = class_blocks(shown, per_class)[1]
-    blocks = shown.split(per_class)
+def class_grid(shown: torch.Tensor, per_class: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(the grid of class_blocks, that grid cut between its classes' blocks of rows to be labelled one by one): the
+    strips stacked give the grid back; a grid showing fewer blocks than classes gives fewer strips."""
+    laid_out, width = class_blocks(shown, per_class)
+    picture = image_grid(laid_out, width)
+    blocks = shown.split(min(per_class, len(shown)))
     if len(blocks) == 1 or len(shown) == 1:
-        return [picture]
+        return picture, [picture]
     row_height = shown.shape[-2] + 1  # each image and the line below it
     ends = [1 + sum(math.ceil(len(b) / width) for b in blocks[: k + 1]) * row_height for k in range(len(blocks))]
-    return list(picture.tensor_split(ends[:-1], dim=1))
+    return picture, list(picture.tensor_split(ends[:-1], dim=1))
 
 
 def class_title(k: int, names: list[str]) -> str:
