@@ -583,8 +583,12 @@ class HostReads:
         for step, place in events:
             key = f"{'setup' if step < 0 else 'quiet step' if step in quiet_steps else 'logging/eval step'}: {place}"
             places[key] = places.get(key, 0) + 1
+        # Every quiet-step place, however rare (they are what the section is for), then the commonest others.
+        ranked = sorted(places.items(), key=lambda kv: (not kv[0].startswith("quiet step"), -kv[1]))
+        shown = [kv for i, kv in enumerate(ranked) if kv[0].startswith("quiet step") or i < 12]
         return {"per_quiet_step": len(in_quiet) / max(len(quiet_steps), 1), "total": len(events),
-                "places": dict(sorted(places.items(), key=lambda kv: -kv[1])[:12])}
+                "quiet_steps_with_syncs": sorted({step for step, _ in events if step in quiet_steps}),
+                "places": dict(shown)}
 
 
 def section_fit(args, device, sizes) -> dict:

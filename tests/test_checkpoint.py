@@ -84,7 +84,10 @@ def test_save_checkpoint_writes_a_loadable_file_and_leaves_no_temporary_files(tm
     assert {t.device.type for t in _tensors(raw)} == {"cpu"} and len(list(_tensors(raw))) == len(list(_tensors(state)))
     assert raw["model"]._metadata == state["model"]._metadata  # module versions, which load_state_dict reads
     assert raw["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
-    assert raw["rng"]["cuda"] == state["rng"]["cuda"] and torch.equal(raw["rng"]["torch"], state["rng"]["torch"])
+    # One generator state per GPU (none on a CPU): a list of tensors, compared one by one.
+    assert len(raw["rng"]["cuda"]) == len(state["rng"]["cuda"]) == torch.cuda.device_count()
+    assert all(map(torch.equal, raw["rng"]["cuda"], state["rng"]["cuda"]))
+    assert torch.equal(raw["rng"]["torch"], state["rng"]["torch"])
     # Overwriting is atomic too and leaves one file.
     save_checkpoint({**state, "step": 8}, path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
