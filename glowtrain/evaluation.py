@@ -78,7 +78,8 @@ def evaluate(model: Glow | Objective, dataset, cfg: Config, device: torch.device
                dynamic_ncols=True)
     for start, (images, labels) in zip(range(0, len(mine), batch_size), batches):
         bar.update(len(images))
-        images, labels = images.to(device), labels.to(device)
+        # From pinned memory, queued: a blocking copy would wait for the batch before.
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         draws = []
         for draw in range(n_dequant):
             noise = per_image_noise(mine[start : start + len(images)], tuple(images.shape[1:]), seed + draw, device)
@@ -87,7 +88,8 @@ def evaluate(model: Glow | Objective, dataset, cfg: Config, device: torch.device
             if draw == 0:
                 _add_terms(term_sums, terms, len(images), wide)
         bpd, iw = torch.stack(draws).mean(0), importance_weighted_bpd(torch.stack(draws), objective.model.n_dims)
-        sums += torch.stack([bpd.sum(), (bpd**2).sum(), sums.new_tensor(len(images)), iw.sum(), (iw**2).sum()])
+        count = torch.full((), len(images), dtype=wide, device=device)  # new_tensor would copy from host memory
+        sums += torch.stack([bpd.sum(), (bpd**2).sum(), count, iw.sum(), (iw**2).sum()])
     bar.close()
     objective.train(was_training)
     return _split_means(sums, term_sums, n_dequant, ctx)

@@ -107,7 +107,7 @@ class _FlatState:
         total = sum(p.numel() for p in params)
         # Repeat counts for spreading the step sizes over the elements; int32 halves that index's traffic.
         index_dtype = torch.int32 if total < 2**31 else torch.int64
-        self.numels = torch.tensor([p.numel() for p in params], dtype=index_dtype, device=device)
+        self.numels = _written_on(device, [p.numel() for p in params], index_dtype)
         self.exp_avg = torch.zeros(total, dtype=dtype, device=device)
         self.exp_inf = torch.zeros(total, dtype=dtype, device=device)
         self.steps = torch.zeros(len(params), dtype=torch.float32, device=device)
@@ -116,9 +116,22 @@ class _FlatState:
         self.step_views = self.steps.unbind()
         held = [(i, state) for i, state in enumerate(states) if state]  # earlier steps' or a loaded state
         if held:  # torch.optim.Adamax's tensors, or views of another flat state: copied in once
-            torch._foreach_copy_([self.step_views[i] for i, _ in held], [torch.as_tensor(s["step"]) for _, s in held])
+            self._take_step_counts(held, device)
             torch._foreach_copy_([self.exp_avgs[i] for i, _ in held], [s["exp_avg"] for _, s in held])
             torch._foreach_copy_([self.exp_infs[i] for i, _ in held], [s["exp_inf"] for _, s in held])
+
+    def _take_step_counts(self, held: list[tuple[int, dict]], device: torch.device) -> None:
+        """The held states' step counts into `steps`: those on `device` copied there, those in host memory (a
+        loaded torch.optim.Adamax state's) written as numbers, as `_written_on` does."""
+        def is_here(step) -> bool:
+            return torch.is_tensor(step) and step.device == device
+
+        here = [(i, s["step"]) for i, s in held if is_here(s["step"])]
+        if here:
+            torch._foreach_copy_([self.step_views[i] for i, _ in here], [step for _, step in here])
+        host = [(i, float(s["step"])) for i, s in held if not is_here(s["step"])]
+        if host:  # onto zeros
+            torch._foreach_add_([self.step_views[i] for i, _ in host], [count for _, count in host])
 
     def holds(self, params: list[torch.Tensor], state: dict) -> bool:
         """Whether these are the parameters it was built for and their state is still its views (host checks)."""
@@ -138,6 +151,17 @@ class _FlatState:
             for key, view in (("step", step), ("exp_avg", exp_avg), ("exp_inf", exp_inf)):
                 if own.get(key) is view:
                     own[key] = view.clone()
+
+
+def _written_on(device: torch.device, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """`values` as a vector on `device`, each written by a kernel that takes it as an argument: torch copies host
+    memory to a GPU only after all the work queued there (the H200 found the first step waiting so)."""
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=dtype)
+    vector = torch.zeros(len(values), dtype=dtype, device=device)
+    if values:
+        torch._foreach_add_(list(vector.unbind()), values)
+    return vector
 
 
 def _step_sizes(counts: torch.Tensor, beta1: float, scale: torch.Tensor) -> torch.Tensor:

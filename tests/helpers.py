@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from typer.testing import CliRunner
 
 from glowtrain.cli import app
@@ -136,8 +137,11 @@ class HostReads(TorchDispatchMode):
     dispatches `_local_scalar_dense` just as `.item()` and `bool()` do. Ops whose output size depends on
     the values (`nonzero`, boolean indexing, `repeat_interleave` with tensor repeats unless given its
     `output_size`), ops that answer a bool (`equal`) and copies from a device to the host wait for the
-    GPU as well. `tolist` and `numpy` copy out in C++ without dispatching, so they are patched. `reads`
-    holds (label, what, innermost glowtrain frame).
+    GPU as well, and so does a blocking copy from host memory to a device: torch runs it after all the work
+    queued there (a meta tensor stands in for a device on a CPU). `tolist` and `numpy` copy out, and
+    `torch.tensor` and `torch.as_tensor` onto a device copy in, without dispatching, so they are patched.
+    `reads` holds (label, what, innermost glowtrain frame). With `device_reads_only`, reads of tensors in host
+    memory are left out: they wait for nothing where another device (meta, on a CPU) stands for the GPU.
     """
 
     # Ops (by overload packet) that wait for the device's values: scalars and bools out, or outputs whose size
@@ -146,9 +150,10 @@ class HostReads(TorchDispatchMode):
                              "_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive",
                              "bincount"})
 
-    def __init__(self, label=lambda: None, ignore=lambda frame: False):
+    def __init__(self, label=lambda: None, ignore=lambda frame: False, device_reads_only: bool = False):
         super().__init__()
         self.label, self.ignore, self.reads = label, ignore, []
+        self.device_reads_only = device_reads_only
         self._patched = {}
 
     def _record(self, what: str) -> None:
@@ -169,31 +174,66 @@ class HostReads(TorchDispatchMode):
         if name in ("index", "index_put", "index_put_"):  # boolean masks become indices on the host
             indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
             return any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in indices or ())
-        if name in ("_to_copy", "copy_"):  # a device's values copied into host memory
-            source, target = (args[0], kwargs.get("device")) if name == "_to_copy" else (args[1], args[0].device)
-            return source.device.type != "cpu" and target is not None and torch.device(target).type == "cpu"
+        if name in ("_to_copy", "copy_", "_foreach_copy_"):  # copy_'s non_blocking comes third, _to_copy's by name
+            non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+            return any(cls._copy_waits(*ends, blocking=not non_blocking) for ends in cls._copy_ends(name, args, kwargs))
         return False
 
+    @staticmethod
+    def _copy_ends(name: str, args, kwargs) -> list[tuple]:
+        """(source device, target device) of each copy an op makes."""
+        if name == "_to_copy":
+            return [(args[0].device, torch.device(kwargs.get("device") or args[0].device))]
+        if name == "copy_":
+            return [(args[1].device, args[0].device)]
+        return [(source.device, target.device) for target, source in zip(args[0], args[1])]
+
+    @staticmethod
+    def _copy_waits(source: torch.device, target: torch.device, blocking: bool) -> bool:
+        """A device's values into host memory always wait; host memory onto a device waits unless non_blocking."""
+        if source.type != "cpu":
+            return target.type == "cpu"
+        return target.type != "cpu" and blocking
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.waits(func, args, kwargs):
+        if self.waits(func, args, kwargs) and not self._reads_host_memory_only(func, args):
             self._record(f"{func.overloadpacket.__name__}.{func._overloadname}")
         return func(*args, **(kwargs or {}))
+
+    def _reads_host_memory_only(self, func, args) -> bool:
+        """A read (not a copy, judged by its ends) of tensors all in host memory, left out on request."""
+        if not self.device_reads_only or func.overloadpacket.__name__ in ("_to_copy", "copy_", "_foreach_copy_"):
+            return False
+        return all(t.device.type == "cpu" for t in tree_leaves(args) if isinstance(t, torch.Tensor))
 
     def __enter__(self):
         for name in ("tolist", "numpy"):
             real = getattr(torch.Tensor, name)
 
             def recording(tensor, *args, _real=real, _name=name, **kwargs):
-                self._record(_name)
+                if not (self.device_reads_only and tensor.device.type == "cpu"):
+                    self._record(_name)
                 return _real(tensor, *args, **kwargs)
 
-            self._patched[name] = real
+            self._patched[torch.Tensor, name] = real
             setattr(torch.Tensor, name, recording)
+        for name in ("tensor", "as_tensor"):
+            real = getattr(torch, name)
+
+            def creating(data, *args, _real=real, _name=name, **kwargs):
+                made = _real(data, *args, **kwargs)
+                if made.device.type != "cpu" and not torch.is_tensor(data):  # a tensor's copy is dispatched
+                    self._record(f"{_name} onto {made.device.type}")  # from host memory onto a device
+                return made
+
+            self._patched[torch, name] = real
+            setattr(torch, name, creating)
         return super().__enter__()
 
     def __exit__(self, *exc):
-        for name, real in self._patched.items():
-            setattr(torch.Tensor, name, real)
+        for (owner, name), real in self._patched.items():
+            setattr(owner, name, real)
+        self._patched.clear()
         return super().__exit__(*exc)
 
 

@@ -4,6 +4,7 @@ samples reproducibly there, CUDA graphs train as eager does, and every command t
 reconstruct, interpolate, manipulate, sample, glowtrain.load_run) works there."""
 
 import json
+import traceback
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import glowtrain
 from glowtrain.checkpoint import load_checkpoint, open_run
 from glowtrain.config import apply_overrides, default_config
 from glowtrain.data import build_dataset
+from glowtrain.evaluation import evaluate
 from glowtrain.images import sample_images
 from glowtrain.optim import GatedAdamax
 from glowtrain.runs import RunDir
@@ -210,23 +212,56 @@ def test_load_run_on_the_test_device_encodes_decodes_scores_and_samples_there(re
     assert torch.equal(run.sample(3, seed=1), run.sample(3, seed=1))
 
 
-@pytest.mark.skipif(TEST_DEVICE.type != "cuda", reason="CUDA's sync debug mode; test_train.py counts a CPU's reads")
-def test_gated_adamax_steps_after_its_first_without_waiting_for_the_gpu(device):
-    # The first step builds the flat state, whose sizes come from the host: on the H200, one sync in 57 quiet steps
-    # of a fit run. Every later step must run without one. (Not yet run on a GPU.)
+def _cuda_syncs(work) -> list[str]:
+    """Where `work()` makes the host wait for the GPU: the innermost glowtrain function of each sync that CUDA's
+    sync debug mode reports (blocking copies either way, reads of values)."""
+    places = []
+
+    def show(message, *args, **kwargs):
+        if "synchroniz" in str(message):
+            frames = [f for f in traceback.extract_stack() if "/glowtrain/" in f.filename]
+            places.append(frames[-1].name if frames else "?")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        real, warnings.showwarning = warnings.showwarning, show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            work()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = real
+    return places
+
+
+@pytest.mark.skipif(TEST_DEVICE.type != "cuda", reason="CUDA's sync debug mode; test_optim.py checks on a CPU")
+def test_gated_adamax_steps_without_waiting_for_the_gpu_from_the_first_step_and_after_loading(device):
+    # On the H200 the first step waited once: the flat state's sizes were copied from host memory. Not yet run on
+    # a GPU since that was fixed; test_optim.py checks the same with a meta tensor standing for the GPU.
     params = [torch.randn(n, device=device, requires_grad=True) for n in (3, 500, 7)]
     expected = [p.detach().clone().requires_grad_() for p in params]
     optimizer, reference = GatedAdamax(params, lr=1e-2), torch.optim.Adamax(expected, lr=1e-2, foreach=False)
     optimizer.found_inf = torch.zeros((), device=device)
-    for step in range(4):
+    for step in range(3):
         for p, q in zip(params, expected):
             p.grad = torch.full_like(p, float(step + 1)).sin()
             q.grad = p.grad.clone()
-        torch.cuda.set_sync_debug_mode("error" if step > 0 else 0)
-        try:
-            optimizer.step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+        assert _cuda_syncs(optimizer.step) == []
         reference.step()
     for p, q in zip(params, expected):
         torch.testing.assert_close(p, q)
+    resumed = GatedAdamax(params, lr=1e-2)
+    resumed.load_state_dict(reference.state_dict())  # step counts stay in host memory, as torch keeps them
+    resumed.found_inf = torch.zeros((), device=device)
+    assert _cuda_syncs(resumed.step) == []
+
+
+@pytest.mark.skipif(TEST_DEVICE.type != "cuda", reason="CUDA's sync debug mode")
+def test_evaluation_waits_for_the_gpu_only_to_read_its_totals(reader_run, device):
+    # On the H200 each batch waited three times (blocking copies of the images, labels and image count). Not yet
+    # run on a GPU since.
+    run = glowtrain.load_run(reader_run[0], device=str(device))
+    test_set = build_dataset(run.cfg.data, "test")
+    cfg = apply_overrides(run.cfg, ["train.eval_batch_size=64"])  # several batches
+    syncs = _cuda_syncs(lambda: evaluate(run.model, test_set, cfg, device))
+    assert syncs and set(syncs) <= {"_split_means"}, syncs

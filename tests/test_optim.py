@@ -118,8 +118,49 @@ def test_host_reads_count_a_copy_from_a_device_into_host_memory_and_not_one_with
     assert HostReads.waits(to_copy, (on_device,), {"device": torch.device("cpu")})  # t.cpu(), t.to("cpu")
     assert HostReads.waits(copy_, (on_host, on_device), {})  # host_buffer.copy_(t)
     assert not HostReads.waits(to_copy, (on_host,), {"device": torch.device("cpu")})
-    assert not HostReads.waits(copy_, (on_device, on_host), {})  # to the device: nothing waits for it
+    # From host memory to a device: a blocking copy waits for the work queued there, a non_blocking one does not.
+    assert HostReads.waits(copy_, (on_device, on_host), {}) and HostReads.waits(to_copy, (on_host,), {"device": "meta"})
+    assert not HostReads.waits(copy_, (on_device, on_host, True), {})
+    assert not HostReads.waits(to_copy, (on_host,), {"device": torch.device("meta"), "non_blocking": True})
+    assert HostReads.waits(torch.ops.aten._foreach_copy_.default, ([on_device, on_device], [on_device, on_host]), {})
     assert not HostReads.waits(to_copy, (on_device,), {"dtype": torch.float64})  # stays where it is
+
+
+def test_host_reads_catch_a_tensor_made_from_host_data_onto_a_device_and_not_one_made_on_the_host():
+    with HostReads() as host:
+        torch.tensor([1, 2], device="meta")
+        torch.as_tensor(torch.arange(2), device="meta")  # dispatched: seen as the copy it is
+        torch.tensor([1, 2]), torch.as_tensor([1, 2]), torch.as_tensor(torch.empty(2, device="meta"))
+    assert [what for _, what, _ in host.reads] == ["tensor onto meta", "_to_copy.default"]
+    assert "creating" not in torch.tensor.__name__  # put back on leaving
+    with HostReads(device_reads_only=True) as device_only:  # where meta stands for the GPU, host memory waits for
+        torch.arange(3.0)[0].item(), torch.arange(3.0).tolist()  # nothing
+        torch.tensor([1, 2], device="meta")
+    assert [what for _, what, _ in device_only.reads] == ["tensor onto meta"]
+
+
+def test_gated_adamax_copies_nothing_from_host_memory_onto_its_device_from_the_first_step():
+    """On the H200 the first step waited once: the flat state's sizes were copied from host memory. A meta
+    tensor stands in for the GPU (its ops check shapes and run no kernels); resumed from torch's Adamax too."""
+    params = [torch.nn.Parameter(torch.empty(n, device="meta")) for n in (3, 500, 7)]
+    for p in params:
+        p.grad = torch.empty_like(p)
+    fresh = GatedAdamax(params, lr=0.01)
+    fresh.found_inf = torch.zeros((), device="meta")
+    with HostReads(device_reads_only=True) as first_steps:
+        fresh.step()
+        fresh.step()
+    host_params = [torch.nn.Parameter(torch.randn(p.shape)) for p in params]
+    for p in host_params:
+        p.grad = torch.randn_like(p)
+    saved = torch.optim.Adamax(host_params, lr=0.01)
+    saved.step()
+    resumed = GatedAdamax(params, lr=0.01)
+    resumed.load_state_dict(saved.state_dict())  # torch's load puts moments on the device, step counts on the host
+    resumed.found_inf = torch.zeros((), device="meta")
+    with HostReads(device_reads_only=True) as resumed_step:
+        resumed.step()
+    assert first_steps.reads == [] and resumed_step.reads == []
 
 
 def test_host_reads_pass_a_repeat_interleave_told_its_output_size_and_catch_one_that_is_not():
