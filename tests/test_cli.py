@@ -55,13 +55,13 @@ def _run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     a process (its stdout wrapper, its own state, Ctrl-C ignored on the way out) is put back afterwards."""
     import signal
 
-    import glowtrain.cli as cli
+    from glowtrain.cli import process
 
     monkeypatch.setattr(sys, "argv", ["glowtrain", *args])
     monkeypatch.setattr(sys, "stdout", sys.stdout)
     monkeypatch.setattr(sys, "stderr", sys.stderr)
-    monkeypatch.setitem(cli._state, "whole_process", False)
-    monkeypatch.setitem(cli._state, "ended", cli._state["ended"])
+    monkeypatch.setitem(process.state, "whole_process", False)
+    monkeypatch.setitem(process.state, "ended", process.state["ended"])
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
@@ -103,14 +103,14 @@ def test_the_command_ignores_ctrl_c_on_its_way_out_but_python_callers_keep_their
 
     import typer
 
-    import glowtrain.cli as cli
+    from glowtrain.cli import process
 
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         for whole_process in (False, True):
-            monkeypatch.setitem(cli._state, "whole_process", whole_process)
+            monkeypatch.setitem(process.state, "whole_process", whole_process)
             with pytest.raises(typer.Exit):
-                cli._end(130, "interrupted")
+                process.end(130, "interrupted")
             expected = {sig: signal.SIG_IGN for sig in STOP_SIGNALS} if whole_process else handlers
             assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == expected
     finally:
@@ -126,7 +126,7 @@ def test_the_last_line_starts_on_a_line_of_its_own_after_a_bar_left_open(capsys)
     import typer
     from tqdm import tqdm
 
-    import glowtrain.cli as cli
+    from glowtrain.cli import process
 
     def scoring():
         yield from tqdm(range(10), desc="scoring", file=sys.stderr)
@@ -136,7 +136,7 @@ def test_the_last_line_starts_on_a_line_of_its_own_after_a_bar_left_open(capsys)
         images = scoring()
         next(images)  # the bar is open, its generator suspended, as when Ctrl-C reached a command
         with pytest.raises(typer.Exit):
-            cli._end(130, "interrupted")
+            process.end(130, "interrupted")
     finally:
         signal.signal(signal.SIGINT, handler)
     err = capsys.readouterr().err
@@ -166,32 +166,32 @@ def test_fit_whose_output_reader_leaves_trains_on_and_saves(tmp_path):
 
 
 def test_the_command_says_each_warning_once_in_one_line_naming_its_library(monkeypatch, capsys):
-    import glowtrain.cli as cli
+    from glowtrain.cli import process
 
-    monkeypatch.setattr(cli, "_warned", set())
+    monkeypatch.setattr(process, "warned", set())
     monkeypatch.delenv("RANK", raising=False)
-    ours = str(Path(cli.__file__).parent / "train.py")
+    ours = str(Path(process.__file__).parents[1] / "train.py")
     torchs = "/home/u/glowtrain/.venv/lib/python3.11/site-packages/torch/utils/data/dataloader.py"  # a clone's venv
     for _ in range(2):
-        cli._one_line_warning(UserWarning("train.amp=bf16 on a CPU: slow"), UserWarning, ours, 3)
-        cli._one_line_warning(UserWarning("This DataLoader will create 4 worker processes.\n  Lower it."), UserWarning,
-                              torchs, 431)
+        process.one_line_warning(UserWarning("train.amp=bf16 on a CPU: slow"), UserWarning, ours, 3)
+        process.one_line_warning(UserWarning("This DataLoader will create 4 worker processes.\n  Lower it."),
+                                 UserWarning, torchs, 431)
     assert capsys.readouterr().err == ("warning: train.amp=bf16 on a CPU: slow\n"
                                        "warning (torch): This DataLoader will create 4 worker processes. Lower it.\n")
     for place, origin in (("/usr/lib/python3/dist-packages/PIL/Image.py", " (PIL)"), ("<frozen importlib>", ""),
                           ("/home/u/notebook_helpers.py", " (notebook_helpers)")):
-        assert cli._warning_origin(place) == origin
+        assert process.warning_origin(place) == origin
     for rank, said in (("1", ""), ("0", "warning: another\n")):  # torchrun's processes: rank 0 speaks for the job
         monkeypatch.setenv("RANK", rank)
-        cli._one_line_warning(UserWarning("another"), UserWarning, ours, 3)
+        process.one_line_warning(UserWarning("another"), UserWarning, ours, 3)
         assert capsys.readouterr().err == said
     # In a data worker, not through tqdm: the worker's copy of the progress bar would be redrawn at an old step.
-    monkeypatch.setattr(cli, "_in_data_worker", lambda: True)
+    monkeypatch.setattr(process, "_in_data_worker", lambda: True)
     monkeypatch.setattr("tqdm.tqdm.write", lambda *a, **k: pytest.fail("a data worker wrote through tqdm"))
-    cli._one_line_warning(UserWarning("odd image"), UserWarning, ours, 3)
+    process.one_line_warning(UserWarning("odd image"), UserWarning, ours, 3)
     assert capsys.readouterr().err == "warning: odd image\n"
-    monkeypatch.setitem(cli._state, "debug", True)  # --debug: Python's own form, with the source
-    cli._one_line_warning(UserWarning("train.amp=bf16 on a CPU: slow"), UserWarning, ours, 3)
+    monkeypatch.setitem(process.state, "debug", True)  # --debug: Python's own form, with the source
+    process.one_line_warning(UserWarning("train.amp=bf16 on a CPU: slow"), UserWarning, ours, 3)
     assert "train.py:3: UserWarning: train.amp=bf16" in capsys.readouterr().err
 
 
@@ -225,8 +225,8 @@ def test_a_fit_prints_torchs_and_its_own_warnings_once_as_one_line_each(tmp_path
 @pytest.mark.parametrize("debug, line", [(False, "warning (torch): No CUDA runtime is found\n"),
                                          (True, "cpp_extension.py")])
 def test_torchs_log_lines_read_as_warnings_unless_debugging(debug, line):
-    script = ("import logging\nfrom glowtrain import cli\n"
-              f"cli._root(version=None, debug={debug})\n"  # what every command does before it imports torch
+    script = ("import logging\nfrom glowtrain.cli import commands\n"
+              f"commands._root(version=None, debug={debug})\n"  # what every command does before it imports torch
               "import torch.utils.cpp_extension\n"
               "logging.getLogger('torch._inductor').error('autotune choice failed')\n"
               "logging.getLogger('torch.utils.cpp_extension').warning('No CUDA runtime is found')\n")
@@ -260,13 +260,13 @@ GPU_OUT_OF_MEMORY = torch.OutOfMemoryError("CUDA out of memory. Tried to allocat
 ])
 def test_running_out_of_memory_is_one_line_naming_what_shrinks_it(monkeypatch, capsys, error, command, line):
     import glowtrain.analysis as analysis
-    import glowtrain.cli as cli
+    from glowtrain.cli import commands
 
     def too_large(*args, **kwargs):
         raise error
 
     monkeypatch.setattr(analysis, "info_summary", too_large)
-    monkeypatch.setattr(cli, "_open", too_large)
+    monkeypatch.setattr(commands, "_open", too_large)
     monkeypatch.setattr(training, "train", too_large)
     assert _run_main(monkeypatch, capsys, *command) == (1, "", line + "\n")
 
@@ -277,9 +277,9 @@ def test_ctrl_c_before_a_command_takes_over_still_says_interrupted(monkeypatch, 
     def pressed(*args, **kwargs):
         raise KeyboardInterrupt  # as if Ctrl-C came now
 
-    import glowtrain.cli as cli
+    from glowtrain.cli import commands
 
-    monkeypatch.setattr(cli, "_open", pressed)  # inside the command: its own line, said once
+    monkeypatch.setattr(commands, "_open", pressed)  # inside the command: its own line, said once
     assert _run_main(monkeypatch, capsys, "eval", "--run", "nowhere") == (130, "", "interrupted\n")
     starting = types.ModuleType("glowtrain.train")  # before the command took over: while it imports torch
     starting.__getattr__ = pressed
@@ -293,7 +293,7 @@ def test_a_kill_or_a_closed_terminal_ends_a_command_as_ctrl_c_does(monkeypatch, 
     command, SIGTERM and SIGHUP ended the process at once with no word and no clean-up."""
     import signal
 
-    import glowtrain.cli as cli
+    from glowtrain.cli import commands
 
     if not hasattr(signal, name):
         pytest.skip(f"no {name} here")
@@ -304,7 +304,7 @@ def test_a_kill_or_a_closed_terminal_ends_a_command_as_ctrl_c_does(monkeypatch, 
         os.kill(os.getpid(), getattr(signal, name))  # Python runs its handler before the next line
         raise AssertionError(f"{name} was not handled")
 
-    monkeypatch.setattr(cli, "_open", signalled)
+    monkeypatch.setattr(commands, "_open", signalled)
     assert _run_main(monkeypatch, capsys, "eval", "--run", "nowhere") == (130, "", "interrupted\n")
     monkeypatch.setattr(training, "fit_config", signalled)
     assert _run_main(monkeypatch, capsys, "fit", "--set", "train.steps=1") == (130, "", "interrupted\n")
@@ -316,7 +316,7 @@ def test_a_signal_ignored_when_the_command_started_stays_ignored_and_none_is_lef
     handlers with a traceback."""
     import signal
 
-    import glowtrain.cli as cli
+    from glowtrain.cli import commands, process
     from glowtrain.train import _StopFlag
 
     if not hasattr(signal, "SIGHUP"):
@@ -330,21 +330,21 @@ def test_a_signal_ignored_when_the_command_started_stays_ignored_and_none_is_lef
         raise UserError("looked")
 
     after = {}
-    restore = cli._default_stop_signals
+    restore = process.default_stop_signals
 
     def restoring():  # what main leaves for the rest of the process (_run_main then puts pytest's back)
         restore()
         after.update({sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM)})
 
-    monkeypatch.setattr(cli, "_open", looking)
-    monkeypatch.setattr(cli, "_default_stop_signals", restoring)
+    monkeypatch.setattr(commands, "_open", looking)
+    monkeypatch.setattr(process, "default_stop_signals", restoring)
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         assert _run_main(monkeypatch, capsys, "eval", "--run", "x")[0] == 2
     finally:
         signal.signal(signal.SIGHUP, previous)
     assert during[signal.SIGHUP] == during["training"] == signal.SIG_IGN  # nohup's wish kept throughout
-    assert during[signal.SIGTERM] == cli._interrupt
+    assert during[signal.SIGTERM] == process._interrupt
     assert after == {signal.SIGHUP: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN}  # _end: ignored on the way out
 
 
@@ -1000,7 +1000,7 @@ def test_output_to_a_hung_up_terminal_is_dropped_and_the_work_goes_on(tmp_path):
     ending on the next line it prints."""
     import errno
 
-    from glowtrain.cli import _OutputThatOutlivesItsReader
+    from glowtrain.cli.process import OutputThatOutlivesItsReader
 
     class HungUp:
         def __init__(self, file):
@@ -1014,7 +1014,7 @@ def test_output_to_a_hung_up_terminal_is_dropped_and_the_work_goes_on(tmp_path):
             return self.file.fileno()
 
     with open(tmp_path / "tty", "w") as file:
-        output = _OutputThatOutlivesItsReader(HungUp(file))
+        output = OutputThatOutlivesItsReader(HungUp(file))
         assert output.write("step 70/200: train bpd 2.31\n") == len("step 70/200: train bpd 2.31\n")
         assert output.stream.calls == 1
 
@@ -1023,7 +1023,7 @@ def test_output_to_a_hung_up_terminal_is_dropped_and_the_work_goes_on(tmp_path):
                 raise OSError(errno.ENOSPC, "No space left on device")
 
         with pytest.raises(OSError, match="No space left"):  # other failures are not hidden
-            _OutputThatOutlivesItsReader(Full(file)).write("x")
+            OutputThatOutlivesItsReader(Full(file)).write("x")
 
 
 @pytest.mark.parametrize("command, default", [

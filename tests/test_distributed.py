@@ -265,7 +265,7 @@ def test_resume_with_a_different_number_of_processes(tmp_path):
                                                    "processes as before (another count changes the global batch)"),
 ], ids=["one-process", "one-machine", "two-machines"])
 def test_the_resume_command_printed_keeps_the_process_count(monkeypatch, environment, expected):
-    from glowtrain.cli import resume_command
+    from glowtrain.cli.process import resume_command
 
     for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
@@ -324,7 +324,7 @@ def test_fit_nproc_runs_torchruns_launcher_with_time_to_save_after_a_sigterm(mon
     from helpers import invoke
     from torch.distributed import run as torchrun
 
-    from glowtrain.cli import JOB_REPORTS
+    from glowtrain.cli.process import JOB_REPORTS
 
     started = []
 
@@ -375,7 +375,7 @@ def test_cuda_where_there_is_none_is_refused_before_torchrun_starts(monkeypatch,
 def test_a_process_of_fit_nproc_leaves_its_exit_code_and_line_to_the_parent(monkeypatch, tmp_path):
     from helpers import invoke
 
-    from glowtrain.cli import JOB_REPORTS
+    from glowtrain.cli.process import JOB_REPORTS
 
     monkeypatch.setenv(JOB_REPORTS, str(tmp_path))
     monkeypatch.setenv("RANK", "1")
@@ -389,45 +389,45 @@ def test_a_process_of_fit_nproc_leaves_its_exit_code_and_line_to_the_parent(monk
 
 
 def test_a_job_ends_with_the_exit_code_and_lines_one_process_would_end_with():
-    from glowtrain.cli import _job_end
+    from glowtrain.cli.job import job_end
 
     bad, crash, stop = "error: lower train.batch_size", "error: RuntimeError: boom", "interrupted at step 7; ..."
     # Bad input said by every process, once for the job; what the others then hit follows from it.
-    assert _job_end({0: {"exit_code": 2, "line": bad}, 1: {"exit_code": 2, "line": bad}}, {0: 2, 1: 2},
+    assert job_end({0: {"exit_code": 2, "line": bad}, 1: {"exit_code": 2, "line": bad}}, {0: 2, 1: 2},
                     False) == (2, [bad])
-    assert _job_end({0: {"exit_code": 1, "line": crash}, 1: {"exit_code": 2, "line": bad}}, {0: 1, 1: 2},
+    assert job_end({0: {"exit_code": 1, "line": crash}, 1: {"exit_code": 2, "line": bad}}, {0: 1, 1: 2},
                     False) == (2, [bad])
     # A failure outranks the interruption it caused; a process killed without a word gets a line of its own.
-    assert _job_end({0: {"exit_code": 130, "line": stop}, 1: {"exit_code": 1, "line": crash}}, {1: 1},
+    assert job_end({0: {"exit_code": 130, "line": stop}, 1: {"exit_code": 1, "line": crash}}, {1: 1},
                     False) == (1, [crash])
     killed = ("error: process 1 of the job was killed by SIGKILL (often the system's out-of-memory killer: if so, "
               "lower train.batch_size or set train.memory_saving=true)")
-    assert _job_end({0: {"exit_code": 130, "line": stop}}, {1: -9}, False) == (1, [killed])
+    assert job_end({0: {"exit_code": 130, "line": stop}}, {1: -9}, False) == (1, [killed])
     peer_gone = "error: RuntimeError: [gloo/transport/tcp/pair.cc:561] Connection closed by peer ..."
     # Killed outright: said beside what its peer reported, which may be its doing (a peer gone) or its cause (the
     # launcher kills what has not stopped 30 s after a failure).
-    assert _job_end({0: {"exit_code": 1, "line": peer_gone}}, {0: 1, 1: -9}, False) == (1, [peer_gone, killed])
-    assert _job_end({0: {"exit_code": 1, "line": crash}}, {0: 1, 1: -9}, False) == (1, [crash, killed])
-    assert _job_end({0: {"exit_code": 1, "line": crash}}, {0: 1, 1: -15}, False) == (1, [crash])  # stopped after it
-    assert _job_end({}, {1: -15}, False) == (1, ["error: process 1 of the job was killed by SIGTERM"])
-    assert _job_end({}, {0: 3}, False) == (1, ["error: process 0 of the job exited with code 3"])
+    assert job_end({0: {"exit_code": 1, "line": peer_gone}}, {0: 1, 1: -9}, False) == (1, [peer_gone, killed])
+    assert job_end({0: {"exit_code": 1, "line": crash}}, {0: 1, 1: -9}, False) == (1, [crash, killed])
+    assert job_end({0: {"exit_code": 1, "line": crash}}, {0: 1, 1: -15}, False) == (1, [crash])  # stopped after it
+    assert job_end({}, {1: -15}, False) == (1, ["error: process 1 of the job was killed by SIGTERM"])
+    assert job_end({}, {0: 3}, False) == (1, ["error: process 0 of the job exited with code 3"])
     # A signal: rank 0's line; processes that stopped without a word still make it an interruption.
-    assert _job_end({0: {"exit_code": 130, "line": stop}, 1: {"exit_code": 130, "line": None}}, {},
+    assert job_end({0: {"exit_code": 130, "line": stop}, 1: {"exit_code": 130, "line": None}}, {},
                     True) == (130, [stop])
-    assert _job_end({}, {}, True) == (130, ["interrupted"])
-    assert _job_end({}, {}, False) == (0, [])
+    assert job_end({}, {}, True) == (130, ["interrupted"])
+    assert job_end({}, {}, False) == (0, [])
 
 
 def test_a_job_whose_processes_had_all_finished_when_a_signal_came_ends_with_0():
-    from glowtrain.cli import _job_end
+    from glowtrain.cli.job import job_end
 
     done = {"exit_code": 0, "line": None}
-    assert _job_end({0: done, 1: done}, {}, True, n_processes=2) == (0, [])  # Ctrl-C while the summary printed
-    assert _job_end({0: done, 1: done}, {}, True, forced=True, n_processes=2) == (0, [])
+    assert job_end({0: done, 1: done}, {}, True, n_processes=2) == (0, [])  # Ctrl-C while the summary printed
+    assert job_end({0: done, 1: done}, {}, True, forced=True, n_processes=2) == (0, [])
     stop = "interrupted at step 7; ..."
-    assert _job_end({0: done}, {}, True, n_processes=2) == (130, ["interrupted"])  # one had not finished
-    assert _job_end({0: done, 1: {"exit_code": 130, "line": stop}}, {}, True, n_processes=2) == (130, [stop])
-    assert _job_end({0: done}, {1: -9}, True, n_processes=2)[1][0].startswith(
+    assert job_end({0: done}, {}, True, n_processes=2) == (130, ["interrupted"])  # one had not finished
+    assert job_end({0: done, 1: {"exit_code": 130, "line": stop}}, {}, True, n_processes=2) == (130, [stop])
+    assert job_end({0: done}, {1: -9}, True, n_processes=2)[1][0].startswith(
         "error: process 1 of the job was killed by SIGKILL")
 
 
@@ -436,20 +436,21 @@ def test_fit_reports_that_it_finished_once_training_is_saved_and_then_ignores_ct
 
     from helpers import TINY_RUN, invoke, sets
 
-    from glowtrain import cli
+    from glowtrain.cli import process
 
     seen = []
-    monkeypatch.setattr(cli, "_trained", lambda: seen.append((tmp_path / "run" / "checkpoints" / "last.pt").is_file()))
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    monkeypatch.setattr(process, "trained", lambda: seen.append(last.is_file()))
     assert invoke("fit", "--out", tmp_path / "run", "--no-progress", *sets(*TINY_RUN)).exit_code == 0
     assert seen == [True]
     monkeypatch.undo()
 
-    monkeypatch.setenv(cli.JOB_REPORTS, str(tmp_path))
+    monkeypatch.setenv(process.JOB_REPORTS, str(tmp_path))
     monkeypatch.setenv("RANK", "1")
-    monkeypatch.setitem(cli._state, "whole_process", True)
+    monkeypatch.setitem(process.state, "whole_process", True)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        cli._trained()
+        process.trained()
         assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in handlers)
     finally:
         for sig, handler in handlers.items():
@@ -458,16 +459,16 @@ def test_fit_reports_that_it_finished_once_training_is_saved_and_then_ignores_ct
 
 
 def test_a_stop_at_once_is_an_interruption_whatever_the_processes_hit_on_the_way_out():
-    from glowtrain.cli import _job_end
+    from glowtrain.cli.job import job_end
 
     stop, peer_gone = "interrupted at step 7; ...", "error: RuntimeError: Connection closed by peer"
-    assert _job_end({0: {"exit_code": 130, "line": "interrupted"}, 1: {"exit_code": 1, "line": peer_gone}}, {},
+    assert job_end({0: {"exit_code": 130, "line": "interrupted"}, 1: {"exit_code": 1, "line": peer_gone}}, {},
                     True, forced=True) == (130, ["interrupted"])
-    assert _job_end({0: {"exit_code": 130, "line": stop}, 1: {"exit_code": 130, "line": "interrupted"}}, {},
+    assert job_end({0: {"exit_code": 130, "line": stop}, 1: {"exit_code": 130, "line": "interrupted"}}, {},
                     True, forced=True) == (130, [stop])
-    assert _job_end({}, {}, True, forced=True) == (130, ["interrupted"])  # killed: no process said a word
+    assert job_end({}, {}, True, forced=True) == (130, ["interrupted"])  # killed: no process said a word
     bad = "error: lower train.batch_size"
-    assert _job_end({0: {"exit_code": 2, "line": bad}}, {}, True, forced=True) == (2, [bad])
+    assert job_end({0: {"exit_code": 2, "line": bad}}, {}, True, forced=True) == (2, [bad])
 
 
 _IGNORES_SIGINT = ("import signal, sys\n"

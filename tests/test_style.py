@@ -7,21 +7,29 @@ PACKAGE = Path(__file__).resolve().parents[1] / "glowtrain"
 
 
 def _functions():
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):  # the cli package's modules too
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                yield f"{path.name}:{node.lineno} {node.name}", node.end_lineno - node.lineno + 1
+                yield f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}", node.end_lineno - node.lineno + 1
+
+
+def _imported(path: Path) -> set[str]:
+    """Every module a file imports, by its full name (`glowtrain.cli.process`, `typer`)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)  # `from glowtrain import cli`
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
 
 
 def _imports(module: str) -> set[str]:
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("glowtrain"):
-            names.add(node.module.removeprefix("glowtrain").lstrip(".") or node.names[0].name)
-        elif isinstance(node, ast.Import):
-            names.update(a.name.removeprefix("glowtrain.") for a in node.names if a.name.startswith("glowtrain"))
-    return names
+    """The modules of ours that `module` imports, by their top-level name in the package (`cli`, not `cli.job`)."""
+    ours = {name.removeprefix("glowtrain.").split(".")[0] for name in _imported(PACKAGE / f"{module}.py")
+            if name.startswith("glowtrain.")}
+    return {name for name in ours if (PACKAGE / f"{name}.py").is_file() or (PACKAGE / name).is_dir()}
 
 
 def test_no_function_in_the_package_is_longer_than_60_lines():
@@ -34,6 +42,14 @@ def test_model_code_never_imports_training_files_or_the_cli():
                      "cache", "run_data"}
     for module in ("flows", "model", "reversible", "objective", "losses"):
         assert not _imports(module) & training_side, module
+
+
+def test_only_the_cli_package_imports_typer():
+    outside = [str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+               if "cli" not in path.relative_to(PACKAGE).parts and any(
+                   name == "typer" or name.startswith("typer.") for name in _imported(path))]
+    assert outside == []
+    assert any("typer" in _imported(path) for path in (PACKAGE / "cli").glob("*.py"))  # the check sees imports
 
 
 def test_config_imports_only_leaf_modules_of_ours():

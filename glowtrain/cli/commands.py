@@ -1,33 +1,22 @@
-"""The `glowtrain` command line: parses options, calls one library function, maps errors to exit codes."""
+"""The `glowtrain` commands: each parses its options, calls one library function and ends through `process`."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import functools
-import inspect
-import io
 import json
-import logging
 import math
 import os
 import re
 import shlex
-import signal
 import sys
-import traceback
 import warnings
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated
 
 import typer
 
 from glowtrain import __version__
-from glowtrain.errors import STOP_SIGNALS, MissingData, Stopped, UserError, nohup
-
-EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
-STOP_GRACE_S = 300  # what `fit --nproc` gives its processes to stop cleanly after a SIGTERM
+from glowtrain.cli import job, process
+from glowtrain.errors import UserError
 
 
 def _hide_flag_value_types() -> None:
@@ -54,7 +43,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-_state = {"debug": False, "whole_process": False, "ended": False}  # ended: _end has said how the command ended
 
 
 def _version(value: bool) -> None:
@@ -65,289 +53,26 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
 ) -> None:
-    _state["debug"] = debug
-    _torch_log_lines(debug)
-
-
-TORCH_LOG_FORMAT = "%(levelname)s (torch): %(message)s"
-TORCH_DEBUGGING = {"TORCH_LOGS", "TORCH_LOGS_FORMAT", "TORCH_COMPILE_DEBUG", "TORCH_TRACE"}
-
-
-def _torch_log_lines(debug: bool) -> None:
-    """torch's own log lines (its compiler's, a CPU's "No CUDA runtime is found") read as our lines do: `warning
-    (torch): ...`, `error (torch): ...`. torch reads the format when it is imported, and the command's processes
-    (torchrun's too) inherit it; someone debugging torch keeps its own form."""
-    if not debug and "torch" not in sys.modules and not TORCH_DEBUGGING & set(os.environ):
-        os.environ["TORCH_LOGS_FORMAT"] = TORCH_LOG_FORMAT
-    if os.environ.get("TORCH_LOGS_FORMAT") == TORCH_LOG_FORMAT:  # this process is a command's: its names, lowercase
-        for level in (logging.WARNING, logging.ERROR, logging.CRITICAL):
-            logging.addLevelName(level, logging.getLevelName(level).lower())
-
-
-def resume_command(run_dir: str) -> str:
-    """The command that continues a run, with the processes it trained on: another count would silently change
-    the global batch (batch_size x processes), so the resumed run would not be the one that was stopped."""
-    command = f"glowtrain fit --resume auto --out {shlex.quote(run_dir)}"
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if processes == 1:
-        return command
-    if int(os.environ.get("LOCAL_WORLD_SIZE", processes)) == processes:  # one machine: --nproc launches them all
-        return f"{command} --nproc {processes}"
-    return f"{command}, launched on {processes} processes as before (another count changes the global batch)"
-
-
-def _errors_to_exit_codes(command):
-    """UserError -> one line on stderr and exit 2; interruption -> exit 130; anything else -> exit 1."""
-    options = inspect.signature(command).parameters
-    on_a_run = "data" in options  # it takes --data, not the config's data keys
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from glowtrain.train import Interrupted, TrainingDiverged  # late: keeps `glowtrain --help` fast
-
-        try:
-            return command(*args, **kwargs)
-        except UserError as e:
-            if _state["debug"]:
-                traceback.print_exc()
-            _end(EXIT_BAD_INPUT, f"error: {e.for_run() if on_a_run and isinstance(e, MissingData) else e}")
-        except Interrupted as e:
-            step, run_dir = e.args
-            on_rank_0 = os.environ.get("RANK", "0") == "0"  # under torchrun, one line for the job, not one per process
-            _end(EXIT_INTERRUPTED, f"interrupted at step {step}; checkpoint saved. Continue with: "
-                                   f"{resume_command(run_dir)}" if on_rank_0 else None)
-        except Stopped as e:
-            _end(EXIT_INTERRUPTED, str(e))
-        except TrainingDiverged as e:  # the run's numbers, not a bug of ours: its message is the whole story
-            if _state["debug"]:
-                traceback.print_exc()
-            _end(EXIT_FAILURE, f"error: training diverged: {e}")
-        except KeyboardInterrupt:
-            _end(EXIT_INTERRUPTED, "interrupted")
-        except (typer.Exit, typer.Abort):
-            raise
-        except Exception as e:  # noqa: BLE001 - the last line of defence for users
-            if _state["debug"]:
-                traceback.print_exc()
-            _end(EXIT_FAILURE, None if _state["debug"] else _out_of_memory_line(e, options) or
-                 f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)")
-
-    return wrapper
-
-
-def _out_of_memory_line(error: Exception, options: Iterable[str]) -> str | None:
-    """One line for a model or batch too large for the memory at hand (torch's own message runs to a paragraph),
-    with the fix the command takes (`options`: its parameters)."""
-    import torch
-
-    on_gpu = isinstance(error, torch.OutOfMemoryError)
-    if not on_gpu and not (isinstance(error, RuntimeError) and "DefaultCPUAllocator" in str(error)):
-        return None
-    asked = re.search(r"[Tt]ried to allocate ([\d.]+ ?\w+)", str(error))
-    amount = asked.group(1) if asked else ""
-    if amount.endswith(" bytes") and amount[:-6].isdigit():  # the CPU's count, in bytes
-        amount = f"{int(amount[:-6]) / 2**30:,.2f} GiB"
-    return (f"error: out of {'GPU' if on_gpu else 'CPU'} memory{f' (it asked for {amount} more)' if amount else ''}"
-            f" — {_memory_fix(set(options))}")
-
-
-def _memory_fix(options: set[str]) -> str:
-    if "resume" in options:  # fit
-        return ("lower train.batch_size (train.eval_batch_size or train.init_batch_size if it ran out evaluating or "
-                "starting), model.hidden_channels or model.n_steps, or set train.memory_saving=true")
-    if "set_" in options:  # info: the model a config describes
-        return "lower model.hidden_channels or model.n_steps"
-    if "batch_size" in options:  # sample, eval, score
-        return "pass a smaller --batch-size"
-    if options & {"n", "pairs"}:  # reconstruct, interpolate, manipulate: all their images in one batch
-        return "ask for fewer images (--n, --pairs)"
-    return "use a device with more memory (--device)"
-
-
-# Set by `fit --nproc` for the processes it starts: a folder where each one leaves how it ended, so that the
-# parent speaks once for the job instead of every process repeating the same line.
-JOB_REPORTS = "GLOWTRAIN_JOB_REPORTS"
-LAUNCHER_PID = "GLOWTRAIN_LAUNCHER_PID"  # the parent of `fit --nproc`'s processes: they stop if it dies
-
-
-def _end(code: int, line: str | None) -> NoReturn:
-    """Exit `code` after saying `line` on stderr; a process of `fit --nproc` leaves both to its parent."""
-    # On its way out, a Ctrl-C still held down would only break the clean-up (progress bars closing in their
-    # __del__) with tracebacks after the one line.
-    _ignore_signals(*STOP_SIGNALS)
-    if _report_to_launcher(code, line):
-        line = None
-    if line:
-        _close_progress_bars()
-        typer.echo(line, err=True)
-    _state["ended"] = True
-    raise typer.Exit(code) from None
-
-
-def _close_progress_bars() -> None:
-    """Close the bars an exception left open (a generator's, closed only when collected): the line said after them
-    began at the end of the bar ("... 35.2img/s]interrupted")."""
-    from tqdm import tqdm
-
-    for bar in list(getattr(tqdm, "_instances", ())):
-        bar.close()
-
-
-def _ignore_signals(*signals: int) -> None:
-    """From here on, the `glowtrain` command ignores these signals; a caller in Python (such as the tests) keeps
-    its own handlers."""
-    _handle_signals(signals, signal.SIG_IGN)
-
-
-def _interrupt_on_stop_signals() -> None:
-    """SIGTERM (`kill`, a scheduler's time limit) and SIGHUP (a closed terminal) end a command as Ctrl-C does: its
-    clean-ups run and it says `interrupted`, exit 130. Left to their default, they ended it at once without a
-    word (`fit` too, before its trainer took them over to save first). A SIGHUP ignored when the command started
-    stays ignored: `nohup` ignores it so that the command outlives its terminal."""
-    _handle_signals([sig for sig in STOP_SIGNALS if sig != signal.SIGINT and not nohup(sig)], _interrupt)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _default_stop_signals() -> None:
-    """Once the command is over, a late SIGTERM ends the process as it always did, not with a traceback from an
-    exit handler that the KeyboardInterrupt broke into."""
-    _handle_signals([sig for sig in STOP_SIGNALS if signal.getsignal(sig) == _interrupt], signal.SIG_DFL)
-
-
-def _handle_signals(signals: Iterable[int], handler) -> None:
-    if _state["whole_process"]:
-        with contextlib.suppress(ValueError):  # ValueError: not the main thread, where signals do not land anyway
-            for sig in signals:
-                signal.signal(sig, handler)
-
-
-def _report_to_launcher(code: int, line: str | None) -> bool:
-    """A process of `fit --nproc` leaves its exit code and line to its parent; False when it is none (or its
-    parent is gone, its folder with it), so that it speaks for itself."""
-    folder = os.environ.get(JOB_REPORTS)
-    if not folder or "RANK" not in os.environ:
-        return False
-    report = Path(folder) / f"{os.environ['RANK']}.json"
-    partial = report.with_suffix(".partial")
-    try:
-        partial.write_text(json.dumps({"exit_code": code, "line": line}))
-        partial.replace(report)  # the parent never reads half a report
-    except OSError:
-        return False
-    return True
-
-
-def _trained() -> None:
-    """Training is over and saved. A Ctrl-C from here on (while the summary prints) would only turn a finished
-    run into an interrupted one, exit code 130: it is ignored, and a process of `fit --nproc` reports that it
-    finished, so that its launcher, which the same Ctrl-C stopped, ends the job with 0."""
-    _ignore_signals(*STOP_SIGNALS)
-    _report_to_launcher(0, None)
-
-
-def _run_processes(nproc: int, args: list[str]) -> None:
-    """`glowtrain <args>` in nproc processes through torchrun's launcher, ended as one process would end."""
-    import tempfile
-
-    from glowtrain.distributed import run_local_job
-
-    # torchrun SIGKILLs workers this long after forwarding a SIGTERM (30 s by default): enough for the
-    # current step and a paper-size checkpoint on a slow disk. Set it yourself to choose another.
-    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(STOP_GRACE_S))
-    with tempfile.TemporaryDirectory(prefix="glowtrain-job-") as folder:
-        os.environ[JOB_REPORTS] = folder  # the processes inherit it
-        os.environ[LAUNCHER_PID] = str(os.getpid())
-        try:
-            end = run_local_job(nproc, args, quiet=not _state["debug"], pid_folder=Path(folder),
-                                ignore_late_signals=True)
-        finally:
-            del os.environ[JOB_REPORTS], os.environ[LAUNCHER_PID]
-        reports = {int(path.stem): json.loads(path.read_text()) for path in Path(folder).glob("*.json")}
-    code, lines = _job_end(reports, end.failed, end.signalled, end.forced, n_processes=nproc)
-    for line in lines:
-        typer.echo(line, err=True)
-    _state["ended"] = True  # the job's lines are this command's: nothing more to say
-    if code:
-        raise typer.Exit(code)
-
-
-def _job_end(reports: dict[int, dict], failed: dict[int, int], signalled: bool,
-             forced: bool = False, n_processes: int = 0) -> tuple[int, list[str]]:
-    """The exit code and lines of one process, from the reports of a job's processes (rank -> exit code and line),
-    torchrun's failed ranks (rank -> exit code), whether a signal stopped it and whether another then stopped it
-    at once. Bad input comes first (what the other processes then hit follows from it), then a stop at once (what
-    they hit on the way out, a peer gone mid-step, is its doing), then a failure, then an interruption; a job whose
-    `n_processes` all reported that they finished ends with 0 whatever came after. Each line is said once."""
-
-    def said(code: int) -> list[str]:
-        lines = [report["line"] for _, report in sorted(reports.items()) if report["exit_code"] == code]
-        return list(dict.fromkeys(line for line in lines if line))
-
-    codes = {report["exit_code"] for report in reports.values()}
-    if len(reports) == n_processes and codes == {0}:  # every process had finished training when a signal came
-        return 0, []
-    if EXIT_BAD_INPUT in codes:
-        return EXIT_BAD_INPUT, said(EXIT_BAD_INPUT)
-    if forced:
-        return EXIT_INTERRUPTED, said(EXIT_INTERRUPTED)[:1] or ["interrupted"]
-    silent = {rank: code for rank, code in sorted(failed.items()) if rank not in reports}
-    if EXIT_FAILURE in codes or silent:
-        # A process killed outright (SIGKILL, a crash) is said too, after the failures reported: it may be the cause
-        # (the others then only saw a peer gone) or the launcher's last resort after one. SIGTERM and SIGINT are how
-        # a launcher stops the rest after a failure, which the reports say.
-        stops = (signal.SIGINT, signal.SIGTERM)
-        killed = [_silent_failure(rank, code) for rank, code in silent.items() if code < 0 and -code not in stops]
-        return EXIT_FAILURE, said(EXIT_FAILURE) + killed or [_silent_failure(r, c) for r, c in silent.items()]
-    if signalled or EXIT_INTERRUPTED in codes:
-        return EXIT_INTERRUPTED, said(EXIT_INTERRUPTED) or ["interrupted"]
-    return 0, []
-
-
-def _silent_failure(rank: int, exit_code: int) -> str:
-    """A line for a process that ended without a report: killed, or failed before glowtrain's error handling."""
-    if exit_code >= 0:
-        return f"error: process {rank} of the job exited with code {exit_code}"
-    try:
-        name = signal.Signals(-exit_code).name
-    except ValueError:
-        name = f"signal {-exit_code}"
-    why = (" (often the system's out-of-memory killer: if so, lower train.batch_size or set "
-           "train.memory_saving=true)") if name == "SIGKILL" else ""
-    return f"error: process {rank} of the job was killed by {name}{why}"
-
-
-def _without_option(args: list[str], name: str) -> list[str]:
-    """argv without `name VALUE` or `name=VALUE`."""
-    kept, skip = [], False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg == name:
-            skip = True
-        elif not arg.startswith(name + "="):
-            kept.append(arg)
-    return kept
+    process.state["debug"] = debug
+    process.torch_log_lines(debug)
 
 
 @app.command()
-@_errors_to_exit_codes
+@process.errors_to_exit_codes
 def fit(
-    config: Annotated[Optional[str], typer.Option(
+    config: Annotated[str | None, typer.Option(
         "--config", "-c", metavar="PATH", help="YAML config; default: bundled digits.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option(
+    set_: Annotated[list[str] | None, typer.Option(
         "--set", "-s", metavar="KEY=VALUE", help="Override a key: --set train.lr=5e-4 (repeatable).")] = None,
-    resume: Annotated[Optional[str], typer.Option(
+    resume: Annotated[str | None, typer.Option(
         "--resume", metavar="auto|if-any|PATH",
         help="'auto' (the run's last.pt), 'if-any' (auto when there is one), a checkpoint path, or a run "
              "directory (its last.pt).")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="DIR",
+    out: Annotated[str | None, typer.Option("--out", "-o", metavar="DIR",
         help="Run directory; default runs/<run.name>.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
     nproc: Annotated[int, typer.Option("--nproc", metavar="N",
@@ -364,20 +89,20 @@ def fit(
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}")
     check_process_count(nproc, cfg.run.device)
-    if os.environ.get(JOB_REPORTS) and "RANK" in os.environ:  # a process of `fit --nproc`
-        leave_pid(os.environ[JOB_REPORTS], os.environ["RANK"])
-        stop_with_launcher(int(os.environ[LAUNCHER_PID]))
+    if os.environ.get(process.JOB_REPORTS) and "RANK" in os.environ:  # a process of `fit --nproc`
+        leave_pid(os.environ[process.JOB_REPORTS], os.environ["RANK"])
+        stop_with_launcher(int(os.environ[process.LAUNCHER_PID]))
     if nproc > 1 and not launched_by_torchrun():
-        _run_processes(nproc, _without_option(sys.argv[1:], "--nproc"))
+        job.run_processes(nproc, job.without_option(sys.argv[1:], "--nproc"))
         return
     result = train(cfg, out=out, resume=resume, progress=progress)
-    _trained()
+    process.trained()
     if result.rank != 0:
         return
     run_dir = result.run_dir
     if result.timed_out:
         typer.echo(f"stopped at step {result.step} of {cfg.train.steps}: train.max_time ({cfg.train.max_time}) is used "
-                   f"up; checkpoint saved. Continue with: {resume_command(run_dir)} (it stops after "
+                   f"up; checkpoint saved. Continue with: {process.resume_command(run_dir)} (it stops after "
                    f"{cfg.train.max_time} again: the run keeps its max_time; --set train.max_time='' lifts it)")
     if "bpd" in result.test:
         typer.echo(f"test bpd {result.test['bpd']:.4f} at step {result.test['step']}")  # maybe before a stop
@@ -394,9 +119,9 @@ def fit(
 
 
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars (stderr).")]
-RunOption = Annotated[Optional[str], typer.Option("--run", metavar="DIR",
+RunOption = Annotated[str | None, typer.Option("--run", metavar="DIR",
     help="Run directory; default: the most recent under runs/.")]
-CheckpointOption = Annotated[Optional[str], typer.Option("--checkpoint", metavar="PATH",
+CheckpointOption = Annotated[str | None, typer.Option("--checkpoint", metavar="PATH",
     help="A checkpoint file instead of a run.")]
 DeviceOption = Annotated[str, typer.Option("--device", metavar="DEVICE",
     help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")]
@@ -407,7 +132,7 @@ SeedOption = Annotated[int, typer.Option("--seed", metavar="N", min=0, max=2**32
 UnusedSeedOption = Annotated[int, typer.Option("--seed", metavar="N", min=0, max=2**64 - 1, hidden=True,
     help="No effect: this command's output does not depend on a seed.")]
 NoEmaOption = Annotated[bool, typer.Option("--no-ema", metavar="", help="Use the raw weights instead of the EMA.")]
-OutOption = Annotated[Optional[str], typer.Option("--out", "-o", metavar="DIR",
+OutOption = Annotated[str | None, typer.Option("--out", "-o", metavar="DIR",
     help="Output folder; default <run>/samples.")]
 PictureOverwriteOption = Annotated[bool, typer.Option(
     "--overwrite", metavar="", help="Replace the picture of an earlier identical call instead of refusing.")]
@@ -415,7 +140,7 @@ TensorboardOption = Annotated[bool, typer.Option("--tensorboard", metavar="",
                                                  help="Also add the images to the run's TensorBoard.")]
 
 
-DataOption = Annotated[Optional[str], typer.Option("--data", metavar="DIR",
+DataOption = Annotated[str | None, typer.Option("--data", metavar="DIR",
     help="Where the run's data is on this machine: its image folder or dataset root, or a prepared cache; "
          "default: where it was trained.")]
 
@@ -467,15 +192,15 @@ def _print_json(result: dict) -> None:
 
 
 @app.command()
-@_errors_to_exit_codes
+@process.errors_to_exit_codes
 def sample(
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
-    temp: Annotated[Optional[list[str]], typer.Option(
+    temp: Annotated[list[str] | None, typer.Option(
         "--temp", "-t", metavar="T[,T...]",
         help="Temperature(s): repeatable or comma-separated (--temp 0.5,0.7); default 0.7.")] = None,
     n: Annotated[int, typer.Option("--n", metavar="N", help="Images per temperature.")] = 64,
-    class_: Annotated[Optional[list[str]], typer.Option(
+    class_: Annotated[list[str] | None, typer.Option(
         "--class", metavar="K[,K...]",
         help="Class for a class-conditional model, by number or name: repeated or comma-separated.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", metavar="N",
@@ -527,14 +252,14 @@ def _numbers(values: list[str], option: str, example: str) -> list[float]:
 
 
 @app.command("eval")
-@_errors_to_exit_codes
+@process.errors_to_exit_codes
 def eval_(
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
     split: Annotated[str, typer.Option("--split", metavar="test|train", help="test or train.")] = "test",
     n_dequant: Annotated[int, typer.Option("--n-dequant", metavar="S",
         help="Dequantisation draws to average over.")] = 1,
-    batch_size: Annotated[Optional[int], typer.Option(
+    batch_size: Annotated[int | None, typer.Option(
         "--batch-size", metavar="N", help="Images per batch; default train.eval_batch_size.")] = None,
     device: DeviceOption = "auto",
     seed: UnusedSeedOption = 0,
@@ -552,7 +277,7 @@ def eval_(
 
 
 @app.command()
-@_errors_to_exit_codes
+@process.errors_to_exit_codes
 def reconstruct(
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
@@ -575,7 +300,7 @@ def reconstruct(
 
 
 @app.command()
-@_errors_to_exit_codes
+@process.errors_to_exit_codes
 def interpolate(
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
@@ -600,17 +325,17 @@ def interpolate(
 
 
 @app.command()
-@_errors_to_exit_codes
+@process.errors_to_exit_codes
 def manipulate(
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
-    attribute: Annotated[Optional[str], typer.Option("--attribute", metavar="NAME",
+    attribute: Annotated[str | None, typer.Option("--attribute", metavar="NAME",
         help="CelebA attribute, e.g. Smiling.")] = None,
-    from_class: Annotated[Optional[str], typer.Option("--from-class", metavar="K",
+    from_class: Annotated[str | None, typer.Option("--from-class", metavar="K",
         help="Class to move away from, by number or name.")] = None,
-    to_class: Annotated[Optional[str], typer.Option("--to-class", metavar="K",
+    to_class: Annotated[str | None, typer.Option("--to-class", metavar="K",
         help="Class to move towards, by number or name.")] = None,
-    alphas: Annotated[Optional[list[str]], typer.Option(
+    alphas: Annotated[list[str] | None, typer.Option(
         "--alphas", metavar="A[,A...]",
         help="Step sizes along the direction: comma-separated or repeated; default -1,0,1,2.")] = None,
     n: Annotated[int, typer.Option("--n", metavar="N", help="Test images to manipulate, one row each.")] = 8,
@@ -635,21 +360,21 @@ def manipulate(
 
 
 @app.command()
-@_errors_to_exit_codes
+@process.errors_to_exit_codes
 def score(
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
-    images: Annotated[Optional[list[str]], typer.Option(
+    images: Annotated[list[str] | None, typer.Option(
         "--images", metavar="PATH", help="Image files or folders to score (repeatable).")] = None,
-    dataset: Annotated[Optional[str], typer.Option(
+    dataset: Annotated[str | None, typer.Option(
         "--dataset", metavar="NAME",
             help="A built-in set instead of files: digits, mnist, fashion_mnist, cifar10, celeba.")] = None,
-    split: Annotated[Optional[str], typer.Option("--split", metavar="test|train",
+    split: Annotated[str | None, typer.Option("--split", metavar="test|train",
         help="The --dataset split: test (the default) or train.")] = None,
-    against: Annotated[Optional[list[str]], typer.Option(
+    against: Annotated[list[str] | None, typer.Option(
         "--against", metavar="PATH",
             help="A second set of files or folders, treated as out-of-distribution (repeatable).")] = None,
-    reference_run: Annotated[Optional[str], typer.Option(
+    reference_run: Annotated[str | None, typer.Option(
         "--reference-run", metavar="PATH", help="A second run (or checkpoint) for the likelihood-ratio score.")] = None,
     n_dequant: Annotated[int, typer.Option("--n-dequant", metavar="S",
         help="Dequantisation draws to average over.")] = 1,
@@ -662,7 +387,7 @@ def score(
     on_bad_image: Annotated[str, typer.Option(
         "--on-bad-image", metavar="skip|error",
             help="skip or error for unreadable files; default: the run's data.on_bad_image.")] = "",
-    out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="DIR",
+    out: Annotated[str | None, typer.Option("--out", "-o", metavar="DIR",
         help="Output folder; default <run>/score.")] = None,
     device: DeviceOption = "auto",
     no_ema: NoEmaOption = False,
@@ -695,13 +420,13 @@ def score(
 
 
 @app.command()
-@_errors_to_exit_codes
+@process.errors_to_exit_codes
 def info(
-    config: Annotated[Optional[str], typer.Option(
+    config: Annotated[str | None, typer.Option(
         "--config", "-c", metavar="PATH", help="YAML config; default: bundled digits.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE",
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", metavar="KEY=VALUE",
         help="Override a key (repeatable).")] = None,
-    run: Annotated[Optional[str], typer.Option("--run", metavar="DIR",
+    run: Annotated[str | None, typer.Option("--run", metavar="DIR",
         help="Describe a trained run instead of a config.")] = None,
 ) -> None:
     """Parameters per level, latent shapes, dimensionality, multiply-adds per image and the resolved config."""
@@ -748,13 +473,13 @@ def info(
 
 
 @app.command()
-@_errors_to_exit_codes
+@process.errors_to_exit_codes
 def prepare(
-    config: Annotated[Optional[str], typer.Option(
+    config: Annotated[str | None, typer.Option(
         "--config", "-c", metavar="PATH", help="YAML config whose data section to cache.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE",
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", metavar="KEY=VALUE",
         help="Override a key (repeatable).")] = None,
-    out: Annotated[Optional[str], typer.Option(
+    out: Annotated[str | None, typer.Option(
         "--out", "-o", metavar="DIR",
             help="Cache directory to write; default <data.root>/glowtrain-cache-<dataset>-<size>px, "
                             "inside the image folder.")] = None,
@@ -788,7 +513,7 @@ def prepare(
 
 
 @app.command("runs")
-@_errors_to_exit_codes
+@process.errors_to_exit_codes
 def runs_(
     root: Annotated[str, typer.Option("--root", metavar="DIR", help="Folder holding the runs.")] = "runs",
 ) -> None:
@@ -816,119 +541,6 @@ def runs_(
         typer.echo(line)
 
 
-class _OutputThatOutlivesItsReader(io.TextIOBase):
-    """stdout or stderr whose reader may leave (`glowtrain fit | head`, or a terminal hung up: its ssh session
-    closed): what follows is dropped and the work goes on, instead of a BrokenPipeError (or EIO) ending a training
-    run before it saves."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text: str) -> int:
-        return self._guarded(self.stream.write, text) or len(text)
-
-    def flush(self) -> None:
-        self._guarded(self.stream.flush)
-
-    def _guarded(self, action, *args):
-        try:
-            return action(*args)
-        except OSError as e:
-            if not isinstance(e, BrokenPipeError) and e.errno != errno.EIO:
-                raise
-            # Whatever is buffered or written later (here, by libraries, at exit) goes nowhere, silently.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self.stream.fileno())
-            os.close(devnull)
-            return None
-
-    def fileno(self) -> int:
-        return self.stream.fileno()
-
-    def isatty(self) -> bool:
-        return self.stream.isatty()
-
-    @property
-    def encoding(self) -> str:
-        return self.stream.encoding
-
-    @property
-    def buffer(self):
-        return self.stream.buffer
-
-
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """warnings.showwarning for the command: each warning once, as one line (`warning: ...`, naming the library
-    it came from when that is not glowtrain), instead of Python's two lines with a source path; --debug keeps those.
-    In a job of several processes only rank 0 speaks, as every process would repeat the same warnings."""
-    if _state["debug"]:
-        with contextlib.suppress(OSError):
-            (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))
-        return
-    text = " ".join(str(message).split())
-    if (category, text) in _warned or os.environ.get("RANK", "0") != "0":
-        return
-    _warned.add((category, text))
-    origin = _warning_origin(filename)
-    stream = file or sys.stderr
-    try:
-        if _in_data_worker():  # its copy of a progress bar is stale: written through it, the bar would jump back
-            stream.write(f"warning{origin}: {text}\n")
-            return
-        from tqdm import tqdm  # between a progress bar's redraws, not through one
-
-        tqdm.write(f"warning{origin}: {text}", file=stream)
-    except OSError:  # as Python's own: a closed or invalid stream loses the warning, not the run
-        pass
-
-
-def _warning_origin(filename: str) -> str:
-    """' (torch)' for a warning raised in an installed package, '' for glowtrain's own or an unknown place."""
-    parts = Path(filename).parts
-    for installed in ("site-packages", "dist-packages"):
-        if installed in parts[:-1]:
-            return f" ({parts[parts.index(installed) + 1].removesuffix('.py')})"
-    ours = Path(__file__).resolve().parent
-    if not filename or filename.startswith("<") or Path(filename).resolve().is_relative_to(ours):
-        return ""
-    return f" ({Path(filename).stem})"
-
-
-def _in_data_worker() -> bool:
-    data = sys.modules.get("torch.utils.data")
-    return data is not None and data.get_worker_info() is not None
-
-
-_warned: set[tuple[type, str]] = set()
-
-
-def main() -> None:
-    """The `glowtrain` command: typer's own usage errors (an unknown option, a value of the wrong type) end in one
-    line and exit 2 like ours, instead of a usage banner and a boxed message."""
-    sys.stdout, sys.stderr = _OutputThatOutlivesItsReader(sys.stdout), _OutputThatOutlivesItsReader(sys.stderr)
-    _state["whole_process"], _state["ended"] = True, False
-    _interrupt_on_stop_signals()
-    warnings.showwarning = _one_line_warning
-    try:
-        code = app(prog_name="glowtrain", standalone_mode=False)
-    except _ParseError as error:
-        sys.exit(_usage_error(error))
-    except typer.Abort:
-        _exit_saying(EXIT_FAILURE, "aborted")
-    finally:
-        _default_stop_signals()
-    if code == EXIT_INTERRUPTED and not _state["ended"]:  # typer's own, silent word for a Ctrl-C before a command
-        _exit_saying(EXIT_INTERRUPTED, "interrupted")  # took over (while torch was imported)
-    sys.exit(code if isinstance(code, int) else 0)
-
-
-def _exit_saying(code: int, line: str) -> NoReturn:
-    """_end outside typer: the process exits itself with the code _end hands typer."""
-    try:
-        _end(code, line)
-    except typer.Exit as end:
-        sys.exit(end.exit_code)
-
 
 try:
     from typer.exceptions import TyperException as _ParseError  # typer that carries its own copy of click
@@ -936,18 +548,22 @@ except ImportError:  # older typer, built on click itself
     from click import ClickException as _ParseError
 
 
-def _usage_error(error: Exception) -> int:
-    """Say a usage error in one line and return its exit code; with no arguments at all, the help was the answer."""
-    context = getattr(error, "ctx", None)
-    if type(error).__name__ == "NoArgsIsHelpError":
-        if error.format_message():  # rich help prints itself while the error is made; plain help comes here
-            error.show()
-        return EXIT_BAD_INPUT
-    message = error.format_message()
-    hint = f" — see '{context.command_path} -h'" if context is not None else ""
-    if context is not None and context.info_name == "score" and "unexpected extra argument" in message:
-        # `--images imgs/*.png`: the shell gives the option its first file and leaves the rest as arguments.
-        hint = (" — a shell pattern such as imgs/*.png gives one word per file: pass their folder (--images imgs) "
-                "or put --images (or --against) before each file")
-    typer.echo(f"error: {message}{hint}", err=True)
-    return getattr(error, "exit_code", EXIT_BAD_INPUT)
+def main() -> None:
+    """The `glowtrain` command: typer's own usage errors (an unknown option, a value of the wrong type) end in one
+    line and exit 2 like ours, instead of a usage banner and a boxed message."""
+    outlives = process.OutputThatOutlivesItsReader
+    sys.stdout, sys.stderr = outlives(sys.stdout), outlives(sys.stderr)
+    process.state["whole_process"], process.state["ended"] = True, False
+    process.interrupt_on_stop_signals()
+    warnings.showwarning = process.one_line_warning
+    try:
+        code = app(prog_name="glowtrain", standalone_mode=False)
+    except _ParseError as error:
+        sys.exit(process.usage_error(error))
+    except typer.Abort:
+        process.exit_saying(process.EXIT_FAILURE, "aborted")
+    finally:
+        process.default_stop_signals()
+    if code == process.EXIT_INTERRUPTED and not process.state["ended"]:  # typer's own, silent word for a Ctrl-C
+        process.exit_saying(process.EXIT_INTERRUPTED, "interrupted")  # before a command took over (torch importing)
+    sys.exit(code if isinstance(code, int) else 0)
