@@ -139,7 +139,8 @@ class HostReads(TorchDispatchMode):
     `output_size`), ops that answer a bool (`equal`) and copies from a device to the host wait for the
     GPU as well, and so does a blocking copy from host memory to a device: torch runs it after all the work
     queued there (a meta tensor stands in for a device on a CPU). `tolist` and `numpy` copy out, and
-    `torch.tensor` and `torch.as_tensor` onto a device copy in, without dispatching, so they are patched.
+    `torch.tensor`, `torch.as_tensor`, `torch.asarray` and `Tensor.new_tensor` copy host data onto a device,
+    without dispatching, so they are patched.
     `reads` holds (label, what, innermost glowtrain frame). With `device_reads_only`, reads of tensors in host
     memory are left out: they wait for nothing where another device (meta, on a CPU) stands for the GPU.
     """
@@ -217,18 +218,24 @@ class HostReads(TorchDispatchMode):
 
             self._patched[torch.Tensor, name] = real
             setattr(torch.Tensor, name, recording)
-        for name in ("tensor", "as_tensor"):
-            real = getattr(torch, name)
-
-            def creating(data, *args, _real=real, _name=name, **kwargs):
-                made = _real(data, *args, **kwargs)
-                if made.device.type != "cpu" and not torch.is_tensor(data):  # a tensor's copy is dispatched
-                    self._record(f"{_name} onto {made.device.type}")  # from host memory onto a device
-                return made
-
-            self._patched[torch, name] = real
-            setattr(torch, name, creating)
+        for owner, name in ((torch, "tensor"), (torch, "as_tensor"), (torch, "asarray"), (torch.Tensor, "new_tensor")):
+            real = getattr(owner, name)
+            self._patched[owner, name] = real
+            setattr(owner, name, self._creating(real, name, method=owner is torch.Tensor))
         return super().__enter__()
+
+    def _creating(self, real, name: str, method: bool):
+        """`real` (a tensor made from data), recording when it puts host data onto a device: these copy below the
+        dispatcher, where a tensor's own copy (`as_tensor(t, device=...)`) is dispatched and judged as a copy."""
+
+        def creating(*args, **kwargs):
+            made = real(*args, **kwargs)
+            data = args[1] if method else args[0] if args else kwargs.get("data", kwargs.get("obj"))
+            if made.device.type != "cpu" and not torch.is_tensor(data):
+                self._record(f"{name} onto {made.device.type}")
+            return made
+
+        return creating
 
     def __exit__(self, *exc):
         for (owner, name), real in self._patched.items():

@@ -213,14 +213,14 @@ def test_load_run_on_the_test_device_encodes_decodes_scores_and_samples_there(re
 
 
 def _cuda_syncs(work) -> list[str]:
-    """Where `work()` makes the host wait for the GPU: the innermost glowtrain function of each sync that CUDA's
-    sync debug mode reports (blocking copies either way, reads of values)."""
-    places = []
+    """Where `work()` makes the host wait for the GPU: the innermost function of the package in each sync that
+    CUDA's sync debug mode reports (blocking copies either way, reads of values), "outside" for one elsewhere."""
+    package, places = str(Path(glowtrain.__file__).parent), []
 
     def show(message, *args, **kwargs):
         if "synchroniz" in str(message):
-            frames = [f for f in traceback.extract_stack() if "/glowtrain/" in f.filename]
-            places.append(frames[-1].name if frames else "?")
+            frames = [f for f in traceback.extract_stack() if f.filename.startswith(package)]
+            places.append(frames[-1].name if frames else "outside")
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -238,22 +238,30 @@ def _cuda_syncs(work) -> list[str]:
 def test_gated_adamax_steps_without_waiting_for_the_gpu_from_the_first_step_and_after_loading(device):
     # On the H200 the first step waited once: the flat state's sizes were copied from host memory. Not yet run on
     # a GPU since that was fixed; test_optim.py checks the same with a meta tensor standing for the GPU.
+    assert _cuda_syncs(lambda: torch.ones((), device=device).item()) == ["outside"]  # the check sees syncs
     params = [torch.randn(n, device=device, requires_grad=True) for n in (3, 500, 7)]
     expected = [p.detach().clone().requires_grad_() for p in params]
     optimizer, reference = GatedAdamax(params, lr=1e-2), torch.optim.Adamax(expected, lr=1e-2, foreach=False)
     optimizer.found_inf = torch.zeros((), device=device)
-    for step in range(3):
+
+    def set_grads(step: int) -> None:
         for p, q in zip(params, expected):
             p.grad = torch.full_like(p, float(step + 1)).sin()
             q.grad = p.grad.clone()
+
+    for step in range(3):
+        set_grads(step)
         assert _cuda_syncs(optimizer.step) == []
         reference.step()
-    for p, q in zip(params, expected):
-        torch.testing.assert_close(p, q)
     resumed = GatedAdamax(params, lr=1e-2)
     resumed.load_state_dict(reference.state_dict())  # step counts stay in host memory, as torch keeps them
     resumed.found_inf = torch.zeros((), device=device)
+    set_grads(3)
     assert _cuda_syncs(resumed.step) == []
+    reference.step()
+    for p, q in zip(params, expected):
+        torch.testing.assert_close(p, q)
+        assert float(resumed.state[p]["step"]) == 4.0  # the counts written from host numbers
 
 
 @pytest.mark.skipif(TEST_DEVICE.type != "cuda", reason="CUDA's sync debug mode")
@@ -263,5 +271,5 @@ def test_evaluation_waits_for_the_gpu_only_to_read_its_totals(reader_run, device
     run = glowtrain.load_run(reader_run[0], device=str(device))
     test_set = build_dataset(run.cfg.data, "test")
     cfg = apply_overrides(run.cfg, ["train.eval_batch_size=64"])  # several batches
-    syncs = _cuda_syncs(lambda: evaluate(run.model, test_set, cfg, device))
+    syncs = _cuda_syncs(lambda: evaluate(run.objective, test_set, cfg, device))  # with its learned dequantiser
     assert syncs and set(syncs) <= {"_split_means"}, syncs

@@ -130,9 +130,12 @@ def test_host_reads_catch_a_tensor_made_from_host_data_onto_a_device_and_not_one
     with HostReads() as host:
         torch.tensor([1, 2], device="meta")
         torch.as_tensor(torch.arange(2), device="meta")  # dispatched: seen as the copy it is
+        torch.asarray([1.0], device="meta"), torch.empty(2, device="meta").new_tensor(3)  # evaluation's old count
         torch.tensor([1, 2]), torch.as_tensor([1, 2]), torch.as_tensor(torch.empty(2, device="meta"))
-    assert [what for _, what, _ in host.reads] == ["tensor onto meta", "_to_copy.default"]
-    assert "creating" not in torch.tensor.__name__  # put back on leaving
+        torch.empty(2).new_tensor(3), torch.asarray([1.0])
+    assert [what for _, what, _ in host.reads] == ["tensor onto meta", "_to_copy.default", "asarray onto meta",
+                                                   "new_tensor onto meta"]
+    assert "creating" not in torch.tensor.__name__ + torch.Tensor.new_tensor.__name__  # put back on leaving
     with HostReads(device_reads_only=True) as device_only:  # where meta stands for the GPU, host memory waits for
         torch.arange(3.0)[0].item(), torch.arange(3.0).tolist()  # nothing
         torch.tensor([1, 2], device="meta")
