@@ -64,11 +64,18 @@ def make_eval_batches(dataset, batch_size: int, *, rank: int = 0, world_size: in
     return _batches(dataset, index_batches, n_workers, pin_memory, persistent=False)
 
 
+def workers_used(dataset, n_workers: int) -> int:
+    """The worker processes a loader of `dataset` asked for `n_workers` starts: none for a dataset in memory, which
+    gathers its batches itself; else at most this process's share of the CPUs, as more would only contend for the
+    cores (torch warns of a freeze)."""
+    return 0 if hasattr(dataset, "get_batch") else min(n_workers, cpus_per_process())
+
+
 def _batches(dataset, index_batches: Iterable[list[int]], n_workers: int, pin_memory: bool,
              persistent: bool) -> Iterator[tuple[Tensor, Tensor]]:
     if hasattr(dataset, "get_batch"):
         return _gathered(dataset, index_batches, pin_memory and torch.cuda.is_available())
-    n_workers = min(n_workers, cpus_per_process())  # more only contend for the cores (torch warns of a freeze)
+    n_workers = workers_used(dataset, n_workers)
     if n_workers > 0:
         _end_workers_at_exit()
     loader = DataLoader(dataset, batch_sampler=index_batches, num_workers=n_workers,

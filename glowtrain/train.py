@@ -54,7 +54,7 @@ from glowtrain.errors import STOP_SIGNALS, UserError, nohup
 from glowtrain.evaluation import evaluate, mean_text
 from glowtrain.folders import refuse_missing_image_folder, refuse_output_among_training_images
 from glowtrain.images import display_upscale, image_grid, sample_images, save_png, temperature_label, temperature_name
-from glowtrain.loaders import make_train_batches
+from glowtrain.loaders import make_train_batches, workers_used
 from glowtrain.logs import NullLogger, RunLogger
 from glowtrain.losses import dequantize
 from glowtrain.model import Glow
@@ -294,6 +294,7 @@ class Trainer:
         # of its own (torch's advice for CUDA graphs with gradient accumulation).
         self.stable_grads = self.forward.active and self.forward.cuda_graphs and cfg.train.grad_accum_steps > 1
         self.batches = self._batches_from(self.state.step)  # a batch larger than the dataset fails here
+        self._note_fewer_workers()
         self.logger, self.say = NullLogger(), _quiet
 
     # --- set-up --------------------------------------------------------------------------------
@@ -418,6 +419,13 @@ class Trainer:
         return make_train_batches(self.train_set, cfg.train.batch_size * cfg.train.grad_accum_steps,
                                   seed=cfg.run.seed, start_step=step, n_workers=cfg.data.n_workers,
                                   pin_memory=self.device.type == "cuda", rank=ctx.rank, world_size=ctx.world_size)
+
+    def _note_fewer_workers(self) -> None:
+        """Said where the CPUs cap the loader's workers (a dataset in memory starts none, whatever is asked)."""
+        asked = self.cfg.data.n_workers
+        if 0 < (used := workers_used(self.train_set, asked)) < asked:
+            self.notes.append(f"note: data.n_workers={asked} is more than this process's share of the CPUs: the data "
+                              f"loads in {used} worker process{'es' if used > 1 else ''}")
 
     @property
     def resumed(self) -> bool:

@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import GLOW_LAYERS, HostReads, assert_one_line_error, assert_same_training_state, invoke, ok, sets
@@ -517,6 +518,32 @@ def test_an_init_batch_larger_than_the_training_split_is_said(tmp_path, capsys):
     train(cfg, out=str(tmp_path / "run"), progress=False)
     assert ("note: train.init_batch_size=5,000 is more than the 1,500 training images: ActNorm's initial statistics "
             "come from all of them\n") in capsys.readouterr().out
+
+
+def test_more_data_workers_than_the_cpus_allow_are_said_and_not_started(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("glowtrain.loaders.cpus_per_process", lambda: 1)
+    started = []
+    real = torch.utils.data.DataLoader.__init__
+
+    def counting(self, *args, **kwargs):
+        started.append(kwargs.get("num_workers", 0))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__init__", counting)
+    images = tmp_path / "images"  # read from files, unlike the bundled digits, which start no workers
+    images.mkdir()
+    for i in range(24):
+        Image.fromarray(np.full((8, 8), 10 * i, dtype=np.uint8), "L").save(images / f"{i:02d}.png")
+    folder = ["data.dataset=folder", f"data.root={images}", "data.image_size=8", "data.channels=1",
+              "train.batch_size=4", "train.init_batch_size=8"]
+    cfg = apply_overrides(default_config(), NAN_RUN + folder + ["train.steps=1", "data.n_workers=3"])
+    train(cfg, out=str(tmp_path / "run"), progress=False)
+    assert ("note: data.n_workers=3 is more than this process's share of the CPUs: the data loads in 1 worker "
+            "process\n") in capsys.readouterr().out
+    assert max(started) == 1  # training's and evaluation's loaders (ActNorm's init batch loads in this process)
+    train(apply_overrides(cfg, ["data.n_workers=1", "train.steps=2"]), out=str(tmp_path / "run"), resume="auto",
+          progress=False)
+    assert "data.n_workers" not in capsys.readouterr().out
 
 
 def test_a_resume_names_each_training_setting_it_changes(tmp_path, capsys):
