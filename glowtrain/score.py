@@ -100,6 +100,7 @@ class ImageSet:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     not_read: list[str] = field(default_factory=list)  # in its folders: hidden folders, files hidden or not images
     converted: Counter = field(default_factory=Counter)  # what giving the files the run's image shape did to them
+    source: dict = field(default_factory=dict)  # what was asked for: {"files": [...]} or {"dataset": ..., "split": ...}
 
 
 # --- where the images come from ----------------------------------------------------------------
@@ -129,7 +130,8 @@ def file_set(role: str, sources: list[str], loaded: LoadedRun, on_bad_image: str
     """Image files preprocessed as the run's training data was, decoded a batch at a time."""
     not_read: list[str] = []
     paths = image_paths(sources, "--images" if role == "images" else "--against", not_read)
-    image_set = ImageSet(role, paths, lambda batch_size: iter(()), not_read=sorted(set(not_read)))
+    image_set = ImageSet(role, paths, lambda batch_size: iter(()), not_read=sorted(set(not_read)),
+                         source={"files": [os.path.abspath(given) for given in sources]})
     policy = on_bad_image or loaded.cfg.data.on_bad_image
 
     def batches(batch_size: int) -> Iterator[Batch]:
@@ -166,9 +168,9 @@ def dataset_set(role: str, name: str, split: str, loaded: LoadedRun) -> ImageSet
     if split not in ("test", "train"):
         raise UserError(f"--split must be 'test' or 'train', got {split!r}")
     built_in = [d for d in DATASETS if d != "folder"]
-    if name not in built_in:
-        raise UserError(f"--dataset {name!r} is not a built-in set; choose one of {', '.join(built_in)}, "
-                        "or pass a folder with --images")
+    if name not in built_in and name != loaded.cfg.data.dataset:  # the run's own folder: its split, as eval reads it
+        raise UserError(f"--dataset {name!r} is not a built-in set; choose one of {', '.join(built_in)}, the run's "
+                        f"own {loaded.cfg.data.dataset}, or pass a folder with --images")
     data = loaded.cfg.data
     if name != data.dataset:
         data = replace(data, dataset=name, cache="", channels=FIXED_CHANNELS.get(name, data.channels))
@@ -194,7 +196,9 @@ def dataset_set(role: str, name: str, split: str, loaded: LoadedRun) -> ImageSet
             yield Batch(indices, indices, images)
             start += len(images)
 
-    return ImageSet(role, [f"{name}/{split}/{i}" for i in range(len(dataset))], batches)
+    files = getattr(dataset, "paths", None)  # a folder's: each image named by its file
+    names = list(files) if files is not None else [f"{name}/{split}/{i}" for i in range(len(dataset))]
+    return ImageSet(role, names, batches, source={"dataset": name, "split": split})
 
 
 # --- the scores ----------------------------------------------------------------------------------
@@ -423,6 +427,9 @@ def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: 
     if reference is not None and reference.model.image_shape != loaded.model.image_shape:
         raise UserError(f"--reference-run takes {reference.model.image_shape} images but the run takes "
                         f"{loaded.model.image_shape}; train the reference at the same size and channels")
+    if reference is not None and reference.checkpoint.resolve() == loaded.checkpoint.resolve():
+        warnings.warn("--reference-run is the scored checkpoint itself: its likelihood ratio is 0 for every image "
+                      "(pass a run trained on other data, or a smaller model)", stacklevel=2)
     if reference is not None and reference.cfg.data.n_bits != loaded.cfg.data.n_bits:
         bits = loaded.cfg.data.n_bits  # bits/dim of other quantisations differ by about their n_bits alone
         raise UserError(f"--reference-run models {reference.cfg.data.n_bits}-bit pixels but the run {bits}-bit: "
@@ -447,10 +454,13 @@ def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: 
         raise
     summary = {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "ema": use_ema,
                "n_dequant": options.n_dequant, "entropy_bpd": entropy, "sets": {}}
+    if reference is not None:
+        summary["reference"] = {"checkpoint": str(reference.checkpoint), "step": reference.step}
     for image_set in sets:
         values = scores[image_set.role]
         hidden_folders, other_files = ignored_counts(image_set.not_read)
-        summary["sets"][image_set.role] = {"n_images": len(values["bpd"]), "skipped": image_set.skipped,
+        summary["sets"][image_set.role] = {"source": image_set.source, "n_images": len(values["bpd"]),
+                                           "skipped": image_set.skipped,
                                            "n_nan": {name: int(np.isnan(v).sum()) for name, v in values.items()
                                                      if name in _LIKELIHOODS},
                                            "converted": dict(image_set.converted.most_common()),
@@ -489,6 +499,15 @@ _LIKELIHOODS = {"bpd": ("the model's", "the OOD metrics and typicality test"),
                 "reference_bpd": ("the reference run's", "the reference_bpd and ratio OOD metrics")}
 
 
+def _scored_with(summary: dict) -> str:
+    """The line that says which model scored (and, for the likelihood ratio, against which)."""
+    weights = "EMA" if summary["ema"] else "raw"
+    line = f"model: {summary['checkpoint']} at step {summary['step']:,} ({weights} weights)"
+    if reference := summary.get("reference"):
+        line += f"; reference: {reference['checkpoint']} at step {reference['step']:,}"
+    return line
+
+
 def _figure(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -502,6 +521,8 @@ def score_command(loaded: LoadedRun, images: list[str], dataset: str | None, spl
                         "not both and not neither")
     if images and split not in (None, "test"):  # it would be ignored: the files are scored as they are
         raise UserError("--split chooses a split of --dataset; --images are scored as given — leave out --split")
+    if options.n_bootstrap != ScoreOptions.n_bootstrap and not options.batch_test:
+        warnings.warn(f"--n-bootstrap {options.n_bootstrap} has no effect without --batch-test", stacklevel=2)
     if dataset:
         sets = [dataset_set("images", dataset, split or "test", loaded)]
     else:
@@ -521,8 +542,9 @@ def score_command(loaded: LoadedRun, images: list[str], dataset: str | None, spl
 
 
 def report(summary: dict) -> tuple[list[str], list[str]]:
-    """(lines for stdout: each set's bpd, the OOD table, batch tests, files written; lines for stderr: skips)."""
-    lines, warnings = [], []
+    """(lines for stdout: the model, each set's bpd, the OOD table, batch tests, files written; lines for stderr:
+    skips)."""
+    lines, warnings = [_scored_with(summary)] if "checkpoint" in summary else [], []
     for role, part in summary["sets"].items():
         warnings += [f"warning: skipped unreadable image {path} ({reason})" for path, reason in part["skipped"]]
         bpd = part["scores"]["bpd"]

@@ -136,12 +136,15 @@ def test_the_images_line_names_what_the_folders_hold_besides_images(run_dir, dig
     (folder / "scan.tif").write_bytes(b"II*\x00")  # not an extension score reads
     (folder / ".cache").mkdir()
     result = ok(invoke("score", "--run", run_dir, "--out", tmp_path / "out", *CPU, "--images", folder))
-    assert result.stdout.startswith("images: 40 images (not read: 1 hidden folder, 1 file hidden or not ")
+    model, images = result.stdout.splitlines()[:2]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert model == f"model: {run_dir / 'checkpoints' / 'last.pt'} at step {summary['step']} (EMA weights)"
+    assert images.startswith("images: 40 images (not read: 1 hidden folder, 1 file hidden or not ")
+    assert summary["sets"]["images"]["source"] == {"files": [str(folder)]} and "reference" not in summary
     assert summary["sets"]["images"]["not_read"] == {"hidden_folders": 1, "other_files": 1}
     assert summary["ema"] is True  # --no-ema changes every number
     one = ok(invoke("score", "--run", run_dir, "--out", tmp_path / "one", *CPU, "--images", folder / "0000.png"))
-    assert re.match(r"images: 1 image, bpd \d+\.\d{4} \(one image, no error bar\)\n", one.stdout)
+    assert re.search(r"^images: 1 image, bpd \d+\.\d{4} \(one image, no error bar\)\n", one.stdout, re.M)
     one_summary = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert one_summary["sets"]["images"]["scores"]["bpd"]["stderr"] is None
 
@@ -246,13 +249,45 @@ def other_run(tmp_path_factory):
 @pytest.mark.parametrize("reference", ["run", "checkpoint"])
 def test_a_reference_run_gives_the_likelihood_ratio(run_dir, other_run, tmp_path, reference):
     path = other_run if reference == "run" else other_run / "checkpoints" / "last.pt"
-    rows, _ = score(run_dir, tmp_path, "--dataset", "digits", "--reference-run", path)
+    rows, summary = score(run_dir, tmp_path, "--dataset", "digits", "--reference-run", path)
+    assert summary["reference"] == {"checkpoint": str(other_run / "checkpoints" / "last.pt"), "step": 5}
+    assert summary["sets"]["images"]["source"] == {"dataset": "digits", "split": "test"}
     own, theirs = eval_json(run_dir), eval_json(other_run)
     assert len(rows) == own["n_images"] == 297
     bpd, reference_bpd = (np.array([float(r[key]) for r in rows]) for key in ("bpd", "reference_bpd"))
     assert bpd.mean() == pytest.approx(own["bpd"]) and reference_bpd.mean() == pytest.approx(theirs["bpd"])
     assert (bpd != reference_bpd).mean() > 0.9  # two models
     assert np.allclose([float(r["ratio"]) for r in rows], bpd - reference_bpd, atol=2e-6)  # 6 decimals in the CSV
+
+
+def test_options_that_would_change_nothing_are_said(run_dir, tmp_path):
+    with pytest.warns(UserWarning, match="^--n-bootstrap 50 has no effect without --batch-test$"):
+        ok(invoke("score", "--run", run_dir, "--out", tmp_path / "a", *CPU, "--dataset", "digits",
+                  "--n-bootstrap", "50"))
+    with pytest.warns(UserWarning, match="^--reference-run is the scored checkpoint itself: its likelihood ratio is 0"):
+        itself = ok(invoke("score", "--run", run_dir, "--out", tmp_path / "b", *CPU, "--dataset", "digits",
+                           "--reference-run", run_dir))
+    assert "; reference: " in itself.stdout.splitlines()[0]
+
+
+def test_a_folder_run_scores_its_own_held_out_split_as_eval_reads_it(tmp_path):
+    """Only --images could score a folder run's images, and passing its folder mixed training images in."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rng = np.random.default_rng(3)
+    for index in range(30):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(images / f"{index:02d}.png")
+    folder = ["data.dataset=folder", f"data.root={images}", "data.image_size=8", "data.channels=1",
+              "data.test_fraction=0.2", "train.batch_size=8", "train.init_batch_size=16"]
+    run = tmp_path / "run"
+    ok(invoke("fit", "--out", run, "--no-progress", *sets(*TINY_RUN, *folder)))
+    rows, summary = score(run, tmp_path / "scored", "--dataset", "folder")
+    evaluated = eval_json(run)
+    assert len(rows) == evaluated["n_images"] == 6 and summary["sets"]["images"]["source"]["dataset"] == "folder"
+    assert np.mean([float(r["bpd"]) for r in rows]) == pytest.approx(evaluated["bpd"], abs=1e-6)
+    assert all(Path(r["path"]).parent == images for r in rows)  # each held-out image named by its file
+    train_rows, _ = score(run, tmp_path / "train", "--dataset", "folder", "--split", "train")
+    assert len(train_rows) == 24 and not {r["path"] for r in rows} & {r["path"] for r in train_rows}
 
 
 def test_a_read_only_run_directory_scores_without_caching_the_typical_set(run_dir, tmp_path, monkeypatch):
@@ -366,8 +401,9 @@ def test_an_out_inside_a_folder_being_scored_is_refused_and_the_folder_left_alon
 def test_a_second_score_into_the_same_folder_is_refused_unless_overwrite_and_leaves_no_stale_file(
         run_dir, digit_files, tmp_path):
     out = tmp_path / "score"
-    score(run_dir, out, "--images", digit_files / "noise", "--against", digit_files / "digits",
-          "--reference-run", run_dir)
+    with pytest.warns(UserWarning, match="scored checkpoint itself"):  # a reference only to write hist_ratio.png
+        score(run_dir, out, "--images", digit_files / "noise", "--against", digit_files / "digits",
+              "--reference-run", run_dir)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert "hist_ratio.png" in before and json.loads(before["summary.json"])["sets"]["against"]["n_images"] == 297
     refused = invoke("score", "--run", run_dir, "--out", out, *CPU, "--images", digit_files / "digits")

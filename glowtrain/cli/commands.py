@@ -368,7 +368,8 @@ def score(
         "--images", metavar="PATH", help="Image files or folders to score (repeatable).")] = None,
     dataset: Annotated[str | None, typer.Option(
         "--dataset", metavar="NAME",
-            help="A built-in set instead of files: digits, mnist, fashion_mnist, cifar10, celeba.")] = None,
+            help="A built-in set instead of files: digits, mnist, fashion_mnist, cifar10, celeba; or folder, a "
+                 "folder run's own split as it trained on it.")] = None,
     split: Annotated[str | None, typer.Option("--split", metavar="test|train",
         help="The --dataset split: test (the default) or train.")] = None,
     against: Annotated[list[str] | None, typer.Option(
@@ -377,7 +378,8 @@ def score(
     reference_run: Annotated[str | None, typer.Option(
         "--reference-run", metavar="PATH", help="A second run (or checkpoint) for the likelihood-ratio score.")] = None,
     n_dequant: Annotated[int, typer.Option("--n-dequant", metavar="S",
-        help="Dequantisation draws to average over.")] = 1,
+        help="Dequantisation draws to average over (with one, an image's score moves a little with its place "
+             "among those scored; 16 or more steady it).")] = 1,
     batch_size: Annotated[int, typer.Option("--batch-size", metavar="N",
         help="Images scored at once (bounds memory).")] = 256,
     batch_test: Annotated[bool, typer.Option(
