@@ -56,7 +56,7 @@ from glowtrain.losses import reduce_bits
 from glowtrain.objective import Objective
 from glowtrain.ood_metrics import OOD_METRICS, ood_metrics, typicality_test
 from glowtrain.precision import full_float32
-from glowtrain.runs import check_writable, checked_files
+from glowtrain.runs import RunDir, check_writable, checked_files
 
 TRAIN_CACHE = "score_train_bpd.json"  # in the run directory: the training split's bits/dim for typicality
 TRAIN_CACHE_ENTRIES = 4  # typical sets kept there (checkpoints, --n-dequant values): switching back reuses one
@@ -121,6 +121,9 @@ def image_paths(sources: list[str], option: str = "--images", not_read: list[str
                                 f"{', '.join(IMAGE_EXTENSIONS)} or a folder of them") from None
         elif path.is_file():
             paths.append(str(path.absolute()))  # as find_images gives a folder's files: one form in scores.csv
+        elif any(mark in source for mark in "*?["):  # quoted, so the shell left the pattern to us
+            raise UserError(f"{option} {source}: no such file or folder, and patterns are not expanded here — pass "
+                            "their folder, or leave the pattern unquoted with the option before each file")
         else:
             raise UserError(f"{option} {source}: no such file or folder — pass image files or a folder of images")
     return each_file_once(paths)
@@ -535,10 +538,19 @@ def score_command(loaded: LoadedRun, images: list[str], dataset: str | None, spl
     if loaded.run_dir is not None and out_dir.resolve() == Path(loaded.run_dir).resolve():
         raise UserError(f"--out {out} is the run directory, where the scores would lie among the run's own files — "
                         "leave out --out (the default is <run>/score) or name a folder of their own")
+    _refuse_another_runs_folder(out_dir)
     for given in [*images, *against]:  # its histograms (PNG) would be among the images the next score reads
         refuse_output_among_images(out_dir, given, "the image folder given to score")
     refuse_output_among_training_images(out_dir, loaded.cfg.data)
     return score_sets(loaded, sets, out_dir, options, use_ema, reference)
+
+
+def _refuse_another_runs_folder(out_dir: Path) -> None:
+    """Scores among another run's files (its directory, or its checkpoints) would be taken for that run's."""
+    for folder, what in ((out_dir, "a run directory"), (out_dir.parent, "a run's folder")):
+        if RunDir(folder).is_run() and (folder == out_dir or out_dir.name in ("checkpoints", "samples", "tb")):
+            raise UserError(f"--out {out_dir} is {what}, where the scores would lie among that run's own files — "
+                            f"name a folder of their own (such as {folder / 'score'})")
 
 
 def report(summary: dict) -> tuple[list[str], list[str]]:

@@ -319,6 +319,18 @@ def test_an_out_that_is_a_file_is_refused_as_an_output_folder(run_dir, tmp_path)
     assert (tmp_path / "taken").read_text() == "mine"
 
 
+def test_an_out_in_another_runs_own_folders_is_refused(run_dir, other_run, tmp_path):
+    """Scores written into another run's directory or its checkpoints were taken for that run's files."""
+    for out, what in ((other_run, "a run directory"), (other_run / "checkpoints", "a run's folder"),
+                      (run_dir / "checkpoints", "a run's folder")):
+        before = sorted(p.name for p in out.iterdir())
+        result = invoke("score", "--run", run_dir, "--dataset", "digits", "--out", out, *CPU)
+        assert_one_line_error(result, 2, f"--out {out} is {what}, where the scores would lie among that run's own "
+                              "files", "such as")
+        assert sorted(p.name for p in out.iterdir()) == before
+    ok(invoke("score", "--run", run_dir, "--dataset", "digits", "--out", other_run / "score-of-tiny", *CPU))
+
+
 def test_an_out_that_is_the_run_directory_is_refused(run_dir):
     """Its scores.csv, summary.json and ten histograms went into the run's root, beside config.yaml."""
     before = sorted(path.name for path in run_dir.iterdir())
@@ -363,7 +375,8 @@ def test_a_reference_run_of_another_quantisation_is_refused(run_dir, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     ((), "give the images to score"),
     (("--dataset", "digits", "--images", "x"), "not both"),
-    (("--images", "does/not/exist"), "does/not/exist: no such file or folder"),
+    (("--images", "does/not/exist"), "does/not/exist: no such file or folder — pass image files or a folder"),
+    (("--images", "imgs/00*.png"), "imgs/00*.png: no such file or folder, and patterns are not expanded here"),
     (("--dataset", "folder"), "not a built-in set"),
     (("--dataset", "cifar10"), "does not come in this model's 1x8x8 images"),
     (("--dataset", "mnist"), "put its files there, or pass a folder of its images with --images"),
