@@ -123,7 +123,7 @@ def image_paths(sources: list[str], option: str = "--images", not_read: list[str
             paths.append(str(path.absolute()))  # as find_images gives a folder's files: one form in scores.csv
         elif any(mark in source for mark in "*?["):  # quoted, so the shell left the pattern to us
             raise UserError(f"{option} {source}: no such file or folder, and patterns are not expanded here — pass "
-                            "their folder, or leave the pattern unquoted with the option before each file")
+                            f"the files' folder, or each file after its own {option}")
         else:
             raise UserError(f"{option} {source}: no such file or folder — pass image files or a folder of images")
     return each_file_once(paths)
