@@ -573,6 +573,9 @@ def report(summary: dict) -> tuple[list[str], list[str]]:
         lines.append(f"{role}: {n:,} image{'s' * (n != 1)}{ignored}, bpd {mean_text(bpd['mean'], bpd['stderr'])}"
                      + (f"; converted to the run's images: {converted}" if converted else ""))
     if "ood" in summary:
+        n_in, n_out = (summary["sets"][role]["n_images"] for role in ("images", "against"))
+        lines.append(f"out-of-distribution metrics from {n_in:,} --images and {n_out:,} --against image"
+                     f"{'s' * (n_out != 1)}:")  # a figure from a handful of images is a rough one
         lines.append(ood_table(summary))
     for role, test in summary.get("batch_test", {}).items():
         if test["p_value"] is None:

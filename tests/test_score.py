@@ -185,6 +185,7 @@ def test_against_the_same_images_gives_auroc_one_half_and_against_noise_the_tabl
     assert summary["ood"]["png_bpd"]["higher_is_ood"]["auroc"] > 0.9  # noise does not compress
     assert summary["batch_test"]["against"]["p_value"] == pytest.approx(1 / 100)
     assert "AUROC" in result.stdout and "typicality test, against" in result.stdout
+    assert "out-of-distribution metrics from 297 --images and 40 --against images:\nscore " in result.stdout
     with Image.open(tmp_path / "noise" / "hist_bpd.png") as picture:
         assert picture.format == "PNG" and picture.size == (520, 300)
 
