@@ -21,6 +21,9 @@ Sections (each runs in its own process and prints one JSON line when it finishes
               saving, and the largest batch each allows on this device
   ddp         DistributedDataParallel over NCCL (gloo on CPU) at world size 1 against plain training
   resume      an interrupted-and-resumed run against an uninterrupted one, default and deterministic mode
+  tests       the suite's device tests on the device (GLOWTRAIN_TEST_DEVICE): passed, failed and which; a test
+              still running after 120 s prints every thread's stack (a hang shows where it waits), and the
+              deadline ends the run with SIGKILL, never the SIGTERM a run under test would save on
 
 All sections share one deadline (--deadline seconds from the start): a section still running then is
 stopped and reported as such, so partial results always come back. Compiled throughput compiles in the
@@ -46,6 +49,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -87,6 +91,7 @@ QUICK = {
 FOREGROUND = [
     ("env", ""),
     ("throughput", "eager-tf32"), ("throughput", "eager-bf16"), ("throughput", "eager-fp32"),
+    ("tests", ""),
     ("exact64", ""), ("mix64", ""), ("roundtrip", ""),
     ("fit", "adamax"), ("fit", "adam"),
     ("memory", ""), ("ddp", ""),
@@ -755,8 +760,27 @@ def section_resume(args, device, sizes) -> dict:
             "max_weight_difference": max(differences), "three_runs_s": time.perf_counter() - start}
 
 
-SECTION_FUNCTIONS = {"env": section_env, "throughput": section_throughput, "exact64": section_exact64,
-                     "mix64": section_mix64,
+DEVICE_TESTS = ["tests/test_on_device.py", "tests/test_checkpoint.py", "tests/test_optim.py"]
+
+
+def section_tests(args, device, sizes) -> dict:
+    """The device tests in a pytest of their own (a hang is killed with this section's process group)."""
+    chosen = ["tests/test_optim.py", "-k", "host_memory or bit_for_bit"] if args.quick else DEVICE_TESTS
+    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-o", "faulthandler_timeout=120",
+               "-o", "log_level=WARNING", "--show-capture=no", *chosen]
+    env = {**os.environ, "GLOWTRAIN_TEST_DEVICE": str(device), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    output = done.stdout + done.stderr
+    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|error)", output.splitlines()[-1]
+                                                            if output.strip() else "")}
+    failures = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
+    return {"exit_code": done.returncode, "passed": counts.get("passed", 0), "failed": counts.get("failed", 0),
+            "errors": counts.get("error", 0), "skipped": counts.get("skipped", 0), "failures": failures,
+            "tests": chosen, "tail": output[-3000:] if done.returncode else ""}
+
+
+SECTION_FUNCTIONS = {"env": section_env, "tests": section_tests, "throughput": section_throughput,
+                     "exact64": section_exact64, "mix64": section_mix64,
                      "roundtrip": section_roundtrip, "fit": section_fit, "memory": section_memory,
                      "ddp": section_ddp, "resume": section_resume}
 
@@ -876,6 +900,9 @@ def headline(row: dict) -> str:
         if "sample_images_per_s_t07" in row:
             text += f", sampling {row['sample_images_per_s_t07']:.0f} img/s"
         return text
+    if s == "tests":
+        failed = f", {row['failed']} failed ({', '.join(row['failures'])})" if row["failures"] else ""
+        return f"{row['passed']} passed{failed}, {row['skipped']} skipped (exit {row['exit_code']})"
     if s == "exact64":
         return f"log-det error {row['max_logdet_error']:.1e}, inverse error {row['max_inverse_error']:.1e}"
     if s == "mix64":

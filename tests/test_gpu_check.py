@@ -19,8 +19,10 @@ def test_every_section_runs_tiny_on_the_cpu_and_reports_sane_figures(tmp_path):
     rows = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [(r["section"], r["variant"]) for r in rows] == _gpu_check().FOREGROUND  # in order, two at a time
     by_name = {(r["section"], r["variant"]): r for r in rows}
-    assert {s for s, _ in by_name} == {"env", "throughput", "exact64", "mix64", "roundtrip", "fit", "memory", "ddp",
-                                      "resume"}
+    assert {s for s, _ in by_name} == {"env", "throughput", "tests", "exact64", "mix64", "roundtrip", "fit", "memory",
+                                      "ddp", "resume"}
+    tests = by_name[("tests", "")]  # the device tests in a pytest of their own, counted
+    assert tests["passed"] > 0 and tests["failed"] == tests["errors"] == 0 and tests["exit_code"] == 0
     assert by_name[("mix64", "")]["float64_ms_per_step"] > 0
     assert all(r["status"] == "ok" for r in rows)
     assert by_name[("exact64", "")]["max_logdet_error"] < 1e-8
