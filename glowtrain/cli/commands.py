@@ -10,7 +10,7 @@ import shlex
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -53,7 +53,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
                                                     help="Print the version and exit.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
 ) -> None:
@@ -64,15 +64,15 @@ def _root(
 @app.command()
 @process.errors_to_exit_codes
 def fit(
-    config: Annotated[str | None, typer.Option(
+    config: Annotated[Optional[str], typer.Option(
         "--config", "-c", metavar="PATH", help="YAML config; default: bundled digits.")] = None,
-    set_: Annotated[list[str] | None, typer.Option(
+    set_: Annotated[Optional[list[str]], typer.Option(
         "--set", "-s", metavar="KEY=VALUE", help="Override a key: --set train.lr=5e-4 (repeatable).")] = None,
-    resume: Annotated[str | None, typer.Option(
+    resume: Annotated[Optional[str], typer.Option(
         "--resume", metavar="auto|if-any|PATH",
         help="'auto' (the run's last.pt), 'if-any' (auto when there is one), a checkpoint path, or a run "
              "directory (its last.pt).")] = None,
-    out: Annotated[str | None, typer.Option("--out", "-o", metavar="DIR",
+    out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="DIR",
         help="Run directory; default runs/<run.name>.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
     nproc: Annotated[int, typer.Option("--nproc", metavar="N",
@@ -119,9 +119,9 @@ def fit(
 
 
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars (stderr).")]
-RunOption = Annotated[str | None, typer.Option("--run", metavar="DIR",
+RunOption = Annotated[Optional[str], typer.Option("--run", metavar="DIR",
     help="Run directory; default: the most recent under runs/.")]
-CheckpointOption = Annotated[str | None, typer.Option("--checkpoint", metavar="PATH",
+CheckpointOption = Annotated[Optional[str], typer.Option("--checkpoint", metavar="PATH",
     help="A checkpoint file instead of a run.")]
 DeviceOption = Annotated[str, typer.Option("--device", metavar="DEVICE",
     help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")]
@@ -132,7 +132,7 @@ SeedOption = Annotated[int, typer.Option("--seed", metavar="N", min=0, max=2**32
 UnusedSeedOption = Annotated[int, typer.Option("--seed", metavar="N", min=0, max=2**64 - 1, hidden=True,
     help="No effect: this command's output does not depend on a seed.")]
 NoEmaOption = Annotated[bool, typer.Option("--no-ema", metavar="", help="Use the raw weights instead of the EMA.")]
-OutOption = Annotated[str | None, typer.Option("--out", "-o", metavar="DIR",
+OutOption = Annotated[Optional[str], typer.Option("--out", "-o", metavar="DIR",
     help="Output folder; default <run>/samples.")]
 PictureOverwriteOption = Annotated[bool, typer.Option(
     "--overwrite", metavar="", help="Replace the picture of an earlier identical call instead of refusing.")]
@@ -140,7 +140,7 @@ TensorboardOption = Annotated[bool, typer.Option("--tensorboard", metavar="",
                                                  help="Also add the images to the run's TensorBoard.")]
 
 
-DataOption = Annotated[str | None, typer.Option("--data", metavar="DIR",
+DataOption = Annotated[Optional[str], typer.Option("--data", metavar="DIR",
     help="Where the run's data is on this machine: its image folder or dataset root, or a prepared cache; "
          "default: where it was trained.")]
 
@@ -196,11 +196,11 @@ def _print_json(result: dict) -> None:
 def sample(
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
-    temp: Annotated[list[str] | None, typer.Option(
+    temp: Annotated[Optional[list[str]], typer.Option(
         "--temp", "-t", metavar="T[,T...]",
         help="Temperature(s): repeatable or comma-separated (--temp 0.5,0.7); default 0.7.")] = None,
     n: Annotated[int, typer.Option("--n", metavar="N", help="Images per temperature.")] = 64,
-    class_: Annotated[list[str] | None, typer.Option(
+    class_: Annotated[Optional[list[str]], typer.Option(
         "--class", metavar="K[,K...]",
         help="Class for a class-conditional model, by number or name: repeated or comma-separated.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", metavar="N",
@@ -259,7 +259,7 @@ def eval_(
     split: Annotated[str, typer.Option("--split", metavar="test|train", help="test or train.")] = "test",
     n_dequant: Annotated[int, typer.Option("--n-dequant", metavar="S",
         help="Dequantisation draws to average over.")] = 1,
-    batch_size: Annotated[int | None, typer.Option(
+    batch_size: Annotated[Optional[int], typer.Option(
         "--batch-size", metavar="N", help="Images per batch; default train.eval_batch_size.")] = None,
     device: DeviceOption = "auto",
     seed: UnusedSeedOption = 0,
@@ -329,13 +329,13 @@ def interpolate(
 def manipulate(
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
-    attribute: Annotated[str | None, typer.Option("--attribute", metavar="NAME",
+    attribute: Annotated[Optional[str], typer.Option("--attribute", metavar="NAME",
         help="CelebA attribute, e.g. Smiling.")] = None,
-    from_class: Annotated[str | None, typer.Option("--from-class", metavar="K",
+    from_class: Annotated[Optional[str], typer.Option("--from-class", metavar="K",
         help="Class to move away from, by number or name.")] = None,
-    to_class: Annotated[str | None, typer.Option("--to-class", metavar="K",
+    to_class: Annotated[Optional[str], typer.Option("--to-class", metavar="K",
         help="Class to move towards, by number or name.")] = None,
-    alphas: Annotated[list[str] | None, typer.Option(
+    alphas: Annotated[Optional[list[str]], typer.Option(
         "--alphas", metavar="A[,A...]",
         help="Step sizes along the direction: comma-separated or repeated; default -1,0,1,2.")] = None,
     n: Annotated[int, typer.Option("--n", metavar="N", help="Test images to manipulate, one row each.")] = 8,
@@ -364,18 +364,18 @@ def manipulate(
 def score(
     run: RunOption = None,
     checkpoint: CheckpointOption = None,
-    images: Annotated[list[str] | None, typer.Option(
+    images: Annotated[Optional[list[str]], typer.Option(
         "--images", metavar="PATH", help="Image files or folders to score (repeatable).")] = None,
-    dataset: Annotated[str | None, typer.Option(
+    dataset: Annotated[Optional[str], typer.Option(
         "--dataset", metavar="NAME",
             help="A built-in set instead of files: digits, mnist, fashion_mnist, cifar10, celeba; or folder, a "
                  "folder run's own split as it trained on it.")] = None,
-    split: Annotated[str | None, typer.Option("--split", metavar="test|train",
+    split: Annotated[Optional[str], typer.Option("--split", metavar="test|train",
         help="The --dataset split: test (the default) or train.")] = None,
-    against: Annotated[list[str] | None, typer.Option(
+    against: Annotated[Optional[list[str]], typer.Option(
         "--against", metavar="PATH",
             help="A second set of files or folders, treated as out-of-distribution (repeatable).")] = None,
-    reference_run: Annotated[str | None, typer.Option(
+    reference_run: Annotated[Optional[str], typer.Option(
         "--reference-run", metavar="PATH", help="A second run (or checkpoint) for the likelihood-ratio score.")] = None,
     n_dequant: Annotated[int, typer.Option("--n-dequant", metavar="S",
         help="Dequantisation draws to average over (with one, an image's score moves a little with its place "
@@ -389,7 +389,7 @@ def score(
     on_bad_image: Annotated[str, typer.Option(
         "--on-bad-image", metavar="skip|error",
             help="skip or error for unreadable files; default: the run's data.on_bad_image.")] = "",
-    out: Annotated[str | None, typer.Option("--out", "-o", metavar="DIR",
+    out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="DIR",
         help="Output folder; default <run>/score.")] = None,
     device: DeviceOption = "auto",
     no_ema: NoEmaOption = False,
@@ -424,11 +424,11 @@ def score(
 @app.command()
 @process.errors_to_exit_codes
 def info(
-    config: Annotated[str | None, typer.Option(
+    config: Annotated[Optional[str], typer.Option(
         "--config", "-c", metavar="PATH", help="YAML config; default: bundled digits.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", "-s", metavar="KEY=VALUE",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE",
         help="Override a key (repeatable).")] = None,
-    run: Annotated[str | None, typer.Option("--run", metavar="DIR",
+    run: Annotated[Optional[str], typer.Option("--run", metavar="DIR",
         help="Describe a trained run instead of a config.")] = None,
 ) -> None:
     """Parameters per level, latent shapes, dimensionality, multiply-adds per image and the resolved config."""
@@ -477,11 +477,11 @@ def info(
 @app.command()
 @process.errors_to_exit_codes
 def prepare(
-    config: Annotated[str | None, typer.Option(
+    config: Annotated[Optional[str], typer.Option(
         "--config", "-c", metavar="PATH", help="YAML config whose data section to cache.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", "-s", metavar="KEY=VALUE",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="KEY=VALUE",
         help="Override a key (repeatable).")] = None,
-    out: Annotated[str | None, typer.Option(
+    out: Annotated[Optional[str], typer.Option(
         "--out", "-o", metavar="DIR",
             help="Cache directory to write; default <data.root>/glowtrain-cache-<dataset>-<size>px, "
                             "inside the image folder.")] = None,
