@@ -215,16 +215,6 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _restore_random_states(saved: dict) -> None:
-    """torch's global generators as the checkpoint left them: training draws from its own seeded generators, but a
-    Trainer subclass's code (dropout, say) may use these. Each GPU saved that is here gets its own state back."""
-    torch.set_rng_state(saved["torch"].cpu())
-    on_gpus = saved.get("cuda") or []
-    if on_gpus and torch.cuda.is_available():
-        for index, generator_state in enumerate(on_gpus[:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(generator_state.cpu(), index)
-
-
 def _check_optimizer(state: dict, cfg: Config, source: Path) -> None:
     saved = state.get("config", {}).get("train", {}).get("optimizer", cfg.train.optimizer)
     if saved != cfg.train.optimizer:
@@ -345,7 +335,7 @@ class Trainer:
         return state
 
     def restore(self, path: Path, state: dict | None = None) -> dict:
-        """Weights, optimiser moments, training state and the random states from a checkpoint (returned;
+        """Weights, optimiser moments, training state and the CPU random state from a checkpoint (returned;
         `state`: the checkpoint at `path` if loaded already)."""
         state = load_checkpoint(path) if state is None else state
         _check_optimizer(state, self.cfg, path)
@@ -358,7 +348,7 @@ class Trainer:
         changed = settings_changed_on_resume(self.trained_config, self.cfg)
         if changed and self.state.step < self.cfg.train.steps:  # one that trains nothing uses none of them
             self.notes.append(f"note: this resume trains with {', '.join(changed)}")
-        _restore_random_states(state["rng"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
         return state
 
     def _check_classes_unchanged(self) -> None:

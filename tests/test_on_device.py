@@ -212,17 +212,6 @@ def test_load_run_on_the_test_device_encodes_decodes_scores_and_samples_there(re
     assert torch.equal(run.sample(3, seed=1), run.sample(3, seed=1))
 
 
-@pytest.mark.skipif(TEST_DEVICE.type != "cuda", reason="a CPU's checkpoint holds no GPU generator states")
-def test_a_resume_on_the_gpu_restores_its_generator_state(runs, device):
-    from glowtrain.train import _restore_random_states
-
-    _, _, split = runs
-    saved = load_checkpoint(split / "checkpoints" / "last.pt")["rng"]
-    torch.cuda.manual_seed_all(12345)
-    _restore_random_states(saved)
-    assert saved["cuda"] and torch.equal(torch.cuda.get_rng_state(device), saved["cuda"][device.index or 0])
-
-
 def _cuda_syncs(work) -> list[str]:
     """Where `work()` makes the host wait for the GPU: the innermost function of the package in each sync that
     CUDA's sync debug mode reports (blocking copies either way, reads of values), "outside" for one elsewhere."""

@@ -546,25 +546,6 @@ def test_more_data_workers_than_the_cpus_allow_are_said_and_not_started(tmp_path
     assert "data.n_workers" not in capsys.readouterr().out
 
 
-def test_a_resume_gives_torchs_global_generators_back_the_states_the_checkpoint_saved(monkeypatch):
-    from glowtrain.train import _restore_random_states
-
-    torch.manual_seed(1)
-    saved_cpu, expected = torch.get_rng_state(), torch.rand(3)
-    torch.manual_seed(2)
-    restored = {}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # one GPU here, two saved
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.setdefault(index, state))
-    on_gpus = [torch.arange(4, dtype=torch.uint8), torch.arange(4, 8, dtype=torch.uint8)]
-    _restore_random_states({"torch": saved_cpu, "cuda": on_gpus})
-    assert torch.equal(torch.rand(3), expected)
-    assert list(restored) == [0] and torch.equal(restored[0], on_gpus[0])
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # saved on a GPU, resumed on a CPU
-    _restore_random_states({"torch": saved_cpu, "cuda": on_gpus[1:]})
-    assert list(restored) == [0]
-
-
 def test_a_resume_names_each_training_setting_it_changes(tmp_path, capsys):
     """A resume with the same --config quietly undid the run's --set train.lr and warmup_steps (a config sets every
     key it holds): the lr in the log changed with no word."""
