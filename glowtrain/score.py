@@ -134,7 +134,7 @@ def file_set(role: str, sources: list[str], loaded: LoadedRun, on_bad_image: str
     not_read: list[str] = []
     paths = image_paths(sources, "--images" if role == "images" else "--against", not_read)
     image_set = ImageSet(role, paths, lambda batch_size: iter(()), not_read=sorted(set(not_read)),
-                         source={"files": [os.path.abspath(given) for given in sources]})
+                         source={"files": [os.path.abspath(os.path.expanduser(given)) for given in sources]})
     policy = on_bad_image or loaded.cfg.data.on_bad_image
 
     def batches(batch_size: int) -> Iterator[Batch]:
@@ -171,9 +171,11 @@ def dataset_set(role: str, name: str, split: str, loaded: LoadedRun) -> ImageSet
     if split not in ("test", "train"):
         raise UserError(f"--split must be 'test' or 'train', got {split!r}")
     built_in = [d for d in DATASETS if d != "folder"]
-    if name not in built_in and name != loaded.cfg.data.dataset:  # the run's own folder: its split, as eval reads it
-        raise UserError(f"--dataset {name!r} is not a built-in set; choose one of {', '.join(built_in)}, the run's "
-                        f"own {loaded.cfg.data.dataset}, or pass a folder with --images")
+    own = loaded.cfg.data.dataset
+    if name not in built_in and name != own:  # the run's own folder: its split, as eval reads it
+        also = "" if own in built_in else f", the run's own {own}"
+        raise UserError(f"--dataset {name!r} is not a built-in set; choose one of {', '.join(built_in)}{also}, "
+                        "or pass a folder with --images")
     data = loaded.cfg.data
     if name != data.dataset:
         data = replace(data, dataset=name, cache="", channels=FIXED_CHANNELS.get(name, data.channels))
@@ -455,10 +457,12 @@ def score_sets(loaded: LoadedRun, sets: list[ImageSet], out_dir: Path, options: 
     except BaseException:
         remove_if_empty(made)  # a score that failed leaves no empty --out behind
         raise
-    summary = {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "ema": use_ema,
+    # Which weights scored: a run trained without EMA (train.ema_decay=0) has only the raw ones.
+    summary = {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "ema": loaded.used_ema,
                "n_dequant": options.n_dequant, "entropy_bpd": entropy, "sets": {}}
     if reference is not None:
-        summary["reference"] = {"checkpoint": str(reference.checkpoint), "step": reference.step}
+        summary["reference"] = {"checkpoint": str(reference.checkpoint), "step": reference.step,
+                                "ema": reference.used_ema}
     for image_set in sets:
         values = scores[image_set.role]
         hidden_folders, other_files = ignored_counts(image_set.not_read)
@@ -504,11 +508,11 @@ _LIKELIHOODS = {"bpd": ("the model's", "the OOD metrics and typicality test"),
 
 def _scored_with(summary: dict) -> str:
     """The line that says which model scored (and, for the likelihood ratio, against which)."""
-    weights = "EMA" if summary["ema"] else "raw"
-    line = f"model: {summary['checkpoint']} at step {summary['step']:,} ({weights} weights)"
-    if reference := summary.get("reference"):
-        line += f"; reference: {reference['checkpoint']} at step {reference['step']:,}"
-    return line
+    def described(part: dict) -> str:
+        return f"{part['checkpoint']} at step {part['step']:,} ({'EMA' if part['ema'] else 'raw'} weights)"
+
+    line = f"model: {described(summary)}"
+    return line + (f"; reference: {described(summary['reference'])}" if "reference" in summary else "")
 
 
 def _figure(value: float | None) -> str:
@@ -550,7 +554,8 @@ def _refuse_another_runs_folder(out_dir: Path) -> None:
     for folder, what in ((out_dir, "a run directory"), (out_dir.parent, "a run's folder")):
         if RunDir(folder).is_run() and (folder == out_dir or out_dir.name in ("checkpoints", "samples", "tb")):
             raise UserError(f"--out {out_dir} is {what}, where the scores would lie among that run's own files — "
-                            f"name a folder of their own (such as {folder / 'score'})")
+                            "leave out --out (the default is the scored run's score folder) or name a folder of "
+                            "their own")
 
 
 def report(summary: dict) -> tuple[list[str], list[str]]:

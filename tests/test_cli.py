@@ -165,7 +165,7 @@ def test_fit_whose_output_reader_leaves_trains_on_and_saves(tmp_path):
     assert load_checkpoint(tmp_path / "both" / "checkpoints" / "last.pt")["step"] == 12
 
 
-def test_the_command_says_each_warning_once_in_one_line_naming_its_library(monkeypatch, capsys):
+def test_the_command_says_each_warning_once_in_one_line_naming_its_library(monkeypatch, capsys, tmp_path):
     from glowtrain.cli import process
 
     monkeypatch.setattr(process, "warned", set())
@@ -181,6 +181,11 @@ def test_the_command_says_each_warning_once_in_one_line_naming_its_library(monke
     for place, origin in (("/usr/lib/python3/dist-packages/PIL/Image.py", " (PIL)"), ("<frozen importlib>", ""),
                           ("/home/u/notebook_helpers.py", " (notebook_helpers)")):
         assert process.warning_origin(place) == origin
+    installed = tmp_path / "lib" / "python3.12" / "site-packages" / "glowtrain"  # pip install . (the Docker image)
+    with monkeypatch.context() as patched:
+        patched.setattr(process, "__file__", str(installed / "cli" / "process.py"))
+        assert process.warning_origin(str(installed / "train.py")) == ""
+        assert process.warning_origin(str(installed.parent / "torch" / "serialization.py")) == " (torch)"
     for rank, said in (("1", ""), ("0", "warning: another\n")):  # torchrun's processes: rank 0 speaks for the job
         monkeypatch.setenv("RANK", rank)
         process.one_line_warning(UserWarning("another"), UserWarning, ours, 3)

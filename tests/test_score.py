@@ -251,7 +251,7 @@ def other_run(tmp_path_factory):
 def test_a_reference_run_gives_the_likelihood_ratio(run_dir, other_run, tmp_path, reference):
     path = other_run if reference == "run" else other_run / "checkpoints" / "last.pt"
     rows, summary = score(run_dir, tmp_path, "--dataset", "digits", "--reference-run", path)
-    assert summary["reference"] == {"checkpoint": str(other_run / "checkpoints" / "last.pt"), "step": 5}
+    assert summary["reference"] == {"checkpoint": str(other_run / "checkpoints" / "last.pt"), "step": 5, "ema": True}
     assert summary["sets"]["images"]["source"] == {"dataset": "digits", "split": "test"}
     own, theirs = eval_json(run_dir), eval_json(other_run)
     assert len(rows) == own["n_images"] == 297
@@ -269,6 +269,24 @@ def test_options_that_would_change_nothing_are_said(run_dir, tmp_path):
         itself = ok(invoke("score", "--run", run_dir, "--out", tmp_path / "b", *CPU, "--dataset", "digits",
                            "--reference-run", run_dir))
     assert "; reference: " in itself.stdout.splitlines()[0]
+
+
+def test_a_run_without_ema_is_said_to_score_its_raw_weights(tmp_path, monkeypatch):
+    run = tmp_path / "raw"
+    ok(invoke("fit", "--out", run, "--no-progress", *sets(*TINY_RUN, "train.ema_decay=0")))
+    monkeypatch.setenv("HOME", str(tmp_path))  # `~` in --images is the home folder, and recorded so
+    shutil.copytree(build_folder_of_digits(tmp_path / "home_digits"), tmp_path / "digits")
+    result = ok(invoke("score", "--run", run, "--out", tmp_path / "s", *CPU, "--images", "~/digits"))
+    assert result.stdout.splitlines()[0].endswith("(raw weights)")
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["ema"] is False and summary["sets"]["images"]["source"] == {"files": [str(tmp_path / "digits")]}
+
+
+def build_folder_of_digits(folder: Path) -> Path:
+    folder.mkdir()
+    for index, image in enumerate(build_dataset(DataConfig(), "test").images[:6, 0].numpy()):
+        Image.fromarray(image, "L").save(folder / f"{index}.png")
+    return folder
 
 
 def test_a_folder_run_scores_its_own_held_out_split_as_eval_reads_it(tmp_path):
@@ -327,7 +345,7 @@ def test_an_out_in_another_runs_own_folders_is_refused(run_dir, other_run, tmp_p
         before = sorted(p.name for p in out.iterdir())
         result = invoke("score", "--run", run_dir, "--dataset", "digits", "--out", out, *CPU)
         assert_one_line_error(result, 2, f"--out {out} is {what}, where the scores would lie among that run's own "
-                              "files", "such as")
+                              "files", "leave out --out")
         assert sorted(p.name for p in out.iterdir()) == before
     ok(invoke("score", "--run", run_dir, "--dataset", "digits", "--out", other_run / "score-of-tiny", *CPU))
 

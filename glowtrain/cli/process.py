@@ -275,13 +275,13 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None) 
 
 def warning_origin(filename: str) -> str:
     """' (torch)' for a warning raised in an installed package, '' for glowtrain's own or an unknown place."""
+    ours = Path(__file__).resolve().parents[1]  # the glowtrain package: installed, it is in site-packages too
+    if not filename or filename.startswith("<") or Path(filename).resolve().is_relative_to(ours):
+        return ""
     parts = Path(filename).parts
     for installed in ("site-packages", "dist-packages"):
         if installed in parts[:-1]:
             return f" ({parts[parts.index(installed) + 1].removesuffix('.py')})"
-    ours = Path(__file__).resolve().parents[1]  # the glowtrain package
-    if not filename or filename.startswith("<") or Path(filename).resolve().is_relative_to(ours):
-        return ""
     return f" ({Path(filename).stem})"
 
 
