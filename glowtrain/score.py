@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from glowtrain.analysis import run_dataset
 from glowtrain.checkpoint import LoadedRun
 from glowtrain.config import FIXED_CHANNELS
 from glowtrain.data import DATASETS, build_dataset, image_shape, training_crop
@@ -187,7 +188,8 @@ def dataset_set(role: str, name: str, split: str, loaded: LoadedRun) -> ImageSet
         raise UserError(f"--dataset {name} does not come in this model's {'x'.join(map(str, loaded.model.image_shape))}"
                         " images — save the images to a folder and pass it with --images")
     try:
-        dataset = build_dataset(data, split, checked_files(loaded.run_dir) if data == loaded.cfg.data else None)
+        # The run's own data as eval reads it (its labels checked against the classes the model learnt).
+        dataset = run_dataset(loaded, split) if data == loaded.cfg.data else build_dataset(data, split)
     except MissingData as e:
         if name == loaded.cfg.data.dataset:
             raise  # the run's own data: --data says where it is now
