@@ -771,12 +771,17 @@ def section_tests(args, device, sizes) -> dict:
     env = {**os.environ, "GLOWTRAIN_TEST_DEVICE": str(device), "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     output = done.stdout + done.stderr
-    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|error)", output.splitlines()[-1]
-                                                            if output.strip() else "")}
-    failures = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
-    return {"exit_code": done.returncode, "passed": counts.get("passed", 0), "failed": counts.get("failed", 0),
-            "errors": counts.get("error", 0), "skipped": counts.get("skipped", 0), "failures": failures,
-            "tests": chosen, "tail": output[-3000:] if done.returncode else ""}
+    return {"exit_code": done.returncode, **pytest_outcome(output), "tests": chosen,
+            "tail": output[-3000:] if done.returncode else ""}
+
+
+def pytest_outcome(output: str) -> dict:
+    """What a pytest run with -rfE says at its end: the counts of its last line and the failed tests' ids."""
+    last = next((line for line in reversed(output.splitlines()) if re.search(r"\d+ (passed|failed)", line)), "")
+    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|error)", last)}
+    failures = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", output, re.M)  # ids may hold spaces: [a, b]
+    return {"passed": counts.get("passed", 0), "failed": counts.get("failed", 0), "errors": counts.get("error", 0),
+            "skipped": counts.get("skipped", 0), "failures": failures}
 
 
 SECTION_FUNCTIONS = {"env": section_env, "tests": section_tests, "throughput": section_throughput,

@@ -83,3 +83,16 @@ def test_the_summary_of_host_reads_names_every_quiet_step_place_however_rare():
     assert "setup: x.py:19" in summary["places"] and "logging/eval step: train.py:1 read" not in summary["places"]
     assert len(summary["places"]) == 12 and summary["quiet_steps_with_syncs"] == [0]  # the commonest 11 beside it
     assert summary["per_quiet_step"] == 1 / 4 and summary["total"] == len(events)
+
+
+def test_the_tests_section_reads_pytests_counts_and_failures_from_a_real_gpu_run():
+    """The H200's run of the device tests at ee96e50 (results/): 36 passed, 2 failed, each named."""
+    output = (SCRIPT.parents[1] / "results" / "pytest_cuda_h200_ee96e50.txt").read_text()
+    outcome = _gpu_check().pytest_outcome(output)
+    assert outcome == {"passed": 36, "failed": 2, "errors": 0, "skipped": 0, "failures": [
+        "tests/test_on_device.py::test_cuda_graphs_train_as_eager_does_on_the_test_device[whole model, accumulating]",
+        "tests/test_checkpoint.py::test_save_checkpoint_writes_a_loadable_file_and_leaves_no_temporary_files"]}
+    assert _gpu_check().pytest_outcome("") == {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failures": []}
+    reasons = "FAILED tests/a.py::test_b[x, y] - AssertionError: no\n1 failed, 2 passed, 1 skipped in 3.00s\n"
+    assert _gpu_check().pytest_outcome(reasons) == {"passed": 2, "failed": 1, "errors": 0, "skipped": 1,
+                                                    "failures": ["tests/a.py::test_b[x, y]"]}
