@@ -569,8 +569,6 @@ def _resize(images: Tensor, size: int, chunk: int = 4096) -> Tensor:
     return torch.cat(out)
 
 
-
-
 def _celeba_official_root(data_cfg) -> Path | None:
     """<root>/celeba when it holds the official layout (images + partition file), else None."""
     celeba = Path(data_cfg.root).expanduser().absolute() / "celeba"

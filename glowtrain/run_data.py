@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from glowtrain.data import SPLITS, data_summary, skipped_warning, stale_cache_warning, unread_root_warning
 from glowtrain.errors import UserError
-from glowtrain.files import read_json, write_json
+from glowtrain.files import write_json
 from glowtrain.folders import fingerprint_differs
 from glowtrain.runs import RunDir, recorded_data_of
 
@@ -64,7 +64,7 @@ def data_changed_warning(recorded: dict | None, split: str, dataset) -> str | No
 
 def recorded_data(run: RunDir, resumed_from: RunDir | None = None) -> dict | None:
     """The data.json a run keeps; for a run resumed into a new folder, that of the checkpoint's own run."""
-    return read_json(run.data_record) or (recorded_data_of(resumed_from.path) if resumed_from else None)
+    return recorded_data_of(run.path) or (recorded_data_of(resumed_from.path) if resumed_from else None)
 
 
 def check_class_names(recorded: dict | None, dataset, where, fix: str) -> None:

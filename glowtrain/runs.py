@@ -552,5 +552,4 @@ def resolve_checkpoint(run: str | None = None, checkpoint: str | None = None, wh
 
 
 def _holds_images(folder: Path, look_at: int = 1000) -> bool:
-
     return any(path.suffix.lower() in IMAGE_EXTENSIONS for path in itertools.islice(folder.rglob("*"), look_at))
