@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -373,7 +373,12 @@ def run_local_job(n_processes: int, args: list[str], quiet: bool = True, pid_fol
         logger.propagate = False
         logger.addHandler(silent)
     try:
-        torchrun.run(torchrun.parse_args(torchrun_arguments(n_processes, args)))
+        with _rendezvous_handlers_made() as rendezvous:
+            try:
+                torchrun.run(torchrun.parse_args(torchrun_arguments(n_processes, args)))
+            except SignalException:
+                _close(rendezvous)
+                raise
         return JobEnd({}, False)
     except ChildFailedError as e:
         return JobEnd({rank: failure.exitcode for rank, failure in e.failures.items()}, False)
@@ -388,3 +393,32 @@ def run_local_job(n_processes: int, args: list[str], quiet: bool = True, pid_fol
             logger.propagate = propagate
         if torchruns_handler is not None:
             launcher._terminate_process_handler = torchruns_handler
+
+
+@contextmanager
+def _rendezvous_handlers_made() -> Iterator[list]:
+    """The rendezvous handlers torchrun's launcher makes while this is open (it finds their maker by this
+    module-level name; a torch that did not would leave the list empty)."""
+    from torch.distributed.elastic.rendezvous import registry
+
+    made, make = [], registry.get_rendezvous_handler
+
+    def make_and_keep(parameters):
+        made.append(make(parameters))
+        return made[-1]
+
+    registry.get_rendezvous_handler = make_and_keep
+    try:
+        yield made
+    finally:
+        registry.get_rendezvous_handler = make
+
+
+def _close(rendezvous: list) -> None:
+    """Close the rendezvous torchrun leaves open when a signal stops it (for nodes that might join later), its
+    heartbeat thread still beating. Whichever thread lets go of the handler last finalises it; when that was the
+    heartbeat's, it could not join itself, and a `RuntimeError` traceback followed the job's one line, cut short as
+    the launcher exited. A job on this machine alone is over: it is closed here, from this thread."""
+    for handler in rendezvous:
+        with suppress(Exception):  # no process will join it again: a failure to close changes nothing
+            handler.shutdown()
