@@ -223,11 +223,20 @@ def _optimizer_row(config: str, device: torch.device, steps: int) -> dict:
             "ms_per_step": 1000 * statistics.median(times)}
 
 
+def step_parts(trainer) -> list[tuple[object, dict[str, str]]]:
+    """Where a training step's work is: (object, {method: part}) pairs to wrap. The optimiser's step runs inside
+    the clipping part, which then counts only the rest."""
+    import glowtrain.train as training
+
+    return [(trainer, {"prepare_batch": "prepare batch", "_forward_backward": "model forward and backward",
+                       "_optimizer_step": "clipping and finite checks"}),
+            (trainer.optimizer, {"step": "optimiser"}), (training, {"update_ema": "EMA"})]
+
+
 def _launches_row(config: str, device: torch.device) -> dict:
     """Launch estimate of one whole training step over `config`, by part (see `LaunchCount`)."""
     import tempfile
 
-    import glowtrain.train as training
     from glowtrain.optim import GatedAdamax
 
     shape, batch = CONFIGS[config][0], CONFIGS[config][4]
@@ -236,10 +245,8 @@ def _launches_row(config: str, device: torch.device) -> dict:
     trainer, images, labels = synthetic_trainer(shape, overrides, device, batch, tempfile.mkdtemp())
     trainer.train_step(images, labels)  # creates the optimiser's state
     count = LaunchCount()
-    count.parts(trainer, {"prepare_batch": "prepare batch", "_forward_backward": "model forward and backward",
-                          "_optimizer_step": "clipping and finite checks"})
-    count.parts(trainer.optimizer, {"step": "optimiser"})
-    count.parts(training, {"update_ema": "EMA"})
+    for obj, methods in step_parts(trainer):
+        count.parts(obj, methods)
     with count:
         trainer.train_step(images, labels)
     parts = {part or "other": n for part, n in count.by_part.items()}

@@ -11,7 +11,8 @@ Sections (each runs in its own process and prints one JSON line when it finishes
               training step (forward, bits/dim, backward, clipping, Adamax, EMA), eager and compiled
               (the whole model, or each flow step: `steps-`; `-memsave`: memory saving on), TF32 and
               bf16: images/s, kernels and launches per step, GPU busy share, host syncs, the slowest
-              kernels, peak memory, sampling speed
+              kernels, the host's time per part of the step and the Python functions that take most of
+              it, peak memory, sampling speed
   exact64     float64 log-determinants on the device against brute-force Jacobians
   mix64       what the float64 1x1 convolutions cost per training step at the paper size, against float32
   roundtrip   float32 decode(encode(x)) and memory-saving drift at the paper size, per precision policy
@@ -44,11 +45,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import cProfile
 import fcntl
 import json
 import math
 import os
 import platform
+import pstats
 import re
 import shutil
 import signal
@@ -212,6 +215,79 @@ def profile_steps(step, device: torch.device, n_steps: int) -> dict:
     }
 
 
+class HostTimeByPart:
+    """The host's own time in each part of a training step (less the parts it calls), device work queued and
+    not waited for: where a host-bound step's time goes. Parts as `bench.step_parts` names them."""
+
+    def __init__(self, trainer):
+        from bench import step_parts
+
+        self.ms: dict[str, float] = {}
+        self._open: list[list] = []  # [part, start, seconds in the parts it called]
+        self._wrapped = [(obj, method, getattr(obj, method)) for obj, methods in step_parts(trainer)
+                         for method in methods]
+        for obj, methods in step_parts(trainer):
+            for method, part in methods.items():
+                setattr(obj, method, self._timed(getattr(obj, method), part))
+
+    def _timed(self, real, part):
+        def timed(*args, **kwargs):
+            self._open.append([part, time.perf_counter(), 0.0])
+            try:
+                return real(*args, **kwargs)
+            finally:
+                _, start, inner = self._open.pop()
+                elapsed = time.perf_counter() - start
+                self.ms[part] = self.ms.get(part, 0.0) + 1000 * (elapsed - inner)
+                if self._open:
+                    self._open[-1][2] += elapsed
+        return timed
+
+    def restore(self) -> None:
+        for obj, method, real in self._wrapped:
+            setattr(obj, method, real)
+
+
+def host_profile(trainer, step, device: torch.device, n_steps: int, n_functions: int = 15) -> dict:
+    """The host's time per step, by part of the step, and the Python functions with the most time of their own
+    (cProfile, in a second pass: its overhead inflates what it times, not the ranking much)."""
+    sync(device)
+    timer = HostTimeByPart(trainer)
+    try:
+        start = time.perf_counter()
+        for _ in range(n_steps):
+            step()
+        host_ms = 1000 * (time.perf_counter() - start)  # not waiting for the device: the host's share
+    finally:
+        timer.restore()
+    sync(device)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(n_steps):
+        step()
+    profiler.disable()
+    sync(device)
+    own_time = sorted(pstats.Stats(profiler).stats.items(), key=lambda item: -item[1][2])[:n_functions]
+    return {
+        "host_ms_per_step": host_ms / n_steps,
+        "host_ms_by_part": {part: round(ms / n_steps, 2) for part, ms in
+                            sorted(timer.ms.items(), key=lambda item: -item[1])},
+        "host_functions_own_ms_per_step": {_function_name(*where): round(1000 * stats[2] / n_steps, 2)
+                                           for where, stats in own_time},
+    }
+
+
+def _function_name(path: str, line: int, name: str) -> str:
+    """A profiled function as `package/module.py:line(name)`, or a builtin's own name."""
+    if path == "~":  # a builtin: its name says what it is
+        return name
+    for root in ("site-packages/", "dist-packages/", f"{ROOT}/"):
+        if root in path:
+            path = path.split(root, 1)[1]
+            break
+    return f"{path}:{line}({name})"
+
+
 def dynamo_counts() -> dict:
     from torch._dynamo.utils import counters
 
@@ -323,6 +399,10 @@ def section_throughput(args, device, sizes) -> dict:
             if "device_busy_ms_per_step" in profiled:
                 profiled["device_busy_share"] = profiled["device_busy_ms_per_step"] / ms
             result.update(profiled)
+            try:
+                result.update(host_profile(trainer, step, device, 3))
+            except Exception as e:  # noqa: BLE001 - the timings above still count
+                result["host_profile_error"] = f"{type(e).__name__}: {e}"
             if not compiled:
                 result.update(sampling(model, device, batch))
     return result
@@ -900,6 +980,9 @@ def headline(row: dict) -> str:
         if "kernels_per_step" in row:
             text += (f", {row['kernels_per_step']:.0f} kernels and {row['launches_per_step']:.0f} launches/step, "
                      f"GPU busy {row['device_busy_share']:.0%}, {row['host_syncs_per_step']:.1f} syncs/step")
+        if "host_ms_by_part" in row:
+            parts = ", ".join(f"{part} {ms:.1f}" for part, ms in list(row["host_ms_by_part"].items())[:3])
+            text += f", host {row['host_ms_per_step']:.1f} ms/step ({parts})"
         if "graphs" in row:
             text += f", {row['graphs']} graphs / {row['graph_breaks']} breaks, first step {row['first_step_s']:.0f} s"
         if "sample_images_per_s_t07" in row:

@@ -24,6 +24,12 @@ def test_every_section_runs_tiny_on_the_cpu_and_reports_sane_figures(tmp_path):
     tests = by_name[("tests", "")]  # the device tests in a pytest of their own, counted
     assert tests["passed"] > 0 and tests["failed"] == tests["errors"] == 0 and tests["exit_code"] == 0
     assert by_name[("mix64", "")]["float64_ms_per_step"] > 0
+    # Where the host's time goes in a step, part by part (each less the parts inside it) and function by function.
+    throughput = by_name[("throughput", "eager-tf32")]
+    assert set(throughput["host_ms_by_part"]) == {"prepare batch", "model forward and backward",
+                                                  "clipping and finite checks", "optimiser", "EMA"}
+    assert 0 < sum(throughput["host_ms_by_part"].values()) <= throughput["host_ms_per_step"] + 0.05  # rounding
+    assert throughput["host_functions_own_ms_per_step"] and "host_profile_error" not in throughput
     assert all(r["status"] == "ok" for r in rows)
     assert by_name[("exact64", "")]["max_logdet_error"] < 1e-8
     roundtrip = by_name[("roundtrip", "")]

@@ -455,6 +455,27 @@ def test_a_run_of_non_finite_steps_rolls_back_with_half_the_learning_rate(tmp_pa
     assert state["train_state"]["lr_scale"] == 0.5 and state["train_state"]["n_rollbacks"] == 1
 
 
+def test_after_a_roll_back_each_step_still_moves_the_tensors_the_model_and_its_average_hold(tmp_path):
+    """The trainer lists the parameters once (clipping, weight decay and EMA take the lists): a roll-back, like a
+    resume, must load into those very tensors, or later steps would update copies the model no longer holds."""
+    seen = []
+
+    class Watched(_poisoned(lambda call: call in (5, 6, 7))):
+        def prepare_batch(self, images, labels):
+            seen.append(self)
+            return super().prepare_batch(images, labels)
+
+    train(apply_overrides(default_config(), NAN_RUN), out=str(tmp_path / "run"), progress=False, trainer=Watched)
+    trainer = seen[-1]
+    assert trainer.state.n_rollbacks == 1
+    assert list(map(id, trainer.params)) == list(map(id, trainer.objective.parameters()))
+    assert list(map(id, trainer.ema_params)) == list(map(id, trainer.ema.parameters()))
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")  # step 10, written after the roll-back
+    assert all(torch.equal(p, saved["model"][name]) for name, p in trainer.model.named_parameters())
+    assert all(torch.equal(p, saved["ema"][name]) for name, p in trainer.ema.model.named_parameters())
+    assert not all(torch.equal(p, a) for p, a in zip(trainer.params, trainer.ema_params))  # an average, not a copy
+
+
 def test_a_checkpoint_due_after_too_many_bad_steps_rolls_back_instead_of_saving(tmp_path, monkeypatch):
     poisoned = _poisoned(lambda call: call in (4, 5, 6))  # steps 4-6; step 6 is a checkpoint step, 8 a logging one
     cfg = apply_overrides(default_config(), NAN_RUN + ["train.log_every=8", "train.checkpoint_every=3"])
