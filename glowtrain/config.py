@@ -402,17 +402,24 @@ def _coerce(key: str, value: Any, tp: Any, current: Any = _NO_VALUE) -> Any:
     return result
 
 
+def _what(value: Any) -> str:
+    """A YAML value as an error names it: the text itself, or what kind of thing it is."""
+    if isinstance(value, str):  # PlainText too: `train: 5` reads as the text 5
+        return repr(str(value))
+    return "a list" if isinstance(value, list) else type(value).__name__
+
+
 def _build(d: Any, source: str) -> Config:
     """Config from nested mappings, type-checked but not yet range-checked."""
     if not isinstance(d, Mapping):
-        raise UserError(f"{source} must be a mapping of sections (run, data, model, train), got {type(d).__name__}")
+        raise UserError(f"{source} must be a mapping of sections (run, data, model, train), got {_what(d)}")
     sections = {}
     for sec, body in d.items():
         if sec not in _SECTIONS:
             raise _unknown_key(str(sec), source)
         body = {} if body is None else body  # a section with every key commented out
         if not isinstance(body, Mapping):
-            raise UserError(f"section '{sec}' in {source} must be a mapping of key: value, got {type(body).__name__}")
+            raise UserError(f"section '{sec}' in {source} must be a mapping of key: value, got {_what(body)}")
         values = {}
         for k, v in body.items():
             key = f"{sec}.{k}"

@@ -285,9 +285,12 @@ def saved_step(checkpoint: Path) -> int | None:
 
 def resume_message(path: Path, step: int, steps: int) -> str:
     """What `fit --resume` says before it continues (or finds nothing left to do)."""
-    if step >= steps:
+    if step == steps:
         return (f"{path} is already at step {step} of {steps} — raise train.steps to continue, e.g. --set "
                 f"train.steps={2 * steps}")
+    if step > steps:  # train.steps lowered below where the run is: the advice must clear the step reached
+        return (f"{path} is already at step {step}, past train.steps={steps} — raise train.steps above {step} to "
+                f"continue, e.g. --set train.steps={2 * step}")
     return f"resuming {path} from step {step} of {steps}"
 
 

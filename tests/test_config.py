@@ -13,6 +13,7 @@ import yaml
 from glowtrain.config import (
     Config,
     CouplingKind,
+    PlainText,
     apply_overrides,
     config_from_dict,
     config_to_dict,
@@ -359,8 +360,10 @@ def test_empty_section_keeps_defaults():
 def test_non_mapping_section_and_top_level_are_rejected():
     with raises(r"section 'train' in cfg must be a mapping"):
         config_from_dict({"train": [1, 2]}, source="cfg")
-    with raises(r"cfg must be a mapping of sections"):
+    with raises(r"cfg must be a mapping of sections \(run, data, model, train\), got a list$"):
         config_from_dict([1, 2], source="cfg")  # type: ignore[arg-type]
+    with raises(r"section 'train' in cfg must be a mapping of key: value, got '5'$"):
+        config_from_dict({"train": PlainText("5")}, source="cfg")  # `train: 5`: read as its text, named as such
 
 
 # ---------------------------------------------------------------------------- range checks
