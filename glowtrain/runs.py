@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import tempfile
@@ -177,6 +178,20 @@ class RunDir:
             except OSError:
                 shutil.copy2(path, keep)
             kept.append(keep)
+        return kept
+
+
+    def keep_samples_after(self, step: int) -> list[Path]:
+        """Going on from `step` (a resume from an earlier checkpoint, a roll-back), the run draws its sample grids
+        again under the same step names: those drawn after `step`, by the training it gives up, are kept as
+        samples/discarded_<name> (as its metrics and checkpoints are)."""
+        kept = []
+        for grid in sorted(self.samples.glob("step*.png")) if self.samples.is_dir() else ():
+            drawn_at = re.match(r"step(\d+)_", grid.name)
+            if drawn_at and int(drawn_at.group(1)) > step:
+                keep = first_unused(lambda n, grid=grid: grid.with_name(f"discarded{_copy_number(n)}_{grid.name}"))
+                grid.rename(keep)
+                kept.append(keep)
         return kept
 
 

@@ -476,6 +476,16 @@ def test_after_a_roll_back_each_step_still_moves_the_tensors_the_model_and_its_a
     assert not all(torch.equal(p, a) for p, a in zip(trainer.params, trainer.ema_params))  # an average, not a copy
 
 
+def test_a_roll_back_keeps_the_sample_grids_of_the_steps_it_abandons(tmp_path):
+    poisoned = _poisoned(lambda call: call in (5, 6, 7))  # three in a row: back to last.pt, saved at step 4
+    cfg = apply_overrides(default_config(), NAN_RUN + ["train.checkpoint_every=4", "train.sample_every=1"])
+    train(cfg, out=str(tmp_path / "run"), progress=False, trainer=poisoned)
+    samples = RunDir(tmp_path / "run").samples
+    assert sorted(path.name[:21] for path in samples.glob("discarded_*")) == ["discarded_step0000005",
+                                                                              "discarded_step0000006"]
+    assert len(list(samples.glob("step*.png"))) == 10  # steps 5 and 6 drawn again, after the roll-back
+
+
 def test_a_checkpoint_due_after_too_many_bad_steps_rolls_back_instead_of_saving(tmp_path, monkeypatch):
     poisoned = _poisoned(lambda call: call in (4, 5, 6))  # steps 4-6; step 6 is a checkpoint step, 8 a logging one
     cfg = apply_overrides(default_config(), NAN_RUN + ["train.log_every=8", "train.checkpoint_every=3"])
@@ -750,6 +760,31 @@ def test_going_back_to_an_earlier_checkpoint_keeps_the_later_last_and_best(tmp_p
     train(apply_overrides(cfg, ["train.steps=5"]), out=str(run.path), resume=str(kept["last"]), progress=False)
     assert kept["last"].read_bytes() == later_last != second and load_checkpoint(run.last)["step"] == 5
     assert (run.checkpoints / "discarded_last_step0000004_2.pt").read_bytes() == second
+
+
+def test_going_back_keeps_the_sample_grids_the_training_it_gives_up_drew(tmp_path, capsys):
+    cfg = apply_overrides(default_config(), NAN_RUN + ["train.steps=2", "train.checkpoint_every=2",
+                                                       "train.sample_every=2"])
+    run = RunDir(tmp_path / "run")
+    train(cfg, out=str(run.path), progress=False)
+    earlier = run.checkpoints / "at_step_2.pt"
+    earlier.write_bytes(run.last.read_bytes())
+    train(apply_overrides(cfg, ["train.steps=4"]), out=str(run.path), resume="auto", progress=False)
+    given_up = {path.name: path.read_bytes() for path in run.samples.glob("step0000004_*.png")}
+    at_2 = {path.name: path.read_bytes() for path in run.samples.glob("step0000002_*.png")}
+    assert given_up and at_2
+    capsys.readouterr()
+    train(apply_overrides(cfg, ["train.steps=4", "train.lr=1e-4"]), out=str(run.path), resume=str(earlier),
+          progress=False)
+    assert {name: (run.samples / f"discarded_{name}").read_bytes() for name in given_up} == given_up
+    assert {name: (run.samples / name).read_bytes() for name in at_2} == at_2  # drawn before step 2: left
+    assert all((run.samples / name).read_bytes() != grid for name, grid in given_up.items())  # the new branch's
+    assert (f"note: {len(given_up)} sample grid(s) drawn after step 2 kept as {run.samples}/discarded_*.png"
+            in capsys.readouterr().out)
+    train(apply_overrides(cfg, ["train.steps=4", "train.lr=1e-3"]), out=str(run.path), resume=str(earlier),
+          progress=False)  # a third branch: the second's grids kept beside the first's
+    assert {name: (run.samples / f"discarded_{name}").read_bytes() for name in given_up} == given_up
+    assert all((run.samples / f"discarded_2_{name}").exists() for name in given_up)
 
 
 def test_a_resume_with_a_new_learning_rate_takes_over_from_the_rollbacks_halving(tmp_path, capsys):
