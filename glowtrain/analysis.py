@@ -20,7 +20,6 @@ from glowtrain.data import n_classes as data_classes
 from glowtrain.errors import UserError
 from glowtrain.evaluation import EVAL_NOISE_SEED, evaluate
 from glowtrain.files import read_json
-from glowtrain.folders import refuse_output_among_training_images
 from glowtrain.images import (
     check_tensorboard,
     count_not_finite,
@@ -41,7 +40,7 @@ from glowtrain.objective import build_objective
 from glowtrain.precision import full_float32
 from glowtrain.run_data import check_class_names, data_changed_warning
 from glowtrain.runs import RunDir, checked_files, recorded_data_of
-from glowtrain.sample import check_class_range, class_names, class_number
+from glowtrain.sample import check_class_range, class_names, class_number, picture_folder
 
 PIXEL_LEVELS = 256  # "pixel units": one step of the 8-bit 0..255 scale; x spans [-0.5, 0.5)
 # The CLI's defaults: a picture made with them has the plain name, other values are named in it.
@@ -345,8 +344,7 @@ def _picture_path(loaded: LoadedRun, out: str | None, what: str, named: list[str
                   overwrite: bool) -> Path:
     """Where a command's picture goes: named by step and every option that changes it (`_raw`: --no-ema),
     refused before any work when it exists (unless `overwrite`)."""
-    folder = Path(out) if out else (loaded.run_dir or loaded.checkpoint.parent) / "samples"
-    refuse_output_among_training_images(folder, loaded.cfg.data)
+    folder = picture_folder(loaded, out)
     parts = [*named, *([] if use_ema else ["raw"])]
     path = folder / (f"{what}_step{loaded.step:07d}" + "".join(f"_{part}" for part in parts) + ".png")
     refuse_existing([path], overwrite)

@@ -154,7 +154,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", mmap: 
         if reason:
             raise UserError(f"refusing to load {path}: it holds objects a checkpoint never contains ({reason}); "
                             "only load checkpoints from sources you trust") from None
-        raise UserError(f"{path} is not a readable glowtrain checkpoint (truncated or another format)") from None
+        best = path.with_name("best.pt")  # a run's other checkpoint, written at other times
+        other = f" — {best} may be intact: pass it instead" if path.name == "last.pt" and best.is_file() else ""
+        raise UserError(f"{path} is not a readable glowtrain checkpoint (truncated or another format){other}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise UserError(f"{path} is not a glowtrain checkpoint (no model and config inside)")
     return state

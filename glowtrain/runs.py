@@ -195,6 +195,28 @@ class RunDir:
         return kept
 
 
+RUNS_OWN_FOLDERS = ("checkpoints", "samples", "tb")
+
+
+def run_folder_holding(out: Path) -> Path | None:
+    """The checkpoints/, samples/ or tb/ folder of a run that `out` is (or lies inside), else None: what is written
+    there is taken for that run's own (TensorBoard reads tb/ to any depth, `runs` lists only top-level runs)."""
+    out = Path(out).expanduser().absolute()
+    for folder in (out, *out.parents):
+        if folder.name in RUNS_OWN_FOLDERS and RunDir(folder.parent).is_run():
+            return folder
+    return None
+
+
+def refuse_another_runs_folder(out: Path, writes: str, fix: str, own: Path | None = None) -> None:
+    """Refuse an --out among another run's own files (`own`: a folder of the command's own run, allowed), naming
+    what it `writes` and the `fix`."""
+    folder = run_folder_holding(out)
+    if folder is not None and not (own is not None and folder == Path(own).expanduser().absolute()):
+        raise UserError(f"--out {out} lies in {folder}, a run's own folder, where {writes} would be taken for that "
+                        f"run's — {fix}")
+
+
 def first_unused(name: Callable[[int], Path]) -> Path:
     """name(1), or name(2), ...: the first that does not exist, so nothing kept earlier is replaced."""
     copies = 1
@@ -409,6 +431,9 @@ def checkpoint_to_resume(resume: str, run: RunDir) -> Path:
                             ".pt file")
         if resume == "auto" and (pid := trainer_pid(run)) is not None:  # its first checkpoint is still to come
             raise _being_trained(run, pid)
+        if resume != "auto" and not path.exists() and resume.endswith(".pt"):  # a file named, not found
+            raise UserError(f"--resume {resume}: no such checkpoint file — check the path, or pass auto to continue "
+                            f"{run.path}'s own")
         raise UserError(f"nothing to resume: {path} does not exist — start the run without --resume")
     return path
 
@@ -422,6 +447,7 @@ def prepare_run_dir(run: RunDir, resume: str | None) -> Path | None:
 
     A fresh start never overwrites a run that has a checkpoint, nor files that no run wrote."""
     check_writable(run.path)
+    refuse_another_runs_folder(run.path, "this run's files", "choose an --out outside it")
     if resume is None and run.has_checkpoint():
         raise UserError(f"{run.path} already holds a run — continue it with --resume auto, or choose another "
                         "--out or run.name")
@@ -435,6 +461,10 @@ def prepare_run_dir(run: RunDir, resume: str | None) -> Path | None:
     if not run.has_checkpoint() and (theirs := run.files_a_run_would_replace()):
         raise UserError(f"{run.path} holds {', '.join(theirs)}, which no glowtrain run wrote and this run would "
                         "replace — choose another --out or run.name (a new or empty folder)")
+    if run.path.is_dir() and not run.is_run() and _holds_images(run.path):
+        # Its sample grids would join them: a folder dataset or `score` reading the folder would take them in.
+        raise UserError(f"{run.path} holds images of its own, which this run's sample grids would be read with — "
+                        "choose another --out or run.name (a new or empty folder)")
     # A resume writes into the run's own folders: one it cannot write would fail at the first save, hours on. (A
     # fresh start over a run that died early only moves them aside.)
     for folder in (run.checkpoints, run.samples, run.tb) if checkpoint else ():

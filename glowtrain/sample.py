@@ -30,7 +30,7 @@ from glowtrain.images import (
     temperature_name,
     write_to_tensorboard,
 )
-from glowtrain.runs import recorded_data_of
+from glowtrain.runs import recorded_data_of, refuse_another_runs_folder
 
 DEFAULT_N, DEFAULT_BATCH_SIZE = 64, 256  # the CLI's defaults, left out of file names
 
@@ -166,8 +166,7 @@ def sample_command(run: str | None, checkpoint: str | None, temperatures: list[f
     names_of_classes = class_names(loaded.run_dir, cfg.data)
     classes = class_numbers(classes, names_of_classes, cfg.model.n_classes)
     labels = class_labels(classes, n, device)
-    out_dir = Path(out) if out else (loaded.run_dir or loaded.checkpoint.parent) / "samples"
-    refuse_output_among_training_images(out_dir, cfg.data)
+    out_dir = picture_folder(loaded, out)
     stem, tag = f"sample_step{loaded.step:07d}", options_tag(n, classes, batch_size, use_ema)
     names = {t: f"{stem}_{temperature_name(t)}_seed{seed}{tag}" for t in temperatures}
     figure = out_dir / f"{stem}_grid_{'-'.join(temperature_name(t) for t in temperatures)}_seed{seed}{tag}.png"
@@ -260,3 +259,14 @@ def _write_individual(batch: torch.Tensor, folder: Path, start: int, n: int, wri
     width = max(4, len(str(n - 1)))
     for i, image in enumerate(batch):
         written.append(save_png(image, folder / f"{start + i:0{width}d}.png"))
+
+
+def picture_folder(loaded, out: str | None) -> Path:
+    """Where a command that draws pictures of a run writes them: --out, else the run's samples folder; refused
+    inside the images the run trains on, or among another run's own files (both would be read as what they are not)."""
+    own = (loaded.run_dir or loaded.checkpoint.parent) / "samples"
+    folder = Path(out) if out else own
+    refuse_output_among_training_images(folder, loaded.cfg.data)
+    refuse_another_runs_folder(folder, "the pictures", "leave out --out (the default is the run's samples folder) or "
+                               "name a folder of their own", Path(own).absolute())
+    return folder

@@ -277,6 +277,14 @@ def test_truncated_checkpoint_is_a_user_error(tmp_path, state):
     empty.write_bytes(b"")
     with pytest.raises(UserError, match="not a readable glowtrain checkpoint"):
         load_checkpoint(empty)
+    run = tmp_path / "run" / "checkpoints"  # a run's cut last.pt points to its best.pt, saved at other times
+    run.mkdir(parents=True)
+    (run / "last.pt").write_bytes(data[: len(data) // 2])
+    (run / "best.pt").write_bytes(data)
+    with pytest.raises(UserError) as info:
+        load_checkpoint(run / "last.pt")
+    assert str(info.value) == (f"{run / 'last.pt'} is not a readable glowtrain checkpoint (truncated or another "
+                               f"format) — {run / 'best.pt'} may be intact: pass it instead")
 
 
 @pytest.mark.parametrize("text", [

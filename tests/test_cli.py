@@ -523,7 +523,8 @@ def test_resume_without_a_checkpoint_exits_2(tmp_path):
     assert_one_line_error(typo, 2, "--resume atuo: no such checkpoint or run — pass auto, if-any, a run directory "
                           "or a .pt file")
     missing = invoke("fit", "--no-progress", "--resume", str(tmp_path / "old.pt"), "--out", str(tmp_path / "none"))
-    assert_one_line_error(missing, 2, f"nothing to resume: {tmp_path / 'old.pt'} does not exist")
+    assert assert_one_line_error(missing, 2) == (f"error: --resume {tmp_path / 'old.pt'}: no such checkpoint file — "
+                                                 f"check the path, or pass auto to continue {tmp_path / 'none'}'s own")
     assert not (tmp_path / "none").exists()
 
 
@@ -640,6 +641,48 @@ def test_info_run_with_set_is_refused_not_silently_ignored(fitted, override):
 def tiny_fit(out, *extra, resume=False):
     return invoke("fit", "--out", out, "--no-progress", *(["--resume", "auto"] if resume else []),
                   *sets(*TINY, *extra))
+
+
+def test_fit_and_sample_refuse_an_out_among_another_runs_own_files(fitted, tmp_path):
+    """Written into a run's checkpoints/, samples/ or tb/ (at any depth), a new run's files or pictures would be
+    taken for that run's own (TensorBoard reads tb/ to any depth); a run's own samples folder stays open to it."""
+    import shutil
+
+    _, run_dir, _ = fitted
+    for inside, folder in (("tb", "tb"), ("checkpoints", "checkpoints"), ("samples/new", "samples")):
+        refused = tiny_fit(run_dir / inside)
+        assert assert_one_line_error(refused, 2) == (
+            f"error: --out {run_dir / inside} lies in {run_dir / folder}, a run's own folder, where this run's files "
+            "would be taken for that run's — choose an --out outside it")
+        assert not (run_dir / inside / "config.yaml").exists()
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "checkpoints" / "last.pt").write_bytes((run_dir / "checkpoints" / "last.pt").read_bytes())
+    for command in (["sample", "--n", "1"], ["reconstruct", "--n", "1"]):
+        refused = invoke(*command, "--run", str(run_dir), "--out", str(other / "samples"))
+        assert assert_one_line_error(refused, 2) == (
+            f"error: --out {other / 'samples'} lies in {other / 'samples'}, a run's own folder, where the pictures "
+            "would be taken for that run's — leave out --out (the default is the run's samples folder) or name a "
+            "folder of their own")
+    mine = run_dir / "samples" / "mine"
+    try:
+        assert invoke("sample", "--run", str(run_dir), "--n", "1", "--out", str(mine)).exit_code == 0
+        assert list(mine.glob("*.png"))
+    finally:
+        shutil.rmtree(mine, ignore_errors=True)
+
+
+def test_fit_refuses_an_out_that_holds_images_its_sample_grids_would_join(tmp_path):
+    from PIL import Image
+
+    pictures = tmp_path / "pictures"
+    (pictures / "2024").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(pictures / "2024" / "beach.jpg")
+    refused = tiny_fit(pictures)
+    assert assert_one_line_error(refused, 2) == (
+        f"error: {pictures} holds images of its own, which this run's sample grids would be read with — choose "
+        "another --out or run.name (a new or empty folder)")
+    assert sorted(path.name for path in pictures.rglob("*")) == ["2024", "beach.jpg"]
 
 
 def test_resume_says_where_it_continues_from_and_when_there_is_nothing_left(tmp_path):
