@@ -293,14 +293,16 @@ def training_bpd(loaded: LoadedRun, use_ema: bool, options: ScoreOptions) -> np.
     """Per-image bits/dim of (up to max_train_images of) the training split, from the run's cache when it was
     made for this checkpoint file as saved (its size and time), step, weights and n_dequant."""
     saved = loaded.checkpoint.stat()  # a resume from an earlier checkpoint saves other weights at the same step
+    dataset = build_dataset(loaded.cfg.data, "train", checked_files(loaded.run_dir))
+    # The images too: another folder given with --data, or the run's own changed since, is another typical set.
+    images = getattr(getattr(dataset, "report", None), "fingerprint", None)
     key = {"checkpoint": loaded.checkpoint.name, "step": loaded.step, "ema": use_ema,
            "saved": f"{saved.st_size}:{saved.st_mtime_ns}", "n_dequant": options.n_dequant,
-           "max_images": options.max_train_images}
+           "max_images": options.max_train_images, "train_images": images}
     cache = loaded.run_dir / TRAIN_CACHE if loaded.run_dir is not None else None
     entries = _cached_typical_sets(cache)
     if (hit := next((entry for entry in entries if entry["key"] == key), None)) is not None:
         return np.asarray(hit["bpd"], float)
-    dataset = build_dataset(loaded.cfg.data, "train", checked_files(loaded.run_dir))
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:options.max_train_images]
     chosen = sorted(chosen.tolist())
     objective = loaded.objective.eval()

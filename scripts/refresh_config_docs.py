@@ -23,7 +23,9 @@ def main() -> None:
             header.append(line[2:] if line.startswith("# ") else line[1:])
         save_config(load_config(path), path, "\n".join(header))
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    rows += [f"| `{key}` | `{default}` | {meaning} |" for key, default, meaning in describe_keys()]
+    # A | in a meaning (q(u|x)) would end its cell: escaped, as markdown tables need.
+    rows += [f"| `{key}` | `{default}` | {meaning.replace('|', chr(92) + '|')} |"
+             for key, default, meaning in describe_keys()]
     readme = ROOT / "README.md"
     text = readme.read_text()
     table = re.compile(r"^\| key \| default \| meaning \|\n(?:^\|.*\n)+", re.MULTILINE)

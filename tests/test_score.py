@@ -119,6 +119,13 @@ def test_typicality_uses_the_training_splits_mean_bpd_and_caches_it_in_the_run(r
     entries = json.loads((run_dir / TRAIN_CACHE).read_text())["entries"]
     assert [entry["key"]["n_dequant"] for entry in entries] == [2, 1]
     assert score(run_dir, tmp_path / "b3", "--dataset", "digits")[1]["entropy_bpd"] == pytest.approx(entropy + 1)
+    # Other training images (another folder through --data, or the run's own changed) are another typical set.
+    entries = json.loads((run_dir / TRAIN_CACHE).read_text())["entries"]
+    assert entries[0]["key"]["train_images"]["n_images"] == 1500
+    for entry in entries:
+        entry["key"]["train_images"] = {"n_images": 1499, "digest": "of other images"}
+    (run_dir / TRAIN_CACHE).write_text(json.dumps({"entries": entries}))
+    assert score(run_dir, tmp_path / "b4", "--dataset", "digits")[1]["entropy_bpd"] == pytest.approx(entropy)
     # The same step saved again (a resume from an earlier checkpoint that trains to it anew) is other weights.
     last = run_dir / "checkpoints" / "last.pt"
     saved = last.stat()
