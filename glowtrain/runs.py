@@ -180,7 +180,6 @@ class RunDir:
             kept.append(keep)
         return kept
 
-
     def keep_samples_after(self, step: int) -> list[Path]:
         """Going on from `step` (a resume from an earlier checkpoint, a roll-back), the run draws its sample grids
         again under the same step names: those drawn after `step`, by the training it gives up, are kept as

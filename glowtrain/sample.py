@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from glowtrain.checkpoint import open_run
+from glowtrain.checkpoint import LoadedRun, open_run
 from glowtrain.config import GRID_LIMIT, DataConfig
 from glowtrain.data import BUILTIN_CLASS_NAMES
 from glowtrain.errors import Stopped, UserError
@@ -261,7 +261,7 @@ def _write_individual(batch: torch.Tensor, folder: Path, start: int, n: int, wri
         written.append(save_png(image, folder / f"{start + i:0{width}d}.png"))
 
 
-def picture_folder(loaded, out: str | None) -> Path:
+def picture_folder(loaded: LoadedRun, out: str | None) -> Path:
     """Where a command that draws pictures of a run writes them: --out, else the run's samples folder; refused
     inside the images the run trains on, or among another run's own files (both would be read as what they are not)."""
     own = (loaded.run_dir or loaded.checkpoint.parent) / "samples"
