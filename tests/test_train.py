@@ -732,14 +732,19 @@ def test_a_command_on_a_run_being_trained_before_its_first_checkpoint_says_so(tm
         resolve_checkpoint(str(run.path))  # the lock gone with its process
 
 
-def test_going_back_to_an_earlier_checkpoint_keeps_the_later_last_and_best(tmp_path, capsys):
-    cfg = apply_overrides(default_config(), NAN_RUN + ["train.steps=2", "train.checkpoint_every=2",
-                                                       "train.eval_every=2"])
+def _trained_to_4_with_step_2_kept(tmp_path, every: str) -> tuple:
+    """(config, run, a copy of its step-2 checkpoint) of a run trained to step 2, then resumed to step 4."""
+    cfg = apply_overrides(default_config(), NAN_RUN + ["train.steps=2", "train.checkpoint_every=2", every])
     run = RunDir(tmp_path / "run")
     train(cfg, out=str(run.path), progress=False)
     earlier = run.checkpoints / "at_step_2.pt"
     earlier.write_bytes(run.last.read_bytes())
     train(apply_overrides(cfg, ["train.steps=4"]), out=str(run.path), resume="auto", progress=False)
+    return cfg, run, earlier
+
+
+def test_going_back_to_an_earlier_checkpoint_keeps_the_later_last_and_best(tmp_path, capsys):
+    cfg, run, earlier = _trained_to_4_with_step_2_kept(tmp_path, "train.eval_every=2")
     later_last, later_best = run.last.read_bytes(), run.best.read_bytes()
     assert torch.load(run.best, weights_only=True)["step"] == 4  # step 4 beat step 2
     metrics = run.metrics.read_bytes()
@@ -763,13 +768,7 @@ def test_going_back_to_an_earlier_checkpoint_keeps_the_later_last_and_best(tmp_p
 
 
 def test_going_back_keeps_the_sample_grids_the_training_it_gives_up_drew(tmp_path, capsys):
-    cfg = apply_overrides(default_config(), NAN_RUN + ["train.steps=2", "train.checkpoint_every=2",
-                                                       "train.sample_every=2"])
-    run = RunDir(tmp_path / "run")
-    train(cfg, out=str(run.path), progress=False)
-    earlier = run.checkpoints / "at_step_2.pt"
-    earlier.write_bytes(run.last.read_bytes())
-    train(apply_overrides(cfg, ["train.steps=4"]), out=str(run.path), resume="auto", progress=False)
+    cfg, run, earlier = _trained_to_4_with_step_2_kept(tmp_path, "train.sample_every=2")
     given_up = {path.name: path.read_bytes() for path in run.samples.glob("step0000004_*.png")}
     at_2 = {path.name: path.read_bytes() for path in run.samples.glob("step0000002_*.png")}
     assert given_up and at_2
