@@ -57,7 +57,7 @@ from glowtrain.losses import reduce_bits
 from glowtrain.objective import Objective
 from glowtrain.ood_metrics import OOD_METRICS, ood_metrics, typicality_test
 from glowtrain.precision import full_float32
-from glowtrain.runs import RUNS_OWN_FOLDERS, RunDir, check_writable, checked_files
+from glowtrain.runs import RunDir, check_writable, checked_files, run_folder_holding
 
 TRAIN_CACHE = "score_train_bpd.json"  # in the run directory: the training split's bits/dim for typicality
 TRAIN_CACHE_ENTRIES = 4  # typical sets kept there (checkpoints, --n-dequant values): switching back reuses one
@@ -554,12 +554,12 @@ def score_command(loaded: LoadedRun, images: list[str], dataset: str | None, spl
 
 
 def _refuse_another_runs_folder(out_dir: Path) -> None:
-    """Scores among another run's files (its directory, or its checkpoints) would be taken for that run's."""
-    for folder, what in ((out_dir, "a run directory"), (out_dir.parent, "a run's folder")):
-        if RunDir(folder).is_run() and (folder == out_dir or out_dir.name in RUNS_OWN_FOLDERS):
-            raise UserError(f"--out {out_dir} is {what}, where the scores would lie among that run's own files — "
-                            "leave out --out (the default is the scored run's score folder) or name a folder of "
-                            "their own")
+    """Scores among another run's files (its directory, or its checkpoints/, samples/ or tb/) would be taken for
+    that run's."""
+    what = "a run directory" if RunDir(out_dir).is_run() else "a run's folder" if run_folder_holding(out_dir) else ""
+    if what:
+        raise UserError(f"--out {out_dir} is {what}, where the scores would lie among that run's own files — leave "
+                        "out --out (the default is the scored run's score folder) or name a folder of their own")
 
 
 def report(summary: dict) -> tuple[list[str], list[str]]:

@@ -354,6 +354,11 @@ def test_an_out_in_another_runs_own_folders_is_refused(run_dir, other_run, tmp_p
         assert_one_line_error(result, 2, f"--out {out} is {what}, where the scores would lie among that run's own "
                               "files", "leave out --out")
         assert sorted(p.name for p in out.iterdir()) == before
+    deeper = other_run / "tb" / "scores"  # TensorBoard reads tb/ to any depth
+    result = invoke("score", "--run", run_dir, "--dataset", "digits", "--out", deeper, *CPU)
+    assert_one_line_error(result, 2, f"--out {deeper} is a run's folder, where the scores would lie among that run's "
+                          "own files")
+    assert not deeper.exists()
     ok(invoke("score", "--run", run_dir, "--dataset", "digits", "--out", other_run / "score-of-tiny", *CPU))
 
 
