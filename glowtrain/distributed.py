@@ -374,15 +374,12 @@ def run_local_job(n_processes: int, args: list[str], quiet: bool = True, pid_fol
         logger.addHandler(silent)
     try:
         with _rendezvous_handlers_made() as rendezvous:
-            try:
-                torchrun.run(torchrun.parse_args(torchrun_arguments(n_processes, args)))
-            except SignalException:
-                _close(rendezvous)
-                raise
+            torchrun.run(torchrun.parse_args(torchrun_arguments(n_processes, args)))
         return JobEnd({}, False)
     except ChildFailedError as e:
         return JobEnd({rank: failure.exitcode for rank, failure in e.failures.items()}, False)
     except SignalException:
+        _close(rendezvous)  # while the exception, whose frames hold the handler, is still here
         return JobEnd({}, True, forced=escalation.count > 1)
     finally:
         for sig, handler in handlers.items():  # torchrun's handlers would turn a late Ctrl-C into its exception

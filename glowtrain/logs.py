@@ -30,12 +30,14 @@ class RunLogger:
     """Rank 0's logs: every event to metrics.jsonl and its numbers to TensorBoard.
 
     A run resumed at `resumed_step` goes on from there: what was logged after it (training lost when the run
-    stopped without saving) is moved out of metrics.jsonl (`n_moved` records) and hidden in TensorBoard, so
-    each step is logged once."""
+    stopped without saving, or given up by a resume from an earlier checkpoint) is moved out of metrics.jsonl
+    (`n_moved` records) and hidden in TensorBoard, so each step is logged once, and its sample grids are kept
+    aside (`grids_kept`) before the same steps draw theirs."""
 
     def __init__(self, run: RunDir, resumed_step: int | None = None):
         self.run = run
         self.n_moved = 0 if resumed_step is None else move_records_after(run, resumed_step)
+        self.grids_kept = [] if resumed_step is None else run.keep_samples_after(resumed_step)
         self._purge_step = None if resumed_step is None else resumed_step + 1
         self.metrics = open(run.metrics, "a", buffering=1)
         self._writer = None
@@ -68,9 +70,10 @@ class RunLogger:
 
     def restart_at(self, step: int) -> int:
         """Go on from `step` (a rollback): the records logged after it move out of metrics.jsonl and TensorBoard
-        hides them, as on a resume; returns how many moved."""
+        hides them, and its grids are kept aside, as on a resume; returns how many records moved."""
         self.metrics.close()
         moved = move_records_after(self.run, step)
+        self.run.keep_samples_after(step)
         self.metrics = open(self.run.metrics, "a", buffering=1)
         if self._writer is not None:
             self._close_writer()

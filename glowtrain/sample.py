@@ -268,5 +268,5 @@ def picture_folder(loaded: LoadedRun, out: str | None) -> Path:
     folder = Path(out) if out else own
     refuse_output_among_training_images(folder, loaded.cfg.data)
     refuse_another_runs_folder(folder, "the pictures", "leave out --out (the default is the run's samples folder) or "
-                               "name a folder of their own", Path(own).absolute())
+                               "name a folder of their own", own)
     return folder

@@ -580,7 +580,7 @@ class Trainer:
     def save(self, path: Path) -> None:
         """Rank 0 writes; every rank learns whether it worked, so none is left waiting in a collective."""
         # One host read for all parameters (a read each would wait on the GPU ~1,000 times per save).
-        if not bool(torch.stack([torch.isfinite(p).all() for p in self.objective.parameters()]).all()):
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all()):
             raise TrainingDiverged(f"the weights hold NaN or inf at step {self.state.step}; not saving them over "
                                    f"{path} — lower train.lr and resume from the last checkpoint")
         self.state.n_bad_total, self.state.n_bad_in_row, _ = self.guard.read()
@@ -626,8 +626,6 @@ class Trainer:
         self.state.step, self.state.lr_scale = saved.step, saved.lr_scale * 0.5
         self.state.n_rollbacks += 1
         self.logger.restart_at(saved.step)  # the abandoned steps' records go to metrics_discarded.jsonl
-        if self.ctx.is_main:
-            self.run_dir.keep_samples_after(saved.step)
         self.logger.log(saved.step, "train", event="rollback", from_step=bad_step, bad_steps_in_row=n_bad_in_row,
                         lr_scale=self.state.lr_scale)
         self.say(f"step {bad_step}: {n_bad_in_row} non-finite steps; rolled back to step {saved.step} "
@@ -766,10 +764,9 @@ class Trainer:
             if kept:
                 tqdm.write(f"note: going on from step {self.state.step}, this run saves over the last.pt/best.pt of "
                            f"the training it gives up; they are kept as {', '.join(str(path) for path in kept)}")
-            grids = self.run_dir.keep_samples_after(self.state.step) if going_on else []
-            if grids:
-                tqdm.write(f"note: {len(grids)} sample grid(s) drawn after step {self.state.step} kept as "
-                           f"{self.run_dir.samples}/discarded_*.png")
+            if self.logger.grids_kept:
+                tqdm.write(f"note: {len(self.logger.grids_kept)} sample grid(s) drawn after step {self.state.step} "
+                           f"kept as {self.run_dir.samples}/discarded_*.png")
             if not self._nothing_to_train:
                 self._record_data()
         show = self.progress and ctx.is_main

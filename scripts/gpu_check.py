@@ -224,11 +224,12 @@ class HostTimeByPart:
 
         self.ms: dict[str, float] = {}
         self._open: list[list] = []  # [part, start, seconds in the parts it called]
-        self._wrapped = [(obj, method, getattr(obj, method)) for obj, methods in step_parts(trainer)
-                         for method in methods]
+        self._wrapped = []  # (object, method name, the method as it was)
         for obj, methods in step_parts(trainer):
             for method, part in methods.items():
-                setattr(obj, method, self._timed(getattr(obj, method), part))
+                real = getattr(obj, method)
+                self._wrapped.append((obj, method, real))
+                setattr(obj, method, self._timed(real, part))
 
     def _timed(self, real, part):
         def timed(*args, **kwargs):

@@ -30,7 +30,7 @@ def run_processes(nproc: int, args: list[str]) -> None:
         os.environ[process.LAUNCHER_PID] = str(os.getpid())
         try:
             outcome = run_local_job(nproc, args, quiet=not process.state["debug"], pid_folder=Path(folder),
-                                ignore_late_signals=True)
+                                    ignore_late_signals=True)
         finally:
             del os.environ[process.JOB_REPORTS], os.environ[process.LAUNCHER_PID]
         reports = {int(path.stem): json.loads(path.read_text()) for path in Path(folder).glob("*.json")}
@@ -43,7 +43,7 @@ def run_processes(nproc: int, args: list[str]) -> None:
 
 
 def job_end(reports: dict[int, dict], failed: dict[int, int], signalled: bool,
-             forced: bool = False, n_processes: int = 0) -> tuple[int, list[str]]:
+            forced: bool = False, n_processes: int = 0) -> tuple[int, list[str]]:
     """The exit code and lines of one process, from the reports of a job's processes (rank -> exit code and line),
     torchrun's failed ranks (rank -> exit code), whether a signal stopped it and whether another then stopped it
     at once. Bad input comes first (what the other processes then hit follows from it), then a stop at once (what
