@@ -19,7 +19,6 @@ from glowtrain.data import build_dataset
 from glowtrain.data import n_classes as data_classes
 from glowtrain.errors import UserError
 from glowtrain.evaluation import EVAL_NOISE_SEED, evaluate
-from glowtrain.files import read_json
 from glowtrain.images import (
     check_tensorboard,
     count_not_finite,
@@ -38,8 +37,8 @@ from glowtrain.losses import dequantize, to_uint8
 from glowtrain.model import Glow
 from glowtrain.objective import build_objective
 from glowtrain.precision import full_float32
-from glowtrain.run_data import check_class_names, data_changed_warning
-from glowtrain.runs import RunDir, checked_files, recorded_data_of
+from glowtrain.run_data import check_class_names, run_data_changed_warning
+from glowtrain.runs import checked_files, recorded_data_of
 from glowtrain.sample import check_class_range, class_names, class_number, picture_folder
 
 PIXEL_LEVELS = 256  # "pixel units": one step of the 8-bit 0..255 scale; x spans [-0.5, 0.5)
@@ -63,9 +62,8 @@ def eval_command(loaded: LoadedRun, split: str, n_dequant: int, device: torch.de
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         cfg = replace(cfg, train=replace(cfg.train, eval_batch_size=batch_size))
-    run = RunDir(loaded.run_dir) if loaded.run_dir else None
     dataset = run_dataset(loaded, split, cfg)
-    changed = data_changed_warning(read_json(run.data_record), split, dataset) if run and run.config.is_file() else None
+    changed = run_data_changed_warning(loaded.run_dir, split, dataset)
     if changed and warn is not None:
         warn(changed)  # before the evaluation's progress bar, not lost after it
     scored = evaluate(loaded.objective or loaded.model, dataset, cfg, device, seed=EVAL_NOISE_SEED,

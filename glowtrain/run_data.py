@@ -3,6 +3,7 @@ class names), data_check.json (the check of every file, so a resume reads none t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from glowtrain.data import SPLITS, data_summary, skipped_warning, stale_cache_warning, unread_root_warning
@@ -60,6 +61,13 @@ def data_changed_warning(recorded: dict | None, split: str, dataset) -> str | No
     return (f"warning: the {split} images differ from those this run recorded ({before['n_images']:,} files "
             f"then, {now['n_images']:,} now, or other names or sizes): its {split} numbers are not "
             "comparable with earlier ones")
+
+
+def run_data_changed_warning(run_dir: str | Path | None, split: str, dataset) -> str | None:
+    """data_changed_warning against what a run directory recorded (None for a checkpoint outside a run)."""
+    if not run_dir or not RunDir(run_dir).config.is_file():
+        return None
+    return data_changed_warning(recorded_data_of(run_dir), split, dataset)
 
 
 def recorded_data(run: RunDir, resumed_from: RunDir | None = None) -> dict | None:

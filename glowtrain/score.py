@@ -57,6 +57,7 @@ from glowtrain.losses import reduce_bits
 from glowtrain.objective import Objective
 from glowtrain.ood_metrics import OOD_METRICS, ood_metrics, typicality_test
 from glowtrain.precision import full_float32
+from glowtrain.run_data import run_data_changed_warning
 from glowtrain.runs import RunDir, check_writable, checked_files, run_folder_holding
 
 TRAIN_CACHE = "score_train_bpd.json"  # in the run directory: the training split's bits/dim for typicality
@@ -190,6 +191,8 @@ def dataset_set(role: str, name: str, split: str, loaded: LoadedRun) -> ImageSet
     try:
         # The run's own data as eval reads it (its labels checked against the classes the model learnt).
         dataset = run_dataset(loaded, split) if data == loaded.cfg.data else build_dataset(data, split)
+        if data == loaded.cfg.data:
+            _warn_if_changed(loaded, split, dataset)
     except MissingData as e:
         if name == loaded.cfg.data.dataset:
             raise  # the run's own data: --data says where it is now
@@ -294,6 +297,7 @@ def training_bpd(loaded: LoadedRun, use_ema: bool, options: ScoreOptions) -> np.
     made for this checkpoint file as saved (its size and time), step, weights and n_dequant."""
     saved = loaded.checkpoint.stat()  # a resume from an earlier checkpoint saves other weights at the same step
     dataset = build_dataset(loaded.cfg.data, "train", checked_files(loaded.run_dir))
+    _warn_if_changed(loaded, "train", dataset)  # the typical set is then not the one the run learnt
     # The images too: another folder given with --data, or the run's own changed since, is another typical set.
     images = getattr(getattr(dataset, "report", None), "fingerprint", None)
     key = {"checkpoint": loaded.checkpoint.name, "step": loaded.step, "ema": use_ema,
@@ -325,6 +329,13 @@ def training_bpd(loaded: LoadedRun, use_ema: bool, options: ScoreOptions) -> np.
             tqdm.write(f"warning: cannot cache the typical set in {cache} ({e.strerror or e}); "
                        "it is computed again on every score", file=sys.stderr)
     return bpd
+
+
+def _warn_if_changed(loaded: LoadedRun, split: str, dataset) -> None:
+    """eval's warning when a split of the run's own data holds other files than the run recorded (one line, once,
+    however many of score's sets read that split)."""
+    if changed := run_data_changed_warning(loaded.run_dir, split, dataset):
+        warnings.warn(changed.removeprefix("warning: "), stacklevel=2)
 
 
 def _cached_typical_sets(cache: Path | None) -> list[dict]:

@@ -314,6 +314,19 @@ def test_a_folder_run_scores_its_own_held_out_split_as_eval_reads_it(tmp_path):
     assert all(Path(r["path"]).parent == images for r in rows)  # each held-out image named by its file
     train_rows, _ = score(run, tmp_path / "train", "--dataset", "folder", "--split", "train")
     assert len(train_rows) == 24 and not {r["path"] for r in rows} & {r["path"] for r in train_rows}
+    # A held-out image gone since: score says so as eval does, once, and the training split (H) is as recorded.
+    Path(rows[0]["path"]).unlink()
+    changed = ("the test images differ from those this run recorded (6 files then, 5 now, or other names or "
+               "sizes): its test numbers are not comparable with earlier ones")
+    with pytest.warns(UserWarning) as warned:
+        ok(invoke("score", "--run", run, "--out", tmp_path / "after", *CPU, "--dataset", "folder"))
+    assert [str(warning.message) for warning in warned] == [changed]
+    assert f"warning: {changed}" in ok(invoke("eval", "--run", run, "--device", "cpu")).stderr
+    Path(train_rows[0]["path"]).unlink()  # the typical set (H) is then another's than the run learnt
+    with pytest.warns(UserWarning) as warned:
+        ok(invoke("score", "--run", run, "--out", tmp_path / "after_train", *CPU, "--dataset", "folder"))
+    assert [str(warning.message) for warning in warned] == [changed, changed.replace("test", "train").replace(
+        "6 files then, 5 now", "24 files then, 23 now")]
 
 
 def test_a_read_only_run_directory_scores_without_caching_the_typical_set(run_dir, tmp_path, monkeypatch):
