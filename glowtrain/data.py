@@ -630,9 +630,13 @@ def _load_cache(data_cfg, split: str) -> TensorImages:
                           "run `glowtrain prepare` first or set data.cache: ''") from None
     if index.get("dataset") != data_cfg.dataset or tuple(index.get("image_shape", ())) != image_shape(data_cfg):
         fix = "prepare it again with this config"
-        if index.get("dataset") == data_cfg.dataset and len(index.get("image_shape", ())) == 3:
+        if len(index.get("image_shape", ())) == 3:
             channels, size, _ = index["image_shape"]
-            fix += f", or train at its shape: data.channels={channels} data.image_size={size}"
+            if index.get("dataset") == data_cfg.dataset:
+                fix += f", or train at its shape: data.channels={channels} data.image_size={size}"
+            elif index.get("dataset") in DATASETS:  # e.g. a folder's cache given to the digits default
+                fix += (f", or train on what it holds: data.dataset={index['dataset']} data.channels={channels} "
+                        f"data.image_size={size}")
         raise UserError(f"the cache at {cache} holds {index.get('dataset')} at {index.get('image_shape')}, "
                         f"not {data_cfg.dataset} at {list(image_shape(data_cfg))}; {fix}")
     _check_content_keys(data_cfg, index, cache)

@@ -667,6 +667,11 @@ def test_cache_prepared_at_another_size_or_missing_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"holds folder at \[3, 6, 6\], not folder at \[3, 8, 8\]; prepare it again "
                                         r"with this config, or train at its shape: data.channels=3 data.image_size=6"):
         data.build_dataset(data_cfg(**{**vars(cfg), "image_size": 8, "cache": str(tmp_path / "cache")}), "train")
+    # A folder's cache given with the defaults (digits): the keys that would read it, not only "prepare again".
+    with pytest.raises(UserError, match=r"holds folder at \[3, 6, 6\], not digits at \[1, 8, 8\]; prepare it again "
+                                        r"with this config, or train on what it holds: data.dataset=folder "
+                                        r"data.channels=3 data.image_size=6$"):
+        data.build_dataset(data_cfg(cache=str(tmp_path / "cache")), "train")
     with pytest.raises(UserError, match="glowtrain prepare"):
         data.build_dataset(data_cfg(**{**vars(cfg), "cache": str(tmp_path / "elsewhere")}), "train")
 
