@@ -25,7 +25,7 @@ from glowtrain.data import (
 )
 from glowtrain.errors import UserError
 from glowtrain.files import read_json
-from glowtrain.folders import is_prepared_cache
+from glowtrain.folders import fingerprint_differs, is_prepared_cache
 from glowtrain.loaders import make_eval_batches
 
 if TYPE_CHECKING:
@@ -72,6 +72,23 @@ def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True, ov
     return index
 
 
+def prepared_index(folder: str | Path) -> dict | None:
+    """The index of the cache prepared at `folder`, or None where there is none."""
+    return read_json(Path(folder) / "index.json") if is_prepared_cache(Path(folder)) else None
+
+
+def replaced_note(out: str | Path, before: dict | None, index: dict) -> str | None:
+    """What a prepare that replaced a cache (`before`: its index) with one of other images (`index`) says: runs that
+    trained from it now read these (a cache whose own folder is gone is not refused, as the folder may have
+    moved: see _refuse_other_settings)."""
+    old = (before or {}).get("fingerprints") or {}
+    if not any(fingerprint_differs(old.get(split), index["fingerprints"].get(split)) for split in old):
+        return None
+    n_images = sum(n for n in (before.get("splits") or {}).values() if isinstance(n, int))
+    return (f"note: {out} held a cache of {n_images:,} other images (prepared from {before.get('root')}); runs that "
+            "trained from it now read these")
+
+
 def _content_keys(data_cfg, train, test) -> dict:
     """The data.* keys besides the dataset and image shape that decide which images a cache holds (not data.root:
     a cache often moves to a machine whose images live elsewhere, or nowhere; not n_bits: it holds 8 bits)."""
@@ -86,7 +103,7 @@ def _content_keys(data_cfg, train, test) -> dict:
 def _refuse_other_settings(out: Path, data_cfg) -> None:
     """Refuse to replace a cache prepared with other settings: runs that train from it would then fail (or, at the
     same shape, train on other images). Preparing again with the same settings (new images) replaces it."""
-    index = read_json(out / "index.json")
+    index = prepared_index(out)
     if index is None:
         return
     recorded = {"dataset": index.get("dataset"), "image_shape": list(index.get("image_shape", [])),

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import sixteen_bit_rgb_png
+from helpers import invoke, ok, sets, sixteen_bit_rgb_png
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -1012,3 +1012,29 @@ def test_a_process_exits_with_loader_workers_still_running(tmp_path):
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert child.returncode == 0 and child.stdout == "done\n", child.stderr
     assert "Traceback" not in child.stderr
+
+
+def test_a_prepare_that_replaces_a_cache_of_other_images_says_so(tmp_path):
+    """A cache whose own folder is gone is replaced without --overwrite (the folder may have moved); when the new
+    images are other ones, runs that trained from the cache now read them: said in a note."""
+    from glowtrain.cache import prepared_index, replaced_note
+
+    make_folder(tmp_path / "first", 6)
+    make_folder(tmp_path / "second", 5, seed=1)
+    cache = str(tmp_path / "cache")
+    first = data_cfg(dataset="folder", root=str(tmp_path / "first"), image_size=8, channels=3)
+    assert prepared_index(cache) is None
+    index = prepare_cache(first, cache, progress=False)
+    assert prepared_index(cache) == index and replaced_note(cache, None, index) is None  # nothing was there
+    assert replaced_note(cache, index, prepare_cache(first, cache, progress=False)) is None  # the same images again
+    shutil.rmtree(tmp_path / "first")
+    second = data_cfg(dataset="folder", root=str(tmp_path / "second"), image_size=8, channels=3)
+    assert replaced_note(cache, index, prepare_cache(second, cache, progress=False)) == (
+        f"note: {cache} held a cache of 6 other images (prepared from {(tmp_path / 'first').resolve()}); runs that "
+        "trained from it now read these")
+    make_folder(tmp_path / "third", 4, seed=2)  # by the command: on stderr, after what it cached
+    shutil.rmtree(tmp_path / "second")
+    done = ok(invoke("prepare", "--out", cache, "--no-progress", *sets(
+        "data.dataset=folder", f"data.root={tmp_path / 'third'}", "data.image_size=8", "data.channels=3")))
+    assert done.stderr.strip() == (f"note: {cache} held a cache of 5 other images (prepared from "
+                                   f"{(tmp_path / 'second').resolve()}); runs that trained from it now read these")

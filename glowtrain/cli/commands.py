@@ -491,7 +491,7 @@ def prepare(
     ] = False,
 ) -> None:
     """Decode a dataset once into a uint8 cache at the training resolution; train from it with data.cache."""
-    from glowtrain.cache import prepare_cache
+    from glowtrain.cache import prepare_cache, prepared_index, replaced_note
     from glowtrain.config import default_config, load_config
 
     _refuse_an_empty_out(out, "<data.root>/glowtrain-cache-<dataset>-<size>px")
@@ -500,10 +500,12 @@ def prepare(
         raise UserError("data.cache is set: prepare reads the images themselves — remove data.cache for this command")
     target = out or f"{cfg.data.root}/glowtrain-cache-{cfg.data.dataset}-{cfg.data.image_size}px"
     target = os.path.abspath(os.path.expanduser(target))  # said below as a path that works from anywhere
+    before = prepared_index(target)
     index = prepare_cache(cfg.data, target, progress=progress, overwrite=overwrite)
     typer.echo(index["summary"])
-    if index["warning"]:
-        typer.echo(index["warning"], err=True)
+    for said in (index["warning"], replaced_note(target, before, index)):
+        if said:
+            typer.echo(said, err=True)
     typer.echo(f"cached {index['splits']['train']:,} train and {index['splits']['test']:,} test images in {target}")
     # With the keys that decide the cache's images where they are not the defaults: fit refuses the cache otherwise.
     defaults = default_config().data
