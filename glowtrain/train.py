@@ -769,7 +769,7 @@ class Trainer:
                            f"kept as {self.run_dir.samples}/discarded_*.png")
             if not self._nothing_to_train:
                 self._record_data()
-        show = self.progress and ctx.is_main
+        show = self.progress and ctx.is_main and not self._nothing_to_train  # a full bar of no steps says nothing
         self.bar = tqdm(total=cfg.train.steps, initial=self.state.step, disable=not show, unit="step",
                         dynamic_ncols=True)
         self.say = self.bar.write if ctx.is_main else _quiet

@@ -700,6 +700,8 @@ def test_resume_says_where_it_continues_from_and_when_there_is_nothing_left(tmp_
     # It trained nothing, so the run's record still describes the weights (not lr 0.5 and seed 7).
     assert {name: (run_dir / name).read_bytes() for name in record} == record
     assert sorted(path.name for path in (run_dir / "tb").rglob("*")) == hparams
+    shown = invoke("fit", "--out", run_dir, "--resume", "auto", *sets(*TINY, "train.steps=6"))  # progress on
+    assert shown.exit_code == 0 and "step/s" not in shown.stderr and "100%" not in shown.stderr, shown.stderr
     lowered = tiny_fit(run_dir, "train.steps=4", resume=True)  # below the step reached: the advice must clear it
     assert f"{run_dir} is already at step 6, past train.steps=4 — raise train.steps above 6 to continue, e.g. " \
            "--set train.steps=12" in lowered.stdout
