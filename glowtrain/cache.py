@@ -24,8 +24,7 @@ from glowtrain.data import (
     skipped_warning,
 )
 from glowtrain.errors import UserError
-from glowtrain.files import read_json
-from glowtrain.folders import fingerprint_differs, is_prepared_cache
+from glowtrain.folders import fingerprint_differs, is_prepared_cache, prepared_index
 from glowtrain.loaders import make_eval_batches
 
 if TYPE_CHECKING:
@@ -70,11 +69,6 @@ def prepare_cache(data_cfg: DataConfig, out_path: str, progress: bool = True, ov
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return index
-
-
-def prepared_index(folder: str | Path) -> dict | None:
-    """The index of the cache prepared at `folder`, or None where there is none."""
-    return read_json(Path(folder) / "index.json") if is_prepared_cache(Path(folder)) else None
 
 
 def replaced_note(out: str | Path, before: dict | None, index: dict) -> str | None:

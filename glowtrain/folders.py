@@ -90,15 +90,21 @@ def _walk_real(top: str | Path, seen: set, links: list[str], linked_files: list[
 
 def is_prepared_cache(folder: str | Path) -> bool:
     """Whether `folder` is a cache `glowtrain prepare` wrote: its index.json is written last, once complete."""
+    return prepared_index(folder) is not None
+
+
+def prepared_index(folder: str | Path) -> dict | None:
+    """The index.json of the cache `glowtrain prepare` wrote in `folder`, or None where there is none."""
     index = Path(folder) / "index.json"
     if not index.is_file():
-        return False
+        return None
     try:
         fields = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
+        return None
     # What every cache's index has held; later ones add fingerprints, reports and keys, which loading does not need.
-    return isinstance(fields, dict) and {"format", "dataset", "splits", "image_shape"} <= fields.keys()
+    complete = isinstance(fields, dict) and {"format", "dataset", "splits", "image_shape"} <= fields.keys()
+    return fields if complete else None
 
 
 def ignored_counts(ignored: list[str]) -> tuple[int, int]:

@@ -1017,7 +1017,8 @@ def test_a_process_exits_with_loader_workers_still_running(tmp_path):
 def test_a_prepare_that_replaces_a_cache_of_other_images_says_so(tmp_path):
     """A cache whose own folder is gone is replaced without --overwrite (the folder may have moved); when the new
     images are other ones, runs that trained from the cache now read them: said in a note."""
-    from glowtrain.cache import prepared_index, replaced_note
+    from glowtrain.cache import replaced_note
+    from glowtrain.folders import prepared_index
 
     make_folder(tmp_path / "first", 6)
     make_folder(tmp_path / "second", 5, seed=1)

@@ -491,8 +491,9 @@ def prepare(
     ] = False,
 ) -> None:
     """Decode a dataset once into a uint8 cache at the training resolution; train from it with data.cache."""
-    from glowtrain.cache import prepare_cache, prepared_index, replaced_note
+    from glowtrain.cache import prepare_cache, replaced_note
     from glowtrain.config import default_config, load_config
+    from glowtrain.folders import prepared_index
 
     _refuse_an_empty_out(out, "<data.root>/glowtrain-cache-<dataset>-<size>px")
     cfg = load_config(config, set_ or [])
