@@ -294,19 +294,25 @@ class Scorer:
 
 def training_bpd(loaded: LoadedRun, use_ema: bool, options: ScoreOptions) -> np.ndarray:
     """Per-image bits/dim of (up to max_train_images of) the training split, from the run's cache when it was
-    made for this checkpoint file as saved (its size and time), step, weights and n_dequant."""
+    made for this checkpoint file as saved (its size and time), step, weights, n_dequant and training images."""
     saved = loaded.checkpoint.stat()  # a resume from an earlier checkpoint saves other weights at the same step
-    dataset = build_dataset(loaded.cfg.data, "train", checked_files(loaded.run_dir))
-    _warn_if_changed(loaded, "train", dataset)  # the typical set is then not the one the run learnt
-    # The images too: another folder given with --data, or the run's own changed since, is another typical set.
-    images = getattr(getattr(dataset, "report", None), "fingerprint", None)
     key = {"checkpoint": loaded.checkpoint.name, "step": loaded.step, "ema": use_ema,
            "saved": f"{saved.st_size}:{saved.st_mtime_ns}", "n_dequant": options.n_dequant,
-           "max_images": options.max_train_images, "train_images": images}
+           "max_images": options.max_train_images}
     cache = loaded.run_dir / TRAIN_CACHE if loaded.run_dir is not None else None
     entries = _cached_typical_sets(cache)
-    if (hit := next((entry for entry in entries if entry["key"] == key), None)) is not None:
-        return np.asarray(hit["bpd"], float)
+    try:
+        dataset = build_dataset(loaded.cfg.data, "train", checked_files(loaded.run_dir))
+    except MissingData:
+        # Not on this machine (a run copied without its data): a typical set cached for these weights still serves.
+        if (hit := _cached_bpd(entries, key, ignoring="train_images")) is not None:
+            return hit
+        raise
+    _warn_if_changed(loaded, "train", dataset)  # the typical set is then not the one the run learnt
+    # The images too: another folder given with --data, or the run's own changed since, is another typical set.
+    key["train_images"] = getattr(getattr(dataset, "report", None), "fingerprint", None)
+    if (hit := _cached_bpd(entries, key)) is not None:
+        return hit
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:options.max_train_images]
     chosen = sorted(chosen.tolist())
     objective = loaded.objective.eval()
@@ -320,15 +326,29 @@ def training_bpd(loaded: LoadedRun, use_ema: bool, options: ScoreOptions) -> np.
     bar.close()
     bpd = np.concatenate(values)
     if cache is not None:
-        newest = {"key": key, "entropy_bpd": float(bpd.mean()), "bpd": bpd.tolist()}
-        kept = [newest] + [entry for entry in entries if entry["key"] != key][:TRAIN_CACHE_ENTRIES - 1]
-        text = json.dumps({"entries": kept})
-        try:
-            atomic_write(cache, lambda f: f.write(text.encode()), durable=False)
-        except OSError as e:  # a read-only run directory: score on, computing the typical set again next time
-            tqdm.write(f"warning: cannot cache the typical set in {cache} ({e.strerror or e}); "
-                       "it is computed again on every score", file=sys.stderr)
+        _cache_typical_set(cache, entries, key, bpd)
     return bpd
+
+
+def _cached_bpd(entries: list[dict], key: dict, ignoring: str = "") -> np.ndarray | None:
+    """The cached typical set made under `key` (`ignoring` one of its parts), or None."""
+    def made_under(entry: dict) -> bool:
+        return {k: v for k, v in entry["key"].items() if k != ignoring} == key
+
+    hit = next((entry for entry in entries if made_under(entry)), None)
+    return None if hit is None else np.asarray(hit["bpd"], float)
+
+
+def _cache_typical_set(cache: Path, entries: list[dict], key: dict, bpd: np.ndarray) -> None:
+    """Keep the newest typical set first, with up to TRAIN_CACHE_ENTRIES - 1 others."""
+    newest = {"key": key, "entropy_bpd": float(bpd.mean()), "bpd": bpd.tolist()}
+    kept = [newest] + [entry for entry in entries if entry["key"] != key][:TRAIN_CACHE_ENTRIES - 1]
+    text = json.dumps({"entries": kept})
+    try:
+        atomic_write(cache, lambda f: f.write(text.encode()), durable=False)
+    except OSError as e:  # a read-only run directory: score on, computing the typical set again next time
+        tqdm.write(f"warning: cannot cache the typical set in {cache} ({e.strerror or e}); "
+                   "it is computed again on every score", file=sys.stderr)
 
 
 def _warn_if_changed(loaded: LoadedRun, split: str, dataset) -> None:

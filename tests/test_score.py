@@ -329,6 +329,26 @@ def test_a_folder_run_scores_its_own_held_out_split_as_eval_reads_it(tmp_path):
         "6 files then, 5 now", "24 files then, 23 now")]
 
 
+def test_a_run_whose_training_images_are_not_here_scores_with_its_cached_typical_set(tmp_path, digit_files):
+    """A run copied without its data: its images scored with --images keep the typicality score cached for these
+    weights (the cache's key holds the training images' fingerprint, which cannot be taken here)."""
+    images = tmp_path / "imgs"
+    shutil.copytree(digit_files / "noise", images)
+    folder = ["data.dataset=folder", f"data.root={images}", "data.image_size=8", "data.channels=1",
+              "data.test_fraction=0.2", "train.batch_size=4", "train.init_batch_size=4"]
+    run = tmp_path / "run"
+    ok(invoke("fit", "--out", run, "--no-progress", *sets(*TINY_RUN, *folder)))
+    elsewhere = tmp_path / "to_score"
+    shutil.copytree(images, elsewhere)
+    _, summary = score(run, tmp_path / "first", "--images", elsewhere)
+    assert summary["entropy_bpd"] is not None
+    shutil.rmtree(images)
+    result = ok(invoke("score", "--run", run, "--out", tmp_path / "second", *CPU, "--images", elsewhere))
+    assert "no typicality score" not in result.stderr
+    again = json.loads((tmp_path / "second" / "summary.json").read_text())
+    assert again["entropy_bpd"] == summary["entropy_bpd"]
+
+
 def test_a_read_only_run_directory_scores_without_caching_the_typical_set(run_dir, tmp_path, monkeypatch):
     import errno
 
