@@ -199,8 +199,9 @@ RUNS_OWN_FOLDERS = ("checkpoints", "samples", "tb")
 
 def run_folder_holding(out: Path) -> Path | None:
     """The checkpoints/, samples/ or tb/ folder of a run that `out` is (or lies inside), else None: what is written
-    there is taken for that run's own (TensorBoard reads tb/ to any depth, `runs` lists only top-level runs)."""
-    out = Path(out).expanduser().absolute()
+    there is taken for that run's own (TensorBoard reads tb/ to any depth, `runs` lists only top-level runs). Links and
+    `..` resolved, as the files are written."""
+    out = Path(out).expanduser().resolve()
     for folder in (out, *out.parents):
         if folder.name in RUNS_OWN_FOLDERS and RunDir(folder.parent).is_run():
             return folder
@@ -211,7 +212,7 @@ def refuse_another_runs_folder(out: Path, writes: str, fix: str, own: Path | Non
     """Refuse an --out among another run's own files (`own`: a folder of the command's own run, allowed), naming
     what it `writes` and the `fix`."""
     folder = run_folder_holding(out)
-    if folder is not None and not (own is not None and folder == Path(own).expanduser().absolute()):
+    if folder is not None and not (own is not None and folder == Path(own).expanduser().resolve()):
         raise UserError(f"--out {out} lies in {folder}, a run's own folder, where {writes} would be taken for that "
                         f"run's — {fix}")
 
@@ -431,8 +432,8 @@ def checkpoint_to_resume(resume: str, run: RunDir) -> Path:
         if resume == "auto" and (pid := trainer_pid(run)) is not None:  # its first checkpoint is still to come
             raise _being_trained(run, pid)
         if resume != "auto" and not path.exists() and resume.endswith(".pt"):  # a file named, not found
-            raise UserError(f"--resume {resume}: no such checkpoint file — check the path, or pass auto to continue "
-                            f"{run.path}'s own")
+            own = f", or pass auto to continue {run.path}'s own" if run.has_checkpoint() else ""
+            raise UserError(f"--resume {resume}: no such checkpoint file — check the path{own}")
         raise UserError(f"nothing to resume: {path} does not exist — start the run without --resume")
     return path
 
@@ -446,7 +447,8 @@ def prepare_run_dir(run: RunDir, resume: str | None) -> Path | None:
 
     A fresh start never overwrites a run that has a checkpoint, nor files that no run wrote."""
     check_writable(run.path)
-    refuse_another_runs_folder(run.path, "this run's files", "choose an --out outside it")
+    if not run.is_run():  # a new run there (one made before this check may go on)
+        refuse_another_runs_folder(run.path, "this run's files", "choose an --out outside it")
     if resume is None and run.has_checkpoint():
         raise UserError(f"{run.path} already holds a run — continue it with --resume auto, or choose another "
                         "--out or run.name")

@@ -265,8 +265,9 @@ def picture_folder(loaded: LoadedRun, out: str | None) -> Path:
     """Where a command that draws pictures of a run writes them: --out, else the run's samples folder; refused
     inside the images the run trains on, or among another run's own files (both would be read as what they are not)."""
     own = (loaded.run_dir or loaded.checkpoint.parent) / "samples"
-    folder = Path(out) if out else own
+    folder = Path(out).expanduser() if out else own
     refuse_output_among_training_images(folder, loaded.cfg.data)
-    refuse_another_runs_folder(folder, "the pictures", "leave out --out (the default is the run's samples folder) or "
-                               "name a folder of their own", own)
+    if out:  # the default is this run's (or, for a loose checkpoint, beside it), wherever that lies
+        refuse_another_runs_folder(folder, "the pictures", "leave out --out (the default is the run's samples folder) "
+                                   "or name a folder of their own", own)
     return folder

@@ -515,7 +515,7 @@ def test_resuming_another_runs_checkpoint_into_a_directory_that_holds_a_run_is_r
     assert own.exit_code == 0, own.output
 
 
-def test_resume_without_a_checkpoint_exits_2(tmp_path):
+def test_resume_without_a_checkpoint_exits_2(tmp_path, fitted):
     result = invoke("fit", "--no-progress", "--resume", "auto", "--out", str(tmp_path / "none"))
     assert_one_line_error(result, 2, "nothing to resume")
     assert not (tmp_path / "none").exists()
@@ -523,8 +523,12 @@ def test_resume_without_a_checkpoint_exits_2(tmp_path):
     assert_one_line_error(typo, 2, "--resume atuo: no such checkpoint or run — pass auto, if-any, a run directory "
                           "or a .pt file")
     missing = invoke("fit", "--no-progress", "--resume", str(tmp_path / "old.pt"), "--out", str(tmp_path / "none"))
-    assert assert_one_line_error(missing, 2) == (f"error: --resume {tmp_path / 'old.pt'}: no such checkpoint file — "
-                                                 f"check the path, or pass auto to continue {tmp_path / 'none'}'s own")
+    assert assert_one_line_error(missing, 2) == f"error: --resume {tmp_path / 'old.pt'}: no such checkpoint file — " \
+                                                "check the path"  # and no run at --out to continue instead
+    _, run_dir, _ = fitted
+    mistyped = invoke("fit", "--no-progress", "--resume", str(tmp_path / "old.pt"), "--out", str(run_dir))
+    assert assert_one_line_error(mistyped, 2) == (f"error: --resume {tmp_path / 'old.pt'}: no such checkpoint file "
+                                                  f"— check the path, or pass auto to continue {run_dir}'s own")
     assert not (tmp_path / "none").exists()
 
 
@@ -664,12 +668,29 @@ def test_fit_and_sample_refuse_an_out_among_another_runs_own_files(fitted, tmp_p
             f"error: --out {other / 'samples'} lies in {other / 'samples'}, a run's own folder, where the pictures "
             "would be taken for that run's — leave out --out (the default is the run's samples folder) or name a "
             "folder of their own")
-    mine = run_dir / "samples" / "mine"
+    (other / "samples").mkdir()
+    (tmp_path / "into_other").symlink_to(other / "samples", target_is_directory=True)  # a link is where it leads
+    refused = invoke("sample", "--n", "1", "--run", str(run_dir), "--out", str(tmp_path / "into_other"))
+    assert_one_line_error(refused, 2, f"lies in {(other / 'samples').resolve()}, a run's own folder")
+    assert not list((other / "samples").iterdir())
+    mine, beside = run_dir / "samples" / "mine", run_dir / "pictures"
     try:
         assert invoke("sample", "--run", str(run_dir), "--n", "1", "--out", str(mine)).exit_code == 0
         assert list(mine.glob("*.png"))
+        # .. is resolved before asking: run/samples/../pictures is the run's own folder, not its samples/
+        ok(invoke("sample", "--run", str(run_dir), "--n", "1", "--out", str(run_dir / "samples" / ".." / "pictures")))
+        assert list(beside.glob("*.png"))
     finally:
         shutil.rmtree(mine, ignore_errors=True)
+        shutil.rmtree(beside, ignore_errors=True)
+    # A run made inside another's folder before this check goes on (only new runs are refused there).
+    shutil.copytree(run_dir, other / "tb" / "old", ignore=shutil.ignore_patterns(".fit.lock"))
+    ok(tiny_fit(other / "tb" / "old", resume=True))
+    # A checkpoint kept in a folder of a run's checkpoints/: its default place beside it is not refused.
+    (other / "checkpoints" / "kept").mkdir()
+    (other / "checkpoints" / "kept" / "step4.pt").write_bytes((run_dir / "checkpoints" / "last.pt").read_bytes())
+    ok(invoke("sample", "--n", "1", "--checkpoint", str(other / "checkpoints" / "kept" / "step4.pt")))
+    assert list((other / "checkpoints" / "kept" / "samples").glob("*.png"))
 
 
 def test_fit_refuses_an_out_that_holds_images_its_sample_grids_would_join(tmp_path):
