@@ -73,7 +73,7 @@ class RunLogger:
         hides them, and its grids are kept aside, as on a resume; returns how many records moved."""
         self.metrics.close()
         moved = move_records_after(self.run, step)
-        self.run.keep_samples_after(step)
+        self.grids_kept = self.run.keep_samples_after(step)
         self.metrics = open(self.run.metrics, "a", buffering=1)
         if self._writer is not None:
             self._close_writer()
@@ -140,6 +140,8 @@ def write_hparams(run: RunDir, cfg, best_test_bpd: float, step: int, processes: 
 
 class NullLogger:
     """What ranks other than 0 log to."""
+
+    grids_kept: tuple = ()
 
     def restart_at(self, step: int) -> int:
         return 0

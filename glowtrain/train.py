@@ -630,6 +630,8 @@ class Trainer:
                         lr_scale=self.state.lr_scale)
         self.say(f"step {bad_step}: {n_bad_in_row} non-finite steps; rolled back to step {saved.step} "
                  f"with the learning rate halved")
+        if kept := self._grids_kept_note(saved.step):
+            self.say(kept)
         self.batches = self._batches_from(saved.step)
         self.bar.reset(total=self.cfg.train.steps)
         self.bar.update(saved.step)
@@ -764,9 +766,8 @@ class Trainer:
             if kept:
                 tqdm.write(f"note: going on from step {self.state.step}, this run saves over the last.pt/best.pt of "
                            f"the training it gives up; they are kept as {', '.join(str(path) for path in kept)}")
-            if self.logger.grids_kept:
-                tqdm.write(f"note: {len(self.logger.grids_kept)} sample grid(s) drawn after step {self.state.step} "
-                           f"kept as {self.run_dir.samples}/discarded_*.png")
+            if kept := self._grids_kept_note(self.state.step):
+                tqdm.write(kept)
             if not self._nothing_to_train:
                 self._record_data()
         show = self.progress and ctx.is_main and not self._nothing_to_train  # a full bar of no steps says nothing
@@ -782,6 +783,13 @@ class Trainer:
             what = ("each level's flow step" if cfg.train.compile_scope == "steps"
                     else "the model (minutes for a large one; train.compile_scope=steps shortens it)")
             self.say(f"train.compile={cfg.train.compile}: the first step compiles {what}; train.compile=off skips it")
+
+    def _grids_kept_note(self, step: int) -> str | None:
+        """What going back to `step` did with the sample grids drawn after it (None: there were none)."""
+        if not self.logger.grids_kept:
+            return None
+        return (f"note: {len(self.logger.grids_kept)} sample grid(s) drawn after step {step} kept as "
+                f"{self.run_dir.samples}/discarded_*.png")
 
     def _note_unused_edits(self, edited: Path, keys: list[str], problem: str) -> None:
         """Say which hand edits of the run's config.yaml (kept as `edited`) this resume leaves unused, and how to

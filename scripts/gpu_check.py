@@ -224,12 +224,11 @@ class HostTimeByPart:
 
         self.ms: dict[str, float] = {}
         self._open: list[list] = []  # [part, start, seconds in the parts it called]
-        self._wrapped = []  # (object, method name, the method as it was)
+        self._wrapped = []  # (object, method name, its own attribute of that name: None for a class's method)
         for obj, methods in step_parts(trainer):
             for method, part in methods.items():
-                real = getattr(obj, method)
-                self._wrapped.append((obj, method, real))
-                setattr(obj, method, self._timed(real, part))
+                self._wrapped.append((obj, method, vars(obj).get(method)))
+                setattr(obj, method, self._timed(getattr(obj, method), part))
 
     def _timed(self, real, part):
         def timed(*args, **kwargs):
@@ -245,8 +244,11 @@ class HostTimeByPart:
         return timed
 
     def restore(self) -> None:
-        for obj, method, real in self._wrapped:
-            setattr(obj, method, real)
+        for obj, method, own in self._wrapped:
+            if own is None:
+                delattr(obj, method)  # the class's method shows through again
+            else:
+                setattr(obj, method, own)  # a module's function
 
 
 def host_profile(trainer, step, device: torch.device, n_steps: int, n_functions: int = 15) -> dict:

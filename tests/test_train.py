@@ -476,11 +476,12 @@ def test_after_a_roll_back_each_step_still_moves_the_tensors_the_model_and_its_a
     assert not all(torch.equal(p, a) for p, a in zip(trainer.params, trainer.ema_params))  # an average, not a copy
 
 
-def test_a_roll_back_keeps_the_sample_grids_of_the_steps_it_abandons(tmp_path):
+def test_a_roll_back_keeps_the_sample_grids_of_the_steps_it_abandons(tmp_path, capsys):
     poisoned = _poisoned(lambda call: call in (5, 6, 7))  # three in a row: back to last.pt, saved at step 4
     cfg = apply_overrides(default_config(), NAN_RUN + ["train.checkpoint_every=4", "train.sample_every=1"])
     train(cfg, out=str(tmp_path / "run"), progress=False, trainer=poisoned)
     samples = RunDir(tmp_path / "run").samples
+    assert f"note: 2 sample grid(s) drawn after step 4 kept as {samples}/discarded_*.png" in capsys.readouterr().out
     assert sorted(path.name[:21] for path in samples.glob("discarded_*")) == ["discarded_step0000005",
                                                                               "discarded_step0000006"]
     assert len(list(samples.glob("step*.png"))) == 10  # steps 5 and 6 drawn again, after the roll-back
